@@ -1,0 +1,2 @@
+//! tpmback.
+#![forbid(unsafe_code)]

@@ -1,0 +1,2 @@
+//! tpmfront.
+#![forbid(unsafe_code)]

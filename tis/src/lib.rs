@@ -1,0 +1,1 @@
+//! Hardware TPM driver (TIS / PTP FIFO / CRB). Built in a later issue.

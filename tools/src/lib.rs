@@ -1,0 +1,2 @@
+//! Operator CLI. Built in a later issue.
+#![forbid(unsafe_code)]

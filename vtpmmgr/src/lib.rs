@@ -1,0 +1,2 @@
+//! vTPM manager: per-vTPM keys sealed by the hardware TPM. Built in a later issue.
+#![forbid(unsafe_code)]

@@ -1,0 +1,36 @@
+//! Linux user-space interfaces to Xen, as used by a vTPM backend or frontend running in a
+//! domain: the xenstore client, event channels, grant mapping and granting, the tpmif v2 shared
+//! page, and xenbus states. Every hypervisor-facing piece is a trait with two implementations:
+//! the real one on `/dev/xen/*` and xenstored ([`linux`]), and a simulated Xen ([`sim`]) that
+//! works across processes so tests of backend and frontend run without Xen.
+//!
+//! The `unsafe` code of the whole stack (ioctls and mmap) lives in this crate only, in the
+//! modules that opt in with `#[allow(unsafe_code)]`.
+
+pub mod error;
+pub mod evtchn;
+pub mod grant;
+#[allow(unsafe_code)]
+pub mod linux;
+#[allow(unsafe_code)]
+pub mod page;
+pub mod platform;
+#[allow(unsafe_code)]
+pub mod sim;
+pub mod tpmif;
+pub mod xenbus;
+pub mod xenstore;
+
+pub use error::{Error, Result, XsErrno};
+pub use evtchn::{EventChannel, Port};
+pub use grant::{GrantAllocator, GrantMapper, GrantRef};
+pub use page::SharedPage;
+pub use platform::Xen;
+pub use xenbus::XenbusState;
+pub use xenstore::{Perm, PermAccess, TxId, WatchEvent, Xenstore};
+
+/// A Xen domain id.
+pub type DomId = u16;
+
+/// Size of a Xen page (x86).
+pub const PAGE_SIZE: usize = 4096;
