@@ -1,2 +1,18 @@
-//! tpmback.
+//! tpmback: the backend of Xen's vtpm device (tpmif v2).
+//!
+//! A [`Backend`] watches `backend/vtpm` of its own domain in xenstore and serves any number of
+//! `(frontend domid, handle)` devices, each identified by the `uuid` libxl wrote. It performs
+//! the xenbus handshake the stock Linux `xen-tpmfront` expects, maps the shared page, binds the
+//! event channel, and hands every command to a [`CommandHandler`] on a thread of its own per
+//! device, so a slow or hostile guest never stalls another.
+
 #![forbid(unsafe_code)]
+
+mod backend;
+mod error;
+mod handler;
+mod worker;
+
+pub use backend::{Backend, BackendConfig, BackendHandle, DeviceFilter};
+pub use error::{Error, Result};
+pub use handler::{CancelProbe, CommandHandler, DeviceInfo, EchoHandler, Request};

@@ -1,0 +1,513 @@
+//! The xenstore side of tpmback: device discovery and the xenbus state machine.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use xvtpm_xen::xenbus::{self, parse_num, parse_uuid, vtpm_backend_root};
+use xvtpm_xen::{DomId, GrantMapper, TxId, Xen, XenbusState, Xenstore};
+
+use crate::handler::{CommandHandler, DeviceInfo};
+use crate::worker::{Connection, Fatal, Worker};
+use crate::{Error, Result};
+
+/// Which devices of the domain this backend serves. Several backends may run in one domain
+/// (one vtpm process per guest); each ignores the devices that are not its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceFilter {
+    /// Every device.
+    All,
+    /// The device of frontend domain `frontend` with handle `handle`.
+    Device {
+        /// Frontend domain id.
+        frontend: DomId,
+        /// Device handle.
+        handle: u32,
+    },
+    /// The device whose `uuid` is this (case-insensitive).
+    Uuid(String),
+}
+
+/// How a backend runs.
+#[derive(Debug, Clone)]
+pub struct BackendConfig {
+    /// Devices to serve.
+    pub filter: DeviceFilter,
+}
+
+impl Default for BackendConfig {
+    fn default() -> Self {
+        BackendConfig { filter: DeviceFilter::All }
+    }
+}
+
+/// tpmback. [`Backend::run`] serves until told to stop.
+pub struct Backend {
+    xen: Arc<dyn Xen>,
+    handler: Arc<dyn CommandHandler>,
+    config: BackendConfig,
+}
+
+impl std::fmt::Debug for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Backend").field("xen", &self.xen).field("config", &self.config).finish()
+    }
+}
+
+/// A backend running on its own thread; dropping it (or [`BackendHandle::stop`]) stops it.
+#[derive(Debug)]
+pub struct BackendHandle {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<Result<()>>>,
+}
+
+impl BackendHandle {
+    /// Stops the backend and returns how its loop ended.
+    pub fn stop(mut self) -> Result<()> {
+        self.stop_inner()
+    }
+
+    fn stop_inner(&mut self) -> Result<()> {
+        self.stop.store(true, Ordering::SeqCst);
+        match self.thread.take() {
+            Some(t) => t.join().map_err(|_| Error::Thread("backend thread panicked".into()))?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for BackendHandle {
+    fn drop(&mut self) {
+        if let Err(e) = self.stop_inner() {
+            log::error!("backend ended with an error: {e}");
+        }
+    }
+}
+
+/// How often the main loop wakes without events, to pick up protocol errors from device
+/// threads and to notice a stop request.
+const TICK: Duration = Duration::from_millis(50);
+const ROOT_TOKEN: &str = "vtpm-backend";
+
+impl Backend {
+    /// A backend on `xen` handing commands to `handler`.
+    pub fn new(xen: Arc<dyn Xen>, handler: Arc<dyn CommandHandler>, config: BackendConfig) -> Self {
+        Backend { xen, handler, config }
+    }
+
+    /// Runs [`Backend::run`] on a new thread. Returns once the backend watches xenstore, so a
+    /// toolstack may create devices right after.
+    pub fn spawn(self) -> Result<BackendHandle> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("vtpm-backend".into())
+            .spawn(move || self.run_with_ready(&s, Some(ready_tx)))
+            .map_err(|e| Error::Thread(e.to_string()))?;
+        let mut handle = BackendHandle { stop, thread: Some(thread) };
+        match ready_rx.recv() {
+            Ok(()) => Ok(handle),
+            // The loop ended before it was ready: report why.
+            Err(_) => Err(handle.stop_inner().err().unwrap_or_else(|| Error::Thread("backend ended at start".into()))),
+        }
+    }
+
+    /// Serves devices until `stop` is set. Connections are dropped without touching xenstore
+    /// state, so a restarted backend picks the devices up again and running guests keep
+    /// their TPM.
+    pub fn run(&self, stop: &AtomicBool) -> Result<()> {
+        self.run_with_ready(stop, None)
+    }
+
+    fn run_with_ready(&self, stop: &AtomicBool, ready: Option<Sender<()>>) -> Result<()> {
+        let xs = self.xen.xenstore()?;
+        let mapper: Arc<dyn GrantMapper> = Arc::from(self.xen.grant_mapper()?);
+        let root = vtpm_backend_root(self.xen.domid());
+        let (fatal_tx, fatal_rx) = mpsc::channel();
+        let mut st = State {
+            xen: self.xen.clone(),
+            xs: xs.clone(),
+            mapper,
+            handler: self.handler.clone(),
+            filter: self.config.filter.clone(),
+            root: root.clone(),
+            devices: HashMap::new(),
+            fatal_tx,
+            next_generation: 1,
+        };
+        xs.watch(&root, ROOT_TOKEN)?;
+        log::info!("tpmback: domain {} watching {root}", self.xen.domid());
+        if let Some(r) = ready {
+            let _ = r.send(());
+        }
+        let result = st.event_loop(stop, &fatal_rx);
+        st.shutdown();
+        let _ = xs.unwatch(&root, ROOT_TOKEN);
+        result
+    }
+}
+
+struct Device {
+    info: Option<DeviceInfo>,
+    be_path: String,
+    fe_path: String,
+    watching_fe: bool,
+    /// The last state we wrote.
+    written: Option<XenbusState>,
+    conn: Option<Connection>,
+    generation: u64,
+}
+
+struct State {
+    xen: Arc<dyn Xen>,
+    xs: Xenstore,
+    mapper: Arc<dyn GrantMapper>,
+    handler: Arc<dyn CommandHandler>,
+    filter: DeviceFilter,
+    root: String,
+    devices: HashMap<(DomId, u32), Device>,
+    fatal_tx: Sender<Fatal>,
+    next_generation: u64,
+}
+
+fn fe_token(key: (DomId, u32)) -> String {
+    format!("vtpm-fe/{}/{}", key.0, key.1)
+}
+
+impl State {
+    fn event_loop(&mut self, stop: &AtomicBool, fatal_rx: &Receiver<Fatal>) -> Result<()> {
+        while !stop.load(Ordering::SeqCst) {
+            while let Ok(f) = fatal_rx.try_recv() {
+                self.on_fatal(f);
+            }
+            let Some(ev) = self.xs.next_event(Some(TICK))? else { continue };
+            if ev.token == ROOT_TOKEN {
+                match self.key_of(&ev.path) {
+                    Some(key) => self.reconcile(key),
+                    None => self.scan(),
+                }
+            } else if let Some(key) = parse_fe_token(&ev.token) {
+                self.reconcile(key);
+            }
+        }
+        Ok(())
+    }
+
+    /// `<root>/<fe>/<handle>[/...]` -> (fe, handle).
+    fn key_of(&self, path: &str) -> Option<(DomId, u32)> {
+        let rest = path.strip_prefix(&self.root)?.strip_prefix('/')?;
+        let mut parts = rest.split('/');
+        let fe = parts.next()?.parse().ok()?;
+        let handle = parts.next()?.parse().ok()?;
+        Some((fe, handle))
+    }
+
+    /// Looks at every device under the root: new ones appear, removed ones go.
+    fn scan(&mut self) {
+        let mut present = Vec::new();
+        let fes = self.xs.directory(TxId::NONE, &self.root).unwrap_or_default();
+        for fe in fes {
+            let Ok(fe_id) = fe.parse::<DomId>() else { continue };
+            for h in self.xs.directory(TxId::NONE, &format!("{}/{fe}", self.root)).unwrap_or_default() {
+                if let Ok(handle) = h.parse::<u32>() {
+                    present.push((fe_id, handle));
+                }
+            }
+        }
+        let gone: Vec<_> = self.devices.keys().filter(|k| !present.contains(k)).copied().collect();
+        for key in gone.into_iter().chain(present) {
+            self.reconcile(key);
+        }
+    }
+
+    fn wanted(&self, key: (DomId, u32), uuid: Option<&str>) -> bool {
+        match &self.filter {
+            DeviceFilter::All => true,
+            DeviceFilter::Device { frontend, handle } => key == (*frontend, *handle),
+            DeviceFilter::Uuid(u) => uuid.is_some_and(|x| x.eq_ignore_ascii_case(u)),
+        }
+    }
+
+    fn write_state(&mut self, key: (DomId, u32), state: XenbusState) {
+        let Some(dev) = self.devices.get_mut(&key) else { return };
+        let path = format!("{}/state", dev.be_path);
+        match self.xs.write(TxId::NONE, &path, state.as_str().as_bytes()) {
+            Ok(()) => dev.written = Some(state),
+            Err(e) => log::warn!("vtpm {}/{}: cannot write {path}: {e}", key.0, key.1),
+        }
+    }
+
+    fn disconnect(&mut self, key: (DomId, u32)) {
+        if let Some(conn) = self.devices.get_mut(&key).and_then(|d| d.conn.take()) {
+            conn.stop();
+            log::info!("vtpm {}/{}: disconnected", key.0, key.1);
+        }
+    }
+
+    /// The device broke the protocol: close it, say why where the toolstack can see it.
+    fn close_with_error(&mut self, key: (DomId, u32), reason: &str) {
+        log::error!("vtpm {}/{}: {reason}; closing the device", key.0, key.1);
+        self.disconnect(key);
+        if let Some(dev) = self.devices.get(&key) {
+            let _ = self.xs.write(TxId::NONE, &format!("{}/error", dev.be_path), reason.as_bytes());
+        }
+        self.write_state(key, XenbusState::Closing);
+    }
+
+    fn on_fatal(&mut self, f: Fatal) {
+        let current = self.devices.get(&f.key).is_some_and(|d| d.conn.is_some() && d.generation == f.generation);
+        if current {
+            self.close_with_error(f.key, &f.reason);
+        }
+    }
+
+    fn forget(&mut self, key: (DomId, u32)) {
+        self.disconnect(key);
+        if let Some(dev) = self.devices.remove(&key) {
+            if dev.watching_fe {
+                let _ = self.xs.unwatch(&format!("{}/state", dev.fe_path), &fe_token(key));
+            }
+            log::info!("vtpm {}/{}: device removed", key.0, key.1);
+        }
+    }
+
+    fn read_opt(&self, path: &str) -> Option<Vec<u8>> {
+        match self.xs.try_read(TxId::NONE, path) {
+            Ok(v) => v,
+            Err(e) => {
+                log::warn!("cannot read {path}: {e}");
+                None
+            }
+        }
+    }
+
+    /// Brings one device in line with what xenstore says.
+    fn reconcile(&mut self, key: (DomId, u32)) {
+        let (fe, handle) = key;
+        let be_path = xenbus::vtpm_backend_path(self.xen.domid(), fe, handle);
+        let Some(raw_state) = self.read_opt(&format!("{be_path}/state")) else {
+            // The toolstack removed the device.
+            self.forget(key);
+            return;
+        };
+        if !self.devices.contains_key(&key) && !self.adopt(key, &be_path) {
+            return;
+        }
+        let Some(dev) = self.devices.get(&key) else { return };
+        let (written, fe_path) = (dev.written, dev.fe_path.clone());
+        if dev.info.is_none() {
+            // Misconfigured: stay closed, but let the toolstack's removal complete.
+            if XenbusState::parse(&be_path, &raw_state).ok() != Some(XenbusState::Closed) {
+                self.write_state(key, XenbusState::Closed);
+            }
+            return;
+        }
+        let be_state = XenbusState::parse(&be_path, &raw_state).ok();
+        let online = self.read_opt(&format!("{be_path}/online")).is_some_and(|v| v == b"1");
+        if be_state == Some(XenbusState::Closing) && (!online || written != Some(XenbusState::Closing)) {
+            // libxl (xl destroy / vtpm-detach) writes online=0 and Closing, then waits 10 s
+            // for Closed.
+            self.disconnect(key);
+            self.write_state(key, XenbusState::Closed);
+            return;
+        }
+        let fe_state_path = format!("{fe_path}/state");
+        let fe_state = match self.read_opt(&fe_state_path) {
+            None => None,
+            Some(raw) => match XenbusState::parse(&fe_state_path, &raw) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    log::warn!("vtpm {fe}/{handle}: {e}");
+                    return;
+                }
+            },
+        };
+        match fe_state {
+            None | Some(XenbusState::Unknown) => {
+                // Frontend gone (domain destroyed): close our end.
+                self.disconnect(key);
+                if written != Some(XenbusState::Closed) {
+                    self.write_state(key, XenbusState::Closed);
+                }
+            }
+            Some(XenbusState::Initialised | XenbusState::Connected) => self.connect(key),
+            Some(XenbusState::Closing) => {
+                self.disconnect(key);
+                if written != Some(XenbusState::Closing) {
+                    self.write_state(key, XenbusState::Closing);
+                }
+            }
+            Some(XenbusState::Closed) => {
+                // A rebooting guest closes and comes back: wait for it again.
+                self.disconnect(key);
+                let next = if online { XenbusState::InitWait } else { XenbusState::Closed };
+                if self.devices.get(&key).is_some_and(|d| d.written != Some(next)) {
+                    self.write_state(key, next);
+                }
+            }
+            Some(XenbusState::Initialising | XenbusState::InitWait) => {
+                // The frontend started over (guest reboot without a clean close).
+                self.disconnect(key);
+                let dev_written = self.devices.get(&key).and_then(|d| d.written);
+                if online && dev_written != Some(XenbusState::InitWait) {
+                    self.write_state(key, XenbusState::InitWait);
+                }
+            }
+            Some(XenbusState::Reconfiguring | XenbusState::Reconfigured) => {}
+        }
+    }
+
+    /// First sight of a device: check its configuration and take it if it is ours.
+    fn adopt(&mut self, key: (DomId, u32), be_path: &str) -> bool {
+        let (fe, handle) = key;
+        let uuid_path = format!("{be_path}/uuid");
+        let uuid = self.read_opt(&uuid_path).map(|raw| parse_uuid(&uuid_path, &raw));
+        let uuid_ok = match &uuid {
+            Some(Ok(u)) => Some(u.as_str()),
+            _ => None,
+        };
+        if !self.wanted(key, uuid_ok) {
+            return false;
+        }
+        let expected_fe = xenbus::vtpm_frontend_path(fe, handle);
+        let fe_path = self.read_opt(&format!("{be_path}/frontend")).map(|v| String::from_utf8_lossy(&v).into_owned());
+        let fe_id = self.read_opt(&format!("{be_path}/frontend-id")).map(|v| parse_num::<DomId>(be_path, &v));
+        let problem = match (&uuid, &fe_path, &fe_id) {
+            (None, _, _) => Some("no uuid in the backend directory (libxl writes one; it names the vTPM)".to_string()),
+            (Some(Err(e)), _, _) => Some(format!("malformed uuid: {e}")),
+            (_, None, _) => Some("no frontend path in the backend directory".to_string()),
+            (_, Some(p), _) if !p.starts_with(&format!("/local/domain/{fe}/")) => {
+                Some(format!("frontend path {p:?} is not inside domain {fe}"))
+            }
+            (_, _, Some(Ok(id))) if *id != fe => Some(format!("frontend-id {id} does not match the device path")),
+            (_, _, Some(Err(e))) => Some(format!("bad frontend-id: {e}")),
+            _ => None,
+        };
+        let generation = self.next_generation;
+        self.next_generation += 1;
+        let mut dev = Device {
+            info: None,
+            be_path: be_path.to_string(),
+            fe_path: fe_path.unwrap_or(expected_fe),
+            watching_fe: false,
+            written: None,
+            conn: None,
+            generation,
+        };
+        if let Some(p) = problem {
+            log::error!("vtpm {fe}/{handle}: {p}; refusing the device");
+            let _ = self.xs.write(TxId::NONE, &format!("{be_path}/error"), p.as_bytes());
+            self.devices.insert(key, dev);
+            return true;
+        }
+        let uuid = uuid_ok.unwrap_or_default().to_string();
+        dev.info = Some(DeviceInfo { frontend: fe, handle, uuid });
+        // Linux's xen-tpmfront refuses a backend without protocol v2: announce it first.
+        if let Err(e) = self.xs.write(TxId::NONE, &format!("{be_path}/feature-protocol-v2"), b"1") {
+            log::warn!("vtpm {fe}/{handle}: cannot write feature-protocol-v2: {e}");
+        }
+        let fe_state_path = format!("{}/state", dev.fe_path);
+        match self.xs.watch(&fe_state_path, &fe_token(key)) {
+            Ok(()) => dev.watching_fe = true,
+            Err(e) => log::warn!("vtpm {fe}/{handle}: cannot watch {fe_state_path}: {e}"),
+        }
+        let current = self.read_opt(&format!("{be_path}/state")).and_then(|v| XenbusState::parse(be_path, &v).ok());
+        log::info!("vtpm {fe}/{handle}: new device, uuid {}", dev.info.as_ref().map(|i| i.uuid.as_str()).unwrap_or(""));
+        self.devices.insert(key, dev);
+        // A device left Connected by a previous backend process is picked up where it was;
+        // only a fresh one goes to InitWait (libxl waits 10 s for that).
+        if matches!(current, None | Some(XenbusState::Unknown | XenbusState::Initialising)) {
+            self.write_state(key, XenbusState::InitWait);
+        }
+        true
+    }
+
+    fn connect(&mut self, key: (DomId, u32)) {
+        let (fe, handle) = key;
+        let Some(dev) = self.devices.get(&key) else { return };
+        let Some(info) = dev.info.clone() else { return };
+        if dev.written == Some(XenbusState::Closing) {
+            // Closed after an error: the frontend must close before it may connect again.
+            return;
+        }
+        let fe_path = dev.fe_path.clone();
+        let existing = dev.conn.as_ref().map(|c| (c.ring_ref, c.remote_port));
+        let xs = self.xs.clone();
+        let read_num = |name: &str| -> std::result::Result<u32, String> {
+            let p = format!("{fe_path}/{name}");
+            match xs.try_read(TxId::NONE, &p) {
+                Ok(Some(v)) => parse_num::<u32>(&p, &v).map_err(|e| e.to_string()),
+                Ok(None) => Err(format!("frontend has no {name}")),
+                Err(e) => Err(format!("cannot read {p}: {e}")),
+            }
+        };
+        let (ring_ref, remote_port) = match (read_num("ring-ref"), read_num("event-channel")) {
+            (Ok(r), Ok(p)) => (r, p),
+            (Err(e), _) | (_, Err(e)) => return self.close_with_error(key, &e),
+        };
+        if let Some(c) = existing {
+            if c == (ring_ref, remote_port) {
+                return;
+            }
+            // The frontend set up a new ring without closing the old one (a guest reboot we
+            // did not see): start over on the new one.
+            self.disconnect(key);
+        }
+        match read_num("feature-protocol-v2") {
+            Ok(1) => {}
+            _ => return self.close_with_error(key, "frontend does not support vTPM protocol v2 (feature-protocol-v2)"),
+        }
+        let page = match self.mapper.map(fe, ring_ref, true) {
+            Ok(p) => Arc::new(p),
+            Err(e) => return self.close_with_error(key, &format!("cannot map ring-ref {ring_ref}: {e}")),
+        };
+        let evtchn = match self.xen.evtchn() {
+            Ok(e) => e,
+            Err(e) => return self.close_with_error(key, &format!("cannot open an event channel handle: {e}")),
+        };
+        let port = match evtchn.bind_interdomain(fe, remote_port) {
+            Ok(p) => p,
+            Err(e) => return self.close_with_error(key, &format!("cannot bind event-channel {remote_port}: {e}")),
+        };
+        let generation = self.next_generation;
+        self.next_generation += 1;
+        let worker = Worker {
+            info,
+            generation,
+            page,
+            evtchn,
+            port,
+            handler: self.handler.clone(),
+            fatal: self.fatal_tx.clone(),
+        };
+        let conn = match Connection::start(worker, ring_ref, remote_port) {
+            Ok(c) => c,
+            Err(e) => return self.close_with_error(key, &format!("cannot start the device thread: {e}")),
+        };
+        if let Some(dev) = self.devices.get_mut(&key) {
+            dev.conn = Some(conn);
+            dev.generation = generation;
+        }
+        let be_path = xenbus::vtpm_backend_path(self.xen.domid(), fe, handle);
+        let _ = self.xs.write(TxId::NONE, &format!("{be_path}/ready"), b"1");
+        self.write_state(key, XenbusState::Connected);
+        log::info!("vtpm {fe}/{handle}: connected (ring-ref {ring_ref}, event-channel {remote_port})");
+    }
+
+    fn shutdown(&mut self) {
+        let keys: Vec<_> = self.devices.keys().copied().collect();
+        for key in keys {
+            self.disconnect(key);
+        }
+    }
+}
+
+fn parse_fe_token(token: &str) -> Option<(DomId, u32)> {
+    let rest = token.strip_prefix("vtpm-fe/")?;
+    let (a, b) = rest.split_once('/')?;
+    Some((a.parse().ok()?, b.parse().ok()?))
+}

@@ -1,0 +1,91 @@
+//! What the backend hands TPM commands to.
+
+use std::sync::Arc;
+
+use xvtpm_xen::tpmif::{Tpmif, TpmifState};
+use xvtpm_xen::{DomId, SharedPage};
+
+/// The device a command came from.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct DeviceInfo {
+    /// Frontend domain id.
+    pub frontend: DomId,
+    /// Device handle (the `<id>` in `device/vtpm/<id>`).
+    pub handle: u32,
+    /// The device's uuid as libxl wrote it (lower case): the vTPM's identity.
+    pub uuid: String,
+}
+
+impl std::fmt::Display for DeviceInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "vtpm {}/{} ({})", self.frontend, self.handle, self.uuid)
+    }
+}
+
+/// Tells whether the frontend has asked to cancel the command being handled. Cheap (one
+/// load from the shared page) and `Send`, so an engine may poll it from another thread.
+#[derive(Clone, Debug)]
+pub struct CancelProbe {
+    page: Arc<SharedPage>,
+}
+
+impl CancelProbe {
+    pub(crate) fn new(page: Arc<SharedPage>) -> Self {
+        CancelProbe { page }
+    }
+
+    /// True once the frontend wrote CANCEL.
+    pub fn is_cancelled(&self) -> bool {
+        matches!(Tpmif::new(&self.page).state(), Ok(TpmifState::Cancel))
+    }
+}
+
+/// One command from a frontend.
+#[derive(Debug)]
+pub struct Request<'a> {
+    /// The device it came from.
+    pub device: &'a DeviceInfo,
+    /// The locality byte the frontend set (stock Linux leaves it 0).
+    pub locality: u8,
+    /// The command bytes (untrusted).
+    pub command: &'a [u8],
+    /// The largest response that fits the shared page.
+    pub max_response: usize,
+    pub(crate) cancel: &'a CancelProbe,
+}
+
+impl Request<'_> {
+    /// True once the frontend asked to cancel this command; the backend then discards the
+    /// response, so a handler may stop early.
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel.is_cancelled()
+    }
+
+    /// A probe to check cancellation from another thread.
+    pub fn cancel_probe(&self) -> CancelProbe {
+        self.cancel.clone()
+    }
+}
+
+/// Handles the commands of every device a backend serves. Called from one thread per device.
+pub trait CommandHandler: Send + Sync {
+    /// Executes a command and returns the response. A response longer than
+    /// [`Request::max_response`] is not delivered (the frontend sees the command cancelled).
+    fn handle(&self, req: &Request<'_>) -> Vec<u8>;
+
+    /// A device's frontend connected (the page is mapped, the event channel bound).
+    fn connected(&self, _device: &DeviceInfo) {}
+
+    /// A device disconnected (frontend closed, device removed, or protocol error).
+    fn disconnected(&self, _device: &DeviceInfo) {}
+}
+
+/// Returns every command unchanged: for tests and benchmarks of the transport.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct EchoHandler;
+
+impl CommandHandler for EchoHandler {
+    fn handle(&self, req: &Request<'_>) -> Vec<u8> {
+        req.command.to_vec()
+    }
+}

@@ -1,0 +1,356 @@
+//! tpmback and tpmfront in separate processes on the simulated Xen.
+
+use std::path::Path;
+use std::time::Duration;
+
+use xvtpm_tests::{run_frontend, BackendProcess, RawFrontend};
+use xvtpm_xen::sim::{toolstack, SimHost};
+use xvtpm_xen::{TxId, Xen, XenbusState, Xenstore};
+
+const BACKEND: &str = env!("CARGO_BIN_EXE_xvtpm-sim-backend");
+const FRONTEND: &str = env!("CARGO_BIN_EXE_xvtpm-sim-frontend");
+const SEC: Duration = Duration::from_secs(1);
+
+fn uuid(n: u16) -> String {
+    format!("6f1d3a2c-0000-4000-8000-{n:012x}")
+}
+
+struct Env {
+    host: SimHost,
+    xs: Xenstore,
+}
+
+impl Env {
+    fn new() -> Env {
+        let _ = env_logger::builder().is_test(true).try_init();
+        let host = SimHost::temp().expect("sim");
+        let xs = host.xen(0).xenstore().expect("dom0 xenstore");
+        Env { host, xs }
+    }
+
+    fn dir(&self) -> &Path {
+        self.host.dir()
+    }
+
+    /// A guest `domid` with a vtpm device served by dom0, as `xl create` makes it.
+    fn guest(&self, domid: u16) {
+        toolstack::add_domain(&self.xs, domid, &format!("guest{domid}")).expect("domain");
+        toolstack::add_vtpm(&self.xs, domid, 0, 0, &uuid(domid)).expect("vtpm");
+    }
+
+    fn backend(&self) -> BackendProcess {
+        BackendProcess::start(Path::new(BACKEND), self.dir(), 0, &[]).expect("backend")
+    }
+
+    fn be_state(&self, domid: u16) -> Option<XenbusState> {
+        let p = format!("/local/domain/0/backend/vtpm/{domid}/0/state");
+        self.xs.try_read(TxId::NONE, &p).ok()?.and_then(|v| XenbusState::parse(&p, &v).ok())
+    }
+
+    fn wait_be_state(&self, domid: u16, want: XenbusState) -> bool {
+        toolstack::wait_for_state(&self.xs, &format!("/local/domain/0/backend/vtpm/{domid}/0/state"), want, 10 * SEC)
+    }
+
+    fn frontend(&self, domid: u16, args: &[&str]) -> (bool, String, String) {
+        run_frontend(Path::new(FRONTEND), self.dir(), domid, 0, args).expect("frontend process")
+    }
+
+    fn assert_frontend_ok(&self, domid: u16, args: &[&str], expect: &str) {
+        let (ok, out, err) = self.frontend(domid, args);
+        assert!(ok && out.contains(expect), "frontend {domid} {args:?} failed:\nstdout: {out}\nstderr: {err}");
+    }
+}
+
+#[test]
+fn handshake_and_1000_random_commands_echoed() {
+    let env = Env::new();
+    env.guest(1);
+    let be = env.backend();
+    assert!(env.wait_be_state(1, XenbusState::InitWait), "backend reaches InitWait for libxl");
+    let feat = env.xs.read(TxId::NONE, "/local/domain/0/backend/vtpm/1/0/feature-protocol-v2").expect("feature");
+    assert_eq!(feat, b"1");
+    env.assert_frontend_ok(1, &["echo", "--count", "1000", "--seed", "42"], "OK echoed 1000");
+    assert_eq!(env.xs.read(TxId::NONE, "/local/domain/0/backend/vtpm/1/0/ready").expect("ready"), b"1");
+    // The frontend closed: the backend waits for the guest to come back.
+    assert!(env.wait_be_state(1, XenbusState::InitWait), "back to InitWait after close");
+    // xl destroy: libxl writes Closing and waits for Closed.
+    let closed = toolstack::remove_vtpm(&env.xs, 1, 0, 0, 10 * SEC).expect("remove");
+    assert!(closed, "backend answered Closing with Closed");
+    assert!(be.wait_log("vtpm 1/0: device removed", 5 * SEC), "{}", be.log());
+    assert!(!be.log().contains("panicked"));
+}
+
+#[test]
+fn oversized_command_is_refused_at_the_frontend() {
+    let env = Env::new();
+    env.guest(1);
+    let _be = env.backend();
+    env.assert_frontend_ok(1, &["too-large"], "OK too-large");
+}
+
+#[test]
+fn slow_command_is_cancelled() {
+    let env = Env::new();
+    env.guest(1);
+    let be = env.backend();
+    env.assert_frontend_ok(1, &["cancel"], "OK cancel");
+    assert!(be.wait_log("slow command cancelled", 5 * SEC), "handler saw the cancel:\n{}", be.log());
+}
+
+#[test]
+fn frontend_close_and_reopen_reconnects() {
+    let env = Env::new();
+    env.guest(1);
+    let _be = env.backend();
+    env.assert_frontend_ok(1, &["reopen", "--cycles", "4"], "OK reopen 4");
+    // A second process (the rebooted guest) connects again.
+    env.assert_frontend_ok(1, &["echo", "--count", "20"], "OK echoed 20");
+}
+
+#[test]
+fn two_frontends_at_once_see_only_their_own_data() {
+    let env = Env::new();
+    env.guest(1);
+    env.guest(2);
+    let _be = env.backend();
+    let dir = env.dir().to_path_buf();
+    let t = std::thread::spawn(move || {
+        run_frontend(Path::new(FRONTEND), &dir, 2, 0, &["echo", "--count", "500", "--seed", "2"]).expect("fe2")
+    });
+    env.assert_frontend_ok(1, &["echo", "--count", "500", "--seed", "1"], "OK echoed 500");
+    let (ok, out, err) = t.join().expect("thread");
+    assert!(ok && out.contains("OK echoed 500"), "frontend 2: {out} {err}");
+}
+
+#[test]
+fn restarted_backend_picks_up_a_running_guest() {
+    let env = Env::new();
+    env.guest(1);
+    let mut be = env.backend();
+    let dir = env.dir().to_path_buf();
+    let t = std::thread::spawn(move || {
+        run_frontend(Path::new(FRONTEND), &dir, 1, 0, &["hold", "--seconds", "3"]).expect("fe")
+    });
+    assert!(env.wait_be_state(1, XenbusState::Connected));
+    std::thread::sleep(SEC);
+    be.kill();
+    let be2 = env.backend();
+    let (ok, out, err) = t.join().expect("thread");
+    assert!(ok && out.contains("OK held"), "guest kept its TPM across the backend restart: {out} {err}\n{}", be2.log());
+    assert!(be2.log().contains("vtpm 1/0: connected"), "{}", be2.log());
+}
+
+/// A hostile or broken device next to a good one: the backend logs what went wrong, naming
+/// the device, closes it where that is the right answer, and keeps serving the good one.
+fn hostile_case(setup: impl FnOnce(&Env, &BackendProcess), expect_log: &str, expect_state: Option<XenbusState>) {
+    let env = Env::new();
+    env.guest(2);
+    toolstack::add_domain(&env.xs, 3, "evil").expect("domain");
+    let mut be = env.backend();
+    setup(&env, &be);
+    assert!(be.wait_log(expect_log, 10 * SEC), "expected log line {expect_log:?}:\n{}", be.log());
+    if let Some(s) = expect_state {
+        assert!(env.wait_be_state(3, s), "hostile device went to {s:?}, is {:?}", env.be_state(3));
+    }
+    env.assert_frontend_ok(2, &["echo", "--count", "100"], "OK echoed 100");
+    assert!(be.alive(), "backend still running");
+    assert!(!be.log().contains("panicked"), "{}", be.log());
+}
+
+fn evil_device(env: &Env) {
+    toolstack::add_vtpm(&env.xs, 3, 0, 0, &uuid(3)).expect("vtpm");
+}
+
+fn evil_frontend(env: &Env) -> RawFrontend {
+    RawFrontend::new(&env.host.xen(3), 0, 0).expect("raw frontend")
+}
+
+#[test]
+fn hostile_length_beyond_the_page() {
+    hostile_case(
+        |env, _| {
+            evil_device(env);
+            let fe = evil_frontend(env);
+            fe.publish().expect("publish");
+            assert!(fe.wait_backend(XenbusState::Connected, 10 * SEC));
+            let t = xvtpm_xen::tpmif::Tpmif::new(&fe.page);
+            t.write_raw_header(5000, 1, 0, 0).expect("hdr");
+            fe.evtchn.notify(fe.port).expect("notify");
+            std::mem::forget(fe);
+        },
+        "vtpm 3/0: bad request in shared page: tpmif: length 5000 exceeds",
+        Some(XenbusState::Closing),
+    );
+}
+
+#[test]
+fn hostile_unknown_state_values_are_ignored_and_the_device_still_works() {
+    hostile_case(
+        |env, be| {
+            evil_device(env);
+            let fe = evil_frontend(env);
+            fe.publish().expect("publish");
+            assert!(fe.wait_backend(XenbusState::Connected, 10 * SEC));
+            let t = xvtpm_xen::tpmif::Tpmif::new(&fe.page);
+            for s in [4u8, 0x7f, 0xff] {
+                t.write_raw_header(10, s, 0, 0).expect("hdr");
+                fe.evtchn.notify(fe.port).expect("notify");
+                assert!(be.wait_log(&format!("invalid shared-page state value {s}"), 5 * SEC), "{}", be.log());
+            }
+            let rsp = fe.command(b"\x03still here", 5 * SEC).expect("device still serves");
+            assert_eq!(rsp, b"\x03still here");
+            std::mem::forget(fe);
+        },
+        "vtpm 3/0",
+        Some(XenbusState::Connected),
+    );
+}
+
+#[test]
+fn hostile_missing_protocol_v2() {
+    hostile_case(
+        |env, _| {
+            evil_device(env);
+            let fe = evil_frontend(env);
+            fe.write("ring-ref", &fe.page.gref().to_string()).expect("w");
+            fe.write("event-channel", &fe.port.to_string()).expect("w");
+            fe.write("state", "3").expect("w");
+            std::mem::forget(fe);
+        },
+        "vtpm 3/0: frontend does not support vTPM protocol v2",
+        Some(XenbusState::Closing),
+    );
+}
+
+#[test]
+fn hostile_missing_uuid() {
+    hostile_case(
+        |env, _| {
+            evil_device(env);
+            env.xs.rm(TxId::NONE, "/local/domain/0/backend/vtpm/3/0/uuid").expect("rm");
+            // Only a device the backend has not adopted yet is judged on its uuid: recreate.
+            toolstack::remove_vtpm(&env.xs, 3, 0, 0, 10 * SEC).expect("remove");
+            toolstack::add_vtpm(&env.xs, 3, 0, 0, &uuid(3)).expect("vtpm");
+        },
+        "",
+        None,
+    );
+    hostile_case(
+        |env, _| {
+            let be = "/local/domain/0/backend/vtpm/3/0";
+            env.xs
+                .transaction(|tx| {
+                    for (k, v) in [
+                        ("frontend", "/local/domain/3/device/vtpm/0"),
+                        ("frontend-id", "3"),
+                        ("online", "1"),
+                        ("state", "1"),
+                    ] {
+                        env.xs.write(tx, &format!("{be}/{k}"), v.as_bytes())?;
+                    }
+                    env.xs.write(tx, "/local/domain/3/device/vtpm/0/state", b"1")
+                })
+                .expect("device without uuid");
+        },
+        "vtpm 3/0: no uuid in the backend directory",
+        Some(XenbusState::Closed),
+    );
+}
+
+#[test]
+fn hostile_malformed_uuid() {
+    hostile_case(
+        |env, _| {
+            toolstack::add_vtpm(&env.xs, 3, 0, 0, "not-a-uuid").expect("vtpm");
+        },
+        "vtpm 3/0: malformed uuid",
+        Some(XenbusState::Closed),
+    );
+}
+
+#[test]
+fn hostile_ring_ref_that_does_not_map() {
+    hostile_case(
+        |env, _| {
+            evil_device(env);
+            let fe = evil_frontend(env);
+            fe.publish().expect("publish");
+            fe.write("ring-ref", "123456").expect("w");
+            std::mem::forget(fe);
+        },
+        "vtpm 3/0: cannot map ring-ref 123456",
+        Some(XenbusState::Closing),
+    );
+}
+
+#[test]
+fn hostile_invalid_event_channel() {
+    hostile_case(
+        |env, _| {
+            evil_device(env);
+            let fe = evil_frontend(env);
+            fe.write("ring-ref", &fe.page.gref().to_string()).expect("w");
+            fe.write("event-channel", "999").expect("w");
+            fe.write("feature-protocol-v2", "1").expect("w");
+            fe.write("state", "3").expect("w");
+            std::mem::forget(fe);
+        },
+        "vtpm 3/0: cannot bind event-channel 999",
+        Some(XenbusState::Closing),
+    );
+}
+
+#[test]
+fn hostile_state_flapping() {
+    hostile_case(
+        |env, be| {
+            evil_device(env);
+            let fe = evil_frontend(env);
+            fe.write("ring-ref", &fe.page.gref().to_string()).expect("w");
+            fe.write("event-channel", &fe.port.to_string()).expect("w");
+            fe.write("feature-protocol-v2", "1").expect("w");
+            for i in 0..300 {
+                let s = ["3", "1", "4", "6", "2", "5", "garbage", "3", "0"][i % 9];
+                fe.write("state", s).expect("w");
+            }
+            // It settles: Closed, then Initialised again like a rebooted guest.
+            fe.write("state", "6").expect("w");
+            assert!(fe.wait_backend(XenbusState::InitWait, 10 * SEC), "backend back in InitWait:\n{}", be.log());
+            fe.write("state", "3").expect("w");
+            assert!(fe.wait_backend(XenbusState::Connected, 10 * SEC));
+            assert_eq!(fe.command(b"\x03settled", 5 * SEC).expect("serves"), b"\x03settled");
+            std::mem::forget(fe);
+        },
+        "vtpm 3/0: connected",
+        None,
+    );
+}
+
+#[test]
+fn hostile_notification_storm() {
+    hostile_case(
+        |env, _| {
+            evil_device(env);
+            let fe = evil_frontend(env);
+            fe.publish().expect("publish");
+            assert!(fe.wait_backend(XenbusState::Connected, 10 * SEC));
+            let dir = env.dir().to_path_buf();
+            // The good guest works during the storm, not only after it.
+            let good = std::thread::spawn(move || {
+                run_frontend(Path::new(FRONTEND), &dir, 2, 0, &["hold", "--seconds", "1.5"]).expect("fe2")
+            });
+            let end = std::time::Instant::now() + Duration::from_millis(1500);
+            let mut n = 0u64;
+            while std::time::Instant::now() < end {
+                fe.evtchn.notify(fe.port).expect("notify");
+                n += 1;
+            }
+            let (ok, out, err) = good.join().expect("thread");
+            assert!(ok && out.contains("OK held"), "good guest during a storm of {n} notifications: {out} {err}");
+            assert_eq!(fe.command(b"\x03after storm", 5 * SEC).expect("serves"), b"\x03after storm");
+            std::mem::forget(fe);
+        },
+        "vtpm 3/0: connected",
+        Some(XenbusState::Connected),
+    );
+}

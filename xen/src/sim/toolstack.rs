@@ -1,0 +1,107 @@
+//! What libxl writes to xenstore for domains and vtpm devices, so tests (and the simulated
+//! demo) set devices up exactly as `xl create` would.
+
+use std::time::{Duration, Instant};
+
+use crate::xenbus::{domain_path, vtpm_backend_path, vtpm_frontend_path};
+use crate::{DomId, Perm, PermAccess, Result, TxId, XenbusState, Xenstore};
+
+fn perms(owner: DomId, reader: Option<DomId>) -> Vec<Perm> {
+    let mut p = vec![Perm { domid: owner, access: PermAccess::None }];
+    if let Some(r) = reader {
+        p.push(Perm { domid: r, access: PermAccess::Read });
+    }
+    p
+}
+
+/// dom0's own nodes, as `xen-init-dom0` writes them.
+pub fn init_dom0(xs: &Xenstore) -> Result<()> {
+    xs.write(TxId::NONE, "/local/domain/0/domid", b"0")?;
+    xs.write(TxId::NONE, "/local/domain/0/name", b"Domain-0")
+}
+
+/// A domain's home, as libxl makes it: `/local/domain/<id>` readable by the domain, with a
+/// `device` directory the domain owns.
+pub fn add_domain(xs: &Xenstore, domid: DomId, name: &str) -> Result<()> {
+    let home = domain_path(domid);
+    xs.transaction(|tx| {
+        xs.mkdir(tx, &home)?;
+        xs.set_perms(tx, &home, &perms(0, Some(domid)))?;
+        xs.write(tx, &format!("{home}/domid"), domid.to_string().as_bytes())?;
+        xs.write(tx, &format!("{home}/name"), name.as_bytes())?;
+        xs.mkdir(tx, &format!("{home}/device"))?;
+        xs.set_perms(tx, &format!("{home}/device"), &perms(domid, None))
+    })
+}
+
+/// Removes a domain's home (what remains after `xl destroy`).
+pub fn remove_domain(xs: &Xenstore, domid: DomId) -> Result<()> {
+    xs.rm(TxId::NONE, &domain_path(domid))
+}
+
+/// A vtpm device as libxl adds it for `vtpm=["backend=<be>,uuid=<uuid>"]`: the backend
+/// directory (owned by the backend, readable by the frontend) and the frontend directory
+/// (owned by the frontend, readable by the backend), both in state Initialising.
+pub fn add_vtpm(xs: &Xenstore, frontend: DomId, backend: DomId, handle: u32, uuid: &str) -> Result<()> {
+    let be = vtpm_backend_path(backend, frontend, handle);
+    let fe = vtpm_frontend_path(frontend, handle);
+    xs.transaction(|tx| {
+        for (k, v) in [
+            ("frontend", fe.clone()),
+            ("frontend-id", frontend.to_string()),
+            ("online", "1".into()),
+            ("state", "1".into()),
+            ("handle", handle.to_string()),
+            ("uuid", uuid.to_string()),
+            ("resume", "False".into()),
+        ] {
+            xs.write(tx, &format!("{be}/{k}"), v.as_bytes())?;
+        }
+        xs.set_perms(tx, &be, &perms(backend, Some(frontend)))?;
+        for (k, v) in [
+            ("backend", be.clone()),
+            ("backend-id", backend.to_string()),
+            ("state", "1".into()),
+            ("handle", handle.to_string()),
+        ] {
+            xs.write(tx, &format!("{fe}/{k}"), v.as_bytes())?;
+        }
+        xs.set_perms(tx, &fe, &perms(frontend, Some(backend)))?;
+        for k in ["state", "backend", "backend-id", "handle"] {
+            xs.set_perms(tx, &format!("{fe}/{k}"), &perms(frontend, Some(backend)))?;
+        }
+        Ok(())
+    })
+}
+
+/// Waits until a node holds `want`, up to `timeout`; returns whether it did.
+pub fn wait_for_state(xs: &Xenstore, path: &str, want: XenbusState, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Ok(Some(v)) = xs.try_read(TxId::NONE, path) {
+            if XenbusState::parse(path, &v).ok() == Some(want) {
+                return true;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    false
+}
+
+/// Removes a vtpm device as `xl destroy` / `xl vtpm-detach` does: backend state Closing, wait
+/// (libxl: 10 s) for the backend to reach Closed, then remove both directories. Returns
+/// whether the backend reached Closed in time; the directories are removed either way.
+pub fn remove_vtpm(xs: &Xenstore, frontend: DomId, backend: DomId, handle: u32, timeout: Duration) -> Result<bool> {
+    let be = vtpm_backend_path(backend, frontend, handle);
+    let fe = vtpm_frontend_path(frontend, handle);
+    xs.write(TxId::NONE, &format!("{be}/online"), b"0")?;
+    xs.write(TxId::NONE, &format!("{be}/state"), XenbusState::Closing.as_str().as_bytes())?;
+    let closed = wait_for_state(xs, &format!("{be}/state"), XenbusState::Closed, timeout);
+    for p in [&be, &fe] {
+        match xs.rm(TxId::NONE, p) {
+            Err(e) if !e.is_enoent() => return Err(e),
+            _ => {}
+        }
+    }
+    Ok(closed)
+}
