@@ -226,17 +226,6 @@ fn hostile_missing_protocol_v2() {
 fn hostile_missing_uuid() {
     hostile_case(
         |env, _| {
-            evil_device(env);
-            env.xs.rm(TxId::NONE, "/local/domain/0/backend/vtpm/3/0/uuid").expect("rm");
-            // Only a device the backend has not adopted yet is judged on its uuid: recreate.
-            toolstack::remove_vtpm(&env.xs, 3, 0, 0, 10 * SEC).expect("remove");
-            toolstack::add_vtpm(&env.xs, 3, 0, 0, &uuid(3)).expect("vtpm");
-        },
-        "",
-        None,
-    );
-    hostile_case(
-        |env, _| {
             let be = "/local/domain/0/backend/vtpm/3/0";
             env.xs
                 .transaction(|tx| {

@@ -46,6 +46,10 @@ pub fn add_vtpm(xs: &Xenstore, frontend: DomId, backend: DomId, handle: u32, uui
     let be = vtpm_backend_path(backend, frontend, handle);
     let fe = vtpm_frontend_path(frontend, handle);
     xs.transaction(|tx| {
+        // Like libxl: make each directory and set its permissions first, so that every key
+        // written into it inherits them.
+        xs.mkdir(tx, &be)?;
+        xs.set_perms(tx, &be, &perms(backend, Some(frontend)))?;
         for (k, v) in [
             ("frontend", fe.clone()),
             ("frontend-id", frontend.to_string()),
@@ -57,7 +61,8 @@ pub fn add_vtpm(xs: &Xenstore, frontend: DomId, backend: DomId, handle: u32, uui
         ] {
             xs.write(tx, &format!("{be}/{k}"), v.as_bytes())?;
         }
-        xs.set_perms(tx, &be, &perms(backend, Some(frontend)))?;
+        xs.mkdir(tx, &fe)?;
+        xs.set_perms(tx, &fe, &perms(frontend, Some(backend)))?;
         for (k, v) in [
             ("backend", be.clone()),
             ("backend-id", backend.to_string()),
@@ -65,10 +70,6 @@ pub fn add_vtpm(xs: &Xenstore, frontend: DomId, backend: DomId, handle: u32, uui
             ("handle", handle.to_string()),
         ] {
             xs.write(tx, &format!("{fe}/{k}"), v.as_bytes())?;
-        }
-        xs.set_perms(tx, &fe, &perms(frontend, Some(backend)))?;
-        for k in ["state", "backend", "backend-id", "handle"] {
-            xs.set_perms(tx, &format!("{fe}/{k}"), &perms(frontend, Some(backend)))?;
         }
         Ok(())
     })

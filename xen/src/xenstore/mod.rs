@@ -164,6 +164,12 @@ impl Xenstore {
         let msg = Message::new(ty, req_id, tx.0, payload)?;
         let (tx_reply, rx_reply) = mpsc::sync_channel(1);
         self.lock_pending()?.insert(req_id, tx_reply);
+        // The reader may have ended (clearing `pending`) since the check above; the sender
+        // would then never be dropped and the wait below would hang.
+        if self.inner.closed.load(Ordering::Acquire) {
+            self.lock_pending()?.remove(&req_id);
+            return Err(Error::XsClosed);
+        }
         let written = {
             let mut w = self.inner.writer.lock().map_err(|_| Error::XsClosed)?;
             msg.write_to(&mut *w)
