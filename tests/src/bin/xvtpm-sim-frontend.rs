@@ -53,7 +53,12 @@ enum Scenario {
 }
 
 fn config(handle: u32) -> FrontendConfig {
-    FrontendConfig { handle, connect_timeout: Duration::from_secs(10), command_timeout: Duration::from_secs(10) }
+    FrontendConfig {
+        handle,
+        connect_timeout: Duration::from_secs(10),
+        command_timeout: Duration::from_secs(10),
+        ..Default::default()
+    }
 }
 
 fn echo_random(fe: &mut Frontend, rng: &mut impl Rng, count: usize, tag: u8) -> anyhow::Result<()> {

@@ -159,6 +159,8 @@ pub struct SimEvtchn {
     sock: UnixDatagram,
     sock_path: PathBuf,
     ready: Mutex<VecDeque<Port>>,
+    /// Connected sockets to the handles we kick, so a kick costs no path lookup.
+    peers: Mutex<std::collections::HashMap<u32, UnixDatagram>>,
 }
 
 impl std::fmt::Debug for SimEvtchn {
@@ -191,6 +193,7 @@ impl SimEvtchn {
             sock,
             sock_path,
             ready: Mutex::new(VecDeque::new()),
+            peers: Mutex::default(),
         })
     }
 
@@ -212,8 +215,19 @@ impl SimEvtchn {
     fn kick(&self, handle: u32, port: Port) {
         // Exactly one kick is in flight per pending unmasked port, so the receiver's queue
         // cannot fill up; a dead receiver (refused, missing) just means nobody listens.
-        if let Err(e) = self.sock.send_to(&port.to_ne_bytes(), handle_sock(&self.root, handle)) {
+        let Ok(mut peers) = self.peers.lock() else { return };
+        if let std::collections::hash_map::Entry::Vacant(slot) = peers.entry(handle) {
+            match UnixDatagram::unbound().and_then(|s| s.connect(handle_sock(&self.root, handle)).map(|_| s)) {
+                Ok(s) => {
+                    slot.insert(s);
+                }
+                Err(e) => return log::debug!("sim evtchn: kick of handle {handle} port {port}: {e}"),
+            }
+        }
+        let sent = peers.get(&handle).map(|s| s.send(&port.to_ne_bytes()));
+        if let Some(Err(e)) = sent {
             log::debug!("sim evtchn: kick of handle {handle} port {port}: {e}");
+            peers.remove(&handle);
         }
     }
 
