@@ -343,3 +343,21 @@ fn hostile_notification_storm() {
         Some(XenbusState::Connected),
     );
 }
+
+#[test]
+fn frontend_directory_gone_closes_the_device() {
+    let env = Env::new();
+    env.guest(1);
+    let be = env.backend();
+    let fe = RawFrontend::new(&env.host.xen(1), 0, 0).expect("frontend");
+    fe.publish().expect("publish");
+    assert!(fe.wait_backend(XenbusState::Connected, 10 * SEC));
+    assert_eq!(fe.command(b"\x01hello", 5 * SEC).expect("works"), b"\x01hello");
+    // The guest's domain disappears without the toolstack removing the device first.
+    toolstack::remove_domain(&env.xs, 1).expect("rm domain");
+    assert!(env.wait_be_state(1, XenbusState::Closed), "backend closed, is {:?}", env.be_state(1));
+    assert!(be.wait_log("vtpm 1/0: disconnected", 5 * SEC), "{}", be.log());
+    // The toolstack's removal afterwards completes at once.
+    assert!(toolstack::remove_vtpm(&env.xs, 1, 0, 0, 10 * SEC).expect("remove"));
+    assert!(be.wait_log("vtpm 1/0: device removed", 5 * SEC), "{}", be.log());
+}

@@ -20,7 +20,7 @@ fn main() -> anyhow::Result<()> {
     let xs = host.xen(0).xenstore()?;
     let backend = BackendProcess::start(&backend_exe, host.dir(), 0, &[])
         .with_context(|| format!("starting {} (build it with the demo)", backend_exe.display()))?;
-    println!("dom0: tpmback running (pid in its own process), watching /local/domain/0/backend/vtpm");
+    println!("dom0: tpmback running in its own process, watching /local/domain/0/backend/vtpm");
     for (domid, uuid) in [(1u16, "0b5e0001-7d1c-4c4e-9b1a-000000000001"), (2, "0b5e0002-7d1c-4c4e-9b1a-000000000002")] {
         toolstack::add_domain(&xs, domid, &format!("guest{domid}"))?;
         toolstack::add_vtpm(&xs, domid, 0, 0, uuid)?;

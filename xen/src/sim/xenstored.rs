@@ -435,6 +435,11 @@ fn serve(mut stream: UnixStream, shared: Arc<Shared>) {
                 log::debug!("xenstored: connection {id} (domain {domid}) closed");
                 break;
             }
+            // A peer that died (reset) is an ordinary end; anything else broke the protocol.
+            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::ConnectionReset => {
+                log::debug!("xenstored: connection {id} (domain {domid}) reset");
+                break;
+            }
             Err(e) => {
                 log::warn!("xenstored: closing connection {id} (domain {domid}): {e}");
                 close(&stream);

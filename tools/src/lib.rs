@@ -1,2 +1,0 @@
-//! Operator CLI. Built in a later issue.
-#![forbid(unsafe_code)]

@@ -1,0 +1,100 @@
+//! `xvtpm`: the operator's tool. Today it holds the tpmif diagnostics: an echo backend to
+//! check that a guest's vtpm device connects, and a frontend that measures the round trip.
+//! Both use the real Xen interfaces (`/dev/xen/*`, xenstored) unless `--sim` names a simulated
+//! Xen directory.
+
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use xvtpm_backend::{Backend, BackendConfig, DeviceFilter, EchoHandler};
+use xvtpm_frontend::{Frontend, FrontendConfig};
+use xvtpm_xen::linux::LinuxXen;
+use xvtpm_xen::sim::SimXen;
+use xvtpm_xen::Xen;
+
+#[derive(Parser, Debug)]
+#[command(name = "xvtpm", version, about = "Xen virtual TPM stack: operator tool")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Debug)]
+struct XenOpts {
+    /// Use the simulated Xen in this directory instead of /dev/xen and xenstored.
+    #[arg(long, value_name = "DIR")]
+    sim: Option<PathBuf>,
+    /// Our domain id (default: read from xenstore; required with --sim).
+    #[arg(long)]
+    domid: Option<u16>,
+}
+
+impl XenOpts {
+    fn open(&self) -> anyhow::Result<Arc<dyn Xen>> {
+        Ok(match (&self.sim, self.domid) {
+            (Some(dir), Some(d)) => Arc::new(SimXen::new(dir, d)),
+            (Some(_), None) => anyhow::bail!("--sim needs --domid"),
+            (None, Some(d)) => Arc::new(LinuxXen::with_domid(d)),
+            (None, None) => Arc::new(LinuxXen::open().context("cannot reach Xen (is this a Xen domain?)")?),
+        })
+    }
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve vtpm devices with a backend that echoes every command back: checks that guests'
+    /// xen-tpmfront devices connect to this domain, without any TPM behind them.
+    EchoBackend {
+        #[command(flatten)]
+        xen: XenOpts,
+        /// Serve only the device with this uuid (default: every vtpm device of this domain).
+        #[arg(long)]
+        uuid: Option<String>,
+    },
+    /// Connect this domain's vtpm device (a user-space tpmfront) and time round trips of a
+    /// small command. The backend must echo or answer it.
+    Ping {
+        #[command(flatten)]
+        xen: XenOpts,
+        /// Device handle (`device/vtpm/<handle>`).
+        #[arg(long, default_value_t = 0)]
+        handle: u32,
+        /// Number of round trips.
+        #[arg(long, default_value_t = 1000)]
+        count: usize,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    match Cli::parse().command {
+        Command::EchoBackend { xen, uuid } => {
+            let filter = uuid.map(DeviceFilter::Uuid).unwrap_or(DeviceFilter::All);
+            let backend = Backend::new(xen.open()?, Arc::new(EchoHandler), BackendConfig { filter });
+            backend.run(&AtomicBool::new(false))?;
+        }
+        Command::Ping { xen, handle, count } => {
+            let xen = xen.open()?;
+            let mut fe = Frontend::connect(xen.as_ref(), FrontendConfig { handle, ..Default::default() })?;
+            // TPM2_GetRandom(16): a real command, so the same check works against a vTPM.
+            let cmd = [0x80, 0x01, 0, 0, 0, 0x0c, 0, 0, 0x01, 0x7b, 0, 0x10];
+            let mut samples = Vec::with_capacity(count);
+            for _ in 0..count {
+                let t = Instant::now();
+                fe.transmit(&cmd)?;
+                samples.push(t.elapsed());
+            }
+            samples.sort_unstable();
+            let median = samples.get(samples.len() / 2).copied().unwrap_or(Duration::ZERO);
+            println!("{count} round trips on device {handle}: median {:.1} µs", median.as_secs_f64() * 1e6);
+            fe.close()?;
+        }
+    }
+    Ok(())
+}
