@@ -165,14 +165,20 @@ fn evil_frontend(env: &Env) -> RawFrontend {
     RawFrontend::new(&env.host.xen(3), 0, 0).expect("raw frontend")
 }
 
+/// The hostile guest's device, connected properly (the misbehaviour comes after).
+fn evil_connected(env: &Env) -> RawFrontend {
+    evil_device(env);
+    let fe = evil_frontend(env);
+    fe.publish().expect("publish");
+    assert!(fe.wait_backend(XenbusState::Connected, 10 * SEC));
+    fe
+}
+
 #[test]
 fn hostile_length_beyond_the_page() {
     hostile_case(
         |env, _| {
-            evil_device(env);
-            let fe = evil_frontend(env);
-            fe.publish().expect("publish");
-            assert!(fe.wait_backend(XenbusState::Connected, 10 * SEC));
+            let fe = evil_connected(env);
             let t = xvtpm_xen::tpmif::Tpmif::new(&fe.page);
             t.write_raw_header(5000, 1, 0, 0).expect("hdr");
             fe.evtchn.notify(fe.port).expect("notify");
@@ -187,10 +193,7 @@ fn hostile_length_beyond_the_page() {
 fn hostile_unknown_state_values_are_ignored_and_the_device_still_works() {
     hostile_case(
         |env, be| {
-            evil_device(env);
-            let fe = evil_frontend(env);
-            fe.publish().expect("publish");
-            assert!(fe.wait_backend(XenbusState::Connected, 10 * SEC));
+            let fe = evil_connected(env);
             let t = xvtpm_xen::tpmif::Tpmif::new(&fe.page);
             for s in [4u8, 0x7f, 0xff] {
                 t.write_raw_header(10, s, 0, 0).expect("hdr");
@@ -319,10 +322,7 @@ fn hostile_state_flapping() {
 fn hostile_notification_storm() {
     hostile_case(
         |env, _| {
-            evil_device(env);
-            let fe = evil_frontend(env);
-            fe.publish().expect("publish");
-            assert!(fe.wait_backend(XenbusState::Connected, 10 * SEC));
+            let fe = evil_connected(env);
             let dir = env.dir().to_path_buf();
             // The good guest works during the storm, not only after it.
             let good = std::thread::spawn(move || {
