@@ -232,13 +232,34 @@ impl State {
         }
     }
 
-    fn write_state(&mut self, key: (DomId, u32), state: XenbusState) {
+    /// Writes keys of a device's backend directory, state last, in one transaction that
+    /// does nothing if the toolstack has removed the directory meanwhile (a plain write would
+    /// recreate it), like Linux's `xenbus_switch_state`.
+    fn write_keys(&mut self, key: (DomId, u32), keys: &[(&str, &[u8])], state: Option<XenbusState>) {
         let Some(dev) = self.devices.get_mut(&key) else { return };
-        let path = format!("{}/state", dev.be_path);
-        match self.xs.write(TxId::NONE, &path, state.as_str().as_bytes()) {
-            Ok(()) => dev.written = Some(state),
-            Err(e) => log::warn!("vtpm {}/{}: cannot write {path}: {e}", key.0, key.1),
+        let be = dev.be_path.clone();
+        let xs = &self.xs;
+        let written = xs.transaction(|tx| {
+            if xs.try_read(tx, &format!("{be}/state"))?.is_none() {
+                return Ok(false);
+            }
+            for (k, v) in keys {
+                xs.write(tx, &format!("{be}/{k}"), v)?;
+            }
+            if let Some(s) = state {
+                xs.write(tx, &format!("{be}/state"), s.as_str().as_bytes())?;
+            }
+            Ok(true)
+        });
+        match written {
+            Ok(true) if state.is_some() => dev.written = state,
+            Ok(_) => {}
+            Err(e) => log::warn!("vtpm {}/{}: cannot write {be}: {e}", key.0, key.1),
         }
+    }
+
+    fn write_state(&mut self, key: (DomId, u32), state: XenbusState) {
+        self.write_keys(key, &[], Some(state));
     }
 
     fn disconnect(&mut self, key: (DomId, u32)) {
@@ -252,10 +273,7 @@ impl State {
     fn close_with_error(&mut self, key: (DomId, u32), reason: &str) {
         log::error!("vtpm {}/{}: {reason}; closing the device", key.0, key.1);
         self.disconnect(key);
-        if let Some(dev) = self.devices.get(&key) {
-            let _ = self.xs.write(TxId::NONE, &format!("{}/error", dev.be_path), reason.as_bytes());
-        }
-        self.write_state(key, XenbusState::Closing);
+        self.write_keys(key, &[("error", reason.as_bytes())], Some(XenbusState::Closing));
     }
 
     fn on_fatal(&mut self, f: Fatal) {
@@ -275,24 +293,28 @@ impl State {
         }
     }
 
+    /// Reads a node: `Ok(None)` if it does not exist, `Err` (logged) if xenstore failed, so
+    /// that a transient error is never taken for a removed device.
+    fn read_node(&self, path: &str) -> std::result::Result<Option<Vec<u8>>, ()> {
+        self.xs.try_read(TxId::NONE, path).map_err(|e| log::warn!("cannot read {path}: {e}"))
+    }
+
     fn read_opt(&self, path: &str) -> Option<Vec<u8>> {
-        match self.xs.try_read(TxId::NONE, path) {
-            Ok(v) => v,
-            Err(e) => {
-                log::warn!("cannot read {path}: {e}");
-                None
-            }
-        }
+        self.read_node(path).ok().flatten()
     }
 
     /// Brings one device in line with what xenstore says.
     fn reconcile(&mut self, key: (DomId, u32)) {
         let (fe, handle) = key;
         let be_path = xenbus::vtpm_backend_path(self.xen.domid(), fe, handle);
-        let Some(raw_state) = self.read_opt(&format!("{be_path}/state")) else {
-            // The toolstack removed the device.
-            self.forget(key);
-            return;
+        let raw_state = match self.read_node(&format!("{be_path}/state")) {
+            Ok(Some(v)) => v,
+            Ok(None) => {
+                // The toolstack removed the device.
+                self.forget(key);
+                return;
+            }
+            Err(()) => return,
         };
         if !self.devices.contains_key(&key) && !self.adopt(key, &be_path) {
             return;
@@ -307,12 +329,15 @@ impl State {
             return;
         }
         let be_state = XenbusState::parse(&be_path, &raw_state).ok();
-        let online = self.read_opt(&format!("{be_path}/online")).is_some_and(|v| v == b"1");
-        if be_state == Some(XenbusState::Closing) && (!online || written != Some(XenbusState::Closing)) {
+        // libxl always writes `online`; only an explicit 0 takes the device offline.
+        let online = self.read_opt(&format!("{be_path}/online")).is_none_or(|v| v != b"0");
+        if !online || (be_state == Some(XenbusState::Closing) && written != Some(XenbusState::Closing)) {
             // libxl (xl destroy / vtpm-detach) writes online=0 and Closing, then waits 10 s
-            // for Closed.
+            // for Closed. An offline device stays closed, whatever the frontend does.
             self.disconnect(key);
-            self.write_state(key, XenbusState::Closed);
+            if be_state != Some(XenbusState::Closed) {
+                self.write_state(key, XenbusState::Closed);
+            }
             return;
         }
         let fe_state_path = format!("{fe_path}/state");
@@ -383,6 +408,7 @@ impl State {
             (_, Some(p), _) if !p.starts_with(&format!("/local/domain/{fe}/")) => {
                 Some(format!("frontend path {p:?} is not inside domain {fe}"))
             }
+            (_, _, None) => Some("no frontend-id in the backend directory".to_string()),
             (_, _, Some(Ok(id))) if *id != fe => Some(format!("frontend-id {id} does not match the device path")),
             (_, _, Some(Err(e))) => Some(format!("bad frontend-id: {e}")),
             _ => None,
@@ -400,16 +426,12 @@ impl State {
         };
         if let Some(p) = problem {
             log::error!("vtpm {fe}/{handle}: {p}; refusing the device");
-            let _ = self.xs.write(TxId::NONE, &format!("{be_path}/error"), p.as_bytes());
             self.devices.insert(key, dev);
+            self.write_keys(key, &[("error", p.as_bytes())], None);
             return true;
         }
         let uuid = uuid_ok.unwrap_or_default().to_string();
         dev.info = Some(DeviceInfo { frontend: fe, handle, uuid });
-        // Linux's xen-tpmfront refuses a backend without protocol v2: announce it first.
-        if let Err(e) = self.xs.write(TxId::NONE, &format!("{be_path}/feature-protocol-v2"), b"1") {
-            log::warn!("vtpm {fe}/{handle}: cannot write feature-protocol-v2: {e}");
-        }
         let fe_state_path = format!("{}/state", dev.fe_path);
         match self.xs.watch(&fe_state_path, &fe_token(key)) {
             Ok(()) => dev.watching_fe = true,
@@ -418,11 +440,11 @@ impl State {
         let current = self.read_opt(&format!("{be_path}/state")).and_then(|v| XenbusState::parse(be_path, &v).ok());
         log::info!("vtpm {fe}/{handle}: new device, uuid {}", dev.info.as_ref().map(|i| i.uuid.as_str()).unwrap_or(""));
         self.devices.insert(key, dev);
-        // A device left Connected by a previous backend process is picked up where it was;
-        // only a fresh one goes to InitWait (libxl waits 10 s for that).
-        if matches!(current, None | Some(XenbusState::Unknown | XenbusState::Initialising)) {
-            self.write_state(key, XenbusState::InitWait);
-        }
+        // Linux's xen-tpmfront refuses a backend without protocol v2: announce it first. A
+        // device left Connected by a previous backend process is picked up where it was; only
+        // a fresh one goes to InitWait (libxl waits 10 s for that).
+        let fresh = matches!(current, None | Some(XenbusState::Unknown | XenbusState::Initialising));
+        self.write_keys(key, &[("feature-protocol-v2", b"1")], fresh.then_some(XenbusState::InitWait));
         true
     }
 
@@ -430,8 +452,9 @@ impl State {
         let (fe, handle) = key;
         let Some(dev) = self.devices.get(&key) else { return };
         let Some(info) = dev.info.clone() else { return };
-        if dev.written == Some(XenbusState::Closing) {
-            // Closed after an error: the frontend must close before it may connect again.
+        if matches!(dev.written, Some(XenbusState::Closing | XenbusState::Closed)) {
+            // Closed after an error or by the toolstack: the frontend must close (and the
+            // device be online) before it may connect again.
             return;
         }
         let fe_path = dev.fe_path.clone();
@@ -479,7 +502,7 @@ impl State {
             info,
             generation,
             page,
-            evtchn,
+            evtchn: Arc::from(evtchn),
             port,
             handler: self.handler.clone(),
             fatal: self.fatal_tx.clone(),
@@ -492,9 +515,7 @@ impl State {
             dev.conn = Some(conn);
             dev.generation = generation;
         }
-        let be_path = xenbus::vtpm_backend_path(self.xen.domid(), fe, handle);
-        let _ = self.xs.write(TxId::NONE, &format!("{be_path}/ready"), b"1");
-        self.write_state(key, XenbusState::Connected);
+        self.write_keys(key, &[("ready", b"1")], Some(XenbusState::Connected));
         log::info!("vtpm {fe}/{handle}: connected (ring-ref {ring_ref}, event-channel {remote_port})");
     }
 

@@ -5,6 +5,8 @@ use std::sync::Arc;
 use xvtpm_xen::tpmif::{Tpmif, TpmifState};
 use xvtpm_xen::{DomId, SharedPage};
 
+use crate::worker::Stop;
+
 /// The device a command came from.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct DeviceInfo {
@@ -22,21 +24,24 @@ impl std::fmt::Display for DeviceInfo {
     }
 }
 
-/// Tells whether the frontend has asked to cancel the command being handled. Cheap (one
-/// load from the shared page) and `Send`, so an engine may poll it from another thread.
+/// Tells whether the command being handled should stop: the frontend asked to cancel it, or
+/// the device is going away (guest destroyed, backend stopping), in which case nobody will read
+/// the response. Cheap (two loads) and `Send`, so an engine may poll it from another thread.
+/// A probe kept after the command returns keeps the page mapped: drop it.
 #[derive(Clone, Debug)]
 pub struct CancelProbe {
     page: Arc<SharedPage>,
+    stop: Arc<Stop>,
 }
 
 impl CancelProbe {
-    pub(crate) fn new(page: Arc<SharedPage>) -> Self {
-        CancelProbe { page }
+    pub(crate) fn new(page: Arc<SharedPage>, stop: Arc<Stop>) -> Self {
+        CancelProbe { page, stop }
     }
 
-    /// True once the frontend wrote CANCEL.
+    /// True once the frontend wrote CANCEL or the connection was stopped.
     pub fn is_cancelled(&self) -> bool {
-        matches!(Tpmif::new(&self.page).state(), Ok(TpmifState::Cancel))
+        self.stop.is_set() || matches!(Tpmif::new(&self.page).state(), Ok(TpmifState::Cancel))
     }
 }
 
@@ -55,8 +60,8 @@ pub struct Request<'a> {
 }
 
 impl Request<'_> {
-    /// True once the frontend asked to cancel this command; the backend then discards the
-    /// response, so a handler may stop early.
+    /// True once the frontend asked to cancel this command or the device is going away; the
+    /// backend then discards the response, so a handler may stop early.
     pub fn is_cancelled(&self) -> bool {
         self.cancel.is_cancelled()
     }

@@ -2,8 +2,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
-use std::sync::Arc;
-use std::thread::JoinHandle;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use xvtpm_xen::tpmif::{Tpmif, TpmifState};
@@ -22,20 +21,41 @@ pub(crate) struct Fatal {
     pub reason: String,
 }
 
+/// The stop signal of one connection. Setting it takes `write`, which the worker holds while it
+/// writes the page: once `set` returns, a stopped worker never touches the page again, even if
+/// its handler is still running.
+#[derive(Debug, Default)]
+pub(crate) struct Stop {
+    flag: AtomicBool,
+    write: Mutex<()>,
+}
+
+impl Stop {
+    pub fn is_set(&self) -> bool {
+        self.flag.load(Ordering::SeqCst)
+    }
+
+    fn set(&self) {
+        let _guard = self.write.lock();
+        self.flag.store(true, Ordering::SeqCst);
+    }
+}
+
 /// A connected device: shared page, event channel, serving thread.
 #[derive(Debug)]
 pub(crate) struct Connection {
     pub ring_ref: u32,
     pub remote_port: u32,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    stop: Arc<Stop>,
+    evtchn: Arc<dyn EventChannel>,
+    port: Port,
 }
 
 pub(crate) struct Worker {
     pub info: DeviceInfo,
     pub generation: u64,
     pub page: Arc<SharedPage>,
-    pub evtchn: Box<dyn EventChannel>,
+    pub evtchn: Arc<dyn EventChannel>,
     pub port: Port,
     pub handler: Arc<dyn CommandHandler>,
     pub fatal: Sender<Fatal>,
@@ -43,72 +63,75 @@ pub(crate) struct Worker {
 
 impl Connection {
     pub fn start(worker: Worker, ring_ref: u32, remote_port: u32) -> std::io::Result<Connection> {
-        let stop = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(Stop::default());
         let s = stop.clone();
+        let (evtchn, port) = (worker.evtchn.clone(), worker.port);
         let name = format!("vtpm-{}-{}", worker.info.frontend, worker.info.handle);
-        let thread = std::thread::Builder::new().name(name).spawn(move || worker.run(&s))?;
-        Ok(Connection { ring_ref, remote_port, stop, thread: Some(thread) })
+        // Detached: stopping a device never waits for a command in progress.
+        std::thread::Builder::new().name(name).spawn(move || worker.run(s))?;
+        Ok(Connection { ring_ref, remote_port, stop, evtchn, port })
     }
 
-    /// Stops the thread (after the command in progress, if any) and releases page and port.
-    pub fn stop(mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            if t.join().is_err() {
-                log::error!("a vtpm device thread panicked");
-            }
+    /// Stops serving at once: the port is closed now (so a new connection can bind the
+    /// frontend's port again), the thread ends when its current command returns and unmaps
+    /// the page then. It never waits for the handler.
+    pub fn stop(self) {
+        self.stop.set();
+        if let Err(e) = self.evtchn.unbind(self.port) {
+            log::debug!("unbind port {}: {e}", self.port);
         }
     }
 }
 
 impl Worker {
-    fn run(self, stop: &AtomicBool) {
+    fn run(self, stop: Arc<Stop>) {
         self.handler.connected(&self.info);
-        let cancel = CancelProbe::new(self.page.clone());
+        let cancel = CancelProbe::new(self.page.clone(), stop.clone());
         let mut buf = Vec::with_capacity(xvtpm_xen::tpmif::MAX_PACKET);
         let mut last_bad_state = None;
         // The stock Linux frontend submits its first command before we are Connected: look at
         // the page at once instead of waiting for a notification that may predate our bind.
-        let mut ok = self.serve(&cancel, &mut buf, &mut last_bad_state);
-        while ok && !stop.load(Ordering::SeqCst) {
+        let mut ok = self.serve(&stop, &cancel, &mut buf, &mut last_bad_state);
+        while ok && !stop.is_set() {
             match self.evtchn.wait(Some(STOP_POLL)) {
                 Ok(None) => continue,
                 Ok(Some(p)) => {
                     if let Err(e) = self.evtchn.unmask(p) {
-                        self.fail(format!("cannot unmask event channel port {p}: {e}"));
+                        self.fail(&stop, format!("cannot unmask event channel port {p}: {e}"));
                         break;
                     }
-                    ok = self.serve(&cancel, &mut buf, &mut last_bad_state);
+                    ok = self.serve(&stop, &cancel, &mut buf, &mut last_bad_state);
                 }
                 Err(e) => {
-                    self.fail(format!("event channel wait failed: {e}"));
+                    self.fail(&stop, format!("event channel wait failed: {e}"));
                     break;
                 }
             }
         }
-        if let Err(e) = self.evtchn.unbind(self.port) {
-            log::debug!("{}: unbind port {}: {e}", self.info, self.port);
-        }
         self.handler.disconnected(&self.info);
     }
 
-    fn fail(&self, reason: String) {
+    fn fail(&self, stop: &Stop, reason: String) {
+        // After a stop, errors (e.g. of the port the main loop closed) are expected.
+        if stop.is_set() {
+            return;
+        }
         let _ =
             self.fatal.send(Fatal { key: (self.info.frontend, self.info.handle), generation: self.generation, reason });
     }
 
-    fn notify(&self) -> bool {
+    fn notify(&self, stop: &Stop) -> bool {
         match self.evtchn.notify(self.port) {
             Ok(()) => true,
             Err(e) => {
-                self.fail(format!("cannot notify event channel port {}: {e}", self.port));
+                self.fail(stop, format!("cannot notify event channel port {}: {e}", self.port));
                 false
             }
         }
     }
 
     /// Serves what the page holds; false once the connection must end.
-    fn serve(&self, cancel: &CancelProbe, buf: &mut Vec<u8>, last_bad_state: &mut Option<u8>) -> bool {
+    fn serve(&self, stop: &Stop, cancel: &CancelProbe, buf: &mut Vec<u8>, last_bad_state: &mut Option<u8>) -> bool {
         let t = Tpmif::new(&self.page);
         let state = match t.state() {
             Ok(s) => s,
@@ -124,41 +147,46 @@ impl Worker {
             }
         };
         *last_bad_state = None;
-        match state {
-            TpmifState::Idle | TpmifState::Finish => true,
-            TpmifState::Cancel => {
-                // Nothing is running: acknowledge the cancel at once.
-                t.set_state(TpmifState::Idle).is_ok() && self.notify()
-            }
+        let response = match state {
+            TpmifState::Idle | TpmifState::Finish => return true,
+            // Nothing is running: acknowledge the cancel at once.
+            TpmifState::Cancel => None,
             TpmifState::Submit => {
                 let locality = match t.read_packet(buf).and_then(|_| t.locality()) {
                     Ok(l) => l,
                     Err(e) => {
-                        self.fail(format!("bad request in shared page: {e}"));
+                        self.fail(stop, format!("bad request in shared page: {e}"));
                         return false;
                     }
                 };
                 let max_response = t.packet_window().map(|(_, room)| room).unwrap_or(0);
                 let req = Request { device: &self.info, locality, command: buf, max_response, cancel };
-                let response = self.handler.handle(&req);
-                let outcome = if cancel.is_cancelled() {
-                    log::debug!("{}: command cancelled by the frontend", self.info);
-                    t.set_state(TpmifState::Idle)
-                } else {
-                    match t.write_packet(&response) {
-                        Ok(()) => t.set_state(TpmifState::Finish),
-                        Err(e) => {
-                            log::error!("{}: response not delivered: {e}", self.info);
-                            t.set_state(TpmifState::Idle)
-                        }
-                    }
-                };
-                if let Err(e) = outcome {
-                    self.fail(format!("cannot write the shared page: {e}"));
-                    return false;
-                }
-                self.notify()
+                Some(self.handler.handle(&req))
             }
+        };
+        // Hold the write lock while touching the page, so a stop cannot interleave.
+        let Ok(_guard) = stop.write.lock() else { return false };
+        if stop.is_set() {
+            return false;
         }
+        let outcome = match response {
+            Some(_) if cancel.is_cancelled() => {
+                log::debug!("{}: command cancelled by the frontend", self.info);
+                t.set_state(TpmifState::Idle)
+            }
+            Some(rsp) => match t.write_packet(&rsp) {
+                Ok(()) => t.set_state(TpmifState::Finish),
+                Err(e) => {
+                    log::error!("{}: response not delivered: {e}", self.info);
+                    t.set_state(TpmifState::Idle)
+                }
+            },
+            None => t.set_state(TpmifState::Idle),
+        };
+        if let Err(e) = outcome {
+            self.fail(stop, format!("cannot write the shared page: {e}"));
+            return false;
+        }
+        self.notify(stop)
     }
 }

@@ -13,6 +13,9 @@ use xvtpm_backend::{CommandHandler, Request};
 /// Commands starting with this marker make [`TestHandler`] work slowly (up to 30 s), stopping
 /// early when the frontend cancels.
 pub const SLOW_MARKER: &[u8] = b"XVSLOWXV";
+/// Commands starting with this marker make [`TestHandler`] sleep 20 s ignoring cancellation,
+/// like an engine stuck in a long operation.
+pub const STUCK_MARKER: &[u8] = b"XVSTUCKX";
 /// The response to a slow command that ran to completion.
 pub const SLOW_DONE: &[u8] = b"DONE";
 
@@ -31,6 +34,10 @@ impl CommandHandler for TestHandler {
                 }
                 std::thread::sleep(Duration::from_millis(5));
             }
+            return SLOW_DONE.to_vec();
+        }
+        if req.command.starts_with(STUCK_MARKER) {
+            std::thread::sleep(Duration::from_secs(20));
             return SLOW_DONE.to_vec();
         }
         req.command.to_vec()
@@ -205,13 +212,20 @@ impl RawFrontend {
         xvtpm_xen::sim::toolstack::wait_for_state(&self.xs, &format!("{}/state", self.be_path), want, timeout)
     }
 
-    /// Sends a well-formed command and waits for FINISH; returns the response.
-    pub fn command(&self, cmd: &[u8], timeout: Duration) -> anyhow::Result<Vec<u8>> {
+    /// Writes a command, SUBMIT, and notifies, without waiting.
+    pub fn submit(&self, cmd: &[u8]) -> anyhow::Result<()> {
         use xvtpm_xen::tpmif::{Tpmif, TpmifState};
         let t = Tpmif::new(&self.page);
         t.write_request(0, cmd)?;
         t.set_state(TpmifState::Submit)?;
-        self.evtchn.notify(self.port)?;
+        Ok(self.evtchn.notify(self.port)?)
+    }
+
+    /// Sends a well-formed command and waits for FINISH; returns the response.
+    pub fn command(&self, cmd: &[u8], timeout: Duration) -> anyhow::Result<Vec<u8>> {
+        use xvtpm_xen::tpmif::{Tpmif, TpmifState};
+        let t = Tpmif::new(&self.page);
+        self.submit(cmd)?;
         let end = Instant::now() + timeout;
         while Instant::now() < end {
             if t.state()? == TpmifState::Finish {

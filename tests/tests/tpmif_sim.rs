@@ -361,3 +361,42 @@ fn frontend_directory_gone_closes_the_device() {
     assert!(toolstack::remove_vtpm(&env.xs, 1, 0, 0, 10 * SEC).expect("remove"));
     assert!(be.wait_log("vtpm 1/0: device removed", 5 * SEC), "{}", be.log());
 }
+
+/// `xl destroy` pauses the guest first, so its frontend is still Connected when libxl writes
+/// online=0 and Closing: the backend must reach Closed and stay there.
+#[test]
+fn toolstack_close_of_a_connected_guest_stays_closed() {
+    let env = Env::new();
+    env.guest(1);
+    let be = env.backend();
+    let fe = RawFrontend::new(&env.host.xen(1), 0, 0).expect("frontend");
+    fe.publish().expect("publish");
+    assert!(fe.wait_backend(XenbusState::Connected, 10 * SEC));
+    let bp = "/local/domain/0/backend/vtpm/1/0";
+    env.xs.write(TxId::NONE, &format!("{bp}/online"), b"0").expect("online");
+    env.xs.write(TxId::NONE, &format!("{bp}/state"), b"5").expect("closing");
+    assert!(env.wait_be_state(1, XenbusState::Closed), "{}", be.log());
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(env.be_state(1), Some(XenbusState::Closed), "stays closed:\n{}", be.log());
+    assert_eq!(be.log().matches("vtpm 1/0: connected").count(), 1, "no reconnect:\n{}", be.log());
+}
+
+/// A command that never finishes (an engine stuck, ignoring cancel) must not hold up the
+/// removal of its device nor the creation of another guest's.
+#[test]
+fn stuck_command_blocks_neither_destroy_nor_other_guests() {
+    let env = Env::new();
+    env.guest(1);
+    let be = env.backend();
+    let fe = RawFrontend::new(&env.host.xen(1), 0, 0).expect("frontend");
+    fe.publish().expect("publish");
+    assert!(fe.wait_backend(XenbusState::Connected, 10 * SEC));
+    fe.submit(xvtpm_tests::STUCK_MARKER).expect("submit");
+    std::thread::sleep(Duration::from_millis(200));
+    let t = std::time::Instant::now();
+    assert!(toolstack::remove_vtpm(&env.xs, 1, 0, 0, 10 * SEC).expect("remove"), "{}", be.log());
+    assert!(t.elapsed() < 2 * SEC, "destroy waited {:?} for a stuck command", t.elapsed());
+    env.guest(2);
+    assert!(env.wait_be_state(2, XenbusState::InitWait), "new guest's device at InitWait in time");
+    env.assert_frontend_ok(2, &["echo", "--count", "20"], "OK echoed 20");
+}

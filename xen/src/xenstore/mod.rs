@@ -134,11 +134,13 @@ impl Xenstore {
             shutdown: Mutex::new(shutdown),
         });
         let weak = Arc::downgrade(&inner);
-        std::thread::Builder::new()
-            .name("xenstore-reader".into())
-            .spawn(move || reader_loop(reader, weak, ev_tx))
-            .map_err(|e| log::error!("cannot start the xenstore reader thread: {e}"))
-            .ok();
+        let spawned =
+            std::thread::Builder::new().name("xenstore-reader".into()).spawn(move || reader_loop(reader, weak, ev_tx));
+        if let Err(e) = spawned {
+            // Without a reader no reply would ever arrive: fail every request instead.
+            log::error!("cannot start the xenstore reader thread: {e}");
+            inner.closed.store(true, Ordering::Release);
+        }
         Xenstore { inner }
     }
 
