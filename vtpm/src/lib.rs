@@ -1,2 +1,16 @@
-//! Per-guest vTPM (engine, state store, swtpm-compatible socket). Built in a later issue.
-#![forbid(unsafe_code)]
+//! The per-guest vTPM: a TPM 2.0 (or 1.2) engine on libtpms, its encrypted, authenticated,
+//! crash-safe state, and the ways clients reach it: swtpm's socket protocol (QEMU, Cloud
+//! Hypervisor, libtss2's swtpm TCTI) and Xen's tpmif through tpmback.
+//!
+//! libtpms holds one TPM per process; [`libtpms::Libtpms`] enforces that. Everything above the
+//! engine works on the [`engine::TpmEngine`] trait so it can be tested with a fake.
+
+pub mod engine;
+pub mod error;
+#[allow(unsafe_code)]
+pub mod libtpms;
+pub mod state;
+pub mod swtpm;
+
+pub use engine::{StateKind, TpmEngine, TpmVersion};
+pub use error::{Error, Result};

@@ -1,0 +1,1 @@
+//! libtpms wrapper (being written).

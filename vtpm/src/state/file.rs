@@ -1,0 +1,1 @@
+//! The file state store (being written).

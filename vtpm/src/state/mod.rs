@@ -1,0 +1,42 @@
+//! Where a TPM's state blobs live. libtpms' NVRAM callbacks read and write named blobs
+//! (`permall`, `volatilestate`, `savestate`) through a [`StateStore`].
+
+pub mod file;
+
+use std::collections::HashMap;
+
+use crate::Result;
+
+/// Named state blobs. Every `store` is atomic: after a crash at any moment, `load` returns
+/// either the previous value or the new one, never a mix and never nothing.
+pub trait StateStore: Send + std::fmt::Debug {
+    /// The blob, or `None` if it was never stored. A blob that exists but cannot be read
+    /// (corrupt, wrong key) is an error, never `None`.
+    fn load(&mut self, name: &str) -> Result<Option<Vec<u8>>>;
+    /// Stores a blob atomically and durably.
+    fn store(&mut self, name: &str, data: &[u8]) -> Result<()>;
+    /// Deletes a blob (no error if absent).
+    fn delete(&mut self, name: &str) -> Result<()>;
+}
+
+/// An in-memory store, for tests.
+#[derive(Debug, Default, Clone)]
+pub struct MemStore {
+    blobs: HashMap<String, Vec<u8>>,
+}
+
+impl StateStore for MemStore {
+    fn load(&mut self, name: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self.blobs.get(name).cloned())
+    }
+
+    fn store(&mut self, name: &str, data: &[u8]) -> Result<()> {
+        self.blobs.insert(name.to_string(), data.to_vec());
+        Ok(())
+    }
+
+    fn delete(&mut self, name: &str) -> Result<()> {
+        self.blobs.remove(name);
+        Ok(())
+    }
+}

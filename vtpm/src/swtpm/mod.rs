@@ -1,0 +1,1 @@
+//! swtpm socket protocol (being written).
