@@ -1,1 +1,361 @@
-//! The file state store (being written).
+//! The file state store: one file per blob in the vTPM's state directory, encrypted and
+//! authenticated with AES-256-GCM (or, without a key, authenticated by a SHA-256 digest only,
+//! which catches corruption but not tampering), written crash-safely.
+//!
+//! File layout (`<dir>/<blob>.xvtpm`):
+//!
+//! ```text
+//! "XVTPMST1" | mode u8 (1 AES-256-GCM, 2 SHA-256) | 3 zero bytes | nonce [12] | len u32 LE | body
+//! ```
+//!
+//! The body is ciphertext and tag (mode 1, the header and blob name as associated data, so a
+//! file copied to another blob's name or header edits fail) or the plain blob followed by
+//! SHA-256(header | name | blob) (mode 2). A store writes a temporary file, fsyncs it, renames
+//! it over the old one and fsyncs the directory: at every moment one complete, valid copy
+//! exists. An exclusive lock on the directory keeps a second vtpm process off the same state.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::{Aes256Gcm, Nonce};
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+
+use super::StateStore;
+use crate::{Error, Result};
+
+const MAGIC: &[u8; 8] = b"XVTPMST1";
+const MODE_AES256GCM: u8 = 1;
+const MODE_SHA256: u8 = 2;
+const HEADER_LEN: usize = 8 + 1 + 3 + 12 + 4;
+const TAG_LEN: usize = 16;
+const DIGEST_LEN: usize = 32;
+
+/// A 256-bit state encryption key.
+#[derive(Clone)]
+pub struct StateKey([u8; 32]);
+
+impl std::fmt::Debug for StateKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StateKey(..)")
+    }
+}
+
+/// How a key file is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyFormat {
+    /// Raw bytes.
+    Binary,
+    /// Hex digits (whitespace around them ignored).
+    Hex,
+}
+
+impl StateKey {
+    /// A key from raw bytes: 32 bytes, or 16 (swtpm's AES-128 keys), which are stretched
+    /// with SHA-256.
+    pub fn from_bytes(bytes: &[u8]) -> std::result::Result<Self, String> {
+        match bytes.len() {
+            32 => {
+                let mut k = [0u8; 32];
+                k.copy_from_slice(bytes);
+                Ok(StateKey(k))
+            }
+            16 => Ok(StateKey(Sha256::digest(bytes).into())),
+            n => Err(format!("a key has 32 bytes (or 16), this one has {n}")),
+        }
+    }
+
+    /// Reads a key file.
+    pub fn from_file(path: &Path, format: KeyFormat) -> Result<Self> {
+        let err = |reason: String| Error::Key { path: path.to_path_buf(), reason };
+        let raw = fs::read(path).map_err(|e| err(e.to_string()))?;
+        let bytes = match format {
+            KeyFormat::Binary => raw,
+            KeyFormat::Hex => {
+                let text = String::from_utf8(raw).map_err(|_| err("not hex text".into()))?;
+                decode_hex(text.trim()).ok_or_else(|| err("not hex text".into()))?
+            }
+        };
+        StateKey::from_bytes(&bytes).map_err(err)
+    }
+}
+
+fn decode_hex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
+}
+
+/// The state directory of one vTPM.
+#[derive(Debug)]
+pub struct FileStore {
+    dir: PathBuf,
+    key: Option<StateKey>,
+    _lock: File,
+}
+
+impl FileStore {
+    /// Opens (creating) `dir` and locks it for this process.
+    pub fn open(dir: &Path, key: Option<StateKey>) -> Result<Self> {
+        fs::create_dir_all(dir).map_err(|e| Error::io(format!("create state directory {}", dir.display()), e))?;
+        let lock_path = dir.join(".lock");
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| Error::io(format!("open {}", lock_path.display()), e))?;
+        if lock.try_lock().is_err() {
+            return Err(Error::Config(format!("state directory {} is in use by another vtpm process", dir.display())));
+        }
+        if key.is_none() {
+            log::warn!("no state key given: state in {} is checked for integrity but not encrypted", dir.display());
+        }
+        Ok(FileStore { dir: dir.to_path_buf(), key, _lock: lock })
+    }
+
+    /// The state directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The file holding blob `name`.
+    pub fn blob_path(&self, name: &str) -> Result<PathBuf> {
+        let ok = !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if !ok {
+            return Err(Error::Config(format!("invalid state blob name {name:?}")));
+        }
+        Ok(self.dir.join(format!("{name}.xvtpm")))
+    }
+
+    fn encode(&self, name: &str, data: &[u8]) -> Result<Vec<u8>> {
+        let mut header = [0u8; HEADER_LEN];
+        header[..8].copy_from_slice(MAGIC);
+        let body = match &self.key {
+            Some(key) => {
+                header[8] = MODE_AES256GCM;
+                rand::thread_rng().fill_bytes(&mut header[12..24]);
+                let len = (data.len() + TAG_LEN) as u32;
+                header[24..28].copy_from_slice(&len.to_le_bytes());
+                let aad = [&header[..], name.as_bytes()].concat();
+                let cipher = Aes256Gcm::new((&key.0).into());
+                cipher
+                    .encrypt(Nonce::from_slice(&header[12..24]), Payload { msg: data, aad: &aad })
+                    .map_err(|_| Error::Config("state encryption failed".into()))?
+            }
+            None => {
+                header[8] = MODE_SHA256;
+                let len = (data.len() + DIGEST_LEN) as u32;
+                header[24..28].copy_from_slice(&len.to_le_bytes());
+                let digest =
+                    Sha256::new().chain_update(header).chain_update(name.as_bytes()).chain_update(data).finalize();
+                [data, &digest[..]].concat()
+            }
+        };
+        Ok([&header[..], &body].concat())
+    }
+
+    fn decode(&self, path: &Path, name: &str, file: &[u8]) -> Result<Vec<u8>> {
+        let corrupt = |reason: &str| Error::StateCorrupt { path: path.to_path_buf(), reason: reason.to_string() };
+        if file.len() < HEADER_LEN {
+            return Err(corrupt("truncated (shorter than its header)"));
+        }
+        let (header, body) = file.split_at(HEADER_LEN);
+        if &header[..8] != MAGIC {
+            return Err(corrupt("not an xvtpm state file (bad magic)"));
+        }
+        let len = u32::from_le_bytes([header[24], header[25], header[26], header[27]]) as usize;
+        if len != body.len() {
+            return Err(corrupt(&format!("length field says {len} bytes, the file holds {}", body.len())));
+        }
+        match (header[8], &self.key) {
+            (MODE_AES256GCM, Some(key)) => {
+                let aad = [header, name.as_bytes()].concat();
+                let cipher = Aes256Gcm::new((&key.0).into());
+                cipher
+                    .decrypt(Nonce::from_slice(&header[12..24]), Payload { msg: body, aad: &aad })
+                    .map_err(|_| corrupt("does not authenticate: corrupted, or encrypted with another key"))
+            }
+            (MODE_AES256GCM, None) => Err(corrupt("is encrypted, but no state key was given")),
+            (MODE_SHA256, Some(_)) => {
+                Err(corrupt("is not encrypted, but a state key was given (refusing to load unencrypted state)"))
+            }
+            (MODE_SHA256, None) => {
+                if body.len() < DIGEST_LEN {
+                    return Err(corrupt("truncated (no digest)"));
+                }
+                let (data, digest) = body.split_at(body.len() - DIGEST_LEN);
+                let want =
+                    Sha256::new().chain_update(header).chain_update(name.as_bytes()).chain_update(data).finalize();
+                if want[..] != *digest {
+                    return Err(corrupt("digest mismatch: the file is corrupted"));
+                }
+                Ok(data.to_vec())
+            }
+            (m, _) => Err(corrupt(&format!("unknown protection mode {m}"))),
+        }
+    }
+
+    fn sync_dir(&self) -> Result<()> {
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| Error::io(format!("fsync {}", self.dir.display()), e))
+    }
+}
+
+impl StateStore for FileStore {
+    fn load(&mut self, name: &str) -> Result<Option<Vec<u8>>> {
+        let path = self.blob_path(name)?;
+        match fs::read(&path) {
+            Ok(file) => self.decode(&path, name, &file).map(Some),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io(format!("read {}", path.display()), e)),
+        }
+    }
+
+    fn store(&mut self, name: &str, data: &[u8]) -> Result<()> {
+        let path = self.blob_path(name)?;
+        let tmp = self.dir.join(format!(".{name}.xvtpm.tmp"));
+        let bytes = self.encode(name, data)?;
+        let mut f = File::create(&tmp).map_err(|e| Error::io(format!("create {}", tmp.display()), e))?;
+        f.write_all(&bytes).and_then(|_| f.sync_all()).map_err(|e| Error::io(format!("write {}", tmp.display()), e))?;
+        drop(f);
+        fs::rename(&tmp, &path).map_err(|e| Error::io(format!("rename {} to {}", tmp.display(), path.display()), e))?;
+        self.sync_dir()
+    }
+
+    fn delete(&mut self, name: &str) -> Result<()> {
+        let path = self.blob_path(name)?;
+        match fs::remove_file(&path) {
+            Ok(()) => self.sync_dir(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io(format!("remove {}", path.display()), e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmpdir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("xvtpm-store-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        d
+    }
+
+    fn key(b: u8) -> Option<StateKey> {
+        Some(StateKey::from_bytes(&[b; 32]).expect("key"))
+    }
+
+    #[test]
+    fn roundtrip_with_and_without_key() {
+        for (tag, k) in [("enc", key(7)), ("plain", None)] {
+            let d = tmpdir(tag);
+            let mut s = FileStore::open(&d, k.clone()).expect("open");
+            assert!(s.load("permall").expect("load").is_none());
+            s.store("permall", b"first").expect("store");
+            s.store("permall", b"second").expect("store");
+            assert_eq!(s.load("permall").expect("load").as_deref(), Some(&b"second"[..]));
+            let raw = fs::read(d.join("permall.xvtpm")).expect("raw");
+            assert_eq!(raw.windows(6).any(|w| w == b"second"), k.is_none(), "encrypted iff keyed");
+            s.delete("permall").expect("delete");
+            assert!(s.load("permall").expect("load").is_none());
+            s.delete("permall").expect("delete absent");
+            assert!(fs::read_dir(&d).expect("dir").all(|e| !e
+                .expect("e")
+                .file_name()
+                .to_string_lossy()
+                .ends_with(".tmp")));
+            drop(s);
+            let _ = fs::remove_dir_all(&d);
+        }
+    }
+
+    #[test]
+    fn every_flipped_byte_is_detected_and_named() {
+        for (tag, k) in [("flip-enc", key(1)), ("flip-plain", None)] {
+            let d = tmpdir(tag);
+            let mut s = FileStore::open(&d, k).expect("open");
+            s.store("permall", &[0x5a; 300]).expect("store");
+            let path = d.join("permall.xvtpm");
+            let good = fs::read(&path).expect("raw");
+            for i in 0..good.len() {
+                let mut bad = good.clone();
+                bad[i] ^= 0x01;
+                fs::write(&path, &bad).expect("write");
+                match s.load("permall") {
+                    Err(Error::StateCorrupt { path: p, .. }) => assert_eq!(p, path),
+                    other => panic!("byte {i} flipped: {other:?}"),
+                }
+            }
+            fs::write(&path, &good[..good.len() - 1]).expect("truncate");
+            assert!(matches!(s.load("permall"), Err(Error::StateCorrupt { .. })));
+            drop(s);
+            let _ = fs::remove_dir_all(&d);
+        }
+    }
+
+    #[test]
+    fn wrong_key_missing_key_downgrade_and_swapped_files_are_refused() {
+        let d = tmpdir("keys");
+        let mut s = FileStore::open(&d, key(1)).expect("open");
+        s.store("permall", b"permanent").expect("store");
+        s.store("volatilestate", b"volatile").expect("store");
+        drop(s);
+        let err = |k: Option<StateKey>, name: &str| {
+            let mut s = FileStore::open(&d, k).expect("open");
+            let e = s.load(name).expect_err("refused").to_string();
+            drop(s);
+            e
+        };
+        assert!(err(key(2), "permall").contains("does not authenticate"));
+        assert!(err(None, "permall").contains("no state key"));
+        fs::copy(d.join("permall.xvtpm"), d.join("volatilestate.xvtpm")).expect("swap");
+        assert!(err(key(1), "volatilestate").contains("does not authenticate"), "a file under another blob's name");
+        let mut plain = FileStore::open(&tmpdir("keys-plain"), None).expect("open");
+        plain.store("permall", b"x").expect("store");
+        let plain_dir = plain.dir().to_path_buf();
+        drop(plain);
+        let mut keyed = FileStore::open(&plain_dir, key(1)).expect("open");
+        assert!(keyed.load("permall").expect_err("downgrade").to_string().contains("not encrypted"));
+        drop(keyed);
+        let _ = fs::remove_dir_all(&d);
+        let _ = fs::remove_dir_all(&plain_dir);
+    }
+
+    #[test]
+    fn directory_is_locked_and_names_are_checked() {
+        let d = tmpdir("lock");
+        let mut s = FileStore::open(&d, None).expect("open");
+        assert!(FileStore::open(&d, None).expect_err("locked").to_string().contains("in use"));
+        assert!(s.store("../escape", b"x").is_err());
+        assert!(s.load("").is_err());
+        drop(s);
+        FileStore::open(&d, None).expect("lock released on drop");
+        let _ = fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn key_files() {
+        let d = tmpdir("keyfile");
+        fs::create_dir_all(&d).expect("dir");
+        let hex = d.join("k.hex");
+        fs::write(&hex, format!("{}\n", "ab".repeat(32))).expect("w");
+        let bin = d.join("k.bin");
+        fs::write(&bin, [0xab; 32]).expect("w");
+        let a = StateKey::from_file(&hex, KeyFormat::Hex).expect("hex");
+        let b = StateKey::from_file(&bin, KeyFormat::Binary).expect("bin");
+        assert_eq!(a.0, b.0);
+        fs::write(&hex, "abc").expect("w");
+        assert!(StateKey::from_file(&hex, KeyFormat::Hex).is_err());
+        fs::write(&bin, [1u8; 20]).expect("w");
+        assert!(StateKey::from_file(&bin, KeyFormat::Binary).expect_err("20 bytes").to_string().contains("32 bytes"));
+        assert!(StateKey::from_file(&d.join("missing"), KeyFormat::Binary).is_err());
+        assert_eq!(StateKey::from_bytes(&[3u8; 16]).expect("aes-128 key").0.len(), 32);
+        let _ = fs::remove_dir_all(&d);
+    }
+}
