@@ -29,7 +29,7 @@ pub enum Error {
         reason: String,
     },
     /// There is no state and creating a new TPM was not asked for.
-    #[error("no TPM state in {0}; creating a new TPM needs an explicit request (e.g. --new)")]
+    #[error("no TPM state in {0}; create one explicitly (`vtpm create`); a vTPM never starts over on its own")]
     NoState(PathBuf),
     /// The key file is missing or malformed.
     #[error("key file {path}: {reason}")]

@@ -11,6 +11,7 @@ pub mod error;
 pub mod libtpms;
 pub mod state;
 pub mod swtpm;
+pub mod tpmif;
 
 pub use engine::{StateKind, TpmEngine, TpmVersion};
 pub use error::{Error, Result};

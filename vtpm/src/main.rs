@@ -1,1 +1,191 @@
-fn main() {}
+//! `vtpm`: one guest's virtual TPM.
+//!
+//! `vtpm create` makes a new vTPM state; `vtpm serve` serves a Xen guest's vtpm device through
+//! tpmback; `vtpm socket` speaks swtpm's socket protocol with swtpm's options. Run as `swtpm`
+//! (e.g. through a symlink), it takes swtpm's command line unchanged.
+
+#![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use xvtpm_backend::{Backend, BackendConfig, DeviceFilter};
+use xvtpm_vtpm::libtpms::{Libtpms, LibtpmsConfig};
+use xvtpm_vtpm::state::file::{FileStore, KeyFormat, StateKey};
+use xvtpm_vtpm::state::StateStore;
+use xvtpm_vtpm::tpmif::VtpmHandler;
+use xvtpm_vtpm::{TpmEngine, TpmVersion};
+use xvtpm_xen::linux::LinuxXen;
+use xvtpm_xen::sim::SimXen;
+use xvtpm_xen::Xen;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "vtpm",
+    version,
+    about = "One guest's virtual TPM (TPM 2.0 by default, 1.2 on request) with encrypted, crash-safe state",
+    long_about = "One guest's virtual TPM (TPM 2.0 by default, 1.2 on request) with encrypted, \
+        authenticated, crash-safe state.\n\nTypical use on a Xen host: `vtpm create --state-dir \
+        /var/lib/xvtpm/<uuid> --key <keyfile>` once, then `vtpm serve --state-dir ... --key ... \
+        --uuid <uuid>` before `xl create` of a guest whose domain file has \
+        vtpm=[\"backend=0,uuid=<uuid>\"].\n\nRun as `swtpm`, it accepts swtpm's socket-mode \
+        command line."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Debug, Clone)]
+struct StateOpts {
+    /// Directory holding this vTPM's state (one directory per vTPM).
+    #[arg(long, value_name = "DIR")]
+    state_dir: PathBuf,
+    /// File with the 256-bit state encryption key. Without it the state is only
+    /// integrity-checked, not encrypted.
+    #[arg(long, value_name = "FILE")]
+    key: Option<PathBuf>,
+    /// How the key file is written.
+    #[arg(long, value_enum, default_value_t = KeyFmt::Binary)]
+    key_format: KeyFmt,
+    /// Emulate a TPM 1.2 instead of a TPM 2.0.
+    #[arg(long = "tpm1.2")]
+    tpm12: bool,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy)]
+enum KeyFmt {
+    Binary,
+    Hex,
+}
+
+impl StateOpts {
+    fn version(&self) -> TpmVersion {
+        if self.tpm12 {
+            TpmVersion::V1_2
+        } else {
+            TpmVersion::V2_0
+        }
+    }
+
+    fn store(&self) -> anyhow::Result<FileStore> {
+        let key = match &self.key {
+            Some(path) => {
+                let format = match self.key_format {
+                    KeyFmt::Binary => KeyFormat::Binary,
+                    KeyFmt::Hex => KeyFormat::Hex,
+                };
+                Some(StateKey::from_file(path, format)?)
+            }
+            None => None,
+        };
+        Ok(FileStore::open(&self.state_dir, key)?)
+    }
+
+    fn engine(&self, create: bool) -> anyhow::Result<Libtpms> {
+        let store = self.store()?;
+        Ok(Libtpms::new(LibtpmsConfig {
+            version: self.version(),
+            store: Box::new(store),
+            create,
+            label: self.state_dir.clone(),
+        })?)
+    }
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create a new vTPM: manufacture a TPM and store its state. Refuses to overwrite one.
+    Create {
+        #[command(flatten)]
+        state: StateOpts,
+    },
+    /// Serve one Xen guest's vtpm device through tpmback, until killed. The device is chosen
+    /// by its uuid (the `uuid=` of the guest's `vtpm=` line) or by frontend domain and handle.
+    Serve {
+        #[command(flatten)]
+        state: StateOpts,
+        /// Serve the device with this uuid.
+        #[arg(long, conflicts_with = "frontend")]
+        uuid: Option<String>,
+        /// Serve the device of this frontend (guest) domain id...
+        #[arg(long, requires = "handle")]
+        frontend: Option<u16>,
+        /// ...with this device handle.
+        #[arg(long)]
+        handle: Option<u32>,
+        /// Use the simulated Xen in this directory instead of /dev/xen and xenstored.
+        #[arg(long, value_name = "DIR", requires = "domid")]
+        sim: Option<PathBuf>,
+        /// Our domain id (default: from xenstore).
+        #[arg(long)]
+        domid: Option<u16>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Create { state } => create(&state),
+        Command::Serve { state, uuid, frontend, handle, sim, domid } => {
+            let filter = match (uuid, frontend, handle) {
+                (Some(u), _, _) => DeviceFilter::Uuid(u.to_ascii_lowercase()),
+                (None, Some(f), Some(h)) => DeviceFilter::Device { frontend: f, handle: h },
+                _ => bail!("choose the device: --uuid U, or --frontend DOMID --handle N"),
+            };
+            let xen: Arc<dyn Xen> = match (sim, domid) {
+                (Some(dir), Some(d)) => Arc::new(SimXen::new(dir, d)),
+                (None, Some(d)) => Arc::new(LinuxXen::with_domid(d)),
+                (None, None) => Arc::new(LinuxXen::open().context("cannot reach Xen (is this a Xen domain?)")?),
+                (Some(_), None) => bail!("--sim needs --domid"),
+            };
+            serve(&state, xen, filter)
+        }
+    }
+}
+
+fn create(state: &StateOpts) -> anyhow::Result<()> {
+    let mut probe = state.store()?;
+    if probe.load("permall")?.is_some() {
+        bail!("{} already holds a vTPM; remove it first to create a new one", state.state_dir.display());
+    }
+    drop(probe);
+    let mut engine = state.engine(true)?;
+    engine.init(false)?;
+    engine.shutdown();
+    drop(engine);
+    println!("created a {:?} vTPM in {}", state.version(), state.state_dir.display());
+    Ok(())
+}
+
+/// TPM_Startup(CLEAR) for the engine's version: a Xen guest's kernel never sends it.
+fn startup(engine: &mut dyn TpmEngine) -> anyhow::Result<()> {
+    let cmd: &[u8] = match engine.version() {
+        TpmVersion::V2_0 => &[0x80, 0x01, 0, 0, 0, 0x0c, 0, 0, 0x01, 0x44, 0, 0],
+        TpmVersion::V1_2 => &[0x00, 0xc1, 0, 0, 0, 0x0c, 0, 0, 0, 0x99, 0, 0x01],
+    };
+    let rsp = engine.process(0, cmd)?;
+    let rc = rsp.get(6..10).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
+    match rc {
+        Some(0) => Ok(()),
+        other => bail!("TPM startup failed: response code {other:?}"),
+    }
+}
+
+fn serve(state: &StateOpts, xen: Arc<dyn Xen>, filter: DeviceFilter) -> anyhow::Result<()> {
+    let mut engine = state.engine(false)?;
+    engine.init(false).with_context(|| format!("cannot start the vTPM in {}", state_dir_label(&state.state_dir)))?;
+    startup(&mut engine)?;
+    log::info!("vTPM ({:?}) from {} ready; serving {filter:?}", engine.version(), state.state_dir.display());
+    let handler = VtpmHandler::new(Box::new(engine));
+    Backend::new(xen, handler, BackendConfig { filter }).run(&AtomicBool::new(false))?;
+    Ok(())
+}
+
+fn state_dir_label(p: &Path) -> String {
+    p.display().to_string()
+}

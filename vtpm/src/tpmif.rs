@@ -1,0 +1,81 @@
+//! Serving a Xen guest: the vTPM as tpmback's command handler.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use xvtpm_backend::{CancelProbe, CommandHandler, DeviceInfo, Request};
+
+use crate::engine::{error_response, failure_rc, Canceller, TpmEngine};
+
+/// How often a long command is checked for cancellation (libtpms checks its flag in long
+/// operations such as RSA key generation).
+const CANCEL_POLL: Duration = Duration::from_millis(20);
+
+/// The vTPM behind tpmback: one engine, commands serialized.
+pub struct VtpmHandler {
+    engine: Mutex<Box<dyn TpmEngine>>,
+    running: Arc<Mutex<Option<CancelProbe>>>,
+}
+
+impl std::fmt::Debug for VtpmHandler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VtpmHandler").finish_non_exhaustive()
+    }
+}
+
+impl VtpmHandler {
+    /// Serves `engine` (powered on by the caller). A watcher thread forwards a frontend's
+    /// CANCEL of a long command to the engine.
+    pub fn new(engine: Box<dyn TpmEngine>) -> Arc<Self> {
+        let canceller = engine.canceller();
+        let running: Arc<Mutex<Option<CancelProbe>>> = Arc::default();
+        let weak = Arc::downgrade(&running);
+        let spawned = std::thread::Builder::new().name("vtpm-cancel".into()).spawn(move || watch(weak, canceller));
+        if let Err(e) = spawned {
+            log::warn!("no cancel watcher (commands cannot be cancelled): {e}");
+        }
+        Arc::new(VtpmHandler { engine: Mutex::new(engine), running })
+    }
+}
+
+fn watch(running: std::sync::Weak<Mutex<Option<CancelProbe>>>, cancel: Canceller) {
+    while let Some(slot) = running.upgrade() {
+        let cancelled = slot.lock().map(|p| p.as_ref().is_some_and(CancelProbe::is_cancelled)).unwrap_or(false);
+        drop(slot);
+        if cancelled {
+            cancel();
+        }
+        std::thread::sleep(CANCEL_POLL);
+    }
+}
+
+impl CommandHandler for VtpmHandler {
+    fn handle(&self, req: &Request<'_>) -> Vec<u8> {
+        let mut engine = match self.engine.lock() {
+            Ok(e) => e,
+            Err(p) => p.into_inner(),
+        };
+        if let Ok(mut slot) = self.running.lock() {
+            *slot = Some(req.cancel_probe());
+        }
+        let result = engine.process(req.locality, req.command);
+        if let Ok(mut slot) = self.running.lock() {
+            *slot = None;
+        }
+        match result {
+            Ok(rsp) => rsp,
+            Err(e) => {
+                log::error!("{}: command failed: {e}", req.device);
+                error_response(engine.version(), failure_rc(engine.version()))
+            }
+        }
+    }
+
+    fn connected(&self, device: &DeviceInfo) {
+        log::info!("{device}: guest connected");
+    }
+
+    fn disconnected(&self, device: &DeviceInfo) {
+        log::info!("{device}: guest disconnected");
+    }
+}

@@ -1,0 +1,136 @@
+//! `vtpm serve` as a Xen backend process on the simulated Xen, a user-space tpmfront as the
+//! guest: real TPM 2.0 commands through the shared page, state kept across vtpm restarts.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use xvtpm_frontend::{Frontend, FrontendConfig};
+use xvtpm_xen::sim::{toolstack, SimHost};
+use xvtpm_xen::{TxId, Xen, XenbusState};
+
+const VTPM: &str = env!("CARGO_BIN_EXE_vtpm");
+const UUID: &str = "7a6b5c4d-3e2f-4a1b-8c0d-000000000007";
+
+fn rc(rsp: &[u8]) -> u32 {
+    u32::from_be_bytes([rsp[6], rsp[7], rsp[8], rsp[9]])
+}
+
+/// TPM2_HierarchyChangeAuth(owner) with a password session holding `old`, setting `new`.
+fn change_owner_auth(old: &[u8], new: &[u8]) -> Vec<u8> {
+    let mut session = vec![0x40, 0, 0, 0x09, 0, 0, 0];
+    session.extend_from_slice(&(old.len() as u16).to_be_bytes());
+    session.extend_from_slice(old);
+    let mut body = vec![0x40, 0, 0, 0x01];
+    body.extend_from_slice(&(session.len() as u32).to_be_bytes());
+    body.extend_from_slice(&session);
+    body.extend_from_slice(&(new.len() as u16).to_be_bytes());
+    body.extend_from_slice(new);
+    let mut cmd = vec![0x80, 0x02];
+    cmd.extend_from_slice(&((10 + body.len()) as u32).to_be_bytes());
+    cmd.extend_from_slice(&0x0000_0129u32.to_be_bytes());
+    cmd.extend_from_slice(&body);
+    cmd
+}
+
+struct Proc(Child, PathBuf);
+
+impl Proc {
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.1).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn serve(sim: &Path, state: &Path, key: &Path, n: u32) -> Proc {
+    let log = sim.join(format!("vtpm-{n}.log"));
+    let child = Command::new(VTPM)
+        .args(["serve", "--uuid", UUID, "--domid", "0", "--sim"])
+        .arg(sim)
+        .arg("--state-dir")
+        .arg(state)
+        .arg("--key")
+        .arg(key)
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("vtpm serve");
+    Proc(child, log)
+}
+
+fn wait_for(p: &Proc, needle: &str) {
+    let end = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < end {
+        if p.log().contains(needle) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("vtpm never logged {needle:?}:\n{}", p.log());
+}
+
+#[test]
+fn guest_uses_the_vtpm_and_state_survives_restarts() {
+    let host = SimHost::temp().expect("sim");
+    let xs = host.xen(0).xenstore().expect("xs");
+    let state = host.dir().join("state");
+    let key = host.dir().join("key");
+    std::fs::write(&key, [0x42u8; 32]).expect("key");
+    let created = Command::new(VTPM)
+        .arg("create")
+        .arg("--state-dir")
+        .arg(&state)
+        .arg("--key")
+        .arg(&key)
+        .output()
+        .expect("create");
+    assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
+
+    let vtpm = serve(host.dir(), &state, &key, 1);
+    wait_for(&vtpm, "watching");
+    toolstack::add_domain(&xs, 5, "guest").expect("domain");
+    toolstack::add_vtpm(&xs, 5, 0, 0, UUID).expect("vtpm device");
+    let cfg = FrontendConfig { command_timeout: Duration::from_secs(30), ..FrontendConfig::default() };
+    let mut fe = Frontend::connect(&host.xen(5), cfg.clone()).expect("guest connects");
+    // The vTPM is started (TPM2_Startup was sent by vtpm serve): GetRandom works at once.
+    let r = fe.transmit(&[0x80, 0x01, 0, 0, 0, 0x0c, 0, 0, 0x01, 0x7b, 0, 0x10]).expect("getrandom");
+    assert_eq!((rc(&r), r.len()), (0, 28), "{r:02x?}");
+    assert_eq!(rc(&fe.transmit(&change_owner_auth(b"", b"guest-secret")).expect("cmd")), 0);
+    fe.close().expect("close");
+    drop(vtpm);
+
+    // A new vtpm process, same state: the owner password is still set.
+    let vtpm = serve(host.dir(), &state, &key, 2);
+    wait_for(&vtpm, "watching");
+    let mut fe = Frontend::connect(&host.xen(5), cfg).expect("guest reconnects");
+    assert_ne!(rc(&fe.transmit(&change_owner_auth(b"", b"x")).expect("cmd")), 0, "empty password refused");
+    assert_eq!(rc(&fe.transmit(&change_owner_auth(b"guest-secret", b"")).expect("cmd")), 0, "kept password works");
+    fe.close().expect("close");
+    let be_state = xs.read_string(TxId::NONE, "/local/domain/0/backend/vtpm/5/0/state").expect("state");
+    assert_eq!(be_state, XenbusState::InitWait.as_str(), "waits for the guest again");
+    drop(vtpm);
+
+    // A corrupted state file: the vtpm refuses to start and says which file.
+    let f = state.join("permall.xvtpm");
+    let mut bytes = std::fs::read(&f).expect("read");
+    bytes[200] ^= 0xff;
+    std::fs::write(&f, bytes).expect("write");
+    let out = Command::new(VTPM)
+        .args(["serve", "--uuid", UUID, "--domid", "0", "--sim"])
+        .arg(host.dir())
+        .arg("--state-dir")
+        .arg(&state)
+        .arg("--key")
+        .arg(&key)
+        .output()
+        .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("permall.xvtpm") && err.contains("does not authenticate"), "{err}");
+}
