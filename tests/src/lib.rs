@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use xvtpm_backend::{CommandHandler, Request};
 
+pub mod tpm2;
+
 /// Commands starting with this marker make [`TestHandler`] work slowly (up to 30 s), stopping
 /// early when the frontend cancels.
 pub const SLOW_MARKER: &[u8] = b"XVSLOWXV";

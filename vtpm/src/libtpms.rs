@@ -21,12 +21,26 @@ static IN_USE: AtomicBool = AtomicBool::new(false);
 
 struct Globals {
     store: Option<Box<dyn StateStore>>,
+    /// Prepended to libtpms' blob names, so a state directory says which TPM it holds.
+    prefix: &'static str,
     locality: u8,
     /// A storage error met inside a callback, reported by the call that triggered it.
     last_error: Option<Error>,
 }
 
-static GLOBALS: Mutex<Globals> = Mutex::new(Globals { store: None, locality: 0, last_error: None });
+static GLOBALS: Mutex<Globals> = Mutex::new(Globals { store: None, prefix: "", locality: 0, last_error: None });
+
+/// The store name of libtpms' blob `name` for a TPM of `version`.
+pub fn blob_name_for(version: TpmVersion, name: &str) -> String {
+    format!("{}{name}", prefix(version))
+}
+
+fn prefix(version: TpmVersion) -> &'static str {
+    match version {
+        TpmVersion::V2_0 => "tpm2-",
+        TpmVersion::V1_2 => "tpm12-",
+    }
+}
 
 fn globals() -> MutexGuard<'static, Globals> {
     // A panic while holding the lock cannot leave the plain fields inconsistent.
@@ -93,6 +107,7 @@ impl Libtpms {
         }
         let mut g = globals();
         g.store = Some(config.store);
+        g.prefix = prefix(config.version);
         g.locality = 0;
         g.last_error = None;
         drop(g);
@@ -161,13 +176,26 @@ impl TpmEngine for Libtpms {
 
     fn init(&mut self, delete_volatile: bool) -> Result<()> {
         self.require_running(false)?;
-        let exists = self.with_store(|s| {
+        let version = self.version;
+        let (exists, other_exists) = self.with_store(|s| {
             if delete_volatile {
-                s.delete(StateKind::Volatile.blob_name())?;
+                s.delete(&blob_name_for(version, StateKind::Volatile.blob_name()))?;
             }
             // A blob that exists but cannot be read is an error here, before libtpms sees it.
-            Ok(s.load(StateKind::Permanent.blob_name())?.is_some())
+            let exists = s.load(&blob_name_for(version, StateKind::Permanent.blob_name()))?.is_some();
+            let other = match version {
+                TpmVersion::V2_0 => TpmVersion::V1_2,
+                TpmVersion::V1_2 => TpmVersion::V2_0,
+            };
+            Ok((exists, s.load(&blob_name_for(other, StateKind::Permanent.blob_name())).ok().flatten().is_some()))
         })?;
+        if !exists && other_exists {
+            return Err(Error::Config(format!(
+                "{} holds a {} state, not a {version:?} one: choose the TPM version it was created with",
+                self.label.display(),
+                if version == TpmVersion::V2_0 { "TPM 1.2" } else { "TPM 2.0" }
+            )));
+        }
         if !exists && !self.create {
             return Err(Error::NoState(self.label.clone()));
         }
@@ -237,7 +265,8 @@ impl TpmEngine for Libtpms {
         // SAFETY: null or libtpms' malloc'ed blob of `len` bytes.
         let blob = unsafe { take_buffer(buf, len) };
         self.check("store volatile state", rc)?;
-        self.with_store(|s| s.store(StateKind::Volatile.blob_name(), &blob))
+        let name = blob_name_for(self.version, StateKind::Volatile.blob_name());
+        self.with_store(|s| s.store(&name, &blob))
     }
 
     fn get_state(&mut self, kind: StateKind) -> Result<Vec<u8>> {
@@ -254,7 +283,8 @@ impl TpmEngine for Libtpms {
     fn set_state(&mut self, kind: StateKind, data: &[u8]) -> Result<()> {
         self.require_running(false)?;
         // The next power-on loads it through the store, like any other state.
-        self.with_store(|s| s.store(kind.blob_name(), data))
+        let name = blob_name_for(self.version, kind.blob_name());
+        self.with_store(|s| s.store(&name, data))
     }
 
     fn set_buffer_size(&mut self, wanted: u32) -> Result<(u32, u32, u32)> {
@@ -346,8 +376,9 @@ unsafe extern "C" fn cb_load(data: *mut *mut u8, length: *mut u32, _tpm: u32, na
         // SAFETY: libtpms passes a NUL-terminated blob name.
         let Some(name) = (unsafe { blob_name(name) }) else { return ffi::TPM_FAIL };
         let mut g = globals();
+        let name = format!("{}{name}", g.prefix);
         let Some(store) = g.store.as_deref_mut() else { return ffi::TPM_FAIL };
-        match store.load(name) {
+        match store.load(&name) {
             Ok(None) => ffi::TPM_RETRY,
             Ok(Some(blob)) => {
                 let Ok(len) = u32::try_from(blob.len()) else { return ffi::TPM_FAIL };
@@ -386,8 +417,9 @@ unsafe extern "C" fn cb_store(data: *const u8, length: u32, _tpm: u32, name: *co
             unsafe { std::slice::from_raw_parts(data, length as usize) }
         };
         let mut g = globals();
+        let name = format!("{}{name}", g.prefix);
         let Some(store) = g.store.as_deref_mut() else { return ffi::TPM_FAIL };
-        match store.store(name, blob) {
+        match store.store(&name, blob) {
             Ok(()) => ffi::TPM_SUCCESS,
             Err(e) => {
                 log::error!("cannot store TPM state {name}: {e}");
@@ -403,8 +435,9 @@ unsafe extern "C" fn cb_delete(_tpm: u32, name: *const libc::c_char, _must_exist
         // SAFETY: libtpms passes a NUL-terminated blob name.
         let Some(name) = (unsafe { blob_name(name) }) else { return ffi::TPM_FAIL };
         let mut g = globals();
+        let name = format!("{}{name}", g.prefix);
         let Some(store) = g.store.as_deref_mut() else { return ffi::TPM_FAIL };
-        match store.delete(name) {
+        match store.delete(&name) {
             Ok(()) => ffi::TPM_SUCCESS,
             Err(e) => {
                 log::error!("cannot delete TPM state {name}: {e}");

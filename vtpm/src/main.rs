@@ -150,7 +150,9 @@ fn main() -> anyhow::Result<()> {
 
 fn create(state: &StateOpts) -> anyhow::Result<()> {
     let mut probe = state.store()?;
-    if probe.load("permall")?.is_some() {
+    let v2 = xvtpm_vtpm::libtpms::blob_name_for(TpmVersion::V2_0, "permall");
+    let v12 = xvtpm_vtpm::libtpms::blob_name_for(TpmVersion::V1_2, "permall");
+    if probe.load(&v2)?.is_some() || probe.load(&v12)?.is_some() {
         bail!("{} already holds a vTPM; remove it first to create a new one", state.state_dir.display());
     }
     drop(probe);

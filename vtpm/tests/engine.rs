@@ -71,7 +71,7 @@ fn tpm2_commands_and_persistence_across_restarts() {
         assert_ne!(rc(&tpm.process(0, &change_owner_auth(b"", b"x")).expect("wrong auth")), 0, "old password refused");
         tpm.shutdown();
     }
-    assert!(store.clone().load("permall").expect("load").is_some(), "permanent state stored");
+    assert!(store.clone().load("tpm2-permall").expect("load").is_some(), "permanent state stored");
     // A restart (new engine, same store) keeps the owner password.
     let mut tpm = engine(TpmVersion::V2_0, &store, false).expect("engine");
     tpm.init(false).expect("init from stored state");
@@ -88,7 +88,7 @@ fn missing_state_is_refused_without_create() {
     let store = Shared::default();
     let mut tpm = engine(TpmVersion::V2_0, &store, false).expect("engine");
     assert!(matches!(tpm.init(false), Err(Error::NoState(_))), "no silent new TPM");
-    assert!(store.clone().load("permall").expect("load").is_none());
+    assert!(store.clone().load("tpm2-permall").expect("load").is_none());
 }
 
 #[test]
@@ -102,4 +102,18 @@ fn tpm12_startup_and_getrandom() {
     let getrandom = [0x00, 0xc1, 0, 0, 0, 0x0e, 0, 0, 0, 0x46, 0, 0, 0, 0x10];
     let r = tpm.process(0, &getrandom).expect("getrandom");
     assert_eq!((rc(&r), r.len()), (0, 10 + 4 + 16));
+}
+
+#[test]
+fn a_state_of_the_other_version_is_refused() {
+    let _turn = TURN.lock().unwrap_or_else(|p| p.into_inner());
+    let store = Shared::default();
+    {
+        let mut tpm = engine(TpmVersion::V2_0, &store, true).expect("engine");
+        tpm.init(false).expect("init");
+    }
+    let mut tpm = engine(TpmVersion::V1_2, &store, true).expect("engine");
+    let err = tpm.init(false).expect_err("TPM 1.2 over a TPM 2.0 state");
+    assert!(err.to_string().contains("holds a TPM 2.0 state"), "{err}");
+    assert!(store.clone().load("tpm12-permall").expect("load").is_none(), "nothing created over it");
 }

@@ -117,7 +117,7 @@ fn guest_uses_the_vtpm_and_state_survives_restarts() {
     drop(vtpm);
 
     // A corrupted state file: the vtpm refuses to start and says which file.
-    let f = state.join("permall.xvtpm");
+    let f = state.join("tpm2-permall.xvtpm");
     let mut bytes = std::fs::read(&f).expect("read");
     bytes[200] ^= 0xff;
     std::fs::write(&f, bytes).expect("write");
@@ -132,5 +132,5 @@ fn guest_uses_the_vtpm_and_state_survives_restarts() {
         .expect("run");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(err.contains("permall.xvtpm") && err.contains("does not authenticate"), "{err}");
+    assert!(err.contains("tpm2-permall.xvtpm") && err.contains("does not authenticate"), "{err}");
 }

@@ -1,0 +1,159 @@
+//! A minimal TPM 2.0 client for tests and benchmarks: builders for the handful of commands
+//! they use and a transport over swtpm's TCP data channel. The same bytes go to our vtpm and to
+//! Debian's swtpm, so comparisons are fair.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+const TPM_ST_NO_SESSIONS: u16 = 0x8001;
+const TPM_ST_SESSIONS: u16 = 0x8002;
+const TPM_RH_OWNER: u32 = 0x4000_0001;
+const TPM_RS_PW: u32 = 0x4000_0009;
+const TPM_ALG_SHA256: u16 = 0x000b;
+const TPM_ALG_NULL: u16 = 0x0010;
+
+fn command(tag: u16, cc: u32, handles: &[u32], params: &[u8]) -> Vec<u8> {
+    let mut body = Vec::new();
+    for h in handles {
+        body.extend_from_slice(&h.to_be_bytes());
+    }
+    if tag == TPM_ST_SESSIONS {
+        // One empty password session.
+        let session = [TPM_RS_PW.to_be_bytes().as_slice(), &[0, 0], &[0], &[0, 0]].concat();
+        body.extend_from_slice(&(session.len() as u32).to_be_bytes());
+        body.extend_from_slice(&session);
+    }
+    body.extend_from_slice(params);
+    let mut cmd = Vec::with_capacity(10 + body.len());
+    cmd.extend_from_slice(&tag.to_be_bytes());
+    cmd.extend_from_slice(&((10 + body.len()) as u32).to_be_bytes());
+    cmd.extend_from_slice(&cc.to_be_bytes());
+    cmd.extend_from_slice(&body);
+    cmd
+}
+
+fn tpm2b(data: &[u8]) -> Vec<u8> {
+    [&(data.len() as u16).to_be_bytes()[..], data].concat()
+}
+
+/// TPM2_Startup(CLEAR).
+pub fn startup_clear() -> Vec<u8> {
+    command(TPM_ST_NO_SESSIONS, 0x144, &[], &[0, 0])
+}
+
+/// TPM2_GetRandom(n).
+pub fn get_random(n: u16) -> Vec<u8> {
+    command(TPM_ST_NO_SESSIONS, 0x17b, &[], &n.to_be_bytes())
+}
+
+/// TPM2_PCR_Read of PCRs 0-7 in the SHA-256 bank.
+pub fn pcr_read_sha256_0_7() -> Vec<u8> {
+    let sel = [&1u32.to_be_bytes()[..], &TPM_ALG_SHA256.to_be_bytes(), &[3, 0xff, 0, 0]].concat();
+    command(TPM_ST_NO_SESSIONS, 0x17e, &[], &sel)
+}
+
+/// TPM2_PCR_Extend of `pcr` in the SHA-256 bank with `digest`, password session.
+pub fn pcr_extend_sha256(pcr: u32, digest: &[u8; 32]) -> Vec<u8> {
+    let p = [&1u32.to_be_bytes()[..], &TPM_ALG_SHA256.to_be_bytes(), digest].concat();
+    command(TPM_ST_SESSIONS, 0x182, &[pcr], &p)
+}
+
+/// TPM2_CreatePrimary of an ECC P-256 storage key under the owner hierarchy.
+pub fn create_primary_ecc_p256() -> Vec<u8> {
+    let sensitive = tpm2b(&[0, 0, 0, 0]);
+    let public = [
+        &0x0023u16.to_be_bytes()[..],  // TPM_ALG_ECC
+        &TPM_ALG_SHA256.to_be_bytes(), // nameAlg
+        &0x0003_0072u32.to_be_bytes(), // fixedTPM|fixedParent|sensitiveDataOrigin|userWithAuth|restricted|decrypt
+        &[0, 0],                       // authPolicy
+        &0x0006u16.to_be_bytes(),      // AES
+        &128u16.to_be_bytes(),         // 128 bits
+        &0x0043u16.to_be_bytes(),      // CFB
+        &TPM_ALG_NULL.to_be_bytes(),   // scheme
+        &0x0003u16.to_be_bytes(),      // NIST P-256
+        &TPM_ALG_NULL.to_be_bytes(),   // kdf
+        &[0, 0, 0, 0],                 // unique x, y
+    ]
+    .concat();
+    let params = [sensitive, tpm2b(&public), vec![0, 0], 0u32.to_be_bytes().to_vec()].concat();
+    command(TPM_ST_SESSIONS, 0x131, &[TPM_RH_OWNER], &params)
+}
+
+/// TPM2_FlushContext(handle).
+pub fn flush_context(handle: u32) -> Vec<u8> {
+    command(TPM_ST_NO_SESSIONS, 0x165, &[], &handle.to_be_bytes())
+}
+
+/// TPM2_NV_DefineSpace of an owner-read/write index of `size` bytes.
+pub fn nv_define(index: u32, size: u16) -> Vec<u8> {
+    let public = [
+        &index.to_be_bytes()[..],
+        &TPM_ALG_SHA256.to_be_bytes(),
+        &0x0002_0002u32.to_be_bytes(), // OWNERWRITE | OWNERREAD
+        &[0, 0],
+        &size.to_be_bytes(),
+    ]
+    .concat();
+    let params = [tpm2b(&[]), tpm2b(&public)].concat();
+    command(TPM_ST_SESSIONS, 0x12a, &[TPM_RH_OWNER], &params)
+}
+
+/// TPM2_NV_Write of `data` at offset 0, owner authorised.
+pub fn nv_write(index: u32, data: &[u8]) -> Vec<u8> {
+    let params = [tpm2b(data), vec![0, 0]].concat();
+    command(TPM_ST_SESSIONS, 0x137, &[TPM_RH_OWNER, index], &params)
+}
+
+/// TPM2_NV_Read of `size` bytes at offset 0, owner authorised.
+pub fn nv_read(index: u32, size: u16) -> Vec<u8> {
+    let params = [size.to_be_bytes(), 0u16.to_be_bytes()].concat();
+    command(TPM_ST_SESSIONS, 0x14e, &[TPM_RH_OWNER, index], &params)
+}
+
+/// The response code of a response.
+pub fn rc(rsp: &[u8]) -> u32 {
+    rsp.get(6..10).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]])).unwrap_or(u32::MAX)
+}
+
+/// The object handle a successful CreatePrimary returned.
+pub fn created_handle(rsp: &[u8]) -> Option<u32> {
+    rsp.get(10..14).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+}
+
+/// The data of a successful NV_Read response (sessions tag: parameterSize, then TPM2B).
+pub fn nv_read_data(rsp: &[u8]) -> Option<&[u8]> {
+    let n = u16::from_be_bytes([*rsp.get(14)?, *rsp.get(15)?]) as usize;
+    rsp.get(16..16 + n)
+}
+
+/// swtpm's data channel over TCP.
+#[derive(Debug)]
+pub struct TcpTpm {
+    stream: TcpStream,
+}
+
+impl TcpTpm {
+    /// Connects to `port` on the loopback.
+    pub fn connect(port: u16) -> std::io::Result<Self> {
+        let stream = TcpStream::connect(("127.0.0.1", port))?;
+        stream.set_nodelay(true)?;
+        stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+        Ok(TcpTpm { stream })
+    }
+
+    /// Sends a command, returns the response.
+    pub fn transmit(&mut self, cmd: &[u8]) -> std::io::Result<Vec<u8>> {
+        self.stream.write_all(cmd)?;
+        let mut hdr = [0u8; 10];
+        self.stream.read_exact(&mut hdr)?;
+        let size = u32::from_be_bytes([hdr[2], hdr[3], hdr[4], hdr[5]]) as usize;
+        if !(10..=65536).contains(&size) {
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("response size {size}")));
+        }
+        let mut rsp = hdr.to_vec();
+        rsp.resize(size, 0);
+        self.stream.read_exact(&mut rsp[10..])?;
+        Ok(rsp)
+    }
+}

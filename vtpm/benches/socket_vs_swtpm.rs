@@ -1,0 +1,127 @@
+//! Our `vtpm socket` against Debian's swtpm, same client, same run: median latency of small
+//! TPM 2.0 commands over the TCP data channel, CreatePrimary(ECC P-256), and the RSS of an idle
+//! instance.
+//!
+//! Run: `cargo bench -p xvtpm-vtpm --bench socket_vs_swtpm` (env `ITERS`, default 3000).
+//! Needs Debian's swtpm (`apt-get install swtpm`).
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use xvtpm_tests::percentiles;
+use xvtpm_tests::tpm2::{self, TcpTpm};
+
+struct Server {
+    name: &'static str,
+    child: Child,
+    port: u16,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn(name: &'static str, exe: &str, state: &Path, port: u16, extra: &[&str]) -> anyhow::Result<Server> {
+    std::fs::create_dir_all(state)?;
+    let child = Command::new(exe)
+        .args(extra)
+        .arg("socket")
+        .arg("--tpm2")
+        .args(["--server", &format!("type=tcp,port={port}")])
+        .args(["--ctrl", &format!("type=tcp,port={}", port + 1)])
+        .arg("--tpmstate")
+        .arg(format!("dir={}", state.display()))
+        .args(["--flags", "not-need-init,startup-clear"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let end = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < end {
+        if let Ok(mut t) = TcpTpm::connect(port) {
+            // Startup was sent by the server (startup-clear); make sure it answers.
+            t.transmit(&tpm2::get_random(8))?;
+            return Ok(Server { name, child, port });
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    anyhow::bail!("{name} did not start on port {port}")
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn median_of(t: &mut TcpTpm, cmd: &[u8], iters: usize, after: impl Fn(&mut TcpTpm, &[u8])) -> anyhow::Result<Duration> {
+    let mut samples = Vec::with_capacity(iters);
+    for i in 0..iters + iters / 10 {
+        let start = Instant::now();
+        let rsp = t.transmit(cmd)?;
+        let took = start.elapsed();
+        anyhow::ensure!(tpm2::rc(&rsp) == 0, "command failed: rc {:#x}", tpm2::rc(&rsp));
+        after(t, &rsp);
+        if i >= iters / 10 {
+            samples.push(took);
+        }
+    }
+    Ok(percentiles(&mut samples).0)
+}
+
+fn main() -> anyhow::Result<()> {
+    let iters: usize = std::env::var("ITERS").ok().and_then(|v| v.parse().ok()).unwrap_or(3000);
+    let dir = std::env::temp_dir().join(format!("xvtpm-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let base = 30000 + (std::process::id() % 10000) as u16 * 2;
+    // Ours: create the state first (our socket mode never creates a TPM on its own).
+    let ours_state = dir.join("ours");
+    let st = Command::new(env!("CARGO_BIN_EXE_vtpm")).arg("create").arg("--state-dir").arg(&ours_state).output()?;
+    anyhow::ensure!(st.status.success(), "vtpm create: {}", String::from_utf8_lossy(&st.stderr));
+    let servers = [
+        spawn("swtpm 0.7 (Debian)", "swtpm", &dir.join("swtpm"), base, &[])?,
+        spawn("xvtpm vtpm", env!("CARGO_BIN_EXE_vtpm"), &ours_state, base + 2, &[])?,
+    ];
+    std::thread::sleep(Duration::from_millis(300));
+    let idle: Vec<u64> = servers.iter().map(|s| rss_kib(s.child.id())).collect();
+    println!("TPM 2.0 over the TCP data channel, one connection, TCP_NODELAY, {iters} iterations (CreatePrimary: {}), medians", iters / 20);
+    println!("{:<34} {:>14} {:>14} {:>8}", "command", servers[0].name, servers[1].name, "ratio");
+    let digest = [0x5au8; 32];
+    type Row = (&'static str, Vec<u8>, usize);
+    let rows: Vec<Row> = vec![
+        ("GetRandom(32)", tpm2::get_random(32), iters),
+        ("PCR_Read (sha256, PCR 0-7)", tpm2::pcr_read_sha256_0_7(), iters),
+        ("PCR_Extend (PCR 16, sha256)", tpm2::pcr_extend_sha256(16, &digest), iters),
+        ("CreatePrimary ECC P-256", tpm2::create_primary_ecc_p256(), (iters / 20).max(20)),
+    ];
+    let mut clients: Vec<TcpTpm> = servers.iter().map(|s| TcpTpm::connect(s.port)).collect::<Result<_, _>>()?;
+    for (label, cmd, n) in rows {
+        let flush = |t: &mut TcpTpm, rsp: &[u8]| {
+            if let Some(h) = tpm2::created_handle(rsp).filter(|_| label.starts_with("CreatePrimary")) {
+                let _ = t.transmit(&tpm2::flush_context(h));
+            }
+        };
+        let a = median_of(&mut clients[0], &cmd, n, flush)?;
+        let b = median_of(&mut clients[1], &cmd, n, flush)?;
+        let us = |d: Duration| format!("{:.1} µs", d.as_secs_f64() * 1e6);
+        println!("{label:<34} {:>14} {:>14} {:>7.2}x", us(a), us(b), b.as_secs_f64() / a.as_secs_f64());
+    }
+    println!(
+        "{:<34} {:>11} KiB {:>11} KiB {:>7.2}x",
+        "RSS, idle after start",
+        idle[0],
+        idle[1],
+        idle[1] as f64 / idle[0].max(1) as f64
+    );
+    drop(clients);
+    drop(servers);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}

@@ -1,0 +1,102 @@
+//! Shared by the integration tests: running `vtpm socket` on free ports.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const VTPM: &str = env!("CARGO_BIN_EXE_vtpm");
+
+/// Creates a TPM 2.0 vTPM state with `vtpm create`.
+pub fn create(state: &Path, key: &Path) {
+    create_version(state, key, true)
+}
+
+/// Creates a vTPM state (TPM 2.0 or 1.2) with `vtpm create`.
+pub fn create_version(state: &Path, key: &Path, tpm2: bool) {
+    let mut cmd = Command::new(VTPM);
+    cmd.arg("create").arg("--state-dir").arg(state).arg("--key").arg(key);
+    if !tpm2 {
+        cmd.arg("--tpm1.2");
+    }
+    let out = cmd.output().expect("create");
+    assert!(out.status.success(), "vtpm create: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+pub struct Vtpm {
+    pub child: Child,
+    pub port: u16,
+    pub log: PathBuf,
+}
+
+impl Drop for Vtpm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Two free consecutive TCP ports (the swtpm TCTI uses port and port + 1).
+pub fn free_ports() -> u16 {
+    for _ in 0..200 {
+        let p = 20000 + (rand_u16() % 20000);
+        let a = std::net::TcpListener::bind(("127.0.0.1", p));
+        let b = std::net::TcpListener::bind(("127.0.0.1", p + 1));
+        if a.is_ok() && b.is_ok() {
+            return p;
+        }
+    }
+    panic!("no free ports");
+}
+
+fn rand_u16() -> u16 {
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("time").subsec_nanos();
+    (t ^ std::process::id().rotate_left(7)) as u16
+}
+
+pub fn start(state: &Path, key: &Path, n: u32) -> Vtpm {
+    start_version(state, key, n, true)
+}
+
+/// Starts `vtpm socket` (TPM 2.0 or 1.2) on free ports with swtpm's options and waits until
+/// it listens.
+pub fn start_version(state: &Path, key: &Path, n: u32, tpm2: bool) -> Vtpm {
+    let port = free_ports();
+    let log = state.with_extension(format!("log{n}"));
+    let child = Command::new(VTPM)
+        .arg("socket")
+        .args(if tpm2 { &["--tpm2"][..] } else { &[][..] })
+        .args(["--server", &format!("type=tcp,port={port}")])
+        .args(["--ctrl", &format!("type=tcp,port={}", port + 1)])
+        .arg("--tpmstate")
+        .arg(format!("dir={}", state.display()))
+        .arg("--key")
+        .arg(format!("file={},format=binary", key.display()))
+        .args(["--flags", "not-need-init,startup-clear"])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("vtpm socket");
+    let end = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < end {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Vtpm { child, port, log };
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("vtpm socket did not listen:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+}
+
+impl Vtpm {
+    /// What the vtpm logged.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// kill -9.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
