@@ -1,9 +1,40 @@
 #!/usr/bin/env bash
-# The main job on its embedded default. Until the QEMU-emulated Xen harness lands, this runs
-# the most real thing that works: our tpmback and tpmfront, in separate processes, on the
-# simulated Xen (xenstored wire protocol, grants as shared pages, event channels).
+# The main job on its embedded default. Until the QEMU-emulated Xen harness lands, this runs the
+# most real things that work:
+#  1. two guests on the simulated Xen, each with its own vTPM (`vtpm serve`: libtpms TPM 2.0
+#     behind our tpmback), sending TPM 2.0 commands through tpmfront;
+#  2. Debian's tpm2-tools using our vTPM through swtpm's socket protocol (`vtpm socket`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-command -v cargo >/dev/null || { echo "cargo not found: install Rust first" >&2; exit 1; }
-cargo build --release --locked -q -p xvtpm-tests --bins
-exec ./target/release/xvtpm-sim-demo
+./scripts/deps.sh
+cargo build --release --locked -q -p xvtpm-vtpm -p xvtpm-tests --bins
+bin=./target/release
+
+echo "=== 1. Xen guests using their vTPMs (simulated Xen, one vtpm process per guest)"
+"$bin/xvtpm-sim-demo"
+
+echo
+echo "=== 2. tpm2-tools against vtpm socket (swtpm protocol, TCTI swtpm)"
+work=$(mktemp -d)
+trap 'kill $vtpm_pid 2>/dev/null || true; rm -rf "$work"' EXIT
+port=$((20000 + RANDOM % 20000))
+"$bin/vtpm" create --state-dir "$work/state"
+"$bin/vtpm" socket --tpm2 --server type=tcp,port=$port --ctrl type=tcp,port=$((port + 1)) \
+    --tpmstate dir="$work/state" --flags not-need-init,startup-clear 2>"$work/vtpm.log" &
+vtpm_pid=$!
+for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.05; done
+export TPM2TOOLS_TCTI="swtpm:host=127.0.0.1,port=$port"
+cd "$work"
+set -x
+tpm2_getrandom --hex 16; echo
+tpm2_pcrextend 16:sha256=$(printf 'xvtpm' | sha256sum | cut -d' ' -f1)
+tpm2_pcrread sha256:16
+tpm2_createprimary -C o -G ecc -c primary.ctx -Q
+tpm2_pcrread -Q sha256:16 -o pcr.bin
+tpm2_createpolicy -Q --policy-pcr -l sha256:16 -f pcr.bin -L pcr.policy
+echo "a secret sealed to PCR 16" > secret
+tpm2_create -Q -C primary.ctx -L pcr.policy -i secret -u seal.pub -r seal.priv
+tpm2_load -Q -C primary.ctx -u seal.pub -r seal.priv -c seal.ctx
+tpm2_unseal -c seal.ctx -p pcr:sha256:16
+set +x
+echo "(vTPM state in $work/state: $(ls "$work/state" | tr '\n' ' '))"

@@ -124,10 +124,26 @@ enum Command {
         #[arg(long)]
         domid: Option<u16>,
     },
+    /// Serve the TPM over swtpm's socket protocol (data and control channels), taking swtpm's
+    /// own options, e.g. `vtpm socket --tpm2 --server type=tcp,port=2321 --ctrl
+    /// type=tcp,port=2322 --tpmstate dir=D --key file=K,mode=aes-256-cbc --flags
+    /// not-need-init,startup-clear`. The state must exist (`vtpm create`); run as `swtpm`, a
+    /// missing state is created, as swtpm does.
+    Socket {
+        /// swtpm's socket-mode options.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "SWTPM OPTIONS")]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let argv: Vec<String> = std::env::args().collect();
+    let invoked_as = argv.first().map(|a| Path::new(a).file_name().unwrap_or_default().to_string_lossy().into_owned());
+    if invoked_as.as_deref() == Some("swtpm") {
+        // A drop-in for swtpm: its command line, and its habit of creating missing state.
+        return socket(&argv[1..], true);
+    }
     let cli = Cli::parse();
     match cli.command {
         Command::Create { state } => create(&state),
@@ -145,7 +161,48 @@ fn main() -> anyhow::Result<()> {
             };
             serve(&state, xen, filter)
         }
+        Command::Socket { args } => {
+            let mut full = vec!["socket".to_string()];
+            full.extend(args);
+            socket(&full, false)
+        }
     }
+}
+
+/// swtpm's socket mode. `create_missing` creates a TPM when the state directory has none.
+fn socket(args: &[String], create_missing: bool) -> anyhow::Result<()> {
+    let inv = xvtpm_vtpm::swtpm::parse_swtpm_args(args)?;
+    if let Some(text) = inv.print_and_exit {
+        print!("{text}");
+        return Ok(());
+    }
+    if let Some(p) = &inv.pid_file {
+        xvtpm_vtpm::swtpm::cli::write_pid_file(p)?;
+    }
+    let state = inv.state.as_ref().context("--tpmstate dir=<dir> is required")?;
+    let key = match &inv.key {
+        Some(spec) => {
+            let bytes = spec.read_key()?;
+            if spec.remove {
+                if let xvtpm_vtpm::swtpm::cli::KeySource::File(p) = &spec.source {
+                    let _ = std::fs::remove_file(p);
+                }
+            }
+            Some(StateKey::from_bytes(&bytes).map_err(anyhow::Error::msg)?)
+        }
+        None => None,
+    };
+    let store = FileStore::open(&state.dir, key)?;
+    let engine = Libtpms::new(LibtpmsConfig {
+        version: inv.tpm_version,
+        store: Box::new(store),
+        create: create_missing,
+        label: state.dir.clone(),
+    })?;
+    let server = xvtpm_vtpm::swtpm::SwtpmServer::new(inv.server, Box::new(engine))?;
+    log::info!("swtpm-compatible socket mode ({:?}) on {}", inv.tpm_version, state.dir.display());
+    server.run()?;
+    Ok(())
 }
 
 fn create(state: &StateOpts) -> anyhow::Result<()> {

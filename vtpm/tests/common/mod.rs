@@ -64,7 +64,7 @@ pub fn start(state: &Path, key: &Path, n: u32) -> Vtpm {
 pub fn start_version(state: &Path, key: &Path, n: u32, tpm2: bool) -> Vtpm {
     let port = free_ports();
     let log = state.with_extension(format!("log{n}"));
-    let child = Command::new(VTPM)
+    let mut child = Command::new(VTPM)
         .arg("socket")
         .args(if tpm2 { &["--tpm2"][..] } else { &[][..] })
         .args(["--server", &format!("type=tcp,port={port}")])
@@ -72,7 +72,7 @@ pub fn start_version(state: &Path, key: &Path, n: u32, tpm2: bool) -> Vtpm {
         .arg("--tpmstate")
         .arg(format!("dir={}", state.display()))
         .arg("--key")
-        .arg(format!("file={},format=binary", key.display()))
+        .arg(format!("file={},format=binary,mode=aes-256-cbc", key.display()))
         .args(["--flags", "not-need-init,startup-clear"])
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).expect("log"))
@@ -85,6 +85,8 @@ pub fn start_version(state: &Path, key: &Path, n: u32, tpm2: bool) -> Vtpm {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    let _ = child.kill();
+    let _ = child.wait();
     panic!("vtpm socket did not listen:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
 }
 

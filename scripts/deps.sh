@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Installs the Debian 12 packages the build, the tests and the demo need, if missing.
+set -euo pipefail
+pkgs=()
+need() { dpkg -s "$1" >/dev/null 2>&1 || pkgs+=("$1"); }
+need gcc
+need libc6-dev
+need linux-libc-dev   # Xen ioctl headers, checked by the xen crate's tests
+need libtpms-dev      # the vTPM engine
+need swtpm            # the reference peer in benchmarks and tests
+need swtpm-dev        # tpm_ioctl.h, checked by the swtpm protocol tests
+need tpm2-tools       # the TPM 2.0 client
+need libtss2-tcti-swtpm0
+need trousers         # tcsd, for the TPM 1.2 tests
+need tpm-tools
+if [ ${#pkgs[@]} -gt 0 ]; then
+    echo "== installing ${pkgs[*]}"
+    SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${pkgs[@]}" >/dev/null
+fi
+if ! command -v cargo >/dev/null; then
+    echo "cargo not found: install Rust (rustup, or Debian's cargo) first" >&2
+    exit 1
+fi
