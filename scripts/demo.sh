@@ -18,9 +18,11 @@ echo "=== 2. tpm2-tools against vtpm socket (swtpm protocol, TCTI swtpm)"
 work=$(mktemp -d)
 trap 'kill $vtpm_pid 2>/dev/null || true; rm -rf "$work"' EXIT
 port=$((20000 + RANDOM % 20000))
-"$bin/vtpm" create --state-dir "$work/state"
+head -c 32 /dev/urandom > "$work/key"
+"$bin/vtpm" create --state-dir "$work/state" --key "$work/key"
 "$bin/vtpm" socket --tpm2 --server type=tcp,port=$port --ctrl type=tcp,port=$((port + 1)) \
-    --tpmstate dir="$work/state" --flags not-need-init,startup-clear 2>"$work/vtpm.log" &
+    --tpmstate dir="$work/state" --key file="$work/key",format=binary,mode=aes-256-cbc \
+    --flags not-need-init,startup-clear 2>"$work/vtpm.log" &
 vtpm_pid=$!
 for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null && break; sleep 0.05; done
 export TPM2TOOLS_TCTI="swtpm:host=127.0.0.1,port=$port"
@@ -30,11 +32,16 @@ tpm2_getrandom --hex 16; echo
 tpm2_pcrextend 16:sha256=$(printf 'xvtpm' | sha256sum | cut -d' ' -f1)
 tpm2_pcrread sha256:16
 tpm2_createprimary -C o -G ecc -c primary.ctx -Q
+tpm2_flushcontext -t   # no resource manager on a raw TPM: free transient slots
 tpm2_pcrread -Q sha256:16 -o pcr.bin
 tpm2_createpolicy -Q --policy-pcr -l sha256:16 -f pcr.bin -L pcr.policy
 echo "a secret sealed to PCR 16" > secret
 tpm2_create -Q -C primary.ctx -L pcr.policy -i secret -u seal.pub -r seal.priv
+tpm2_flushcontext -t
 tpm2_load -Q -C primary.ctx -u seal.pub -r seal.priv -c seal.ctx
 tpm2_unseal -c seal.ctx -p pcr:sha256:16
+tpm2_flushcontext -t
+tpm2_pcrextend 16:sha256=$(printf 'changed' | sha256sum | cut -d' ' -f1)
+tpm2_unseal -c seal.ctx -p pcr:sha256:16 2>/dev/null || echo "unseal refused after PCR 16 changed, as it must be"
 set +x
 echo "(vTPM state in $work/state: $(ls "$work/state" | tr '\n' ' '))"

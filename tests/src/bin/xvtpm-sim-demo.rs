@@ -25,7 +25,12 @@ impl Drop for Vtpm {
 
 fn start_vtpm(vtpm: &Path, sim: &Path, uuid: &str) -> anyhow::Result<Vtpm> {
     let state = sim.join(format!("state-{uuid}"));
-    let out = Command::new(vtpm).arg("create").arg("--state-dir").arg(&state).output()?;
+    // Each vTPM's state is encrypted with its own key (the manager will hold these later).
+    let key = sim.join(format!("key-{uuid}"));
+    let mut bytes = [0u8; 32];
+    rand::Rng::fill(&mut rand::thread_rng(), &mut bytes);
+    std::fs::write(&key, bytes)?;
+    let out = Command::new(vtpm).arg("create").arg("--state-dir").arg(&state).arg("--key").arg(&key).output()?;
     ensure!(out.status.success(), "vtpm create: {}", String::from_utf8_lossy(&out.stderr));
     let log = sim.join(format!("vtpm-{uuid}.log"));
     let child = Command::new(vtpm)
@@ -33,6 +38,8 @@ fn start_vtpm(vtpm: &Path, sim: &Path, uuid: &str) -> anyhow::Result<Vtpm> {
         .arg(sim)
         .arg("--state-dir")
         .arg(&state)
+        .arg("--key")
+        .arg(&key)
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log)?)
         .spawn()
@@ -61,7 +68,7 @@ fn main() -> anyhow::Result<()> {
     let mut vtpms = Vec::new();
     for (domid, uuid) in guests {
         vtpms.push(start_vtpm(&vtpm_exe, host.dir(), uuid)?);
-        println!("dom0: vtpm serve --uuid {uuid} running (new TPM 2.0, state encrypted on disk)");
+        println!("dom0: vtpm serve --uuid {uuid} running (new TPM 2.0, state AES-256-GCM encrypted on disk)");
         toolstack::add_domain(&xs, domid, &format!("guest{domid}"))?;
         toolstack::add_vtpm(&xs, domid, 0, 0, uuid)?;
         println!("toolstack: guest{domid} (domain {domid}) created with vtpm=[\"backend=0,uuid={uuid}\"]");
