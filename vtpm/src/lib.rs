@@ -8,6 +8,8 @@
 pub mod engine;
 pub mod error;
 #[allow(unsafe_code)]
+pub mod fdpass;
+#[allow(unsafe_code)]
 pub mod libtpms;
 pub mod state;
 pub mod swtpm;

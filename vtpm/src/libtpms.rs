@@ -282,8 +282,12 @@ impl TpmEngine for Libtpms {
 
     fn set_state(&mut self, kind: StateKind, data: &[u8]) -> Result<()> {
         self.require_running(false)?;
-        // The next power-on loads it through the store, like any other state.
+        // The next power-on loads it through the store, like any other state. An empty blob
+        // is how swtpm's SET_STATEBLOB clears one.
         let name = blob_name_for(self.version, kind.blob_name());
+        if data.is_empty() {
+            return self.with_store(|s| s.delete(&name));
+        }
         self.with_store(|s| s.store(&name, data))
     }
 

@@ -199,7 +199,12 @@ fn socket(args: &[String], create_missing: bool) -> anyhow::Result<()> {
         create: create_missing,
         label: state.dir.clone(),
     })?;
-    let server = xvtpm_vtpm::swtpm::SwtpmServer::new(inv.server, Box::new(engine))?;
+    let mut config = inv.server;
+    // CMD_SET_DATAFD (QEMU, Cloud Hypervisor) passes the data channel over the control socket.
+    config.fd_receiver = Some(Arc::new(|sock: &std::os::unix::net::UnixStream, buf: &mut [u8]| {
+        xvtpm_vtpm::fdpass::recv_with_fd(sock, buf)
+    }));
+    let server = xvtpm_vtpm::swtpm::SwtpmServer::new(config, Box::new(engine))?;
     log::info!("swtpm-compatible socket mode ({:?}) on {}", inv.tpm_version, state.dir.display());
     server.run()?;
     Ok(())
