@@ -75,6 +75,38 @@ fn median_of(t: &mut TcpTpm, cmd: &[u8], iters: usize, after: impl Fn(&mut TcpTp
     Ok(percentiles(&mut samples).0)
 }
 
+/// The floor under both servers: a 10-byte ping-pong over TCP loopback with a trivial echo
+/// thread (no TPM, no parsing).
+fn tcp_floor(iters: usize) -> anyhow::Result<Duration> {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind(("127.0.0.1", 0))?;
+    let port = listener.local_addr()?.port();
+    let echo = std::thread::spawn(move || -> std::io::Result<()> {
+        let (mut s, _) = listener.accept()?;
+        s.set_nodelay(true)?;
+        let mut b = [0u8; 10];
+        while s.read_exact(&mut b).is_ok() {
+            s.write_all(&b)?;
+        }
+        Ok(())
+    });
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    c.set_nodelay(true)?;
+    let mut samples = Vec::with_capacity(iters);
+    let mut b = [0u8; 10];
+    for i in 0..iters + iters / 10 {
+        let t = Instant::now();
+        c.write_all(&b)?;
+        c.read_exact(&mut b)?;
+        if i >= iters / 10 {
+            samples.push(t.elapsed());
+        }
+    }
+    drop(c);
+    let _ = echo.join();
+    Ok(percentiles(&mut samples).0)
+}
+
 fn main() -> anyhow::Result<()> {
     let iters: usize = std::env::var("ITERS").ok().and_then(|v| v.parse().ok()).unwrap_or(3000);
     let dir = std::env::temp_dir().join(format!("xvtpm-bench-{}", std::process::id()));
@@ -113,6 +145,12 @@ fn main() -> anyhow::Result<()> {
         let us = |d: Duration| format!("{:.1} µs", d.as_secs_f64() * 1e6);
         println!("{label:<34} {:>14} {:>14} {:>7.2}x", us(a), us(b), b.as_secs_f64() / a.as_secs_f64());
     }
+    let floor = tcp_floor(iters)?;
+    println!(
+        "{:<34} {:>14} (the transport floor under both)",
+        "TCP loopback echo, no TPM",
+        format!("{:.1} µs", floor.as_secs_f64() * 1e6)
+    );
     println!(
         "{:<34} {:>11} KiB {:>11} KiB {:>7.2}x",
         "RSS, idle after start",

@@ -71,13 +71,6 @@ impl Stream {
         }
     }
 
-    pub(crate) fn set_nonblocking(&self, on: bool) -> io::Result<()> {
-        match self {
-            Stream::Tcp(s) => s.set_nonblocking(on),
-            Stream::Unix(s) => s.set_nonblocking(on),
-        }
-    }
-
     pub(crate) fn shutdown(&self, how: Shutdown) {
         // Fails only when the peer is already gone, which is what we want anyway.
         let _ = match self {
@@ -158,37 +151,6 @@ pub(crate) fn read_until(s: &mut Stream, buf: &mut [u8], deadline: Option<Instan
             r => return r,
         }
     }
-}
-
-/// Fills `buf` unless the peer closes first (then the count read so far) or the deadline
-/// passes (`ErrorKind::TimedOut`).
-pub(crate) fn read_full_until(s: &mut Stream, buf: &mut [u8], deadline: Option<Instant>) -> io::Result<usize> {
-    let mut got = 0;
-    while got < buf.len() {
-        match read_until(s, &mut buf[got..], deadline)? {
-            0 => break,
-            n => got += n,
-        }
-    }
-    Ok(got)
-}
-
-/// Whether bytes beyond what the client announced are already waiting (the size field lied
-/// low). Consumes them: the stream is out of sync either way.
-pub(crate) fn has_excess(s: &mut Stream) -> bool {
-    if s.set_nonblocking(true).is_err() {
-        return false;
-    }
-    let mut b = [0u8; 64];
-    let excess = loop {
-        match s.read(&mut b) {
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Ok(n) => break n > 0,
-            Err(_) => break false,
-        }
-    };
-    let _ = s.set_nonblocking(false);
-    excess
 }
 
 /// A listening socket.

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use super::blob;
 pub use super::conn::Endpoint;
-use super::conn::{has_excess, read_full_until, read_until, Listener, Stream};
+use super::conn::{read_until, Listener, Stream};
 use super::ctrl::{self, rc, CtrlCmd};
 use crate::engine::{Canceller, StateKind, TpmEngine, TpmVersion};
 use crate::{Error, Result};
@@ -312,6 +312,30 @@ struct Frame {
     prefix_locality: Option<u8>,
 }
 
+/// Reads the rest of a command that arrived in pieces, all within one deadline set at the
+/// first extra read.
+struct SlowReader {
+    deadline: Option<Instant>,
+    timeout: Duration,
+}
+
+impl SlowReader {
+    /// Reads until `buf[..to]` is filled. `Err(None)` on a timeout (the caller picks the
+    /// error), `Err(Some(..))` otherwise.
+    fn fill(&mut self, s: &mut Stream, buf: &mut [u8], got: &mut usize, to: usize) -> Result<(), Option<FrameError>> {
+        while *got < to {
+            let deadline = *self.deadline.get_or_insert_with(|| Instant::now() + self.timeout);
+            match read_until(s, &mut buf[*got..to], Some(deadline)) {
+                Ok(0) => return Err(Some(FrameError::Disconnected)),
+                Ok(n) => *got += n,
+                Err(e) if e.kind() == io::ErrorKind::TimedOut => return Err(None),
+                Err(e) => return Err(Some(FrameError::Io(e))),
+            }
+        }
+        Ok(())
+    }
+}
+
 enum FrameError {
     /// The client closed in the middle of a command.
     Disconnected,
@@ -416,36 +440,62 @@ impl Shared {
     // ----- data channel -----
 
     fn read_frame(&self, s: &mut Stream) -> Result<Option<Frame>, FrameError> {
-        let mut hdr = [0u8; TPM_HEADER_SIZE];
-        // An idle client may wait as long as it likes before a command.
-        let first = read_until(s, &mut hdr, None)?;
-        if first == 0 {
-            return Ok(None);
+        let max = self.buffer_size.load(Ordering::SeqCst) as usize;
+        // Room for the largest command, its TCG prefix and one more byte, so a single read
+        // normally brings the whole command and shows any excess: the fast path is one
+        // blocking read, no timeout syscalls.
+        let mut buf = vec![0u8; max.max(TPM_HEADER_SIZE) + TCG_PREFIX_SIZE + 1];
+        let mut got = loop {
+            // An idle client may wait as long as it likes before a command.
+            match io::Read::read(s, &mut buf) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(FrameError::Io(e)),
+                Ok(0) => return Ok(None),
+                Ok(n) => break n,
+            }
+        };
+        // The control channel may have changed the buffer size while we waited: judge the
+        // command by the size in force now.
+        let max = self.buffer_size.load(Ordering::SeqCst) as usize;
+        let room = max.max(TPM_HEADER_SIZE) + TCG_PREFIX_SIZE + 1;
+        if buf.len() < room {
+            buf.resize(room, 0);
         }
-        let deadline = Some(Instant::now() + self.cfg.data_timeout);
-        if first + read_full_until(s, &mut hdr[first..], deadline)? < TPM_HEADER_SIZE {
-            return Err(FrameError::Disconnected);
+        let mut reader = SlowReader { deadline: None, timeout: self.cfg.data_timeout };
+        let result = self.parse_frame(s, &mut buf, &mut got, max, &mut reader);
+        if reader.deadline.is_some() {
+            // The slow path set a socket timeout; the next command waits without one.
+            let _ = s.set_read_timeout(None);
         }
+        result
+    }
+
+    fn parse_frame(
+        &self,
+        s: &mut Stream,
+        buf: &mut [u8],
+        got: &mut usize,
+        max: usize,
+        reader: &mut SlowReader,
+    ) -> Result<Option<Frame>, FrameError> {
+        reader.fill(s, buf, got, TPM_HEADER_SIZE).map_err(|e| e.unwrap_or(FrameError::Timeout))?;
+        let mut start = 0;
         let mut prefix = None;
-        let tag = u16::from_be_bytes([hdr[0], hdr[1]]);
+        let tag = u16::from_be_bytes([buf[0], buf[1]]);
         if self.version == TpmVersion::V2_0
             && tag != TPM2_ST_NO_SESSIONS
             && tag != TPM2_ST_SESSIONS
-            && be32(&hdr, 0) == TPM2_SEND_COMMAND
+            && be32(buf, 0) == TPM2_SEND_COMMAND
         {
             // TCG prefix: command word, locality, length; the command starts at byte 9.
-            let (locality, length) = (hdr[4], be32(&hdr, 5));
-            let mut inner = [0u8; TPM_HEADER_SIZE];
-            inner[0] = hdr[TCG_PREFIX_SIZE];
-            if 1 + read_full_until(s, &mut inner[1..], deadline)? < TPM_HEADER_SIZE {
-                return Err(FrameError::Disconnected);
-            }
-            hdr = inner;
-            prefix = Some((locality, length));
+            reader
+                .fill(s, buf, got, TCG_PREFIX_SIZE + TPM_HEADER_SIZE)
+                .map_err(|e| e.unwrap_or(FrameError::Timeout))?;
+            prefix = Some((buf[4], be32(buf, 5)));
+            start = TCG_PREFIX_SIZE;
         }
         let prefixed = prefix.is_some();
-        let size = be32(&hdr, 2) as usize;
-        let max = self.buffer_size.load(Ordering::SeqCst) as usize;
+        let size = be32(buf, start + 2) as usize;
         if size < TPM_HEADER_SIZE {
             return Err(FrameError::BadSize { prefixed, why: format!("size field {size} is smaller than a header") });
         }
@@ -463,26 +513,20 @@ impl Shared {
                 });
             }
         }
-        let mut command = vec![0u8; size];
-        command[..TPM_HEADER_SIZE].copy_from_slice(&hdr);
-        match read_full_until(s, &mut command[TPM_HEADER_SIZE..], deadline) {
-            Ok(n) if n < size - TPM_HEADER_SIZE => return Err(FrameError::Disconnected),
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::TimedOut => {
-                return Err(FrameError::BadSize {
-                    prefixed,
-                    why: format!("size field says {size} bytes but fewer arrived within {:?}", self.cfg.data_timeout),
-                })
-            }
-            Err(e) => return Err(FrameError::Io(e)),
-        }
-        if has_excess(s) {
+        let end = start + size;
+        if *got > end {
             return Err(FrameError::BadSize {
                 prefixed,
                 why: format!("more bytes arrived than the size field {size}"),
             });
         }
-        Ok(Some(Frame { command, prefix_locality: prefix.map(|(l, _)| l) }))
+        reader.fill(s, buf, got, end).map_err(|e| {
+            e.unwrap_or(FrameError::BadSize {
+                prefixed,
+                why: format!("size field says {size} bytes but fewer arrived within {:?}", self.cfg.data_timeout),
+            })
+        })?;
+        Ok(Some(Frame { command: buf[start..end].to_vec(), prefix_locality: prefix.map(|(l, _)| l) }))
     }
 
     /// swtpm's in-band set-locality command.
