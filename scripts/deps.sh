@@ -13,6 +13,9 @@ need tpm2-tools       # the TPM 2.0 client
 need libtss2-tcti-swtpm0
 need trousers         # tcsd, for the TPM 1.2 tests
 need tpm-tools
+need qemu-system-x86  # QEMU as a vTPM client (and, later, the Xen-in-QEMU harness)
+need busybox-static   # VM images
+need cpio
 if [ ${#pkgs[@]} -gt 0 ]; then
     echo "== installing ${pkgs[*]}"
     SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo

@@ -1,0 +1,18 @@
+#!/bin/busybox sh
+# init of the TPM client VM: use the TPM QEMU provides, report, power off.
+/bin/busybox --install -s /bin
+export PATH=/bin LD_LIBRARY_PATH=/usr/lib/x86_64-linux-gnu
+mount -t proc proc /proc; mount -t sysfs sysfs /sys; mount -t devtmpfs devtmpfs /dev; mount -t tmpfs tmpfs /tmp
+say() { echo "XVTPM-VM: $*"; }
+say "kernel $(uname -r)"
+i=0; while [ ! -e /dev/tpmrm0 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done
+say "devices $(ls /dev/tpm0 /dev/tpmrm0 2>&1 | tr '\n' ' ')"
+say "tpm_version_major=$(cat /sys/class/tpm/tpm0/tpm_version_major 2>/dev/null)"
+export TPM2TOOLS_TCTI=device:/dev/tpmrm0
+r=$(tpm2_getrandom --hex 16 2>&1) && say "getrandom ok $r" || say "getrandom FAILED $r"
+tpm2_pcrextend 16:sha256=0101010101010101010101010101010101010101010101010101010101010101 && say "pcrextend ok" || say "pcrextend FAILED"
+say "pcr16 $(tpm2_pcrread sha256:16 2>&1 | awk '/16:/ {print $2}')"
+tpm2_createprimary -Q -C o -G ecc -c /tmp/p.ctx && say "createprimary ok" || say "createprimary FAILED"
+say "manufacturer $(tpm2_getcap properties-fixed 2>/dev/null | awk '/TPM2_PT_MANUFACTURER/ {getline; print $2}')"
+say DONE
+poweroff -f
