@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Builds the images of the Xen end-to-end test from Debian 12 packages plus our vtpm binary:
+#   xen       Xen 4.17 (multiboot ELF), vmlinux  the Debian kernel as ELF (dom0 and domU),
+#   dom0.cpio busybox, Xen's tools and modules, our vtpm, the domU kernel and initramfs.
+# Cached: rebuilt when an input (packages, scripts, vtpm binary) changes.
+# Usage: build-xen.sh OUTDIR VTPM_BINARY
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+OUT=${1:?usage: build-xen.sh OUTDIR VTPM_BINARY}
+VTPM=${2:?usage: build-xen.sh OUTDIR VTPM_BINARY}
+mkdir -p "$OUT/debs"
+
+resolve() { apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/{print $2; exit}'; }
+KPKG=$(resolve)
+if [ -z "$KPKG" ]; then SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo; $SUDO apt-get update -qq; KPKG=$(resolve); fi
+KVER=${KPKG#linux-image-}
+XV=4.17
+PKGS=(xen-hypervisor-$XV-amd64 xen-utils-$XV xenstore-utils libxenstore4 libxenmisc$XV libxencall1
+      libxenevtchn1 libxenforeignmemory1 libxengnttab1 libxentoollog1 libxentoolcore1
+      libxendevicemodel1 libxenhypfs1 libyajl2 "$KPKG")
+stamp="${PKGS[*]} $(cat "$HERE"/build-xen.sh "$HERE"/xen-*.sh "$HERE"/xen-domU.cfg | sha256sum | cut -c1-16) $(sha256sum "$VTPM" | cut -c1-16) $(dpkg-query -W -f='${Version} ' tpm2-tools busybox-static)"
+if [ -f "$OUT/stamp" ] && [ "$(cat "$OUT/stamp")" = "$stamp" ]; then exit 0; fi
+
+( cd "$OUT/debs"
+  missing=(); for p in "${PKGS[@]}"; do ls "${p}"_*.deb >/dev/null 2>&1 || missing+=("$p"); done
+  if [ ${#missing[@]} -gt 0 ]; then apt-get download "${missing[@]}" 2>&1 | grep -v unsandboxed || true; fi )
+R="$OUT/root"; rm -rf "$R"; mkdir -p "$R"
+for p in "${PKGS[@]}"; do dpkg -x "$(ls "$OUT/debs/${p}"_*.deb | tail -1)" "$R"; done
+zcat "$R/boot/xen-$XV-amd64.gz" > "$OUT/xen"
+python3 "$HERE/extract-vmlinux.py" "$R/boot/vmlinuz-$KVER" "$OUT/vmlinux"
+MODDIR=$R/lib/modules/$KVER
+modpath() { find "$MODDIR" -name "$1.ko" | head -1; }
+copy_libs() { # binary stage [extra library dir]
+    LD_LIBRARY_PATH="$R/usr/lib/x86_64-linux-gnu" ldd "$1" | awk '/=>/ {print $3} /ld-linux/ {print $1}' | while read -r l; do
+        [ -e "$l" ] || continue
+        case "$l" in /lib64/*) mkdir -p "$2/lib64"; cp -L "$l" "$2/lib64/";;
+                     *) mkdir -p "$2/lib/x86_64-linux-gnu"; cp -L "$l" "$2/lib/x86_64-linux-gnu/";; esac
+    done
+}
+stage() { rm -rf "$1"; mkdir -p "$1"/{bin,sbin,usr/bin,usr/sbin,proc,sys,dev,etc,lib/modules,tmp,run,var,boot}; cp /bin/busybox "$1/bin/busybox"; }
+mkcpio() { ( cd "$1" && find . | LC_ALL=C sort | cpio -o -H newc --quiet ); }
+
+# domU: xen-tpmfront and tpm2-tools (one multi-call binary; the device TCTI is dlopen()ed).
+S="$OUT/stage-domU"; stage "$S"
+cp "$(modpath xen-tpmfront)" "$S/lib/modules/"
+install -m 755 "$HERE/xen-domU-init.sh" "$S/init"
+tpm2=$(readlink -f "$(command -v tpm2)")
+cp "$tpm2" "$S/usr/bin/tpm2"
+for t in getrandom pcrextend pcrread createprimary; do ln -sf tpm2 "$S/usr/bin/tpm2_$t"; done
+copy_libs "$tpm2" "$S"
+for l in libtss2-tcti-device.so.0 libtss2-tctildr.so.0; do cp -L "/usr/lib/x86_64-linux-gnu/$l" "$S/lib/x86_64-linux-gnu/"; done
+copy_libs /usr/lib/x86_64-linux-gnu/libtss2-tcti-device.so.0 "$S"
+mkcpio "$S" | gzip -1 > "$OUT/domU.cpio.gz"
+
+# dom0: Xen's tools, our vtpm, the guest.
+S="$OUT/stage-dom0"; stage "$S"
+for m in xen-evtchn xen-privcmd xenfs xen-gntdev xen-gntalloc; do cp "$(modpath $m)" "$S/lib/modules/"; done
+for b in xl xenstored xenconsoled xen-init-dom0; do cp "$R/usr/lib/xen-$XV/bin/$b" "$S/usr/sbin/$b"; copy_libs "$R/usr/lib/xen-$XV/bin/$b" "$S"; done
+cp "$R/usr/bin/xenstore" "$S/usr/bin/xenstore"; copy_libs "$R/usr/bin/xenstore" "$S"
+for t in exists list ls read rm write; do ln -sf xenstore "$S/usr/bin/xenstore-$t"; done
+cp -L /lib/x86_64-linux-gnu/libgcc_s.so.1 "$S/lib/x86_64-linux-gnu/"   # glibc dlopen()s it (pthread_cancel)
+strip -o "$S/usr/sbin/vtpm" "$VTPM"; copy_libs "$VTPM" "$S"
+mkdir -p "$S/etc/xen" "$S/var/lib/xen" "$S/var/log/xen"
+: > "$S/etc/xen/xl.conf"
+cp "$HERE/xen-domU.cfg" "$S/etc/xen/domU.cfg"
+cp "$OUT/vmlinux" "$S/boot/vmlinux-domU"
+cp "$OUT/domU.cpio.gz" "$S/boot/domU.cpio.gz"
+install -m 755 "$HERE/xen-dom0-init.sh" "$S/init"
+mkcpio "$S" > "$OUT/dom0.cpio"
+rm -rf "$R" "$OUT/stage-domU" "$OUT/stage-dom0"
+echo "$stamp" > "$OUT/stamp"

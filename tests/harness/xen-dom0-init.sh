@@ -1,0 +1,44 @@
+#!/bin/busybox sh
+# dom0 /init of the Xen end-to-end test: Xen's daemons, our vtpm as the guest's backend, the
+# guest, its report; then QEMU exits through isa-debug-exit (3 = pass, 5 = fail).
+/bin/busybox --install -s /bin
+export PATH=/bin:/sbin:/usr/bin:/usr/sbin LD_LIBRARY_PATH=/lib/x86_64-linux-gnu
+mark() { echo "XVTPM-DOM0[$(cut -d' ' -f1 /proc/uptime)]: $*"; }
+finish() {
+    mark "RESULT $1"; sync
+    if [ "$1" = PASS ]; then v='\001'; else v='\002'; fi
+    printf "$v" | dd of=/dev/port bs=1 seek=244 count=1 2>/dev/null
+    sleep 1; poweroff -f
+}
+mount -t proc proc /proc; mount -t sysfs sysfs /sys; mount -t devtmpfs devtmpfs /dev
+mkdir -p /dev/pts /run /tmp /var/lib/xen /var/log/xen/console /var/lock /var/lib/xenstored /var/lib/xvtpm
+mount -t devpts devpts /dev/pts; mount -t tmpfs tmpfs /run; mount -t tmpfs tmpfs /tmp
+mkdir -p /run/xen /run/xenstored /var/run/xen
+for m in xen-evtchn xen-privcmd xenfs xen-gntdev xen-gntalloc; do insmod /lib/modules/$m.ko || finish FAIL; done
+mount -t xenfs xenfs /proc/xen || finish FAIL
+xenstored --pid-file /run/xenstored.pid || finish FAIL
+i=0; while ! xenstore-read / >/dev/null 2>&1; do i=$((i+1)); [ $i -gt 100 ] && finish FAIL; usleep 100000; done
+xen-init-dom0 || finish FAIL
+xenconsoled --pid-file=/run/xenconsoled.pid --log=guest --log-dir=/var/log/xen/console || finish FAIL
+mark "xen up"
+UUID=5e1f0a2b-7c3d-4e5f-8a9b-0c1d2e3f4a5b
+head -c 32 /dev/urandom > /var/lib/xvtpm/key
+vtpm create --state-dir /var/lib/xvtpm/$UUID --key /var/lib/xvtpm/key 2>&1 | sed 's/^/  vtpm: /' || finish FAIL
+RUST_LOG=info vtpm serve --state-dir /var/lib/xvtpm/$UUID --key /var/lib/xvtpm/key --uuid $UUID --domid 0 > /var/log/vtpm.log 2>&1 &
+i=0; while ! grep -q watching /var/log/vtpm.log; do i=$((i+1)); [ $i -gt 200 ] && { cat /var/log/vtpm.log; finish FAIL; }; usleep 50000; done
+mark "vtpm serve up"
+T0=$(cut -d' ' -f1 /proc/uptime)
+xl create /etc/xen/domU.cfg 2>&1 | sed 's/^/  xl: /'
+DOMID=$(xl domid tpmguest 2>/dev/null)
+[ -n "$DOMID" ] || { cat /var/log/vtpm.log; finish FAIL; }
+mark "guest created, domid $DOMID"
+CON=/var/log/xen/console/guest-tpmguest.log
+i=0; while ! grep -q "XVTPM-DOMU: DONE" $CON 2>/dev/null; do i=$((i+1)); [ $i -gt 1800 ] && break; usleep 100000; done
+T1=$(cut -d' ' -f1 /proc/uptime)
+mark "guest report after $(echo "$T1 $T0" | awk '{print $1 - $2}') s:"
+grep "XVTPM-DOMU" $CON | sed 's/^/  /'
+mark "vtpm log:"; sed 's/^/  /' /var/log/vtpm.log
+xl destroy $DOMID 2>&1 | sed 's/^/  xl: /'
+mark "guest destroyed; backend state $(xenstore-read /local/domain/0/backend/vtpm/$DOMID/0/state 2>&1)"
+if grep -q "XVTPM-DOMU: DONE" $CON && ! grep -q "XVTPM-DOMU: .*FAILED" $CON; then finish PASS; fi
+finish FAIL
