@@ -11,6 +11,7 @@ pub mod error;
 pub mod fdpass;
 #[allow(unsafe_code)]
 pub mod libtpms;
+pub mod linux_probe;
 pub mod state;
 pub mod swtpm;
 pub mod tpmif;

@@ -58,7 +58,15 @@ impl CommandHandler for VtpmHandler {
         if let Ok(mut slot) = self.running.lock() {
             *slot = Some(req.cancel_probe());
         }
-        let result = engine.process(req.locality, req.command);
+        // The stock Linux guest kernel speaks TPM 1.2 to its xen-tpmfront chip on its own.
+        let probe = match engine.version() {
+            crate::TpmVersion::V2_0 => crate::linux_probe::answer(engine.as_mut(), req.command),
+            crate::TpmVersion::V1_2 => None,
+        };
+        let result = match probe {
+            Some(r) => Ok(r),
+            None => engine.process(req.locality, req.command),
+        };
         if let Ok(mut slot) = self.running.lock() {
             *slot = None;
         }

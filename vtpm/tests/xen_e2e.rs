@@ -42,6 +42,24 @@ fn xen_guest_uses_our_vtpm() {
         "PCR 16 value; {}",
         ctx()
     );
+    // The guest kernel's own TPM 1.2 probe is answered: real timeouts and durations, a working
+    // TPM hwrng, no TPM errors in dmesg.
+    let value = |p: &str| {
+        report.iter().find_map(|l| l.trim().strip_prefix(&format!("XVTPM-DOMU: {p} "))).unwrap_or("").to_string()
+    };
+    let nonzero = |s: &str, n: usize| {
+        let v: Vec<u64> = s.split_whitespace().filter_map(|w| w.parse().ok()).collect();
+        v.len() == n && v.iter().all(|x| *x > 0)
+    };
+    assert!(nonzero(&value("timeouts"), 4), "sysfs timeouts {:?}; {}", value("timeouts"), ctx());
+    assert!(nonzero(&value("durations"), 3), "sysfs durations {:?}; {}", value("durations"), ctx());
+    assert!(
+        value("hwrng").starts_with("tpm-rng") && value("hwrng").len() > 40,
+        "hwrng {:?}; {}",
+        value("hwrng"),
+        ctx()
+    );
+    assert_eq!(value("dmesg-tpm-errors"), "0", "TPM errors in the guest's dmesg; {}", ctx());
     assert!(!console.contains("xl: libxl: error"), "xl reported an error (e.g. the backend did not close); {}", ctx());
     assert!(booted.success() && console.contains("RESULT PASS"), "{}", ctx());
 }
