@@ -18,7 +18,7 @@ XV=4.17
 PKGS=(xen-hypervisor-$XV-amd64 xen-utils-$XV xenstore-utils libxenstore4 libxenmisc$XV libxencall1
       libxenevtchn1 libxenforeignmemory1 libxengnttab1 libxentoollog1 libxentoolcore1
       libxendevicemodel1 libxenhypfs1 libyajl2 "$KPKG")
-stamp="${PKGS[*]} $(cat "$HERE"/build-xen.sh "$HERE"/xen-*.sh "$HERE"/xen-domU.cfg | sha256sum | cut -c1-16) $(sha256sum "$VTPM" | cut -c1-16) $(dpkg-query -W -f='${Version} ' tpm2-tools busybox-static)"
+stamp="${PKGS[*]} $(cat "$HERE"/build-xen.sh "$HERE"/xen-*.sh "$HERE"/xen-domU.cfg "$HERE"/tpmbench.c | sha256sum | cut -c1-16) $(sha256sum "$VTPM" | cut -c1-16) $(dpkg-query -W -f='${Version} ' tpm2-tools busybox-static)"
 if [ -f "$OUT/stamp" ] && [ "$(cat "$OUT/stamp")" = "$stamp" ]; then exit 0; fi
 
 ( cd "$OUT/debs"
@@ -46,7 +46,10 @@ cp "$(modpath xen-tpmfront)" "$S/lib/modules/"
 install -m 755 "$HERE/xen-domU-init.sh" "$S/init"
 tpm2=$(readlink -f "$(command -v tpm2)")
 cp "$tpm2" "$S/usr/bin/tpm2"
-for t in getrandom pcrextend pcrread createprimary; do ln -sf tpm2 "$S/usr/bin/tpm2_$t"; done
+for t in getrandom pcrextend pcrread createprimary nvdefine nvwrite nvread evictcontrol readpublic flushcontext; do
+    ln -sf tpm2 "$S/usr/bin/tpm2_$t"
+done
+gcc -O2 -static -o "$S/usr/bin/tpmbench" "$HERE/tpmbench.c"
 copy_libs "$tpm2" "$S"
 for l in libtss2-tcti-device.so.0 libtss2-tctildr.so.0; do cp -L "/usr/lib/x86_64-linux-gnu/$l" "$S/lib/x86_64-linux-gnu/"; done
 copy_libs /usr/lib/x86_64-linux-gnu/libtss2-tcti-device.so.0 "$S"

@@ -33,6 +33,8 @@ DOMID=$(xl domid tpmguest 2>/dev/null)
 [ -n "$DOMID" ] || { cat /var/log/vtpm.log; finish FAIL; }
 mark "guest created, domid $DOMID"
 CON=/var/log/xen/console/guest-tpmguest.log
+i=0; while ! grep -q "XVTPM-DOMU: devices" $CON 2>/dev/null; do i=$((i+1)); [ $i -gt 1800 ] && break; usleep 100000; done
+mark "xl create to usable /dev/tpm0 in the guest: $(awk -v t0=$T0 '{print $1 - t0}' /proc/uptime) s"
 i=0; while ! grep -q "XVTPM-DOMU: DONE" $CON 2>/dev/null; do i=$((i+1)); [ $i -gt 1800 ] && break; usleep 100000; done
 T1=$(cut -d' ' -f1 /proc/uptime)
 mark "guest report after $(echo "$T1 $T0" | awk '{print $1 - $2}') s:"
@@ -40,5 +42,13 @@ grep "XVTPM-DOMU" $CON | sed 's/^/  /'
 mark "vtpm log:"; sed 's/^/  /' /var/log/vtpm.log
 xl destroy $DOMID 2>&1 | sed 's/^/  xl: /'
 mark "guest destroyed; backend state $(xenstore-read /local/domain/0/backend/vtpm/$DOMID/0/state 2>&1)"
-if grep -q "XVTPM-DOMU: DONE" $CON && ! grep -q "XVTPM-DOMU: .*FAILED" $CON; then finish PASS; fi
+# The guest reboots: a new domain with the same vtpm uuid, served by the same vtpm process.
+xl create /etc/xen/domU.cfg 'extra="console=hvc0 loglevel=4 xvtpm.phase=2"' 2>&1 | sed 's/^/  xl: /'
+DOMID2=$(xl domid tpmguest 2>/dev/null)
+mark "guest created again, domid $DOMID2"
+i=0; while ! grep -q "XVTPM-DOMU: DONE2" $CON 2>/dev/null; do i=$((i+1)); [ $i -gt 1800 ] && break; usleep 100000; done
+grep "XVTPM-DOMU: .*phase2\|XVTPM-DOMU: DONE2" $CON | sed 's/^/  /'
+mark "vtpm log after the reboot:"; sed 's/^/  /' /var/log/vtpm.log | tail -n 6
+[ -n "$DOMID2" ] && xl destroy $DOMID2 2>&1 | sed 's/^/  xl: /'
+if grep -q "XVTPM-DOMU: DONE2" $CON && ! grep -q "XVTPM-DOMU: .*FAILED" $CON; then finish PASS; fi
 finish FAIL

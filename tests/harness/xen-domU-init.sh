@@ -4,16 +4,29 @@
 export PATH=/bin:/usr/bin LD_LIBRARY_PATH=/lib/x86_64-linux-gnu
 mount -t proc proc /proc; mount -t sysfs sysfs /sys; mount -t devtmpfs devtmpfs /dev; mount -t tmpfs tmpfs /tmp
 say() { echo "XVTPM-DOMU: $*"; }
-say "kernel $(uname -r)"
+PHASE=1; case "$(cat /proc/cmdline)" in *xvtpm.phase=2*) PHASE=2;; esac
+say "kernel $(uname -r), phase $PHASE"
 insmod /lib/modules/xen-tpmfront.ko &
 i=0; while [ ! -e /dev/tpm0 ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
 say "devices $(ls /dev/tpm* 2>&1 | tr '\n' ' ')"
 say "tpm_version_major=$(cat /sys/class/tpm/tpm0/tpm_version_major 2>/dev/null)"
 export TPM2TOOLS_TCTI=device:/dev/tpm0
+if [ $PHASE = 2 ]; then
+    # After a reboot (destroy + create with the same uuid): what phase 1 made is still there.
+    tpm2_readpublic -c 0x81000001 >/dev/null 2>&1 && say "phase2 persistent key ok" || say "phase2 persistent key FAILED"
+    say "phase2 nv $(tpm2_nvread 0x1500016 -C o -s 8 2>/dev/null)"
+    say DONE2
+    while true; do sleep 10; done
+fi
 r=$(tpm2_getrandom --hex 16 2>&1) && say "getrandom ok $r" || say "getrandom FAILED $r"
 tpm2_pcrextend 16:sha256=0101010101010101010101010101010101010101010101010101010101010101 && say "pcrextend ok" || say "pcrextend FAILED"
 say "pcr16 $(tpm2_pcrread sha256:16 2>&1 | awk '/16:/ {print $2}')"
 tpm2_createprimary -Q -C o -G ecc -c /tmp/p.ctx && say "createprimary ok" || say "createprimary FAILED"
+tpm2_evictcontrol -Q -C o -c /tmp/p.ctx 0x81000001 && say "evictcontrol ok" || say "evictcontrol FAILED"
+tpm2_flushcontext -t 2>/dev/null
+printf 'xvtpm-nv' > /tmp/nv
+tpm2_nvdefine -Q 0x1500016 -C o -s 8 -a "ownerread|ownerwrite" && tpm2_nvwrite -Q 0x1500016 -C o -i /tmp/nv && say "nv ok" || say "nv FAILED"
+say "bench $(tpmbench /dev/tpm0 1000 2>&1)"
 say "timeouts $(cat /sys/class/tpm/tpm0/timeouts 2>&1)"
 say "durations $(cat /sys/class/tpm/tpm0/durations 2>&1)"
 say "caps $(cat /sys/class/tpm/tpm0/caps 2>&1 | tr '\n' ';')"

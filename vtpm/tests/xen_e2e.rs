@@ -60,6 +60,11 @@ fn xen_guest_uses_our_vtpm() {
         ctx()
     );
     assert_eq!(value("dmesg-tpm-errors"), "0", "TPM errors in the guest's dmesg; {}", ctx());
+    // After destroy + create with the same uuid, the guest finds its persistent key and NV data.
+    assert!(guest("evictcontrol ok") && guest("nv ok"), "{}", ctx());
+    assert!(guest("phase2 persistent key ok"), "persistent key lost across the guest reboot; {}", ctx());
+    assert!(guest("phase2 nv xvtpm-nv"), "NV index lost across the guest reboot; {}", ctx());
+    assert!(guest("DONE2"), "{}", ctx());
     assert!(!console.contains("xl: libxl: error"), "xl reported an error (e.g. the backend did not close); {}", ctx());
     assert!(booted.success() && console.contains("RESULT PASS"), "{}", ctx());
 }
