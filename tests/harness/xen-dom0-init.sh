@@ -3,7 +3,7 @@
 # guest, its report; then QEMU exits through isa-debug-exit (3 = pass, 5 = fail).
 /bin/busybox --install -s /bin
 export PATH=/bin:/sbin:/usr/bin:/usr/sbin LD_LIBRARY_PATH=/lib/x86_64-linux-gnu
-mark() { echo "XVTPM-DOM0[$(cut -d' ' -f1 /proc/uptime)]: $*"; }
+mark() { echo "XVTPM-DOM0[$(cut -d' ' -f1 /proc/uptime)]: $*" | tee -a /tmp/marks; }
 finish() {
     mark "RESULT $1"; sync
     if [ "$1" = PASS ]; then v='\001'; else v='\002'; fi
@@ -24,8 +24,12 @@ mark "xen up"
 UUID=5e1f0a2b-7c3d-4e5f-8a9b-0c1d2e3f4a5b
 head -c 32 /dev/urandom > /var/lib/xvtpm/key
 vtpm create --state-dir /var/lib/xvtpm/$UUID --key /var/lib/xvtpm/key 2>&1 | sed 's/^/  vtpm: /' || finish FAIL
-RUST_LOG=info vtpm serve --state-dir /var/lib/xvtpm/$UUID --key /var/lib/xvtpm/key --uuid $UUID --domid 0 > /var/log/vtpm.log 2>&1 &
-i=0; while ! grep -q watching /var/log/vtpm.log; do i=$((i+1)); [ $i -gt 200 ] && { cat /var/log/vtpm.log; finish FAIL; }; usleep 50000; done
+serve() { # uuid logfile: start `vtpm serve` for a device, wait until it watches xenstore
+    RUST_LOG=info vtpm serve --state-dir /var/lib/xvtpm/$1 --key /var/lib/xvtpm/key --uuid $1 --domid 0 > $2 2>&1 &
+    SERVED=$!
+    i=0; while ! grep -q watching $2; do i=$((i+1)); [ $i -gt 200 ] && { cat $2; finish FAIL; }; usleep 50000; done
+}
+serve $UUID /var/log/vtpm.log; VTPM_PID=$SERVED
 mark "vtpm serve up"
 T0=$(cut -d' ' -f1 /proc/uptime)
 xl create /etc/xen/domU.cfg 2>&1 | sed 's/^/  xl: /'
@@ -40,6 +44,36 @@ T1=$(cut -d' ' -f1 /proc/uptime)
 mark "guest report after $(echo "$T1 $T0" | awk '{print $1 - $2}') s:"
 grep "XVTPM-DOMU" $CON | sed 's/^/  /'
 mark "vtpm log:"; sed 's/^/  /' /var/log/vtpm.log
+last_loop() { grep -o "XVTPM-DOMU: loop [0-9]* ok" $CON | tail -n 1 | awk '{print $3}'; }
+wait_loop() { # wait until the guest reports a successful loop after number $1 matching $2
+    i=0; while [ $i -lt 600 ]; do
+        grep "XVTPM-DOMU: loop [0-9]* ok" $CON | awk -v n=$1 '$3 > n' | grep -q -- "$2" && return 0
+        i=$((i+1)); usleep 100000
+    done; return 1
+}
+# 1. kill -9 the vtpm while the guest uses its TPM, start a new one: the guest's commands resume.
+wait_loop 1 "" || mark "guest loop did not start"
+kill -9 $VTPM_PID; N=$(last_loop); mark "vtpm killed after guest loop $N"
+sleep 2
+serve $UUID /var/log/vtpm-restarted.log; VTPM_PID=$SERVED
+mark "vtpm restarted"
+if wait_loop $((N + 2)) ""; then mark "RESTART_OK guest commands work again after loop $(last_loop)"; else mark "RESTART_FAILED"; fi
+# 2. hot-plug a second vTPM into the running guest, list it, detach it.
+UUID2=5e1f0a2b-7c3d-4e5f-8a9b-0c1d2e3f4a5c
+vtpm create --state-dir /var/lib/xvtpm/$UUID2 --key /var/lib/xvtpm/key >/dev/null 2>&1
+serve $UUID2 /var/log/vtpm2.log
+xl vtpm-attach $DOMID backend=0 uuid=$UUID2 2>&1 | sed 's/^/  xl: /'
+xl vtpm-list $DOMID 2>&1 | sed 's/^/  vtpm-list: /'
+if wait_loop $(last_loop) "/dev/tpm1"; then mark "ATTACH_OK guest sees /dev/tpm1"; else mark "ATTACH_FAILED"; fi
+xl vtpm-detach $DOMID 1 2>&1 | sed 's/^/  xl: /'
+N=$(last_loop)
+i=0; while [ $i -lt 300 ]; do
+    grep "XVTPM-DOMU: loop [0-9]* ok" $CON | awk -v n=$N '$3 > n' | grep -vq "/dev/tpm1" && break
+    i=$((i+1)); usleep 100000
+done
+if [ $i -lt 300 ]; then mark "DETACH_OK /dev/tpm1 gone, backend $(xenstore-read /local/domain/0/backend/vtpm/$DOMID/1/state 2>&1)"; else mark "DETACH_FAILED"; fi
+xl vtpm-list $DOMID 2>&1 | sed 's/^/  vtpm-list: /'
+mark "guest loop (tail):"; grep "XVTPM-DOMU: loop" $CON | tail -n 8 | sed 's/^/  /'
 xl destroy $DOMID 2>&1 | sed 's/^/  xl: /'
 mark "guest destroyed; backend state $(xenstore-read /local/domain/0/backend/vtpm/$DOMID/0/state 2>&1)"
 # The guest reboots: a new domain with the same vtpm uuid, served by the same vtpm process.
@@ -50,5 +84,6 @@ i=0; while ! grep -q "XVTPM-DOMU: DONE2" $CON 2>/dev/null; do i=$((i+1)); [ $i -
 grep "XVTPM-DOMU: .*phase2\|XVTPM-DOMU: DONE2" $CON | sed 's/^/  /'
 mark "vtpm log after the reboot:"; sed 's/^/  /' /var/log/vtpm.log | tail -n 6
 [ -n "$DOMID2" ] && xl destroy $DOMID2 2>&1 | sed 's/^/  xl: /'
-if grep -q "XVTPM-DOMU: DONE2" $CON && ! grep -q "XVTPM-DOMU: .*FAILED" $CON; then finish PASS; fi
+if grep -q "XVTPM-DOMU: DONE2" $CON && ! grep -q "XVTPM-DOMU: .*FAILED" $CON \
+    && ! grep -q "_FAILED" /tmp/marks 2>/dev/null; then finish PASS; fi
 finish FAIL

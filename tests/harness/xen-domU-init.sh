@@ -34,4 +34,12 @@ say "hwrng $(cat /sys/class/misc/hw_random/rng_current 2>&1) $(dd if=/dev/hwrng 
 say "dmesg-tpm-errors $(dmesg | grep -ci 'tpm.*error')"
 dmesg | grep -i 'tpm' | sed 's/^/XVTPM-DOMU: dmesg: /' 
 say DONE
+# Keep using the TPM while dom0 restarts the vtpm and hot-plugs a second one.
+i=0
+while [ $i -lt 150 ]; do
+    i=$((i+1))
+    if r=$(tpm2_getrandom --hex 8 2>&1); then say "loop $i ok devs $(ls /dev/tpm* | tr '\n' ' ')"
+    else say "loop $i err $(echo "$r" | tail -n 1 | cut -c1-100)"; fi
+    sleep 1
+done
 while true; do sleep 10; done

@@ -65,6 +65,10 @@ fn xen_guest_uses_our_vtpm() {
     assert!(guest("phase2 persistent key ok"), "persistent key lost across the guest reboot; {}", ctx());
     assert!(guest("phase2 nv xvtpm-nv"), "NV index lost across the guest reboot; {}", ctx());
     assert!(guest("DONE2"), "{}", ctx());
+    // The vtpm killed and restarted while the guest runs; a second vTPM attached and detached.
+    assert!(console.contains("RESTART_OK"), "guest commands did not resume after the vtpm restart; {}", ctx());
+    assert!(console.contains("ATTACH_OK") && console.contains("vtpm-list: "), "vtpm-attach; {}", ctx());
+    assert!(console.contains("DETACH_OK"), "vtpm-detach; {}", ctx());
     assert!(!console.contains("xl: libxl: error"), "xl reported an error (e.g. the backend did not close); {}", ctx());
     assert!(booted.success() && console.contains("RESULT PASS"), "{}", ctx());
 }
