@@ -24,8 +24,8 @@ mark "xen up"
 UUID=5e1f0a2b-7c3d-4e5f-8a9b-0c1d2e3f4a5b
 head -c 32 /dev/urandom > /var/lib/xvtpm/key
 vtpm create --state-dir /var/lib/xvtpm/$UUID --key /var/lib/xvtpm/key 2>&1 | sed 's/^/  vtpm: /' || finish FAIL
-serve() { # uuid logfile: start `vtpm serve` for a device, wait until it watches xenstore
-    RUST_LOG=info vtpm serve --state-dir /var/lib/xvtpm/$1 --key /var/lib/xvtpm/key --uuid $1 --domid 0 > $2 2>&1 &
+serve() { # uuid logfile [--tpm1.2]: start `vtpm serve` for a device, wait until it watches xenstore
+    RUST_LOG=info vtpm serve --state-dir /var/lib/xvtpm/$1 --key /var/lib/xvtpm/key --uuid $1 --domid 0 $3 > $2 2>&1 &
     SERVED=$!
     i=0; while ! grep -q watching $2; do i=$((i+1)); [ $i -gt 200 ] && { cat $2; finish FAIL; }; usleep 50000; done
 }
@@ -58,10 +58,10 @@ sleep 2
 serve $UUID /var/log/vtpm-restarted.log; VTPM_PID=$SERVED
 mark "vtpm restarted"
 if wait_loop $((N + 2)) ""; then mark "RESTART_OK guest commands work again after loop $(last_loop)"; else mark "RESTART_FAILED"; fi
-# 2. hot-plug a second vTPM into the running guest, list it, detach it.
+# 2. hot-plug a second vTPM, a TPM 1.2 one, into the running guest, list it, detach it.
 UUID2=5e1f0a2b-7c3d-4e5f-8a9b-0c1d2e3f4a5c
-vtpm create --state-dir /var/lib/xvtpm/$UUID2 --key /var/lib/xvtpm/key >/dev/null 2>&1
-serve $UUID2 /var/log/vtpm2.log
+vtpm create --state-dir /var/lib/xvtpm/$UUID2 --key /var/lib/xvtpm/key --tpm1.2 >/dev/null 2>&1
+serve $UUID2 /var/log/vtpm2.log --tpm1.2
 xl vtpm-attach $DOMID backend=0 uuid=$UUID2 2>&1 | sed 's/^/  xl: /'
 xl vtpm-list $DOMID 2>&1 | sed 's/^/  vtpm-list: /'
 if wait_loop $(last_loop) "/dev/tpm1"; then mark "ATTACH_OK guest sees /dev/tpm1"; else mark "ATTACH_FAILED"; fi
@@ -73,7 +73,7 @@ i=0; while [ $i -lt 300 ]; do
 done
 if [ $i -lt 300 ]; then mark "DETACH_OK /dev/tpm1 gone, backend $(xenstore-read /local/domain/0/backend/vtpm/$DOMID/1/state 2>&1)"; else mark "DETACH_FAILED"; fi
 xl vtpm-list $DOMID 2>&1 | sed 's/^/  vtpm-list: /'
-mark "guest loop (tail):"; grep "XVTPM-DOMU: loop" $CON | tail -n 8 | sed 's/^/  /'
+mark "guest loop (tail):"; grep "XVTPM-DOMU: loop\|XVTPM-DOMU: tpm1" $CON | tail -n 10 | sed 's/^/  /'
 xl destroy $DOMID 2>&1 | sed 's/^/  xl: /'
 mark "guest destroyed; backend state $(xenstore-read /local/domain/0/backend/vtpm/$DOMID/0/state 2>&1)"
 # The guest reboots: a new domain with the same vtpm uuid, served by the same vtpm process.

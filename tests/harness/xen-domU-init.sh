@@ -38,6 +38,12 @@ say DONE
 i=0
 while [ $i -lt 150 ]; do
     i=$((i+1))
+    if [ -e /sys/class/tpm/tpm1 ] && [ -z "$TPM1_SEEN" ]; then
+        # The hot-plugged vTPM is a TPM 1.2: the kernel's sysfs files send real TPM 1.2 commands.
+        say "tpm1 version_major=$(cat /sys/class/tpm/tpm1/tpm_version_major) caps $(cat /sys/class/tpm/tpm1/caps 2>&1 | tr '\n' ';')"
+        say "tpm1 $(grep -c PCR- /sys/class/tpm/tpm1/pcrs 2>/dev/null) pcrs, enabled=$(cat /sys/class/tpm/tpm1/enabled 2>&1) active=$(cat /sys/class/tpm/tpm1/active 2>&1)"
+        TPM1_SEEN=1
+    fi
     if r=$(tpm2_getrandom --hex 8 2>&1); then say "loop $i ok devs $(ls /dev/tpm* | tr '\n' ' ')"
     else say "loop $i err $(echo "$r" | tail -n 1 | cut -c1-100)"; fi
     sleep 1
