@@ -11,6 +11,9 @@ need swtpm            # the reference peer in benchmarks and tests
 need swtpm-dev        # tpm_ioctl.h, checked by the swtpm protocol tests
 need tpm2-tools       # the TPM 2.0 client
 need libtss2-tcti-swtpm0
+need tpm2-abrmd       # the resource manager in the Xen test guest
+need libtss2-tcti-tabrmd0
+need dbus-daemon
 need trousers         # tcsd, for the TPM 1.2 tests
 need tpm-tools
 need qemu-system-x86  # QEMU as a vTPM client (and, later, the Xen-in-QEMU harness)

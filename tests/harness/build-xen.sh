@@ -18,7 +18,7 @@ XV=4.17
 PKGS=(xen-hypervisor-$XV-amd64 xen-utils-$XV xenstore-utils libxenstore4 libxenmisc$XV libxencall1
       libxenevtchn1 libxenforeignmemory1 libxengnttab1 libxentoollog1 libxentoolcore1
       libxendevicemodel1 libxenhypfs1 libyajl2 "$KPKG")
-stamp="${PKGS[*]} $(cat "$HERE"/build-xen.sh "$HERE"/xen-*.sh "$HERE"/xen-domU.cfg "$HERE"/tpmbench.c | sha256sum | cut -c1-16) $(sha256sum "$VTPM" | cut -c1-16) $(dpkg-query -W -f='${Version} ' tpm2-tools busybox-static)"
+stamp="${PKGS[*]} $(cat "$HERE"/build-xen.sh "$HERE"/xen-*.sh "$HERE"/xen-domU.cfg "$HERE"/tpmbench.c "$HERE"/guest-dbus.conf | sha256sum | cut -c1-16) $(sha256sum "$VTPM" | cut -c1-16) $(dpkg-query -W -f='${Version} ' tpm2-tools busybox-static tpm2-abrmd dbus-daemon)"
 if [ -f "$OUT/stamp" ] && [ "$(cat "$OUT/stamp")" = "$stamp" ]; then exit 0; fi
 
 ( cd "$OUT/debs"
@@ -50,6 +50,12 @@ for t in getrandom pcrextend pcrread createprimary nvdefine nvwrite nvread evict
     ln -sf tpm2 "$S/usr/bin/tpm2_$t"
 done
 gcc -O2 -static -o "$S/usr/bin/tpmbench" "$HERE/tpmbench.c"
+# The guest's resource manager: tpm2-abrmd on a private system bus.
+for b in /usr/bin/dbus-daemon /usr/sbin/tpm2-abrmd; do cp "$b" "$S/usr/bin/"; copy_libs "$b" "$S"; done
+cp -L /usr/lib/x86_64-linux-gnu/libtss2-tcti-tabrmd.so.0 "$S/lib/x86_64-linux-gnu/"
+copy_libs /usr/lib/x86_64-linux-gnu/libtss2-tcti-tabrmd.so.0 "$S"
+cp "$HERE/guest-dbus.conf" "$S/etc/dbus.conf"
+printf 'root:x:0:0:root:/:/bin/sh\n' > "$S/etc/passwd"; printf 'root:x:0:\n' > "$S/etc/group"
 copy_libs "$tpm2" "$S"
 for l in libtss2-tcti-device.so.0 libtss2-tctildr.so.0; do cp -L "/usr/lib/x86_64-linux-gnu/$l" "$S/lib/x86_64-linux-gnu/"; done
 copy_libs /usr/lib/x86_64-linux-gnu/libtss2-tcti-device.so.0 "$S"

@@ -33,6 +33,24 @@ say "caps $(cat /sys/class/tpm/tpm0/caps 2>&1 | tr '\n' ';')"
 say "hwrng $(cat /sys/class/misc/hw_random/rng_current 2>&1) $(dd if=/dev/hwrng bs=16 count=1 2>/dev/null | od -An -tx1 | tr -d ' \n')"
 say "dmesg-tpm-errors $(dmesg | grep -ci 'tpm.*error')"
 dmesg | grep -i 'tpm' | sed 's/^/XVTPM-DOMU: dmesg: /' 
+# The stock driver gives no /dev/tpmrm0: tpm2-abrmd on /dev/tpm0 is the guest's resource
+# manager; two tpm2-tools clients use it at the same time.
+mkdir -p /run/dbus
+export DBUS_SYSTEM_BUS_ADDRESS=unix:path=/run/dbus/system_bus_socket
+dbus-daemon --config-file=/etc/dbus.conf --fork
+tpm2-abrmd --tcti=device:/dev/tpm0 --allow-root > /tmp/abrmd.log 2>&1 &
+ABRMD=$!
+i=0; while ! TPM2TOOLS_TCTI=tabrmd:bus_type=system tpm2_getrandom 4 >/dev/null 2>&1 && [ $i -lt 100 ]; do sleep 0.2; i=$((i+1)); done
+client() { # name: three CreatePrimary and GetRandom through abrmd
+    n=0; for k in 1 2 3; do
+        TPM2TOOLS_TCTI=tabrmd:bus_type=system tpm2_createprimary -Q -C o -G ecc -c /tmp/$1.ctx && \
+        TPM2TOOLS_TCTI=tabrmd:bus_type=system tpm2_getrandom 16 >/dev/null && n=$((n+1))
+    done; echo $n > /tmp/$1.n
+}
+client a & A=$!; client b & B=$!; wait $A; wait $B
+say "abrmd two clients: a=$(cat /tmp/a.n 2>/dev/null) b=$(cat /tmp/b.n 2>/dev/null) of 3"
+grep -i -m 3 "critical\|error" /tmp/abrmd.log | sed 's/^/XVTPM-DOMU: abrmd log: /'
+kill $ABRMD; sleep 1
 say DONE
 # Keep using the TPM while dom0 restarts the vtpm and hot-plugs a second one.
 i=0

@@ -60,6 +60,8 @@ fn xen_guest_uses_our_vtpm() {
         ctx()
     );
     assert_eq!(value("dmesg-tpm-errors"), "0", "TPM errors in the guest's dmesg; {}", ctx());
+    // tpm2-abrmd in the guest, on /dev/tpm0, serves two tpm2-tools clients at once.
+    assert!(guest("abrmd two clients: a=3 b=3 of 3"), "tpm2-abrmd; {}", ctx());
     // After destroy + create with the same uuid, the guest finds its persistent key and NV data.
     assert!(guest("evictcontrol ok") && guest("nv ok"), "{}", ctx());
     assert!(guest("phase2 persistent key ok"), "persistent key lost across the guest reboot; {}", ctx());
