@@ -184,13 +184,29 @@ impl State {
             while let Ok(f) = fatal_rx.try_recv() {
                 self.on_fatal(f);
             }
-            let Some(ev) = self.xs.next_event(Some(TICK))? else { continue };
-            if ev.token == ROOT_TOKEN {
-                match self.key_of(&ev.path) {
-                    Some(key) => self.reconcile(key),
-                    None => self.scan(),
+            let Some(first) = self.xs.next_event(Some(TICK))? else { continue };
+            // Reconcile reads the current state, so a burst of events (a flapping frontend,
+            // many devices at once) needs one pass per device, not one per event.
+            let mut keys = Vec::new();
+            let mut rescan = false;
+            let mut ev = Some(first);
+            while let Some(e) = ev {
+                if e.token == ROOT_TOKEN {
+                    match self.key_of(&e.path) {
+                        Some(key) => keys.push(key),
+                        None => rescan = true,
+                    }
+                } else if let Some(key) = parse_fe_token(&e.token) {
+                    keys.push(key);
                 }
-            } else if let Some(key) = parse_fe_token(&ev.token) {
+                ev = self.xs.next_event(Some(Duration::ZERO))?;
+            }
+            if rescan {
+                self.scan();
+            }
+            keys.sort_unstable();
+            keys.dedup();
+            for key in keys {
                 self.reconcile(key);
             }
         }

@@ -309,7 +309,7 @@ fn hostile_state_flapping() {
             fe.write("state", "6").expect("w");
             assert!(fe.wait_backend(XenbusState::InitWait, 10 * SEC), "backend back in InitWait:\n{}", be.log());
             fe.write("state", "3").expect("w");
-            assert!(fe.wait_backend(XenbusState::Connected, 10 * SEC));
+            assert!(fe.wait_backend(XenbusState::Connected, 30 * SEC), "backend not Connected:\n{}", be.log());
             assert_eq!(fe.command(b"\x03settled", 5 * SEC).expect("serves"), b"\x03settled");
             std::mem::forget(fe);
         },
