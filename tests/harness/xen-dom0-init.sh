@@ -37,16 +37,16 @@ DOMID=$(xl domid tpmguest 2>/dev/null)
 [ -n "$DOMID" ] || { cat /var/log/vtpm.log; finish FAIL; }
 mark "guest created, domid $DOMID"
 CON=/var/log/xen/console/guest-tpmguest.log
-i=0; while ! grep -q "XVTPM-DOMU: devices" $CON 2>/dev/null; do i=$((i+1)); [ $i -gt 1800 ] && break; usleep 100000; done
+i=0; while ! grep -q "XVTPM-DOMU: devices" $CON 2>/dev/null; do i=$((i+1)); [ $i -gt 4000 ] && break; usleep 100000; done
 mark "xl create to usable /dev/tpm0 in the guest: $(awk -v t0=$T0 '{print $1 - t0}' /proc/uptime) s"
-i=0; while ! grep -q "XVTPM-DOMU: DONE" $CON 2>/dev/null; do i=$((i+1)); [ $i -gt 1800 ] && break; usleep 100000; done
+i=0; while ! grep -q "XVTPM-DOMU: DONE" $CON 2>/dev/null; do i=$((i+1)); [ $i -gt 4000 ] && break; usleep 100000; done
 T1=$(cut -d' ' -f1 /proc/uptime)
 mark "guest report after $(echo "$T1 $T0" | awk '{print $1 - $2}') s:"
 grep "XVTPM-DOMU" $CON | sed 's/^/  /'
 mark "vtpm log:"; sed 's/^/  /' /var/log/vtpm.log
 last_loop() { grep -o "XVTPM-DOMU: loop [0-9]* ok" $CON | tail -n 1 | awk '{print $3}'; }
 wait_loop() { # wait until the guest reports a successful loop after number $1 matching $2
-    i=0; while [ $i -lt 600 ]; do
+    i=0; while [ $i -lt 2400 ]; do
         grep "XVTPM-DOMU: loop [0-9]* ok" $CON | awk -v n=$1 '$3 > n' | grep -q -- "$2" && return 0
         i=$((i+1)); usleep 100000
     done; return 1
@@ -65,13 +65,15 @@ serve $UUID2 /var/log/vtpm2.log --tpm1.2
 xl vtpm-attach $DOMID backend=0 uuid=$UUID2 2>&1 | sed 's/^/  xl: /'
 xl vtpm-list $DOMID 2>&1 | sed 's/^/  vtpm-list: /'
 if wait_loop $(last_loop) "/dev/tpm1"; then mark "ATTACH_OK guest sees /dev/tpm1"; else mark "ATTACH_FAILED"; fi
+# Detach only once the guest has reported on the new device (its sysfs reads take a while).
+i=0; while ! grep -q "XVTPM-DOMU: tpm1 .* pcrs" $CON && [ $i -lt 2400 ]; do i=$((i+1)); usleep 100000; done
 xl vtpm-detach $DOMID 1 2>&1 | sed 's/^/  xl: /'
 N=$(last_loop)
-i=0; while [ $i -lt 300 ]; do
+i=0; while [ $i -lt 2400 ]; do
     grep "XVTPM-DOMU: loop [0-9]* ok" $CON | awk -v n=$N '$3 > n' | grep -vq "/dev/tpm1" && break
     i=$((i+1)); usleep 100000
 done
-if [ $i -lt 300 ]; then mark "DETACH_OK /dev/tpm1 gone, backend $(xenstore-read /local/domain/0/backend/vtpm/$DOMID/1/state 2>&1)"; else mark "DETACH_FAILED"; fi
+if [ $i -lt 2400 ]; then mark "DETACH_OK /dev/tpm1 gone, backend $(xenstore-read /local/domain/0/backend/vtpm/$DOMID/1/state 2>&1)"; else mark "DETACH_FAILED"; fi
 xl vtpm-list $DOMID 2>&1 | sed 's/^/  vtpm-list: /'
 mark "guest loop (tail):"; grep "XVTPM-DOMU: loop\|XVTPM-DOMU: tpm1" $CON | tail -n 10 | sed 's/^/  /'
 xl destroy $DOMID 2>&1 | sed 's/^/  xl: /'
@@ -80,7 +82,7 @@ mark "guest destroyed; backend state $(xenstore-read /local/domain/0/backend/vtp
 xl create /etc/xen/domU.cfg 'extra="console=hvc0 loglevel=4 xvtpm.phase=2"' 2>&1 | sed 's/^/  xl: /'
 DOMID2=$(xl domid tpmguest 2>/dev/null)
 mark "guest created again, domid $DOMID2"
-i=0; while ! grep -q "XVTPM-DOMU: DONE2" $CON 2>/dev/null; do i=$((i+1)); [ $i -gt 1800 ] && break; usleep 100000; done
+i=0; while ! grep -q "XVTPM-DOMU: DONE2" $CON 2>/dev/null; do i=$((i+1)); [ $i -gt 4000 ] && break; usleep 100000; done
 grep "XVTPM-DOMU: .*phase2\|XVTPM-DOMU: DONE2" $CON | sed 's/^/  /'
 mark "vtpm log after the reboot:"; sed 's/^/  /' /var/log/vtpm.log | tail -n 6
 [ -n "$DOMID2" ] && xl destroy $DOMID2 2>&1 | sed 's/^/  xl: /'
