@@ -20,7 +20,7 @@ fn xen_guest_uses_our_vtpm() {
         .arg(harness.join("boot-xen.sh"))
         .arg(&img)
         .arg(&log)
-        .arg("2400")
+        .arg("1200")
         .status()
         .expect("boot-xen.sh");
     let console = String::from_utf8_lossy(&std::fs::read(&log).unwrap_or_default()).into_owned();
