@@ -367,6 +367,7 @@ impl State {
                 }
             },
         };
+        log::debug!("vtpm {fe}/{handle}: reconcile: frontend {fe_state:?}, backend {be_state:?}, we wrote {written:?}");
         match fe_state {
             None | Some(XenbusState::Unknown) => {
                 // Frontend gone (domain destroyed): close our end.
@@ -468,9 +469,9 @@ impl State {
         let (fe, handle) = key;
         let Some(dev) = self.devices.get(&key) else { return };
         let Some(info) = dev.info.clone() else { return };
-        if matches!(dev.written, Some(XenbusState::Closing | XenbusState::Closed)) {
-            // Closed after an error or by the toolstack: the frontend must close (and the
-            // device be online) before it may connect again.
+        if dev.written == Some(XenbusState::Closing) {
+            // Closed after a protocol error: the frontend must close before it may connect
+            // again. (An offline device never gets here: reconcile keeps it Closed.)
             return;
         }
         let fe_path = dev.fe_path.clone();
