@@ -26,6 +26,16 @@ tpm2_evictcontrol -Q -C o -c /tmp/p.ctx 0x81000001 && say "evictcontrol ok" || s
 tpm2_flushcontext -t 2>/dev/null
 printf 'xvtpm-nv' > /tmp/nv
 tpm2_nvdefine -Q 0x1500016 -C o -s 8 -a "ownerread|ownerwrite" && tpm2_nvwrite -Q 0x1500016 -C o -i /tmp/nv && say "nv ok" || say "nv FAILED"
+# Seal to PCR 16, unseal; after PCR 16 changes the unseal must be refused.
+tpm2_pcrread -Q sha256:16 -o /tmp/pcr.bin && tpm2_createpolicy -Q --policy-pcr -l sha256:16 -f /tmp/pcr.bin -L /tmp/pcr.policy
+tpm2_createprimary -Q -C o -G ecc -c /tmp/s.ctx; tpm2_flushcontext -t 2>/dev/null
+printf 'guest-secret-42' > /tmp/secret
+tpm2_create -Q -C /tmp/s.ctx -L /tmp/pcr.policy -i /tmp/secret -u /tmp/seal.pub -r /tmp/seal.priv; tpm2_flushcontext -t 2>/dev/null
+tpm2_load -Q -C /tmp/s.ctx -u /tmp/seal.pub -r /tmp/seal.priv -c /tmp/seal.ctx; tpm2_flushcontext -t 2>/dev/null
+say "unseal $(tpm2_unseal -c /tmp/seal.ctx -p pcr:sha256:16 2>&1)"; tpm2_flushcontext -t 2>/dev/null
+tpm2_pcrextend 16:sha256=0202020202020202020202020202020202020202020202020202020202020202
+if tpm2_unseal -c /tmp/seal.ctx -p pcr:sha256:16 >/dev/null 2>&1; then say "unseal after extend FAILED (it worked)"; else say "unseal refused after extend"; fi
+tpm2_flushcontext -t 2>/dev/null; tpm2_flushcontext -s 2>/dev/null
 say "bench $(tpmbench /dev/tpm0 1000 2>&1)"
 say "timeouts $(cat /sys/class/tpm/tpm0/timeouts 2>&1)"
 say "durations $(cat /sys/class/tpm/tpm0/durations 2>&1)"

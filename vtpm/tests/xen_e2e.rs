@@ -60,6 +60,9 @@ fn xen_guest_uses_our_vtpm() {
         ctx()
     );
     assert_eq!(value("dmesg-tpm-errors"), "0", "TPM errors in the guest's dmesg; {}", ctx());
+    // Sealed to PCR 16: unsealed while PCR 16 holds, refused once it changed.
+    assert!(guest("unseal guest-secret-42"), "unseal; {}", ctx());
+    assert!(guest("unseal refused after extend"), "unseal after the PCR changed; {}", ctx());
     // tpm2-abrmd in the guest, on /dev/tpm0, serves two tpm2-tools clients at once.
     assert!(guest("abrmd two clients: a=3 b=3 of 3"), "tpm2-abrmd; {}", ctx());
     // After destroy + create with the same uuid, the guest finds its persistent key and NV data.
