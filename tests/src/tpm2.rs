@@ -111,6 +111,22 @@ pub fn nv_read(index: u32, size: u16) -> Vec<u8> {
     command(TPM_ST_SESSIONS, 0x14e, &[TPM_RH_OWNER, index], &params)
 }
 
+/// TPM2_HierarchyChangeAuth(owner) with a password session holding `old`, setting `new`.
+pub fn change_owner_auth(old: &[u8], new: &[u8]) -> Vec<u8> {
+    let mut session = TPM_RS_PW.to_be_bytes().to_vec();
+    session.extend_from_slice(&[0, 0, 0]);
+    session.extend_from_slice(&tpm2b(old));
+    let mut body = TPM_RH_OWNER.to_be_bytes().to_vec();
+    body.extend_from_slice(&(session.len() as u32).to_be_bytes());
+    body.extend_from_slice(&session);
+    body.extend_from_slice(&tpm2b(new));
+    let mut cmd = TPM_ST_SESSIONS.to_be_bytes().to_vec();
+    cmd.extend_from_slice(&((10 + body.len()) as u32).to_be_bytes());
+    cmd.extend_from_slice(&0x0000_0129u32.to_be_bytes());
+    cmd.extend_from_slice(&body);
+    cmd
+}
+
 /// The response code of a response.
 pub fn rc(rsp: &[u8]) -> u32 {
     rsp.get(6..10).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]])).unwrap_or(u32::MAX)

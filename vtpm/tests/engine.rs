@@ -36,23 +36,6 @@ fn rc(rsp: &[u8]) -> u32 {
 const TPM2_STARTUP_CLEAR: [u8; 12] = [0x80, 0x01, 0, 0, 0, 0x0c, 0, 0, 0x01, 0x44, 0, 0];
 const TPM2_GETRANDOM_16: [u8; 12] = [0x80, 0x01, 0, 0, 0, 0x0c, 0, 0, 0x01, 0x7b, 0, 0x10];
 
-/// TPM2_HierarchyChangeAuth(owner) with a password session holding `old`, setting `new`.
-fn change_owner_auth(old: &[u8], new: &[u8]) -> Vec<u8> {
-    let mut session = vec![0x40, 0, 0, 0x09, 0, 0, 0];
-    session.extend_from_slice(&(old.len() as u16).to_be_bytes());
-    session.extend_from_slice(old);
-    let mut body = vec![0x40, 0, 0, 0x01];
-    body.extend_from_slice(&(session.len() as u32).to_be_bytes());
-    body.extend_from_slice(&session);
-    body.extend_from_slice(&(new.len() as u16).to_be_bytes());
-    body.extend_from_slice(new);
-    let mut cmd = vec![0x80, 0x02];
-    cmd.extend_from_slice(&((10 + body.len()) as u32).to_be_bytes());
-    cmd.extend_from_slice(&0x0000_0129u32.to_be_bytes());
-    cmd.extend_from_slice(&body);
-    cmd
-}
-
 #[test]
 fn tpm2_commands_and_persistence_across_restarts() {
     let _turn = TURN.lock().unwrap_or_else(|p| p.into_inner());
@@ -67,8 +50,12 @@ fn tpm2_commands_and_persistence_across_restarts() {
         let r2 = tpm.process(0, &TPM2_GETRANDOM_16).expect("getrandom");
         assert_eq!((rc(&r1), r1.len()), (0, 10 + 2 + 16));
         assert_ne!(r1[12..], r2[12..], "random bytes differ");
-        assert_eq!(rc(&tpm.process(0, &change_owner_auth(b"", b"s3cret")).expect("change auth")), 0);
-        assert_ne!(rc(&tpm.process(0, &change_owner_auth(b"", b"x")).expect("wrong auth")), 0, "old password refused");
+        assert_eq!(rc(&tpm.process(0, &xvtpm_tests::tpm2::change_owner_auth(b"", b"s3cret")).expect("change auth")), 0);
+        assert_ne!(
+            rc(&tpm.process(0, &xvtpm_tests::tpm2::change_owner_auth(b"", b"x")).expect("wrong auth")),
+            0,
+            "old password refused"
+        );
         tpm.shutdown();
     }
     assert!(store.clone().load("tpm2-permall").expect("load").is_some(), "permanent state stored");
@@ -76,8 +63,16 @@ fn tpm2_commands_and_persistence_across_restarts() {
     let mut tpm = engine(TpmVersion::V2_0, &store, false).expect("engine");
     tpm.init(false).expect("init from stored state");
     assert_eq!(rc(&tpm.process(0, &TPM2_STARTUP_CLEAR).expect("startup")), 0);
-    assert_ne!(rc(&tpm.process(0, &change_owner_auth(b"", b"x")).expect("cmd")), 0, "empty password still refused");
-    assert_eq!(rc(&tpm.process(0, &change_owner_auth(b"s3cret", b"")).expect("cmd")), 0, "stored password works");
+    assert_ne!(
+        rc(&tpm.process(0, &xvtpm_tests::tpm2::change_owner_auth(b"", b"x")).expect("cmd")),
+        0,
+        "empty password still refused"
+    );
+    assert_eq!(
+        rc(&tpm.process(0, &xvtpm_tests::tpm2::change_owner_auth(b"s3cret", b"")).expect("cmd")),
+        0,
+        "stored password works"
+    );
     let blob = tpm.get_state(StateKind::Permanent).expect("blob");
     assert!(blob.len() > 1000, "permanent blob of {} bytes", blob.len());
 }

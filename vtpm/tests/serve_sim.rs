@@ -16,23 +16,6 @@ fn rc(rsp: &[u8]) -> u32 {
     u32::from_be_bytes([rsp[6], rsp[7], rsp[8], rsp[9]])
 }
 
-/// TPM2_HierarchyChangeAuth(owner) with a password session holding `old`, setting `new`.
-fn change_owner_auth(old: &[u8], new: &[u8]) -> Vec<u8> {
-    let mut session = vec![0x40, 0, 0, 0x09, 0, 0, 0];
-    session.extend_from_slice(&(old.len() as u16).to_be_bytes());
-    session.extend_from_slice(old);
-    let mut body = vec![0x40, 0, 0, 0x01];
-    body.extend_from_slice(&(session.len() as u32).to_be_bytes());
-    body.extend_from_slice(&session);
-    body.extend_from_slice(&(new.len() as u16).to_be_bytes());
-    body.extend_from_slice(new);
-    let mut cmd = vec![0x80, 0x02];
-    cmd.extend_from_slice(&((10 + body.len()) as u32).to_be_bytes());
-    cmd.extend_from_slice(&0x0000_0129u32.to_be_bytes());
-    cmd.extend_from_slice(&body);
-    cmd
-}
-
 struct Proc(Child, PathBuf);
 
 impl Proc {
@@ -101,7 +84,7 @@ fn guest_uses_the_vtpm_and_state_survives_restarts() {
     // The vTPM is started (TPM2_Startup was sent by vtpm serve): GetRandom works at once.
     let r = fe.transmit(&[0x80, 0x01, 0, 0, 0, 0x0c, 0, 0, 0x01, 0x7b, 0, 0x10]).expect("getrandom");
     assert_eq!((rc(&r), r.len()), (0, 28), "{r:02x?}");
-    assert_eq!(rc(&fe.transmit(&change_owner_auth(b"", b"guest-secret")).expect("cmd")), 0);
+    assert_eq!(rc(&fe.transmit(&xvtpm_tests::tpm2::change_owner_auth(b"", b"guest-secret")).expect("cmd")), 0);
     fe.close().expect("close");
     drop(vtpm);
 
@@ -109,8 +92,16 @@ fn guest_uses_the_vtpm_and_state_survives_restarts() {
     let vtpm = serve(host.dir(), &state, &key, 2);
     wait_for(&vtpm, "watching");
     let mut fe = Frontend::connect(&host.xen(5), cfg).expect("guest reconnects");
-    assert_ne!(rc(&fe.transmit(&change_owner_auth(b"", b"x")).expect("cmd")), 0, "empty password refused");
-    assert_eq!(rc(&fe.transmit(&change_owner_auth(b"guest-secret", b"")).expect("cmd")), 0, "kept password works");
+    assert_ne!(
+        rc(&fe.transmit(&xvtpm_tests::tpm2::change_owner_auth(b"", b"x")).expect("cmd")),
+        0,
+        "empty password refused"
+    );
+    assert_eq!(
+        rc(&fe.transmit(&xvtpm_tests::tpm2::change_owner_auth(b"guest-secret", b"")).expect("cmd")),
+        0,
+        "kept password works"
+    );
     fe.close().expect("close");
     let be_state = xs.read_string(TxId::NONE, "/local/domain/0/backend/vtpm/5/0/state").expect("state");
     assert_eq!(be_state, XenbusState::InitWait.as_str(), "waits for the guest again");
