@@ -31,7 +31,6 @@ pub const TPM2_SEND_COMMAND: u32 = 8;
 pub const TPM_HEADER_SIZE: usize = 10;
 const TPM2_ST_NO_SESSIONS: u16 = 0x8001;
 const TPM2_ST_SESSIONS: u16 = 0x8002;
-const TPM_TAG_RSP_COMMAND: u16 = 0x00c4;
 const TCG_PREFIX_SIZE: usize = 9;
 const DEFAULT_BUFFER_SIZE: u32 = 4096;
 
@@ -153,29 +152,11 @@ pub fn startup_command(version: TpmVersion, startup: StartupType) -> Result<Vec<
     Ok(c)
 }
 
-/// A 10-byte TPM response carrying only `code`, tagged for `version`, as swtpm writes its own
-/// error responses.
-pub fn error_response(version: TpmVersion, code: u32) -> Vec<u8> {
-    let tag = match version {
-        TpmVersion::V2_0 => TPM2_ST_NO_SESSIONS,
-        TpmVersion::V1_2 => TPM_TAG_RSP_COMMAND,
-    };
-    let mut r = Vec::with_capacity(TPM_HEADER_SIZE);
-    r.extend_from_slice(&tag.to_be_bytes());
-    r.extend_from_slice(&(TPM_HEADER_SIZE as u32).to_be_bytes());
-    r.extend_from_slice(&code.to_be_bytes());
-    r
-}
+pub use crate::engine::error_response;
 
 /// The response swtpm sends to data-channel commands while the TPM is off.
 pub fn fatal_error_response(version: TpmVersion) -> Vec<u8> {
-    error_response(
-        version,
-        match version {
-            TpmVersion::V2_0 => rc::TPM_RC_FAILURE,
-            TpmVersion::V1_2 => rc::TPM_FAIL,
-        },
-    )
+    error_response(version, crate::engine::failure_rc(version))
 }
 
 fn size_error_code(version: TpmVersion) -> u32 {
@@ -658,20 +639,26 @@ impl Shared {
         }
     }
 
-    fn accept_data_loop(&self, listener: &Listener) {
+    /// The next connection on `listener`; `None` once the server is ending. Accept errors
+    /// (e.g. out of descriptors) are logged and retried after a pause.
+    fn accept_next(&self, listener: &Listener, what: &str) -> Option<(Stream, String)> {
         loop {
             let accepted = listener.accept();
             if self.ctl.terminating() {
-                return;
+                return None;
             }
-            let (stream, peer) = match accepted {
-                Ok(a) => a,
+            match accepted {
+                Ok(a) => return Some(a),
                 Err(e) => {
-                    log::warn!("accepting a data connection failed: {e}");
+                    log::warn!("accepting a {what} connection failed: {e}");
                     std::thread::sleep(Duration::from_millis(100));
-                    continue;
                 }
-            };
+            }
+        }
+    }
+
+    fn accept_data_loop(&self, listener: &Listener) {
+        while let Some((stream, peer)) = self.accept_next(listener, "data") {
             let mut h = lock(&self.ctl.handoff);
             while h.accepted.is_some() && !self.ctl.terminating() {
                 h = self.ctl.handoff_cv.wait(h).unwrap_or_else(PoisonError::into_inner);
@@ -1149,19 +1136,7 @@ impl Shared {
     }
 
     fn ctrl_loop(&self, listener: &Listener) {
-        loop {
-            let accepted = listener.accept();
-            if self.ctl.terminating() {
-                return;
-            }
-            let (stream, peer) = match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    log::warn!("accepting a control connection failed: {e}");
-                    std::thread::sleep(Duration::from_millis(100));
-                    continue;
-                }
-            };
+        while let Some((stream, peer)) = self.accept_next(listener, "control") {
             let end = self.ctl.track(&self.ctl.active_ctrl, &stream) && self.serve_ctrl(stream, &peer);
             *lock(&self.ctl.active_ctrl) = None;
             if end || self.ctl.terminating() {
