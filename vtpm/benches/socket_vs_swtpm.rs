@@ -2,7 +2,8 @@
 //! TPM 2.0 commands over the TCP data channel, CreatePrimary(ECC P-256), and the RSS of an idle
 //! instance.
 //!
-//! Run: `cargo bench -p xvtpm-vtpm --bench socket_vs_swtpm` (env `ITERS`, default 3000).
+//! Run: `cargo bench -p xvtpm-vtpm --bench socket_vs_swtpm` (env `ITERS`, default 3000;
+//! `BENCH_NO_PIN=1` leaves client and servers unpinned).
 //! Needs Debian's swtpm (`apt-get install swtpm`).
 
 use std::path::Path;
@@ -25,10 +26,18 @@ impl Drop for Server {
     }
 }
 
-fn spawn(name: &'static str, exe: &str, state: &Path, port: u16, extra: &[&str]) -> anyhow::Result<Server> {
+fn spawn(name: &'static str, exe: &str, state: &Path, port: u16, pin: bool) -> anyhow::Result<Server> {
     std::fs::create_dir_all(state)?;
-    let child = Command::new(exe)
-        .args(extra)
+    let mut cmd = match pin {
+        // The servers share CPU 1; the client runs on CPU 0 (see `main`).
+        true => {
+            let mut c = Command::new("taskset");
+            c.args(["-c", "1", exe]);
+            c
+        }
+        false => Command::new(exe),
+    };
+    let child = cmd
         .arg("socket")
         .arg("--tpm2")
         .args(["--server", &format!("type=tcp,port={port}")])
@@ -51,6 +60,22 @@ fn spawn(name: &'static str, exe: &str, state: &Path, port: u16, extra: &[&str])
     anyhow::bail!("{name} did not start on port {port}")
 }
 
+/// Pinning makes the figures repeatable: unpinned, the scheduler's placement of client and
+/// server (same CPU or not) swings every median by 2x from run to run on a 2-core machine.
+fn pinned() -> bool {
+    std::thread::available_parallelism().map(|n| n.get() >= 2).unwrap_or(false)
+        && std::env::var_os("BENCH_NO_PIN").is_none()
+}
+
+/// Puts the calling thread on `cpu`.
+fn pin_self(cpu: u32) -> anyhow::Result<()> {
+    let tid = std::fs::read_link("/proc/thread-self")?;
+    let tid = tid.file_name().and_then(|t| t.to_str()).unwrap_or_default().to_string();
+    let st = Command::new("taskset").args(["-pc", &cpu.to_string(), &tid]).stdout(Stdio::null()).status()?;
+    anyhow::ensure!(st.success(), "taskset -pc {cpu} {tid} failed");
+    Ok(())
+}
+
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
@@ -60,28 +85,47 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-fn median_of(t: &mut TcpTpm, cmd: &[u8], iters: usize, after: impl Fn(&mut TcpTpm, &[u8])) -> anyhow::Result<Duration> {
-    let mut samples = Vec::with_capacity(iters);
-    for i in 0..iters + iters / 10 {
-        let start = Instant::now();
-        let rsp = t.transmit(cmd)?;
-        let took = start.elapsed();
-        anyhow::ensure!(tpm2::rc(&rsp) == 0, "command failed: rc {:#x}", tpm2::rc(&rsp));
-        after(t, &rsp);
-        if i >= iters / 10 {
-            samples.push(took);
+/// Medians for both servers, interleaved in blocks: 100 commands back to back to one server,
+/// then 100 to the other (alternating which goes first), so both see the same machine noise
+/// while each still sees a client that sends its commands back to back.
+fn medians(
+    clients: &mut [TcpTpm],
+    cmd: &[u8],
+    iters: usize,
+    after: impl Fn(&mut TcpTpm, &[u8]),
+) -> anyhow::Result<Vec<Duration>> {
+    const BLOCK: usize = 100;
+    let warmup = iters / 10;
+    let mut samples = vec![Vec::with_capacity(iters); clients.len()];
+    for round in 0..(iters + warmup).div_ceil(BLOCK) {
+        for k in 0..clients.len() {
+            let j = (k + round) % clients.len();
+            let t = &mut clients[j];
+            for i in round * BLOCK..(round + 1) * BLOCK {
+                let start = Instant::now();
+                let rsp = t.transmit(cmd)?;
+                let took = start.elapsed();
+                anyhow::ensure!(tpm2::rc(&rsp) == 0, "command failed: rc {:#x}", tpm2::rc(&rsp));
+                after(t, &rsp);
+                if i >= warmup {
+                    samples[j].push(took);
+                }
+            }
         }
     }
-    Ok(percentiles(&mut samples).0)
+    Ok(samples.iter_mut().map(|s| percentiles(s).0).collect())
 }
 
 /// The floor under both servers: a 10-byte ping-pong over TCP loopback with a trivial echo
 /// thread (no TPM, no parsing).
-fn tcp_floor(iters: usize) -> anyhow::Result<Duration> {
+fn tcp_floor(iters: usize, pin: bool) -> anyhow::Result<Duration> {
     use std::io::{Read, Write};
     let listener = std::net::TcpListener::bind(("127.0.0.1", 0))?;
     let port = listener.local_addr()?.port();
-    let echo = std::thread::spawn(move || -> std::io::Result<()> {
+    let echo = std::thread::spawn(move || -> anyhow::Result<()> {
+        if pin {
+            pin_self(1)?;
+        }
         let (mut s, _) = listener.accept()?;
         s.set_nodelay(true)?;
         let mut b = [0u8; 10];
@@ -112,18 +156,26 @@ fn main() -> anyhow::Result<()> {
     let dir = std::env::temp_dir().join(format!("xvtpm-bench-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
+    // Decided once: after pinning, this thread sees a single CPU.
+    let pin = pinned();
+    if pin {
+        pin_self(0)?;
+    }
     let base = 30000 + (std::process::id() % 10000) as u16 * 2;
     // Ours: create the state first (our socket mode never creates a TPM on its own).
     let ours_state = dir.join("ours");
     let st = Command::new(env!("CARGO_BIN_EXE_vtpm")).arg("create").arg("--state-dir").arg(&ours_state).output()?;
     anyhow::ensure!(st.status.success(), "vtpm create: {}", String::from_utf8_lossy(&st.stderr));
     let servers = [
-        spawn("swtpm 0.7 (Debian)", "swtpm", &dir.join("swtpm"), base, &[])?,
-        spawn("xvtpm vtpm", env!("CARGO_BIN_EXE_vtpm"), &ours_state, base + 2, &[])?,
+        spawn("swtpm 0.7 (Debian)", "swtpm", &dir.join("swtpm"), base, pin)?,
+        spawn("xvtpm vtpm", env!("CARGO_BIN_EXE_vtpm"), &ours_state, base + 2, pin)?,
     ];
     std::thread::sleep(Duration::from_millis(300));
     let idle: Vec<u64> = servers.iter().map(|s| rss_kib(s.child.id())).collect();
-    println!("TPM 2.0 over the TCP data channel, one connection, TCP_NODELAY, {iters} iterations (CreatePrimary: {}), medians", iters / 20);
+    println!("TPM 2.0 over the TCP data channel, one connection each, TCP_NODELAY, {iters} iterations interleaved in blocks of 100 (CreatePrimary: {}), medians", iters / 20);
+    if pin {
+        println!("client on CPU 0, both servers on CPU 1");
+    }
     println!("{:<34} {:>14} {:>14} {:>8}", "command", servers[0].name, servers[1].name, "ratio");
     let digest = [0x5au8; 32];
     type Row = (&'static str, Vec<u8>, usize);
@@ -140,12 +192,12 @@ fn main() -> anyhow::Result<()> {
                 let _ = t.transmit(&tpm2::flush_context(h));
             }
         };
-        let a = median_of(&mut clients[0], &cmd, n, flush)?;
-        let b = median_of(&mut clients[1], &cmd, n, flush)?;
+        let m = medians(&mut clients, &cmd, n, flush)?;
+        let (a, b) = (m[0], m[1]);
         let us = |d: Duration| format!("{:.1} µs", d.as_secs_f64() * 1e6);
         println!("{label:<34} {:>14} {:>14} {:>7.2}x", us(a), us(b), b.as_secs_f64() / a.as_secs_f64());
     }
-    let floor = tcp_floor(iters)?;
+    let floor = tcp_floor(iters, pin)?;
     println!(
         "{:<34} {:>14} (the transport floor under both)",
         "TCP loopback echo, no TPM",

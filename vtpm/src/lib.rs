@@ -12,6 +12,8 @@ pub mod fdpass;
 #[allow(unsafe_code)]
 pub mod libtpms;
 pub mod linux_probe;
+#[allow(unsafe_code)]
+pub mod nowait;
 pub mod state;
 pub mod swtpm;
 pub mod tpmif;

@@ -183,6 +183,8 @@ fn usage() -> String {
      -t|--terminate         : end when the data connection is lost\n\
      -r|--runas <user>      : accepted only for the current user\n\
      --seccomp action=none|kill|log : accepted and ignored\n\
+     --poll-us <n>          : (ours) after answering, poll <n> µs for the next command\n\
+                              before sleeping (default 50; 0: never poll)\n\
      --print-capabilities   : print the supported features as JSON\n\
      --version              : print the version\n\
      -h|--help              : this text\n"
@@ -565,6 +567,13 @@ fn parse_with_env(args: &[String], env: &dyn Fn(&str) -> Option<String>) -> Resu
             "--flags" => flags = Some(value()?),
             "-r" | "--runas" => runas = Some(value()?),
             "--seccomp" => seccomp = Some(value()?),
+            // Ours, not swtpm's: see ServerConfig::poll.
+            "--poll-us" => {
+                let v = value()?;
+                let us = v.trim().parse::<u64>().ok().filter(|&us| us <= 1_000_000);
+                let us = us.ok_or_else(|| cfg_err(format!("--poll-us: '{v}' is not a number of µs up to 1000000")))?;
+                inv.server.poll = std::time::Duration::from_micros(us);
+            }
             n if n.starts_with('-') => return Err(cfg_err(format!("unknown option '{n}'"))),
             n => return Err(cfg_err(format!("unknown parameter '{n}'"))),
         }
@@ -838,6 +847,21 @@ mod tests {
         let inv =
             parse(&["socket", "--tpmstate", "dir=/s", "-p", "1", "--flags", "startup-deactivated"]).expect("TPM 1.2");
         assert_eq!(inv.server.startup, Some(StartupType::Deactivated));
+    }
+
+    #[test]
+    fn poll_option() {
+        let base = ["socket", "--tpmstate", "dir=/s", "-p", "1"];
+        let inv = parse(&base).expect("parses");
+        assert_eq!(inv.server.poll, std::time::Duration::from_micros(50));
+        let inv = parse(&[&base[..], &["--poll-us", "0"]].concat()).expect("parses");
+        assert!(inv.server.poll.is_zero());
+        let inv = parse(&[&base[..], &["--poll-us=200"]].concat()).expect("parses");
+        assert_eq!(inv.server.poll, std::time::Duration::from_micros(200));
+        for bad in ["-1", "x", "2000000"] {
+            let e = parse(&[&base[..], &["--poll-us", bad]].concat()).expect_err("refused").to_string();
+            assert!(e.contains("--poll-us"), "{e}");
+        }
     }
 
     #[test]

@@ -79,6 +79,14 @@ impl Stream {
         };
     }
 
+    /// Polls for up to `budget` without sleeping; see [`crate::nowait::poll_recv`].
+    pub(crate) fn poll_read(&self, buf: &mut [u8], budget: Duration) -> Option<usize> {
+        match self {
+            Stream::Tcp(s) => crate::nowait::poll_recv(s, buf, budget),
+            Stream::Unix(s) => crate::nowait::poll_recv(s, buf, budget),
+        }
+    }
+
     pub(crate) fn as_unix(&self) -> Option<&UnixStream> {
         match self {
             Stream::Unix(s) => Some(s),

@@ -88,6 +88,10 @@ pub struct ServerConfig {
     pub ctrl_timeout: Duration,
     /// The largest state blob SET_STATEBLOB accepts.
     pub max_state_blob: usize,
+    /// After answering, how long to keep polling the data socket for the client's next
+    /// command before sleeping in `read` (zero: never poll). A client sending commands back to
+    /// back then skips our wake-up; an idle one costs this much CPU once.
+    pub poll: Duration,
     /// Enables CMD_SET_DATAFD on Unix control sockets; see [`FdReceiver`].
     pub fd_receiver: Option<FdReceiver>,
 }
@@ -107,6 +111,7 @@ impl Default for ServerConfig {
             data_timeout: Duration::from_secs(2),
             ctrl_timeout: Duration::from_millis(500),
             max_state_blob: 16 << 20,
+            poll: Duration::from_micros(50),
             fd_receiver: None,
         }
     }
@@ -125,6 +130,7 @@ impl std::fmt::Debug for ServerConfig {
             .field("terminate_on_ctrl_disconnect", &self.terminate_on_ctrl_disconnect)
             .field("file_key", &self.file_key)
             .field("data_timeout", &self.data_timeout)
+            .field("poll", &self.poll)
             .field("ctrl_timeout", &self.ctrl_timeout)
             .field("max_state_blob", &self.max_state_blob)
             .field("fd_receiver", &self.fd_receiver.as_ref().map(|_| "set"))
@@ -427,6 +433,9 @@ impl Shared {
         // blocking read, no timeout syscalls.
         let mut buf = vec![0u8; max.max(TPM_HEADER_SIZE) + TCG_PREFIX_SIZE + 1];
         let mut got = loop {
+            if let Some(n) = s.poll_read(&mut buf, self.cfg.poll) {
+                break n;
+            }
             // An idle client may wait as long as it likes before a command.
             match io::Read::read(s, &mut buf) {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
