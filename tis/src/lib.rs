@@ -1,1 +1,31 @@
-//! Hardware TPM driver (TIS / PTP FIFO / CRB). Built in a later issue.
+//! The hardware TPM driver: TIS 1.2 FIFO, the TPM 2.0 PTP FIFO and CRB, over an [`Mmio`]
+//! window (real through `/dev/mem`, or a register model in tests), and the [`HwTpm`] trait the
+//! manager uses, implemented by this driver, by the kernel's `/dev/tpmrm0` and by a socket to
+//! swtpm.
+//!
+//! A broken or hostile TPM never hangs the driver: every wait is bounded by the interface
+//! timeouts (A-D) or the command's duration, and every response length is checked.
+
+pub mod clock;
+pub mod command;
+pub mod crb;
+#[allow(unsafe_code)]
+pub mod devmem;
+pub mod devtpm;
+pub mod error;
+pub mod fifo;
+pub mod fuzz;
+pub mod hwtpm;
+pub mod mmio;
+pub mod model;
+pub mod regs;
+pub mod swtpm;
+pub mod timeouts;
+#[allow(clippy::module_inception)]
+pub mod tis;
+
+pub use clock::{Clock, FakeClock, SystemClock};
+pub use error::{Error, Result};
+pub use hwtpm::{Family, HwTpm};
+pub use mmio::Mmio;
+pub use tis::{DeviceInfo, Interface, Tis};
