@@ -30,6 +30,8 @@ pub struct CrbBuffers {
 #[derive(Debug)]
 pub struct Crb<M, C> {
     mmio: M,
+    /// INTF_ID.CapLocality: localities other than 0 exist.
+    localities: bool,
     clock: C,
     timeouts: Timeouts,
     durations: Durations,
@@ -37,9 +39,11 @@ pub struct Crb<M, C> {
 
 impl<M: Mmio, C: Clock> Crb<M, C> {
     /// A driver with the PTP's default timeouts.
-    pub fn new(mmio: M, clock: C) -> Self {
+    pub fn new(mut mmio: M, clock: C) -> Self {
+        let localities = mmio.read32(loc_reg(0, INTF_ID_LO)) & INTF_CAP_LOCALITY != 0;
         Self {
             mmio,
+            localities,
             clock,
             timeouts: Timeouts::default_for(Family::Tpm20),
             durations: Durations::default_for(Family::Tpm20),
@@ -83,6 +87,12 @@ impl<M: Mmio, C: Clock> Crb<M, C> {
     pub fn request_locality(&mut self, loc: u8) -> Result<()> {
         if loc >= LOCALITIES {
             return Err(Error::Locality { locality: loc, why: "localities are 0 to 4" });
+        }
+        if loc != 0 && !self.localities {
+            return Err(Error::Locality {
+                locality: loc,
+                why: "this CRB implements locality 0 only (INTF_ID.CapLocality is 0)",
+            });
         }
         // LOC_STATE reads the same from every locality page.
         let state = self.mmio.read32(loc_reg(0, LOC_STATE));

@@ -19,6 +19,7 @@ pub mod hwtpm;
 pub mod mmio;
 pub mod model;
 pub mod regs;
+pub mod selftest;
 pub mod swtpm;
 pub mod timeouts;
 #[allow(clippy::module_inception)]

@@ -37,6 +37,8 @@ pub struct Faults {
     pub extra: usize,
     /// CRB: reports a fatal error after a command.
     pub fatal: bool,
+    /// CRB: reports CapLocality 0 (locality 0 only), as QEMU's tpm-crb.
+    pub crb_locality0_only: bool,
     /// CRB: puts the command buffer at this physical address.
     pub crb_cmd_addr: Option<u64>,
 }
@@ -416,7 +418,12 @@ impl CrbModel {
                 s
             }
             crb::LOC_STS => u32::from(self.active == Some(loc)) * crb::LOC_STS_GRANTED,
-            crb::INTF_ID_LO => intf::TYPE_CRB | 1 << 14 | 0x01 << 24,
+            crb::INTF_ID_LO => {
+                intf::TYPE_CRB
+                    | 1 << 14
+                    | 0x01 << 24
+                    | u32::from(!self.faults.crb_locality0_only) * crb::INTF_CAP_LOCALITY
+            }
             crb::INTF_ID_HI => 0x0001_1014,
             crb::CTRL_REQ => u32::from(self.cmd_ready_pending) * crb::CTRL_REQ_CMD_READY,
             crb::CTRL_STS => u32::from(self.fatal) * crb::CTRL_STS_FATAL + u32::from(!self.ready) * crb::CTRL_STS_IDLE,

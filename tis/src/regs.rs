@@ -102,6 +102,8 @@ pub mod crb {
     pub const RSP_ADDR_LO: u32 = 0x68;
     /// High half of RSP_ADDR.
     pub const RSP_ADDR_HI: u32 = 0x6C;
+    /// INTF_ID: CapLocality (localities 1-4 exist).
+    pub const INTF_CAP_LOCALITY: u32 = 1 << 8;
     /// The data buffer's usual place in the locality page.
     pub const DATA_BUFFER: u32 = 0x80;
 

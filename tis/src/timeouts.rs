@@ -111,16 +111,14 @@ impl Durations {
     /// How long `ordinal` may run.
     pub fn for_ordinal(&self, family: Family, ordinal: u32) -> Duration {
         match family {
+            // Linux's table (tpm2_ordinal_duration_index).
             Family::Tpm20 => match ordinal {
-                // CreatePrimary, Create, CreateLoaded: key generation.
-                0x131 | 0x153 | 0x191 => self.long_long,
-                // SelfTest, GetRandom, sequences, VerifySignature, HierarchyControl,
-                // HierarchyChangeAuth, NV_Read, Sign, Quote.
-                0x143 | 0x17B | 0x15C | 0x13E | 0x185 | 0x186 | 0x177 | 0x121 | 0x129 | 0x14E | 0x15D | 0x158 => {
-                    self.long
-                }
-                // Startup, PCR_Extend, GetCapability, PCR_Read, Shutdown.
-                0x144 | 0x182 | 0x17A | 0x17E | 0x145 => self.medium,
+                // VerifySignature, CreatePrimary, Create, CreateLoaded.
+                0x177 | 0x131 | 0x153 | 0x191 => self.long_long,
+                // SelfTest, GetRandom, HierarchyControl, HierarchyChangeAuth, NV_Read.
+                0x143 | 0x17B | 0x121 | 0x129 | 0x14E => self.long,
+                // Startup, sequences, PCR_Extend, GetCapability.
+                0x144 | 0x15C | 0x13E | 0x185 | 0x186 | 0x182 | 0x17A => self.medium,
                 // Everything else: Linux's TPM2 default of 120 s, bounded by long_long.
                 _ => ms(120_000).min(self.long_long),
             },

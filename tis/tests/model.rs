@@ -77,6 +77,14 @@ fn large_commands_and_localities() {
     assert_eq!(&rsp[10..], &cmd[10..]);
     assert_eq!(tis.mmio_mut().executed.last().map(|(l, _)| *l), Some(3));
     assert!(matches!(tis.transmit(5, &GET_RANDOM_16), Err(Error::Locality { locality: 5, .. })));
+    // A CRB without CapLocality (QEMU's) refuses other localities at once.
+    let clock = FakeClock::new();
+    let mut model = CrbModel::new(clock.clone(), simple_backend(Family::Tpm20));
+    model.faults.crb_locality0_only = true;
+    let mut only0 = Tis::probe(model, clock.clone()).expect("probe");
+    let e = timed(&clock, Duration::ZERO, SLACK, || only0.transmit(2, &GET_RANDOM_16)).expect_err("locality 2");
+    assert!(matches!(e, Error::Locality { locality: 2, .. }), "{e}");
+    only0.transmit(0, &GET_RANDOM_16).expect("locality 0");
     assert!(matches!(tis.transmit(0, &big_command(4000)), Err(Error::BadCommand { .. })), "CRB buffer is 3968");
 }
 
