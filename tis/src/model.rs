@@ -419,10 +419,8 @@ impl CrbModel {
             }
             crb::LOC_STS => u32::from(self.active == Some(loc)) * crb::LOC_STS_GRANTED,
             crb::INTF_ID_LO => {
-                intf::TYPE_CRB
-                    | 1 << 14
-                    | 0x01 << 24
-                    | u32::from(!self.faults.crb_locality0_only) * crb::INTF_CAP_LOCALITY
+                let cap_locality = if self.faults.crb_locality0_only { 0 } else { crb::INTF_CAP_LOCALITY };
+                intf::TYPE_CRB | (1 << 14) | (0x01 << 24) | cap_locality
             }
             crb::INTF_ID_HI => 0x0001_1014,
             crb::CTRL_REQ => u32::from(self.cmd_ready_pending) * crb::CTRL_REQ_CMD_READY,
