@@ -177,27 +177,43 @@ impl<M: Mmio, C: Clock> Crb<M, C> {
         Ok(())
     }
 
+    /// Copies into the buffer: bytes up to a 4-byte boundary, then 32-bit words, then bytes
+    /// (32-bit accesses must be aligned).
     fn write_buf(&mut self, at: u32, data: &[u8]) {
-        let mut chunks = data.chunks_exact(4);
+        let head = ((4 - at % 4) % 4) as usize;
+        let (head, rest) = data.split_at(head.min(data.len()));
         let mut off = at;
-        for c in &mut chunks {
+        for &b in head {
+            self.mmio.write8(off, b);
+            off += 1;
+        }
+        let mut words = rest.chunks_exact(4);
+        for c in &mut words {
             self.mmio.write32(off, u32::from_le_bytes([c[0], c[1], c[2], c[3]]));
             off += 4;
         }
-        for &b in chunks.remainder() {
+        for &b in words.remainder() {
             self.mmio.write8(off, b);
             off += 1;
         }
     }
 
+    /// Copies out of the buffer, with the same alignment rule as [`Self::write_buf`].
     fn read_buf(&mut self, at: u32, out: &mut [u8]) {
+        let head = ((4 - at % 4) % 4) as usize;
+        let split = head.min(out.len());
+        let (head, rest) = out.split_at_mut(split);
         let mut off = at;
-        let mut chunks = out.chunks_exact_mut(4);
-        for c in &mut chunks {
+        for b in head {
+            *b = self.mmio.read8(off);
+            off += 1;
+        }
+        let mut words = rest.chunks_exact_mut(4);
+        for c in &mut words {
             c.copy_from_slice(&self.mmio.read32(off).to_le_bytes());
             off += 4;
         }
-        for b in chunks.into_remainder() {
+        for b in words.into_remainder() {
             *b = self.mmio.read8(off);
             off += 1;
         }

@@ -400,6 +400,10 @@ impl CrbModel {
         if loc >= LOCALITIES {
             return u32::MAX;
         }
+        if width == 4 && !off.is_multiple_of(4) {
+            // Like /dev/mem through DevMem: unaligned words do not exist.
+            return u32::MAX;
+        }
         if reg >= crb::DATA_BUFFER && loc == 0 {
             let at = (reg - crb::DATA_BUFFER) as usize;
             let mut v = 0u32;
@@ -444,6 +448,9 @@ impl CrbModel {
         self.tick();
         let (loc, reg) = ((off / LOCALITY_STRIDE) as u8, off % LOCALITY_STRIDE);
         if loc >= LOCALITIES {
+            return;
+        }
+        if width == 4 && !off.is_multiple_of(4) {
             return;
         }
         if reg >= crb::DATA_BUFFER && loc == 0 {

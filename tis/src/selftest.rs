@@ -233,6 +233,17 @@ fn check_tpm2(r: &mut Run<'_>) {
 
 fn check_tpm12(r: &mut Run<'_>) {
     r.rc("startup_rc", 0, &tpm12::startup_clear());
+    // What the TPM reports of its timing, in µs, for comparison with what the driver uses.
+    use crate::command::probe;
+    for (k, sub) in
+        [("reported_timeouts_us", probe::TPM12_PROP_TIS_TIMEOUT), ("reported_durations_us", probe::TPM12_PROP_DURATION)]
+    {
+        if let Some(rsp) = r.send(k, 0, &probe::tpm12_get_property(sub)) {
+            let n = if sub == probe::TPM12_PROP_TIS_TIMEOUT { 4 } else { 3 };
+            let vals: Vec<String> = (0..n).filter_map(|i| be32(&rsp, 14 + 4 * i)).map(|v| v.to_string()).collect();
+            r.put(k, vals.join(","));
+        }
+    }
     r.value("getrandom_l0", 0, &tpm12::get_random(16), |x| x.get(14..30));
     r.value("pcr16_before", 0, &tpm12::pcr_read(16), tail(20));
     r.value("pcr16_extend_l0", 0, &tpm12::extend(16, &[EXTEND_DIGEST_BYTE; 20]), tail(20));
