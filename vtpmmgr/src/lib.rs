@@ -1,2 +1,13 @@
-//! vTPM manager: per-vTPM keys sealed by the hardware TPM. Built in a later issue.
-#![forbid(unsafe_code)]
+//! The vTPM manager: every vTPM's state key in an encrypted, authenticated, crash-safe store
+//! whose root key only this machine's hardware TPM, in an approved state, releases.
+
+pub mod error;
+pub mod store;
+
+pub use error::{Error, Result};
+
+/// A uuid in its usual text form.
+pub fn uuid_str(u: &[u8; 16]) -> String {
+    let h: String = u.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..])
+}

@@ -1,0 +1,55 @@
+//! The crate's one error type.
+
+/// Errors of the manager.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The store is damaged: a block or root that does not authenticate, a broken tree.
+    #[error("store {store}: {why}")]
+    Corrupt {
+        /// The store's name.
+        store: String,
+        /// What does not check out.
+        why: String,
+    },
+    /// The store is older than the hardware counter says it must be: an old copy.
+    #[error("store {store} is an old copy (rollback): its counter is {found}, the TPM's is {hw}")]
+    Rollback {
+        /// The store's name.
+        store: String,
+        /// The counter bound into the store's newest valid root.
+        found: u64,
+        /// The hardware counter.
+        hw: u64,
+    },
+    /// The store cannot be used (full, in use, wrong size).
+    #[error("store: {0}")]
+    Store(String),
+    /// The hardware TPM refused or failed an operation.
+    #[error("hardware TPM: {0}")]
+    Tpm(String),
+    /// The hardware TPM's driver failed.
+    #[error(transparent)]
+    Driver(#[from] xvtpm_tis::Error),
+    /// A malformed manager request.
+    #[error("protocol: {0}")]
+    Protocol(String),
+    /// An operating-system call failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    /// An I/O error with what was being done.
+    pub fn io(what: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Io { what: what.into(), source }
+    }
+}
+
+/// The crate's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

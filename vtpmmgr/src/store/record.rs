@@ -1,0 +1,70 @@
+//! One vTPM's record: its uuid and group, the hash and key of its last saved state, and the
+//! digest of the token that lets a vTPM reach it over a Unix socket.
+
+/// Encoded length.
+pub const RECORD_LEN: usize = 120;
+
+/// `flags`: a state hash and key have been saved.
+pub const HAS_KEY: u32 = 1;
+
+/// A vTPM's record.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Record {
+    /// The vTPM's uuid (the xenstore `uuid` of its device).
+    pub uuid: [u8; 16],
+    /// Its group.
+    pub group: u32,
+    /// [`HAS_KEY`].
+    pub flags: u32,
+    /// Hash of the vTPM's last saved state (up to 32 bytes; shorter hashes are zero-padded).
+    pub hash: [u8; 32],
+    /// Key of the vTPM's last saved state.
+    pub key: [u8; 32],
+    /// SHA-256 of the vTPM's access token for Unix-socket clients (all zeros: none).
+    pub token: [u8; 32],
+}
+
+impl std::fmt::Debug for Record {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print keys.
+        f.debug_struct("Record")
+            .field("uuid", &crate::uuid_str(&self.uuid))
+            .field("group", &self.group)
+            .field("flags", &self.flags)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Record {
+    /// A provisioned vTPM with no saved state yet.
+    pub fn new(uuid: [u8; 16], group: u32) -> Self {
+        Self { uuid, group, flags: 0, hash: [0; 32], key: [0; 32], token: [0; 32] }
+    }
+
+    /// Whether a state hash and key have been saved.
+    pub fn has_key(&self) -> bool {
+        self.flags & HAS_KEY != 0
+    }
+
+    pub(crate) fn encode(&self) -> [u8; RECORD_LEN] {
+        let mut b = [0u8; RECORD_LEN];
+        b[..16].copy_from_slice(&self.uuid);
+        b[16..20].copy_from_slice(&self.group.to_le_bytes());
+        b[20..24].copy_from_slice(&self.flags.to_le_bytes());
+        b[24..56].copy_from_slice(&self.hash);
+        b[56..88].copy_from_slice(&self.key);
+        b[88..120].copy_from_slice(&self.token);
+        b
+    }
+
+    pub(crate) fn decode(b: &[u8]) -> Self {
+        let mut r = Record::new([0; 16], 0);
+        r.uuid.copy_from_slice(&b[..16]);
+        r.group = u32::from_le_bytes([b[16], b[17], b[18], b[19]]);
+        r.flags = u32::from_le_bytes([b[20], b[21], b[22], b[23]]);
+        r.hash.copy_from_slice(&b[24..56]);
+        r.key.copy_from_slice(&b[56..88]);
+        r.token.copy_from_slice(&b[88..120]);
+        r
+    }
+}
