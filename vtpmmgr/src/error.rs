@@ -27,6 +27,23 @@ pub enum Error {
     /// The hardware TPM refused or failed an operation.
     #[error("hardware TPM: {0}")]
     Tpm(String),
+    /// The hardware TPM answered a command with an error code.
+    #[error("hardware TPM: {what} failed with rc {rc:#x}")]
+    TpmRc {
+        /// The command.
+        what: String,
+        /// Its response code.
+        rc: u32,
+    },
+    /// A vTPM the manager does not know (not provisioned).
+    #[error("vTPM {0} is not provisioned")]
+    UnknownVtpm(String),
+    /// A provisioned vTPM that never saved a state key.
+    #[error("vTPM {0} has no saved state key yet")]
+    NoSavedState(String),
+    /// A client that is not allowed to act for a vTPM.
+    #[error("not authorized: {0}")]
+    NotAuthorized(String),
     /// The hardware TPM's driver failed.
     #[error(transparent)]
     Driver(#[from] xvtpm_tis::Error),

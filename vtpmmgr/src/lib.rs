@@ -2,6 +2,8 @@
 //! whose root key only this machine's hardware TPM, in an approved state, releases.
 
 pub mod error;
+pub mod hw;
+pub mod manager;
 pub mod store;
 
 pub use error::{Error, Result};

@@ -1,0 +1,64 @@
+//! What the manager keeps about its hardware TPM binding (the sealed-key block's content),
+//! and the TPM 2.0 operations behind it.
+
+pub mod tpm2;
+
+use crate::{Error, Result};
+
+/// How the root key is sealed: the content of the store's sealed-key block.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sealed {
+    /// Locality the manager uses.
+    pub locality: u8,
+    /// PCRs the root key is sealed to.
+    pub pcrs: Vec<u8>,
+    /// The NV counter bound into every root.
+    pub nv_index: u32,
+    /// The sealed object's private part (TPM2B_PRIVATE's contents).
+    pub private: Vec<u8>,
+    /// The sealed object's public part.
+    pub public: Vec<u8>,
+}
+
+const FORMAT: u8 = 1;
+const FAMILY_TPM2: u8 = 2;
+
+impl Sealed {
+    /// Serialises it.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut b = vec![FORMAT, FAMILY_TPM2, self.locality, self.pcrs.len() as u8];
+        b.extend_from_slice(&self.pcrs);
+        b.extend_from_slice(&self.nv_index.to_le_bytes());
+        for part in [&self.private, &self.public] {
+            b.extend_from_slice(&(part.len() as u16).to_le_bytes());
+            b.extend_from_slice(part);
+        }
+        b
+    }
+
+    /// Parses it.
+    pub fn decode(b: &[u8]) -> Result<Self> {
+        let bad = |why: &str| Error::Corrupt { store: "sealed-key block".into(), why: why.to_string() };
+        let mut at = 0usize;
+        let mut take = |n: usize| -> Result<&[u8]> {
+            let s = b.get(at..at + n).ok_or_else(|| bad("truncated"))?;
+            at += n;
+            Ok(s)
+        };
+        let head = take(4)?;
+        if head[0] != FORMAT || head[1] != FAMILY_TPM2 {
+            return Err(bad(&format!("format {} family {} unknown", head[0], head[1])));
+        }
+        let (locality, n) = (head[2], head[3] as usize);
+        let pcrs = take(n)?.to_vec();
+        let nv_index = u32::from_le_bytes(take(4)?.try_into().map_err(|_| bad("nv index"))?);
+        let mut part = || -> Result<Vec<u8>> {
+            let l = take(2)?;
+            let l = u16::from_le_bytes([l[0], l[1]]) as usize;
+            Ok(take(l)?.to_vec())
+        };
+        let private = part()?;
+        let public = part()?;
+        Ok(Sealed { locality, pcrs, nv_index, private, public })
+    }
+}

@@ -1,0 +1,300 @@
+//! The TPM 2.0 operations the manager needs from the hardware TPM, over [`HwTpm`]:
+//! - seal the root key as a sealed-data object under the owner's primary key, released only by
+//!   a policy session satisfying PolicyPCR over the chosen PCRs;
+//! - an NV counter (TPM_NT_COUNTER) bound into every store root against rollback.
+//!
+//! The primary key is recreated from its template at each start (same seed, same key), so
+//! nothing but the sealed object's public and private parts is kept.
+
+use xvtpm_tis::HwTpm;
+
+use crate::{Error, Result};
+
+const ST_NO_SESSIONS: u16 = 0x8001;
+const ST_SESSIONS: u16 = 0x8002;
+const RH_OWNER: u32 = 0x4000_0001;
+const RH_NULL: u32 = 0x4000_0007;
+const RS_PW: u32 = 0x4000_0009;
+const ALG_SHA256: u16 = 0x000B;
+const ALG_NULL: u16 = 0x0010;
+/// TPM_RC_POLICY_FAIL's number among the format-one codes (which carry a session number).
+const RC_POLICY_FAIL: u32 = 0x01D;
+/// TPM_RC_PCR_CHANGED.
+const RC_PCR_CHANGED: u32 = 0x128;
+
+/// A TPM 2.0 command under construction.
+struct Cmd {
+    cc: u32,
+    handles: Vec<u32>,
+    auth: Option<Vec<u8>>,
+    params: Vec<u8>,
+}
+
+impl Cmd {
+    fn new(cc: u32) -> Self {
+        Self { cc, handles: Vec::new(), auth: None, params: Vec::new() }
+    }
+    fn handle(mut self, h: u32) -> Self {
+        self.handles.push(h);
+        self
+    }
+    /// An empty-password authorization (TPM_RS_PW) for each handle that needs one.
+    fn pw(mut self, n: usize) -> Self {
+        let one = [&RS_PW.to_be_bytes()[..], &[0, 0, 0, 0, 0]].concat();
+        self.auth = Some(one.repeat(n));
+        self
+    }
+    /// A policy session's authorization (no HMAC: the policy carries no auth value).
+    fn policy(mut self, session: u32) -> Self {
+        self.auth = Some([&session.to_be_bytes()[..], &[0, 0, 0, 0, 0]].concat());
+        self
+    }
+    fn u8(mut self, v: u8) -> Self {
+        self.params.push(v);
+        self
+    }
+    fn u16(mut self, v: u16) -> Self {
+        self.params.extend_from_slice(&v.to_be_bytes());
+        self
+    }
+    fn u32(mut self, v: u32) -> Self {
+        self.params.extend_from_slice(&v.to_be_bytes());
+        self
+    }
+    fn raw(mut self, b: &[u8]) -> Self {
+        self.params.extend_from_slice(b);
+        self
+    }
+    fn b2(self, b: &[u8]) -> Self {
+        self.u16(b.len() as u16).raw(b)
+    }
+    fn encode(&self) -> Vec<u8> {
+        let tag = if self.auth.is_some() { ST_SESSIONS } else { ST_NO_SESSIONS };
+        let mut c = tag.to_be_bytes().to_vec();
+        c.extend_from_slice(&[0; 4]);
+        c.extend_from_slice(&self.cc.to_be_bytes());
+        for h in &self.handles {
+            c.extend_from_slice(&h.to_be_bytes());
+        }
+        if let Some(a) = &self.auth {
+            c.extend_from_slice(&(a.len() as u32).to_be_bytes());
+            c.extend_from_slice(a);
+        }
+        c.extend_from_slice(&self.params);
+        let n = c.len() as u32;
+        c[2..6].copy_from_slice(&n.to_be_bytes());
+        c
+    }
+}
+
+/// A response being read.
+struct Rsp<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Rsp<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+        let s = self.b.get(self.at..self.at + n).ok_or_else(|| Error::Tpm("TPM response too short".into()))?;
+        self.at += n;
+        Ok(s)
+    }
+    fn u16(&mut self) -> Result<u16> {
+        let s = self.take(2)?;
+        Ok(u16::from_be_bytes([s[0], s[1]]))
+    }
+    fn u32(&mut self) -> Result<u32> {
+        let s = self.take(4)?;
+        Ok(u32::from_be_bytes([s[0], s[1], s[2], s[3]]))
+    }
+    fn b2(&mut self) -> Result<&'a [u8]> {
+        let n = self.u16()? as usize;
+        self.take(n)
+    }
+}
+
+/// The TPM 2.0 side of the manager.
+pub struct Tpm2<'a> {
+    tpm: &'a mut dyn HwTpm,
+    locality: u8,
+    /// Commands sent so far (the benchmark reports them).
+    pub commands: u64,
+}
+
+impl std::fmt::Debug for Tpm2<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tpm2").field("locality", &self.locality).field("commands", &self.commands).finish()
+    }
+}
+
+/// The PCR selection as a 3-byte bitmap.
+fn select(pcrs: &[u8]) -> [u8; 3] {
+    let mut s = [0u8; 3];
+    for &p in pcrs.iter().filter(|&&p| p < 24) {
+        s[(p / 8) as usize] |= 1 << (p % 8);
+    }
+    s
+}
+
+impl<'a> Tpm2<'a> {
+    /// Uses `tpm` at `locality`.
+    pub fn new(tpm: &'a mut dyn HwTpm, locality: u8) -> Self {
+        Self { tpm, locality, commands: 0 }
+    }
+
+    /// Sends `cmd`; the response after its header, or the TPM's code as an error.
+    fn run(&mut self, what: &str, cmd: Cmd) -> Result<Vec<u8>> {
+        self.commands += 1;
+        let r = self.tpm.transmit(self.locality, &cmd.encode())?;
+        let rc = r.get(6..10).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]])).unwrap_or(u32::MAX);
+        if rc != 0 {
+            return Err(Error::TpmRc { what: what.to_string(), rc });
+        }
+        Ok(r[10..].to_vec())
+    }
+
+    fn flush(&mut self, handle: u32) {
+        if let Err(e) = self.run("FlushContext", Cmd::new(0x165).u32(handle)) {
+            log::warn!("flushing TPM handle {handle:#x}: {e}");
+        }
+    }
+
+    /// The storage primary key under the owner hierarchy (ECC P-256, AES-128-CFB).
+    fn primary(&mut self) -> Result<u32> {
+        let public = [
+            &0x0023u16.to_be_bytes()[..],
+            &ALG_SHA256.to_be_bytes(),
+            &0x0003_0472u32.to_be_bytes(),
+            &[0, 0],
+            &0x0006u16.to_be_bytes(),
+            &128u16.to_be_bytes(),
+            &0x0043u16.to_be_bytes(),
+            &ALG_NULL.to_be_bytes(),
+            &0x0003u16.to_be_bytes(),
+            &ALG_NULL.to_be_bytes(),
+            &[0, 0, 0, 0],
+        ]
+        .concat();
+        let cmd = Cmd::new(0x131).handle(RH_OWNER).pw(1).raw(&[0, 4, 0, 0, 0, 0]).b2(&public).u16(0).u32(0);
+        let r = self.run("CreatePrimary", cmd)?;
+        Rsp { b: &r, at: 0 }.u32()
+    }
+
+    fn session(&mut self, kind: u8) -> Result<u32> {
+        let cmd = Cmd::new(0x176)
+            .handle(RH_NULL)
+            .handle(RH_NULL)
+            .b2(&[0x5A; 16])
+            .u16(0)
+            .u8(kind)
+            .u16(ALG_NULL)
+            .u16(ALG_SHA256);
+        let r = self.run("StartAuthSession", cmd)?;
+        Rsp { b: &r, at: 0 }.u32()
+    }
+
+    fn policy_pcr(&mut self, session: u32, pcrs: &[u8]) -> Result<()> {
+        let cmd = Cmd::new(0x17F).handle(session).u16(0).u32(1).u16(ALG_SHA256).u8(3).raw(&select(pcrs));
+        self.run("PolicyPCR", cmd).map(drop)
+    }
+
+    /// The policy digest of PolicyPCR over the current values of `pcrs` (a trial session).
+    fn pcr_policy(&mut self, pcrs: &[u8]) -> Result<Vec<u8>> {
+        let s = self.session(0x03)?;
+        let r = self.policy_pcr(s, pcrs).and_then(|()| self.run("PolicyGetDigest", Cmd::new(0x189).handle(s)));
+        self.flush(s);
+        Ok(Rsp { b: &r?, at: 0 }.b2()?.to_vec())
+    }
+
+    /// Seals `secret` to the current values of `pcrs`: the sealed object's (private, public).
+    pub fn seal(&mut self, secret: &[u8; 32], pcrs: &[u8]) -> Result<(Vec<u8>, Vec<u8>)> {
+        let policy = self.pcr_policy(pcrs)?;
+        let public = [
+            &0x0008u16.to_be_bytes()[..],
+            &ALG_SHA256.to_be_bytes(),
+            // fixedTPM | fixedParent; no userWithAuth: only the policy releases it.
+            &0x0000_0012u32.to_be_bytes(),
+            &(policy.len() as u16).to_be_bytes(),
+            &policy,
+            &ALG_NULL.to_be_bytes(),
+            &[0, 0],
+        ]
+        .concat();
+        let sensitive = [&[0, 0, 0, 32][..], secret].concat();
+        let parent = self.primary()?;
+        let cmd = Cmd::new(0x153).handle(parent).pw(1).b2(&sensitive).b2(&public).u16(0).u32(0);
+        let r = self.run("Create", cmd);
+        self.flush(parent);
+        let r = r?;
+        let mut p = Rsp { b: &r, at: 4 };
+        Ok((p.b2()?.to_vec(), p.b2()?.to_vec()))
+    }
+
+    /// Unseals a sealed object under the PCR policy.
+    pub fn unseal(&mut self, private: &[u8], public: &[u8], pcrs: &[u8]) -> Result<[u8; 32]> {
+        let parent = self.primary()?;
+        let loaded = self.run("Load", Cmd::new(0x157).handle(parent).pw(1).b2(private).b2(public));
+        self.flush(parent);
+        let item = Rsp { b: &loaded?, at: 0 }.u32()?;
+        let out = (|| {
+            let s = self.session(0x01)?;
+            if let Err(e) = self.policy_pcr(s, pcrs) {
+                self.flush(s);
+                return Err(e);
+            }
+            // The session ends with the command (continueSession is clear).
+            let r = self.run("Unseal", Cmd::new(0x15E).handle(item).policy(s));
+            if r.is_err() {
+                self.flush(s);
+            }
+            r
+        })();
+        self.flush(item);
+        let r = out.map_err(|e| match e {
+            Error::TpmRc { rc, .. } if (rc & 0x80 != 0 && rc & 0x3F == RC_POLICY_FAIL) || rc == RC_PCR_CHANGED => Error::Tpm(format!(
+                "the TPM refused to unseal the store's root key: PCRs {pcrs:?} differ from the values it was sealed to (rc {rc:#x})"
+            )),
+            e => e,
+        })?;
+        let data = Rsp { b: &r, at: 4 }.b2()?;
+        data.try_into().map_err(|_| Error::Tpm(format!("unsealed {} bytes, expected a 32-byte key", data.len())))
+    }
+
+    /// Defines NV counter `index` (index auth empty) and increments it once so it can be read;
+    /// returns its value. An index that already exists is refused.
+    pub fn counter_create(&mut self, index: u32) -> Result<u64> {
+        // TPMA_NV_AUTHWRITE | TPM_NT_COUNTER | TPMA_NV_AUTHREAD | TPMA_NV_NO_DA.
+        let attrs: u32 = (1 << 2) | (1 << 4) | (1 << 18) | (1 << 25);
+        let public =
+            [&index.to_be_bytes()[..], &ALG_SHA256.to_be_bytes(), &attrs.to_be_bytes(), &[0, 0], &8u16.to_be_bytes()]
+                .concat();
+        self.run("NV_DefineSpace", Cmd::new(0x12A).handle(RH_OWNER).pw(1).u16(0).b2(&public))?;
+        self.counter_increment(index)?;
+        self.counter_read(index)
+    }
+
+    /// Reads NV counter `index`.
+    pub fn counter_read(&mut self, index: u32) -> Result<u64> {
+        let r = self.run("NV_Read", Cmd::new(0x14E).handle(index).handle(index).pw(1).u16(8).u16(0))?;
+        let v = Rsp { b: &r, at: 4 }.b2()?;
+        Ok(u64::from_be_bytes(v.try_into().map_err(|_| Error::Tpm("NV counter is not 8 bytes".into()))?))
+    }
+
+    /// Increments NV counter `index`.
+    pub fn counter_increment(&mut self, index: u32) -> Result<()> {
+        self.run("NV_Increment", Cmd::new(0x134).handle(index).handle(index).pw(1)).map(drop)
+    }
+
+    /// Extends `pcr` (sha256) with `digest` (tests use it to change the platform's state).
+    pub fn pcr_extend(&mut self, pcr: u32, digest: &[u8; 32]) -> Result<()> {
+        self.run("PCR_Extend", Cmd::new(0x182).handle(pcr).pw(1).u32(1).u16(ALG_SHA256).raw(digest)).map(drop)
+    }
+
+    /// TPM2_Startup(CLEAR); an already started TPM is fine.
+    pub fn startup(&mut self) -> Result<()> {
+        match self.run("Startup", Cmd::new(0x144).u16(0)) {
+            Err(Error::TpmRc { rc: 0x100, .. }) | Ok(_) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}

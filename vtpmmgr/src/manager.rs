@@ -1,0 +1,204 @@
+//! The manager: the store opened with the root key the hardware TPM unsealed, kept in step
+//! with the hardware counter. Starting a vTPM (LOADHASHKEY) reads memory only; saving one
+//! (SAVEHASHKEY) commits the store and then increments the counter.
+
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use xvtpm_tis::HwTpm;
+
+use crate::hw::tpm2::Tpm2;
+use crate::hw::Sealed;
+use crate::store::dev::BlockDev;
+use crate::store::record::HAS_KEY;
+use crate::store::{self, CounterState, Record, Store};
+use crate::{uuid_str, Error, Result};
+
+/// Largest hash-and-key blob a vTPM saves (Xen: 52 bytes, SHA-1 hash and AES-256 key; up to
+/// 64).
+pub const MAX_BLOB: usize = 64;
+/// Smallest.
+pub const MIN_BLOB: usize = 52;
+
+/// How a new store binds to the hardware TPM.
+#[derive(Debug, Clone)]
+pub struct InitConfig {
+    /// PCRs the root key is sealed to.
+    pub pcrs: Vec<u8>,
+    /// The NV index of the anti-rollback counter (owner range 0x01800000-0x01BFFFFF).
+    pub nv_index: u32,
+    /// Locality of the manager's TPM commands.
+    pub locality: u8,
+}
+
+impl Default for InitConfig {
+    fn default() -> Self {
+        Self { pcrs: (0..8).collect(), nv_index: 0x0181_584D, locality: 0 }
+    }
+}
+
+/// The manager.
+pub struct Manager<D> {
+    store: Store<D>,
+    tpm: Box<dyn HwTpm + Send>,
+    sealed: Sealed,
+    /// The counter must be incremented before the next commit.
+    counter_behind: bool,
+    /// Unknown vTPMs that save are provisioned into group 0 (Xen's behaviour; off by default).
+    pub auto_provision: bool,
+    /// Hardware TPM commands sent since the store was opened.
+    pub tpm_commands: u64,
+}
+
+impl<D> std::fmt::Debug for Manager<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Manager").field("store", &self.store).field("tpm", &self.tpm.describe()).finish_non_exhaustive()
+    }
+}
+
+impl<D: BlockDev> Manager<D> {
+    /// Creates a store on `dev`: a new random root key sealed to `cfg.pcrs`, and a new NV
+    /// counter.
+    pub fn init(dev: D, mut tpm: Box<dyn HwTpm + Send>, cfg: &InitConfig) -> Result<Self> {
+        let mut key = [0u8; 32];
+        rand::thread_rng().fill_bytes(&mut key);
+        let mut t = Tpm2::new(tpm.as_mut(), cfg.locality);
+        t.startup()?;
+        let (private, public) = t.seal(&key, &cfg.pcrs)?;
+        let counter = t.counter_create(cfg.nv_index)?;
+        let commands = t.commands;
+        let sealed = Sealed { locality: cfg.locality, pcrs: cfg.pcrs.clone(), nv_index: cfg.nv_index, private, public };
+        let store = Store::create(dev, key, &sealed.encode(), counter)?;
+        log::info!("new store: root key sealed to PCRs {:?}, counter {:#x} at {counter}", cfg.pcrs, cfg.nv_index);
+        Ok(Self { store, tpm, sealed, counter_behind: false, auto_provision: false, tpm_commands: commands })
+    }
+
+    /// Opens the store on `dev`: the TPM unseals the root key (only with the PCR values it was
+    /// sealed to), the counter is read, and the store must be in step with it.
+    pub fn open(mut dev: D, mut tpm: Box<dyn HwTpm + Send>) -> Result<Self> {
+        let sealed = Sealed::decode(&store::read_sealed(&mut dev)?)?;
+        let mut t = Tpm2::new(tpm.as_mut(), sealed.locality);
+        t.startup()?;
+        let key = t.unseal(&sealed.private, &sealed.public, &sealed.pcrs)?;
+        let hw = t.counter_read(sealed.nv_index)?;
+        let commands = t.commands;
+        let (store, state) = Store::open(dev, key, hw)?;
+        let mut m = Self {
+            store,
+            tpm,
+            sealed,
+            counter_behind: state == CounterState::Behind,
+            auto_provision: false,
+            tpm_commands: commands,
+        };
+        if m.counter_behind {
+            log::warn!("the last commit before the stop did not reach the hardware counter; catching up");
+            m.catch_up()?;
+        }
+        log::info!("store open: {} vTPMs, counter at {}", m.store.len(), m.store.root().counter);
+        Ok(m)
+    }
+
+    fn catch_up(&mut self) -> Result<()> {
+        let mut t = Tpm2::new(self.tpm.as_mut(), self.sealed.locality);
+        let r = t.counter_increment(self.sealed.nv_index);
+        self.tpm_commands += t.commands;
+        r?;
+        self.counter_behind = false;
+        Ok(())
+    }
+
+    /// Commits through `f`, keeping the hardware counter in step: a counter left behind by a
+    /// failed increment is caught up first, or nothing is written.
+    fn commit(&mut self, f: impl FnOnce(&mut Store<D>) -> Result<Option<store::Commit>>) -> Result<()> {
+        if self.counter_behind {
+            self.catch_up()?;
+        }
+        if f(&mut self.store)?.is_some() {
+            // Durable now; the counter follows. If that fails, the next commit retries first.
+            self.counter_behind = true;
+            if let Err(e) = self.catch_up() {
+                log::error!("incrementing the anti-rollback counter failed: {e}; will retry before the next update");
+            }
+        }
+        Ok(())
+    }
+
+    /// The record of `uuid`.
+    pub fn record(&self, uuid: &[u8; 16]) -> Result<Option<Record>> {
+        self.store.get(uuid)
+    }
+
+    /// Provisions a vTPM in `group`; `token`, if given, lets Unix-socket clients act for it.
+    pub fn provision(&mut self, uuid: [u8; 16], group: u32, token: Option<&[u8]>) -> Result<()> {
+        if self.store.get(&uuid)?.is_some() {
+            return Err(Error::Store(format!("vTPM {} is already provisioned", uuid_str(&uuid))));
+        }
+        let mut rec = Record::new(uuid, group);
+        if let Some(t) = token {
+            rec.token = Sha256::digest(t).into();
+        }
+        self.commit(|s| s.put(&rec).map(Some))
+    }
+
+    /// Removes a vTPM and its key.
+    pub fn delete(&mut self, uuid: &[u8; 16]) -> Result<bool> {
+        let mut found = false;
+        self.commit(|s| {
+            let c = s.delete(uuid)?;
+            found = c.is_some();
+            Ok(c)
+        })?;
+        Ok(found)
+    }
+
+    /// Every vTPM.
+    pub fn list(&self) -> Result<Vec<Record>> {
+        self.store.list()
+    }
+
+    /// Checks a Unix-socket client's token for `uuid`.
+    pub fn authorize(&self, uuid: &[u8; 16], token: &[u8]) -> Result<()> {
+        let rec = self.store.get(uuid)?.ok_or_else(|| Error::UnknownVtpm(uuid_str(uuid)))?;
+        let digest: [u8; 32] = Sha256::digest(token).into();
+        if rec.token == [0; 32] || rec.token != digest {
+            return Err(Error::NotAuthorized(format!("wrong token for vTPM {}", uuid_str(uuid))));
+        }
+        Ok(())
+    }
+
+    /// SAVEHASHKEY: stores the hash and key of the vTPM's newly written state.
+    pub fn save(&mut self, uuid: &[u8; 16], blob: &[u8]) -> Result<()> {
+        if !(MIN_BLOB..=MAX_BLOB).contains(&blob.len()) {
+            return Err(Error::Protocol(format!("SAVEHASHKEY of {} bytes (52 to 64 expected)", blob.len())));
+        }
+        let mut rec = match self.store.get(uuid)? {
+            Some(r) => r,
+            None if self.auto_provision => {
+                log::info!("auto-provisioning vTPM {} in group 0", uuid_str(uuid));
+                Record::new(*uuid, 0)
+            }
+            None => return Err(Error::UnknownVtpm(uuid_str(uuid))),
+        };
+        let mut full = [0u8; MAX_BLOB];
+        full[..blob.len()].copy_from_slice(blob);
+        rec.hash.copy_from_slice(&full[..32]);
+        rec.key.copy_from_slice(&full[32..]);
+        rec.flags = HAS_KEY | (blob.len() as u32) << 8;
+        self.commit(|s| s.put(&rec).map(Some))
+    }
+
+    /// LOADHASHKEY: the hash and key last saved for the vTPM. No hardware TPM command.
+    pub fn load(&self, uuid: &[u8; 16]) -> Result<Vec<u8>> {
+        let rec = self.store.get(uuid)?.ok_or_else(|| Error::UnknownVtpm(uuid_str(uuid)))?;
+        if !rec.has_key() {
+            return Err(Error::NoSavedState(uuid_str(uuid)));
+        }
+        let len = ((rec.flags >> 8) as usize).clamp(MIN_BLOB, MAX_BLOB);
+        Ok([&rec.hash[..], &rec.key[..]].concat()[..len].to_vec())
+    }
+
+    /// The store (benchmarks read its root).
+    pub fn store(&mut self) -> &mut Store<D> {
+        &mut self.store
+    }
+}
