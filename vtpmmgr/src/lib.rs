@@ -4,6 +4,8 @@
 pub mod error;
 pub mod hw;
 pub mod manager;
+pub mod proto;
+pub mod server;
 pub mod store;
 
 pub use error::{Error, Result};

@@ -1,0 +1,218 @@
+//! The manager protocol, in Xen's framing: `tag u16 | size u32 | ordinal u32`, big-endian.
+//! vTPM commands (tag 0x01C1) act for the calling vTPM, whose identity comes from the
+//! transport (the device uuid libxl wrote in xenstore, or a Unix-socket client's BIND), never
+//! from the payload. Management commands (tag 0x01C2) are served only to the admin socket.
+//! Replies carry tag 0x01C4 (0x01C5 for errors of the dispatcher itself) and a status.
+
+use crate::manager::Manager;
+use crate::store::dev::BlockDev;
+use crate::{uuid_str, Error};
+
+/// vTPM command tag.
+pub const TAG_REQ: u16 = 0x01C1;
+/// Management command tag.
+pub const TAG_REQ2: u16 = 0x01C2;
+/// Reply tag.
+pub const TAG_RSP: u16 = 0x01C4;
+/// Reply tag of dispatcher errors to management commands (Xen: request tag + 3).
+pub const TAG_RSP2: u16 = 0x01C5;
+/// Header size.
+pub const HEADER: usize = 10;
+/// Largest message.
+pub const MAX_MESSAGE: usize = 4096;
+
+/// vTPM ordinals.
+pub const SAVEHASHKEY: u32 = 1;
+/// Returns the saved hash and key.
+pub const LOADHASHKEY: u32 = 2;
+/// Xen's boot hash (XSM label digest): not offered.
+pub const GET_BOOT_HASH: u32 = 3;
+/// Xen's deep quote: not offered yet.
+pub const GET_QUOTE: u32 = 4;
+/// Management: number of groups.
+pub const GROUP_LIST: u32 = 0x0200_0101;
+/// Management: a group's vTPMs.
+pub const VTPM_LIST: u32 = 0x0200_0201;
+/// Management: provision a vTPM.
+pub const VTPM_NEW: u32 = 0x0200_0204;
+/// Management: delete a vTPM.
+pub const VTPM_DEL: u32 = 0x0200_0205;
+/// Ours: a Unix-socket client names its vTPM (uuid) and proves it may act for it (token).
+pub const BIND: u32 = 0x0200_0401;
+
+/// Status codes (TPM 1.2 values, as Xen's manager uses them).
+pub mod status {
+    /// Success.
+    pub const SUCCESS: u32 = 0;
+    /// Not allowed.
+    pub const AUTHFAIL: u32 = 1;
+    /// Unknown vTPM, malformed body.
+    pub const BAD_PARAMETER: u32 = 3;
+    /// Internal failure (store, hardware TPM).
+    pub const FAIL: u32 = 9;
+    /// Unknown ordinal.
+    pub const BAD_ORDINAL: u32 = 10;
+    /// Wrong size field.
+    pub const SIZE: u32 = 23;
+    /// Unknown tag.
+    pub const BADTAG: u32 = 30;
+}
+
+/// Who is calling.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Caller {
+    /// A vTPM whose identity the transport established (Xen: its device's uuid).
+    Vtpm([u8; 16]),
+    /// A Unix-socket client, bound to a vTPM once BIND succeeded.
+    Socket(Option<[u8; 16]>),
+    /// The admin socket.
+    Admin,
+}
+
+/// A reply.
+pub fn reply(tag: u16, status: u32, body: &[u8]) -> Vec<u8> {
+    let mut r = tag.to_be_bytes().to_vec();
+    r.extend_from_slice(&((HEADER + body.len()) as u32).to_be_bytes());
+    r.extend_from_slice(&status.to_be_bytes());
+    r.extend_from_slice(body);
+    r
+}
+
+/// A request.
+pub fn request(tag: u16, ordinal: u32, body: &[u8]) -> Vec<u8> {
+    reply(tag, ordinal, body)
+}
+
+/// Parses a uuid in its text form.
+pub fn parse_uuid(s: &str) -> Option<[u8; 16]> {
+    let hex: String = s.chars().filter(|c| *c != '-').collect();
+    if hex.len() != 32 || s.len() != 36 {
+        return None;
+    }
+    let mut u = [0u8; 16];
+    for (i, b) in u.iter_mut().enumerate() {
+        *b = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(u)
+}
+
+fn be32(b: &[u8], at: usize) -> Option<u32> {
+    b.get(at..at + 4).map(|s| u32::from_be_bytes([s[0], s[1], s[2], s[3]]))
+}
+
+fn status_of(e: &Error) -> u32 {
+    match e {
+        Error::UnknownVtpm(_) | Error::NoSavedState(_) | Error::Protocol(_) => status::BAD_PARAMETER,
+        Error::NotAuthorized(_) => status::AUTHFAIL,
+        _ => status::FAIL,
+    }
+}
+
+/// Handles one message from `caller`; the reply. Never panics on any input.
+pub fn handle<D: BlockDev>(mgr: &mut Manager<D>, caller: &mut Caller, msg: &[u8]) -> Vec<u8> {
+    let (Some(tag), Some(size), Some(ordinal)) =
+        (msg.get(..2).map(|t| u16::from_be_bytes([t[0], t[1]])), be32(msg, 2), be32(msg, 6))
+    else {
+        log::warn!("{caller:?}: message of {} bytes, shorter than a header", msg.len());
+        return reply(TAG_RSP, status::SIZE, &[]);
+    };
+    let err_tag = if tag == TAG_REQ2 { TAG_RSP2 } else { TAG_RSP };
+    if size as usize != msg.len() {
+        log::warn!("{caller:?}: size field {size} but {} bytes", msg.len());
+        return reply(err_tag, status::SIZE, &[]);
+    }
+    let body = &msg[HEADER..];
+    let r = match (tag, ordinal) {
+        (TAG_REQ, SAVEHASHKEY | LOADHASHKEY) => {
+            let uuid = match caller {
+                Caller::Vtpm(u) | Caller::Socket(Some(u)) => *u,
+                _ => {
+                    log::warn!("{caller:?}: vTPM command before naming a vTPM (BIND)");
+                    return reply(TAG_RSP, status::AUTHFAIL, &[]);
+                }
+            };
+            if ordinal == SAVEHASHKEY {
+                mgr.save(&uuid, body).map(|()| Vec::new())
+            } else {
+                mgr.load(&uuid)
+            }
+        }
+        (TAG_REQ, GET_BOOT_HASH | GET_QUOTE) => {
+            log::info!("{caller:?}: ordinal {ordinal} is not offered by this manager");
+            return reply(TAG_RSP, status::BAD_ORDINAL, &[]);
+        }
+        (TAG_REQ2, BIND) if matches!(caller, Caller::Socket(_)) => {
+            let Some(uuid) = body.get(..16).and_then(|u| <[u8; 16]>::try_from(u).ok()) else {
+                return reply(TAG_RSP, status::BAD_PARAMETER, &[]);
+            };
+            match mgr.authorize(&uuid, &body[16..]) {
+                Ok(()) => {
+                    *caller = Caller::Socket(Some(uuid));
+                    Ok(Vec::new())
+                }
+                Err(e) => {
+                    // A client that failed to bind acts for no vTPM.
+                    *caller = Caller::Socket(None);
+                    Err(e)
+                }
+            }
+        }
+        (TAG_REQ2, _) if *caller != Caller::Admin => {
+            log::warn!("{caller:?}: management ordinal {ordinal:#x} refused outside the admin socket");
+            return reply(TAG_RSP2, status::AUTHFAIL, &[]);
+        }
+        (TAG_REQ2, VTPM_NEW) => {
+            let group = be32(body, 0).unwrap_or_default();
+            let uuid = match body.len() {
+                4 => Some(rand::random::<[u8; 16]>()).map(|mut u| {
+                    u[6] = (u[6] & 0x0F) | 0x40;
+                    u[8] = (u[8] & 0x3F) | 0x80;
+                    u
+                }),
+                20 | 52 => body[4..20].try_into().ok(),
+                _ => None,
+            };
+            match uuid {
+                Some(u) => mgr.provision(u, group, body.get(20..52)).map(|()| u.to_vec()),
+                None => Err(Error::Protocol(format!("VTPM_NEW with a {}-byte body", body.len()))),
+            }
+        }
+        (TAG_REQ2, VTPM_DEL) => match body.try_into() {
+            Ok(u) => mgr.delete(&u).and_then(|found| match found {
+                true => Ok(Vec::new()),
+                false => Err(Error::UnknownVtpm(uuid_str(&u))),
+            }),
+            Err(_) => Err(Error::Protocol("VTPM_DEL needs a 16-byte uuid".into())),
+        },
+        (TAG_REQ2, VTPM_LIST) => {
+            let (group, offset) = (be32(body, 0).unwrap_or_default(), be32(body, 4).unwrap_or_default() as usize);
+            mgr.list().map(|recs| {
+                let mine: Vec<_> = recs.iter().filter(|r| r.group == group).collect();
+                let mut out = (mine.len() as u32).to_be_bytes().to_vec();
+                for r in mine.iter().skip(offset).take((MAX_MESSAGE - HEADER - 4) / 16) {
+                    out.extend_from_slice(&r.uuid);
+                }
+                out
+            })
+        }
+        (TAG_REQ2, GROUP_LIST) => mgr.list().map(|recs| {
+            let groups = recs.iter().map(|r| r.group + 1).max().unwrap_or(1);
+            groups.to_be_bytes().to_vec()
+        }),
+        (TAG_REQ | TAG_REQ2, _) => {
+            log::warn!("{caller:?}: unknown ordinal {ordinal:#x}");
+            return reply(err_tag, status::BAD_ORDINAL, &[]);
+        }
+        _ => {
+            log::warn!("{caller:?}: unknown tag {tag:#x}");
+            return reply(TAG_RSP, status::BADTAG, &[]);
+        }
+    };
+    match r {
+        Ok(body) => reply(TAG_RSP, status::SUCCESS, &body),
+        Err(e) => {
+            log::warn!("{caller:?}: ordinal {ordinal:#x}: {e}");
+            reply(TAG_RSP, status_of(&e), &[])
+        }
+    }
+}

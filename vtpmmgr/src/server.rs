@@ -1,0 +1,156 @@
+//! Serving the manager: Unix sockets (vTPM clients that BIND with a token; the admin socket
+//! for management), and Xen's tpmback, where a vTPM domain's identity is its device's uuid.
+
+use std::io::{Read, Write};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use xvtpm_backend::{CommandHandler, Request};
+
+use crate::manager::Manager;
+use crate::proto::{self, Caller, HEADER, MAX_MESSAGE};
+use crate::store::dev::BlockDev;
+use crate::{Error, Result};
+
+/// The manager shared by all connections; commands run one at a time.
+pub type Shared<D> = Arc<Mutex<Manager<D>>>;
+
+fn run<D: BlockDev>(mgr: &Shared<D>, caller: &mut Caller, msg: &[u8]) -> Vec<u8> {
+    let mut m = mgr.lock().unwrap_or_else(PoisonError::into_inner);
+    proto::handle(&mut m, caller, msg)
+}
+
+/// Reads one message: `Ok(None)` at a clean end of stream.
+fn read_message(s: &mut UnixStream) -> std::io::Result<Option<Vec<u8>>> {
+    let mut head = [0u8; HEADER];
+    let mut got = 0;
+    while got < HEADER {
+        match s.read(&mut head[got..])? {
+            0 if got == 0 => return Ok(None),
+            0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            n => got += n,
+        }
+    }
+    let size = u32::from_be_bytes([head[2], head[3], head[4], head[5]]) as usize;
+    if !(HEADER..=MAX_MESSAGE).contains(&size) {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("message size {size}")));
+    }
+    let mut msg = head.to_vec();
+    msg.resize(size, 0);
+    // The rest of a message must follow promptly.
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.read_exact(&mut msg[HEADER..])?;
+    s.set_read_timeout(None)?;
+    Ok(Some(msg))
+}
+
+fn serve_conn<D: BlockDev>(mgr: Shared<D>, mut s: UnixStream, mut caller: Caller) {
+    loop {
+        match read_message(&mut s) {
+            Ok(Some(msg)) => {
+                let rsp = run(&mgr, &mut caller, &msg);
+                if s.write_all(&rsp).is_err() {
+                    return;
+                }
+            }
+            Ok(None) => return,
+            Err(e) => {
+                log::warn!("{caller:?}: dropping the connection: {e}");
+                let _ = s.write_all(&proto::reply(proto::TAG_RSP, proto::status::SIZE, &[]));
+                return;
+            }
+        }
+    }
+}
+
+/// Listens on `path` (mode 0600 for the admin socket, 0660 otherwise) and serves each
+/// connection on its own thread.
+pub fn serve_unix<D: BlockDev + Send + 'static>(
+    mgr: Shared<D>,
+    path: &Path,
+    admin: bool,
+) -> Result<std::thread::JoinHandle<()>> {
+    if let Ok(m) = std::fs::symlink_metadata(path) {
+        if !m.file_type().is_socket() {
+            return Err(Error::Store(format!("{} exists and is not a socket", path.display())));
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    let l = UnixListener::bind(path).map_err(|e| Error::io(format!("listen on {}", path.display()), e))?;
+    let mode = if admin { 0o600 } else { 0o660 };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| Error::io(format!("chmod {}", path.display()), e))?;
+    log::info!("{} socket on {}", if admin { "admin" } else { "vTPM" }, path.display());
+    Ok(std::thread::spawn(move || {
+        for conn in l.incoming() {
+            match conn {
+                Ok(s) => {
+                    let mgr = mgr.clone();
+                    let caller = if admin { Caller::Admin } else { Caller::Socket(None) };
+                    std::thread::spawn(move || serve_conn(mgr, s, caller));
+                }
+                Err(e) => {
+                    log::warn!("accept: {e}");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+    }))
+}
+
+/// tpmback's handler: each device's uuid (from xenstore) is the calling vTPM.
+pub struct XenHandler<D> {
+    mgr: Shared<D>,
+}
+
+impl<D> XenHandler<D> {
+    /// Serves `mgr`.
+    pub fn new(mgr: Shared<D>) -> Self {
+        Self { mgr }
+    }
+}
+
+impl<D> std::fmt::Debug for XenHandler<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("XenHandler")
+    }
+}
+
+impl<D: BlockDev + Send> CommandHandler for XenHandler<D> {
+    fn handle(&self, req: &Request<'_>) -> Vec<u8> {
+        let Some(uuid) = proto::parse_uuid(&req.device.uuid) else {
+            log::warn!("{}: no usable uuid; refusing", req.device);
+            return proto::reply(proto::TAG_RSP, proto::status::AUTHFAIL, &[]);
+        };
+        // Management commands are refused: a vTPM domain is never the admin.
+        run(&self.mgr, &mut Caller::Vtpm(uuid), req.command)
+    }
+}
+
+/// A client of the manager protocol over a Unix socket (the vtpm in dom0 deployments, and
+/// the admin commands).
+#[derive(Debug)]
+pub struct Client {
+    s: UnixStream,
+}
+
+impl Client {
+    /// Connects to `path`.
+    pub fn connect(path: &Path) -> Result<Self> {
+        let s = UnixStream::connect(path).map_err(|e| Error::io(format!("connect to {}", path.display()), e))?;
+        Ok(Self { s })
+    }
+
+    /// Sends a request; the reply's status and body.
+    pub fn call(&mut self, tag: u16, ordinal: u32, body: &[u8]) -> Result<(u32, Vec<u8>)> {
+        self.s.write_all(&proto::request(tag, ordinal, body)).map_err(|e| Error::io("send to the manager", e))?;
+        let msg = read_message(&mut self.s)
+            .map_err(|e| Error::io("read from the manager", e))?
+            .ok_or_else(|| Error::Protocol("the manager closed the connection".into()))?;
+        let status = u32::from_be_bytes([msg[6], msg[7], msg[8], msg[9]]);
+        Ok((status, msg[HEADER..].to_vec()))
+    }
+}

@@ -1,0 +1,194 @@
+//! The `vtpmmgr` daemon with Debian's swtpm (TPM 2.0) as the hardware TPM: vTPMs that may act
+//! only for themselves, hostile messages, and kill -9 at 100 random moments during updates
+//! losing no acknowledged record.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use xvtpm_vtpmmgr::proto::{self, status, TAG_REQ, TAG_REQ2};
+use xvtpm_vtpmmgr::server::Client;
+
+const BIN: &str = env!("CARGO_BIN_EXE_vtpmmgr");
+
+struct Daemon(Child);
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn init(store: &Path, hw: &common::HwSwtpm) {
+    let out = Command::new(BIN)
+        .args(["init", "--pcrs", "0,16", "--store"])
+        .arg(store)
+        .args(["--tpm", &hw.arg()])
+        .output()
+        .expect("vtpmmgr init");
+    assert!(out.status.success(), "init: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn serve(store: &Path, hw: &common::HwSwtpm, dir: &Path, log: &str) -> Daemon {
+    let (sock, admin) = (dir.join("mgr.sock"), dir.join("admin.sock"));
+    let _ = std::fs::remove_file(&sock);
+    let child = Command::new(BIN)
+        .arg("serve")
+        .arg("--store")
+        .arg(store)
+        .args(["--tpm", &hw.arg()])
+        .arg("--socket")
+        .arg(&sock)
+        .arg("--admin-socket")
+        .arg(&admin)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join(log)).expect("log"))
+        .spawn()
+        .expect("vtpmmgr serve");
+    let end = Instant::now() + Duration::from_secs(20);
+    while Client::connect(&sock).is_err() {
+        assert!(
+            Instant::now() < end,
+            "manager did not start: {}",
+            std::fs::read_to_string(dir.join(log)).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Daemon(child)
+}
+
+fn provision(dir: &Path, token: &[u8; 32], name: &str) -> [u8; 16] {
+    let tf = dir.join(format!("{name}.token"));
+    std::fs::write(&tf, token).expect("token");
+    let out = Command::new(BIN)
+        .args(["admin", "--socket"])
+        .arg(dir.join("admin.sock"))
+        .args(["provision", "--token-file"])
+        .arg(&tf)
+        .output()
+        .expect("admin provision");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    proto::parse_uuid(String::from_utf8_lossy(&out.stdout).trim()).expect("uuid printed")
+}
+
+fn bind(c: &mut Client, uuid: &[u8; 16], token: &[u8; 32]) -> u32 {
+    c.call(TAG_REQ2, proto::BIND, &[&uuid[..], token].concat()).expect("bind").0
+}
+
+#[test]
+fn a_vtpm_gets_only_what_it_is_entitled_to() {
+    let dir = common::tmpdir("entitled");
+    let hw = common::HwSwtpm::start(&dir.join("tpm"));
+    let store = dir.join("store.img");
+    init(&store, &hw);
+    let _d = serve(&store, &hw, &dir, "mgr.log");
+    let sock = dir.join("mgr.sock");
+    let (ta, tb) = ([0xA1u8; 32], [0xB2u8; 32]);
+    let (ua, ub) = (provision(&dir, &ta, "a"), provision(&dir, &tb, "b"));
+    let blob_a: Vec<u8> = (0..52).collect();
+
+    let mut a = Client::connect(&sock).expect("a");
+    assert_eq!(bind(&mut a, &ua, &ta), status::SUCCESS);
+    assert_eq!(a.call(TAG_REQ, proto::SAVEHASHKEY, &blob_a).expect("save").0, status::SUCCESS);
+    assert_eq!(a.call(TAG_REQ, proto::LOADHASHKEY, &[]).expect("load"), (status::SUCCESS, blob_a.clone()));
+
+    // A client with A's token cannot become B, and then acts for nobody.
+    let mut x = Client::connect(&sock).expect("x");
+    assert_eq!(x.call(TAG_REQ, proto::LOADHASHKEY, &[]).expect("unbound").0, status::AUTHFAIL);
+    assert_eq!(bind(&mut x, &ub, &ta), status::AUTHFAIL);
+    assert_eq!(x.call(TAG_REQ, proto::LOADHASHKEY, &[]).expect("load").0, status::AUTHFAIL);
+    assert_eq!(x.call(TAG_REQ, proto::SAVEHASHKEY, &blob_a).expect("save").0, status::AUTHFAIL);
+    assert_eq!(bind(&mut x, &[7; 16], &ta), status::BAD_PARAMETER, "unknown uuid");
+    // Management is for the admin socket only.
+    let (st, body) = x.call(TAG_REQ2, proto::VTPM_LIST, &[0; 8]).expect("list");
+    assert_eq!((st, body.len()), (status::AUTHFAIL, 0));
+    // B sees its own (empty) slot, not A's key.
+    let mut b = Client::connect(&sock).expect("b");
+    assert_eq!(bind(&mut b, &ub, &tb), status::SUCCESS);
+    assert_eq!(b.call(TAG_REQ, proto::LOADHASHKEY, &[]).expect("load"), (status::BAD_PARAMETER, vec![]));
+
+    // Hostile messages: a size that lies, an unknown tag, a short SAVEHASHKEY.
+    let mut raw = std::os::unix::net::UnixStream::connect(&sock).expect("raw");
+    use std::io::{Read, Write};
+    raw.write_all(&[0x01, 0xC1, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 2]).expect("write");
+    let mut r = [0u8; 10];
+    raw.read_exact(&mut r).expect("an error reply before the drop");
+    assert_eq!(u32::from_be_bytes([r[6], r[7], r[8], r[9]]), status::SIZE);
+    assert_eq!(a.call(0x1234, 1, &[]).expect("tag").0, status::BADTAG);
+    assert_eq!(a.call(TAG_REQ, proto::SAVEHASHKEY, &[1; 10]).expect("short").0, status::BAD_PARAMETER);
+    assert_eq!(a.call(TAG_REQ, 99, &[]).expect("ordinal").0, status::BAD_ORDINAL);
+    // A still works and its key is intact.
+    assert_eq!(a.call(TAG_REQ, proto::LOADHASHKEY, &[]).expect("load"), (status::SUCCESS, blob_a));
+    let listed = Command::new(BIN)
+        .args(["admin", "--socket"])
+        .arg(dir.join("admin.sock"))
+        .args(["list", "--json"])
+        .output()
+        .expect("list");
+    let json = String::from_utf8_lossy(&listed.stdout);
+    assert!(json.contains(&xvtpm_vtpmmgr::uuid_str(&ua)) && json.contains(&xvtpm_vtpmmgr::uuid_str(&ub)), "{json}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn blob(n: u32) -> Vec<u8> {
+    let mut b = vec![0u8; 52];
+    b[..4].copy_from_slice(&n.to_be_bytes());
+    b[4..8].copy_from_slice(&(!n).to_be_bytes());
+    b
+}
+
+#[test]
+fn kill_9_at_100_random_moments_loses_no_acknowledged_record() {
+    let dir: PathBuf = common::tmpdir("kill9");
+    let hw = common::HwSwtpm::start(&dir.join("tpm"));
+    let store = dir.join("store.img");
+    init(&store, &hw);
+    let token = [0x33u8; 32];
+    let uuid = {
+        let _d = serve(&store, &hw, &dir, "first.log");
+        provision(&dir, &token, "v")
+    };
+    let mut rng = rand::thread_rng();
+    let mut acked: Option<u32> = None;
+    let mut next = 1u32;
+    for round in 0..100 {
+        let d = serve(&store, &hw, &dir, "mgr.log");
+        let mut c = Client::connect(&dir.join("mgr.sock")).expect("connect");
+        assert_eq!(bind(&mut c, &uuid, &token), status::SUCCESS, "round {round}");
+        let (st, got) = c.call(TAG_REQ, proto::LOADHASHKEY, &[]).expect("load");
+        match acked {
+            None => assert!(st == status::BAD_PARAMETER || got == blob(1), "round {round}: nothing saved yet"),
+            Some(n) => {
+                assert_eq!(st, status::SUCCESS, "round {round}: the acknowledged record is gone");
+                assert!(got == blob(n) || got == blob(n + 1), "round {round}: neither {n} nor {}", n + 1);
+                next = if got == blob(n) { n + 1 } else { n + 2 };
+                acked = Some(if got == blob(n) { n } else { n + 1 });
+            }
+        }
+        // Save in a loop until killed at a random moment.
+        let pid = d.0.id();
+        let delay = Duration::from_micros(rng.gen_range(0..40_000));
+        let killer = std::thread::spawn(move || {
+            std::thread::sleep(delay);
+            // As an operator or the OOM killer would.
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+        });
+        loop {
+            match c.call(TAG_REQ, proto::SAVEHASHKEY, &blob(next)) {
+                Ok((status::SUCCESS, _)) => {
+                    acked = Some(next);
+                    next += 1;
+                }
+                Ok((st, _)) => panic!("round {round}: save refused with {st}"),
+                Err(_) => break,
+            }
+        }
+        killer.join().expect("killer");
+        drop(d);
+    }
+    assert!(next > 100, "saves happened ({next})");
+    let _ = std::fs::remove_dir_all(&dir);
+}
