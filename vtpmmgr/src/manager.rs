@@ -198,7 +198,7 @@ impl<D: BlockDev> Manager<D> {
     }
 
     /// The store (benchmarks read its root).
-    pub fn store(&mut self) -> &mut Store<D> {
-        &mut self.store
+    pub fn store(&self) -> &Store<D> {
+        &self.store
     }
 }
