@@ -15,6 +15,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use xvtpm_backend::{Backend, BackendConfig, DeviceFilter};
 use xvtpm_vtpm::libtpms::{Libtpms, LibtpmsConfig};
 use xvtpm_vtpm::state::file::{FileStore, KeyFormat, StateKey};
+use xvtpm_vtpm::state::link::{UnixLink, XenLink};
+use xvtpm_vtpm::state::managed::{ManagedStore, ManagerLink};
 use xvtpm_vtpm::state::StateStore;
 use xvtpm_vtpm::tpmif::VtpmHandler;
 use xvtpm_vtpm::{TpmEngine, TpmVersion};
@@ -54,6 +56,23 @@ struct StateOpts {
     /// Emulate a TPM 1.2 instead of a TPM 2.0.
     #[arg(long = "tpm1.2")]
     tpm12: bool,
+    /// Keep the state key at the vTPM manager instead of a key file: `unix:PATH` (the
+    /// manager's vTPM socket; give --vtpm-uuid and --token-file) or `xen:HANDLE` (our vtpm
+    /// device HANDLE, whose backend is the manager's domain). Every save then uses a fresh key.
+    #[arg(long, value_name = "unix:PATH|xen:HANDLE", conflicts_with = "key")]
+    manager: Option<String>,
+    /// With --manager unix:PATH: this vTPM's uuid, as provisioned at the manager.
+    #[arg(long)]
+    vtpm_uuid: Option<String>,
+    /// With --manager unix:PATH: the file holding this vTPM's 32-byte token.
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// Use the simulated Xen in this directory instead of /dev/xen and xenstored.
+    #[arg(long, value_name = "DIR", requires = "domid")]
+    sim: Option<PathBuf>,
+    /// Our domain id (default: from xenstore).
+    #[arg(long)]
+    domid: Option<u16>,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy)]
@@ -71,7 +90,35 @@ impl StateOpts {
         }
     }
 
-    fn store(&self) -> anyhow::Result<FileStore> {
+    fn xen(&self) -> anyhow::Result<Arc<dyn Xen>> {
+        Ok(match (&self.sim, self.domid) {
+            (Some(dir), Some(d)) => Arc::new(SimXen::new(dir.clone(), d)),
+            (None, Some(d)) => Arc::new(LinuxXen::with_domid(d)),
+            (None, None) => Arc::new(LinuxXen::open().context("cannot reach Xen (is this a Xen domain?)")?),
+            (Some(_), None) => bail!("--sim needs --domid"),
+        })
+    }
+
+    fn store(&self) -> anyhow::Result<Box<dyn StateStore>> {
+        let Some(m) = &self.manager else { return Ok(Box::new(self.file_store()?)) };
+        let link: Box<dyn ManagerLink> = match m.split_once(':') {
+            Some(("unix", path)) => {
+                let u = self.vtpm_uuid.as_deref().context("--manager unix:PATH needs --vtpm-uuid")?;
+                let uuid = uuid_bytes(u).with_context(|| format!("malformed uuid {u:?}"))?;
+                let tf = self.token_file.as_ref().context("--manager unix:PATH needs --token-file")?;
+                let token = std::fs::read(tf).with_context(|| format!("read {}", tf.display()))?;
+                Box::new(UnixLink::connect(Path::new(path), &uuid, &token)?)
+            }
+            Some(("xen", handle)) => {
+                let handle: u32 = handle.parse().context("xen:HANDLE")?;
+                Box::new(XenLink::connect(self.xen()?.as_ref(), handle)?)
+            }
+            _ => bail!("--manager: unix:PATH or xen:HANDLE"),
+        };
+        Ok(Box::new(ManagedStore::open(&self.state_dir, link)?))
+    }
+
+    fn file_store(&self) -> anyhow::Result<FileStore> {
         let key = match &self.key {
             Some(path) => {
                 let format = match self.key_format {
@@ -87,12 +134,7 @@ impl StateOpts {
 
     fn engine(&self, create: bool) -> anyhow::Result<Libtpms> {
         let store = self.store()?;
-        Ok(Libtpms::new(LibtpmsConfig {
-            version: self.version(),
-            store: Box::new(store),
-            create,
-            label: self.state_dir.clone(),
-        })?)
+        Ok(Libtpms::new(LibtpmsConfig { version: self.version(), store, create, label: self.state_dir.clone() })?)
     }
 }
 
@@ -117,12 +159,6 @@ enum Command {
         /// ...with this device handle.
         #[arg(long)]
         handle: Option<u32>,
-        /// Use the simulated Xen in this directory instead of /dev/xen and xenstored.
-        #[arg(long, value_name = "DIR", requires = "domid")]
-        sim: Option<PathBuf>,
-        /// Our domain id (default: from xenstore).
-        #[arg(long)]
-        domid: Option<u16>,
     },
     /// Serve the TPM over swtpm's socket protocol (data and control channels), taking swtpm's
     /// own options, e.g. `vtpm socket --tpm2 --server type=tcp,port=2321 --ctrl
@@ -147,18 +183,13 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Create { state } => create(&state),
-        Command::Serve { state, uuid, frontend, handle, sim, domid } => {
+        Command::Serve { state, uuid, frontend, handle } => {
             let filter = match (uuid, frontend, handle) {
                 (Some(u), _, _) => DeviceFilter::Uuid(u.to_ascii_lowercase()),
                 (None, Some(f), Some(h)) => DeviceFilter::Device { frontend: f, handle: h },
                 _ => bail!("choose the device: --uuid U, or --frontend DOMID --handle N"),
             };
-            let xen: Arc<dyn Xen> = match (sim, domid) {
-                (Some(dir), Some(d)) => Arc::new(SimXen::new(dir, d)),
-                (None, Some(d)) => Arc::new(LinuxXen::with_domid(d)),
-                (None, None) => Arc::new(LinuxXen::open().context("cannot reach Xen (is this a Xen domain?)")?),
-                (Some(_), None) => bail!("--sim needs --domid"),
-            };
+            let xen = state.xen()?;
             serve(&state, xen, filter)
         }
         Command::Socket { args } => {
@@ -211,18 +242,20 @@ fn socket(args: &[String], create_missing: bool) -> anyhow::Result<()> {
 }
 
 fn create(state: &StateOpts) -> anyhow::Result<()> {
-    let mut probe = state.store()?;
+    // One store for the check and the engine: it holds the directory's lock.
+    let mut store = state.store()?;
     let v2 = xvtpm_vtpm::libtpms::blob_name_for(TpmVersion::V2_0, "permall");
     let v12 = xvtpm_vtpm::libtpms::blob_name_for(TpmVersion::V1_2, "permall");
-    if probe.load(&v2)?.is_some() || probe.load(&v12)?.is_some() {
+    if store.load(&v2)?.is_some() || store.load(&v12)?.is_some() {
         bail!("{} already holds a vTPM; remove it first to create a new one", state.state_dir.display());
     }
-    drop(probe);
-    let mut engine = state.engine(true)?;
+    let mut engine =
+        Libtpms::new(LibtpmsConfig { version: state.version(), store, create: true, label: state.state_dir.clone() })?;
     engine.init(false)?;
     engine.shutdown();
     drop(engine);
-    println!("created a {:?} vTPM in {}", state.version(), state.state_dir.display());
+    let at = if state.manager.is_some() { " (key at the manager)" } else { "" };
+    println!("created a {:?} vTPM in {}{at}", state.version(), state.state_dir.display());
     Ok(())
 }
 
@@ -252,4 +285,15 @@ fn serve(state: &StateOpts, xen: Arc<dyn Xen>, filter: DeviceFilter) -> anyhow::
 
 fn state_dir_label(p: &Path) -> String {
     p.display().to_string()
+}
+
+/// A uuid's 16 bytes from its text form.
+fn uuid_bytes(s: &str) -> Option<[u8; 16]> {
+    let canon = xvtpm_xen::xenbus::parse_uuid("--vtpm-uuid", s.as_bytes()).ok()?;
+    let hex: String = canon.chars().filter(|c| *c != '-').collect();
+    let mut u = [0u8; 16];
+    for (i, b) in u.iter_mut().enumerate() {
+        *b = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(u)
 }

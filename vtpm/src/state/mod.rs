@@ -2,6 +2,8 @@
 //! (`permall`, `volatilestate`, `savestate`) through a [`StateStore`].
 
 pub mod file;
+pub mod link;
+pub mod managed;
 
 use std::collections::HashMap;
 

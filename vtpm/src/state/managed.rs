@@ -1,0 +1,251 @@
+//! State whose key the vTPM manager keeps. Every save encrypts all blobs under a fresh key into
+//! the slot the manager does not currently point at, makes it durable, and only then sends
+//! SAVEHASHKEY (the slot's SHA-256 and the key): after a crash the manager names either the
+//! old slot or the new one, and both are intact. At start, LOADHASHKEY names the slot by its
+//! hash; a slot that does not match, or a manager that knows no key, stops the vTPM.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use aes_gcm::aead::{Aead, KeyInit, Payload};
+use aes_gcm::{Aes256Gcm, Nonce};
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+
+use super::StateStore;
+use crate::{Error, Result};
+
+const MAGIC: &[u8; 8] = b"XVTPMMS1";
+const SLOTS: [&str; 2] = ["managed-a.xvtpm", "managed-b.xvtpm"];
+
+/// Manager protocol constants (Xen's framing).
+mod wire {
+    pub const TAG_REQ: u16 = 0x01C1;
+    pub const SAVEHASHKEY: u32 = 1;
+    pub const LOADHASHKEY: u32 = 2;
+    pub const SUCCESS: u32 = 0;
+    pub const AUTHFAIL: u32 = 1;
+    pub const BAD_PARAMETER: u32 = 3;
+}
+
+/// A connection to the manager: one request, one reply (status and body).
+pub trait ManagerLink: Send + std::fmt::Debug {
+    /// Sends a request with Xen's header and returns the reply's status and body.
+    fn call(&mut self, tag: u16, ordinal: u32, body: &[u8]) -> Result<(u32, Vec<u8>)>;
+}
+
+/// Frames a request.
+pub fn request(tag: u16, ordinal: u32, body: &[u8]) -> Vec<u8> {
+    let mut r = tag.to_be_bytes().to_vec();
+    r.extend_from_slice(&((10 + body.len()) as u32).to_be_bytes());
+    r.extend_from_slice(&ordinal.to_be_bytes());
+    r.extend_from_slice(body);
+    r
+}
+
+/// Splits a reply into status and body.
+pub fn parse_reply(r: &[u8]) -> Result<(u32, Vec<u8>)> {
+    let size = r.get(2..6).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize);
+    match (size, r.get(6..10)) {
+        (Some(n), Some(st)) if n == r.len() => Ok((u32::from_be_bytes([st[0], st[1], st[2], st[3]]), r[10..].to_vec())),
+        _ => Err(Error::Protocol(format!("malformed manager reply of {} bytes", r.len()))),
+    }
+}
+
+/// Blobs stored through the manager.
+#[derive(Debug)]
+pub struct ManagedStore {
+    dir: PathBuf,
+    link: Box<dyn ManagerLink>,
+    blobs: BTreeMap<String, Vec<u8>>,
+    /// The slot the manager points at (None before the first save).
+    active: Option<usize>,
+    /// A SAVEHASHKEY whose reply was lost: the manager may point at either slot.
+    uncertain: bool,
+    _lock: File,
+}
+
+fn encode(blobs: &BTreeMap<String, Vec<u8>>) -> Vec<u8> {
+    let mut b = (blobs.len() as u32).to_le_bytes().to_vec();
+    for (k, v) in blobs {
+        b.extend_from_slice(&(k.len() as u16).to_le_bytes());
+        b.extend_from_slice(k.as_bytes());
+        b.extend_from_slice(&(v.len() as u32).to_le_bytes());
+        b.extend_from_slice(v);
+    }
+    b
+}
+
+fn decode(b: &[u8]) -> Option<BTreeMap<String, Vec<u8>>> {
+    let mut at = 0usize;
+    let mut take = |n: usize| -> Option<&[u8]> {
+        let s = b.get(at..at + n)?;
+        at += n;
+        Some(s)
+    };
+    let count = u32::from_le_bytes(take(4)?.try_into().ok()?);
+    let mut out = BTreeMap::new();
+    for _ in 0..count {
+        let kl = u16::from_le_bytes(take(2)?.try_into().ok()?) as usize;
+        let k = String::from_utf8(take(kl)?.to_vec()).ok()?;
+        let vl = u32::from_le_bytes(take(4)?.try_into().ok()?) as usize;
+        out.insert(k, take(vl)?.to_vec());
+    }
+    Some(out)
+}
+
+impl ManagedStore {
+    /// Opens the state in `dir` with the key the manager holds for this vTPM. With no key at
+    /// the manager and no slot on disk, the store starts empty (a new vTPM is then created
+    /// only if the engine is told to); slots on disk that the manager has no key for, or that
+    /// do not match its hash, are an error.
+    pub fn open(dir: &Path, mut link: Box<dyn ManagerLink>) -> Result<Self> {
+        fs::create_dir_all(dir).map_err(|e| Error::io(format!("create state directory {}", dir.display()), e))?;
+        let lock_path = dir.join(".lock");
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| Error::io(format!("open {}", lock_path.display()), e))?;
+        if lock.try_lock().is_err() {
+            return Err(Error::Config(format!("state directory {} is in use by another vtpm process", dir.display())));
+        }
+        let slots: Vec<Option<Vec<u8>>> = SLOTS.iter().map(|s| fs::read(dir.join(s)).ok()).collect();
+        let (st, body) = link.call(wire::TAG_REQ, wire::LOADHASHKEY, &[])?;
+        let mut store =
+            Self { dir: dir.to_path_buf(), link, blobs: BTreeMap::new(), active: None, uncertain: false, _lock: lock };
+        match st {
+            wire::SUCCESS => {}
+            wire::BAD_PARAMETER if slots.iter().all(Option::is_none) => {
+                log::info!("the manager holds no key for this vTPM and {} has no state", dir.display());
+                return Ok(store);
+            }
+            wire::BAD_PARAMETER => {
+                return Err(Error::StateCorrupt {
+                    path: dir.to_path_buf(),
+                    reason: "holds state, but the manager has no key for this vTPM (not provisioned, or deleted); refusing to start".into(),
+                })
+            }
+            wire::AUTHFAIL => return Err(Error::Config("the manager refused this vTPM (wrong uuid or token)".into())),
+            st => return Err(Error::Protocol(format!("LOADHASHKEY failed at the manager with status {st}"))),
+        }
+        if body.len() != 64 {
+            return Err(Error::Protocol(format!("LOADHASHKEY returned {} bytes, expected 64", body.len())));
+        }
+        let (hash, key) = body.split_at(32);
+        for (i, slot) in slots.iter().enumerate() {
+            let Some(file) = slot else { continue };
+            if Sha256::digest(file)[..] != *hash {
+                continue;
+            }
+            let path = dir.join(SLOTS[i]);
+            let corrupt = |r: &str| Error::StateCorrupt { path: path.clone(), reason: r.to_string() };
+            if file.len() < 20 + 16 || &file[..8] != MAGIC {
+                return Err(corrupt("matches the manager's hash but is not a managed state file"));
+            }
+            let cipher = Aes256Gcm::new(key.into());
+            let plain = cipher
+                .decrypt(Nonce::from_slice(&file[8..20]), Payload { msg: &file[20..], aad: MAGIC })
+                .map_err(|_| corrupt("does not decrypt with the manager's key"))?;
+            store.blobs = decode(&plain).ok_or_else(|| corrupt("malformed contents"))?;
+            store.active = Some(i);
+            log::info!("state loaded from {} (the slot the manager names)", path.display());
+            return Ok(store);
+        }
+        Err(Error::StateCorrupt {
+            path: dir.to_path_buf(),
+            reason: "no state slot matches the hash the manager holds (lost or replaced files); refusing to start"
+                .into(),
+        })
+    }
+
+    /// After a lost reply: asks the manager which slot it points at.
+    fn resync(&mut self) -> Result<()> {
+        let (st, body) = self.link.call(wire::TAG_REQ, wire::LOADHASHKEY, &[])?;
+        self.active = None;
+        if st == wire::SUCCESS && body.len() == 64 {
+            for (i, s) in SLOTS.iter().enumerate() {
+                if fs::read(self.dir.join(s)).is_ok_and(|f| Sha256::digest(&f)[..] == body[..32]) {
+                    self.active = Some(i);
+                }
+            }
+        }
+        self.uncertain = false;
+        Ok(())
+    }
+
+    fn save(&mut self) -> Result<()> {
+        if self.uncertain {
+            self.resync()?;
+        }
+        let slot = match self.active {
+            Some(i) => 1 - i,
+            None => 0,
+        };
+        let mut key = [0u8; 32];
+        rand::thread_rng().fill_bytes(&mut key);
+        let mut file = MAGIC.to_vec();
+        let mut nonce = [0u8; 12];
+        rand::thread_rng().fill_bytes(&mut nonce);
+        file.extend_from_slice(&nonce);
+        let ct = Aes256Gcm::new((&key).into())
+            .encrypt(Nonce::from_slice(&nonce), Payload { msg: &encode(&self.blobs), aad: MAGIC })
+            .map_err(|_| Error::Config("state encryption failed".into()))?;
+        file.extend_from_slice(&ct);
+        let path = self.dir.join(SLOTS[slot]);
+        let tmp = path.with_extension("tmp");
+        let io = |what: &str, e| Error::io(format!("{what} {}", path.display()), e);
+        let mut f = File::create(&tmp).map_err(|e| io("create", e))?;
+        f.write_all(&file).map_err(|e| io("write", e))?;
+        f.sync_all().map_err(|e| io("sync", e))?;
+        fs::rename(&tmp, &path).map_err(|e| io("rename", e))?;
+        File::open(&self.dir).and_then(|d| d.sync_all()).map_err(|e| io("sync the directory of", e))?;
+        // The slot is durable: now the manager may point at it.
+        let blob = [&Sha256::digest(&file)[..], &key[..]].concat();
+        let reply = self.link.call(wire::TAG_REQ, wire::SAVEHASHKEY, &blob);
+        if reply.is_err() {
+            // The manager may have committed before the reply was lost: never overwrite the
+            // slot it might point at without asking first.
+            self.uncertain = true;
+        }
+        match reply? {
+            (wire::SUCCESS, _) => {
+                self.active = Some(slot);
+                Ok(())
+            }
+            (st, _) => Err(Error::Protocol(format!(
+                "the manager refused SAVEHASHKEY with status {st}: the new state in {} is not committed",
+                path.display()
+            ))),
+        }
+    }
+}
+
+impl StateStore for ManagedStore {
+    fn load(&mut self, name: &str) -> Result<Option<Vec<u8>>> {
+        Ok(self.blobs.get(name).cloned())
+    }
+
+    fn store(&mut self, name: &str, data: &[u8]) -> Result<()> {
+        let old = self.blobs.insert(name.to_string(), data.to_vec());
+        let r = self.save();
+        if r.is_err() {
+            // Memory keeps what the manager has.
+            match old {
+                Some(v) => self.blobs.insert(name.to_string(), v),
+                None => self.blobs.remove(name),
+            };
+        }
+        r
+    }
+
+    fn delete(&mut self, name: &str) -> Result<()> {
+        if self.blobs.remove(name).is_some() {
+            self.save()?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,203 @@
+//! The vtpm with its state key at the vTPM manager, over the simulated Xen: the manager
+//! (hardware TPM: Debian's swtpm) serves tpmback in domain 0; the vtpm runs in domain 5,
+//! reaching the manager through its own tpmfront device and serving the guest in domain 7.
+//! The guest's TPM state survives restarts of both; a vTPM the manager does not know is
+//! refused; state files the manager has no key for stop the vtpm.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use xvtpm_backend::{Backend, BackendConfig, BackendHandle, DeviceFilter};
+use xvtpm_frontend::{Frontend, FrontendConfig};
+use xvtpm_tis::swtpm::{Address, Swtpm};
+use xvtpm_tis::{Family, HwTpm};
+use xvtpm_vtpmmgr::manager::{InitConfig, Manager};
+use xvtpm_vtpmmgr::server::XenHandler;
+use xvtpm_vtpmmgr::store::dev::FileDev;
+use xvtpm_xen::sim::{toolstack, SimHost};
+use xvtpm_xen::Xen;
+
+const VTPM: &str = env!("CARGO_BIN_EXE_vtpm");
+const VTPM_UUID: &str = "0a0b0c0d-0e0f-4011-8213-141516171819";
+const GUEST_UUID: &str = "1a1b1c1d-1e1f-4021-8223-242526272829";
+const STRANGER_UUID: &str = "2a2b2c2d-2e2f-4031-8233-343536373839";
+
+struct Kill(Child, PathBuf);
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+impl Kill {
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.1).unwrap_or_default()
+    }
+}
+
+fn uuid(s: &str) -> [u8; 16] {
+    xvtpm_vtpmmgr::proto::parse_uuid(s).expect("uuid")
+}
+
+fn rc(rsp: &[u8]) -> u32 {
+    u32::from_be_bytes([rsp[6], rsp[7], rsp[8], rsp[9]])
+}
+
+fn swtpm(dir: &Path) -> (Kill, Address, Address) {
+    std::fs::create_dir_all(dir.join("state")).expect("dir");
+    let (data, ctrl) = (dir.join("data.sock"), dir.join("ctrl.sock"));
+    let child = Command::new("swtpm")
+        .args(["socket", "--tpm2", "--flags", "not-need-init", "--tpmstate"])
+        .arg(format!("dir={}", dir.join("state").display()))
+        .arg("--server")
+        .arg(format!("type=unixio,path={}", data.display()))
+        .arg("--ctrl")
+        .arg(format!("type=unixio,path={}", ctrl.display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("swtpm");
+    let end = Instant::now() + Duration::from_secs(20);
+    while !(data.exists() && ctrl.exists()) {
+        assert!(Instant::now() < end, "swtpm did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (Kill(child, dir.join("none")), Address::Unix(data), Address::Unix(ctrl))
+}
+
+fn hw(a: &(Kill, Address, Address)) -> Box<dyn HwTpm + Send> {
+    Box::new(Swtpm::connect(&a.1, &a.2, Family::Tpm20).expect("swtpm"))
+}
+
+/// The manager serving tpmback in domain 0 (in this process; dropping it stops it).
+fn manager(host: &SimHost, store: &Path, tpm: Box<dyn HwTpm + Send>) -> BackendHandle {
+    // The previous manager's device threads let go of the store within moments of its stop.
+    let end = Instant::now() + Duration::from_secs(10);
+    let dev = loop {
+        match FileDev::open(store, false) {
+            Ok(d) => break d,
+            Err(e) if Instant::now() < end && e.to_string().contains("in use") => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            Err(e) => panic!("store: {e}"),
+        }
+    };
+    let m = Manager::open(dev, tpm).expect("manager opens");
+    let handler = Arc::new(XenHandler::new(Arc::new(Mutex::new(m))));
+    Backend::new(Arc::new(host.xen(0)), handler, BackendConfig { filter: DeviceFilter::All }).spawn().expect("backend")
+}
+
+fn vtpm_args(host: &SimHost, state: &Path, domid: u16) -> Vec<String> {
+    vec![
+        "--state-dir".into(),
+        state.display().to_string(),
+        "--manager".into(),
+        "xen:0".into(),
+        "--sim".into(),
+        host.dir().display().to_string(),
+        "--domid".into(),
+        domid.to_string(),
+    ]
+}
+
+fn serve(host: &SimHost, state: &Path, n: u32) -> Kill {
+    let log = host.dir().join(format!("vtpm-{n}.log"));
+    let child = Command::new(VTPM)
+        .args(["serve", "--uuid", GUEST_UUID])
+        .args(vtpm_args(host, state, 5))
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("vtpm serve");
+    let k = Kill(child, log);
+    let end = Instant::now() + Duration::from_secs(30);
+    while !k.log().contains("watching") {
+        assert!(Instant::now() < end, "vtpm did not start:\n{}", k.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    k
+}
+
+#[test]
+fn state_survives_restarts_of_vtpm_and_manager() {
+    let host = SimHost::temp().expect("sim");
+    let xs = host.xen(0).xenstore().expect("xs");
+    let tpm = swtpm(&host.dir().join("hwtpm"));
+    let store = host.dir().join("mgr.img");
+    {
+        let cfg = InitConfig { pcrs: vec![0], ..InitConfig::default() };
+        let mut m = Manager::init(FileDev::open(&store, true).expect("store"), hw(&tpm), &cfg).expect("init");
+        m.provision(uuid(VTPM_UUID), 0, None).expect("provision");
+    }
+    let mgr = manager(&host, &store, hw(&tpm));
+    toolstack::add_domain(&xs, 5, "vtpm-guest").expect("vtpm domain");
+    toolstack::add_vtpm(&xs, 5, 0, 0, VTPM_UUID).expect("the vtpm's device to the manager");
+    toolstack::add_domain(&xs, 7, "guest").expect("guest domain");
+    toolstack::add_vtpm(&xs, 7, 5, 0, GUEST_UUID).expect("the guest's device to the vtpm");
+
+    let state = host.dir().join("vtpm-state");
+    let out = Command::new(VTPM).arg("create").args(vtpm_args(&host, &state, 5)).output().expect("create");
+    assert!(out.status.success(), "create: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(!state.join("tpm2-permall.xvtpm").exists(), "no key-file state: only manager slots");
+
+    let vtpm = serve(&host, &state, 1);
+    let cfg = FrontendConfig { command_timeout: Duration::from_secs(30), ..FrontendConfig::default() };
+    let mut fe = Frontend::connect(&host.xen(7), cfg.clone()).expect("guest connects");
+    let r = fe.transmit(&[0x80, 0x01, 0, 0, 0, 0x0c, 0, 0, 0x01, 0x7b, 0, 0x10]).expect("getrandom");
+    assert_eq!((rc(&r), r.len()), (0, 28));
+    assert_eq!(rc(&fe.transmit(&xvtpm_tests::tpm2::change_owner_auth(b"", b"guest-secret")).expect("cmd")), 0);
+    fe.close().expect("close");
+    drop(vtpm);
+    drop(mgr);
+
+    // Both restart: the manager unseals its store again, the vtpm loads the slot it names.
+    let mgr = manager(&host, &store, hw(&tpm));
+    let vtpm = serve(&host, &state, 2);
+    let mut fe = Frontend::connect(&host.xen(7), cfg).expect("guest reconnects");
+    assert_ne!(rc(&fe.transmit(&xvtpm_tests::tpm2::change_owner_auth(b"", b"x")).expect("cmd")), 0, "{}", vtpm.log());
+    assert_eq!(rc(&fe.transmit(&xvtpm_tests::tpm2::change_owner_auth(b"guest-secret", b"")).expect("cmd")), 0);
+    fe.close().expect("close");
+    drop(vtpm);
+
+    // A vTPM the manager was never told about: refused, loudly, and nothing is created.
+    toolstack::add_domain(&xs, 6, "stranger").expect("domain");
+    toolstack::add_vtpm(&xs, 6, 0, 0, STRANGER_UUID).expect("device");
+    let other = host.dir().join("stranger-state");
+    let out = Command::new(VTPM).arg("create").args(vtpm_args(&host, &other, 6)).output().expect("create");
+    assert!(!out.status.success(), "a vTPM the manager does not know must not start");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("refused SAVEHASHKEY"), "{err}");
+
+    // State files the manager has no key for (copied to another vTPM): refused, not reset.
+    drop(mgr);
+    {
+        let end = Instant::now() + Duration::from_secs(10);
+        let dev = loop {
+            match FileDev::open(&store, false) {
+                Ok(d) => break d,
+                Err(_) if Instant::now() < end => std::thread::sleep(Duration::from_millis(20)),
+                Err(e) => panic!("store: {e}"),
+            }
+        };
+        let mut m = Manager::open(dev, hw(&tpm)).expect("open");
+        m.provision(uuid(STRANGER_UUID), 0, None).expect("provision the stranger");
+    }
+    let _mgr = manager(&host, &store, hw(&tpm));
+    let copied = host.dir().join("copied-state");
+    std::fs::create_dir_all(&copied).expect("dir");
+    for f in std::fs::read_dir(&state).expect("ls").flatten() {
+        if f.file_name().to_string_lossy().starts_with("managed-") {
+            std::fs::copy(f.path(), copied.join(f.file_name())).expect("copy");
+        }
+    }
+    let out = Command::new(VTPM)
+        .args(["serve", "--uuid", "3a3b3c3d-3e3f-4041-8243-444546474849"])
+        .args(vtpm_args(&host, &copied, 6))
+        .output()
+        .expect("serve");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("the manager has no key"), "{err}");
+}
