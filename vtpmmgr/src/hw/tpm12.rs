@@ -1,0 +1,339 @@
+//! The TPM 1.2 operations the manager needs, over [`HwTpm`]: the endorsement key (created if
+//! the TPM has none), taking ownership (owner and SRK auth encrypted with RSA-OAEP under the
+//! EK), OIAP and OSAP sessions with HMAC-SHA1 authorisation (responses verified too),
+//! TPM_Seal/TPM_Unseal under the SRK with a TPM_PCR_INFO_LONG (PCRs and a locality mask), and
+//! a monotonic counter.
+
+use hmac::{Hmac, Mac};
+use rand::RngCore;
+use rsa::{BigUint, Oaep, RsaPublicKey};
+use sha1::{Digest, Sha1};
+use xvtpm_tis::HwTpm;
+
+use crate::{Error, Result};
+
+type HmacSha1 = Hmac<Sha1>;
+
+const RQU: u16 = 0x00C1;
+const AUTH1: u16 = 0x00C2;
+const AUTH2: u16 = 0x00C3;
+const KH_SRK: u32 = 0x4000_0000;
+const KH_OWNER: u32 = 0x4000_0001;
+const ET_KEYHANDLE: u16 = 0x0001;
+const ET_OWNER: u16 = 0x0002;
+/// TPM_NO_ENDORSEMENT.
+const RC_NO_ENDORSEMENT: u32 = 0x23;
+/// TPM_WRONGPCRVAL: the PCRs differ from those the data was sealed to.
+const RC_WRONGPCRVAL: u32 = 0x18;
+/// TPM_BAD_LOCALITY.
+const RC_BAD_LOCALITY: u32 = 0x3D;
+
+/// An authorization session.
+struct Session {
+    handle: u32,
+    nonce_even: [u8; 20],
+}
+
+fn sha1(parts: &[&[u8]]) -> [u8; 20] {
+    let mut h = Sha1::new();
+    for p in parts {
+        h.update(p);
+    }
+    h.finalize().into()
+}
+
+fn hmac(key: &[u8; 20], parts: &[&[u8]]) -> [u8; 20] {
+    // An HMAC takes keys of any length.
+    let mut m = <HmacSha1 as Mac>::new_from_slice(key).unwrap_or_else(|_| unreachable!());
+    for p in parts {
+        m.update(p);
+    }
+    m.finalize().into_bytes().into()
+}
+
+fn nonce() -> [u8; 20] {
+    let mut n = [0u8; 20];
+    rand::thread_rng().fill_bytes(&mut n);
+    n
+}
+
+fn be32(b: &[u8], at: usize) -> Result<u32> {
+    b.get(at..at + 4)
+        .map(|s| u32::from_be_bytes([s[0], s[1], s[2], s[3]]))
+        .ok_or_else(|| Error::Tpm("TPM 1.2 response too short".into()))
+}
+
+/// The PCR selection as a 3-byte bitmap.
+fn select(pcrs: &[u8]) -> [u8; 3] {
+    let mut s = [0u8; 3];
+    for &p in pcrs.iter().filter(|&&p| p < 24) {
+        s[(p / 8) as usize] |= 1 << (p % 8);
+    }
+    s
+}
+
+/// The TPM 1.2 side of the manager.
+pub struct Tpm12<'a> {
+    tpm: &'a mut dyn HwTpm,
+    locality: u8,
+    /// Commands sent so far.
+    pub commands: u64,
+}
+
+impl std::fmt::Debug for Tpm12<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tpm12").field("locality", &self.locality).field("commands", &self.commands).finish()
+    }
+}
+
+/// A command's body: handles, then parameters (the HMACs cover the parameters only).
+struct Body<'b> {
+    handles: &'b [u32],
+    params: &'b [u8],
+}
+
+impl<'a> Tpm12<'a> {
+    /// Uses `tpm` at `locality`.
+    pub fn new(tpm: &'a mut dyn HwTpm, locality: u8) -> Self {
+        Self { tpm, locality, commands: 0 }
+    }
+
+    fn send(&mut self, what: &str, tag: u16, ordinal: u32, body: &[u8]) -> Result<Vec<u8>> {
+        let mut c = tag.to_be_bytes().to_vec();
+        c.extend_from_slice(&((10 + body.len()) as u32).to_be_bytes());
+        c.extend_from_slice(&ordinal.to_be_bytes());
+        c.extend_from_slice(body);
+        self.commands += 1;
+        let r = self.tpm.transmit(self.locality, &c)?;
+        let rc = be32(&r, 6)?;
+        if rc != 0 {
+            return Err(Error::TpmRc { what: what.to_string(), rc });
+        }
+        Ok(r)
+    }
+
+    /// An unauthorized command; the response after its header.
+    fn plain(&mut self, what: &str, ordinal: u32, body: &[u8]) -> Result<Vec<u8>> {
+        Ok(self.send(what, RQU, ordinal, body)?[10..].to_vec())
+    }
+
+    fn oiap(&mut self) -> Result<Session> {
+        let r = self.plain("OIAP", 0x0A, &[])?;
+        let mut s = Session { handle: be32(&r, 0)?, nonce_even: [0; 20] };
+        s.nonce_even.copy_from_slice(r.get(4..24).ok_or_else(|| Error::Tpm("short OIAP".into()))?);
+        Ok(s)
+    }
+
+    /// An OSAP session for an entity whose auth is `secret`; the session and its shared
+    /// secret.
+    fn osap(&mut self, et: u16, value: u32, secret: &[u8; 20]) -> Result<(Session, [u8; 20])> {
+        let odd = nonce();
+        let body = [&et.to_be_bytes()[..], &value.to_be_bytes(), &odd].concat();
+        let r = self.plain("OSAP", 0x0B, &body)?;
+        let mut s = Session { handle: be32(&r, 0)?, nonce_even: [0; 20] };
+        s.nonce_even.copy_from_slice(r.get(4..24).ok_or_else(|| Error::Tpm("short OSAP".into()))?);
+        let even_osap = r.get(24..44).ok_or_else(|| Error::Tpm("short OSAP".into()))?;
+        Ok((s, hmac(secret, &[even_osap, &odd])))
+    }
+
+    /// An authorized command: each (session, key) authorizes in turn. Checks each response
+    /// HMAC; returns the output parameters.
+    fn authorized(
+        &mut self,
+        what: &str,
+        ordinal: u32,
+        body: Body<'_>,
+        auths: &[(&Session, &[u8; 20])],
+    ) -> Result<Vec<u8>> {
+        let digest = sha1(&[&ordinal.to_be_bytes(), body.params]);
+        let mut c: Vec<u8> = body.handles.iter().flat_map(|h| h.to_be_bytes()).collect();
+        c.extend_from_slice(body.params);
+        let mut odds = Vec::new();
+        for (s, key) in auths {
+            let odd = nonce();
+            // continueAuthSession = 0: the TPM ends the session with the command.
+            let mac = hmac(key, &[&digest, &s.nonce_even, &odd, &[0]]);
+            c.extend_from_slice(&s.handle.to_be_bytes());
+            c.extend_from_slice(&odd);
+            c.push(0);
+            c.extend_from_slice(&mac);
+            odds.push(odd);
+        }
+        let tag = if auths.len() == 2 { AUTH2 } else { AUTH1 };
+        let r = self.send(what, tag, ordinal, &c)?;
+        let trailer = 41 * auths.len();
+        let out_end = r
+            .len()
+            .checked_sub(trailer)
+            .filter(|&e| e >= 10)
+            .ok_or_else(|| Error::Tpm(format!("{what}: short response")))?;
+        let out = &r[10..out_end];
+        let out_digest = sha1(&[&0u32.to_be_bytes(), &ordinal.to_be_bytes(), out]);
+        for (i, (_, key)) in auths.iter().enumerate() {
+            let t = &r[out_end + 41 * i..out_end + 41 * (i + 1)];
+            let want = hmac(key, &[&out_digest, &t[..20], &odds[i], &t[20..21]]);
+            if want[..] != t[21..41] {
+                return Err(Error::Tpm(format!("{what}: the response's authorization does not verify")));
+            }
+        }
+        Ok(out.to_vec())
+    }
+
+    /// The EK's public key; the TPM gets one first if it has none.
+    pub fn endorsement_key(&mut self) -> Result<RsaPublicKey> {
+        let r = match self.plain("ReadPubek", 0x7C, &nonce()) {
+            Err(Error::TpmRc { rc: RC_NO_ENDORSEMENT, .. }) => {
+                log::info!("the TPM has no endorsement key; creating one");
+                let body = [&nonce()[..], &rsa_parms()].concat();
+                self.plain("CreateEndorsementKeyPair", 0x78, &body)?
+            }
+            r => r?,
+        };
+        // TPM_PUBKEY: TPM_KEY_PARMS (algorithm, encScheme, sigScheme, parmSize, parms), then
+        // TPM_STORE_PUBKEY (keyLength, key).
+        let parm_size = be32(&r, 8)? as usize;
+        let parms = r.get(12..12 + parm_size).ok_or_else(|| Error::Tpm("short EK".into()))?;
+        let exp_size = be32(parms, 8)? as usize;
+        let exponent = match parms.get(12..12 + exp_size) {
+            Some(e) if !e.is_empty() => BigUint::from_bytes_be(e),
+            _ => BigUint::from(65537u32),
+        };
+        let at = 12 + parm_size;
+        let n_len = be32(&r, at)? as usize;
+        let n = r.get(at + 4..at + 4 + n_len).ok_or_else(|| Error::Tpm("short EK".into()))?;
+        RsaPublicKey::new(BigUint::from_bytes_be(n), exponent).map_err(|e| Error::Tpm(format!("EK: {e}")))
+    }
+
+    /// Takes ownership with `owner` and `srk` auth values.
+    pub fn take_ownership(&mut self, owner: &[u8; 20], srk: &[u8; 20]) -> Result<()> {
+        let ek = self.endorsement_key()?;
+        let enc = |v: &[u8; 20]| {
+            ek.encrypt(&mut rand::thread_rng(), Oaep::new_with_label::<Sha1, _>("TCPA"), v)
+                .map_err(|e| Error::Tpm(format!("RSA-OAEP under the EK: {e}")))
+        };
+        let (eo, es) = (enc(owner)?, enc(srk)?);
+        let mut p = 5u16.to_be_bytes().to_vec();
+        for e in [&eo, &es] {
+            p.extend_from_slice(&(e.len() as u32).to_be_bytes());
+            p.extend_from_slice(e);
+        }
+        p.extend_from_slice(&srk_template());
+        let s = self.oiap()?;
+        self.authorized("TakeOwnership", 0x0D, Body { handles: &[], params: &p }, &[(&s, owner)]).map(drop)
+    }
+
+    /// Whether the TPM has an owner (TPM_GetCapability(TPM_CAP_PROPERTY, TPM_CAP_PROP_OWNER)).
+    pub fn owned(&mut self) -> Result<bool> {
+        let body = [&5u32.to_be_bytes()[..], &4u32.to_be_bytes(), &0x111u32.to_be_bytes()].concat();
+        let r = self.plain("GetCapability", 0x65, &body)?;
+        Ok(r.get(4) == Some(&1))
+    }
+
+    /// The composite digest of the current values of `pcrs`.
+    fn composite(&mut self, pcrs: &[u8]) -> Result<[u8; 20]> {
+        let mut values = Vec::new();
+        for p in 0..24u32 {
+            if select(pcrs)[(p / 8) as usize] & (1 << (p % 8)) != 0 {
+                values.extend_from_slice(&self.plain("PcrRead", 0x15, &p.to_be_bytes())?[..20]);
+            }
+        }
+        Ok(sha1(&[&3u16.to_be_bytes(), &select(pcrs), &(values.len() as u32).to_be_bytes(), &values]))
+    }
+
+    /// Seals `secret` under the SRK to the current values of `pcrs`, releasable only at
+    /// `locality`; the TPM_STORED_DATA12 blob.
+    pub fn seal(&mut self, srk: &[u8; 20], data_auth: &[u8; 20], secret: &[u8], pcrs: &[u8]) -> Result<Vec<u8>> {
+        let digest = self.composite(pcrs)?;
+        let loc = 1u8 << self.locality;
+        let sel = [&3u16.to_be_bytes()[..], &select(pcrs)].concat();
+        let info = [&0x0006u16.to_be_bytes()[..], &[loc, loc], &sel, &sel, &digest, &digest].concat();
+        let (s, shared) = self.osap(ET_KEYHANDLE, KH_SRK, srk)?;
+        let pad = sha1(&[&shared, &s.nonce_even]);
+        let enc_auth: Vec<u8> = data_auth.iter().zip(pad).map(|(a, b)| a ^ b).collect();
+        let p =
+            [&enc_auth[..], &(info.len() as u32).to_be_bytes(), &info, &(secret.len() as u32).to_be_bytes(), secret]
+                .concat();
+        self.authorized("Seal", 0x17, Body { handles: &[KH_SRK], params: &p }, &[(&s, &shared)])
+    }
+
+    /// Unseals a blob from [`Tpm12::seal`].
+    pub fn unseal(&mut self, srk: &[u8; 20], data_auth: &[u8; 20], sealed: &[u8]) -> Result<Vec<u8>> {
+        let (s1, s2) = (self.oiap()?, self.oiap()?);
+        let r = self
+            .authorized("Unseal", 0x18, Body { handles: &[KH_SRK], params: sealed }, &[(&s1, srk), (&s2, data_auth)])
+            .map_err(|e| match e {
+                Error::TpmRc { rc: RC_WRONGPCRVAL | RC_BAD_LOCALITY, .. } => Error::Tpm(format!(
+                    "the TPM refused to unseal the store's root key: the PCRs or the locality differ from those it was sealed to ({e})"
+                )),
+                e => e,
+            })?;
+        let n = be32(&r, 0)? as usize;
+        r.get(4..4 + n).map(<[u8]>::to_vec).ok_or_else(|| Error::Tpm("short Unseal".into()))
+    }
+
+    /// Creates a monotonic counter with `counter_auth`; its id and value.
+    pub fn counter_create(&mut self, owner: &[u8; 20], counter_auth: &[u8; 20]) -> Result<(u32, u64)> {
+        let (s, shared) = self.osap(ET_OWNER, KH_OWNER, owner)?;
+        let pad = sha1(&[&shared, &s.nonce_even]);
+        let enc: Vec<u8> = counter_auth.iter().zip(pad).map(|(a, b)| a ^ b).collect();
+        let p = [&enc[..], b"XVTM"].concat();
+        let r = self.authorized("CreateCounter", 0xDC, Body { handles: &[], params: &p }, &[(&s, &shared)])?;
+        Ok((be32(&r, 0)?, u64::from(be32(&r, 10)?)))
+    }
+
+    /// Reads counter `id`.
+    pub fn counter_read(&mut self, id: u32) -> Result<u64> {
+        let r = self.plain("ReadCounter", 0xDE, &id.to_be_bytes())?;
+        Ok(u64::from(be32(&r, 6)?))
+    }
+
+    /// Increments counter `id`.
+    pub fn counter_increment(&mut self, id: u32, counter_auth: &[u8; 20]) -> Result<u64> {
+        let s = self.oiap()?;
+        let r = self.authorized(
+            "IncrementCounter",
+            0xDD,
+            Body { handles: &[], params: &id.to_be_bytes() },
+            &[(&s, counter_auth)],
+        )?;
+        Ok(u64::from(be32(&r, 6)?))
+    }
+
+    /// TPM_Startup(ST_CLEAR); an already started TPM is fine.
+    pub fn startup(&mut self) -> Result<()> {
+        match self.plain("Startup", 0x99, &[0, 1]) {
+            Err(Error::TpmRc { rc: 0x26, .. }) | Ok(_) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Extends `pcr` (tests use it to change the platform's state).
+    pub fn pcr_extend(&mut self, pcr: u32, digest: &[u8; 20]) -> Result<()> {
+        self.plain("Extend", 0x14, &[&pcr.to_be_bytes()[..], digest].concat()).map(drop)
+    }
+}
+
+/// TPM_KEY_PARMS of a 2048-bit RSA storage key (OAEP, no signatures, e = 65537).
+fn rsa_parms() -> Vec<u8> {
+    let mut p = 1u32.to_be_bytes().to_vec();
+    p.extend_from_slice(&3u16.to_be_bytes());
+    p.extend_from_slice(&1u16.to_be_bytes());
+    p.extend_from_slice(&12u32.to_be_bytes());
+    for v in [2048u32, 2, 0] {
+        p.extend_from_slice(&v.to_be_bytes());
+    }
+    p
+}
+
+/// The SRK's TPM_KEY for TakeOwnership.
+fn srk_template() -> Vec<u8> {
+    let mut k = vec![1, 1, 0, 0];
+    k.extend_from_slice(&0x0011u16.to_be_bytes());
+    k.extend_from_slice(&0u32.to_be_bytes());
+    k.push(1);
+    k.extend_from_slice(&rsa_parms());
+    k.extend_from_slice(&0u32.to_be_bytes());
+    k.extend_from_slice(&0u32.to_be_bytes());
+    k.extend_from_slice(&0u32.to_be_bytes());
+    k
+}

@@ -1,0 +1,80 @@
+//! The TPM 1.2 operations against Debian's swtpm in TPM 1.2 mode: endorsement key, ownership,
+//! seal and unseal to PCRs and a locality, and the monotonic counter.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use xvtpm_tis::swtpm::{Address, Swtpm};
+use xvtpm_tis::{Family, HwTpm};
+use xvtpm_vtpmmgr::hw::tpm12::Tpm12;
+use xvtpm_vtpmmgr::Error;
+
+struct Kill(Child);
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn swtpm12(dir: &Path) -> (Kill, Address, Address) {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir.join("state")).expect("dir");
+    let (data, ctrl) = (dir.join("data.sock"), dir.join("ctrl.sock"));
+    let child = Command::new("swtpm")
+        .args(["socket", "--flags", "not-need-init", "--tpmstate"])
+        .arg(format!("dir={}", dir.join("state").display()))
+        .arg("--server")
+        .arg(format!("type=unixio,path={}", data.display()))
+        .arg("--ctrl")
+        .arg(format!("type=unixio,path={}", ctrl.display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("swtpm");
+    let end = Instant::now() + Duration::from_secs(20);
+    while !(data.exists() && ctrl.exists()) {
+        assert!(Instant::now() < end, "swtpm did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (Kill(child), Address::Unix(data), Address::Unix(ctrl))
+}
+
+#[test]
+fn ownership_seal_unseal_and_counter() {
+    let dir = std::env::temp_dir().join(format!("xvtpm-mgr-tpm12-{}", std::process::id()));
+    let (_k, data, ctrl) = swtpm12(&dir);
+    let mut hw: Box<dyn HwTpm + Send> = Box::new(Swtpm::connect(&data, &ctrl, Family::Tpm12).expect("connect"));
+    let mut t = Tpm12::new(hw.as_mut(), 0);
+    t.startup().expect("startup");
+    assert!(!t.owned().expect("owned?"));
+    let (owner, srk, data_auth, ctr_auth) = ([1u8; 20], [0u8; 20], [3u8; 20], [4u8; 20]);
+    t.take_ownership(&owner, &srk).expect("take ownership");
+    assert!(t.owned().expect("owned?"));
+    assert!(t.take_ownership(&owner, &srk).is_err(), "owned already");
+
+    let secret = [0x5Au8; 52];
+    let sealed = t.seal(&srk, &data_auth, &secret, &[0, 16]).expect("seal");
+    assert_eq!(t.unseal(&srk, &data_auth, &sealed).expect("unseal"), secret);
+    assert!(
+        matches!(t.unseal(&srk, &[9; 20], &sealed), Err(Error::TpmRc { rc: 0x1D, .. })),
+        "wrong data auth: TPM_AUTH2FAIL"
+    );
+
+    let (id, v0) = t.counter_create(&owner, &ctr_auth).expect("counter");
+    assert_eq!(t.counter_increment(id, &ctr_auth).expect("increment"), v0 + 1);
+    assert_eq!(t.counter_read(id).expect("read"), v0 + 1);
+    assert!(t.counter_increment(id, &[7; 20]).is_err(), "wrong counter auth");
+
+    // Sealed at locality 0: refused at locality 2.
+    let mut t2 = Tpm12::new(hw.as_mut(), 2);
+    let e = t2.unseal(&srk, &data_auth, &sealed).expect_err("wrong locality");
+    assert!(e.to_string().contains("refused to unseal"), "{e}");
+    // PCR 16 changes: refused.
+    let mut t = Tpm12::new(hw.as_mut(), 0);
+    t.pcr_extend(16, &[0xEE; 20]).expect("extend");
+    let e = t.unseal(&srk, &data_auth, &sealed).expect_err("PCR changed");
+    assert!(e.to_string().contains("refused to unseal"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
