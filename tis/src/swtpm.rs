@@ -91,6 +91,14 @@ impl Swtpm {
         Ok(u32::from_be_bytes(rc))
     }
 
+    /// Learns the family by a TPM2_GetCapability probe: a TPM 1.2 answers with a 1.2 tag.
+    pub fn detect_family(&mut self) -> Result<Family> {
+        let probe = crate::command::probe::tpm2_get_properties(crate::command::probe::TPM2_PT_MAX_COMMAND_SIZE, 2);
+        let r = self.transmit(self.locality, &probe)?;
+        self.family = if crate::command::probe::is_tpm2_response(&r) { Family::Tpm20 } else { Family::Tpm12 };
+        Ok(self.family)
+    }
+
     /// CMD_INIT: powers the TPM on.
     pub fn init(&mut self) -> Result<()> {
         match self.control(CMD_INIT, &0u32.to_be_bytes())? {

@@ -27,7 +27,8 @@ use xvtpm_xen::sim::SimXen;
     long_about = "The vTPM manager keeps every vTPM's state hash and key in an encrypted, authenticated, \
 crash-safe store (a file or block device). The store's root key is sealed by the hardware TPM to \
 chosen PCRs, and a hardware NV counter bound into every update detects an old copy of the store.\n\n\
-The hardware TPM (--tpm) is one of:\n  mmio                  the TPM's registers through /dev/mem (a domain owning the TPM with iomem=)\n  \
+The hardware TPM (TPM 2.0 or 1.2; on a TPM 1.2 the manager takes ownership with the well-known \
+owner and SRK secret if the TPM has no owner) (--tpm) is one of:\n  mmio                  the TPM's registers through /dev/mem (a domain owning the TPM with iomem=)\n  \
 tpmrm:/dev/tpmrm0     the kernel's resource manager (dom0 deployments)\n  swtpm:DATA,CTRL       swtpm's Unix data and control sockets (tests)"
 )]
 struct Cli {
@@ -132,7 +133,9 @@ fn open_tpm(spec: &str) -> anyhow::Result<Box<dyn HwTpm + Send>> {
         Some(("tpmrm", path)) => Box::new(DevTpm::open(Path::new(path))?),
         Some(("swtpm", rest)) => {
             let (data, ctrl) = rest.split_once(',').context("swtpm:DATA_SOCKET,CTRL_SOCKET")?;
-            Box::new(Swtpm::connect(&Address::Unix(data.into()), &Address::Unix(ctrl.into()), Family::Tpm20)?)
+            let mut t = Swtpm::connect(&Address::Unix(data.into()), &Address::Unix(ctrl.into()), Family::Tpm20)?;
+            t.detect_family()?;
+            Box::new(t)
         }
         _ => bail!("unknown --tpm {spec:?} (mmio, tpmrm:PATH or swtpm:DATA,CTRL)"),
     })
@@ -143,9 +146,6 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Init { store, tpm, pcrs, nv_index, locality } => {
             let tpm = open_tpm(&tpm)?;
-            if tpm.family() != Family::Tpm20 {
-                bail!("this manager seals on TPM 2.0 only so far; {} is a TPM 1.2", tpm.describe());
-            }
             let m = Manager::init(FileDev::open(&store, true)?, tpm, &InitConfig { pcrs, nv_index, locality })?;
             println!("store {} created ({} hardware TPM commands)", store.display(), m.tpm_commands);
         }

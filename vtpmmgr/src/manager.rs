@@ -4,8 +4,9 @@
 
 use rand::RngCore;
 use sha2::{Digest, Sha256};
-use xvtpm_tis::HwTpm;
+use xvtpm_tis::{Family, HwTpm};
 
+use crate::hw::tpm12::Tpm12;
 use crate::hw::tpm2::Tpm2;
 use crate::hw::Sealed;
 use crate::store::dev::BlockDev;
@@ -18,6 +19,9 @@ use crate::{uuid_str, Error, Result};
 pub const MAX_BLOB: usize = 64;
 /// Smallest.
 pub const MIN_BLOB: usize = 52;
+/// TPM 1.2 owner, SRK and sealed-data auth: the well-known secret (20 zero bytes), as Xen's
+/// manager defaults to. The root key's protection is the PCR and locality binding.
+const WELL_KNOWN: [u8; 20] = [0; 20];
 
 /// How a new store binds to the hardware TPM.
 #[derive(Debug, Clone)]
@@ -43,6 +47,8 @@ pub struct Manager<D> {
     sealed: Sealed,
     /// The counter must be incremented before the next commit.
     counter_behind: bool,
+    /// TPM 1.2: the counter's auth (sealed together with the root key).
+    counter_auth: [u8; 20],
     /// Unknown vTPMs that save are provisioned into group 0 (Xen's behaviour; off by default).
     pub auto_provision: bool,
     /// Hardware TPM commands sent since the store was opened.
@@ -61,32 +67,109 @@ impl<D: BlockDev> Manager<D> {
     pub fn init(dev: D, mut tpm: Box<dyn HwTpm + Send>, cfg: &InitConfig) -> Result<Self> {
         let mut key = [0u8; 32];
         rand::thread_rng().fill_bytes(&mut key);
-        let mut t = Tpm2::new(tpm.as_mut(), cfg.locality);
-        t.startup()?;
-        let (private, public) = t.seal(&key, &cfg.pcrs)?;
-        let counter = t.counter_create(cfg.nv_index)?;
-        let commands = t.commands;
-        let sealed = Sealed { locality: cfg.locality, pcrs: cfg.pcrs.clone(), nv_index: cfg.nv_index, private, public };
+        let family = tpm.family();
+        let mut counter_auth = [0u8; 20];
+        let (sealed, counter, commands) = match family {
+            Family::Tpm20 => {
+                let mut t = Tpm2::new(tpm.as_mut(), cfg.locality);
+                t.startup()?;
+                let (private, public) = t.seal(&key, &cfg.pcrs)?;
+                let counter = t.counter_create(cfg.nv_index)?;
+                let s = Sealed {
+                    family,
+                    locality: cfg.locality,
+                    pcrs: cfg.pcrs.clone(),
+                    nv_index: cfg.nv_index,
+                    private,
+                    public,
+                };
+                (s, counter, t.commands)
+            }
+            Family::Tpm12 => {
+                let mut t = Tpm12::new(tpm.as_mut(), cfg.locality);
+                t.startup()?;
+                if !t.owned()? {
+                    log::info!("taking ownership of the TPM 1.2 (well-known owner and SRK auth)");
+                    t.take_ownership(&WELL_KNOWN, &WELL_KNOWN)?;
+                }
+                rand::thread_rng().fill_bytes(&mut counter_auth);
+                let (id, counter) = t.counter_create(&WELL_KNOWN, &counter_auth).map_err(|e| match e {
+                    Error::TpmRc { rc: 1, .. } => {
+                        Error::Tpm("the TPM 1.2's owner auth is not the well-known secret".into())
+                    }
+                    e => e,
+                })?;
+                let payload = [&key[..], &counter_auth].concat();
+                let private = t.seal(&WELL_KNOWN, &WELL_KNOWN, &payload, &cfg.pcrs)?;
+                let s = Sealed {
+                    family,
+                    locality: cfg.locality,
+                    pcrs: cfg.pcrs.clone(),
+                    nv_index: id,
+                    private,
+                    public: Vec::new(),
+                };
+                (s, counter, t.commands)
+            }
+        };
         let store = Store::create(dev, key, &sealed.encode(), counter)?;
-        log::info!("new store: root key sealed to PCRs {:?}, counter {:#x} at {counter}", cfg.pcrs, cfg.nv_index);
-        Ok(Self { store, tpm, sealed, counter_behind: false, auto_provision: false, tpm_commands: commands })
+        log::info!(
+            "new store: root key sealed by a TPM {family} to PCRs {:?}, counter {:#x} at {counter}",
+            cfg.pcrs,
+            sealed.nv_index
+        );
+        Ok(Self {
+            store,
+            tpm,
+            sealed,
+            counter_behind: false,
+            counter_auth,
+            auto_provision: false,
+            tpm_commands: commands,
+        })
     }
 
     /// Opens the store on `dev`: the TPM unseals the root key (only with the PCR values it was
     /// sealed to), the counter is read, and the store must be in step with it.
     pub fn open(mut dev: D, mut tpm: Box<dyn HwTpm + Send>) -> Result<Self> {
         let sealed = Sealed::decode(&store::read_sealed(&mut dev)?)?;
-        let mut t = Tpm2::new(tpm.as_mut(), sealed.locality);
-        t.startup()?;
-        let key = t.unseal(&sealed.private, &sealed.public, &sealed.pcrs)?;
-        let hw = t.counter_read(sealed.nv_index)?;
-        let commands = t.commands;
+        if sealed.family != tpm.family() {
+            return Err(Error::Tpm(format!(
+                "the store was sealed by a TPM {}, this is a TPM {}",
+                sealed.family,
+                tpm.family()
+            )));
+        }
+        let mut counter_auth = [0u8; 20];
+        let (key, hw, commands) = match sealed.family {
+            Family::Tpm20 => {
+                let mut t = Tpm2::new(tpm.as_mut(), sealed.locality);
+                t.startup()?;
+                let key = t.unseal(&sealed.private, &sealed.public, &sealed.pcrs)?;
+                let hw = t.counter_read(sealed.nv_index)?;
+                (key, hw, t.commands)
+            }
+            Family::Tpm12 => {
+                let mut t = Tpm12::new(tpm.as_mut(), sealed.locality);
+                t.startup()?;
+                let payload = t.unseal(&WELL_KNOWN, &WELL_KNOWN, &sealed.private)?;
+                if payload.len() != 52 {
+                    return Err(Error::Tpm(format!("unsealed {} bytes, expected 52", payload.len())));
+                }
+                let mut key = [0u8; 32];
+                key.copy_from_slice(&payload[..32]);
+                counter_auth.copy_from_slice(&payload[32..]);
+                let hw = t.counter_read(sealed.nv_index)?;
+                (key, hw, t.commands)
+            }
+        };
         let (store, state) = Store::open(dev, key, hw)?;
         let mut m = Self {
             store,
             tpm,
             sealed,
             counter_behind: state == CounterState::Behind,
+            counter_auth,
             auto_provision: false,
             tpm_commands: commands,
         };
@@ -99,9 +182,17 @@ impl<D: BlockDev> Manager<D> {
     }
 
     fn catch_up(&mut self) -> Result<()> {
-        let mut t = Tpm2::new(self.tpm.as_mut(), self.sealed.locality);
-        let r = t.counter_increment(self.sealed.nv_index);
-        self.tpm_commands += t.commands;
+        let (r, n) = match self.sealed.family {
+            Family::Tpm20 => {
+                let mut t = Tpm2::new(self.tpm.as_mut(), self.sealed.locality);
+                (t.counter_increment(self.sealed.nv_index), t.commands)
+            }
+            Family::Tpm12 => {
+                let mut t = Tpm12::new(self.tpm.as_mut(), self.sealed.locality);
+                (t.counter_increment(self.sealed.nv_index, &self.counter_auth).map(drop), t.commands)
+            }
+        };
+        self.tpm_commands += n;
         r?;
         self.counter_behind = false;
         Ok(())

@@ -1,4 +1,4 @@
-//! The `vtpmmgr` daemon with Debian's swtpm (TPM 2.0) as the hardware TPM: vTPMs that may act
+//! The `vtpmmgr` daemon with Debian's swtpm (TPM 2.0 and 1.2) as the hardware TPM: vTPMs that may act
 //! only for themselves, hostile messages, and kill -9 at 100 random moments during updates
 //! losing no acknowledged record.
 
@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rand::Rng;
+use xvtpm_tis::Family;
 use xvtpm_vtpmmgr::proto::{self, status, TAG_REQ, TAG_REQ2};
 use xvtpm_vtpmmgr::server::Client;
 
@@ -79,9 +80,18 @@ fn bind(c: &mut Client, uuid: &[u8; 16], token: &[u8; 32]) -> u32 {
 }
 
 #[test]
-fn a_vtpm_gets_only_what_it_is_entitled_to() {
-    let dir = common::tmpdir("entitled");
-    let hw = common::HwSwtpm::start(&dir.join("tpm"));
+fn tpm2_a_vtpm_gets_only_what_it_is_entitled_to() {
+    entitled(Family::Tpm20);
+}
+
+#[test]
+fn tpm12_a_vtpm_gets_only_what_it_is_entitled_to() {
+    entitled(Family::Tpm12);
+}
+
+fn entitled(family: Family) {
+    let dir = common::tmpdir(&format!("entitled-{family}"));
+    let hw = common::HwSwtpm::start_family(&dir.join("tpm"), family);
     let store = dir.join("store.img");
     init(&store, &hw);
     let _d = serve(&store, &hw, &dir, "mgr.log");
@@ -141,9 +151,18 @@ fn blob(n: u32) -> Vec<u8> {
 }
 
 #[test]
-fn kill_9_at_100_random_moments_loses_no_acknowledged_record() {
-    let dir: PathBuf = common::tmpdir("kill9");
-    let hw = common::HwSwtpm::start(&dir.join("tpm"));
+fn tpm2_kill_9_at_100_random_moments_loses_no_acknowledged_record() {
+    kill9(Family::Tpm20);
+}
+
+#[test]
+fn tpm12_kill_9_at_100_random_moments_loses_no_acknowledged_record() {
+    kill9(Family::Tpm12);
+}
+
+fn kill9(family: Family) {
+    let dir: PathBuf = common::tmpdir(&format!("kill9-{family}"));
+    let hw = common::HwSwtpm::start_family(&dir.join("tpm"), family);
     let store = dir.join("store.img");
     init(&store, &hw);
     let token = [0x33u8; 32];

@@ -4,30 +4,40 @@
 pub mod tpm12;
 pub mod tpm2;
 
+use xvtpm_tis::Family;
+
 use crate::{Error, Result};
 
 /// How the root key is sealed: the content of the store's sealed-key block.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Sealed {
+    /// The hardware TPM's family.
+    pub family: Family,
     /// Locality the manager uses.
     pub locality: u8,
     /// PCRs the root key is sealed to.
     pub pcrs: Vec<u8>,
-    /// The NV counter bound into every root.
+    /// The counter bound into every root: a TPM 2.0 NV index, or a TPM 1.2 counter id.
     pub nv_index: u32,
-    /// The sealed object's private part (TPM2B_PRIVATE's contents).
+    /// TPM 2.0: the sealed object's private part (TPM2B_PRIVATE's contents). TPM 1.2: the
+    /// TPM_STORED_DATA12 from TPM_Seal.
     pub private: Vec<u8>,
-    /// The sealed object's public part.
+    /// TPM 2.0: the sealed object's public part. TPM 1.2: empty.
     pub public: Vec<u8>,
 }
 
 const FORMAT: u8 = 1;
 const FAMILY_TPM2: u8 = 2;
+const FAMILY_TPM12: u8 = 1;
 
 impl Sealed {
     /// Serialises it.
     pub fn encode(&self) -> Vec<u8> {
-        let mut b = vec![FORMAT, FAMILY_TPM2, self.locality, self.pcrs.len() as u8];
+        let family = match self.family {
+            Family::Tpm20 => FAMILY_TPM2,
+            Family::Tpm12 => FAMILY_TPM12,
+        };
+        let mut b = vec![FORMAT, family, self.locality, self.pcrs.len() as u8];
         b.extend_from_slice(&self.pcrs);
         b.extend_from_slice(&self.nv_index.to_le_bytes());
         for part in [&self.private, &self.public] {
@@ -47,9 +57,11 @@ impl Sealed {
             Ok(s)
         };
         let head = take(4)?;
-        if head[0] != FORMAT || head[1] != FAMILY_TPM2 {
-            return Err(bad(&format!("format {} family {} unknown", head[0], head[1])));
-        }
+        let family = match (head[0], head[1]) {
+            (FORMAT, FAMILY_TPM2) => Family::Tpm20,
+            (FORMAT, FAMILY_TPM12) => Family::Tpm12,
+            (f, t) => return Err(bad(&format!("format {f} family {t} unknown"))),
+        };
         let (locality, n) = (head[2], head[3] as usize);
         let pcrs = take(n)?.to_vec();
         let nv_index = u32::from_le_bytes(take(4)?.try_into().map_err(|_| bad("nv index"))?);
@@ -60,6 +72,6 @@ impl Sealed {
         };
         let private = part()?;
         let public = part()?;
-        Ok(Sealed { locality, pcrs, nv_index, private, public })
+        Ok(Sealed { family, locality, pcrs, nv_index, private, public })
     }
 }

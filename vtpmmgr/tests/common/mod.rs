@@ -16,6 +16,7 @@ pub struct HwSwtpm {
     pub dir: PathBuf,
     data: PathBuf,
     ctrl: PathBuf,
+    family: Family,
 }
 
 impl Drop for HwSwtpm {
@@ -28,10 +29,20 @@ impl Drop for HwSwtpm {
 impl HwSwtpm {
     /// Starts a fresh swtpm (TPM 2.0) in `dir`.
     pub fn start(dir: &Path) -> Self {
+        Self::start_family(dir, Family::Tpm20)
+    }
+
+    /// Starts a fresh swtpm of `family` in `dir`.
+    pub fn start_family(dir: &Path, family: Family) -> Self {
         std::fs::create_dir_all(dir.join("state")).expect("dir");
         let (data, ctrl) = (dir.join("data.sock"), dir.join("ctrl.sock"));
-        let child = Command::new("swtpm")
-            .args(["socket", "--tpm2", "--flags", "not-need-init"])
+        let mut cmd = Command::new("swtpm");
+        cmd.arg("socket");
+        if family == Family::Tpm20 {
+            cmd.arg("--tpm2");
+        }
+        let child = cmd
+            .args(["--flags", "not-need-init"])
             .arg("--tpmstate")
             .arg(format!("dir={}", dir.join("state").display()))
             .arg("--server")
@@ -47,13 +58,13 @@ impl HwSwtpm {
             assert!(Instant::now() < end, "swtpm did not start");
             std::thread::sleep(Duration::from_millis(20));
         }
-        HwSwtpm { child, dir: dir.to_path_buf(), data, ctrl }
+        HwSwtpm { child, dir: dir.to_path_buf(), data, ctrl, family }
     }
 
     /// A connection to it.
     pub fn connect(&self) -> Box<dyn HwTpm + Send> {
         Box::new(
-            Swtpm::connect(&Address::Unix(self.data.clone()), &Address::Unix(self.ctrl.clone()), Family::Tpm20)
+            Swtpm::connect(&Address::Unix(self.data.clone()), &Address::Unix(self.ctrl.clone()), self.family)
                 .expect("connect to swtpm"),
         )
     }
