@@ -288,6 +288,31 @@ impl<D: BlockDev> Manager<D> {
         Ok([&rec.hash[..], &rec.key[..]].concat()[..len].to_vec())
     }
 
+    /// GET_QUOTE: a hardware quote of `pcrs` whose qualifying data binds the calling vTPM's
+    /// uuid and its `nonce` (SHA-256 of "xvtpm-deep-quote", uuid, nonce). TPM 2.0 only.
+    /// Returns the attestation key's TPMT_PUBLIC, the TPMS_ATTEST and the TPMT_SIGNATURE,
+    /// each with a u16 length.
+    pub fn quote(&mut self, uuid: &[u8; 16], nonce: &[u8], pcrs: &[u8]) -> Result<Vec<u8>> {
+        if self.store.get(uuid)?.is_none() {
+            return Err(Error::UnknownVtpm(uuid_str(uuid)));
+        }
+        if self.sealed.family != Family::Tpm20 {
+            return Err(Error::Tpm("GET_QUOTE needs a TPM 2.0 (TPM 1.2 identity keys are not built)".into()));
+        }
+        let q: [u8; 32] =
+            Sha256::new().chain_update(b"xvtpm-deep-quote").chain_update(uuid).chain_update(nonce).finalize().into();
+        let mut t = Tpm2::new(self.tpm.as_mut(), self.sealed.locality);
+        let r = t.quote(&q, pcrs);
+        self.tpm_commands += t.commands;
+        let (public, attest, sig) = r?;
+        let mut out = Vec::new();
+        for part in [&public, &attest, &sig] {
+            out.extend_from_slice(&(part.len() as u16).to_be_bytes());
+            out.extend_from_slice(part);
+        }
+        Ok(out)
+    }
+
     /// The store (benchmarks read its root).
     pub fn store(&self) -> &Store<D> {
         &self.store

@@ -27,7 +27,7 @@ pub const SAVEHASHKEY: u32 = 1;
 pub const LOADHASHKEY: u32 = 2;
 /// Xen's boot hash (XSM label digest): not offered.
 pub const GET_BOOT_HASH: u32 = 3;
-/// Xen's deep quote: not offered yet.
+/// A hardware quote bound to the calling vTPM (TPM 2.0).
 pub const GET_QUOTE: u32 = 4;
 /// Management: number of groups.
 pub const GROUP_LIST: u32 = 0x0200_0101;
@@ -137,8 +137,27 @@ pub fn handle<D: BlockDev>(mgr: &mut Manager<D>, caller: &mut Caller, msg: &[u8]
                 mgr.load(&uuid)
             }
         }
-        (TAG_REQ, GET_BOOT_HASH | GET_QUOTE) => {
-            log::info!("{caller:?}: ordinal {ordinal} is not offered by this manager");
+        (TAG_REQ, GET_QUOTE) => {
+            let uuid = match caller {
+                Caller::Vtpm(u) | Caller::Socket(Some(u)) => *u,
+                _ => return reply(TAG_RSP, status::AUTHFAIL, &[]),
+            };
+            // nonce[20] | TPM_PCR_SELECTION (u16 size, bitmap) [| u32 flags, ignored].
+            let n = body.get(20..22).map(|s| u16::from_be_bytes([s[0], s[1]]) as usize);
+            match (body.get(..20), n.and_then(|n| body.get(22..22 + n))) {
+                (Some(nonce), Some(bits)) if bits.len() <= 3 => {
+                    let pcrs: Vec<u8> = (0..24u8)
+                        .filter(|p| bits.get((p / 8) as usize).is_some_and(|b| b & (1 << (p % 8)) != 0))
+                        .collect();
+                    mgr.quote(&uuid, nonce, &pcrs)
+                }
+                _ => Err(Error::Protocol("GET_QUOTE: nonce[20] and a PCR selection of up to 3 bytes".into())),
+            }
+        }
+        (TAG_REQ, GET_BOOT_HASH) => {
+            // Xen answers with the hash of the vTPM domain's XSM label; without XSM there is
+            // nothing meaningful to return.
+            log::info!("{caller:?}: GET_BOOT_HASH is not offered by this manager");
             return reply(TAG_RSP, status::BAD_ORDINAL, &[]);
         }
         (TAG_REQ2, BIND) if matches!(caller, Caller::Socket(_)) => {

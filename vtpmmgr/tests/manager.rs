@@ -120,3 +120,70 @@ fn changed_pcr(family: Family) {
     assert!(e.to_string().contains("refused to unseal"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A TPM2B at `at`: its bytes and the offset after it.
+fn b2(b: &[u8], at: usize) -> (&[u8], usize) {
+    let n = u16::from_be_bytes([b[at], b[at + 1]]) as usize;
+    (&b[at + 2..at + 2 + n], at + 2 + n)
+}
+
+#[test]
+fn tpm2_deep_quote_binds_the_vtpm_and_its_nonce() {
+    use p256::ecdsa::signature::hazmat::PrehashVerifier;
+    use sha2::{Digest, Sha256};
+    let dir = common::tmpdir("quote");
+    let hw = common::HwSwtpm::start(&dir.join("tpm"));
+    // PCR 16 starts at zero; extend it with a known digest.
+    {
+        let mut tpm = hw.connect();
+        Tpm2::new(tpm.as_mut(), 0).startup().expect("startup");
+        Tpm2::new(tpm.as_mut(), 0).pcr_extend(16, &[0xCD; 32]).expect("extend");
+    }
+    let pcr16: [u8; 32] = Sha256::new().chain_update([0u8; 32]).chain_update([0xCD; 32]).finalize().into();
+    let path = dir.join("store.img");
+    let mut m = Manager::init(FileDev::open(&path, true).expect("dev"), hw.connect(), &cfg()).expect("init");
+    let uuid = [0x42u8; 16];
+    m.provision(uuid, 0, None).expect("provision");
+    assert!(matches!(m.quote(&[1; 16], &[0; 20], &[16]), Err(Error::UnknownVtpm(_))), "only provisioned vTPMs");
+    let nonce = [7u8; 20];
+    let msg = xvtpm_vtpmmgr::proto::request(
+        xvtpm_vtpmmgr::proto::TAG_REQ,
+        xvtpm_vtpmmgr::proto::GET_QUOTE,
+        &[&nonce[..], &[0, 3, 0, 0, 1]].concat(),
+    );
+    let rsp = xvtpm_vtpmmgr::proto::handle(&mut m, &mut xvtpm_vtpmmgr::proto::Caller::Vtpm(uuid), &msg);
+    assert_eq!(&rsp[6..10], &[0, 0, 0, 0], "status");
+    let body = &rsp[10..];
+    let (public, at) = b2(body, 0);
+    let (attest, at) = b2(body, at);
+    let (sig, _) = b2(body, at);
+    // TPMS_ATTEST: magic, TPM_ST_ATTEST_QUOTE, signer, extraData = H("xvtpm-deep-quote"||uuid||nonce).
+    assert_eq!(&attest[..6], &[0xFF, 0x54, 0x43, 0x47, 0x80, 0x18]);
+    let (_, at) = b2(attest, 6);
+    let (extra, at) = b2(attest, at);
+    let want: [u8; 32] =
+        Sha256::new().chain_update(b"xvtpm-deep-quote").chain_update(uuid).chain_update(nonce).finalize().into();
+    assert_eq!(extra, want);
+    let at = at + 17 + 8;
+    assert_eq!(&attest[at..at + 4], &[0, 0, 0, 1], "one PCR selection");
+    let (digest, _) = b2(attest, at + 4 + 2 + 1 + 3);
+    assert_eq!(digest, Sha256::digest(pcr16).as_slice(), "the quoted PCR 16");
+    // The signature verifies under the attestation key's public point.
+    let (_, at) = b2(public, 8);
+    let at = at + 10;
+    let (x, at) = b2(public, at);
+    let (y, _) = b2(public, at);
+    let point = p256::EncodedPoint::from_affine_coordinates(x.into(), y.into(), false);
+    let key = p256::ecdsa::VerifyingKey::from_encoded_point(&point).expect("AK point");
+    assert_eq!(&sig[..4], &[0x00, 0x18, 0x00, 0x0B], "ECDSA-SHA256");
+    let (r, at) = b2(sig, 4);
+    let (s, _) = b2(sig, at);
+    let signature =
+        p256::ecdsa::Signature::from_scalars(*p256::FieldBytes::from_slice(r), *p256::FieldBytes::from_slice(s))
+            .expect("signature");
+    key.verify_prehash(&Sha256::digest(attest), &signature).expect("the quote verifies");
+    let mut forged = attest.to_vec();
+    forged[40] ^= 1;
+    assert!(key.verify_prehash(&Sha256::digest(&forged), &signature).is_err());
+    let _ = std::fs::remove_dir_all(&dir);
+}

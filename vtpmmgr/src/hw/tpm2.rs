@@ -285,6 +285,47 @@ impl<'a> Tpm2<'a> {
         self.run("NV_Increment", Cmd::new(0x134).handle(index).handle(index).pw(1)).map(drop)
     }
 
+    /// Quotes `pcrs` (sha256 bank) with a fresh attestation key (ECC P-256, ECDSA-SHA256,
+    /// the owner hierarchy's primary for that template): (the key's TPMT_PUBLIC, the
+    /// TPMS_ATTEST, the TPMT_SIGNATURE).
+    pub fn quote(&mut self, qualifying: &[u8; 32], pcrs: &[u8]) -> Result<(Vec<u8>, Vec<u8>, Vec<u8>)> {
+        let template = [
+            &0x0023u16.to_be_bytes()[..],
+            &ALG_SHA256.to_be_bytes(),
+            &0x0005_0472u32.to_be_bytes(),
+            &[0, 0],
+            &ALG_NULL.to_be_bytes(),
+            &0x0018u16.to_be_bytes(),
+            &ALG_SHA256.to_be_bytes(),
+            &0x0003u16.to_be_bytes(),
+            &ALG_NULL.to_be_bytes(),
+            &[0, 0, 0, 0],
+        ]
+        .concat();
+        let cmd = Cmd::new(0x131).handle(RH_OWNER).pw(1).raw(&[0, 4, 0, 0, 0, 0]).b2(&template).u16(0).u32(0);
+        let r = self.run("CreatePrimary (attestation key)", cmd)?;
+        let mut p = Rsp { b: &r, at: 0 };
+        let ak = p.u32()?;
+        p.u32()?;
+        let public = p.b2()?.to_vec();
+        let cmd = Cmd::new(0x158)
+            .handle(ak)
+            .pw(1)
+            .b2(qualifying)
+            .u16(ALG_NULL)
+            .u32(1)
+            .u16(ALG_SHA256)
+            .u8(3)
+            .raw(&select(pcrs));
+        let q = self.run("Quote", cmd);
+        self.flush(ak);
+        let q = q?;
+        let mut p = Rsp { b: &q, at: 4 };
+        let attest = p.b2()?.to_vec();
+        let signature = q.get(p.at..).unwrap_or_default().to_vec();
+        Ok((public, attest, signature))
+    }
+
     /// Extends `pcr` (sha256) with `digest` (tests use it to change the platform's state).
     pub fn pcr_extend(&mut self, pcr: u32, digest: &[u8; 32]) -> Result<()> {
         self.run("PCR_Extend", Cmd::new(0x182).handle(pcr).pw(1).u32(1).u16(ALG_SHA256).raw(digest)).map(drop)
