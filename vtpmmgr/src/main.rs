@@ -121,6 +121,19 @@ enum AdminCmd {
         /// Its uuid.
         uuid: String,
     },
+    /// Create a group; prints its number and uuid.
+    GroupNew,
+    /// List the groups (number, uuid, vTPMs).
+    GroupList {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete an empty group.
+    GroupDelete {
+        /// Its number.
+        group: u32,
+    },
 }
 
 fn parse_hex(s: &str) -> Result<u32, String> {
@@ -231,6 +244,38 @@ fn admin(socket: &Path, what: AdminCmd) -> anyhow::Result<()> {
                     println!("{u}");
                 }
             }
+        }
+        AdminCmd::GroupNew => {
+            let (st, out) = c.call(proto::TAG_REQ2, proto::GROUP_NEW, &[])?;
+            check(st)?;
+            let n = u32::from_be_bytes(out.get(..4).and_then(|b| b.try_into().ok()).context("short reply")?);
+            let u: [u8; 16] = out.get(4..20).and_then(|b| b.try_into().ok()).context("short reply")?;
+            println!("{n} {}", uuid_str(&u));
+        }
+        AdminCmd::GroupList { json } => {
+            let (st, out) = c.call(proto::TAG_REQ2, proto::GROUP_LIST, &[])?;
+            check(st)?;
+            let mut rows = Vec::new();
+            for n in out.get(4..).unwrap_or_default().chunks_exact(4) {
+                let (st, g) = c.call(proto::TAG_REQ2, proto::GROUP_SHOW, n)?;
+                check(st)?;
+                let u: [u8; 16] = g.get(..16).and_then(|b| b.try_into().ok()).context("short reply")?;
+                let count = u32::from_be_bytes(g.get(16..20).and_then(|b| b.try_into().ok()).context("short reply")?);
+                rows.push((u32::from_be_bytes([n[0], n[1], n[2], n[3]]), uuid_str(&u), count));
+            }
+            if json {
+                let items: Vec<String> =
+                    rows.iter().map(|(n, u, c)| format!("{{\"group\":{n},\"uuid\":\"{u}\",\"vtpms\":{c}}}")).collect();
+                println!("[{}]", items.join(","));
+            } else {
+                for (n, u, c) in rows {
+                    println!("{n} {u} {c}");
+                }
+            }
+        }
+        AdminCmd::GroupDelete { group } => {
+            let (st, _) = c.call(proto::TAG_REQ2, proto::GROUP_DEL, &group.to_be_bytes())?;
+            check(st)?;
         }
         AdminCmd::Delete { uuid } => {
             let (st, _) =

@@ -10,7 +10,7 @@ use crate::hw::tpm12::Tpm12;
 use crate::hw::tpm2::Tpm2;
 use crate::hw::Sealed;
 use crate::store::dev::BlockDev;
-use crate::store::record::HAS_KEY;
+use crate::store::record::{HAS_KEY, IS_GROUP};
 use crate::store::{self, CounterState, Record, Store};
 use crate::{uuid_str, Error, Result};
 
@@ -219,10 +219,46 @@ impl<D: BlockDev> Manager<D> {
         self.store.get(uuid)
     }
 
+    /// Groups: (number, uuid, vTPMs in it). Group 0 always exists (its uuid is all zeros).
+    pub fn groups(&self) -> Result<Vec<(u32, [u8; 16], usize)>> {
+        let all = self.store.list()?;
+        let count = |g: u32| all.iter().filter(|r| !r.is_group() && r.group == g).count();
+        let mut out = vec![(0, [0u8; 16], count(0))];
+        out.extend(all.iter().filter(|r| r.is_group()).map(|r| (r.group, r.uuid, count(r.group))));
+        out.sort_by_key(|g| g.0);
+        Ok(out)
+    }
+
+    /// Creates a group: its number and uuid.
+    pub fn new_group(&mut self) -> Result<(u32, [u8; 16])> {
+        let next = self.groups()?.iter().map(|g| g.0).max().unwrap_or(0) + 1;
+        let mut uuid: [u8; 16] = rand::random();
+        uuid[6] = (uuid[6] & 0x0F) | 0x40;
+        uuid[8] = (uuid[8] & 0x3F) | 0x80;
+        let mut rec = Record::new(uuid, next);
+        rec.flags = IS_GROUP;
+        self.commit(|s| s.put(&rec).map(Some))?;
+        Ok((next, uuid))
+    }
+
+    /// Deletes an empty group (not group 0).
+    pub fn delete_group(&mut self, group: u32) -> Result<()> {
+        let g = self.groups()?.into_iter().find(|g| g.0 == group);
+        match g {
+            None => Err(Error::Protocol(format!("no group {group}"))),
+            Some((0, ..)) => Err(Error::Protocol("group 0 cannot be deleted".into())),
+            Some((_, _, n)) if n > 0 => Err(Error::Protocol(format!("group {group} still holds {n} vTPMs"))),
+            Some((_, uuid, _)) => self.commit(|s| s.delete(&uuid)),
+        }
+    }
+
     /// Provisions a vTPM in `group`; `token`, if given, lets Unix-socket clients act for it.
     pub fn provision(&mut self, uuid: [u8; 16], group: u32, token: Option<&[u8]>) -> Result<()> {
         if self.store.get(&uuid)?.is_some() {
             return Err(Error::Store(format!("vTPM {} is already provisioned", uuid_str(&uuid))));
+        }
+        if !self.groups()?.iter().any(|g| g.0 == group) {
+            return Err(Error::Protocol(format!("no group {group}")));
         }
         let mut rec = Record::new(uuid, group);
         if let Some(t) = token {
@@ -233,6 +269,9 @@ impl<D: BlockDev> Manager<D> {
 
     /// Removes a vTPM and its key.
     pub fn delete(&mut self, uuid: &[u8; 16]) -> Result<bool> {
+        if self.vtpm(uuid)?.is_none() {
+            return Ok(false);
+        }
         let mut found = false;
         self.commit(|s| {
             let c = s.delete(uuid)?;
@@ -244,12 +283,17 @@ impl<D: BlockDev> Manager<D> {
 
     /// Every vTPM.
     pub fn list(&self) -> Result<Vec<Record>> {
-        self.store.list()
+        Ok(self.store.list()?.into_iter().filter(|r| !r.is_group()).collect())
+    }
+
+    /// The record of vTPM `uuid` (a group's uuid is no vTPM).
+    fn vtpm(&self, uuid: &[u8; 16]) -> Result<Option<Record>> {
+        Ok(self.store.get(uuid)?.filter(|r| !r.is_group()))
     }
 
     /// Checks a Unix-socket client's token for `uuid`.
     pub fn authorize(&self, uuid: &[u8; 16], token: &[u8]) -> Result<()> {
-        let rec = self.store.get(uuid)?.ok_or_else(|| Error::UnknownVtpm(uuid_str(uuid)))?;
+        let rec = self.vtpm(uuid)?.ok_or_else(|| Error::UnknownVtpm(uuid_str(uuid)))?;
         let digest: [u8; 32] = Sha256::digest(token).into();
         if rec.token == [0; 32] || rec.token != digest {
             return Err(Error::NotAuthorized(format!("wrong token for vTPM {}", uuid_str(uuid))));
@@ -262,9 +306,10 @@ impl<D: BlockDev> Manager<D> {
         if !(MIN_BLOB..=MAX_BLOB).contains(&blob.len()) {
             return Err(Error::Protocol(format!("SAVEHASHKEY of {} bytes (52 to 64 expected)", blob.len())));
         }
-        let mut rec = match self.store.get(uuid)? {
+        let mut rec = match self.vtpm(uuid)? {
             Some(r) => r,
-            None if self.auto_provision => {
+            // A group's uuid is never a vTPM, not even an auto-provisioned one.
+            None if self.auto_provision && self.store.get(uuid)?.is_none() => {
                 log::info!("auto-provisioning vTPM {} in group 0", uuid_str(uuid));
                 Record::new(*uuid, 0)
             }
@@ -280,7 +325,7 @@ impl<D: BlockDev> Manager<D> {
 
     /// LOADHASHKEY: the hash and key last saved for the vTPM. No hardware TPM command.
     pub fn load(&self, uuid: &[u8; 16]) -> Result<Vec<u8>> {
-        let rec = self.store.get(uuid)?.ok_or_else(|| Error::UnknownVtpm(uuid_str(uuid)))?;
+        let rec = self.vtpm(uuid)?.ok_or_else(|| Error::UnknownVtpm(uuid_str(uuid)))?;
         if !rec.has_key() {
             return Err(Error::NoSavedState(uuid_str(uuid)));
         }
@@ -293,7 +338,7 @@ impl<D: BlockDev> Manager<D> {
     /// Returns the attestation key's TPMT_PUBLIC, the TPMS_ATTEST and the TPMT_SIGNATURE,
     /// each with a u16 length.
     pub fn quote(&mut self, uuid: &[u8; 16], nonce: &[u8], pcrs: &[u8]) -> Result<Vec<u8>> {
-        if self.store.get(uuid)?.is_none() {
+        if self.vtpm(uuid)?.is_none() {
             return Err(Error::UnknownVtpm(uuid_str(uuid)));
         }
         if self.sealed.family != Family::Tpm20 {

@@ -29,8 +29,14 @@ pub const LOADHASHKEY: u32 = 2;
 pub const GET_BOOT_HASH: u32 = 3;
 /// A hardware quote bound to the calling vTPM (TPM 2.0).
 pub const GET_QUOTE: u32 = 4;
-/// Management: number of groups.
+/// Management: the groups (count, then each group's number).
 pub const GROUP_LIST: u32 = 0x0200_0101;
+/// Management: create a group.
+pub const GROUP_NEW: u32 = 0x0200_0102;
+/// Management: delete an empty group.
+pub const GROUP_DEL: u32 = 0x0200_0103;
+/// Management: a group's uuid and number of vTPMs.
+pub const GROUP_SHOW: u32 = 0x0200_0107;
 /// Management: a group's vTPMs.
 pub const VTPM_LIST: u32 = 0x0200_0201;
 /// Management: provision a vTPM.
@@ -214,10 +220,25 @@ pub fn handle<D: BlockDev>(mgr: &mut Manager<D>, caller: &mut Caller, msg: &[u8]
                 out
             })
         }
-        (TAG_REQ2, GROUP_LIST) => mgr.list().map(|recs| {
-            let groups = recs.iter().map(|r| r.group + 1).max().unwrap_or(1);
-            groups.to_be_bytes().to_vec()
+        (TAG_REQ2, GROUP_LIST) => mgr.groups().map(|gs| {
+            let mut out = (gs.len() as u32).to_be_bytes().to_vec();
+            for (n, ..) in gs {
+                out.extend_from_slice(&n.to_be_bytes());
+            }
+            out
         }),
+        (TAG_REQ2, GROUP_NEW) => mgr.new_group().map(|(n, u)| [&n.to_be_bytes()[..], &u].concat()),
+        (TAG_REQ2, GROUP_DEL) => match be32(body, 0) {
+            Some(n) if body.len() == 4 => mgr.delete_group(n).map(|()| Vec::new()),
+            _ => Err(Error::Protocol("GROUP_DEL needs a group number".into())),
+        },
+        (TAG_REQ2, GROUP_SHOW) => match be32(body, 0) {
+            Some(n) if body.len() == 4 => mgr.groups().and_then(|gs| match gs.into_iter().find(|g| g.0 == n) {
+                Some((_, uuid, count)) => Ok([&uuid[..], &(count as u32).to_be_bytes()].concat()),
+                None => Err(Error::Protocol(format!("no group {n}"))),
+            }),
+            _ => Err(Error::Protocol("GROUP_SHOW needs a group number".into())),
+        },
         (TAG_REQ | TAG_REQ2, _) => {
             log::warn!("{caller:?}: unknown ordinal {ordinal:#x}");
             return reply(err_tag, status::BAD_ORDINAL, &[]);

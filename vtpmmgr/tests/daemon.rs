@@ -211,3 +211,54 @@ fn kill9(family: Family) {
     assert!(next > 100, "saves happened ({next})");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+fn admin(dir: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .args(["admin", "--socket"])
+        .arg(dir.join("admin.sock"))
+        .args(args)
+        .output()
+        .expect("vtpmmgr admin")
+}
+
+#[test]
+fn groups() {
+    let dir = common::tmpdir("groups");
+    let hw = common::HwSwtpm::start(&dir.join("tpm"));
+    let store = dir.join("store.img");
+    init(&store, &hw);
+    let _d = serve(&store, &hw, &dir, "mgr.log");
+    let out = admin(&dir, &["group-new"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let line = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let (n, guuid) = line.split_once(' ').expect("number and uuid");
+    assert_eq!(n, "1");
+    let out = admin(&dir, &["provision", "--group", "1"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let vuuid = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(!admin(&dir, &["provision", "--group", "9"]).status.success(), "no group 9");
+    let list = admin(&dir, &["group-list", "--json"]);
+    let json = String::from_utf8_lossy(&list.stdout);
+    assert!(
+        json.contains("{\"group\":0,") && json.contains(&format!("{{\"group\":1,\"uuid\":\"{guuid}\",\"vtpms\":1}}")),
+        "{json}"
+    );
+    let in1 = String::from_utf8_lossy(&admin(&dir, &["list", "--group", "1"]).stdout).to_string();
+    assert_eq!(in1.trim(), vuuid);
+    assert!(String::from_utf8_lossy(&admin(&dir, &["list", "--group", "0"]).stdout).trim().is_empty());
+    assert!(!admin(&dir, &["group-delete", "1"]).status.success(), "not empty");
+    assert!(!admin(&dir, &["group-delete", "0"]).status.success(), "group 0 stays");
+    // A group's uuid is not a vTPM.
+    let mut c = Client::connect(&dir.join("mgr.sock")).expect("connect");
+    assert_eq!(bind(&mut c, &proto::parse_uuid(guuid).expect("uuid"), &[0; 32]), status::BAD_PARAMETER);
+    assert_eq!(c.call(TAG_REQ2, proto::GROUP_NEW, &[]).expect("call").0, status::AUTHFAIL, "admin only");
+    assert!(admin(&dir, &["delete", &vuuid]).status.success());
+    assert!(
+        admin(&dir, &["group-delete", "1"]).status.success(),
+        "{}",
+        String::from_utf8_lossy(&admin(&dir, &["group-list"]).stdout)
+    );
+    let json = String::from_utf8_lossy(&admin(&dir, &["group-list", "--json"]).stdout).to_string();
+    assert!(!json.contains("\"group\":1"), "{json}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -6,6 +6,8 @@ pub const RECORD_LEN: usize = 120;
 
 /// `flags`: a state hash and key have been saved.
 pub const HAS_KEY: u32 = 1;
+/// `flags`: the record is a group (its uuid is the group's, `group` its number), not a vTPM.
+pub const IS_GROUP: u32 = 2;
 
 /// A vTPM's record.
 #[derive(Clone, PartialEq, Eq)]
@@ -44,6 +46,11 @@ impl Record {
     /// Whether a state hash and key have been saved.
     pub fn has_key(&self) -> bool {
         self.flags & HAS_KEY != 0
+    }
+
+    /// Whether the record is a group.
+    pub fn is_group(&self) -> bool {
+        self.flags & IS_GROUP != 0
     }
 
     pub(crate) fn encode(&self) -> [u8; RECORD_LEN] {
