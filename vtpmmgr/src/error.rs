@@ -38,6 +38,9 @@ pub enum Error {
     /// A vTPM the manager does not know (not provisioned).
     #[error("vTPM {0} is not provisioned")]
     UnknownVtpm(String),
+    /// No such group.
+    #[error("no {0}")]
+    NotFound(String),
     /// A provisioned vTPM that never saved a state key.
     #[error("vTPM {0} has no saved state key yet")]
     NoSavedState(String),

@@ -1,6 +1,7 @@
 //! The vTPM manager: every vTPM's state key in an encrypted, authenticated, crash-safe store
 //! whose root key only this machine's hardware TPM, in an approved state, releases.
 
+pub mod admin;
 pub mod error;
 pub mod hw;
 pub mod manager;

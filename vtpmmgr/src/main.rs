@@ -11,10 +11,8 @@ use clap::{Parser, Subcommand};
 use xvtpm_backend::{Backend, BackendConfig, DeviceFilter};
 use xvtpm_tis::{devmem::DevMem, devtpm::DevTpm, swtpm::Address, swtpm::Swtpm, Family, HwTpm, SystemClock, Tis};
 use xvtpm_vtpmmgr::manager::{InitConfig, Manager};
-use xvtpm_vtpmmgr::proto::{self, status};
-use xvtpm_vtpmmgr::server::{self, Client, XenHandler};
+use xvtpm_vtpmmgr::server::{self, XenHandler};
 use xvtpm_vtpmmgr::store::dev::FileDev;
-use xvtpm_vtpmmgr::uuid_str;
 use xvtpm_xen::linux::LinuxXen;
 use xvtpm_xen::platform::Xen;
 use xvtpm_xen::sim::SimXen;
@@ -67,7 +65,7 @@ enum Cmd {
         /// Unix socket for vTPM processes (dom0 deployments); each must BIND with its token.
         #[arg(long)]
         socket: Option<PathBuf>,
-        /// Unix socket for management commands (mode 0600).
+        /// Unix socket for management commands (mode 0600; the `xvtpm` tool uses it).
         #[arg(long)]
         admin_socket: Option<PathBuf>,
         /// Serve vTPM domains over Xen's tpmback (identity: the device's uuid in xenstore).
@@ -82,57 +80,6 @@ enum Cmd {
         /// Provision unknown vTPMs that save (into group 0) instead of refusing them.
         #[arg(long)]
         auto_provision: bool,
-    },
-    /// Management commands through a running manager's admin socket.
-    Admin {
-        /// The admin socket.
-        #[arg(long)]
-        socket: PathBuf,
-        #[command(subcommand)]
-        what: AdminCmd,
-    },
-}
-
-#[derive(Subcommand)]
-enum AdminCmd {
-    /// Provision a vTPM; prints its uuid.
-    Provision {
-        /// Its uuid (default: a new random one).
-        #[arg(long)]
-        uuid: Option<String>,
-        /// Its group.
-        #[arg(long, default_value_t = 0)]
-        group: u32,
-        /// A file of 32 bytes: the token its vtpm process presents on the vTPM socket.
-        #[arg(long)]
-        token_file: Option<PathBuf>,
-    },
-    /// List a group's vTPMs.
-    List {
-        /// The group.
-        #[arg(long, default_value_t = 0)]
-        group: u32,
-        /// JSON output.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Delete a vTPM and its key.
-    Delete {
-        /// Its uuid.
-        uuid: String,
-    },
-    /// Create a group; prints its number and uuid.
-    GroupNew,
-    /// List the groups (number, uuid, vTPMs).
-    GroupList {
-        /// JSON output.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Delete an empty group.
-    GroupDelete {
-        /// Its number.
-        group: u32,
     },
 }
 
@@ -191,104 +138,6 @@ fn main() -> anyhow::Result<()> {
                 let _ = t.join();
             }
         }
-        Cmd::Admin { socket, what } => admin(&socket, what)?,
     }
     Ok(())
-}
-
-fn admin(socket: &Path, what: AdminCmd) -> anyhow::Result<()> {
-    let mut c = Client::connect(socket)?;
-    let check = |st: u32| -> anyhow::Result<()> {
-        match st {
-            status::SUCCESS => Ok(()),
-            status::BAD_PARAMETER => bail!("refused: unknown vTPM or bad request (see the manager's log)"),
-            st => bail!("the manager answered status {st} (see its log)"),
-        }
-    };
-    match what {
-        AdminCmd::Provision { uuid, group, token_file } => {
-            let mut body = group.to_be_bytes().to_vec();
-            if let Some(u) = uuid {
-                body.extend_from_slice(&proto::parse_uuid(&u).context("malformed uuid")?);
-            } else if token_file.is_some() {
-                body.extend_from_slice(&rand_uuid());
-            }
-            if let Some(f) = token_file {
-                let t = std::fs::read(&f).with_context(|| format!("read {}", f.display()))?;
-                if t.len() != 32 {
-                    bail!("{}: a token is 32 bytes", f.display());
-                }
-                body.extend_from_slice(&t);
-            }
-            let (st, out) = c.call(proto::TAG_REQ2, proto::VTPM_NEW, &body)?;
-            check(st)?;
-            let u: [u8; 16] = out.as_slice().try_into().context("short reply")?;
-            println!("{}", uuid_str(&u));
-        }
-        AdminCmd::List { group, json } => {
-            let (st, out) =
-                c.call(proto::TAG_REQ2, proto::VTPM_LIST, &[group.to_be_bytes(), 0u32.to_be_bytes()].concat())?;
-            check(st)?;
-            let uuids: Vec<String> = out
-                .get(4..)
-                .unwrap_or_default()
-                .chunks_exact(16)
-                .map(|u| uuid_str(u.try_into().unwrap_or(&[0; 16])))
-                .collect();
-            if json {
-                let items: Vec<String> =
-                    uuids.iter().map(|u| format!("{{\"uuid\":\"{u}\",\"group\":{group}}}")).collect();
-                println!("[{}]", items.join(","));
-            } else {
-                for u in uuids {
-                    println!("{u}");
-                }
-            }
-        }
-        AdminCmd::GroupNew => {
-            let (st, out) = c.call(proto::TAG_REQ2, proto::GROUP_NEW, &[])?;
-            check(st)?;
-            let n = u32::from_be_bytes(out.get(..4).and_then(|b| b.try_into().ok()).context("short reply")?);
-            let u: [u8; 16] = out.get(4..20).and_then(|b| b.try_into().ok()).context("short reply")?;
-            println!("{n} {}", uuid_str(&u));
-        }
-        AdminCmd::GroupList { json } => {
-            let (st, out) = c.call(proto::TAG_REQ2, proto::GROUP_LIST, &[])?;
-            check(st)?;
-            let mut rows = Vec::new();
-            for n in out.get(4..).unwrap_or_default().chunks_exact(4) {
-                let (st, g) = c.call(proto::TAG_REQ2, proto::GROUP_SHOW, n)?;
-                check(st)?;
-                let u: [u8; 16] = g.get(..16).and_then(|b| b.try_into().ok()).context("short reply")?;
-                let count = u32::from_be_bytes(g.get(16..20).and_then(|b| b.try_into().ok()).context("short reply")?);
-                rows.push((u32::from_be_bytes([n[0], n[1], n[2], n[3]]), uuid_str(&u), count));
-            }
-            if json {
-                let items: Vec<String> =
-                    rows.iter().map(|(n, u, c)| format!("{{\"group\":{n},\"uuid\":\"{u}\",\"vtpms\":{c}}}")).collect();
-                println!("[{}]", items.join(","));
-            } else {
-                for (n, u, c) in rows {
-                    println!("{n} {u} {c}");
-                }
-            }
-        }
-        AdminCmd::GroupDelete { group } => {
-            let (st, _) = c.call(proto::TAG_REQ2, proto::GROUP_DEL, &group.to_be_bytes())?;
-            check(st)?;
-        }
-        AdminCmd::Delete { uuid } => {
-            let (st, _) =
-                c.call(proto::TAG_REQ2, proto::VTPM_DEL, &proto::parse_uuid(&uuid).context("malformed uuid")?)?;
-            check(st)?;
-        }
-    }
-    Ok(())
-}
-
-fn rand_uuid() -> [u8; 16] {
-    let mut u: [u8; 16] = rand::random();
-    u[6] = (u[6] & 0x0F) | 0x40;
-    u[8] = (u[8] & 0x3F) | 0x80;
-    u
 }

@@ -245,7 +245,7 @@ impl<D: BlockDev> Manager<D> {
     pub fn delete_group(&mut self, group: u32) -> Result<()> {
         let g = self.groups()?.into_iter().find(|g| g.0 == group);
         match g {
-            None => Err(Error::Protocol(format!("no group {group}"))),
+            None => Err(Error::NotFound(format!("group {group}"))),
             Some((0, ..)) => Err(Error::Protocol("group 0 cannot be deleted".into())),
             Some((_, _, n)) if n > 0 => Err(Error::Protocol(format!("group {group} still holds {n} vTPMs"))),
             Some((_, uuid, _)) => self.commit(|s| s.delete(&uuid)),
@@ -258,7 +258,7 @@ impl<D: BlockDev> Manager<D> {
             return Err(Error::Store(format!("vTPM {} is already provisioned", uuid_str(&uuid))));
         }
         if !self.groups()?.iter().any(|g| g.0 == group) {
-            return Err(Error::Protocol(format!("no group {group}")));
+            return Err(Error::NotFound(format!("group {group}")));
         }
         let mut rec = Record::new(uuid, group);
         if let Some(t) = token {

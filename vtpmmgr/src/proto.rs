@@ -39,6 +39,8 @@ pub const GROUP_DEL: u32 = 0x0200_0103;
 pub const GROUP_SHOW: u32 = 0x0200_0107;
 /// Management: a group's vTPMs.
 pub const VTPM_LIST: u32 = 0x0200_0201;
+/// Management: one vTPM's group and whether it saved a key.
+pub const VTPM_SHOW: u32 = 0x0200_0202;
 /// Management: provision a vTPM.
 pub const VTPM_NEW: u32 = 0x0200_0204;
 /// Management: delete a vTPM.
@@ -52,7 +54,9 @@ pub mod status {
     pub const SUCCESS: u32 = 0;
     /// Not allowed.
     pub const AUTHFAIL: u32 = 1;
-    /// Unknown vTPM, malformed body.
+    /// Management: no such vTPM or group.
+    pub const BADINDEX: u32 = 2;
+    /// Unknown vTPM (vTPM commands), malformed body.
     pub const BAD_PARAMETER: u32 = 3;
     /// Internal failure (store, hardware TPM).
     pub const FAIL: u32 = 9;
@@ -202,6 +206,13 @@ pub fn handle<D: BlockDev>(mgr: &mut Manager<D>, caller: &mut Caller, msg: &[u8]
                 None => Err(Error::Protocol(format!("VTPM_NEW with a {}-byte body", body.len()))),
             }
         }
+        (TAG_REQ2, VTPM_SHOW) => match <[u8; 16]>::try_from(body) {
+            Ok(u) => mgr.list().and_then(|recs| match recs.into_iter().find(|r| r.uuid == u) {
+                Some(r) => Ok([r.group.to_be_bytes(), u32::from(r.has_key()).to_be_bytes()].concat()),
+                None => Err(Error::UnknownVtpm(uuid_str(&u))),
+            }),
+            Err(_) => Err(Error::Protocol("VTPM_SHOW needs a 16-byte uuid".into())),
+        },
         (TAG_REQ2, VTPM_DEL) => match body.try_into() {
             Ok(u) => mgr.delete(&u).and_then(|found| match found {
                 true => Ok(Vec::new()),
@@ -235,7 +246,7 @@ pub fn handle<D: BlockDev>(mgr: &mut Manager<D>, caller: &mut Caller, msg: &[u8]
         (TAG_REQ2, GROUP_SHOW) => match be32(body, 0) {
             Some(n) if body.len() == 4 => mgr.groups().and_then(|gs| match gs.into_iter().find(|g| g.0 == n) {
                 Some((_, uuid, count)) => Ok([&uuid[..], &(count as u32).to_be_bytes()].concat()),
-                None => Err(Error::Protocol(format!("no group {n}"))),
+                None => Err(Error::NotFound(format!("group {n}"))),
             }),
             _ => Err(Error::Protocol("GROUP_SHOW needs a group number".into())),
         },
@@ -252,7 +263,13 @@ pub fn handle<D: BlockDev>(mgr: &mut Manager<D>, caller: &mut Caller, msg: &[u8]
         Ok(body) => reply(TAG_RSP, status::SUCCESS, &body),
         Err(e) => {
             log::warn!("{caller:?}: ordinal {ordinal:#x}: {e}");
-            reply(TAG_RSP, status_of(&e), &[])
+            // Management tells "no such vTPM or group" apart, for the operator's tool.
+            let st = match (&e, tag) {
+                (Error::UnknownVtpm(_), TAG_REQ2) if ordinal != BIND => status::BADINDEX,
+                (Error::NotFound(_), _) => status::BADINDEX,
+                _ => status_of(&e),
+            };
+            reply(TAG_RSP, st, &[])
         }
     }
 }

@@ -10,8 +10,10 @@ use std::time::{Duration, Instant};
 
 use rand::Rng;
 use xvtpm_tis::Family;
+use xvtpm_vtpmmgr::admin::Admin;
 use xvtpm_vtpmmgr::proto::{self, status, TAG_REQ, TAG_REQ2};
 use xvtpm_vtpmmgr::server::Client;
+use xvtpm_vtpmmgr::Error;
 
 const BIN: &str = env!("CARGO_BIN_EXE_vtpmmgr");
 
@@ -61,18 +63,8 @@ fn serve(store: &Path, hw: &common::HwSwtpm, dir: &Path, log: &str) -> Daemon {
     Daemon(child)
 }
 
-fn provision(dir: &Path, token: &[u8; 32], name: &str) -> [u8; 16] {
-    let tf = dir.join(format!("{name}.token"));
-    std::fs::write(&tf, token).expect("token");
-    let out = Command::new(BIN)
-        .args(["admin", "--socket"])
-        .arg(dir.join("admin.sock"))
-        .args(["provision", "--token-file"])
-        .arg(&tf)
-        .output()
-        .expect("admin provision");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    proto::parse_uuid(String::from_utf8_lossy(&out.stdout).trim()).expect("uuid printed")
+fn provision(dir: &Path, token: &[u8; 32]) -> [u8; 16] {
+    Admin::connect(&dir.join("admin.sock")).expect("admin").provision(None, 0, Some(token)).expect("provision")
 }
 
 fn bind(c: &mut Client, uuid: &[u8; 16], token: &[u8; 32]) -> u32 {
@@ -97,7 +89,7 @@ fn entitled(family: Family) {
     let _d = serve(&store, &hw, &dir, "mgr.log");
     let sock = dir.join("mgr.sock");
     let (ta, tb) = ([0xA1u8; 32], [0xB2u8; 32]);
-    let (ua, ub) = (provision(&dir, &ta, "a"), provision(&dir, &tb, "b"));
+    let (ua, ub) = (provision(&dir, &ta), provision(&dir, &tb));
     let blob_a: Vec<u8> = (0..52).collect();
 
     let mut a = Client::connect(&sock).expect("a");
@@ -132,14 +124,8 @@ fn entitled(family: Family) {
     assert_eq!(a.call(TAG_REQ, 99, &[]).expect("ordinal").0, status::BAD_ORDINAL);
     // A still works and its key is intact.
     assert_eq!(a.call(TAG_REQ, proto::LOADHASHKEY, &[]).expect("load"), (status::SUCCESS, blob_a));
-    let listed = Command::new(BIN)
-        .args(["admin", "--socket"])
-        .arg(dir.join("admin.sock"))
-        .args(["list", "--json"])
-        .output()
-        .expect("list");
-    let json = String::from_utf8_lossy(&listed.stdout);
-    assert!(json.contains(&xvtpm_vtpmmgr::uuid_str(&ua)) && json.contains(&xvtpm_vtpmmgr::uuid_str(&ub)), "{json}");
+    let listed = Admin::connect(&dir.join("admin.sock")).expect("admin").list(0).expect("list");
+    assert!(listed.contains(&ua) && listed.contains(&ub) && listed.len() == 2, "{listed:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -168,7 +154,7 @@ fn kill9(family: Family) {
     let token = [0x33u8; 32];
     let uuid = {
         let _d = serve(&store, &hw, &dir, "first.log");
-        provision(&dir, &token, "v")
+        provision(&dir, &token)
     };
     let mut rng = rand::thread_rng();
     let mut acked: Option<u32> = None;
@@ -212,15 +198,6 @@ fn kill9(family: Family) {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-fn admin(dir: &Path, args: &[&str]) -> std::process::Output {
-    Command::new(BIN)
-        .args(["admin", "--socket"])
-        .arg(dir.join("admin.sock"))
-        .args(args)
-        .output()
-        .expect("vtpmmgr admin")
-}
-
 #[test]
 fn groups() {
     let dir = common::tmpdir("groups");
@@ -228,37 +205,27 @@ fn groups() {
     let store = dir.join("store.img");
     init(&store, &hw);
     let _d = serve(&store, &hw, &dir, "mgr.log");
-    let out = admin(&dir, &["group-new"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let line = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    let (n, guuid) = line.split_once(' ').expect("number and uuid");
-    assert_eq!(n, "1");
-    let out = admin(&dir, &["provision", "--group", "1"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let vuuid = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    assert!(!admin(&dir, &["provision", "--group", "9"]).status.success(), "no group 9");
-    let list = admin(&dir, &["group-list", "--json"]);
-    let json = String::from_utf8_lossy(&list.stdout);
-    assert!(
-        json.contains("{\"group\":0,") && json.contains(&format!("{{\"group\":1,\"uuid\":\"{guuid}\",\"vtpms\":1}}")),
-        "{json}"
-    );
-    let in1 = String::from_utf8_lossy(&admin(&dir, &["list", "--group", "1"]).stdout).to_string();
-    assert_eq!(in1.trim(), vuuid);
-    assert!(String::from_utf8_lossy(&admin(&dir, &["list", "--group", "0"]).stdout).trim().is_empty());
-    assert!(!admin(&dir, &["group-delete", "1"]).status.success(), "not empty");
-    assert!(!admin(&dir, &["group-delete", "0"]).status.success(), "group 0 stays");
-    // A group's uuid is not a vTPM.
+    let mut a = Admin::connect(&dir.join("admin.sock")).expect("admin");
+    let g = a.group_new().expect("group");
+    assert_eq!(g.number, 1);
+    let v = a.provision(None, 1, None).expect("provision into group 1");
+    assert!(matches!(a.provision(None, 9, None), Err(Error::UnknownVtpm(_))), "no group 9");
+    let groups = a.groups().expect("groups");
+    assert_eq!(groups.iter().map(|g| (g.number, g.vtpms)).collect::<Vec<_>>(), vec![(0, 0), (1, 1)]);
+    assert_eq!(groups[1].uuid, g.uuid);
+    assert_eq!(a.list(1).expect("list"), vec![v]);
+    assert!(a.list(0).expect("list").is_empty());
+    let shown = a.show(&v).expect("show");
+    assert_eq!((shown.group, shown.has_key), (1, false));
+    assert!(matches!(a.show(&g.uuid), Err(Error::UnknownVtpm(_))), "a group's uuid is no vTPM");
+    assert!(a.group_delete(1).is_err(), "not empty");
+    assert!(a.group_delete(0).is_err(), "group 0 stays");
     let mut c = Client::connect(&dir.join("mgr.sock")).expect("connect");
-    assert_eq!(bind(&mut c, &proto::parse_uuid(guuid).expect("uuid"), &[0; 32]), status::BAD_PARAMETER);
+    assert_eq!(bind(&mut c, &g.uuid, &[0; 32]), status::BAD_PARAMETER);
     assert_eq!(c.call(TAG_REQ2, proto::GROUP_NEW, &[]).expect("call").0, status::AUTHFAIL, "admin only");
-    assert!(admin(&dir, &["delete", &vuuid]).status.success());
-    assert!(
-        admin(&dir, &["group-delete", "1"]).status.success(),
-        "{}",
-        String::from_utf8_lossy(&admin(&dir, &["group-list"]).stdout)
-    );
-    let json = String::from_utf8_lossy(&admin(&dir, &["group-list", "--json"]).stdout).to_string();
-    assert!(!json.contains("\"group\":1"), "{json}");
+    a.delete(&v).expect("delete");
+    assert!(matches!(a.delete(&v), Err(Error::UnknownVtpm(_))));
+    a.group_delete(1).expect("delete the empty group");
+    assert_eq!(a.groups().expect("groups").len(), 1);
     let _ = std::fs::remove_dir_all(&dir);
 }

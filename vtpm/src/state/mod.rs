@@ -2,6 +2,7 @@
 //! (`permall`, `volatilestate`, `savestate`) through a [`StateStore`].
 
 pub mod file;
+pub mod inspect;
 pub mod link;
 pub mod managed;
 

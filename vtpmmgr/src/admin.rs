@@ -1,0 +1,131 @@
+//! The management commands, as an operator's tool calls them over the admin socket.
+
+use std::path::Path;
+
+use crate::proto::{self, status, TAG_REQ2};
+use crate::server::Client;
+use crate::{uuid_str, Error, Result};
+
+/// A vTPM as the manager reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VtpmInfo {
+    /// Its uuid.
+    pub uuid: [u8; 16],
+    /// Its group.
+    pub group: u32,
+    /// Whether it has saved a state key.
+    pub has_key: bool,
+}
+
+/// A group as the manager reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupInfo {
+    /// Its number.
+    pub number: u32,
+    /// Its uuid (all zeros for group 0).
+    pub uuid: [u8; 16],
+    /// vTPMs in it.
+    pub vtpms: u32,
+}
+
+/// A connection to the admin socket.
+#[derive(Debug)]
+pub struct Admin {
+    c: Client,
+}
+
+fn be32(b: &[u8], at: usize) -> Result<u32> {
+    b.get(at..at + 4)
+        .map(|s| u32::from_be_bytes([s[0], s[1], s[2], s[3]]))
+        .ok_or_else(|| Error::Protocol("short reply from the manager".into()))
+}
+
+fn uuid_at(b: &[u8], at: usize) -> Result<[u8; 16]> {
+    b.get(at..at + 16)
+        .and_then(|s| s.try_into().ok())
+        .ok_or_else(|| Error::Protocol("short reply from the manager".into()))
+}
+
+impl Admin {
+    /// Connects to the admin socket at `path`.
+    pub fn connect(path: &Path) -> Result<Self> {
+        Ok(Self { c: Client::connect(path)? })
+    }
+
+    fn call(&mut self, ordinal: u32, body: &[u8], what: &str) -> Result<Vec<u8>> {
+        match self.c.call(TAG_REQ2, ordinal, body)? {
+            (status::SUCCESS, out) => Ok(out),
+            (status::BADINDEX, _) => Err(Error::UnknownVtpm(what.to_string())),
+            (status::AUTHFAIL, _) => {
+                Err(Error::NotAuthorized("the manager refused (is this its admin socket?)".into()))
+            }
+            (status::BAD_PARAMETER, _) => Err(Error::Protocol(format!("the manager refused {what} (see its log)"))),
+            (st, _) => Err(Error::Protocol(format!("the manager failed {what} with status {st} (see its log)"))),
+        }
+    }
+
+    /// Provisions a vTPM (a random uuid unless given); its uuid.
+    pub fn provision(&mut self, uuid: Option<[u8; 16]>, group: u32, token: Option<&[u8; 32]>) -> Result<[u8; 16]> {
+        let mut body = group.to_be_bytes().to_vec();
+        match (uuid, token) {
+            (Some(u), _) => body.extend_from_slice(&u),
+            (None, Some(_)) => {
+                let mut u: [u8; 16] = rand::random();
+                u[6] = (u[6] & 0x0F) | 0x40;
+                u[8] = (u[8] & 0x3F) | 0x80;
+                body.extend_from_slice(&u);
+            }
+            (None, None) => {}
+        }
+        if let Some(t) = token {
+            body.extend_from_slice(t);
+        }
+        uuid_at(&self.call(proto::VTPM_NEW, &body, "the provisioning")?, 0)
+    }
+
+    /// The vTPMs of `group`.
+    pub fn list(&mut self, group: u32) -> Result<Vec<[u8; 16]>> {
+        let out = self.call(proto::VTPM_LIST, &[group.to_be_bytes(), 0u32.to_be_bytes()].concat(), "the list")?;
+        out.get(4..).unwrap_or_default().chunks_exact(16).map(|c| uuid_at(c, 0)).collect()
+    }
+
+    /// One vTPM.
+    pub fn show(&mut self, uuid: &[u8; 16]) -> Result<VtpmInfo> {
+        let out = self.call(proto::VTPM_SHOW, uuid, &format!("vTPM {}", uuid_str(uuid)))?;
+        Ok(VtpmInfo { uuid: *uuid, group: be32(&out, 0)?, has_key: be32(&out, 4)? != 0 })
+    }
+
+    /// Deletes a vTPM and its key.
+    pub fn delete(&mut self, uuid: &[u8; 16]) -> Result<()> {
+        self.call(proto::VTPM_DEL, uuid, &format!("vTPM {}", uuid_str(uuid))).map(drop)
+    }
+
+    /// Creates a group.
+    pub fn group_new(&mut self) -> Result<GroupInfo> {
+        let out = self.call(proto::GROUP_NEW, &[], "the new group")?;
+        Ok(GroupInfo { number: be32(&out, 0)?, uuid: uuid_at(&out, 4)?, vtpms: 0 })
+    }
+
+    /// Every group.
+    pub fn groups(&mut self) -> Result<Vec<GroupInfo>> {
+        let out = self.call(proto::GROUP_LIST, &[], "the group list")?;
+        let numbers: Vec<u32> = out
+            .get(4..)
+            .unwrap_or_default()
+            .chunks_exact(4)
+            .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        numbers
+            .into_iter()
+            .map(|n| {
+                let g = self.call(proto::GROUP_SHOW, &n.to_be_bytes(), &format!("group {n}"))?;
+                Ok(GroupInfo { number: n, uuid: uuid_at(&g, 0)?, vtpms: be32(&g, 16)? })
+            })
+            .collect()
+    }
+
+    /// Deletes an empty group.
+    pub fn group_delete(&mut self, n: u32) -> Result<()> {
+        self.call(proto::GROUP_DEL, &n.to_be_bytes(), &format!("group {n}")).map(drop)
+    }
+}
