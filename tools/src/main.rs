@@ -1,11 +1,16 @@
-//! `xvtpm`: the operator's tool. Today it holds the tpmif diagnostics: an echo backend to
-//! check that a guest's vtpm device connects, and a frontend that measures the round trip.
-//! Both use the real Xen interfaces (`/dev/xen/*`, xenstored) unless `--sim` names a simulated
-//! Xen directory.
+//! `xvtpm`: the operator's tool: vTPMs and groups at the manager, state-file inspection, and
+//! the tpmif diagnostics (an echo backend to check that a guest's vtpm device connects, and a
+//! frontend that measures the round trip; both on the real Xen interfaces unless `--sim`).
+//!
+//! Exit codes: 0 success, 1 failure, 2 usage error, 3 no such vTPM or group.
 
 #![forbid(unsafe_code)]
 
+mod admin;
+mod inspect;
+
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,7 +24,12 @@ use xvtpm_xen::sim::SimXen;
 use xvtpm_xen::Xen;
 
 #[derive(Parser, Debug)]
-#[command(name = "xvtpm", version, about = "Xen virtual TPM stack: operator tool")]
+#[command(
+    name = "xvtpm",
+    version,
+    about = "Xen virtual TPM stack: operator tool",
+    after_help = "Exit codes: 0 success, 1 failure, 2 usage error, 3 no such vTPM or group."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -48,6 +58,20 @@ impl XenOpts {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// vTPMs at the manager: provision, list, show, delete.
+    #[command(subcommand)]
+    Vtpm(admin::VtpmCmd),
+    /// Groups at the manager: new, list, delete.
+    #[command(subcommand)]
+    Group(admin::GroupCmd),
+    /// Show a vTPM state file's format, protection and size (never its contents).
+    InspectState {
+        /// The file.
+        file: PathBuf,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Serve vtpm devices with a backend that echoes every command back: checks that guests'
     /// xen-tpmfront devices connect to this domain, without any TPM behind them.
     EchoBackend {
@@ -71,9 +95,25 @@ enum Command {
     },
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    match Cli::parse().command {
+    match run(Cli::parse().command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xvtpm: {e:#}");
+            match e.downcast_ref::<xvtpm_vtpmmgr::Error>() {
+                Some(xvtpm_vtpmmgr::Error::UnknownVtpm(_) | xvtpm_vtpmmgr::Error::NotFound(_)) => ExitCode::from(3),
+                _ => ExitCode::FAILURE,
+            }
+        }
+    }
+}
+
+fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Vtpm(c) => admin::vtpm(c)?,
+        Command::Group(c) => admin::group(c)?,
+        Command::InspectState { file, json } => inspect::inspect_state(&file, json)?,
         Command::EchoBackend { xen, uuid } => {
             let filter = uuid.map(DeviceFilter::Uuid).unwrap_or(DeviceFilter::All);
             let backend = Backend::new(xen.open()?, Arc::new(EchoHandler), BackendConfig { filter });
