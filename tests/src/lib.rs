@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use xvtpm_backend::{CommandHandler, Request};
 
+pub mod swtpm;
 pub mod tpm2;
 
 /// Commands starting with this marker make [`TestHandler`] work slowly (up to 30 s), stopping

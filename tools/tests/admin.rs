@@ -2,10 +2,10 @@
 //! TPM) serving its admin socket: outputs, JSON, and exit codes scripts rely on.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
+use xvtpm_tests::swtpm::SwtpmProcess;
 use xvtpm_tis::swtpm::{Address, Swtpm};
 use xvtpm_tis::Family;
 use xvtpm_vtpmmgr::manager::{InitConfig, Manager};
@@ -14,39 +14,15 @@ use xvtpm_vtpmmgr::store::dev::FileDev;
 
 const XVTPM: &str = env!("CARGO_BIN_EXE_xvtpm");
 
-struct Kill(Child);
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn manager(dir: &Path) -> (Kill, PathBuf) {
-    std::fs::create_dir_all(dir.join("tpm")).expect("dir");
-    let (data, ctrl) = (dir.join("data.sock"), dir.join("ctrl.sock"));
-    let child = Command::new("swtpm")
-        .args(["socket", "--tpm2", "--flags", "not-need-init", "--tpmstate"])
-        .arg(format!("dir={}", dir.join("tpm").display()))
-        .arg("--server")
-        .arg(format!("type=unixio,path={}", data.display()))
-        .arg("--ctrl")
-        .arg(format!("type=unixio,path={}", ctrl.display()))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("swtpm");
-    let end = Instant::now() + Duration::from_secs(20);
-    while !(data.exists() && ctrl.exists()) {
-        assert!(Instant::now() < end, "swtpm did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+fn manager(dir: &Path) -> (SwtpmProcess, PathBuf) {
+    let p = SwtpmProcess::start(&dir.join("tpm"), true).expect("swtpm (apt-get install swtpm)");
+    let (data, ctrl) = (p.data.clone(), p.ctrl.clone());
     let tpm = Swtpm::connect(&Address::Unix(data), &Address::Unix(ctrl), Family::Tpm20).expect("connect");
     let dev = FileDev::open(&dir.join("mgr.img"), true).expect("store");
     let m = Manager::init(dev, Box::new(tpm), &InitConfig { pcrs: vec![0], ..InitConfig::default() }).expect("init");
     let sock = dir.join("admin.sock");
     server::serve_unix(Arc::new(Mutex::new(m)), &sock, true).expect("admin socket");
-    (Kill(child), sock)
+    (p, sock)
 }
 
 fn xvtpm(sock: &Path, args: &[&str]) -> Output {

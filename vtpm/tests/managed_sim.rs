@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use xvtpm_backend::{Backend, BackendConfig, BackendHandle, DeviceFilter};
 use xvtpm_frontend::{Frontend, FrontendConfig};
+use xvtpm_tests::swtpm::SwtpmProcess;
 use xvtpm_tis::swtpm::{Address, Swtpm};
 use xvtpm_tis::{Family, HwTpm};
 use xvtpm_vtpmmgr::manager::{InitConfig, Manager};
@@ -45,30 +46,14 @@ fn rc(rsp: &[u8]) -> u32 {
     u32::from_be_bytes([rsp[6], rsp[7], rsp[8], rsp[9]])
 }
 
-fn swtpm(dir: &Path) -> (Kill, Address, Address) {
-    std::fs::create_dir_all(dir.join("state")).expect("dir");
-    let (data, ctrl) = (dir.join("data.sock"), dir.join("ctrl.sock"));
-    let child = Command::new("swtpm")
-        .args(["socket", "--tpm2", "--flags", "not-need-init", "--tpmstate"])
-        .arg(format!("dir={}", dir.join("state").display()))
-        .arg("--server")
-        .arg(format!("type=unixio,path={}", data.display()))
-        .arg("--ctrl")
-        .arg(format!("type=unixio,path={}", ctrl.display()))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("swtpm");
-    let end = Instant::now() + Duration::from_secs(20);
-    while !(data.exists() && ctrl.exists()) {
-        assert!(Instant::now() < end, "swtpm did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    (Kill(child, dir.join("none")), Address::Unix(data), Address::Unix(ctrl))
+fn swtpm(dir: &Path) -> SwtpmProcess {
+    SwtpmProcess::start(dir, true).expect("swtpm (apt-get install swtpm)")
 }
 
-fn hw(a: &(Kill, Address, Address)) -> Box<dyn HwTpm + Send> {
-    Box::new(Swtpm::connect(&a.1, &a.2, Family::Tpm20).expect("swtpm"))
+fn hw(p: &SwtpmProcess) -> Box<dyn HwTpm + Send> {
+    Box::new(
+        Swtpm::connect(&Address::Unix(p.data.clone()), &Address::Unix(p.ctrl.clone()), Family::Tpm20).expect("swtpm"),
+    )
 }
 
 /// The manager serving tpmback in domain 0 (in this process; dropping it stops it).

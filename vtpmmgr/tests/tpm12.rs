@@ -1,51 +1,17 @@
 //! The TPM 1.2 operations against Debian's swtpm in TPM 1.2 mode: endorsement key, ownership,
 //! seal and unseal to PCRs and a locality, and the monotonic counter.
 
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+mod common;
 
-use xvtpm_tis::swtpm::{Address, Swtpm};
-use xvtpm_tis::{Family, HwTpm};
+use xvtpm_tis::Family;
 use xvtpm_vtpmmgr::hw::tpm12::Tpm12;
 use xvtpm_vtpmmgr::Error;
 
-struct Kill(Child);
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn swtpm12(dir: &Path) -> (Kill, Address, Address) {
-    let _ = std::fs::remove_dir_all(dir);
-    std::fs::create_dir_all(dir.join("state")).expect("dir");
-    let (data, ctrl) = (dir.join("data.sock"), dir.join("ctrl.sock"));
-    let child = Command::new("swtpm")
-        .args(["socket", "--flags", "not-need-init", "--tpmstate"])
-        .arg(format!("dir={}", dir.join("state").display()))
-        .arg("--server")
-        .arg(format!("type=unixio,path={}", data.display()))
-        .arg("--ctrl")
-        .arg(format!("type=unixio,path={}", ctrl.display()))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("swtpm");
-    let end = Instant::now() + Duration::from_secs(20);
-    while !(data.exists() && ctrl.exists()) {
-        assert!(Instant::now() < end, "swtpm did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    (Kill(child), Address::Unix(data), Address::Unix(ctrl))
-}
-
 #[test]
 fn ownership_seal_unseal_and_counter() {
-    let dir = std::env::temp_dir().join(format!("xvtpm-mgr-tpm12-{}", std::process::id()));
-    let (_k, data, ctrl) = swtpm12(&dir);
-    let mut hw: Box<dyn HwTpm + Send> = Box::new(Swtpm::connect(&data, &ctrl, Family::Tpm12).expect("connect"));
+    let dir = common::tmpdir("tpm12");
+    let sw = common::HwSwtpm::start_family(&dir, Family::Tpm12);
+    let mut hw = sw.connect();
     let mut t = Tpm12::new(hw.as_mut(), 0);
     t.startup().expect("startup");
     assert!(!t.owned().expect("owned?"));

@@ -14,7 +14,7 @@
 //! it over the old one and fsyncs the directory: at every moment one complete, valid copy
 //! exists. An exclusive lock on the directory keeps a second vtpm process off the same state.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -100,17 +100,7 @@ pub struct FileStore {
 impl FileStore {
     /// Opens (creating) `dir` and locks it for this process.
     pub fn open(dir: &Path, key: Option<StateKey>) -> Result<Self> {
-        fs::create_dir_all(dir).map_err(|e| Error::io(format!("create state directory {}", dir.display()), e))?;
-        let lock_path = dir.join(".lock");
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(|e| Error::io(format!("open {}", lock_path.display()), e))?;
-        if lock.try_lock().is_err() {
-            return Err(Error::Config(format!("state directory {} is in use by another vtpm process", dir.display())));
-        }
+        let lock = super::lock_dir(dir)?;
         if key.is_none() {
             log::warn!("no state key given: state in {} is checked for integrity but not encrypted", dir.display());
         }

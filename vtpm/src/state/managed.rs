@@ -5,7 +5,7 @@
 //! hash; a slot that does not match, or a manager that knows no key, stops the vTPM.
 
 use std::collections::BTreeMap;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -102,17 +102,7 @@ impl ManagedStore {
     /// only if the engine is told to); slots on disk that the manager has no key for, or that
     /// do not match its hash, are an error.
     pub fn open(dir: &Path, mut link: Box<dyn ManagerLink>) -> Result<Self> {
-        fs::create_dir_all(dir).map_err(|e| Error::io(format!("create state directory {}", dir.display()), e))?;
-        let lock_path = dir.join(".lock");
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(|e| Error::io(format!("open {}", lock_path.display()), e))?;
-        if lock.try_lock().is_err() {
-            return Err(Error::Config(format!("state directory {} is in use by another vtpm process", dir.display())));
-        }
+        let lock = super::lock_dir(dir)?;
         let slots: Vec<Option<Vec<u8>>> = SLOTS.iter().map(|s| fs::read(dir.join(s)).ok()).collect();
         let (st, body) = link.call(wire::TAG_REQ, wire::LOADHASHKEY, &[])?;
         let mut store =

@@ -7,8 +7,27 @@ pub mod link;
 pub mod managed;
 
 use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::path::Path;
 
-use crate::Result;
+use crate::{Error, Result};
+
+/// Creates the state directory `dir` if needed and locks it for this process: two vtpm
+/// processes on one state would overwrite each other.
+pub fn lock_dir(dir: &Path) -> Result<File> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("create state directory {}", dir.display()), e))?;
+    let lock_path = dir.join(".lock");
+    let lock = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| Error::io(format!("open {}", lock_path.display()), e))?;
+    if lock.try_lock().is_err() {
+        return Err(Error::Config(format!("state directory {} is in use by another vtpm process", dir.display())));
+    }
+    Ok(lock)
+}
 
 /// Named state blobs. Every `store` is atomic: after a crash at any moment, `load` returns
 /// either the previous value or the new one, never a mix and never nothing.

@@ -1,0 +1,56 @@
+//! Debian's swtpm as a process with Unix data and control sockets: the hardware TPM of the
+//! manager's tests and the peer of the driver's.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running swtpm, killed on drop.
+#[derive(Debug)]
+pub struct SwtpmProcess {
+    child: Child,
+    /// Its data socket.
+    pub data: PathBuf,
+    /// Its control socket.
+    pub ctrl: PathBuf,
+}
+
+impl Drop for SwtpmProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl SwtpmProcess {
+    /// Starts a swtpm (TPM 2.0 if `tpm2`, else 1.2) with its state in `dir/state`, powered on
+    /// (`not-need-init`), and waits for its sockets.
+    pub fn start(dir: &Path, tpm2: bool) -> std::io::Result<Self> {
+        std::fs::create_dir_all(dir.join("state"))?;
+        let (data, ctrl) = (dir.join("data.sock"), dir.join("ctrl.sock"));
+        let mut cmd = Command::new("swtpm");
+        cmd.arg("socket");
+        if tpm2 {
+            cmd.arg("--tpm2");
+        }
+        let child = cmd
+            .args(["--flags", "not-need-init", "--tpmstate"])
+            .arg(format!("dir={}", dir.join("state").display()))
+            .arg("--server")
+            .arg(format!("type=unixio,path={}", data.display()))
+            .arg("--ctrl")
+            .arg(format!("type=unixio,path={}", ctrl.display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let p = SwtpmProcess { child, data, ctrl };
+        let end = Instant::now() + Duration::from_secs(20);
+        while !(p.data.exists() && p.ctrl.exists()) {
+            if Instant::now() > end {
+                return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "swtpm made no sockets"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(p)
+    }
+}
