@@ -11,6 +11,26 @@ use crate::mmio::{Mmio, LOCALITIES, LOCALITY_STRIDE, TPM_BASE, WINDOW_LEN};
 use crate::regs::{crb, fifo, intf};
 use crate::Family;
 
+/// `Mmio` for a model with `read(offset, width)` and `write(offset, value, width)`.
+macro_rules! mmio_from_read_write {
+    ($t:ty) => {
+        impl Mmio for $t {
+            fn read8(&mut self, offset: u32) -> u8 {
+                self.read(offset, 1) as u8
+            }
+            fn read32(&mut self, offset: u32) -> u32 {
+                self.read(offset, 4)
+            }
+            fn write8(&mut self, offset: u32, value: u8) {
+                self.write(offset, u32::from(value), 1)
+            }
+            fn write32(&mut self, offset: u32, value: u32) {
+                self.write(offset, value, 4)
+            }
+        }
+    };
+}
+
 /// What executes a command: locality and command in, response out.
 pub type Backend = Box<dyn FnMut(u8, &[u8]) -> Vec<u8>>;
 
@@ -296,20 +316,7 @@ impl FifoModel {
     }
 }
 
-impl Mmio for FifoModel {
-    fn read8(&mut self, offset: u32) -> u8 {
-        self.read(offset, 1) as u8
-    }
-    fn read32(&mut self, offset: u32) -> u32 {
-        self.read(offset, 4)
-    }
-    fn write8(&mut self, offset: u32, value: u8) {
-        self.write(offset, u32::from(value), 1)
-    }
-    fn write32(&mut self, offset: u32, value: u32) {
-        self.write(offset, value, 4)
-    }
-}
+mmio_from_read_write!(FifoModel);
 
 /// A CRB TPM 2.0 with its buffer in locality 0's page at 0x80, as QEMU's tpm-crb.
 pub struct CrbModel {
@@ -496,20 +503,7 @@ impl CrbModel {
     }
 }
 
-impl Mmio for CrbModel {
-    fn read8(&mut self, offset: u32) -> u8 {
-        self.read(offset, 1) as u8
-    }
-    fn read32(&mut self, offset: u32) -> u32 {
-        self.read(offset, 4)
-    }
-    fn write8(&mut self, offset: u32, value: u8) {
-        self.write(offset, u32::from(value), 1)
-    }
-    fn write32(&mut self, offset: u32, value: u32) {
-        self.write(offset, value, 4)
-    }
-}
+mmio_from_read_write!(CrbModel);
 
 /// A backend answering like a small TPM 2.0 (GetCapability with buffer sizes, GetRandom with
 /// counting bytes, an echo of anything else), or like a TPM 1.2 that rejects TPM 2.0 tags.
