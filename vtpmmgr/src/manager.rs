@@ -49,6 +49,8 @@ pub struct Manager<D> {
     counter_behind: bool,
     /// TPM 1.2: the counter's auth (sealed together with the root key).
     counter_auth: [u8; 20],
+    /// An increment failed: the TPM may or may not have executed it.
+    counter_uncertain: bool,
     /// Unknown vTPMs that save are provisioned into group 0 (Xen's behaviour; off by default).
     pub auto_provision: bool,
     /// Hardware TPM commands sent since the store was opened.
@@ -124,6 +126,7 @@ impl<D: BlockDev> Manager<D> {
             sealed,
             counter_behind: false,
             counter_auth,
+            counter_uncertain: false,
             auto_provision: false,
             tpm_commands: commands,
         })
@@ -170,6 +173,7 @@ impl<D: BlockDev> Manager<D> {
             sealed,
             counter_behind: state == CounterState::Behind,
             counter_auth,
+            counter_uncertain: false,
             auto_provision: false,
             tpm_commands: commands,
         };
@@ -181,21 +185,57 @@ impl<D: BlockDev> Manager<D> {
         Ok(m)
     }
 
+    /// Brings the hardware counter to the newest root's value. After an increment whose outcome
+    /// is unknown (an error: the TPM may have executed it), the counter is read first, so a
+    /// retry never overshoots: a counter ahead of the store would refuse the store at the next
+    /// start.
     fn catch_up(&mut self) -> Result<()> {
+        let target = self.store.root().counter;
+        let (idx, loc, auth) = (self.sealed.nv_index, self.sealed.locality, self.counter_auth);
+        let uncertain = self.counter_uncertain;
         let (r, n) = match self.sealed.family {
             Family::Tpm20 => {
-                let mut t = Tpm2::new(self.tpm.as_mut(), self.sealed.locality);
-                (t.counter_increment(self.sealed.nv_index), t.commands)
+                let mut t = Tpm2::new(self.tpm.as_mut(), loc);
+                let r = (|| {
+                    let mut hw = if uncertain { t.counter_read(idx)? } else { target - 1 };
+                    while hw < target {
+                        t.counter_increment(idx)?;
+                        hw += 1;
+                    }
+                    Ok(if uncertain { t.counter_read(idx)? } else { hw })
+                })();
+                (r, t.commands)
             }
             Family::Tpm12 => {
-                let mut t = Tpm12::new(self.tpm.as_mut(), self.sealed.locality);
-                (t.counter_increment(self.sealed.nv_index, &self.counter_auth).map(drop), t.commands)
+                let mut t = Tpm12::new(self.tpm.as_mut(), loc);
+                let r = (|| {
+                    let mut hw = if uncertain { t.counter_read(idx)? } else { target - 1 };
+                    while hw < target {
+                        hw = t.counter_increment(idx, &auth)?;
+                    }
+                    Ok(hw)
+                })();
+                (r, t.commands)
             }
         };
         self.tpm_commands += n;
-        r?;
-        self.counter_behind = false;
-        Ok(())
+        match r {
+            Ok(hw) if hw == target => {
+                self.counter_behind = false;
+                self.counter_uncertain = false;
+                Ok(())
+            }
+            Ok(hw) => {
+                self.counter_uncertain = true;
+                Err(Error::Tpm(format!(
+                    "the hardware counter is at {hw}, ahead of the store's {target}: something else incremented it; refusing updates"
+                )))
+            }
+            Err(e) => {
+                self.counter_uncertain = true;
+                Err(e)
+            }
+        }
     }
 
     /// Commits through `f`, keeping the hardware counter in step: a counter left behind by a

@@ -187,3 +187,49 @@ fn tpm2_deep_quote_binds_the_vtpm_and_its_nonce() {
     assert!(key.verify_prehash(&Sha256::digest(&forged), &signature).is_err());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Forwards to the TPM, but reports the first NV_Increment as failed after the TPM executed it
+/// (a lost response).
+struct LostIncrement {
+    inner: Box<dyn xvtpm_tis::HwTpm + Send>,
+    lost: bool,
+}
+
+impl xvtpm_tis::HwTpm for LostIncrement {
+    fn transmit(&mut self, locality: u8, command: &[u8]) -> xvtpm_tis::Result<Vec<u8>> {
+        let r = self.inner.transmit(locality, command)?;
+        if !self.lost && command.get(6..10) == Some(&[0, 0, 1, 0x34]) {
+            self.lost = true;
+            return Err(xvtpm_tis::Error::CommandTimeout { ordinal: 0x134, waited: std::time::Duration::ZERO });
+        }
+        Ok(r)
+    }
+    fn family(&self) -> Family {
+        self.inner.family()
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
+#[test]
+fn a_lost_counter_increment_never_overshoots() {
+    let dir = common::tmpdir("lost-increment");
+    let hw = common::HwSwtpm::start(&dir.join("tpm"));
+    let path = dir.join("store.img");
+    {
+        let mut m = Manager::init(FileDev::open(&path, true).expect("dev"), hw.connect(), &cfg()).expect("init");
+        m.provision([1; 16], 0, None).expect("provision");
+    }
+    {
+        let flaky = Box::new(LostIncrement { inner: hw.connect(), lost: false });
+        let mut m = Manager::open(FileDev::open(&path, false).expect("dev"), flaky).expect("open");
+        // The save is durable; its increment executed but its response was lost.
+        m.save(&[1; 16], &blob(1)).expect("save");
+        // The next save reads the counter before incrementing again.
+        m.save(&[1; 16], &blob(2)).expect("save");
+    }
+    let m = Manager::open(FileDev::open(&path, false).expect("dev"), hw.connect()).expect("no false rollback");
+    assert_eq!(m.load(&[1; 16]).expect("load"), blob(2));
+    let _ = std::fs::remove_dir_all(&dir);
+}
