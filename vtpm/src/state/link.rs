@@ -4,7 +4,7 @@
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use xvtpm_frontend::{Frontend, FrontendConfig};
@@ -16,40 +16,74 @@ use crate::{Error, Result};
 const TAG_REQ2: u16 = 0x01C2;
 const BIND: u32 = 0x0200_0401;
 
-/// The manager's Unix socket.
+/// The manager's Unix socket. After any I/O error the connection is dropped and the next
+/// call reconnects and binds again: a late reply must never be read as the answer to a later
+/// request.
 #[derive(Debug)]
 pub struct UnixLink {
-    s: UnixStream,
+    s: Option<UnixStream>,
+    path: PathBuf,
+    uuid: [u8; 16],
+    token: Vec<u8>,
 }
 
 impl UnixLink {
     /// Connects and binds to vTPM `uuid` with `token`.
     pub fn connect(path: &Path, uuid: &[u8; 16], token: &[u8]) -> Result<Self> {
-        let s = UnixStream::connect(path)
-            .map_err(|e| Error::io(format!("connect to the manager at {}", path.display()), e))?;
+        let mut l = Self { s: None, path: path.to_path_buf(), uuid: *uuid, token: token.to_vec() };
+        l.reconnect()?;
+        Ok(l)
+    }
+
+    fn reconnect(&mut self) -> Result<()> {
+        let s = UnixStream::connect(&self.path)
+            .map_err(|e| Error::io(format!("connect to the manager at {}", self.path.display()), e))?;
         s.set_read_timeout(Some(Duration::from_secs(60))).map_err(|e| Error::io("socket timeout", e))?;
-        let mut l = Self { s };
-        match l.call(TAG_REQ2, BIND, &[&uuid[..], token].concat())? {
-            (0, _) => Ok(l),
-            (st, _) => Err(Error::Config(format!("the manager refused this vTPM's uuid and token (status {st})"))),
+        self.s = Some(s);
+        let body = [&self.uuid[..], &self.token].concat();
+        match self.exchange(TAG_REQ2, BIND, &body)? {
+            (0, _) => Ok(()),
+            (st, _) => {
+                self.s = None;
+                Err(Error::Config(format!("the manager refused this vTPM's uuid and token (status {st})")))
+            }
+        }
+    }
+
+    fn exchange(&mut self, tag: u16, ordinal: u32, body: &[u8]) -> Result<(u32, Vec<u8>)> {
+        let Some(s) = self.s.as_mut() else {
+            return Err(Error::Protocol("not connected to the manager".into()));
+        };
+        let r = (|| -> std::io::Result<Vec<u8>> {
+            s.write_all(&request(tag, ordinal, body))?;
+            let mut head = [0u8; 10];
+            s.read_exact(&mut head)?;
+            let size = u32::from_be_bytes([head[2], head[3], head[4], head[5]]) as usize;
+            if !(10..=4096).contains(&size) {
+                return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("reply of size {size}")));
+            }
+            let mut msg = head.to_vec();
+            msg.resize(size, 0);
+            s.read_exact(&mut msg[10..])?;
+            Ok(msg)
+        })();
+        match r {
+            Ok(msg) => parse_reply(&msg),
+            Err(e) => {
+                // The stream may hold a late reply now: never read from it again.
+                self.s = None;
+                Err(Error::io("talking to the manager", e))
+            }
         }
     }
 }
 
 impl ManagerLink for UnixLink {
     fn call(&mut self, tag: u16, ordinal: u32, body: &[u8]) -> Result<(u32, Vec<u8>)> {
-        let io = |e| Error::io("talking to the manager", e);
-        self.s.write_all(&request(tag, ordinal, body)).map_err(io)?;
-        let mut head = [0u8; 10];
-        self.s.read_exact(&mut head).map_err(io)?;
-        let size = u32::from_be_bytes([head[2], head[3], head[4], head[5]]) as usize;
-        if !(10..=4096).contains(&size) {
-            return Err(Error::Protocol(format!("manager reply of size {size}")));
+        if self.s.is_none() {
+            self.reconnect()?;
         }
-        let mut msg = head.to_vec();
-        msg.resize(size, 0);
-        self.s.read_exact(&mut msg[10..]).map_err(io)?;
-        parse_reply(&msg)
+        self.exchange(tag, ordinal, body)
     }
 }
 

@@ -152,17 +152,29 @@ impl ManagedStore {
         })
     }
 
-    /// After a lost reply: asks the manager which slot it points at.
+    /// After an uncertain reply: asks the manager which slot it points at. Only a definite
+    /// answer clears the doubt: a hash matching one of the slots, or "no saved key".
     fn resync(&mut self) -> Result<()> {
         let (st, body) = self.link.call(wire::TAG_REQ, wire::LOADHASHKEY, &[])?;
-        self.active = None;
-        if st == wire::SUCCESS && body.len() == 64 {
-            for (i, s) in SLOTS.iter().enumerate() {
-                if fs::read(self.dir.join(s)).is_ok_and(|f| Sha256::digest(&f)[..] == body[..32]) {
-                    self.active = Some(i);
+        let active = match (st, body.len()) {
+            (wire::SUCCESS, 64) => {
+                let hit = SLOTS
+                    .iter()
+                    .position(|s| fs::read(self.dir.join(s)).is_ok_and(|f| Sha256::digest(&f)[..] == body[..32]));
+                match hit {
+                    Some(i) => Some(i),
+                    None => {
+                        return Err(Error::StateCorrupt {
+                            path: self.dir.clone(),
+                            reason: "no state slot matches the hash the manager holds".into(),
+                        })
+                    }
                 }
             }
-        }
+            (wire::BAD_PARAMETER, _) => None,
+            (st, n) => return Err(Error::Protocol(format!("LOADHASHKEY answered status {st} with {n} bytes"))),
+        };
+        self.active = active;
         self.uncertain = false;
         Ok(())
     }
@@ -196,11 +208,9 @@ impl ManagedStore {
         // The slot is durable: now the manager may point at it.
         let blob = [&Sha256::digest(&file)[..], &key[..]].concat();
         let reply = self.link.call(wire::TAG_REQ, wire::SAVEHASHKEY, &blob);
-        if reply.is_err() {
-            // The manager may have committed before the reply was lost: never overwrite the
-            // slot it might point at without asking first.
-            self.uncertain = true;
-        }
+        // Unless the manager answered success or refused the request outright, it may have
+        // committed: never overwrite the slot it might point at without asking first.
+        self.uncertain = !matches!(reply, Ok((wire::SUCCESS | wire::BAD_PARAMETER | wire::AUTHFAIL, _)));
         match reply? {
             (wire::SUCCESS, _) => {
                 self.active = Some(slot);
@@ -233,9 +243,82 @@ impl StateStore for ManagedStore {
     }
 
     fn delete(&mut self, name: &str) -> Result<()> {
-        if self.blobs.remove(name).is_some() {
-            self.save()?;
+        if let Some(old) = self.blobs.remove(name) {
+            if let Err(e) = self.save() {
+                // Memory keeps what the manager has.
+                self.blobs.insert(name.to_string(), old);
+                return Err(e);
+            }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    /// The manager's side, in memory: the (hash, key) it holds, and whether the next
+    /// SAVEHASHKEY's reply is lost after the commit.
+    #[derive(Debug, Default)]
+    struct FakeManager {
+        record: Option<Vec<u8>>,
+        lose_next_reply: bool,
+        /// Set when a save found the slot the manager pointed at overwritten.
+        clobbered: bool,
+    }
+
+    #[derive(Debug)]
+    struct FakeLink(Arc<Mutex<FakeManager>>, PathBuf);
+
+    impl ManagerLink for FakeLink {
+        fn call(&mut self, _tag: u16, ordinal: u32, body: &[u8]) -> Result<(u32, Vec<u8>)> {
+            let mut m = self.0.lock().expect("lock");
+            match ordinal {
+                wire::LOADHASHKEY => Ok(match &m.record {
+                    Some(r) => (wire::SUCCESS, r.clone()),
+                    None => (wire::BAD_PARAMETER, Vec::new()),
+                }),
+                _ => {
+                    // The slot the manager points at must still be there, intact.
+                    if let Some(r) = &m.record {
+                        let intact = SLOTS
+                            .iter()
+                            .any(|s| fs::read(self.1.join(s)).is_ok_and(|f| Sha256::digest(&f)[..] == r[..32]));
+                        m.clobbered |= !intact;
+                    }
+                    m.record = Some(body.to_vec());
+                    if std::mem::take(&mut m.lose_next_reply) {
+                        return Err(Error::Protocol("reply lost".into()));
+                    }
+                    Ok((wire::SUCCESS, Vec::new()))
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_lost_reply_never_costs_the_slot_the_manager_points_at() {
+        let dir = std::env::temp_dir().join(format!("xvtpm-managed-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let mgr = Arc::new(Mutex::new(FakeManager::default()));
+        let mut s = ManagedStore::open(&dir, Box::new(FakeLink(mgr.clone(), dir.clone()))).expect("open");
+        assert!(s.load("permall").expect("load").is_none(), "a new vTPM starts empty");
+        s.store("permall", b"A").expect("A");
+        mgr.lock().expect("lock").lose_next_reply = true;
+        assert!(s.store("permall", b"B").is_err(), "the reply was lost");
+        // The manager committed B; the next save must ask before choosing a slot.
+        s.store("permall", b"C").expect("C");
+        assert!(!mgr.lock().expect("lock").clobbered, "the slot the manager pointed at was overwritten");
+        drop(s);
+        let mut s = ManagedStore::open(&dir, Box::new(FakeLink(mgr.clone(), dir.clone()))).expect("reopen");
+        assert_eq!(s.load("permall").expect("load"), Some(b"C".to_vec()));
+        // Files the manager holds no key for: refused, not started over.
+        mgr.lock().expect("lock").record = None;
+        drop(s);
+        let e = ManagedStore::open(&dir, Box::new(FakeLink(mgr, dir.clone()))).expect_err("no key");
+        assert!(e.to_string().contains("no key"), "{e}");
+        let _ = fs::remove_dir_all(&dir);
     }
 }
