@@ -66,7 +66,9 @@ impl<D> std::fmt::Debug for Manager<D> {
 impl<D: BlockDev> Manager<D> {
     /// Creates a store on `dev`: a new random root key sealed to `cfg.pcrs`, and a new NV
     /// counter.
-    pub fn init(dev: D, mut tpm: Box<dyn HwTpm + Send>, cfg: &InitConfig) -> Result<Self> {
+    pub fn init(mut dev: D, mut tpm: Box<dyn HwTpm + Send>, cfg: &InitConfig) -> Result<Self> {
+        // Before any TPM work: a refused init leaves no NV index or counter behind.
+        store::ensure_empty(&mut dev)?;
         let mut key = [0u8; 32];
         rand::thread_rng().fill_bytes(&mut key);
         let family = tpm.family();

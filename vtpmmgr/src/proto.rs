@@ -180,9 +180,11 @@ pub fn handle<D: BlockDev>(mgr: &mut Manager<D>, caller: &mut Caller, msg: &[u8]
                     Ok(Vec::new())
                 }
                 Err(e) => {
-                    // A client that failed to bind acts for no vTPM.
+                    // A client that failed to bind acts for no vTPM, and learns nothing about
+                    // which uuids exist: unknown and wrong token answer alike.
                     *caller = Caller::Socket(None);
-                    Err(e)
+                    log::warn!("{caller:?}: BIND refused: {e}");
+                    return reply(TAG_RSP, status::AUTHFAIL, &[]);
                 }
             }
         }

@@ -47,6 +47,9 @@ fn save_and_load(family: Family) {
         assert!(matches!(m.save(&uuids[0], &[0; 10]), Err(Error::Protocol(_))));
         assert!(matches!(m.provision(uuids[0], 0, None), Err(Error::Store(_))), "twice");
     }
+    // A second init on the same store is refused before it touches the TPM.
+    let e = Manager::init(FileDev::open(&path, false).expect("dev"), hw.connect(), &cfg()).expect_err("exists");
+    assert!(e.to_string().contains("already holds data"), "{e}");
     let copy = std::fs::read(&path).expect("copy the store");
     {
         let mut m = Manager::open(FileDev::open(&path, false).expect("dev"), hw.connect()).expect("reopen");

@@ -234,7 +234,8 @@ impl<'a> Tpm12<'a> {
         let mut values = Vec::new();
         for p in 0..24u32 {
             if select(pcrs)[(p / 8) as usize] & (1 << (p % 8)) != 0 {
-                values.extend_from_slice(&self.plain("PcrRead", 0x15, &p.to_be_bytes())?[..20]);
+                let r = self.plain("PcrRead", 0x15, &p.to_be_bytes())?;
+                values.extend_from_slice(r.get(..20).ok_or_else(|| Error::Tpm("short PcrRead".into()))?);
             }
         }
         Ok(sha1(&[&3u16.to_be_bytes(), &select(pcrs), &(values.len() as u32).to_be_bytes(), &values]))

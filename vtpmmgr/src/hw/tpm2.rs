@@ -275,6 +275,16 @@ impl<'a> Tpm2<'a> {
 
     /// Reads NV counter `index`.
     pub fn counter_read(&mut self, index: u32) -> Result<u64> {
+        // Only a counter can be trusted never to go back: an ordinary index redefined at the
+        // same handle could hold any value.
+        let public = self.run("NV_ReadPublic", Cmd::new(0x169).handle(index))?;
+        let nv = Rsp { b: &public, at: 0 }.b2()?;
+        let attrs = nv.get(6..10).map(|a| u32::from_be_bytes([a[0], a[1], a[2], a[3]])).unwrap_or_default();
+        if (attrs >> 4) & 0xF != 1 {
+            return Err(Error::Tpm(format!(
+                "NV index {index:#x} is not a counter (attributes {attrs:#x}); refusing it"
+            )));
+        }
         let r = self.run("NV_Read", Cmd::new(0x14E).handle(index).handle(index).pw(1).u16(8).u16(0))?;
         let v = Rsp { b: &r, at: 4 }.b2()?;
         Ok(u64::from_be_bytes(v.try_into().map_err(|_| Error::Tpm("NV counter is not 8 bytes".into()))?))
@@ -320,9 +330,12 @@ impl<'a> Tpm2<'a> {
         let q = self.run("Quote", cmd);
         self.flush(ak);
         let q = q?;
-        let mut p = Rsp { b: &q, at: 4 };
+        // The parameters end at parameterSize; the session area follows.
+        let end = 4 + Rsp { b: &q, at: 0 }.u32()? as usize;
+        let params = q.get(..end).ok_or_else(|| Error::Tpm("Quote: parameterSize beyond the response".into()))?;
+        let mut p = Rsp { b: params, at: 4 };
         let attest = p.b2()?.to_vec();
-        let signature = q.get(p.at..).unwrap_or_default().to_vec();
+        let signature = params[p.at..].to_vec();
         Ok((public, attest, signature))
     }
 

@@ -60,6 +60,19 @@ pub fn read_sealed(dev: &mut dyn BlockDev) -> Result<Vec<u8>> {
         .ok_or_else(|| Error::Corrupt { store: dev.name(), why: format!("sealed-key block claims {len} bytes") })
 }
 
+/// Refuses a device whose root slots or sealed-key block hold anything: a store is never
+/// overwritten by a new one.
+pub fn ensure_empty(dev: &mut dyn BlockDev) -> Result<()> {
+    let mut probe = [0u8; BLOCK];
+    for n in [0, 1, SEALED_BLOCK] {
+        dev.read(n, &mut probe)?;
+        if probe.iter().any(|&b| b != 0) {
+            return Err(Error::Store(format!("{} already holds data; refusing to overwrite it", dev.name())));
+        }
+    }
+    Ok(())
+}
+
 /// The store.
 pub struct Store<D> {
     dev: D,
@@ -69,6 +82,9 @@ pub struct Store<D> {
     cache: HashMap<u64, Node>,
     /// Blocks below the high-water mark not in the current tree.
     free: BTreeSet<u64>,
+    /// A commit failed after writing: the device's state is unknown until the store is
+    /// reopened, so no further commit may reuse its blocks or slot.
+    poisoned: bool,
 }
 
 impl<D> std::fmt::Debug for Store<D> {
@@ -90,11 +106,7 @@ impl<D: BlockDev> Store<D> {
     /// Creates an empty store on `dev` with root key `key`, holding `sealed` (the root key as
     /// the hardware TPM sealed it), committed under hardware counter value `counter`.
     pub fn create(mut dev: D, key: [u8; 32], sealed: &[u8], counter: u64) -> Result<Self> {
-        let mut probe = [0u8; BLOCK];
-        dev.read(0, &mut probe)?;
-        if probe.iter().any(|&b| b != 0) {
-            return Err(Error::Store(format!("{} already holds data; refusing to overwrite it", dev.name())));
-        }
+        ensure_empty(&mut dev)?;
         if sealed.len() > BLOCK - 12 {
             return Err(Error::Store(format!("sealed key of {} bytes does not fit a block", sealed.len())));
         }
@@ -113,7 +125,7 @@ impl<D: BlockDev> Store<D> {
         dev.sync()?;
         dev.write(root.slot(), &root.seal(&key))?;
         dev.sync()?;
-        Ok(Self { dev, key, root, cache: HashMap::new(), free: BTreeSet::new() })
+        Ok(Self { dev, key, root, cache: HashMap::new(), free: BTreeSet::new(), poisoned: false })
     }
 
     /// Opens the store with its root key: picks the newest root that authenticates, checks it
@@ -158,7 +170,7 @@ impl<D: BlockDev> Store<D> {
                 )))
             }
         };
-        let mut store = Self { dev, key, root, cache: HashMap::new(), free: BTreeSet::new() };
+        let mut store = Self { dev, key, root, cache: HashMap::new(), free: BTreeSet::new(), poisoned: false };
         store.load_tree()?;
         Ok((store, state))
     }
@@ -373,6 +385,23 @@ impl<D: BlockDev> Store<D> {
 
     /// Writes the transaction's blocks, then the new root; applies it once both are durable.
     fn commit(
+        &mut self,
+        txn: Txn,
+        blocks: Vec<(u64, [u8; BLOCK])>,
+        top: Option<(Child, u8)>,
+        count: u64,
+    ) -> Result<Commit> {
+        if self.poisoned {
+            return Err(Error::Store(format!("{}: an earlier update failed; reopen the store", self.dev.name())));
+        }
+        let r = self.write_commit(txn, blocks, top, count);
+        if r.is_err() {
+            self.poisoned = true;
+        }
+        r
+    }
+
+    fn write_commit(
         &mut self,
         mut txn: Txn,
         blocks: Vec<(u64, [u8; BLOCK])>,
