@@ -83,10 +83,21 @@ impl Admin {
         uuid_at(&self.call(proto::VTPM_NEW, &body, "the provisioning")?, 0)
     }
 
-    /// The vTPMs of `group`.
+    /// The vTPMs of `group` (fetched a page at a time).
     pub fn list(&mut self, group: u32) -> Result<Vec<[u8; 16]>> {
-        let out = self.call(proto::VTPM_LIST, &[group.to_be_bytes(), 0u32.to_be_bytes()].concat(), "the list")?;
-        out.get(4..).unwrap_or_default().chunks_exact(16).map(|c| uuid_at(c, 0)).collect()
+        let mut all = Vec::new();
+        loop {
+            let offset = all.len() as u32;
+            let out = self.call(proto::VTPM_LIST, &[group.to_be_bytes(), offset.to_be_bytes()].concat(), "the list")?;
+            let total = be32(&out, 0)? as usize;
+            let page: Vec<[u8; 16]> =
+                out.get(4..).unwrap_or_default().chunks_exact(16).map(|c| uuid_at(c, 0)).collect::<Result<_>>()?;
+            let empty = page.is_empty();
+            all.extend(page);
+            if all.len() >= total || empty {
+                return Ok(all);
+            }
+        }
     }
 
     /// One vTPM.

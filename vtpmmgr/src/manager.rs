@@ -335,9 +335,13 @@ impl<D: BlockDev> Manager<D> {
 
     /// Checks a Unix-socket client's token for `uuid`.
     pub fn authorize(&self, uuid: &[u8; 16], token: &[u8]) -> Result<()> {
+        self.authorize_digest(uuid, &Sha256::digest(token).into())
+    }
+
+    /// Checks the SHA-256 of a Unix-socket client's token for `uuid`.
+    pub fn authorize_digest(&self, uuid: &[u8; 16], digest: &[u8; 32]) -> Result<()> {
         let rec = self.vtpm(uuid)?.ok_or_else(|| Error::UnknownVtpm(uuid_str(uuid)))?;
-        let digest: [u8; 32] = Sha256::digest(token).into();
-        if rec.token == [0; 32] || rec.token != digest {
+        if rec.token == [0; 32] || rec.token != *digest {
             return Err(Error::NotAuthorized(format!("wrong token for vTPM {}", uuid_str(uuid))));
         }
         Ok(())

@@ -4,6 +4,8 @@
 //! from the payload. Management commands (tag 0x01C2) are served only to the admin socket.
 //! Replies carry tag 0x01C4 (0x01C5 for errors of the dispatcher itself) and a status.
 
+use sha2::{Digest, Sha256};
+
 use crate::manager::Manager;
 use crate::store::dev::BlockDev;
 use crate::{uuid_str, Error};
@@ -73,8 +75,10 @@ pub mod status {
 pub enum Caller {
     /// A vTPM whose identity the transport established (Xen: its device's uuid).
     Vtpm([u8; 16]),
-    /// A Unix-socket client, bound to a vTPM once BIND succeeded.
-    Socket(Option<[u8; 16]>),
+    /// A Unix-socket client, bound to a vTPM once BIND succeeded: its uuid and the SHA-256 of
+    /// the token it presented, checked again at every command (the vTPM may have been deleted
+    /// and provisioned anew with another token since).
+    Socket(Option<([u8; 16], [u8; 32])>),
     /// The admin socket.
     Admin,
 }
@@ -135,7 +139,15 @@ pub fn handle<D: BlockDev>(mgr: &mut Manager<D>, caller: &mut Caller, msg: &[u8]
     let r = match (tag, ordinal) {
         (TAG_REQ, SAVEHASHKEY | LOADHASHKEY) => {
             let uuid = match caller {
-                Caller::Vtpm(u) | Caller::Socket(Some(u)) => *u,
+                Caller::Vtpm(u) => *u,
+                Caller::Socket(Some((u, digest))) => match mgr.authorize_digest(u, digest) {
+                    Ok(()) => *u,
+                    Err(e) => {
+                        log::warn!("{}: no longer authorized: {e}", uuid_str(u));
+                        *caller = Caller::Socket(None);
+                        return reply(TAG_RSP, status::AUTHFAIL, &[]);
+                    }
+                },
                 _ => {
                     log::warn!("{caller:?}: vTPM command before naming a vTPM (BIND)");
                     return reply(TAG_RSP, status::AUTHFAIL, &[]);
@@ -149,7 +161,15 @@ pub fn handle<D: BlockDev>(mgr: &mut Manager<D>, caller: &mut Caller, msg: &[u8]
         }
         (TAG_REQ, GET_QUOTE) => {
             let uuid = match caller {
-                Caller::Vtpm(u) | Caller::Socket(Some(u)) => *u,
+                Caller::Vtpm(u) => *u,
+                Caller::Socket(Some((u, digest))) => match mgr.authorize_digest(u, digest) {
+                    Ok(()) => *u,
+                    Err(e) => {
+                        log::warn!("{}: no longer authorized: {e}", uuid_str(u));
+                        *caller = Caller::Socket(None);
+                        return reply(TAG_RSP, status::AUTHFAIL, &[]);
+                    }
+                },
                 _ => return reply(TAG_RSP, status::AUTHFAIL, &[]),
             };
             // nonce[20] | TPM_PCR_SELECTION (u16 size, bitmap) [| u32 flags, ignored].
@@ -176,7 +196,7 @@ pub fn handle<D: BlockDev>(mgr: &mut Manager<D>, caller: &mut Caller, msg: &[u8]
             };
             match mgr.authorize(&uuid, &body[16..]) {
                 Ok(()) => {
-                    *caller = Caller::Socket(Some(uuid));
+                    *caller = Caller::Socket(Some((uuid, Sha256::digest(&body[16..]).into())));
                     Ok(Vec::new())
                 }
                 Err(e) => {

@@ -2,7 +2,7 @@
 //! for management), and Xen's tpmback, where a vTPM domain's identity is its device's uuid.
 
 use std::io::{Read, Write};
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -79,10 +79,26 @@ pub fn serve_unix<D: BlockDev + Send + 'static>(
         }
         let _ = std::fs::remove_file(path);
     }
-    let l = UnixListener::bind(path).map_err(|e| Error::io(format!("listen on {}", path.display()), e))?;
+    // Bound in a private directory, given its mode, then moved into place: no client can
+    // connect while the socket still has the umask's permissions.
     let mode = if admin { 0o600 } else { 0o660 };
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-        .map_err(|e| Error::io(format!("chmod {}", path.display()), e))?;
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let private = parent.join(format!(".vtpmmgr-{}-{}", std::process::id(), u8::from(admin)));
+    let _ = std::fs::remove_dir_all(&private);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&private)
+        .map_err(|e| Error::io(format!("create {}", private.display()), e))?;
+    let tmp = private.join("sock");
+    let bound =
+        UnixListener::bind(&tmp).map_err(|e| Error::io(format!("listen on {}", path.display()), e)).and_then(|l| {
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
+                .and_then(|()| std::fs::rename(&tmp, path))
+                .map(|()| l)
+                .map_err(|e| Error::io(format!("put the socket at {}", path.display()), e))
+        });
+    let _ = std::fs::remove_dir_all(&private);
+    let l = bound?;
     log::info!("{} socket on {}", if admin { "admin" } else { "vTPM" }, path.display());
     Ok(std::thread::spawn(move || {
         for conn in l.incoming() {
@@ -90,7 +106,10 @@ pub fn serve_unix<D: BlockDev + Send + 'static>(
                 Ok(s) => {
                     let mgr = mgr.clone();
                     let caller = if admin { Caller::Admin } else { Caller::Socket(None) };
-                    std::thread::spawn(move || serve_conn(mgr, s, caller));
+                    // Out of threads: this client is dropped, the listener and the others go on.
+                    if let Err(e) = std::thread::Builder::new().spawn(move || serve_conn(mgr, s, caller)) {
+                        log::error!("cannot serve a new connection: {e}");
+                    }
                 }
                 Err(e) => {
                     log::warn!("accept: {e}");

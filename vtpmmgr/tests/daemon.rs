@@ -124,8 +124,15 @@ fn entitled(family: Family) {
     assert_eq!(a.call(TAG_REQ, 99, &[]).expect("ordinal").0, status::BAD_ORDINAL);
     // A still works and its key is intact.
     assert_eq!(a.call(TAG_REQ, proto::LOADHASHKEY, &[]).expect("load"), (status::SUCCESS, blob_a));
-    let listed = Admin::connect(&dir.join("admin.sock")).expect("admin").list(0).expect("list");
+    let mut admin = Admin::connect(&dir.join("admin.sock")).expect("admin");
+    let listed = admin.list(0).expect("list");
     assert!(listed.contains(&ua) && listed.contains(&ub) && listed.len() == 2, "{listed:?}");
+    // A's uuid deleted and provisioned anew with another token: A's old connection acts for
+    // nobody.
+    admin.delete(&ua).expect("delete");
+    admin.provision(Some(ua), 0, Some(&[0xC3; 32])).expect("provision anew");
+    assert_eq!(a.call(TAG_REQ, proto::LOADHASHKEY, &[]).expect("load").0, status::AUTHFAIL);
+    assert_eq!(a.call(TAG_REQ, proto::SAVEHASHKEY, &[1; 52]).expect("save").0, status::AUTHFAIL);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -205,6 +212,9 @@ fn groups() {
     let store = dir.join("store.img");
     init(&store, &hw);
     let _d = serve(&store, &hw, &dir, "mgr.log");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &str| std::fs::metadata(dir.join(p)).expect("socket").permissions().mode() & 0o777;
+    assert_eq!((mode("admin.sock"), mode("mgr.sock")), (0o600, 0o660));
     let mut a = Admin::connect(&dir.join("admin.sock")).expect("admin");
     let g = a.group_new().expect("group");
     assert_eq!(g.number, 1);
@@ -227,5 +237,10 @@ fn groups() {
     assert!(matches!(a.delete(&v), Err(Error::UnknownVtpm(_))));
     a.group_delete(1).expect("delete the empty group");
     assert_eq!(a.groups().expect("groups").len(), 1);
+    // More vTPMs than one reply holds (255): the list comes in pages.
+    let many: Vec<[u8; 16]> = (0..300).map(|_| a.provision(None, 0, None).expect("provision")).collect();
+    let listed = a.list(0).expect("list");
+    assert_eq!(listed.len(), 300);
+    assert!(many.iter().all(|u| listed.contains(u)));
     let _ = std::fs::remove_dir_all(&dir);
 }
