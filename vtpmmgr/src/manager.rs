@@ -6,7 +6,7 @@ use rand::RngCore;
 use sha2::{Digest, Sha256};
 use xvtpm_tis::{Family, HwTpm};
 
-use crate::hw::tpm12::Tpm12;
+use crate::hw::tpm12::{SealInfo, Tpm12};
 use crate::hw::tpm2::Tpm2;
 use crate::hw::Sealed;
 use crate::store::dev::BlockDev;
@@ -158,6 +158,8 @@ impl<D: BlockDev> Manager<D> {
                 let mut t = Tpm12::new(tpm.as_mut(), sealed.locality);
                 t.startup()?;
                 let payload = t.unseal(&WELL_KNOWN, &WELL_KNOWN, &sealed.private)?;
+                // The seal info is authenticated now: it must say this manager sealed it.
+                SealInfo::parse(&sealed.private)?.check(sealed.locality, &sealed.pcrs)?;
                 if payload.len() != 52 {
                     return Err(Error::Tpm(format!("unsealed {} bytes, expected 52", payload.len())));
                 }

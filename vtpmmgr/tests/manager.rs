@@ -236,3 +236,42 @@ fn a_lost_counter_increment_never_overshoots() {
     assert_eq!(m.load(&[1; 16]).expect("load"), blob(2));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A store substituted by someone with access to the TPM 1.2 while the platform was not in
+/// the approved state: their blob is sealed to release in the approved state, so the TPM
+/// unseals it, but its creation digest gives it away.
+#[test]
+fn tpm12_a_substituted_store_is_refused() {
+    use xvtpm_vtpmmgr::hw::Sealed;
+    use xvtpm_vtpmmgr::store::Store;
+    let dir = common::tmpdir("substitute");
+    let hw = common::HwSwtpm::start_family(&dir.join("tpm"), Family::Tpm12);
+    let path = dir.join("store.img");
+    let counter = {
+        let mut m = Manager::init(FileDev::open(&path, true).expect("dev"), hw.connect(), &cfg()).expect("init");
+        m.provision([1; 16], 0, None).expect("provision");
+        m.store().root().counter
+    };
+    let sealed = Sealed::decode(
+        &xvtpm_vtpmmgr::store::read_sealed(&mut FileDev::open(&path, false).expect("dev")).expect("read"),
+    )
+    .expect("decode");
+    {
+        let mut tpm = hw.connect();
+        let mut t = Tpm12::new(tpm.as_mut(), 0);
+        let approved = t.composite(&[0, 16]).expect("approved state");
+        // The platform leaves the approved state; the attacker seals their own key so that it
+        // releases in the approved state, and writes a store under it.
+        t.pcr_extend(16, &[0x66; 20]).expect("extend");
+        let key = [0x99u8; 32];
+        let payload = [&key[..], &[0u8; 20]].concat();
+        let forged = t.seal_to(&[0; 20], &[0; 20], &payload, &[0, 16], Some(approved)).expect("seal");
+        t.pcr_reset(16).expect("back to the approved state");
+        let fake = Sealed { private: forged, ..sealed };
+        std::fs::remove_file(&path).expect("rm");
+        Store::create(FileDev::open(&path, true).expect("dev"), key, &fake.encode(), counter).expect("fake store");
+    }
+    let e = Manager::open(FileDev::open(&path, false).expect("dev"), hw.connect()).expect_err("substituted");
+    assert!(e.to_string().contains("not sealed by this manager"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -230,7 +230,7 @@ impl<'a> Tpm12<'a> {
     }
 
     /// The composite digest of the current values of `pcrs`.
-    fn composite(&mut self, pcrs: &[u8]) -> Result<[u8; 20]> {
+    pub fn composite(&mut self, pcrs: &[u8]) -> Result<[u8; 20]> {
         let mut values = Vec::new();
         for p in 0..24u32 {
             if select(pcrs)[(p / 8) as usize] & (1 << (p % 8)) != 0 {
@@ -244,10 +244,23 @@ impl<'a> Tpm12<'a> {
     /// Seals `secret` under the SRK to the current values of `pcrs`, releasable only at
     /// `locality`; the TPM_STORED_DATA12 blob.
     pub fn seal(&mut self, srk: &[u8; 20], data_auth: &[u8; 20], secret: &[u8], pcrs: &[u8]) -> Result<Vec<u8>> {
+        self.seal_to(srk, data_auth, secret, pcrs, None)
+    }
+
+    /// Seals `secret` to `release` (a composite digest of `pcrs`), or to their current values.
+    pub fn seal_to(
+        &mut self,
+        srk: &[u8; 20],
+        data_auth: &[u8; 20],
+        secret: &[u8],
+        pcrs: &[u8],
+        release: Option<[u8; 20]>,
+    ) -> Result<Vec<u8>> {
         let digest = self.composite(pcrs)?;
+        let at_release = release.unwrap_or(digest);
         let loc = 1u8 << self.locality;
         let sel = [&3u16.to_be_bytes()[..], &select(pcrs)].concat();
-        let info = [&0x0006u16.to_be_bytes()[..], &[loc, loc], &sel, &sel, &digest, &digest].concat();
+        let info = [&0x0006u16.to_be_bytes()[..], &[loc, loc], &sel, &sel, &digest, &at_release].concat();
         let (s, shared) = self.osap(ET_KEYHANDLE, KH_SRK, srk)?;
         let pad = sha1(&[&shared, &s.nonce_even]);
         let enc_auth: Vec<u8> = data_auth.iter().zip(pad).map(|(a, b)| a ^ b).collect();
@@ -308,9 +321,82 @@ impl<'a> Tpm12<'a> {
         }
     }
 
+    /// Resets `pcr` (TPM_PCR_Reset; only resettable PCRs at allowed localities).
+    pub fn pcr_reset(&mut self, pcr: u8) -> Result<()> {
+        let body = [&3u16.to_be_bytes()[..], &select(&[pcr])].concat();
+        self.plain("PCR_Reset", 0xC8, &body).map(drop)
+    }
+
     /// Extends `pcr` (tests use it to change the platform's state).
     pub fn pcr_extend(&mut self, pcr: u32, digest: &[u8; 20]) -> Result<()> {
         self.plain("Extend", 0x14, &[&pcr.to_be_bytes()[..], digest].concat()).map(drop)
+    }
+}
+
+/// The TPM_PCR_INFO_LONG of a TPM_STORED_DATA12: where and under which PCR state it was
+/// sealed, and what releases it. The TPM checks it against the sealed secret at unseal, so
+/// after a successful unseal it can be trusted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SealInfo {
+    /// localityAtCreation.
+    pub locality_at_creation: u8,
+    /// localityAtRelease.
+    pub locality_at_release: u8,
+    /// creationPCRSelection.
+    pub creation_pcrs: Vec<u8>,
+    /// releasePCRSelection.
+    pub release_pcrs: Vec<u8>,
+    /// digestAtCreation.
+    pub digest_at_creation: [u8; 20],
+    /// digestAtRelease.
+    pub digest_at_release: [u8; 20],
+}
+
+impl SealInfo {
+    /// Parses the seal info of a TPM_STORED_DATA12.
+    pub fn parse(sealed: &[u8]) -> Result<Self> {
+        let bad = || Error::Tpm("sealed blob: malformed TPM_STORED_DATA12".into());
+        let info_size = be32(sealed, 4)? as usize;
+        let info = sealed.get(8..8 + info_size).ok_or_else(bad)?;
+        if info.get(..2) != Some(&[0x00, 0x06]) {
+            return Err(bad());
+        }
+        let sel = |at: usize| -> Result<(Vec<u8>, usize)> {
+            let n = u16::from_be_bytes([*info.get(at).ok_or_else(bad)?, *info.get(at + 1).ok_or_else(bad)?]) as usize;
+            Ok((info.get(at + 2..at + 2 + n).ok_or_else(bad)?.to_vec(), at + 2 + n))
+        };
+        let (creation_pcrs, at) = sel(4)?;
+        let (release_pcrs, at) = sel(at)?;
+        let digest =
+            |at: usize| -> Result<[u8; 20]> { info.get(at..at + 20).and_then(|d| d.try_into().ok()).ok_or_else(bad) };
+        Ok(SealInfo {
+            locality_at_creation: info[2],
+            locality_at_release: info[3],
+            creation_pcrs,
+            release_pcrs,
+            digest_at_creation: digest(at)?,
+            digest_at_release: digest(at + 20)?,
+        })
+    }
+
+    /// Whether the blob was sealed the way this manager seals: at `locality`, to `pcrs`, and in
+    /// the same PCR state as the one that releases it. A blob sealed elsewhere or in another
+    /// platform state (someone else's key, or one made while the platform was not approved)
+    /// fails.
+    pub fn check(&self, locality: u8, pcrs: &[u8]) -> Result<()> {
+        let loc = 1u8 << locality;
+        let sel = select(pcrs).to_vec();
+        if self.locality_at_creation != loc
+            || self.locality_at_release != loc
+            || self.creation_pcrs != sel
+            || self.release_pcrs != sel
+            || self.digest_at_creation != self.digest_at_release
+        {
+            return Err(Error::Tpm(
+                "the sealed root key was not sealed by this manager in the state that releases it (a substituted store?)".into(),
+            ));
+        }
+        Ok(())
     }
 }
 
