@@ -77,7 +77,7 @@ impl<D: BlockDev> Manager<D> {
             Family::Tpm20 => {
                 let mut t = Tpm2::new(tpm.as_mut(), cfg.locality);
                 t.startup()?;
-                let (private, public) = t.seal(&key, &cfg.pcrs)?;
+                let (private, public, creation) = t.seal(&key, &cfg.pcrs)?;
                 let counter = t.counter_create(cfg.nv_index)?;
                 let s = Sealed {
                     family,
@@ -86,6 +86,7 @@ impl<D: BlockDev> Manager<D> {
                     nv_index: cfg.nv_index,
                     private,
                     public,
+                    creation,
                 };
                 (s, counter, t.commands)
             }
@@ -112,6 +113,7 @@ impl<D: BlockDev> Manager<D> {
                     nv_index: id,
                     private,
                     public: Vec::new(),
+                    creation: Vec::new(),
                 };
                 (s, counter, t.commands)
             }
@@ -150,7 +152,7 @@ impl<D: BlockDev> Manager<D> {
             Family::Tpm20 => {
                 let mut t = Tpm2::new(tpm.as_mut(), sealed.locality);
                 t.startup()?;
-                let key = t.unseal(&sealed.private, &sealed.public, &sealed.pcrs)?;
+                let key = t.unseal(&sealed.private, &sealed.public, &sealed.creation, &sealed.pcrs)?;
                 let hw = t.counter_read(sealed.nv_index)?;
                 (key, hw, t.commands)
             }

@@ -275,3 +275,39 @@ fn tpm12_a_substituted_store_is_refused() {
     assert!(e.to_string().contains("not sealed by this manager"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The same on TPM 2.0: someone seals their own key, in another platform state, under the
+/// policy of the approved state; the TPM unseals it there, but the creation ticket gives it
+/// away.
+#[test]
+fn tpm2_a_substituted_store_is_refused() {
+    use xvtpm_vtpmmgr::hw::Sealed;
+    use xvtpm_vtpmmgr::store::Store;
+    let dir = common::tmpdir("substitute2");
+    let hw = common::HwSwtpm::start(&dir.join("tpm"));
+    let path = dir.join("store.img");
+    let counter = {
+        let mut m = Manager::init(FileDev::open(&path, true).expect("dev"), hw.connect(), &cfg()).expect("init");
+        m.provision([1; 16], 0, None).expect("provision");
+        m.store().root().counter
+    };
+    let sealed = Sealed::decode(
+        &xvtpm_vtpmmgr::store::read_sealed(&mut FileDev::open(&path, false).expect("dev")).expect("read"),
+    )
+    .expect("decode");
+    {
+        let mut tpm = hw.connect();
+        let mut t = Tpm2::new(tpm.as_mut(), 0);
+        let approved = t.pcr_policy(&[0, 16]).expect("the approved state's policy");
+        t.pcr_extend(16, &[0x66; 32]).expect("extend");
+        let key = [0x99u8; 32];
+        let (private, public, creation) = t.seal_to(&key, &[0, 16], Some(approved)).expect("seal");
+        t.pcr_reset(16).expect("back to the approved state");
+        let fake = Sealed { private, public, creation, ..sealed };
+        std::fs::remove_file(&path).expect("rm");
+        Store::create(FileDev::open(&path, true).expect("dev"), key, &fake.encode(), counter).expect("fake store");
+    }
+    let e = Manager::open(FileDev::open(&path, false).expect("dev"), hw.connect()).expect_err("substituted");
+    assert!(e.to_string().contains("not created by this manager"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

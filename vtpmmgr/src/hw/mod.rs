@@ -24,6 +24,9 @@ pub struct Sealed {
     pub private: Vec<u8>,
     /// TPM 2.0: the sealed object's public part. TPM 1.2: empty.
     pub public: Vec<u8>,
+    /// TPM 2.0: the creation data, creation hash and creation ticket of the sealed object, so
+    /// the TPM can vouch that this manager created it. TPM 1.2: empty (the seal info serves).
+    pub creation: Vec<u8>,
 }
 
 const FORMAT: u8 = 1;
@@ -40,7 +43,7 @@ impl Sealed {
         let mut b = vec![FORMAT, family, self.locality, self.pcrs.len() as u8];
         b.extend_from_slice(&self.pcrs);
         b.extend_from_slice(&self.nv_index.to_le_bytes());
-        for part in [&self.private, &self.public] {
+        for part in [&self.private, &self.public, &self.creation] {
             b.extend_from_slice(&(part.len() as u16).to_le_bytes());
             b.extend_from_slice(part);
         }
@@ -72,6 +75,7 @@ impl Sealed {
         };
         let private = part()?;
         let public = part()?;
-        Ok(Sealed { family, locality, pcrs, nv_index, private, public })
+        let creation = part()?;
+        Ok(Sealed { family, locality, pcrs, nv_index, private, public, creation })
     }
 }

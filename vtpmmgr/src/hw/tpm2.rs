@@ -6,6 +6,7 @@
 //! The primary key is recreated from its template at each start (same seed, same key), so
 //! nothing but the sealed object's public and private parts is kept.
 
+use sha2::Digest;
 use xvtpm_tis::HwTpm;
 
 use crate::{Error, Result};
@@ -199,7 +200,7 @@ impl<'a> Tpm2<'a> {
     }
 
     /// The policy digest of PolicyPCR over the current values of `pcrs` (a trial session).
-    fn pcr_policy(&mut self, pcrs: &[u8]) -> Result<Vec<u8>> {
+    pub fn pcr_policy(&mut self, pcrs: &[u8]) -> Result<Vec<u8>> {
         let s = self.session(0x03)?;
         let r = self.policy_pcr(s, pcrs).and_then(|()| self.run("PolicyGetDigest", Cmd::new(0x189).handle(s)));
         self.flush(s);
@@ -207,8 +208,22 @@ impl<'a> Tpm2<'a> {
     }
 
     /// Seals `secret` to the current values of `pcrs`: the sealed object's (private, public).
-    pub fn seal(&mut self, secret: &[u8; 32], pcrs: &[u8]) -> Result<(Vec<u8>, Vec<u8>)> {
-        let policy = self.pcr_policy(pcrs)?;
+    pub fn seal(&mut self, secret: &[u8; 32], pcrs: &[u8]) -> Result<(Vec<u8>, Vec<u8>, Vec<u8>)> {
+        self.seal_to(secret, pcrs, None)
+    }
+
+    /// Seals `secret` under `policy` (a PolicyPCR digest over `pcrs`, e.g. for values they
+    /// will hold later), or under the current values of `pcrs`.
+    pub fn seal_to(
+        &mut self,
+        secret: &[u8; 32],
+        pcrs: &[u8],
+        policy: Option<Vec<u8>>,
+    ) -> Result<(Vec<u8>, Vec<u8>, Vec<u8>)> {
+        let policy = match policy {
+            Some(p) => p,
+            None => self.pcr_policy(pcrs)?,
+        };
         let public = [
             &0x0008u16.to_be_bytes()[..],
             &ALG_SHA256.to_be_bytes(),
@@ -222,16 +237,87 @@ impl<'a> Tpm2<'a> {
         .concat();
         let sensitive = [&[0, 0, 0, 32][..], secret].concat();
         let parent = self.primary()?;
-        let cmd = Cmd::new(0x153).handle(parent).pw(1).b2(&sensitive).b2(&public).u16(0).u32(0);
+        // creationPCR: the creation data records the sealed PCRs' values at creation, and the
+        // creation ticket lets the TPM vouch for that record later.
+        let cmd = Cmd::new(0x153)
+            .handle(parent)
+            .pw(1)
+            .b2(&sensitive)
+            .b2(&public)
+            .u16(0)
+            .u32(1)
+            .u16(ALG_SHA256)
+            .u8(3)
+            .raw(&select(pcrs));
         let r = self.run("Create", cmd);
         self.flush(parent);
         let r = r?;
-        let mut p = Rsp { b: &r, at: 4 };
-        Ok((p.b2()?.to_vec(), p.b2()?.to_vec()))
+        let end = 4 + Rsp { b: &r, at: 0 }.u32()? as usize;
+        let params = r.get(..end).ok_or_else(|| Error::Tpm("Create: parameterSize beyond the response".into()))?;
+        let mut p = Rsp { b: params, at: 4 };
+        let (private, public) = (p.b2()?.to_vec(), p.b2()?.to_vec());
+        // creationData, creationHash and creationTicket, as the TPM returned them.
+        Ok((private, public, params[p.at..].to_vec()))
     }
 
-    /// Unseals a sealed object under the PCR policy.
-    pub fn unseal(&mut self, private: &[u8], public: &[u8], pcrs: &[u8]) -> Result<[u8; 32]> {
+    /// The current sha256 value of `pcr`.
+    pub fn pcr_value(&mut self, pcr: u8) -> Result<[u8; 32]> {
+        let r = self.run("PCR_Read", Cmd::new(0x17E).u32(1).u16(ALG_SHA256).u8(3).raw(&select(&[pcr])))?;
+        let mut p = Rsp { b: &r, at: 4 };
+        let sels = p.u32()?;
+        for _ in 0..sels.min(8) {
+            p.take(3)?;
+            let n = *r.get(p.at - 1).unwrap_or(&0) as usize;
+            p.take(n)?;
+        }
+        p.u32()?;
+        p.b2()?.try_into().map_err(|_| Error::Tpm("PCR_Read: not a sha256 value".into()))
+    }
+
+    /// Checks, with the TPM's creation ticket, that the loaded object `item` was created by
+    /// this TPM at `locality` with `pcrs` holding the values they hold now (the state that
+    /// releases it): an object made by someone else, or in another platform state, fails.
+    fn certify_creation(&mut self, item: u32, creation: &[u8], pcrs: &[u8], locality: u8) -> Result<()> {
+        let bad = |why: &str| {
+            Error::Tpm(format!(
+                "the sealed root key was not created by this manager in the state that releases it ({why}; a substituted store?)"
+            ))
+        };
+        let mut p = Rsp { b: creation, at: 0 };
+        let data = p.b2().map_err(|_| bad("no creation data"))?.to_vec();
+        let hash = p.b2().map_err(|_| bad("no creation hash"))?.to_vec();
+        let ticket = creation[p.at..].to_vec();
+        let cmd = Cmd::new(0x14A).handle(RH_NULL).handle(item).pw(1).u16(0).b2(&hash).u16(ALG_NULL).raw(&ticket);
+        self.run("CertifyCreation", cmd).map_err(|e| bad(&format!("the TPM does not vouch for it: {e}")))?;
+        if sha2::Sha256::digest(&data)[..] != hash[..] {
+            return Err(bad("creation data and hash differ"));
+        }
+        // TPMS_CREATION_DATA: pcrSelect, pcrDigest, locality, ...
+        let want_sel = [&1u32.to_be_bytes()[..], &ALG_SHA256.to_be_bytes(), &[3], &select(pcrs)].concat();
+        if data.get(..want_sel.len()) != Some(&want_sel[..]) {
+            return Err(bad("other PCRs"));
+        }
+        let mut d = Rsp { b: &data, at: want_sel.len() };
+        let digest = d.b2().map_err(|_| bad("malformed creation data"))?.to_vec();
+        let loc = *data.get(d.at).ok_or_else(|| bad("malformed creation data"))?;
+        let mut now = sha2::Sha256::new();
+        for p in 0..24u8 {
+            if select(pcrs)[(p / 8) as usize] & (1 << (p % 8)) != 0 {
+                sha2::Digest::update(&mut now, self.pcr_value(p)?);
+            }
+        }
+        if now.finalize()[..] != digest[..] {
+            return Err(bad("created in another PCR state"));
+        }
+        if loc != 1 << locality {
+            return Err(bad("created at another locality"));
+        }
+        Ok(())
+    }
+
+    /// Unseals a sealed object under the PCR policy, after checking with its creation ticket
+    /// (`creation`, from [`Tpm2::seal`]) that this manager created it.
+    pub fn unseal(&mut self, private: &[u8], public: &[u8], creation: &[u8], pcrs: &[u8]) -> Result<[u8; 32]> {
         let parent = self.primary()?;
         let loaded = self.run("Load", Cmd::new(0x157).handle(parent).pw(1).b2(private).b2(public));
         self.flush(parent);
@@ -249,6 +335,9 @@ impl<'a> Tpm2<'a> {
             }
             r
         })();
+        // Unsealed (so the PCRs are in the releasing state): now the creation record must show
+        // that this manager made the object in that same state.
+        let out = out.and_then(|r| self.certify_creation(item, creation, pcrs, self.locality).map(|()| r));
         self.flush(item);
         let r = out.map_err(|e| match e {
             Error::TpmRc { rc, .. } if (rc & 0x80 != 0 && rc & 0x3F == RC_POLICY_FAIL) || rc == RC_PCR_CHANGED => Error::Tpm(format!(
@@ -337,6 +426,11 @@ impl<'a> Tpm2<'a> {
         let attest = p.b2()?.to_vec();
         let signature = params[p.at..].to_vec();
         Ok((public, attest, signature))
+    }
+
+    /// Resets `pcr` (only resettable PCRs at allowed localities).
+    pub fn pcr_reset(&mut self, pcr: u32) -> Result<()> {
+        self.run("PCR_Reset", Cmd::new(0x13D).handle(pcr).pw(1)).map(drop)
     }
 
     /// Extends `pcr` (sha256) with `digest` (tests use it to change the platform's state).
