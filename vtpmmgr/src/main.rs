@@ -80,6 +80,12 @@ enum Cmd {
         /// Provision unknown vTPMs that save (into group 0) instead of refusing them.
         #[arg(long)]
         auto_provision: bool,
+        /// PCRs the store must be sealed to (as given to `init`).
+        #[arg(long, default_value = "0,1,2,3,4,5,6,7", value_delimiter = ',')]
+        pcrs: Vec<u8>,
+        /// Locality the store must be sealed at (as given to `init`).
+        #[arg(long, default_value_t = 0)]
+        locality: u8,
     },
 }
 
@@ -109,11 +115,11 @@ fn main() -> anyhow::Result<()> {
             let m = Manager::init(FileDev::open(&store, true)?, tpm, &InitConfig { pcrs, nv_index, locality })?;
             println!("store {} created ({} hardware TPM commands)", store.display(), m.tpm_commands);
         }
-        Cmd::Serve { store, tpm, socket, admin_socket, xen, sim, domid, auto_provision } => {
+        Cmd::Serve { store, tpm, socket, admin_socket, xen, sim, domid, auto_provision, pcrs, locality } => {
             if socket.is_none() && admin_socket.is_none() && !xen {
                 bail!("nothing to serve: give --socket, --admin-socket or --xen");
             }
-            let mut m = Manager::open(FileDev::open(&store, false)?, open_tpm(&tpm)?)
+            let mut m = Manager::open_expecting(FileDev::open(&store, false)?, open_tpm(&tpm)?, &pcrs, locality)
                 .with_context(|| format!("opening the store {}", store.display()))?;
             m.auto_provision = auto_provision;
             log::info!("manager ready ({} hardware TPM commands to open the store)", m.tpm_commands);

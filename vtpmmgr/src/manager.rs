@@ -138,8 +138,33 @@ impl<D: BlockDev> Manager<D> {
 
     /// Opens the store on `dev`: the TPM unseals the root key (only with the PCR values it was
     /// sealed to), the counter is read, and the store must be in step with it.
-    pub fn open(mut dev: D, mut tpm: Box<dyn HwTpm + Send>) -> Result<Self> {
+    pub fn open(dev: D, tpm: Box<dyn HwTpm + Send>) -> Result<Self> {
+        Self::open_checked(dev, tpm, None)
+    }
+
+    /// Like [`Manager::open`], but the store must be sealed to exactly `pcrs` at `locality`
+    /// (the daemon's configuration): the sealed-key block is not authenticated before the
+    /// unseal, so without this a store sealed to fewer PCRs would be accepted.
+    pub fn open_expecting(dev: D, tpm: Box<dyn HwTpm + Send>, pcrs: &[u8], locality: u8) -> Result<Self> {
+        Self::open_checked(dev, tpm, Some((pcrs, locality)))
+    }
+
+    fn open_checked(mut dev: D, mut tpm: Box<dyn HwTpm + Send>, expect: Option<(&[u8], u8)>) -> Result<Self> {
         let sealed = Sealed::decode(&store::read_sealed(&mut dev)?)?;
+        if let Some((pcrs, locality)) = expect {
+            let mut want = pcrs.to_vec();
+            want.sort_unstable();
+            want.dedup();
+            let mut have = sealed.pcrs.clone();
+            have.sort_unstable();
+            have.dedup();
+            if want != have || locality != sealed.locality {
+                return Err(Error::Tpm(format!(
+                    "the store is sealed to PCRs {have:?} at locality {}, this manager expects PCRs {want:?} at locality {locality}",
+                    sealed.locality
+                )));
+            }
+        }
         if sealed.family != tpm.family() {
             return Err(Error::Tpm(format!(
                 "the store was sealed by a TPM {}, this is a TPM {}",

@@ -39,8 +39,7 @@ fn serve(store: &Path, hw: &common::HwSwtpm, dir: &Path, log: &str) -> Daemon {
     let (sock, admin) = (dir.join("mgr.sock"), dir.join("admin.sock"));
     let _ = std::fs::remove_file(&sock);
     let child = Command::new(BIN)
-        .arg("serve")
-        .arg("--store")
+        .args(["serve", "--pcrs", "0,16", "--store"])
         .arg(store)
         .args(["--tpm", &hw.arg()])
         .arg("--socket")
@@ -61,6 +60,27 @@ fn serve(store: &Path, hw: &common::HwSwtpm, dir: &Path, log: &str) -> Daemon {
         std::thread::sleep(Duration::from_millis(10));
     }
     Daemon(child)
+}
+
+#[test]
+fn serve_refuses_a_store_sealed_to_other_pcrs() {
+    let dir = common::tmpdir("pcrs");
+    let hw = common::HwSwtpm::start(&dir.join("tpm"));
+    let store = dir.join("store.img");
+    init(&store, &hw);
+    // Sealed to PCRs 0 and 16; this manager is configured for 0-7.
+    let out = Command::new(BIN)
+        .args(["serve", "--store"])
+        .arg(&store)
+        .args(["--tpm", &hw.arg()])
+        .arg("--socket")
+        .arg(dir.join("s.sock"))
+        .output()
+        .expect("serve");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("sealed to PCRs [0, 16]") && err.contains("expects PCRs [0, 1, 2, 3, 4, 5, 6, 7]"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 fn provision(dir: &Path, token: &[u8; 32]) -> [u8; 16] {
