@@ -52,7 +52,7 @@ fn main() -> anyhow::Result<()> {
     let mut m = Manager::open(FileDev::open(&disk, false)?, hw.connect())?;
     let open_cmds = m.tpm_commands;
     println!(
-        "open: {:.1} ms, {} hardware TPM commands (unseal the root key, read the counter), every node verified",
+        "open: {:.1} ms, {} hardware TPM commands (unseal the root key, certify its creation, read the counter), every node verified",
         t.elapsed().as_secs_f64() * 1e3,
         open_cmds
     );
