@@ -158,6 +158,9 @@ struct Device {
     watching_fe: bool,
     /// The last state we wrote.
     written: Option<XenbusState>,
+    /// We closed the device for a protocol error: the frontend must close (or start over)
+    /// before it may connect again. A frontend that closes on its own needs no such step.
+    error_closed: bool,
     conn: Option<Connection>,
     generation: u64,
 }
@@ -289,6 +292,9 @@ impl State {
     fn close_with_error(&mut self, key: (DomId, u32), reason: &str) {
         log::error!("vtpm {}/{}: {reason}; closing the device", key.0, key.1);
         self.disconnect(key);
+        if let Some(d) = self.devices.get_mut(&key) {
+            d.error_closed = true;
+        }
         self.write_keys(key, &[("error", reason.as_bytes())], Some(XenbusState::Closing));
     }
 
@@ -386,6 +392,9 @@ impl State {
             Some(XenbusState::Closed) => {
                 // A rebooting guest closes and comes back: wait for it again.
                 self.disconnect(key);
+                if let Some(d) = self.devices.get_mut(&key) {
+                    d.error_closed = false;
+                }
                 let next = if online { XenbusState::InitWait } else { XenbusState::Closed };
                 if self.devices.get(&key).is_some_and(|d| d.written != Some(next)) {
                     self.write_state(key, next);
@@ -394,6 +403,9 @@ impl State {
             Some(XenbusState::Initialising | XenbusState::InitWait) => {
                 // The frontend started over (guest reboot without a clean close).
                 self.disconnect(key);
+                if let Some(d) = self.devices.get_mut(&key) {
+                    d.error_closed = false;
+                }
                 let dev_written = self.devices.get(&key).and_then(|d| d.written);
                 if online && dev_written != Some(XenbusState::InitWait) {
                     self.write_state(key, XenbusState::InitWait);
@@ -438,6 +450,7 @@ impl State {
             fe_path: fe_path.unwrap_or(expected_fe),
             watching_fe: false,
             written: None,
+            error_closed: false,
             conn: None,
             generation,
         };
@@ -469,7 +482,7 @@ impl State {
         let (fe, handle) = key;
         let Some(dev) = self.devices.get(&key) else { return };
         let Some(info) = dev.info.clone() else { return };
-        if dev.written == Some(XenbusState::Closing) {
+        if dev.error_closed {
             // Closed after a protocol error: the frontend must close before it may connect
             // again. (An offline device never gets here: reconcile keeps it Closed.)
             return;

@@ -318,6 +318,31 @@ fn hostile_state_flapping() {
     );
 }
 
+/// A frontend that goes Closing on its own and then straight back to Initialised (no Closed in
+/// between) is served again: only a protocol error makes the backend insist on a full close.
+#[test]
+fn frontend_closing_then_initialised_reconnects() {
+    hostile_case(
+        |env, be| {
+            evil_device(env);
+            let fe = evil_frontend(env);
+            fe.write("ring-ref", &fe.page.gref().to_string()).expect("w");
+            fe.write("event-channel", &fe.port.to_string()).expect("w");
+            fe.write("feature-protocol-v2", "1").expect("w");
+            fe.write("state", "3").expect("w");
+            assert!(fe.wait_backend(XenbusState::Connected, 30 * SEC), "connects:\n{}", be.log());
+            fe.write("state", "5").expect("w");
+            assert!(fe.wait_backend(XenbusState::Closing, 10 * SEC), "follows to Closing:\n{}", be.log());
+            fe.write("state", "3").expect("w");
+            assert!(fe.wait_backend(XenbusState::Connected, 30 * SEC), "connects again:\n{}", be.log());
+            assert_eq!(fe.command(b"\x03again", 5 * SEC).expect("serves"), b"\x03again");
+            std::mem::forget(fe);
+        },
+        "vtpm 3/0: connected",
+        None,
+    );
+}
+
 #[test]
 fn hostile_notification_storm() {
     hostile_case(
