@@ -51,6 +51,9 @@ pub struct Manager<D> {
     counter_auth: [u8; 20],
     /// An increment failed: the TPM may or may not have executed it.
     counter_uncertain: bool,
+    /// The group numbers (an index of the group records, so provisioning does not scan the
+    /// store).
+    group_numbers: std::collections::BTreeSet<u32>,
     /// Unknown vTPMs that save are provisioned into group 0 (Xen's behaviour; off by default).
     pub auto_provision: bool,
     /// Hardware TPM commands sent since the store was opened.
@@ -132,6 +135,7 @@ impl<D: BlockDev> Manager<D> {
             counter_auth,
             counter_uncertain: false,
             auto_provision: false,
+            group_numbers: [0].into(),
             tpm_commands: commands,
         })
     }
@@ -206,8 +210,10 @@ impl<D: BlockDev> Manager<D> {
             counter_auth,
             counter_uncertain: false,
             auto_provision: false,
+            group_numbers: [0].into(),
             tpm_commands: commands,
         };
+        m.group_numbers.extend(m.store.list()?.iter().filter(|r| r.is_group()).map(|r| r.group));
         if m.counter_behind {
             log::warn!("the last commit before the stop did not reach the hardware counter; catching up");
             m.catch_up()?;
@@ -302,13 +308,14 @@ impl<D: BlockDev> Manager<D> {
 
     /// Creates a group: its number and uuid.
     pub fn new_group(&mut self) -> Result<(u32, [u8; 16])> {
-        let next = self.groups()?.iter().map(|g| g.0).max().unwrap_or(0) + 1;
+        let next = self.group_numbers.last().copied().unwrap_or(0) + 1;
         let mut uuid: [u8; 16] = rand::random();
         uuid[6] = (uuid[6] & 0x0F) | 0x40;
         uuid[8] = (uuid[8] & 0x3F) | 0x80;
         let mut rec = Record::new(uuid, next);
         rec.flags = IS_GROUP;
         self.commit(|s| s.put(&rec).map(Some))?;
+        self.group_numbers.insert(next);
         Ok((next, uuid))
     }
 
@@ -319,7 +326,11 @@ impl<D: BlockDev> Manager<D> {
             None => Err(Error::NotFound(format!("group {group}"))),
             Some((0, ..)) => Err(Error::Protocol("group 0 cannot be deleted".into())),
             Some((_, _, n)) if n > 0 => Err(Error::Protocol(format!("group {group} still holds {n} vTPMs"))),
-            Some((_, uuid, _)) => self.commit(|s| s.delete(&uuid)),
+            Some((_, uuid, _)) => {
+                self.commit(|s| s.delete(&uuid))?;
+                self.group_numbers.remove(&group);
+                Ok(())
+            }
         }
     }
 
@@ -328,7 +339,7 @@ impl<D: BlockDev> Manager<D> {
         if self.store.get(&uuid)?.is_some() {
             return Err(Error::Store(format!("vTPM {} is already provisioned", uuid_str(&uuid))));
         }
-        if !self.groups()?.iter().any(|g| g.0 == group) {
+        if !self.group_numbers.contains(&group) {
             return Err(Error::NotFound(format!("group {group}")));
         }
         let mut rec = Record::new(uuid, group);
@@ -358,7 +369,7 @@ impl<D: BlockDev> Manager<D> {
     }
 
     /// The record of vTPM `uuid` (a group's uuid is no vTPM).
-    fn vtpm(&self, uuid: &[u8; 16]) -> Result<Option<Record>> {
+    pub fn vtpm(&self, uuid: &[u8; 16]) -> Result<Option<Record>> {
         Ok(self.store.get(uuid)?.filter(|r| !r.is_group()))
     }
 

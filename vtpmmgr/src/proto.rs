@@ -122,6 +122,26 @@ fn status_of(e: &Error) -> u32 {
     }
 }
 
+/// The vTPM `caller` acts for: the transport's identity, or a socket's bound vTPM whose token
+/// still holds (it may have been deleted and provisioned anew since BIND). `None`: refuse.
+fn acting_for<D: BlockDev>(mgr: &Manager<D>, caller: &mut Caller) -> Option<[u8; 16]> {
+    match caller {
+        Caller::Vtpm(u) => Some(*u),
+        Caller::Socket(Some((u, digest))) => match mgr.authorize_digest(u, digest) {
+            Ok(()) => Some(*u),
+            Err(e) => {
+                log::warn!("{}: no longer authorized: {e}", uuid_str(u));
+                *caller = Caller::Socket(None);
+                None
+            }
+        },
+        _ => {
+            log::warn!("{caller:?}: vTPM command before naming a vTPM (BIND)");
+            None
+        }
+    }
+}
+
 /// Handles one message from `caller`; the reply. Never panics on any input.
 pub fn handle<D: BlockDev>(mgr: &mut Manager<D>, caller: &mut Caller, msg: &[u8]) -> Vec<u8> {
     let (Some(tag), Some(size), Some(ordinal)) =
@@ -138,21 +158,7 @@ pub fn handle<D: BlockDev>(mgr: &mut Manager<D>, caller: &mut Caller, msg: &[u8]
     let body = &msg[HEADER..];
     let r = match (tag, ordinal) {
         (TAG_REQ, SAVEHASHKEY | LOADHASHKEY) => {
-            let uuid = match caller {
-                Caller::Vtpm(u) => *u,
-                Caller::Socket(Some((u, digest))) => match mgr.authorize_digest(u, digest) {
-                    Ok(()) => *u,
-                    Err(e) => {
-                        log::warn!("{}: no longer authorized: {e}", uuid_str(u));
-                        *caller = Caller::Socket(None);
-                        return reply(TAG_RSP, status::AUTHFAIL, &[]);
-                    }
-                },
-                _ => {
-                    log::warn!("{caller:?}: vTPM command before naming a vTPM (BIND)");
-                    return reply(TAG_RSP, status::AUTHFAIL, &[]);
-                }
-            };
+            let Some(uuid) = acting_for(mgr, caller) else { return reply(TAG_RSP, status::AUTHFAIL, &[]) };
             if ordinal == SAVEHASHKEY {
                 mgr.save(&uuid, body).map(|()| Vec::new())
             } else {
@@ -160,18 +166,7 @@ pub fn handle<D: BlockDev>(mgr: &mut Manager<D>, caller: &mut Caller, msg: &[u8]
             }
         }
         (TAG_REQ, GET_QUOTE) => {
-            let uuid = match caller {
-                Caller::Vtpm(u) => *u,
-                Caller::Socket(Some((u, digest))) => match mgr.authorize_digest(u, digest) {
-                    Ok(()) => *u,
-                    Err(e) => {
-                        log::warn!("{}: no longer authorized: {e}", uuid_str(u));
-                        *caller = Caller::Socket(None);
-                        return reply(TAG_RSP, status::AUTHFAIL, &[]);
-                    }
-                },
-                _ => return reply(TAG_RSP, status::AUTHFAIL, &[]),
-            };
+            let Some(uuid) = acting_for(mgr, caller) else { return reply(TAG_RSP, status::AUTHFAIL, &[]) };
             // nonce[20] | TPM_PCR_SELECTION (u16 size, bitmap) [| u32 flags, ignored].
             let n = body.get(20..22).map(|s| u16::from_be_bytes([s[0], s[1]]) as usize);
             match (body.get(..20), n.and_then(|n| body.get(22..22 + n))) {
@@ -229,7 +224,7 @@ pub fn handle<D: BlockDev>(mgr: &mut Manager<D>, caller: &mut Caller, msg: &[u8]
             }
         }
         (TAG_REQ2, VTPM_SHOW) => match <[u8; 16]>::try_from(body) {
-            Ok(u) => mgr.list().and_then(|recs| match recs.into_iter().find(|r| r.uuid == u) {
+            Ok(u) => mgr.vtpm(&u).and_then(|r| match r {
                 Some(r) => Ok([r.group.to_be_bytes(), u32::from(r.has_key()).to_be_bytes()].concat()),
                 None => Err(Error::UnknownVtpm(uuid_str(&u))),
             }),

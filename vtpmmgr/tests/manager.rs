@@ -4,11 +4,15 @@
 
 mod common;
 
+use std::path::{Path, PathBuf};
+
 use xvtpm_tis::Family;
 use xvtpm_vtpmmgr::hw::tpm12::Tpm12;
 use xvtpm_vtpmmgr::hw::tpm2::Tpm2;
+use xvtpm_vtpmmgr::hw::Sealed;
 use xvtpm_vtpmmgr::manager::{InitConfig, Manager};
 use xvtpm_vtpmmgr::store::dev::FileDev;
+use xvtpm_vtpmmgr::store::Store;
 use xvtpm_vtpmmgr::Error;
 
 fn cfg() -> InitConfig {
@@ -237,25 +241,33 @@ fn a_lost_counter_increment_never_overshoots() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// A store substituted by someone with access to the TPM 1.2 while the platform was not in
-/// the approved state: their blob is sealed to release in the approved state, so the TPM
-/// unseals it, but its creation digest gives it away.
-#[test]
-fn tpm12_a_substituted_store_is_refused() {
-    use xvtpm_vtpmmgr::hw::Sealed;
-    use xvtpm_vtpmmgr::store::Store;
-    let dir = common::tmpdir("substitute");
-    let hw = common::HwSwtpm::start_family(&dir.join("tpm"), Family::Tpm12);
+/// A manager store with one vTPM: its directory, TPM, path, counter value and sealed-key block.
+fn store_with_one_vtpm(family: Family) -> (PathBuf, common::HwSwtpm, PathBuf, u64, Sealed) {
+    let dir = common::tmpdir(&format!("substitute-{family}"));
+    let hw = common::HwSwtpm::start_family(&dir.join("tpm"), family);
     let path = dir.join("store.img");
     let counter = {
         let mut m = Manager::init(FileDev::open(&path, true).expect("dev"), hw.connect(), &cfg()).expect("init");
         m.provision([1; 16], 0, None).expect("provision");
         m.store().root().counter
     };
-    let sealed = Sealed::decode(
-        &xvtpm_vtpmmgr::store::read_sealed(&mut FileDev::open(&path, false).expect("dev")).expect("read"),
-    )
-    .expect("decode");
+    let block = xvtpm_vtpmmgr::store::read_sealed(&mut FileDev::open(&path, false).expect("dev")).expect("read");
+    (dir, hw, path, counter, Sealed::decode(&block).expect("decode"))
+}
+
+/// Replaces the store at `path` with an empty one under `key`, sealed-key block `sealed`, at
+/// counter value `counter`: what someone with write access to the disk could do.
+fn replace_store(path: &Path, key: [u8; 32], sealed: &Sealed, counter: u64) {
+    std::fs::remove_file(path).expect("rm");
+    Store::create(FileDev::open(path, true).expect("dev"), key, &sealed.encode(), counter).expect("fake store");
+}
+
+/// A store substituted by someone with access to the TPM 1.2 while the platform was not in
+/// the approved state: their blob is sealed to release in the approved state, so the TPM
+/// unseals it, but its creation digest gives it away.
+#[test]
+fn tpm12_a_substituted_store_is_refused() {
+    let (dir, hw, path, counter, sealed) = store_with_one_vtpm(Family::Tpm12);
     {
         let mut tpm = hw.connect();
         let mut t = Tpm12::new(tpm.as_mut(), 0);
@@ -267,9 +279,7 @@ fn tpm12_a_substituted_store_is_refused() {
         let payload = [&key[..], &[0u8; 20]].concat();
         let forged = t.seal_to(&[0; 20], &[0; 20], &payload, &[0, 16], Some(approved)).expect("seal");
         t.pcr_reset(16).expect("back to the approved state");
-        let fake = Sealed { private: forged, ..sealed };
-        std::fs::remove_file(&path).expect("rm");
-        Store::create(FileDev::open(&path, true).expect("dev"), key, &fake.encode(), counter).expect("fake store");
+        replace_store(&path, key, &Sealed { private: forged, ..sealed }, counter);
     }
     let e = Manager::open(FileDev::open(&path, false).expect("dev"), hw.connect()).expect_err("substituted");
     assert!(e.to_string().contains("not sealed by this manager"), "{e}");
@@ -281,20 +291,7 @@ fn tpm12_a_substituted_store_is_refused() {
 /// away.
 #[test]
 fn tpm2_a_substituted_store_is_refused() {
-    use xvtpm_vtpmmgr::hw::Sealed;
-    use xvtpm_vtpmmgr::store::Store;
-    let dir = common::tmpdir("substitute2");
-    let hw = common::HwSwtpm::start(&dir.join("tpm"));
-    let path = dir.join("store.img");
-    let counter = {
-        let mut m = Manager::init(FileDev::open(&path, true).expect("dev"), hw.connect(), &cfg()).expect("init");
-        m.provision([1; 16], 0, None).expect("provision");
-        m.store().root().counter
-    };
-    let sealed = Sealed::decode(
-        &xvtpm_vtpmmgr::store::read_sealed(&mut FileDev::open(&path, false).expect("dev")).expect("read"),
-    )
-    .expect("decode");
+    let (dir, hw, path, counter, sealed) = store_with_one_vtpm(Family::Tpm20);
     {
         let mut tpm = hw.connect();
         let mut t = Tpm2::new(tpm.as_mut(), 0);
@@ -303,9 +300,7 @@ fn tpm2_a_substituted_store_is_refused() {
         let key = [0x99u8; 32];
         let (private, public, creation) = t.seal_to(&key, &[0, 16], Some(approved)).expect("seal");
         t.pcr_reset(16).expect("back to the approved state");
-        let fake = Sealed { private, public, creation, ..sealed };
-        std::fs::remove_file(&path).expect("rm");
-        Store::create(FileDev::open(&path, true).expect("dev"), key, &fake.encode(), counter).expect("fake store");
+        replace_store(&path, key, &Sealed { private, public, creation, ..sealed }, counter);
     }
     let e = Manager::open(FileDev::open(&path, false).expect("dev"), hw.connect()).expect_err("substituted");
     assert!(e.to_string().contains("not created by this manager"), "{e}");

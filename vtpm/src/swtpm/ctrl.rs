@@ -684,48 +684,15 @@ mod tests {
     #[test]
     fn matches_swtpms_tpm_ioctl_h() {
         let values = rust_values();
-        let mut src = String::from(
+        xvtpm_tests::clayout::check(
             "#include <stddef.h>\n#include <stdint.h>\n#include <stdio.h>\n#include <swtpm/tpm_ioctl.h>\n\
              #define MSIZE(t, m) sizeof(((t *)0)->m)\n\
              /* swtpm's ctrlchannel.c: the command code and the largest request */\n\
              struct input_like { uint32_t cmd; uint8_t body[sizeof(ptm_hdata)]; };\n\
              int main(void) {\n",
+            &values,
+            "install swtpm-dev",
         );
-        for (expr, _) in &values {
-            src.push_str(&format!("    printf(\"%s=%llu\\n\", \"{expr}\", (unsigned long long)({expr}));\n"));
-        }
-        src.push_str("    return 0;\n}\n");
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or_default();
-        let dir = std::env::temp_dir().join(format!("xvtpm-tpm-ioctl-{}-{nanos}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let (c, exe) = (dir.join("layout.c"), dir.join("layout"));
-        std::fs::write(&c, &src).expect("write C source");
-        let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
-        let out = std::process::Command::new(&cc)
-            .arg("-Wall")
-            .arg("-o")
-            .arg(&exe)
-            .arg(&c)
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run the C compiler {cc:?} (install a C toolchain): {e}"));
-        assert!(
-            out.status.success(),
-            "compiling against <swtpm/tpm_ioctl.h> failed (install swtpm-dev):\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let run = std::process::Command::new(&exe).output().expect("run layout program");
-        let _ = std::fs::remove_dir_all(&dir);
-        assert!(run.status.success(), "layout program failed");
-        let printed = String::from_utf8(run.stdout).expect("utf-8 output");
-        let c_values: std::collections::HashMap<&str, u64> =
-            printed.lines().filter_map(|l| l.split_once('=')).map(|(k, v)| (k, v.parse().expect("number"))).collect();
-        assert_eq!(c_values.len(), values.len(), "every value printed once:\n{printed}");
-        for (expr, rust) in &values {
-            assert_eq!(c_values.get(expr.as_str()), Some(rust), "{expr}: C vs Rust");
-        }
     }
 
     #[test]

@@ -29,6 +29,21 @@ pub struct Sealed {
     pub creation: Vec<u8>,
 }
 
+/// A PCR selection as the 3-byte bitmap both TPM families use (PCRs 0-23).
+pub(crate) fn pcr_bitmap(pcrs: &[u8]) -> [u8; 3] {
+    let mut s = [0u8; 3];
+    for &p in pcrs.iter().filter(|&&p| p < 24) {
+        s[(p / 8) as usize] |= 1 << (p % 8);
+    }
+    s
+}
+
+/// The PCRs of `pcrs` in ascending order, each once (the order TPMs hash them in).
+pub(crate) fn pcrs_in_order(pcrs: &[u8]) -> Vec<u8> {
+    let bits = pcr_bitmap(pcrs);
+    (0..24u8).filter(|p| bits[(p / 8) as usize] & (1 << (p % 8)) != 0).collect()
+}
+
 const FORMAT: u8 = 1;
 const FAMILY_TPM2: u8 = 2;
 const FAMILY_TPM12: u8 = 1;

@@ -10,6 +10,7 @@ use rsa::{BigUint, Oaep, RsaPublicKey};
 use sha1::{Digest, Sha1};
 use xvtpm_tis::HwTpm;
 
+use super::{pcr_bitmap as select, pcrs_in_order};
 use crate::{Error, Result};
 
 type HmacSha1 = Hmac<Sha1>;
@@ -61,15 +62,6 @@ fn be32(b: &[u8], at: usize) -> Result<u32> {
     b.get(at..at + 4)
         .map(|s| u32::from_be_bytes([s[0], s[1], s[2], s[3]]))
         .ok_or_else(|| Error::Tpm("TPM 1.2 response too short".into()))
-}
-
-/// The PCR selection as a 3-byte bitmap.
-fn select(pcrs: &[u8]) -> [u8; 3] {
-    let mut s = [0u8; 3];
-    for &p in pcrs.iter().filter(|&&p| p < 24) {
-        s[(p / 8) as usize] |= 1 << (p % 8);
-    }
-    s
 }
 
 /// The TPM 1.2 side of the manager.
@@ -232,11 +224,9 @@ impl<'a> Tpm12<'a> {
     /// The composite digest of the current values of `pcrs`.
     pub fn composite(&mut self, pcrs: &[u8]) -> Result<[u8; 20]> {
         let mut values = Vec::new();
-        for p in 0..24u32 {
-            if select(pcrs)[(p / 8) as usize] & (1 << (p % 8)) != 0 {
-                let r = self.plain("PcrRead", 0x15, &p.to_be_bytes())?;
-                values.extend_from_slice(r.get(..20).ok_or_else(|| Error::Tpm("short PcrRead".into()))?);
-            }
+        for p in pcrs_in_order(pcrs) {
+            let r = self.plain("PcrRead", 0x15, &u32::from(p).to_be_bytes())?;
+            values.extend_from_slice(r.get(..20).ok_or_else(|| Error::Tpm("short PcrRead".into()))?);
         }
         Ok(sha1(&[&3u16.to_be_bytes(), &select(pcrs), &(values.len() as u32).to_be_bytes(), &values]))
     }

@@ -9,6 +9,7 @@
 use sha2::Digest;
 use xvtpm_tis::HwTpm;
 
+use super::{pcr_bitmap as select, pcrs_in_order};
 use crate::{Error, Result};
 
 const ST_NO_SESSIONS: u16 = 0x8001;
@@ -69,6 +70,10 @@ impl Cmd {
     fn b2(self, b: &[u8]) -> Self {
         self.u16(b.len() as u16).raw(b)
     }
+    /// A TPML_PCR_SELECTION of `pcrs` in the sha256 bank.
+    fn pcrs(self, pcrs: &[u8]) -> Self {
+        self.u32(1).u16(ALG_SHA256).u8(3).raw(&select(pcrs))
+    }
     fn encode(&self) -> Vec<u8> {
         let tag = if self.auth.is_some() { ST_SESSIONS } else { ST_NO_SESSIONS };
         let mut c = tag.to_be_bytes().to_vec();
@@ -114,6 +119,14 @@ impl<'a> Rsp<'a> {
     }
 }
 
+/// The parameters of a response to a command with sessions: they end at parameterSize (the
+/// session area follows). Read from after parameterSize.
+fn params<'r>(r: &'r [u8], what: &str) -> Result<Rsp<'r>> {
+    let end = 4 + Rsp { b: r, at: 0 }.u32()? as usize;
+    let b = r.get(..end).ok_or_else(|| Error::Tpm(format!("{what}: parameterSize beyond the response")))?;
+    Ok(Rsp { b, at: 4 })
+}
+
 /// The TPM 2.0 side of the manager.
 pub struct Tpm2<'a> {
     tpm: &'a mut dyn HwTpm,
@@ -126,15 +139,6 @@ impl std::fmt::Debug for Tpm2<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Tpm2").field("locality", &self.locality).field("commands", &self.commands).finish()
     }
-}
-
-/// The PCR selection as a 3-byte bitmap.
-fn select(pcrs: &[u8]) -> [u8; 3] {
-    let mut s = [0u8; 3];
-    for &p in pcrs.iter().filter(|&&p| p < 24) {
-        s[(p / 8) as usize] |= 1 << (p % 8);
-    }
-    s
 }
 
 impl<'a> Tpm2<'a> {
@@ -195,7 +199,7 @@ impl<'a> Tpm2<'a> {
     }
 
     fn policy_pcr(&mut self, session: u32, pcrs: &[u8]) -> Result<()> {
-        let cmd = Cmd::new(0x17F).handle(session).u16(0).u32(1).u16(ALG_SHA256).u8(3).raw(&select(pcrs));
+        let cmd = Cmd::new(0x17F).handle(session).u16(0).pcrs(pcrs);
         self.run("PolicyPCR", cmd).map(drop)
     }
 
@@ -239,39 +243,37 @@ impl<'a> Tpm2<'a> {
         let parent = self.primary()?;
         // creationPCR: the creation data records the sealed PCRs' values at creation, and the
         // creation ticket lets the TPM vouch for that record later.
-        let cmd = Cmd::new(0x153)
-            .handle(parent)
-            .pw(1)
-            .b2(&sensitive)
-            .b2(&public)
-            .u16(0)
-            .u32(1)
-            .u16(ALG_SHA256)
-            .u8(3)
-            .raw(&select(pcrs));
+        let cmd = Cmd::new(0x153).handle(parent).pw(1).b2(&sensitive).b2(&public).u16(0).pcrs(pcrs);
         let r = self.run("Create", cmd);
         self.flush(parent);
         let r = r?;
-        let end = 4 + Rsp { b: &r, at: 0 }.u32()? as usize;
-        let params = r.get(..end).ok_or_else(|| Error::Tpm("Create: parameterSize beyond the response".into()))?;
-        let mut p = Rsp { b: params, at: 4 };
+        let mut p = params(&r, "Create")?;
         let (private, public) = (p.b2()?.to_vec(), p.b2()?.to_vec());
         // creationData, creationHash and creationTicket, as the TPM returned them.
-        Ok((private, public, params[p.at..].to_vec()))
+        Ok((private, public, p.b[p.at..].to_vec()))
     }
 
-    /// The current sha256 value of `pcr`.
-    pub fn pcr_value(&mut self, pcr: u8) -> Result<[u8; 32]> {
-        let r = self.run("PCR_Read", Cmd::new(0x17E).u32(1).u16(ALG_SHA256).u8(3).raw(&select(&[pcr])))?;
-        let mut p = Rsp { b: &r, at: 4 };
-        let sels = p.u32()?;
-        for _ in 0..sels.min(8) {
-            p.take(3)?;
-            let n = *r.get(p.at - 1).unwrap_or(&0) as usize;
-            p.take(n)?;
+    /// The current sha256 values of `pcrs`, in ascending order (a TPM returns at least eight
+    /// per PCR_Read).
+    pub fn pcr_values(&mut self, pcrs: &[u8]) -> Result<Vec<[u8; 32]>> {
+        let mut out = Vec::new();
+        for chunk in pcrs_in_order(pcrs).chunks(8) {
+            let r = self.run("PCR_Read", Cmd::new(0x17E).pcrs(chunk))?;
+            let mut p = Rsp { b: &r, at: 4 };
+            for _ in 0..p.u32()?.min(8) {
+                p.take(2)?;
+                let n = p.take(1)?[0] as usize;
+                p.take(n)?;
+            }
+            let count = p.u32()? as usize;
+            if count != chunk.len() {
+                return Err(Error::Tpm(format!("PCR_Read returned {count} of {} values", chunk.len())));
+            }
+            for _ in 0..count {
+                out.push(p.b2()?.try_into().map_err(|_| Error::Tpm("PCR_Read: not a sha256 value".into()))?);
+            }
         }
-        p.u32()?;
-        p.b2()?.try_into().map_err(|_| Error::Tpm("PCR_Read: not a sha256 value".into()))
+        Ok(out)
     }
 
     /// Checks, with the TPM's creation ticket, that the loaded object `item` was created by
@@ -293,20 +295,15 @@ impl<'a> Tpm2<'a> {
             return Err(bad("creation data and hash differ"));
         }
         // TPMS_CREATION_DATA: pcrSelect, pcrDigest, locality, ...
-        let want_sel = [&1u32.to_be_bytes()[..], &ALG_SHA256.to_be_bytes(), &[3], &select(pcrs)].concat();
+        let want_sel = Cmd::new(0).pcrs(pcrs).params;
         if data.get(..want_sel.len()) != Some(&want_sel[..]) {
             return Err(bad("other PCRs"));
         }
         let mut d = Rsp { b: &data, at: want_sel.len() };
         let digest = d.b2().map_err(|_| bad("malformed creation data"))?.to_vec();
         let loc = *data.get(d.at).ok_or_else(|| bad("malformed creation data"))?;
-        let mut now = sha2::Sha256::new();
-        for p in 0..24u8 {
-            if select(pcrs)[(p / 8) as usize] & (1 << (p % 8)) != 0 {
-                sha2::Digest::update(&mut now, self.pcr_value(p)?);
-            }
-        }
-        if now.finalize()[..] != digest[..] {
+        let now = sha2::Sha256::digest(self.pcr_values(pcrs)?.concat());
+        if now[..] != digest[..] {
             return Err(bad("created in another PCR state"));
         }
         if loc != 1 << locality {
@@ -407,24 +404,13 @@ impl<'a> Tpm2<'a> {
         let ak = p.u32()?;
         p.u32()?;
         let public = p.b2()?.to_vec();
-        let cmd = Cmd::new(0x158)
-            .handle(ak)
-            .pw(1)
-            .b2(qualifying)
-            .u16(ALG_NULL)
-            .u32(1)
-            .u16(ALG_SHA256)
-            .u8(3)
-            .raw(&select(pcrs));
+        let cmd = Cmd::new(0x158).handle(ak).pw(1).b2(qualifying).u16(ALG_NULL).pcrs(pcrs);
         let q = self.run("Quote", cmd);
         self.flush(ak);
         let q = q?;
-        // The parameters end at parameterSize; the session area follows.
-        let end = 4 + Rsp { b: &q, at: 0 }.u32()? as usize;
-        let params = q.get(..end).ok_or_else(|| Error::Tpm("Quote: parameterSize beyond the response".into()))?;
-        let mut p = Rsp { b: params, at: 4 };
+        let mut p = params(&q, "Quote")?;
         let attest = p.b2()?.to_vec();
-        let signature = params[p.at..].to_vec();
+        let signature = p.b[p.at..].to_vec();
         Ok((public, attest, signature))
     }
 

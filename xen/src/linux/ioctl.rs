@@ -362,50 +362,15 @@ mod tests {
     #[test]
     fn matches_the_c_headers() {
         let values = rust_values();
-        let mut src = String::from(
+        xvtpm_tests::clayout::check(
             "#include <stddef.h>\n#include <stdint.h>\n#include <stdio.h>\n#include <sys/ioctl.h>\n\
              /* The uapi headers use these Xen types without defining them (Xen's public\n\
               * headers do, in the programs that normally include them). */\n\
              typedef uint16_t domid_t;\ntypedef uint32_t grant_ref_t;\n\
              #include <xen/evtchn.h>\n#include <xen/gntdev.h>\n#include <xen/gntalloc.h>\n\
              int main(void) {\n",
+            &values,
+            "install linux-libc-dev",
         );
-        for (expr, _) in &values {
-            src.push_str(&format!("    printf(\"%s=%llu\\n\", \"{expr}\", (unsigned long long)({expr}));\n"));
-        }
-        src.push_str("    return 0;\n}\n");
-
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or_default();
-        let dir = std::env::temp_dir().join(format!("xvtpm-ioctl-{}-{nanos}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let c = dir.join("layout.c");
-        let exe = dir.join("layout");
-        std::fs::write(&c, &src).expect("write C source");
-        let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
-        let out = std::process::Command::new(&cc)
-            .arg("-Wall")
-            .arg("-o")
-            .arg(&exe)
-            .arg(&c)
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run the C compiler {cc:?} (install a C toolchain): {e}"));
-        assert!(
-            out.status.success(),
-            "compiling against <xen/*.h> failed (install linux-libc-dev):\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let run = std::process::Command::new(&exe).output().expect("run layout program");
-        let _ = std::fs::remove_dir_all(&dir);
-        assert!(run.status.success(), "layout program failed");
-        let printed = String::from_utf8(run.stdout).expect("utf-8 output");
-        let c_values: std::collections::HashMap<&str, u64> =
-            printed.lines().filter_map(|l| l.split_once('=')).map(|(k, v)| (k, v.parse().expect("number"))).collect();
-        assert_eq!(c_values.len(), values.len(), "every value printed once:\n{printed}");
-        for (expr, rust) in &values {
-            assert_eq!(c_values.get(expr), Some(rust), "{expr}: C vs Rust");
-        }
     }
 }
