@@ -1,6 +1,7 @@
-//! Our `vtpm socket` against Debian's swtpm, same client, same run: median latency of small
+//! Our socket mode against Debian's swtpm, same client, same run: median latency of small
 //! TPM 2.0 commands over the TCP data channel, CreatePrimary(ECC P-256), and the RSS of an idle
-//! instance.
+//! instance. Ours runs twice: as `vtpm socket` (the administrator's binary, with the Xen
+//! backend and clap in it) and as `xvtpm-swtpm` (the drop-in for swtpm, socket mode only).
 //!
 //! Run: `cargo bench -p xvtpm-vtpm --bench socket_vs_swtpm` (env `ITERS`, default 3000;
 //! `BENCH_NO_PIN=1` leaves client and servers unpinned).
@@ -166,17 +167,22 @@ fn main() -> anyhow::Result<()> {
     let ours_state = dir.join("ours");
     let st = Command::new(env!("CARGO_BIN_EXE_vtpm")).arg("create").arg("--state-dir").arg(&ours_state).output()?;
     anyhow::ensure!(st.status.success(), "vtpm create: {}", String::from_utf8_lossy(&st.stderr));
+    // The drop-in creates its state itself, as swtpm does.
     let servers = [
         spawn("swtpm 0.7 (Debian)", "swtpm", &dir.join("swtpm"), base, pin)?,
-        spawn("xvtpm vtpm", env!("CARGO_BIN_EXE_vtpm"), &ours_state, base + 2, pin)?,
+        spawn("vtpm socket", env!("CARGO_BIN_EXE_vtpm"), &ours_state, base + 2, pin)?,
+        spawn("xvtpm-swtpm", env!("CARGO_BIN_EXE_xvtpm-swtpm"), &dir.join("dropin"), base + 4, pin)?,
     ];
     std::thread::sleep(Duration::from_millis(300));
     let idle: Vec<u64> = servers.iter().map(|s| rss_kib(s.child.id())).collect();
     println!("TPM 2.0 over the TCP data channel, one connection each, TCP_NODELAY, {iters} iterations interleaved in blocks of 100 (CreatePrimary: {}), medians", iters / 20);
     if pin {
-        println!("client on CPU 0, both servers on CPU 1");
+        println!("client on CPU 0, all servers on CPU 1");
     }
-    println!("{:<34} {:>14} {:>14} {:>8}", "command", servers[0].name, servers[1].name, "ratio");
+    println!(
+        "{:<34} {:>14} {:>14} {:>8} {:>14} {:>8}",
+        "command", servers[0].name, servers[1].name, "ratio", servers[2].name, "ratio"
+    );
     let digest = [0x5au8; 32];
     type Row = (&'static str, Vec<u8>, usize);
     let rows: Vec<Row> = vec![
@@ -193,9 +199,16 @@ fn main() -> anyhow::Result<()> {
             }
         };
         let m = medians(&mut clients, &cmd, n, flush)?;
-        let (a, b) = (m[0], m[1]);
         let us = |d: Duration| format!("{:.1} µs", d.as_secs_f64() * 1e6);
-        println!("{label:<34} {:>14} {:>14} {:>7.2}x", us(a), us(b), b.as_secs_f64() / a.as_secs_f64());
+        let ratio = |d: Duration| d.as_secs_f64() / m[0].as_secs_f64();
+        println!(
+            "{label:<34} {:>14} {:>14} {:>7.2}x {:>14} {:>7.2}x",
+            us(m[0]),
+            us(m[1]),
+            ratio(m[1]),
+            us(m[2]),
+            ratio(m[2])
+        );
     }
     let floor = tcp_floor(iters, pin)?;
     println!(
@@ -203,12 +216,15 @@ fn main() -> anyhow::Result<()> {
         "TCP loopback echo, no TPM",
         format!("{:.1} µs", floor.as_secs_f64() * 1e6)
     );
+    let ratio = |kib: u64| kib as f64 / idle[0].max(1) as f64;
     println!(
-        "{:<34} {:>11} KiB {:>11} KiB {:>7.2}x",
+        "{:<34} {:>10} KiB {:>10} KiB {:>7.2}x {:>10} KiB {:>7.2}x",
         "RSS, idle after start",
         idle[0],
         idle[1],
-        idle[1] as f64 / idle[0].max(1) as f64
+        ratio(idle[1]),
+        idle[2],
+        ratio(idle[2])
     );
     drop(clients);
     drop(servers);

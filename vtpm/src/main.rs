@@ -1,8 +1,8 @@
 //! `vtpm`: one guest's virtual TPM.
 //!
 //! `vtpm create` makes a new vTPM state; `vtpm serve` serves a Xen guest's vtpm device through
-//! tpmback; `vtpm socket` speaks swtpm's socket protocol with swtpm's options. Run as `swtpm`
-//! (e.g. through a symlink), it takes swtpm's command line unchanged.
+//! tpmback; `vtpm socket` speaks swtpm's socket protocol with swtpm's options. The drop-in for
+//! swtpm itself is the separate, smaller `xvtpm-swtpm`.
 
 #![forbid(unsafe_code)]
 
@@ -33,8 +33,8 @@ use xvtpm_xen::Xen;
         authenticated, crash-safe state.\n\nTypical use on a Xen host: `vtpm create --state-dir \
         /var/lib/xvtpm/<uuid> --key <keyfile>` once, then `vtpm serve --state-dir ... --key ... \
         --uuid <uuid>` before `xl create` of a guest whose domain file has \
-        vtpm=[\"backend=0,uuid=<uuid>\"].\n\nRun as `swtpm`, it accepts swtpm's socket-mode \
-        command line."
+        vtpm=[\"backend=0,uuid=<uuid>\"].\n\nFor tools written against swtpm, install `xvtpm-swtpm` as \
+        `swtpm`: it takes swtpm's command line unchanged."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -163,8 +163,8 @@ enum Command {
     /// Serve the TPM over swtpm's socket protocol (data and control channels), taking swtpm's
     /// own options, e.g. `vtpm socket --tpm2 --server type=tcp,port=2321 --ctrl
     /// type=tcp,port=2322 --tpmstate dir=D --key file=K,mode=aes-256-cbc --flags
-    /// not-need-init,startup-clear`. The state must exist (`vtpm create`); run as `swtpm`, a
-    /// missing state is created, as swtpm does.
+    /// not-need-init,startup-clear`. The state must exist (`vtpm create`); `xvtpm-swtpm`,
+    /// the drop-in for swtpm, creates a missing state as swtpm does.
     Socket {
         /// swtpm's socket-mode options.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "SWTPM OPTIONS")]
@@ -174,12 +174,6 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    let argv: Vec<String> = std::env::args().collect();
-    let invoked_as = argv.first().map(|a| Path::new(a).file_name().unwrap_or_default().to_string_lossy().into_owned());
-    if invoked_as.as_deref() == Some("swtpm") {
-        // A drop-in for swtpm: its command line, and its habit of creating missing state.
-        return socket(&argv[1..], true);
-    }
     let cli = Cli::parse();
     match cli.command {
         Command::Create { state } => create(&state),
@@ -195,50 +189,10 @@ fn main() -> anyhow::Result<()> {
         Command::Socket { args } => {
             let mut full = vec!["socket".to_string()];
             full.extend(args);
-            socket(&full, false)
+            // The state must exist: `vtpm create` makes it.
+            Ok(xvtpm_vtpm::swtpm::launch::run(&full, false)?)
         }
     }
-}
-
-/// swtpm's socket mode. `create_missing` creates a TPM when the state directory has none.
-fn socket(args: &[String], create_missing: bool) -> anyhow::Result<()> {
-    let inv = xvtpm_vtpm::swtpm::parse_swtpm_args(args)?;
-    if let Some(text) = inv.print_and_exit {
-        print!("{text}");
-        return Ok(());
-    }
-    if let Some(p) = &inv.pid_file {
-        xvtpm_vtpm::swtpm::cli::write_pid_file(p)?;
-    }
-    let state = inv.state.as_ref().context("--tpmstate dir=<dir> is required")?;
-    let key = match &inv.key {
-        Some(spec) => {
-            let bytes = spec.read_key()?;
-            if spec.remove {
-                if let xvtpm_vtpm::swtpm::cli::KeySource::File(p) = &spec.source {
-                    let _ = std::fs::remove_file(p);
-                }
-            }
-            Some(StateKey::from_bytes(&bytes).map_err(anyhow::Error::msg)?)
-        }
-        None => None,
-    };
-    let store = FileStore::open(&state.dir, key)?;
-    let engine = Libtpms::new(LibtpmsConfig {
-        version: inv.tpm_version,
-        store: Box::new(store),
-        create: create_missing,
-        label: state.dir.clone(),
-    })?;
-    let mut config = inv.server;
-    // CMD_SET_DATAFD (QEMU, Cloud Hypervisor) passes the data channel over the control socket.
-    config.fd_receiver = Some(Arc::new(|sock: &std::os::unix::net::UnixStream, buf: &mut [u8]| {
-        xvtpm_vtpm::fdpass::recv_with_fd(sock, buf)
-    }));
-    let server = xvtpm_vtpm::swtpm::SwtpmServer::new(config, Box::new(engine))?;
-    log::info!("swtpm-compatible socket mode ({:?}) on {}", inv.tpm_version, state.dir.display());
-    server.run()?;
-    Ok(())
 }
 
 fn create(state: &StateOpts) -> anyhow::Result<()> {

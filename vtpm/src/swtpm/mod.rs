@@ -6,11 +6,13 @@
 //! - [`blob`]: swtpm's container around migrated state blobs.
 //! - [`server`]: the server ([`SwtpmServer`]).
 //! - [`cli`]: swtpm's `socket` command line ([`parse_swtpm_args`]).
+//! - [`launch`]: from that command line to a running server.
 
 pub mod blob;
 pub mod cli;
 mod conn;
 pub mod ctrl;
+pub mod launch;
 pub mod server;
 #[cfg(test)]
 mod tests;

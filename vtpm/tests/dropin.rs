@@ -1,0 +1,101 @@
+//! `xvtpm-swtpm` installed as `swtpm` (a symlink), started with swtpm's own command line the way
+//! tools written against swtpm start it: it creates the missing state, serves TPM 2.0, keeps
+//! NV across a restart, and refuses a damaged state instead of replacing it.
+
+mod common;
+
+use std::os::unix::fs::symlink;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use xvtpm_tests::tpm2::{self, TcpTpm};
+
+const DROPIN: &str = env!("CARGO_BIN_EXE_xvtpm-swtpm");
+
+/// `swtpm socket --tpm2 ...` through the symlink; an error (its exit status and stderr) if it
+/// exited before listening.
+fn swtpm(bin: &Path, state: &Path, port: u16, log: &Path) -> Result<Child, String> {
+    let mut child = Command::new(bin)
+        .arg("socket")
+        .arg("--tpm2")
+        .args(["--server", &format!("type=tcp,port={port}")])
+        .args(["--ctrl", &format!("type=tcp,port={}", port + 1)])
+        .args(["--tpmstate", &format!("dir={}", state.display())])
+        .args(["--flags", "not-need-init,startup-clear"])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).expect("log"))
+        .spawn()
+        .expect("spawn swtpm");
+    let end = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < end {
+        if let Some(st) = child.try_wait().expect("wait") {
+            return Err(format!("{st}: {}", std::fs::read_to_string(log).unwrap_or_default()));
+        }
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(child);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("swtpm did not listen: {}", std::fs::read_to_string(log).unwrap_or_default());
+}
+
+fn ok(t: &mut TcpTpm, cmd: &[u8]) -> Vec<u8> {
+    let rsp = t.transmit(cmd).expect("transmit");
+    assert_eq!(tpm2::rc(&rsp), 0, "command {:02x?} failed", &cmd[6..10]);
+    rsp
+}
+
+#[test]
+fn installed_as_swtpm_creates_serves_keeps_and_refuses_damage() {
+    let dir = std::env::temp_dir().join(format!("xvtpm-dropin-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("tempdir");
+    let bin = dir.join("swtpm");
+    symlink(DROPIN, &bin).expect("symlink");
+    let state = dir.join("state");
+    std::fs::create_dir(&state).expect("state dir");
+    let log = dir.join("log");
+    const NV: u32 = 0x0150_0016;
+
+    // An empty state directory: created, as swtpm does.
+    let port = common::free_ports();
+    let mut child = swtpm(&bin, &state, port, &log).expect("first start");
+    let mut t = TcpTpm::connect(port).expect("connect");
+    let rsp = ok(&mut t, &tpm2::get_random(32));
+    assert_eq!(rsp.len(), 10 + 2 + 32);
+    ok(&mut t, &tpm2::nv_define(NV, 8));
+    ok(&mut t, &tpm2::nv_write(NV, b"dropin!!"));
+    drop(t);
+    let _ = child.kill();
+    let _ = child.wait();
+    let files: Vec<_> = std::fs::read_dir(&state).expect("read state").flatten().map(|e| e.path()).collect();
+    let permall = files
+        .iter()
+        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().contains("permall")))
+        .unwrap_or_else(|| panic!("no permanent state written: {files:?}"))
+        .clone();
+
+    // Restarted (kill -9 above): the NV index is still there.
+    let port = common::free_ports();
+    let mut child = swtpm(&bin, &state, port, &log).expect("restart");
+    let mut t = TcpTpm::connect(port).expect("connect");
+    let rsp = ok(&mut t, &tpm2::nv_read(NV, 8));
+    assert_eq!(tpm2::nv_read_data(&rsp), Some(&b"dropin!!"[..]));
+    drop(t);
+    let _ = child.kill();
+    let _ = child.wait();
+
+    // One flipped byte: it refuses to start, names the file, and leaves it as it was.
+    let mut bytes = std::fs::read(&permall).expect("read permall");
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x01;
+    std::fs::write(&permall, &bytes).expect("damage");
+    let port = common::free_ports();
+    let err = swtpm(&bin, &state, port, &log).expect_err("a damaged state must not start");
+    assert!(err.contains(&permall.display().to_string()), "the error names the file: {err}");
+    assert_eq!(std::fs::read(&permall).expect("reread"), bytes, "the damaged state was rewritten");
+    let _ = std::fs::remove_dir_all(&dir);
+}
