@@ -54,6 +54,9 @@ pub struct Manager<D> {
     /// The group numbers (an index of the group records, so provisioning does not scan the
     /// store).
     group_numbers: std::collections::BTreeSet<u32>,
+    /// TPM 1.2: the quote key, wrapped by the SRK, made at the first GET_QUOTE (RSA key
+    /// generation takes the TPM up to seconds; loading the wrapped key takes milliseconds).
+    quote_key12: Option<Vec<u8>>,
     /// Unknown vTPMs that save are provisioned into group 0 (Xen's behaviour; off by default).
     pub auto_provision: bool,
     /// Hardware TPM commands sent since the store was opened.
@@ -134,6 +137,7 @@ impl<D: BlockDev> Manager<D> {
             counter_behind: false,
             counter_auth,
             counter_uncertain: false,
+            quote_key12: None,
             auto_provision: false,
             group_numbers: [0].into(),
             tpm_commands: commands,
@@ -209,6 +213,7 @@ impl<D: BlockDev> Manager<D> {
             counter_behind: state == CounterState::Behind,
             counter_auth,
             counter_uncertain: false,
+            quote_key12: None,
             auto_provision: false,
             group_numbers: [0].into(),
             tpm_commands: commands,
@@ -420,28 +425,62 @@ impl<D: BlockDev> Manager<D> {
     }
 
     /// GET_QUOTE: a hardware quote of `pcrs` whose qualifying data binds the calling vTPM's
-    /// uuid and its `nonce` (SHA-256 of "xvtpm-deep-quote", uuid, nonce). TPM 2.0 only.
-    /// Returns the attestation key's TPMT_PUBLIC, the TPMS_ATTEST and the TPMT_SIGNATURE,
-    /// each with a u16 length.
+    /// uuid and its `nonce`: q = SHA-256("xvtpm-deep-quote" ‖ uuid ‖ nonce). Three parts, each
+    /// with a u16 length:
+    /// - TPM 2.0: the attestation key's TPMT_PUBLIC (ECC P-256), the TPMS_ATTEST (extraData
+    ///   = q, sha256 bank) and the TPMT_SIGNATURE (ECDSA-SHA256);
+    /// - TPM 1.2: the signing key's TPM_PUBKEY (RSA-2048), the TPM_QUOTE_INFO (externalData =
+    ///   the first 20 bytes of q) and the PKCS#1 v1.5 SHA-1 signature over it.
     pub fn quote(&mut self, uuid: &[u8; 16], nonce: &[u8], pcrs: &[u8]) -> Result<Vec<u8>> {
         if self.vtpm(uuid)?.is_none() {
             return Err(Error::UnknownVtpm(uuid_str(uuid)));
         }
-        if self.sealed.family != Family::Tpm20 {
-            return Err(Error::Tpm("GET_QUOTE needs a TPM 2.0 (TPM 1.2 identity keys are not built)".into()));
-        }
         let q: [u8; 32] =
             Sha256::new().chain_update(b"xvtpm-deep-quote").chain_update(uuid).chain_update(nonce).finalize().into();
-        let mut t = Tpm2::new(self.tpm.as_mut(), self.sealed.locality);
-        let r = t.quote(&q, pcrs);
-        self.tpm_commands += t.commands;
-        let (public, attest, sig) = r?;
+        let parts = match self.sealed.family {
+            Family::Tpm20 => {
+                let mut t = Tpm2::new(self.tpm.as_mut(), self.sealed.locality);
+                let r = t.quote(&q, pcrs);
+                self.tpm_commands += t.commands;
+                let (public, attest, sig) = r?;
+                [public, attest, sig]
+            }
+            Family::Tpm12 => self.quote12(&q, pcrs)?,
+        };
         let mut out = Vec::new();
-        for part in [&public, &attest, &sig] {
+        for part in &parts {
             out.extend_from_slice(&(part.len() as u16).to_be_bytes());
             out.extend_from_slice(part);
         }
         Ok(out)
+    }
+
+    /// TPM 1.2 quote: loads the quote key (made on first use), quotes, unloads it.
+    fn quote12(&mut self, q: &[u8; 32], pcrs: &[u8]) -> Result<[Vec<u8>; 3]> {
+        let mut external = [0u8; 20];
+        external.copy_from_slice(&q[..20]);
+        let mut t = Tpm12::new(self.tpm.as_mut(), self.sealed.locality);
+        let r = (|| {
+            let wrapped = match &self.quote_key12 {
+                Some(k) => k.clone(),
+                None => {
+                    log::info!("creating the TPM 1.2 quote key (RSA-2048, wrapped by the SRK)");
+                    let k = t.create_signing_key(&WELL_KNOWN, &WELL_KNOWN)?;
+                    self.quote_key12 = Some(k.clone());
+                    k
+                }
+            };
+            let public = crate::hw::tpm12::public_key_of(&wrapped)?;
+            let handle = t.load_key(&WELL_KNOWN, &wrapped)?;
+            let quoted = t.quote(handle, &WELL_KNOWN, &external, pcrs);
+            if let Err(e) = t.flush_key(handle) {
+                log::warn!("cannot unload the quote key {handle:#x}: {e}");
+            }
+            let (composite, sig) = quoted?;
+            Ok([public, crate::hw::tpm12::quote_info(&composite, &external), sig])
+        })();
+        self.tpm_commands += t.commands;
+        r
     }
 
     /// The store (benchmarks read its root).

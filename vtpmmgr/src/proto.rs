@@ -29,7 +29,7 @@ pub const SAVEHASHKEY: u32 = 1;
 pub const LOADHASHKEY: u32 = 2;
 /// Xen's boot hash (XSM label digest): not offered.
 pub const GET_BOOT_HASH: u32 = 3;
-/// A hardware quote bound to the calling vTPM (TPM 2.0).
+/// A hardware quote bound to the calling vTPM (TPM 2.0 or 1.2).
 pub const GET_QUOTE: u32 = 4;
 /// Management: the groups (count, then each group's number).
 pub const GROUP_LIST: u32 = 0x0200_0101;

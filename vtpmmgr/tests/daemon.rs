@@ -38,6 +38,7 @@ fn init(store: &Path, hw: &common::HwSwtpm) {
 fn serve(store: &Path, hw: &common::HwSwtpm, dir: &Path, log: &str) -> Daemon {
     let (sock, admin) = (dir.join("mgr.sock"), dir.join("admin.sock"));
     let _ = std::fs::remove_file(&sock);
+    let _ = std::fs::remove_file(&admin);
     let child = Command::new(BIN)
         .args(["serve", "--pcrs", "0,16", "--store"])
         .arg(store)
@@ -51,7 +52,8 @@ fn serve(store: &Path, hw: &common::HwSwtpm, dir: &Path, log: &str) -> Daemon {
         .spawn()
         .expect("vtpmmgr serve");
     let end = Instant::now() + Duration::from_secs(20);
-    while Client::connect(&sock).is_err() {
+    // Both sockets: the admin socket is made after the vTPM socket.
+    while Client::connect(&sock).is_err() || Client::connect(&admin).is_err() {
         assert!(
             Instant::now() < end,
             "manager did not start: {}",

@@ -306,3 +306,81 @@ fn tpm2_a_substituted_store_is_refused() {
     assert!(e.to_string().contains("not created by this manager"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn tpm12_deep_quote_binds_the_vtpm_and_its_nonce() {
+    use rsa::traits::PublicKeyParts;
+    use rsa::BigUint;
+    use sha1::Sha1;
+    use sha2::{Digest, Sha256};
+    let dir = common::tmpdir("quote12");
+    let hw = common::HwSwtpm::start_family(&dir.join("tpm"), Family::Tpm12);
+    // PCR 16 starts at zero; extend it with a known digest.
+    {
+        let mut tpm = hw.connect();
+        let mut t = Tpm12::new(tpm.as_mut(), 0);
+        t.startup().expect("startup");
+        t.pcr_extend(16, &[0xCD; 20]).expect("extend");
+    }
+    let pcr16: [u8; 20] = Sha1::new().chain_update([0u8; 20]).chain_update([0xCD; 20]).finalize().into();
+    let path = dir.join("store.img");
+    let mut m = Manager::init(FileDev::open(&path, true).expect("dev"), hw.connect(), &cfg()).expect("init");
+    let uuid = [0x42u8; 16];
+    m.provision(uuid, 0, None).expect("provision");
+    assert!(matches!(m.quote(&[1; 16], &[0; 20], &[16]), Err(Error::UnknownVtpm(_))), "only provisioned vTPMs");
+    let get_quote = |m: &mut Manager<FileDev>, nonce: &[u8; 20]| {
+        let msg = xvtpm_vtpmmgr::proto::request(
+            xvtpm_vtpmmgr::proto::TAG_REQ,
+            xvtpm_vtpmmgr::proto::GET_QUOTE,
+            &[&nonce[..], &[0, 3, 0, 0, 1]].concat(),
+        );
+        let rsp = xvtpm_vtpmmgr::proto::handle(m, &mut xvtpm_vtpmmgr::proto::Caller::Vtpm(uuid), &msg);
+        assert_eq!(&rsp[6..10], &[0, 0, 0, 0], "status");
+        let body = &rsp[10..];
+        let (public, at) = b2(body, 0);
+        let (info, at) = b2(body, at);
+        let (sig, _) = b2(body, at);
+        (public.to_vec(), info.to_vec(), sig.to_vec())
+    };
+    let nonce = [7u8; 20];
+    let (public, info, sig) = get_quote(&mut m, &nonce);
+    // TPM_QUOTE_INFO: 1.1.0.0, "QUOT", SHA-1 of the TPM_PCR_COMPOSITE of PCR 16, and the first
+    // 20 bytes of H("xvtpm-deep-quote"||uuid||nonce).
+    let composite = [&[0, 3, 0, 0, 1, 0, 0, 0, 20][..], &pcr16].concat();
+    let q = Sha256::new().chain_update(b"xvtpm-deep-quote").chain_update(uuid).chain_update(nonce).finalize();
+    let want = [&[1, 1, 0, 0][..], b"QUOT", &Sha1::digest(&composite), &q[..20]].concat();
+    assert_eq!(info, want);
+    // TPM_PUBKEY: RSA, no encryption, PKCS#1 v1.5 SHA-1 signatures, 2048 bits, e = 65537.
+    assert_eq!(&public[..8], &[0, 0, 0, 1, 0, 1, 0, 2]);
+    let parm_size = u32::from_be_bytes(public[8..12].try_into().expect("4")) as usize;
+    let at = 12 + parm_size;
+    let n_len = u32::from_be_bytes(public[at..at + 4].try_into().expect("4")) as usize;
+    let key = rsa::RsaPublicKey::new(BigUint::from_bytes_be(&public[at + 4..at + 4 + n_len]), BigUint::from(65537u32))
+        .expect("key");
+    assert_eq!(key.size(), 256);
+    // The signature opens to EMSA-PKCS1-v1_5(SHA-1(info)).
+    let verifies = |info: &[u8]| {
+        let opened = BigUint::from_bytes_be(&sig).modpow(key.e(), key.n()).to_bytes_be();
+        let digest_info = [
+            &[0x30, 0x21, 0x30, 0x09, 0x06, 0x05, 0x2b, 0x0e, 0x03, 0x02, 0x1a, 0x05, 0x00, 0x04, 0x14][..],
+            &Sha1::digest(info),
+        ]
+        .concat();
+        let mut em = vec![0x01];
+        em.resize(255 - digest_info.len() - 1, 0xFF);
+        em.push(0);
+        em.extend_from_slice(&digest_info);
+        opened == em
+    };
+    assert!(verifies(&info), "the quote verifies");
+    let mut forged = info.clone();
+    forged[30] ^= 1;
+    assert!(!verifies(&forged), "a changed quote does not");
+    // The key is made once: a second quote loads it, quotes and unloads it (5 commands).
+    let before = m.tpm_commands;
+    let (public2, info2, _) = get_quote(&mut m, &[8; 20]);
+    assert_eq!(public2, public, "same quote key");
+    assert_ne!(info2, info, "another nonce");
+    assert_eq!(m.tpm_commands - before, 5);
+    let _ = std::fs::remove_dir_all(&dir);
+}

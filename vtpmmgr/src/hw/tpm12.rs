@@ -1,8 +1,8 @@
 //! The TPM 1.2 operations the manager needs, over [`HwTpm`]: the endorsement key (created if
 //! the TPM has none), taking ownership (owner and SRK auth encrypted with RSA-OAEP under the
 //! EK), OIAP and OSAP sessions with HMAC-SHA1 authorisation (responses verified too),
-//! TPM_Seal/TPM_Unseal under the SRK with a TPM_PCR_INFO_LONG (PCRs and a locality mask), and
-//! a monotonic counter.
+//! TPM_Seal/TPM_Unseal under the SRK with a TPM_PCR_INFO_LONG (PCRs and a locality mask), a
+//! monotonic counter, and quotes with a signing key wrapped by the SRK.
 
 use hmac::{Hmac, Mac};
 use rand::RngCore;
@@ -82,6 +82,14 @@ impl std::fmt::Debug for Tpm12<'_> {
 struct Body<'b> {
     handles: &'b [u32],
     params: &'b [u8],
+    /// Handles the response returns before its parameters (outside the response HMAC).
+    out_handles: usize,
+}
+
+impl<'b> Body<'b> {
+    fn new(handles: &'b [u32], params: &'b [u8]) -> Self {
+        Self { handles, params, out_handles: 0 }
+    }
 }
 
 impl<'a> Tpm12<'a> {
@@ -160,7 +168,8 @@ impl<'a> Tpm12<'a> {
             .filter(|&e| e >= 10)
             .ok_or_else(|| Error::Tpm(format!("{what}: short response")))?;
         let out = &r[10..out_end];
-        let out_digest = sha1(&[&0u32.to_be_bytes(), &ordinal.to_be_bytes(), out]);
+        let hashed = out.get(4 * body.out_handles..).ok_or_else(|| Error::Tpm(format!("{what}: short response")))?;
+        let out_digest = sha1(&[&0u32.to_be_bytes(), &ordinal.to_be_bytes(), hashed]);
         for (i, (_, key)) in auths.iter().enumerate() {
             let t = &r[out_end + 41 * i..out_end + 41 * (i + 1)];
             let want = hmac(key, &[&out_digest, &t[..20], &odds[i], &t[20..21]]);
@@ -211,7 +220,7 @@ impl<'a> Tpm12<'a> {
         }
         p.extend_from_slice(&srk_template());
         let s = self.oiap()?;
-        self.authorized("TakeOwnership", 0x0D, Body { handles: &[], params: &p }, &[(&s, owner)]).map(drop)
+        self.authorized("TakeOwnership", 0x0D, Body::new(&[], &p), &[(&s, owner)]).map(drop)
     }
 
     /// Whether the TPM has an owner (TPM_GetCapability(TPM_CAP_PROPERTY, TPM_CAP_PROP_OWNER)).
@@ -257,14 +266,14 @@ impl<'a> Tpm12<'a> {
         let p =
             [&enc_auth[..], &(info.len() as u32).to_be_bytes(), &info, &(secret.len() as u32).to_be_bytes(), secret]
                 .concat();
-        self.authorized("Seal", 0x17, Body { handles: &[KH_SRK], params: &p }, &[(&s, &shared)])
+        self.authorized("Seal", 0x17, Body::new(&[KH_SRK], &p), &[(&s, &shared)])
     }
 
     /// Unseals a blob from [`Tpm12::seal`].
     pub fn unseal(&mut self, srk: &[u8; 20], data_auth: &[u8; 20], sealed: &[u8]) -> Result<Vec<u8>> {
         let (s1, s2) = (self.oiap()?, self.oiap()?);
         let r = self
-            .authorized("Unseal", 0x18, Body { handles: &[KH_SRK], params: sealed }, &[(&s1, srk), (&s2, data_auth)])
+            .authorized("Unseal", 0x18, Body::new(&[KH_SRK], sealed), &[(&s1, srk), (&s2, data_auth)])
             .map_err(|e| match e {
                 Error::TpmRc { rc: RC_WRONGPCRVAL | RC_BAD_LOCALITY, .. } => Error::Tpm(format!(
                     "the TPM refused to unseal the store's root key: the PCRs or the locality differ from those it was sealed to ({e})"
@@ -281,7 +290,7 @@ impl<'a> Tpm12<'a> {
         let pad = sha1(&[&shared, &s.nonce_even]);
         let enc: Vec<u8> = counter_auth.iter().zip(pad).map(|(a, b)| a ^ b).collect();
         let p = [&enc[..], b"XVTM"].concat();
-        let r = self.authorized("CreateCounter", 0xDC, Body { handles: &[], params: &p }, &[(&s, &shared)])?;
+        let r = self.authorized("CreateCounter", 0xDC, Body::new(&[], &p), &[(&s, &shared)])?;
         Ok((be32(&r, 0)?, u64::from(be32(&r, 10)?)))
     }
 
@@ -294,13 +303,55 @@ impl<'a> Tpm12<'a> {
     /// Increments counter `id`.
     pub fn counter_increment(&mut self, id: u32, counter_auth: &[u8; 20]) -> Result<u64> {
         let s = self.oiap()?;
-        let r = self.authorized(
-            "IncrementCounter",
-            0xDD,
-            Body { handles: &[], params: &id.to_be_bytes() },
-            &[(&s, counter_auth)],
-        )?;
+        let r = self.authorized("IncrementCounter", 0xDD, Body::new(&[], &id.to_be_bytes()), &[(&s, counter_auth)])?;
         Ok(u64::from(be32(&r, 6)?))
+    }
+
+    /// Creates a non-migratable RSA-2048 signing key (PKCS#1 v1.5 with SHA-1) under the SRK
+    /// with usage auth `key_auth`; the wrapped TPM_KEY12, which only this TPM can load.
+    pub fn create_signing_key(&mut self, srk: &[u8; 20], key_auth: &[u8; 20]) -> Result<Vec<u8>> {
+        let (s, shared) = self.osap(ET_KEYHANDLE, KH_SRK, srk)?;
+        let pad = sha1(&[&shared, &s.nonce_even]);
+        let usage: Vec<u8> = key_auth.iter().zip(pad).map(|(a, b)| a ^ b).collect();
+        // The TPM ignores a non-migratable key's migration auth (it uses its own tpmProof).
+        let migration = nonce();
+        let p = [&usage[..], &migration, &signing_key_template()].concat();
+        self.authorized("CreateWrapKey", 0x1F, Body::new(&[KH_SRK], &p), &[(&s, &shared)])
+    }
+
+    /// Loads a wrapped key under the SRK; its handle (flush it with [`Tpm12::flush_key`]).
+    pub fn load_key(&mut self, srk: &[u8; 20], wrapped: &[u8]) -> Result<u32> {
+        let s = self.oiap()?;
+        let body = Body { out_handles: 1, ..Body::new(&[KH_SRK], wrapped) };
+        let r = self.authorized("LoadKey2", 0x41, body, &[(&s, srk)])?;
+        be32(&r, 0)
+    }
+
+    /// Unloads a key (TPM_FlushSpecific).
+    pub fn flush_key(&mut self, handle: u32) -> Result<()> {
+        self.plain("FlushSpecific", 0xBA, &[&handle.to_be_bytes()[..], &1u32.to_be_bytes()].concat()).map(drop)
+    }
+
+    /// TPM_Quote of `pcrs` with the loaded key `handle` over `external`: the
+    /// TPM_PCR_COMPOSITE it quoted and the signature over the TPM_QUOTE_INFO.
+    pub fn quote(
+        &mut self,
+        handle: u32,
+        key_auth: &[u8; 20],
+        external: &[u8; 20],
+        pcrs: &[u8],
+    ) -> Result<(Vec<u8>, Vec<u8>)> {
+        let s = self.oiap()?;
+        let p = [&external[..], &3u16.to_be_bytes(), &select(pcrs)].concat();
+        let r = self.authorized("Quote", 0x16, Body::new(&[handle], &p), &[(&s, key_auth)])?;
+        let short = || Error::Tpm("short Quote response".into());
+        let sel = u16::from_be_bytes([*r.first().ok_or_else(short)?, *r.get(1).ok_or_else(short)?]) as usize;
+        let values = be32(&r, 2 + sel)? as usize;
+        let end = 2 + sel + 4 + values;
+        let composite = r.get(..end).ok_or_else(short)?.to_vec();
+        let sig_len = be32(&r, end)? as usize;
+        let sig = r.get(end + 4..end + 4 + sig_len).ok_or_else(short)?.to_vec();
+        Ok((composite, sig))
     }
 
     /// TPM_Startup(ST_CLEAR); an already started TPM is fine.
@@ -400,6 +451,44 @@ fn rsa_parms() -> Vec<u8> {
         p.extend_from_slice(&v.to_be_bytes());
     }
     p
+}
+
+/// The TPM_KEY12 template of [`Tpm12::create_signing_key`].
+fn signing_key_template() -> Vec<u8> {
+    let mut k = 0x0028u16.to_be_bytes().to_vec(); // TPM_TAG_KEY12
+    k.extend_from_slice(&[0, 0]);
+    k.extend_from_slice(&0x0010u16.to_be_bytes()); // TPM_KEY_SIGNING
+    k.extend_from_slice(&0u32.to_be_bytes()); // not migratable
+    k.push(1); // TPM_AUTH_ALWAYS
+    k.extend_from_slice(&1u32.to_be_bytes()); // RSA
+    k.extend_from_slice(&1u16.to_be_bytes()); // TPM_ES_NONE
+    k.extend_from_slice(&2u16.to_be_bytes()); // TPM_SS_RSASSAPKCS1v15_SHA1
+    k.extend_from_slice(&12u32.to_be_bytes());
+    for v in [2048u32, 2, 0] {
+        k.extend_from_slice(&v.to_be_bytes());
+    }
+    for _ in 0..3 {
+        k.extend_from_slice(&0u32.to_be_bytes()); // no PCR info, no public key, no private part
+    }
+    k
+}
+
+/// The TPM_PUBKEY (key parameters and modulus) of a wrapped TPM_KEY12.
+pub fn public_key_of(wrapped: &[u8]) -> Result<Vec<u8>> {
+    let bad = || Error::Tpm("malformed TPM_KEY12".into());
+    let parms_at = 11;
+    let parms_end = parms_at + 12 + be32(wrapped, parms_at + 8)? as usize;
+    let pub_at = parms_end + 4 + be32(wrapped, parms_end)? as usize;
+    let pub_end = pub_at + 4 + be32(wrapped, pub_at)? as usize;
+    let parms = wrapped.get(parms_at..parms_end).ok_or_else(bad)?;
+    let key = wrapped.get(pub_at..pub_end).ok_or_else(bad)?;
+    Ok([parms, key].concat())
+}
+
+/// The TPM_QUOTE_INFO a TPM_Quote signs: version 1.1.0.0, "QUOT", the SHA-1 of the
+/// TPM_PCR_COMPOSITE, and the external data.
+pub fn quote_info(composite: &[u8], external: &[u8; 20]) -> Vec<u8> {
+    [&[1u8, 1, 0, 0][..], b"QUOT", &sha1(&[composite]), external].concat()
 }
 
 /// The SRK's TPM_KEY for TakeOwnership.
