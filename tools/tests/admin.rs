@@ -21,7 +21,7 @@ fn manager(dir: &Path) -> (SwtpmProcess, PathBuf) {
     let dev = FileDev::open(&dir.join("mgr.img"), true).expect("store");
     let m = Manager::init(dev, Box::new(tpm), &InitConfig { pcrs: vec![0], ..InitConfig::default() }).expect("init");
     let sock = dir.join("admin.sock");
-    server::serve_unix(Arc::new(Mutex::new(m)), &sock, true).expect("admin socket");
+    server::serve_unix(Arc::new(Mutex::new(m)), &sock, true, 16).expect("admin socket");
     (p, sock)
 }
 

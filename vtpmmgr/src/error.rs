@@ -53,6 +53,9 @@ pub enum Error {
     /// A malformed manager request.
     #[error("protocol: {0}")]
     Protocol(String),
+    /// A vTPM asked for more than its share (GET_QUOTE's rate limit): try again later.
+    #[error("busy: {0}")]
+    Busy(String),
     /// An operating-system call failed.
     #[error("{what}: {source}")]
     Io {

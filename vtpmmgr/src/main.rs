@@ -5,12 +5,13 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use xvtpm_backend::{Backend, BackendConfig, DeviceFilter};
 use xvtpm_tis::{devmem::DevMem, devtpm::DevTpm, swtpm::Address, swtpm::Swtpm, Family, HwTpm, SystemClock, Tis};
-use xvtpm_vtpmmgr::manager::{InitConfig, Manager};
+use xvtpm_vtpmmgr::manager::{InitConfig, Manager, QuoteLimit};
 use xvtpm_vtpmmgr::server::{self, XenHandler};
 use xvtpm_vtpmmgr::store::dev::FileDev;
 use xvtpm_xen::linux::LinuxXen;
@@ -86,6 +87,15 @@ enum Cmd {
         /// Locality the store must be sealed at (as given to `init`).
         #[arg(long, default_value_t = 0)]
         locality: u8,
+        /// Most clients connected at once, per socket (each dom0 vTPM keeps one connection).
+        #[arg(long, default_value_t = 1024)]
+        max_clients: usize,
+        /// GET_QUOTEs a vTPM may ask for back to back...
+        #[arg(long, default_value_t = 4)]
+        quote_burst: u32,
+        /// ...then one per this many milliseconds (0: no limit).
+        #[arg(long, default_value_t = 1000)]
+        quote_interval_ms: u64,
     },
 }
 
@@ -115,21 +125,36 @@ fn main() -> anyhow::Result<()> {
             let m = Manager::init(FileDev::open(&store, true)?, tpm, &InitConfig { pcrs, nv_index, locality })?;
             println!("store {} created ({} hardware TPM commands)", store.display(), m.tpm_commands);
         }
-        Cmd::Serve { store, tpm, socket, admin_socket, xen, sim, domid, auto_provision, pcrs, locality } => {
+        Cmd::Serve {
+            store,
+            tpm,
+            socket,
+            admin_socket,
+            xen,
+            sim,
+            domid,
+            auto_provision,
+            pcrs,
+            locality,
+            max_clients,
+            quote_burst,
+            quote_interval_ms,
+        } => {
             if socket.is_none() && admin_socket.is_none() && !xen {
                 bail!("nothing to serve: give --socket, --admin-socket or --xen");
             }
             let mut m = Manager::open_expecting(FileDev::open(&store, false)?, open_tpm(&tpm)?, &pcrs, locality)
                 .with_context(|| format!("opening the store {}", store.display()))?;
             m.auto_provision = auto_provision;
+            m.quote_limit = QuoteLimit { burst: quote_burst, interval: Duration::from_millis(quote_interval_ms) };
             log::info!("manager ready ({} hardware TPM commands to open the store)", m.tpm_commands);
             let mgr = Arc::new(Mutex::new(m));
             let mut threads = Vec::new();
             if let Some(p) = &socket {
-                threads.push(server::serve_unix(mgr.clone(), p, false)?);
+                threads.push(server::serve_unix(mgr.clone(), p, false, max_clients)?);
             }
             if let Some(p) = &admin_socket {
-                threads.push(server::serve_unix(mgr.clone(), p, true)?);
+                threads.push(server::serve_unix(mgr.clone(), p, true, max_clients)?);
             }
             if xen {
                 let x: Arc<dyn Xen> = match (sim, domid) {

@@ -40,6 +40,23 @@ impl Default for InitConfig {
     }
 }
 
+/// How many GET_QUOTEs a vTPM may ask for: `burst` at once, then one per `interval`.
+/// A zero interval means no limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuoteLimit {
+    /// Quotes a vTPM may ask for back to back.
+    pub burst: u32,
+    /// Time to earn one more.
+    pub interval: std::time::Duration,
+}
+
+impl Default for QuoteLimit {
+    /// 4 at once, then one a second: plenty for attestation, too little to starve others.
+    fn default() -> Self {
+        Self { burst: 4, interval: std::time::Duration::from_secs(1) }
+    }
+}
+
 /// The manager.
 pub struct Manager<D> {
     store: Store<D>,
@@ -57,6 +74,11 @@ pub struct Manager<D> {
     /// TPM 1.2: the quote key, wrapped by the SRK, made at the first GET_QUOTE (RSA key
     /// generation takes the TPM up to seconds; loading the wrapped key takes milliseconds).
     quote_key12: Option<Vec<u8>>,
+    /// Each vTPM's GET_QUOTE allowance: a quote holds the hardware TPM (and every other
+    /// vTPM's command) for milliseconds to a second, so one vTPM must not loop on it.
+    pub quote_limit: QuoteLimit,
+    /// Per vTPM: quotes left and when that was counted.
+    quote_tokens: std::collections::HashMap<[u8; 16], (f64, std::time::Instant)>,
     /// Unknown vTPMs that save are provisioned into group 0 (Xen's behaviour; off by default).
     pub auto_provision: bool,
     /// Hardware TPM commands sent since the store was opened.
@@ -138,6 +160,8 @@ impl<D: BlockDev> Manager<D> {
             counter_auth,
             counter_uncertain: false,
             quote_key12: None,
+            quote_limit: QuoteLimit::default(),
+            quote_tokens: Default::default(),
             auto_provision: false,
             group_numbers: [0].into(),
             tpm_commands: commands,
@@ -214,6 +238,8 @@ impl<D: BlockDev> Manager<D> {
             counter_auth,
             counter_uncertain: false,
             quote_key12: None,
+            quote_limit: QuoteLimit::default(),
+            quote_tokens: Default::default(),
             auto_provision: false,
             group_numbers: [0].into(),
             tpm_commands: commands,
@@ -435,6 +461,7 @@ impl<D: BlockDev> Manager<D> {
         if self.vtpm(uuid)?.is_none() {
             return Err(Error::UnknownVtpm(uuid_str(uuid)));
         }
+        self.take_quote_token(uuid)?;
         let q: [u8; 32] =
             Sha256::new().chain_update(b"xvtpm-deep-quote").chain_update(uuid).chain_update(nonce).finalize().into();
         let parts = match self.sealed.family {
@@ -453,6 +480,29 @@ impl<D: BlockDev> Manager<D> {
             out.extend_from_slice(part);
         }
         Ok(out)
+    }
+
+    /// Spends one of the vTPM's quotes, or refuses with [`Error::Busy`].
+    fn take_quote_token(&mut self, uuid: &[u8; 16]) -> Result<()> {
+        let QuoteLimit { burst, interval } = self.quote_limit;
+        if interval.is_zero() {
+            return Ok(());
+        }
+        let now = std::time::Instant::now();
+        let burst = f64::from(burst.max(1));
+        let (tokens, at) = self.quote_tokens.entry(*uuid).or_insert((burst, now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() / interval.as_secs_f64()).min(burst);
+        *at = now;
+        if *tokens < 1.0 {
+            log::warn!(
+                "vTPM {}: GET_QUOTE refused, over its rate ({} at once, one per {interval:?})",
+                uuid_str(uuid),
+                burst
+            );
+            return Err(Error::Busy(format!("GET_QUOTE: over the rate of one per {interval:?}")));
+        }
+        *tokens -= 1.0;
+        Ok(())
     }
 
     /// TPM 1.2 quote: loads the quote key (made on first use), quotes, unloads it.

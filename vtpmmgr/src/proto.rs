@@ -62,6 +62,8 @@ pub mod status {
     pub const BAD_PARAMETER: u32 = 3;
     /// Internal failure (store, hardware TPM).
     pub const FAIL: u32 = 9;
+    /// Not now: the vTPM is over its rate (TPM 1.2's TPM_RETRY).
+    pub const RETRY: u32 = 0x800;
     /// Unknown ordinal.
     pub const BAD_ORDINAL: u32 = 10;
     /// Wrong size field.
@@ -118,6 +120,7 @@ fn status_of(e: &Error) -> u32 {
     match e {
         Error::UnknownVtpm(_) | Error::NoSavedState(_) | Error::Protocol(_) => status::BAD_PARAMETER,
         Error::NotAuthorized(_) => status::AUTHFAIL,
+        Error::Busy(_) => status::RETRY,
         _ => status::FAIL,
     }
 }

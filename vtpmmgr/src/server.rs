@@ -5,6 +5,7 @@ use std::io::{Read, Write};
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -66,12 +67,24 @@ fn serve_conn<D: BlockDev>(mgr: Shared<D>, mut s: UnixStream, mut caller: Caller
     }
 }
 
+/// Counts a connection while its thread lives.
+struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// Listens on `path` (mode 0600 for the admin socket, 0660 otherwise) and serves each
-/// connection on its own thread.
+/// connection on its own thread, at most `max_clients` at once: a client beyond that is
+/// closed at once with a log line (a vTPM that reconnects in a loop costs no more than one
+/// connection).
 pub fn serve_unix<D: BlockDev + Send + 'static>(
     mgr: Shared<D>,
     path: &Path,
     admin: bool,
+    max_clients: usize,
 ) -> Result<std::thread::JoinHandle<()>> {
     if let Ok(m) = std::fs::symlink_metadata(path) {
         if !m.file_type().is_socket() {
@@ -100,14 +113,26 @@ pub fn serve_unix<D: BlockDev + Send + 'static>(
     let _ = std::fs::remove_dir_all(&private);
     let l = bound?;
     log::info!("{} socket on {}", if admin { "admin" } else { "vTPM" }, path.display());
+    let path_name = path.display().to_string();
+    let live = Arc::new(AtomicUsize::new(0));
     Ok(std::thread::spawn(move || {
         for conn in l.incoming() {
             match conn {
                 Ok(s) => {
+                    if live.load(Ordering::SeqCst) >= max_clients {
+                        log::warn!("{}: {max_clients} clients connected already; closing a new one", path_name);
+                        continue;
+                    }
+                    live.fetch_add(1, Ordering::SeqCst);
+                    let slot = Slot(live.clone());
                     let mgr = mgr.clone();
                     let caller = if admin { Caller::Admin } else { Caller::Socket(None) };
                     // Out of threads: this client is dropped, the listener and the others go on.
-                    if let Err(e) = std::thread::Builder::new().spawn(move || serve_conn(mgr, s, caller)) {
+                    let serve = move || {
+                        let _slot = slot;
+                        serve_conn(mgr, s, caller)
+                    };
+                    if let Err(e) = std::thread::Builder::new().spawn(serve) {
                         log::error!("cannot serve a new connection: {e}");
                     }
                 }

@@ -36,6 +36,10 @@ fn init(store: &Path, hw: &common::HwSwtpm) {
 }
 
 fn serve(store: &Path, hw: &common::HwSwtpm, dir: &Path, log: &str) -> Daemon {
+    serve_with(store, hw, dir, log, &[])
+}
+
+fn serve_with(store: &Path, hw: &common::HwSwtpm, dir: &Path, log: &str, extra: &[&str]) -> Daemon {
     let (sock, admin) = (dir.join("mgr.sock"), dir.join("admin.sock"));
     let _ = std::fs::remove_file(&sock);
     let _ = std::fs::remove_file(&admin);
@@ -47,6 +51,7 @@ fn serve(store: &Path, hw: &common::HwSwtpm, dir: &Path, log: &str) -> Daemon {
         .arg(&sock)
         .arg("--admin-socket")
         .arg(&admin)
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.join(log)).expect("log"))
         .spawn()
@@ -264,5 +269,49 @@ fn groups() {
     let listed = a.list(0).expect("list");
     assert_eq!(listed.len(), 300);
     assert!(many.iter().all(|u| listed.contains(u)));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A client that connects in a loop cannot take more than `--max-clients` connections; the
+/// ones beyond are closed at once, and a freed slot serves the next client.
+#[test]
+fn connections_beyond_the_cap_are_closed() {
+    let dir: PathBuf = common::tmpdir("cap");
+    let hw = common::HwSwtpm::start(&dir.join("tpm"));
+    let store = dir.join("store.img");
+    init(&store, &hw);
+    let _d = serve_with(&store, &hw, &dir, "mgr.log", &["--max-clients", "3"]);
+    let token = [0x44u8; 32];
+    let uuid = provision(&dir, &token);
+    // Served: connect and BIND (the start-up probes may hold a slot for a moment).
+    let served = || -> Option<Client> {
+        let mut c = Client::connect(&dir.join("mgr.sock")).ok()?;
+        match c.call(TAG_REQ2, proto::BIND, &[&uuid[..], &token].concat()) {
+            Ok((status::SUCCESS, _)) => Some(c),
+            _ => None,
+        }
+    };
+    let within = |f: &dyn Fn() -> Option<Client>| {
+        let end = Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(c) = f() {
+                return c;
+            }
+            assert!(Instant::now() < end, "no slot was freed");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let mut clients: Vec<Client> = (0..3).map(|_| within(&served)).collect();
+    for _ in 0..5 {
+        assert!(served().is_none(), "a fourth client was served");
+    }
+    // The three keep working.
+    for c in &mut clients {
+        assert_eq!(c.call(TAG_REQ, proto::LOADHASHKEY, &[]).expect("load").0, status::BAD_PARAMETER, "nothing saved");
+    }
+    clients.pop();
+    let _again = within(&served);
+    let log = std::fs::read_to_string(dir.join("mgr.log")).unwrap_or_default();
+    assert!(log.contains("3 clients connected already"), "{log}");
     let _ = std::fs::remove_dir_all(&dir);
 }

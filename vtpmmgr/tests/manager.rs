@@ -384,3 +384,37 @@ fn tpm12_deep_quote_binds_the_vtpm_and_its_nonce() {
     assert_eq!(m.tpm_commands - before, 5);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A vTPM looping on GET_QUOTE gets TPM_RETRY once over its allowance; another vTPM still gets
+/// its quotes, and the first earns quotes back with time.
+#[test]
+fn get_quote_is_rate_limited_per_vtpm() {
+    use xvtpm_vtpmmgr::manager::QuoteLimit;
+    use xvtpm_vtpmmgr::proto::{self, status, Caller, GET_QUOTE, TAG_REQ};
+    let dir = common::tmpdir("quote-rate");
+    let hw = common::HwSwtpm::start(&dir.join("tpm"));
+    let mut m =
+        Manager::init(FileDev::open(&dir.join("store.img"), true).expect("dev"), hw.connect(), &cfg()).expect("init");
+    let (a, b) = ([0xAA; 16], [0xBB; 16]);
+    m.provision(a, 0, None).expect("provision a");
+    m.provision(b, 0, None).expect("provision b");
+    // Long enough that no quote is earned back while the test runs, however loaded the machine.
+    m.quote_limit = QuoteLimit { burst: 2, interval: std::time::Duration::from_secs(30) };
+    let msg = proto::request(TAG_REQ, GET_QUOTE, &[&[5u8; 20][..], &[0, 3, 0, 0, 1]].concat());
+    let status_of = |m: &mut Manager<FileDev>, u: [u8; 16]| {
+        let rsp = proto::handle(m, &mut Caller::Vtpm(u), &msg);
+        u32::from_be_bytes(rsp[6..10].try_into().expect("4"))
+    };
+    assert_eq!(status_of(&mut m, a), status::SUCCESS);
+    assert_eq!(status_of(&mut m, a), status::SUCCESS);
+    let before = m.tpm_commands;
+    assert_eq!(status_of(&mut m, a), status::RETRY, "a third quote at once");
+    assert_eq!(m.tpm_commands, before, "a refused quote costs no hardware command");
+    assert!(matches!(m.quote(&a, &[0; 20], &[16]), Err(Error::Busy(_))));
+    assert_eq!(status_of(&mut m, b), status::SUCCESS, "another vTPM is not held back");
+    // Time earns quotes back (the allowance counts time since the last request).
+    m.quote_limit.interval = std::time::Duration::from_millis(100);
+    std::thread::sleep(std::time::Duration::from_millis(150));
+    assert_eq!(status_of(&mut m, a), status::SUCCESS, "one more after the interval");
+    let _ = std::fs::remove_dir_all(&dir);
+}
