@@ -152,20 +152,32 @@ impl<D: BlockDev> Manager<D> {
             cfg.pcrs,
             sealed.nv_index
         );
-        Ok(Self {
+        Ok(Self::assemble(store, tpm, sealed, counter_auth, false, commands))
+    }
+
+    /// A manager over an opened store; everything else starts empty or at its default.
+    fn assemble(
+        store: Store<D>,
+        tpm: Box<dyn HwTpm + Send>,
+        sealed: Sealed,
+        counter_auth: [u8; 20],
+        counter_behind: bool,
+        tpm_commands: u64,
+    ) -> Self {
+        Self {
             store,
             tpm,
             sealed,
-            counter_behind: false,
+            counter_behind,
             counter_auth,
             counter_uncertain: false,
+            group_numbers: [0].into(),
             quote_key12: None,
             quote_limit: QuoteLimit::default(),
             quote_tokens: Default::default(),
             auto_provision: false,
-            group_numbers: [0].into(),
-            tpm_commands: commands,
-        })
+            tpm_commands,
+        }
     }
 
     /// Opens the store on `dev`: the TPM unseals the root key (only with the PCR values it was
@@ -230,20 +242,7 @@ impl<D: BlockDev> Manager<D> {
             }
         };
         let (store, state) = Store::open(dev, key, hw)?;
-        let mut m = Self {
-            store,
-            tpm,
-            sealed,
-            counter_behind: state == CounterState::Behind,
-            counter_auth,
-            counter_uncertain: false,
-            quote_key12: None,
-            quote_limit: QuoteLimit::default(),
-            quote_tokens: Default::default(),
-            auto_provision: false,
-            group_numbers: [0].into(),
-            tpm_commands: commands,
-        };
+        let mut m = Self::assemble(store, tpm, sealed, counter_auth, state == CounterState::Behind, commands);
         m.group_numbers.extend(m.store.list()?.iter().filter(|r| r.is_group()).map(|r| r.group));
         if m.counter_behind {
             log::warn!("the last commit before the stop did not reach the hardware counter; catching up");

@@ -52,6 +52,12 @@ fn hmac(key: &[u8; 20], parts: &[&[u8]]) -> [u8; 20] {
     m.finalize().into_bytes().into()
 }
 
+/// An auth value encrypted for an OSAP session (ADIP): XOR with SHA-1(shared ‖ nonceEven).
+fn adip(shared: &[u8; 20], s: &Session, auth: &[u8; 20]) -> [u8; 20] {
+    let pad = sha1(&[shared, &s.nonce_even]);
+    std::array::from_fn(|i| auth[i] ^ pad[i])
+}
+
 fn nonce() -> [u8; 20] {
     let mut n = [0u8; 20];
     rand::thread_rng().fill_bytes(&mut n);
@@ -261,8 +267,7 @@ impl<'a> Tpm12<'a> {
         let sel = [&3u16.to_be_bytes()[..], &select(pcrs)].concat();
         let info = [&0x0006u16.to_be_bytes()[..], &[loc, loc], &sel, &sel, &digest, &at_release].concat();
         let (s, shared) = self.osap(ET_KEYHANDLE, KH_SRK, srk)?;
-        let pad = sha1(&[&shared, &s.nonce_even]);
-        let enc_auth: Vec<u8> = data_auth.iter().zip(pad).map(|(a, b)| a ^ b).collect();
+        let enc_auth = adip(&shared, &s, data_auth);
         let p =
             [&enc_auth[..], &(info.len() as u32).to_be_bytes(), &info, &(secret.len() as u32).to_be_bytes(), secret]
                 .concat();
@@ -287,8 +292,7 @@ impl<'a> Tpm12<'a> {
     /// Creates a monotonic counter with `counter_auth`; its id and value.
     pub fn counter_create(&mut self, owner: &[u8; 20], counter_auth: &[u8; 20]) -> Result<(u32, u64)> {
         let (s, shared) = self.osap(ET_OWNER, KH_OWNER, owner)?;
-        let pad = sha1(&[&shared, &s.nonce_even]);
-        let enc: Vec<u8> = counter_auth.iter().zip(pad).map(|(a, b)| a ^ b).collect();
+        let enc = adip(&shared, &s, counter_auth);
         let p = [&enc[..], b"XVTM"].concat();
         let r = self.authorized("CreateCounter", 0xDC, Body::new(&[], &p), &[(&s, &shared)])?;
         Ok((be32(&r, 0)?, u64::from(be32(&r, 10)?)))
@@ -311,8 +315,7 @@ impl<'a> Tpm12<'a> {
     /// with usage auth `key_auth`; the wrapped TPM_KEY12, which only this TPM can load.
     pub fn create_signing_key(&mut self, srk: &[u8; 20], key_auth: &[u8; 20]) -> Result<Vec<u8>> {
         let (s, shared) = self.osap(ET_KEYHANDLE, KH_SRK, srk)?;
-        let pad = sha1(&[&shared, &s.nonce_even]);
-        let usage: Vec<u8> = key_auth.iter().zip(pad).map(|(a, b)| a ^ b).collect();
+        let usage = adip(&shared, &s, key_auth);
         // The TPM ignores a non-migratable key's migration auth (it uses its own tpmProof).
         let migration = nonce();
         let p = [&usage[..], &migration, &signing_key_template()].concat();
