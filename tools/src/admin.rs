@@ -6,7 +6,7 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use xvtpm_vtpmmgr::admin::Admin;
 use xvtpm_vtpmmgr::proto::parse_uuid;
-use xvtpm_vtpmmgr::uuid_str;
+use xvtpm_vtpmmgr::{hex, uuid_str};
 
 /// Where the manager listens for management commands.
 #[derive(Args, Debug)]
@@ -81,6 +81,74 @@ pub enum GroupCmd {
         /// Its number.
         group: u32,
     },
+    /// Approve a boot hash for the group's vTPMs. Once a group has approvals, its vTPMs must
+    /// run with one of them: the manager refuses their keys and quotes otherwise.
+    Approve {
+        #[command(flatten)]
+        opts: AdminOpts,
+        /// The group's number.
+        group: u32,
+        #[command(flatten)]
+        what: MeasureArgs,
+    },
+    /// Withdraw an approval (with none left, the group's vTPMs may run with any boot hash).
+    Revoke {
+        #[command(flatten)]
+        opts: AdminOpts,
+        /// The group's number.
+        group: u32,
+        #[command(flatten)]
+        what: MeasureArgs,
+    },
+    /// List the boot hashes approved for a group.
+    Approved {
+        #[command(flatten)]
+        opts: AdminOpts,
+        /// The group's number.
+        group: u32,
+    },
+}
+
+/// A boot hash: given, or measured from the vtpm executable (dom0 vTPM processes) or from a
+/// vTPM domain's kernel, ramdisk and command line (vTPM domains), as the manager measures them.
+#[derive(Args, Debug)]
+pub struct MeasureArgs {
+    /// The boot hash (64 hex digits).
+    #[arg(conflicts_with_all = ["exe", "kernel"], required_unless_present_any = ["exe", "kernel"])]
+    pub hash: Option<String>,
+    /// Measure this executable (what a vTPM process connecting over the Unix socket runs).
+    #[arg(long, conflicts_with = "kernel")]
+    pub exe: Option<PathBuf>,
+    /// Measure a vTPM domain built from this kernel...
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    /// ...this ramdisk...
+    #[arg(long, requires = "kernel")]
+    pub ramdisk: Option<PathBuf>,
+    /// ...and this command line (as in its domain file's `cmdline`/`extra`).
+    #[arg(long, requires = "kernel", default_value = "")]
+    pub cmdline: String,
+}
+
+impl MeasureArgs {
+    /// The boot hash these arguments name.
+    pub fn boot_hash(&self) -> anyhow::Result<[u8; 32]> {
+        use xvtpm_vtpmmgr::peer;
+        if let Some(h) = &self.hash {
+            let bytes: Vec<u8> = (0..h.len())
+                .step_by(2)
+                .map(|i| h.get(i..i + 2).and_then(|b| u8::from_str_radix(b, 16).ok()))
+                .collect::<Option<_>>()
+                .unwrap_or_default();
+            return bytes.try_into().map_err(|_| anyhow::anyhow!("a boot hash is 64 hex digits, not {h:?}"));
+        }
+        if let Some(exe) = &self.exe {
+            return peer::measure(&[exe.as_path()], &[]).with_context(|| format!("measure {}", exe.display()));
+        }
+        let kernel = self.kernel.as_deref().context("give a hash, --exe or --kernel")?;
+        peer::measure_domain_image(kernel, self.ramdisk.as_deref(), &self.cmdline)
+            .with_context(|| format!("measure the domain image {}", kernel.display()))
+    }
 }
 
 fn uuid_arg(s: &str) -> anyhow::Result<[u8; 16]> {
@@ -172,6 +240,27 @@ pub fn group(cmd: GroupCmd) -> anyhow::Result<()> {
                 bail!("group 0 always exists");
             }
             connect(&opts.admin_socket)?.group_delete(group)?;
+        }
+        GroupCmd::Approve { opts, group, what } => {
+            let h = what.boot_hash()?;
+            let added = connect(&opts.admin_socket)?.approve(group, &h)?;
+            println!("{} {}", hex(&h), if added { "approved" } else { "was approved already" });
+        }
+        GroupCmd::Revoke { opts, group, what } => {
+            let h = what.boot_hash()?;
+            let removed = connect(&opts.admin_socket)?.revoke(group, &h)?;
+            println!("{} {}", hex(&h), if removed { "revoked" } else { "was not approved" });
+        }
+        GroupCmd::Approved { opts, group } => {
+            let hs = connect(&opts.admin_socket)?.approved(group)?;
+            match opts.json {
+                true => {
+                    let items: Vec<String> = hs.iter().map(|h| format!("\"{}\"", hex(h))).collect();
+                    println!("[{}]", items.join(","));
+                }
+                false if hs.is_empty() => println!("none: the group's vTPMs may run with any boot hash"),
+                false => hs.iter().for_each(|h| println!("{}", hex(h))),
+            }
         }
     }
     Ok(())

@@ -61,9 +61,16 @@ enum Command {
     /// vTPMs at the manager: provision, list, show, delete.
     #[command(subcommand)]
     Vtpm(admin::VtpmCmd),
-    /// Groups at the manager: new, list, delete.
+    /// Groups at the manager: new, list, delete, and the boot hashes their vTPMs may run with.
     #[command(subcommand)]
     Group(admin::GroupCmd),
+    /// Print a boot hash, as the manager measures a vTPM: of the vtpm executable (--exe) or of
+    /// a vTPM domain's image (--kernel, --ramdisk, --cmdline). `xvtpm group approve` takes the
+    /// same arguments.
+    Measure {
+        #[command(flatten)]
+        what: admin::MeasureArgs,
+    },
     /// Show a vTPM state file's format, protection and size (never its contents).
     InspectState {
         /// The file.
@@ -113,6 +120,7 @@ fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Vtpm(c) => admin::vtpm(c)?,
         Command::Group(c) => admin::group(c)?,
+        Command::Measure { what } => println!("{}", xvtpm_vtpmmgr::hex(&what.boot_hash()?)),
         Command::InspectState { file, json } => inspect::inspect_state(&file, json)?,
         Command::EchoBackend { xen, uuid } => {
             let filter = uuid.map(DeviceFilter::Uuid).unwrap_or(DeviceFilter::All);

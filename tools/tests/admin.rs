@@ -107,3 +107,35 @@ fn inspect_state_shows_the_outside_only() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("not an xvtpm state file"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn boot_hash_approvals_through_the_admin_socket() {
+    let dir = std::env::temp_dir().join(format!("xvtpm-tools-approve-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (_tpm, sock) = manager(&dir);
+    let run = |args: &[&str]| Command::new(XVTPM).args(args).output().expect("xvtpm");
+    // `measure --exe` is the SHA-256 of the file; a domain image hashes its parts separately.
+    let exe = dir.join("vtpm-exe");
+    std::fs::write(&exe, b"pretend vtpm").expect("exe");
+    let exe_s = exe.to_str().expect("utf-8");
+    let h = stdout(&run(&["measure", "--exe", exe_s]));
+    // coreutils agrees.
+    let sum = stdout(&Command::new("sha256sum").arg(&exe).output().expect("sha256sum"));
+    assert_eq!(sum.split_whitespace().next(), Some(h.as_str()));
+    let dom = stdout(&run(&["measure", "--kernel", exe_s, "--cmdline", "console=hvc0"]));
+    assert_eq!(dom.len(), 64);
+    assert_ne!(dom, h);
+
+    assert_eq!(
+        stdout(&xvtpm(&sock, &["group", "approved", "0"])),
+        "none: the group's vTPMs may run with any boot hash"
+    );
+    assert_eq!(stdout(&xvtpm(&sock, &["group", "approve", "0", "--exe", exe_s])), format!("{h} approved"));
+    assert_eq!(stdout(&xvtpm(&sock, &["group", "approve", "0", &h])), format!("{h} was approved already"));
+    assert_eq!(stdout(&xvtpm(&sock, &["group", "approved", "0", "--json"])), format!("[\"{h}\"]"));
+    assert_eq!(stdout(&xvtpm(&sock, &["group", "revoke", "0", &h])), format!("{h} revoked"));
+    assert_eq!(stdout(&xvtpm(&sock, &["group", "revoke", "0", &h])), format!("{h} was not approved"));
+    assert_eq!(xvtpm(&sock, &["group", "approve", "4", &h]).status.code(), Some(3), "no group 4");
+    assert_eq!(xvtpm(&sock, &["group", "approve", "0", "12ab"]).status.code(), Some(1), "not a hash");
+    let _ = std::fs::remove_dir_all(&dir);
+}

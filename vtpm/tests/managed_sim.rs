@@ -70,7 +70,10 @@ fn manager(host: &SimHost, store: &Path, tpm: Box<dyn HwTpm + Send>) -> BackendH
         }
     };
     let m = Manager::open(dev, tpm).expect("manager opens");
-    let handler = Arc::new(XenHandler::new(Arc::new(Mutex::new(m))));
+    // Measures vTPM domains the way `vtpmmgr serve --xen` does: from libxl's image record.
+    let xs = host.xen(0).xenstore().expect("xenstore");
+    let measure = move |domid| xvtpm_vtpmmgr::peer::measure_domain(&xs, domid);
+    let handler = Arc::new(XenHandler::new(Arc::new(Mutex::new(m))).measuring(Box::new(measure)));
     Backend::new(Arc::new(host.xen(0)), handler, BackendConfig { filter: DeviceFilter::All }).spawn().expect("backend")
 }
 
@@ -185,4 +188,62 @@ fn state_survives_restarts_of_vtpm_and_manager() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("the manager has no key"), "{err}");
+}
+
+/// A vTPM domain's boot hash is its image as libxl recorded it (kernel, ramdisk, command
+/// line): the manager answers GET_BOOT_HASH with it, and once the group approves images, a
+/// vTPM domain built from another one gets no key, loudly.
+#[test]
+fn a_vtpm_domain_built_from_an_unapproved_image_gets_no_key() {
+    use xvtpm_vtpmmgr::peer::measure_domain_image;
+    let host = SimHost::temp().expect("sim");
+    let xs = host.xen(0).xenstore().expect("xs");
+    let tpm = swtpm(&host.dir().join("hwtpm"));
+    let store = host.dir().join("mgr.img");
+    let (kernel, evil, ramdisk) =
+        (host.dir().join("vmlinuz"), host.dir().join("vmlinuz-evil"), host.dir().join("initrd.img"));
+    std::fs::write(&kernel, b"kernel image v1").expect("kernel");
+    std::fs::write(&evil, b"kernel image, altered").expect("kernel");
+    std::fs::write(&ramdisk, b"initramfs with vtpm").expect("ramdisk");
+    let good = measure_domain_image(&kernel, Some(&ramdisk), "console=hvc0").expect("measure");
+    {
+        let cfg = InitConfig { pcrs: vec![0], ..InitConfig::default() };
+        let mut m = Manager::init(FileDev::open(&store, true).expect("store"), hw(&tpm), &cfg).expect("init");
+        m.provision(uuid(VTPM_UUID), 0, None).expect("provision");
+        m.provision(uuid(STRANGER_UUID), 0, None).expect("provision");
+        m.approve(0, &good).expect("approve");
+    }
+    let _mgr = manager(&host, &store, hw(&tpm));
+    let path = |p: &Path| p.display().to_string();
+    toolstack::add_domain(&xs, 5, "vtpm-guest").expect("vtpm domain");
+    toolstack::record_pv_image(&xs, 5, &path(&kernel), Some(&path(&ramdisk)), "console=hvc0").expect("image");
+    toolstack::add_vtpm(&xs, 5, 0, 0, VTPM_UUID).expect("the vtpm's device to the manager");
+
+    // Built from the approved image: it saves its first state.
+    let state = host.dir().join("vtpm-state");
+    let out = Command::new(VTPM).arg("create").args(vtpm_args(&host, &state, 5)).output().expect("create");
+    assert!(out.status.success(), "create: {}", String::from_utf8_lossy(&out.stderr));
+    // GET_BOOT_HASH through the domain's own device: Xen's 20 bytes.
+    let cfg = FrontendConfig { command_timeout: Duration::from_secs(30), ..FrontendConfig::default() };
+    let mut fe = Frontend::connect(&host.xen(5), cfg).expect("connect to the manager");
+    let r = fe.transmit(&xvtpm_vtpmmgr::proto::request(0x01C1, xvtpm_vtpmmgr::proto::GET_BOOT_HASH, &[])).expect("cmd");
+    assert_eq!((rc(&r), &r[10..]), (0, &good[..20]));
+    fe.close().expect("close");
+
+    // Another vTPM domain, same command line and ramdisk, altered kernel: refused.
+    toolstack::add_domain(&xs, 6, "vtpm-evil").expect("domain");
+    toolstack::record_pv_image(&xs, 6, &path(&evil), Some(&path(&ramdisk)), "console=hvc0").expect("image");
+    toolstack::add_vtpm(&xs, 6, 0, 0, STRANGER_UUID).expect("device");
+    let other = host.dir().join("evil-state");
+    let out = Command::new(VTPM).arg("create").args(vtpm_args(&host, &other, 6)).output().expect("create");
+    assert!(!out.status.success(), "an unapproved image must not get a key");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("the manager refused this vTPM") && err.contains("not approved"), "{err}");
+    // A domain libxl recorded no image for cannot be measured: refused as well.
+    toolstack::add_domain(&xs, 8, "vtpm-unknown").expect("domain");
+    toolstack::add_vtpm(&xs, 8, 0, 0, STRANGER_UUID).expect("device");
+    let out =
+        Command::new(VTPM).arg("create").args(vtpm_args(&host, &host.dir().join("s8"), 8)).output().expect("create");
+    assert!(!out.status.success(), "an unmeasured domain must not get a key");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("the manager refused this vTPM"));
 }

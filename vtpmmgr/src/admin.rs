@@ -139,4 +139,28 @@ impl Admin {
     pub fn group_delete(&mut self, n: u32) -> Result<()> {
         self.call(proto::GROUP_DEL, &n.to_be_bytes(), &format!("group {n}")).map(drop)
     }
+
+    /// Approves `boot_hash` for the vTPMs of group `n`; `false`: it was approved already.
+    pub fn approve(&mut self, n: u32, boot_hash: &[u8; 32]) -> Result<bool> {
+        let out =
+            self.call(proto::GROUP_APPROVE, &[&n.to_be_bytes()[..], boot_hash].concat(), &format!("group {n}"))?;
+        Ok(be32(&out, 0)? != 0)
+    }
+
+    /// Withdraws an approval; `false`: it was not approved.
+    pub fn revoke(&mut self, n: u32, boot_hash: &[u8; 32]) -> Result<bool> {
+        let out = self.call(proto::GROUP_REVOKE, &[&n.to_be_bytes()[..], boot_hash].concat(), &format!("group {n}"))?;
+        Ok(be32(&out, 0)? != 0)
+    }
+
+    /// The boot hashes approved for group `n` (empty: its vTPMs may run with any).
+    pub fn approved(&mut self, n: u32) -> Result<Vec<[u8; 32]>> {
+        let out = self.call(proto::GROUP_APPROVED, &n.to_be_bytes(), &format!("group {n}"))?;
+        let count = be32(&out, 0)? as usize;
+        let hashes: Vec<[u8; 32]> = out[4..].chunks_exact(32).filter_map(|c| <[u8; 32]>::try_from(c).ok()).collect();
+        if hashes.len() != count {
+            return Err(Error::Protocol(format!("the manager listed {} of {count} approved hashes", hashes.len())));
+        }
+        Ok(hashes)
+    }
 }

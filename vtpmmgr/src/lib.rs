@@ -5,6 +5,7 @@ pub mod admin;
 pub mod error;
 pub mod hw;
 pub mod manager;
+pub mod peer;
 pub mod proto;
 pub mod server;
 pub mod store;
@@ -15,4 +16,13 @@ pub use error::{Error, Result};
 pub fn uuid_str(u: &[u8; 16]) -> String {
     let h: String = u.iter().map(|b| format!("{b:02x}")).collect();
     format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..])
+}
+
+/// What a vTPM runs with, as its transport measured it: SHA-256 of its executable (Unix
+/// socket) or of its domain's kernel, ramdisk and command line (Xen).
+pub type BootHash = [u8; 32];
+
+/// Lower-case hex.
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }

@@ -162,7 +162,9 @@ fn main() -> anyhow::Result<()> {
                     (None, Some(d)) => Arc::new(LinuxXen::with_domid(d)),
                     _ => Arc::new(LinuxXen::open().context("cannot reach Xen (is this a Xen domain?)")?),
                 };
-                let handler = Arc::new(XenHandler::new(mgr.clone()));
+                let xs = x.xenstore().context("xenstore")?;
+                let measure = move |domid| xvtpm_vtpmmgr::peer::measure_domain(&xs, domid);
+                let handler = Arc::new(XenHandler::new(mgr.clone()).measuring(Box::new(measure)));
                 Backend::new(x, handler, BackendConfig { filter: DeviceFilter::All }).run(&AtomicBool::new(false))?;
             }
             for t in threads {

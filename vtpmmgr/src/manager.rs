@@ -12,6 +12,7 @@ use crate::hw::Sealed;
 use crate::store::dev::BlockDev;
 use crate::store::record::{HAS_KEY, IS_GROUP};
 use crate::store::{self, CounterState, Record, Store};
+use crate::{hex, BootHash};
 use crate::{uuid_str, Error, Result};
 
 /// Largest hash-and-key blob a vTPM saves (Xen: 52 bytes, SHA-1 hash and AES-256 key; up to
@@ -71,6 +72,9 @@ pub struct Manager<D> {
     /// The group numbers (an index of the group records, so provisioning does not scan the
     /// store).
     group_numbers: std::collections::BTreeSet<u32>,
+    /// Per group, the boot hashes its vTPMs may run with (none: any). An index of the
+    /// approval records.
+    approved: std::collections::BTreeMap<u32, std::collections::BTreeSet<BootHash>>,
     /// TPM 1.2: the quote key, wrapped by the SRK, made at the first GET_QUOTE (RSA key
     /// generation takes the TPM up to seconds; loading the wrapped key takes milliseconds).
     quote_key12: Option<Vec<u8>>,
@@ -172,6 +176,7 @@ impl<D: BlockDev> Manager<D> {
             counter_auth,
             counter_uncertain: false,
             group_numbers: [0].into(),
+            approved: Default::default(),
             quote_key12: None,
             quote_limit: QuoteLimit::default(),
             quote_tokens: Default::default(),
@@ -243,7 +248,13 @@ impl<D: BlockDev> Manager<D> {
         };
         let (store, state) = Store::open(dev, key, hw)?;
         let mut m = Self::assemble(store, tpm, sealed, counter_auth, state == CounterState::Behind, commands);
-        m.group_numbers.extend(m.store.list()?.iter().filter(|r| r.is_group()).map(|r| r.group));
+        for r in m.store.list()? {
+            if r.is_group() {
+                m.group_numbers.insert(r.group);
+            } else if r.is_approval() {
+                m.approved.entry(r.group).or_default().insert(r.hash);
+            }
+        }
         if m.counter_behind {
             log::warn!("the last commit before the stop did not reach the hardware counter; catching up");
             m.catch_up()?;
@@ -329,7 +340,7 @@ impl<D: BlockDev> Manager<D> {
     /// Groups: (number, uuid, vTPMs in it). Group 0 always exists (its uuid is all zeros).
     pub fn groups(&self) -> Result<Vec<(u32, [u8; 16], usize)>> {
         let all = self.store.list()?;
-        let count = |g: u32| all.iter().filter(|r| !r.is_group() && r.group == g).count();
+        let count = |g: u32| all.iter().filter(|r| r.is_vtpm() && r.group == g).count();
         let mut out = vec![(0, [0u8; 16], count(0))];
         out.extend(all.iter().filter(|r| r.is_group()).map(|r| (r.group, r.uuid, count(r.group))));
         out.sort_by_key(|g| g.0);
@@ -357,6 +368,11 @@ impl<D: BlockDev> Manager<D> {
             Some((0, ..)) => Err(Error::Protocol("group 0 cannot be deleted".into())),
             Some((_, _, n)) if n > 0 => Err(Error::Protocol(format!("group {group} still holds {n} vTPMs"))),
             Some((_, uuid, _)) => {
+                // Its approvals first: a crash in between leaves a group with fewer approvals,
+                // never approvals that a later group of the same number would inherit.
+                for h in self.approved.get(&group).cloned().unwrap_or_default() {
+                    self.revoke(group, &h)?;
+                }
                 self.commit(|s| s.delete(&uuid))?;
                 self.group_numbers.remove(&group);
                 Ok(())
@@ -395,12 +411,79 @@ impl<D: BlockDev> Manager<D> {
 
     /// Every vTPM.
     pub fn list(&self) -> Result<Vec<Record>> {
-        Ok(self.store.list()?.into_iter().filter(|r| !r.is_group()).collect())
+        Ok(self.store.list()?.into_iter().filter(Record::is_vtpm).collect())
     }
 
     /// The record of vTPM `uuid` (a group's uuid is no vTPM).
     pub fn vtpm(&self, uuid: &[u8; 16]) -> Result<Option<Record>> {
-        Ok(self.store.get(uuid)?.filter(|r| !r.is_group()))
+        Ok(self.store.get(uuid)?.filter(Record::is_vtpm))
+    }
+
+    /// Approves `boot_hash` for the vTPMs of `group`: once a group has approvals, its vTPMs
+    /// must run with one of them (Xen's list of approved vTPM kernels). `false`: it was
+    /// approved already.
+    pub fn approve(&mut self, group: u32, boot_hash: &BootHash) -> Result<bool> {
+        if !self.group_numbers.contains(&group) {
+            return Err(Error::NotFound(format!("group {group}")));
+        }
+        if self.approved.get(&group).is_some_and(|s| s.contains(boot_hash)) {
+            return Ok(false);
+        }
+        let rec = Record::approval(group, boot_hash);
+        self.commit(|s| s.put(&rec).map(Some))?;
+        self.approved.entry(group).or_default().insert(*boot_hash);
+        log::info!("group {group}: boot hash {} approved", hex(boot_hash));
+        Ok(true)
+    }
+
+    /// Withdraws an approval; `false`: it was not approved. Removing the last one lets the
+    /// group's vTPMs run with any boot hash again.
+    pub fn revoke(&mut self, group: u32, boot_hash: &BootHash) -> Result<bool> {
+        if !self.group_numbers.contains(&group) {
+            return Err(Error::NotFound(format!("group {group}")));
+        }
+        if !self.approved.get(&group).is_some_and(|s| s.contains(boot_hash)) {
+            return Ok(false);
+        }
+        let uuid = Record::approval(group, boot_hash).uuid;
+        self.commit(|s| s.delete(&uuid))?;
+        if let Some(set) = self.approved.get_mut(&group) {
+            set.remove(boot_hash);
+            if set.is_empty() {
+                self.approved.remove(&group);
+            }
+        }
+        log::info!("group {group}: boot hash {} no longer approved", hex(boot_hash));
+        Ok(true)
+    }
+
+    /// The boot hashes approved for `group` (empty: any is accepted).
+    pub fn approved(&self, group: u32) -> Result<Vec<BootHash>> {
+        if !self.group_numbers.contains(&group) {
+            return Err(Error::NotFound(format!("group {group}")));
+        }
+        Ok(self.approved.get(&group).map(|s| s.iter().copied().collect()).unwrap_or_default())
+    }
+
+    /// Whether vTPM `uuid`, measured as `boot_hash` by its transport (`None`: it could not be
+    /// measured), may use its record: its group (group 0 for a vTPM not provisioned yet) has
+    /// no approvals, or approves this hash. Checked at every SAVEHASHKEY, LOADHASHKEY and
+    /// GET_QUOTE, like Xen's check of the vTPM's kernel against its group.
+    pub fn check_boot(&self, uuid: &[u8; 16], boot_hash: Option<&BootHash>) -> Result<()> {
+        let group = self.vtpm(uuid)?.map(|r| r.group).unwrap_or(0);
+        let Some(ok) = self.approved.get(&group) else { return Ok(()) };
+        match boot_hash {
+            Some(h) if ok.contains(h) => Ok(()),
+            Some(h) => Err(Error::NotAuthorized(format!(
+                "vTPM {} runs with boot hash {}, which group {group} has not approved",
+                uuid_str(uuid),
+                hex(h)
+            ))),
+            None => Err(Error::NotAuthorized(format!(
+                "vTPM {} could not be measured, and group {group} accepts only approved boot hashes",
+                uuid_str(uuid)
+            ))),
+        }
     }
 
     /// Checks a Unix-socket client's token for `uuid`.
@@ -450,19 +533,31 @@ impl<D: BlockDev> Manager<D> {
     }
 
     /// GET_QUOTE: a hardware quote of `pcrs` whose qualifying data binds the calling vTPM's
-    /// uuid and its `nonce`: q = SHA-256("xvtpm-deep-quote" ‖ uuid ‖ nonce). Three parts, each
-    /// with a u16 length:
+    /// uuid, its boot hash (zeros when it could not be measured) and its `nonce`:
+    /// q = SHA-256("xvtpm-deep-quote" ‖ uuid ‖ boot hash ‖ nonce). Three parts, each with a
+    /// u16 length:
     /// - TPM 2.0: the attestation key's TPMT_PUBLIC (ECC P-256), the TPMS_ATTEST (extraData
     ///   = q, sha256 bank) and the TPMT_SIGNATURE (ECDSA-SHA256);
     /// - TPM 1.2: the signing key's TPM_PUBKEY (RSA-2048), the TPM_QUOTE_INFO (externalData =
     ///   the first 20 bytes of q) and the PKCS#1 v1.5 SHA-1 signature over it.
-    pub fn quote(&mut self, uuid: &[u8; 16], nonce: &[u8], pcrs: &[u8]) -> Result<Vec<u8>> {
+    pub fn quote(
+        &mut self,
+        uuid: &[u8; 16],
+        boot_hash: Option<&BootHash>,
+        nonce: &[u8],
+        pcrs: &[u8],
+    ) -> Result<Vec<u8>> {
         if self.vtpm(uuid)?.is_none() {
             return Err(Error::UnknownVtpm(uuid_str(uuid)));
         }
         self.take_quote_token(uuid)?;
-        let q: [u8; 32] =
-            Sha256::new().chain_update(b"xvtpm-deep-quote").chain_update(uuid).chain_update(nonce).finalize().into();
+        let q: [u8; 32] = Sha256::new()
+            .chain_update(b"xvtpm-deep-quote")
+            .chain_update(uuid)
+            .chain_update(boot_hash.unwrap_or(&[0; 32]))
+            .chain_update(nonce)
+            .finalize()
+            .into();
         let parts = match self.sealed.family {
             Family::Tpm20 => {
                 let mut t = Tpm2::new(self.tpm.as_mut(), self.sealed.locality);

@@ -8,7 +8,7 @@ use sha2::{Digest, Sha256};
 
 use crate::manager::Manager;
 use crate::store::dev::BlockDev;
-use crate::{uuid_str, Error};
+use crate::{uuid_str, BootHash, Error};
 
 /// vTPM command tag.
 pub const TAG_REQ: u16 = 0x01C1;
@@ -27,7 +27,8 @@ pub const MAX_MESSAGE: usize = 4096;
 pub const SAVEHASHKEY: u32 = 1;
 /// Returns the saved hash and key.
 pub const LOADHASHKEY: u32 = 2;
-/// Xen's boot hash (XSM label digest): not offered.
+/// The calling vTPM's boot hash: 20 bytes (Xen's TPM_DIGEST), the first 20 of its SHA-256
+/// measurement.
 pub const GET_BOOT_HASH: u32 = 3;
 /// A hardware quote bound to the calling vTPM (TPM 2.0 or 1.2).
 pub const GET_QUOTE: u32 = 4;
@@ -49,6 +50,15 @@ pub const VTPM_NEW: u32 = 0x0200_0204;
 pub const VTPM_DEL: u32 = 0x0200_0205;
 /// Ours: a Unix-socket client names its vTPM (uuid) and proves it may act for it (token).
 pub const BIND: u32 = 0x0200_0401;
+/// Ours, management: approve a boot hash for a group (group u32 | hash[32]); replies u32 1
+/// if newly approved, 0 if it was already.
+pub const GROUP_APPROVE: u32 = 0x0200_0402;
+/// Ours, management: withdraw an approval (group u32 | hash[32]); replies u32 1 if it was
+/// approved, 0 if not.
+pub const GROUP_REVOKE: u32 = 0x0200_0403;
+/// Ours, management: a group's approved boot hashes (group u32); replies count u32, then
+/// the hashes.
+pub const GROUP_APPROVED: u32 = 0x0200_0404;
 
 /// Status codes (TPM 1.2 values, as Xen's manager uses them).
 pub mod status {
@@ -145,8 +155,27 @@ fn acting_for<D: BlockDev>(mgr: &Manager<D>, caller: &mut Caller) -> Option<[u8;
     }
 }
 
-/// Handles one message from `caller`; the reply. Never panics on any input.
+/// Group number and boot hash of GROUP_APPROVE and GROUP_REVOKE.
+fn group_and_hash(body: &[u8]) -> Result<(u32, [u8; 32]), Error> {
+    match (be32(body, 0), body.get(4..).and_then(|h| <[u8; 32]>::try_from(h).ok())) {
+        (Some(g), Some(h)) => Ok((g, h)),
+        _ => Err(Error::Protocol("a group number and a 32-byte boot hash expected".into())),
+    }
+}
+
+/// Handles one message from `caller`, whose boot hash the transport could not measure.
 pub fn handle<D: BlockDev>(mgr: &mut Manager<D>, caller: &mut Caller, msg: &[u8]) -> Vec<u8> {
+    handle_measured(mgr, caller, None, msg)
+}
+
+/// Handles one message from `caller`, measured by its transport as `boot` (`None`: not
+/// measured); the reply. Never panics on any input.
+pub fn handle_measured<D: BlockDev>(
+    mgr: &mut Manager<D>,
+    caller: &mut Caller,
+    boot: Option<&BootHash>,
+    msg: &[u8],
+) -> Vec<u8> {
     let (Some(tag), Some(size), Some(ordinal)) =
         (msg.get(..2).map(|t| u16::from_be_bytes([t[0], t[1]])), be32(msg, 2), be32(msg, 6))
     else {
@@ -162,14 +191,17 @@ pub fn handle<D: BlockDev>(mgr: &mut Manager<D>, caller: &mut Caller, msg: &[u8]
     let r = match (tag, ordinal) {
         (TAG_REQ, SAVEHASHKEY | LOADHASHKEY) => {
             let Some(uuid) = acting_for(mgr, caller) else { return reply(TAG_RSP, status::AUTHFAIL, &[]) };
-            if ordinal == SAVEHASHKEY {
-                mgr.save(&uuid, body).map(|()| Vec::new())
-            } else {
-                mgr.load(&uuid)
-            }
+            mgr.check_boot(&uuid, boot).and_then(|()| match ordinal {
+                SAVEHASHKEY => mgr.save(&uuid, body).map(|()| Vec::new()),
+                _ => mgr.load(&uuid),
+            })
         }
         (TAG_REQ, GET_QUOTE) => {
             let Some(uuid) = acting_for(mgr, caller) else { return reply(TAG_RSP, status::AUTHFAIL, &[]) };
+            if let Err(e) = mgr.check_boot(&uuid, boot) {
+                log::warn!("{caller:?}: GET_QUOTE refused: {e}");
+                return reply(TAG_RSP, status::AUTHFAIL, &[]);
+            }
             // nonce[20] | TPM_PCR_SELECTION (u16 size, bitmap) [| u32 flags, ignored].
             let n = body.get(20..22).map(|s| u16::from_be_bytes([s[0], s[1]]) as usize);
             match (body.get(..20), n.and_then(|n| body.get(22..22 + n))) {
@@ -177,16 +209,21 @@ pub fn handle<D: BlockDev>(mgr: &mut Manager<D>, caller: &mut Caller, msg: &[u8]
                     let pcrs: Vec<u8> = (0..24u8)
                         .filter(|p| bits.get((p / 8) as usize).is_some_and(|b| b & (1 << (p % 8)) != 0))
                         .collect();
-                    mgr.quote(&uuid, nonce, &pcrs)
+                    mgr.quote(&uuid, boot, nonce, &pcrs)
                 }
                 _ => Err(Error::Protocol("GET_QUOTE: nonce[20] and a PCR selection of up to 3 bytes".into())),
             }
         }
         (TAG_REQ, GET_BOOT_HASH) => {
-            // Xen answers with the hash of the vTPM domain's XSM label; without XSM there is
-            // nothing meaningful to return.
-            log::info!("{caller:?}: GET_BOOT_HASH is not offered by this manager");
-            return reply(TAG_RSP, status::BAD_ORDINAL, &[]);
+            if acting_for(mgr, caller).is_none() {
+                return reply(TAG_RSP, status::AUTHFAIL, &[]);
+            }
+            // Xen's reply is a TPM_DIGEST (20 bytes): the first 20 of our SHA-256.
+            match boot {
+                Some(h) if body.is_empty() => Ok(h[..20].to_vec()),
+                Some(_) => Err(Error::Protocol("GET_BOOT_HASH takes no parameters".into())),
+                None => Err(Error::Protocol("this vTPM could not be measured; it has no boot hash".into())),
+            }
         }
         (TAG_REQ2, BIND) if matches!(caller, Caller::Socket(_)) => {
             let Some(uuid) = body.get(..16).and_then(|u| <[u8; 16]>::try_from(u).ok()) else {
@@ -258,6 +295,22 @@ pub fn handle<D: BlockDev>(mgr: &mut Manager<D>, caller: &mut Caller, msg: &[u8]
             }
             out
         }),
+        (TAG_REQ2, GROUP_APPROVE) => {
+            group_and_hash(body).and_then(|(g, h)| mgr.approve(g, &h)).map(|n| u32::from(n).to_be_bytes().to_vec())
+        }
+        (TAG_REQ2, GROUP_REVOKE) => {
+            group_and_hash(body).and_then(|(g, h)| mgr.revoke(g, &h)).map(|n| u32::from(n).to_be_bytes().to_vec())
+        }
+        (TAG_REQ2, GROUP_APPROVED) => match be32(body, 0) {
+            Some(n) if body.len() == 4 => mgr.approved(n).map(|hs| {
+                let mut out = (hs.len() as u32).to_be_bytes().to_vec();
+                for h in hs.iter().take((MAX_MESSAGE - HEADER - 4) / 32) {
+                    out.extend_from_slice(h);
+                }
+                out
+            }),
+            _ => Err(Error::Protocol("GROUP_APPROVED needs a group number".into())),
+        },
         (TAG_REQ2, GROUP_NEW) => mgr.new_group().map(|(n, u)| [&n.to_be_bytes()[..], &u].concat()),
         (TAG_REQ2, GROUP_DEL) => match be32(body, 0) {
             Some(n) if body.len() == 4 => mgr.delete_group(n).map(|()| Vec::new()),

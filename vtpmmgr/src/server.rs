@@ -14,14 +14,14 @@ use xvtpm_backend::{CommandHandler, Request};
 use crate::manager::Manager;
 use crate::proto::{self, Caller, HEADER, MAX_MESSAGE};
 use crate::store::dev::BlockDev;
-use crate::{Error, Result};
+use crate::{BootHash, Error, Result};
 
 /// The manager shared by all connections; commands run one at a time.
 pub type Shared<D> = Arc<Mutex<Manager<D>>>;
 
-fn run<D: BlockDev>(mgr: &Shared<D>, caller: &mut Caller, msg: &[u8]) -> Vec<u8> {
+fn run<D: BlockDev>(mgr: &Shared<D>, caller: &mut Caller, boot: Option<&BootHash>, msg: &[u8]) -> Vec<u8> {
     let mut m = mgr.lock().unwrap_or_else(PoisonError::into_inner);
-    proto::handle(&mut m, caller, msg)
+    proto::handle_measured(&mut m, caller, boot, msg)
 }
 
 /// Reads one message: `Ok(None)` at a clean end of stream.
@@ -49,10 +49,15 @@ fn read_message(s: &mut UnixStream) -> std::io::Result<Option<Vec<u8>>> {
 }
 
 fn serve_conn<D: BlockDev>(mgr: Shared<D>, mut s: UnixStream, mut caller: Caller) {
+    // Measured once, as it connects: the executable that opened the connection.
+    let boot = match caller {
+        Caller::Admin => None,
+        _ => crate::peer::measure_peer(&s),
+    };
     loop {
         match read_message(&mut s) {
             Ok(Some(msg)) => {
-                let rsp = run(&mgr, &mut caller, &msg);
+                let rsp = run(&mgr, &mut caller, boot.as_ref(), &msg);
                 if s.write_all(&rsp).is_err() {
                     return;
                 }
@@ -145,15 +150,43 @@ pub fn serve_unix<D: BlockDev + Send + 'static>(
     }))
 }
 
+/// Measures a vTPM domain by its id: its boot hash, or why there is none.
+pub type DomainMeasure = Box<dyn Fn(u16) -> std::result::Result<BootHash, String> + Send + Sync>;
+
 /// tpmback's handler: each device's uuid (from xenstore) is the calling vTPM.
 pub struct XenHandler<D> {
     mgr: Shared<D>,
+    measure: Option<DomainMeasure>,
+    /// Boot hashes by (domain, device uuid), measured at a device's first command: a domain's
+    /// image does not change while it runs.
+    measured: Mutex<std::collections::HashMap<(u16, String), Option<BootHash>>>,
 }
 
 impl<D> XenHandler<D> {
-    /// Serves `mgr`.
+    /// Serves `mgr`; vTPM domains are not measured.
     pub fn new(mgr: Shared<D>) -> Self {
-        Self { mgr }
+        Self { mgr, measure: None, measured: Default::default() }
+    }
+
+    /// Measures each vTPM domain with `measure` (see [`crate::peer::measure_domain`]).
+    pub fn measuring(mut self, measure: DomainMeasure) -> Self {
+        self.measure = Some(measure);
+        self
+    }
+
+    fn boot_hash(&self, domid: u16, uuid: &str) -> Option<BootHash> {
+        let measure = self.measure.as_ref()?;
+        let mut cache = self.measured.lock().unwrap_or_else(PoisonError::into_inner);
+        *cache.entry((domid, uuid.to_string())).or_insert_with(|| match measure(domid) {
+            Ok(h) => {
+                log::info!("vTPM domain {domid} ({uuid}): boot hash {}", crate::hex(&h));
+                Some(h)
+            }
+            Err(e) => {
+                log::warn!("vTPM domain {domid} ({uuid}) cannot be measured: {e}");
+                None
+            }
+        })
     }
 }
 
@@ -170,7 +203,8 @@ impl<D: BlockDev + Send> CommandHandler for XenHandler<D> {
             return proto::reply(proto::TAG_RSP, proto::status::AUTHFAIL, &[]);
         };
         // Management commands are refused: a vTPM domain is never the admin.
-        run(&self.mgr, &mut Caller::Vtpm(uuid), req.command)
+        let boot = self.boot_hash(req.device.frontend, &req.device.uuid);
+        run(&self.mgr, &mut Caller::Vtpm(uuid), boot.as_ref(), req.command)
     }
 }
 

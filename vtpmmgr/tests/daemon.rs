@@ -315,3 +315,87 @@ fn connections_beyond_the_cap_are_closed() {
     assert!(log.contains("3 clients connected already"), "{log}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A group's approved boot hashes decide which vTPM executables get their keys: the manager
+/// measures each socket client's executable (here, this test binary), answers GET_BOOT_HASH
+/// with it, refuses keys and quotes to an unapproved one, keeps approvals across restarts,
+/// and leaves other groups' vTPMs alone.
+#[test]
+fn approved_boot_hashes_gate_keys_and_quotes() {
+    use sha2::{Digest, Sha256};
+    let dir = common::tmpdir("boothash");
+    let hw = common::HwSwtpm::start(&dir.join("tpm"));
+    let store = dir.join("store.img");
+    init(&store, &hw);
+    let d = serve(&store, &hw, &dir, "mgr.log");
+    let sock = dir.join("mgr.sock");
+    let admin = || Admin::connect(&dir.join("admin.sock")).expect("admin");
+    let me: [u8; 32] = Sha256::digest(std::fs::read("/proc/self/exe").expect("own executable")).into();
+    let other = [0x11u8; 32];
+    let g = admin().group_new().expect("group").number;
+    let (ta, tb) = ([0xA1u8; 32], [0xB2u8; 32]);
+    let ua = admin().provision(None, g, Some(&ta)).expect("provision a");
+    let ub = admin().provision(None, 0, Some(&tb)).expect("provision b");
+    let blob: Vec<u8> = (0..52).collect();
+    let client = |uuid: &[u8; 16], token: &[u8; 32]| {
+        let mut c = Client::connect(&sock).expect("connect");
+        assert_eq!(bind(&mut c, uuid, token), status::SUCCESS);
+        c
+    };
+    let load = |c: &mut Client| c.call(TAG_REQ, proto::LOADHASHKEY, &[]).expect("load");
+    let quote = |c: &mut Client| c.call(TAG_REQ, proto::GET_QUOTE, &[&[9u8; 20][..], &[0, 3, 0, 0, 1]].concat());
+
+    // No approvals: any executable may save and load.
+    let mut a = client(&ua, &ta);
+    assert_eq!(a.call(TAG_REQ, proto::SAVEHASHKEY, &blob).expect("save").0, status::SUCCESS);
+    let mut b = client(&ub, &tb);
+    assert_eq!(b.call(TAG_REQ, proto::SAVEHASHKEY, &blob).expect("save").0, status::SUCCESS);
+    // GET_BOOT_HASH: Xen's 20-byte digest, the first 20 bytes of the executable's SHA-256.
+    assert_eq!(a.call(TAG_REQ, proto::GET_BOOT_HASH, &[]).expect("boot hash"), (status::SUCCESS, me[..20].to_vec()));
+    let mut unbound = Client::connect(&sock).expect("connect");
+    assert_eq!(unbound.call(TAG_REQ, proto::GET_BOOT_HASH, &[]).expect("boot hash").0, status::AUTHFAIL);
+
+    // Group g approves another executable only: this one loses its keys and quotes there.
+    assert!(admin().approve(g, &other).expect("approve"));
+    assert!(!admin().approve(g, &other).expect("approve twice"), "approved already");
+    assert_eq!(admin().approved(g).expect("list"), vec![other]);
+    assert_eq!(load(&mut a).0, status::AUTHFAIL);
+    assert_eq!(a.call(TAG_REQ, proto::SAVEHASHKEY, &[7u8; 52]).expect("save").0, status::AUTHFAIL);
+    assert_eq!(quote(&mut a).expect("quote").0, status::AUTHFAIL);
+    // ...while group 0's vTPM goes on.
+    assert_eq!(load(&mut b), (status::SUCCESS, blob.clone()));
+    let log = std::fs::read_to_string(dir.join("mgr.log")).expect("log");
+    let hex: String = me.iter().map(|x| format!("{x:02x}")).collect();
+    assert!(log.contains(&format!("runs with boot hash {hex}, which group {g} has not approved")), "{log}");
+    assert!(admin().approve(7, &other).is_err(), "no group 7");
+
+    // Approved: the refused save changed nothing, the last saved key comes back.
+    assert!(admin().approve(g, &me).expect("approve"));
+    assert_eq!(load(&mut a), (status::SUCCESS, blob.clone()));
+    assert_eq!(quote(&mut a).expect("quote").0, status::SUCCESS);
+
+    // Approvals are in the store: they survive a restart.
+    drop((a, b, d));
+    let _d = serve(&store, &hw, &dir, "mgr2.log");
+    let mut want = vec![me, other];
+    want.sort();
+    assert_eq!(admin().approved(g).expect("list"), want);
+    let mut a = client(&ua, &ta);
+    assert_eq!(load(&mut a), (status::SUCCESS, blob.clone()));
+    assert!(admin().revoke(g, &me).expect("revoke"));
+    assert!(!admin().revoke(g, &me).expect("revoke twice"), "not approved any more");
+    assert_eq!(load(&mut a).0, status::AUTHFAIL);
+    // The last approval gone, any executable is accepted again.
+    assert!(admin().revoke(g, &other).expect("revoke"));
+    assert_eq!(admin().approved(g).expect("list"), Vec::<[u8; 32]>::new());
+    assert_eq!(load(&mut a), (status::SUCCESS, blob));
+    // Approvals are neither vTPMs nor left behind by a deleted group.
+    assert!(admin().approve(g, &other).expect("approve"));
+    assert_eq!(admin().list(g).expect("list"), vec![ua]);
+    admin().delete(&ua).expect("delete");
+    admin().group_delete(g).expect("delete the group");
+    let again = admin().group_new().expect("group").number;
+    assert_eq!(again, g, "the number is reused");
+    assert_eq!(admin().approved(again).expect("list"), Vec::<[u8; 32]>::new());
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -151,25 +151,34 @@ fn tpm2_deep_quote_binds_the_vtpm_and_its_nonce() {
     let mut m = Manager::init(FileDev::open(&path, true).expect("dev"), hw.connect(), &cfg()).expect("init");
     let uuid = [0x42u8; 16];
     m.provision(uuid, 0, None).expect("provision");
-    assert!(matches!(m.quote(&[1; 16], &[0; 20], &[16]), Err(Error::UnknownVtpm(_))), "only provisioned vTPMs");
+    assert!(matches!(m.quote(&[1; 16], None, &[0; 20], &[16]), Err(Error::UnknownVtpm(_))), "only provisioned vTPMs");
     let nonce = [7u8; 20];
     let msg = xvtpm_vtpmmgr::proto::request(
         xvtpm_vtpmmgr::proto::TAG_REQ,
         xvtpm_vtpmmgr::proto::GET_QUOTE,
         &[&nonce[..], &[0, 3, 0, 0, 1]].concat(),
     );
-    let rsp = xvtpm_vtpmmgr::proto::handle(&mut m, &mut xvtpm_vtpmmgr::proto::Caller::Vtpm(uuid), &msg);
+    // The transport measured the vTPM: its boot hash is part of the quoted data.
+    let boot = [0xB0u8; 32];
+    let rsp =
+        xvtpm_vtpmmgr::proto::handle_measured(&mut m, &mut xvtpm_vtpmmgr::proto::Caller::Vtpm(uuid), Some(&boot), &msg);
     assert_eq!(&rsp[6..10], &[0, 0, 0, 0], "status");
     let body = &rsp[10..];
     let (public, at) = b2(body, 0);
     let (attest, at) = b2(body, at);
     let (sig, _) = b2(body, at);
-    // TPMS_ATTEST: magic, TPM_ST_ATTEST_QUOTE, signer, extraData = H("xvtpm-deep-quote"||uuid||nonce).
+    // TPMS_ATTEST: magic, TPM_ST_ATTEST_QUOTE, signer,
+    // extraData = H("xvtpm-deep-quote"||uuid||boot hash||nonce).
     assert_eq!(&attest[..6], &[0xFF, 0x54, 0x43, 0x47, 0x80, 0x18]);
     let (_, at) = b2(attest, 6);
     let (extra, at) = b2(attest, at);
-    let want: [u8; 32] =
-        Sha256::new().chain_update(b"xvtpm-deep-quote").chain_update(uuid).chain_update(nonce).finalize().into();
+    let want: [u8; 32] = Sha256::new()
+        .chain_update(b"xvtpm-deep-quote")
+        .chain_update(uuid)
+        .chain_update(boot)
+        .chain_update(nonce)
+        .finalize()
+        .into();
     assert_eq!(extra, want);
     let at = at + 17 + 8;
     assert_eq!(&attest[at..at + 4], &[0, 0, 0, 1], "one PCR selection");
@@ -327,7 +336,7 @@ fn tpm12_deep_quote_binds_the_vtpm_and_its_nonce() {
     let mut m = Manager::init(FileDev::open(&path, true).expect("dev"), hw.connect(), &cfg()).expect("init");
     let uuid = [0x42u8; 16];
     m.provision(uuid, 0, None).expect("provision");
-    assert!(matches!(m.quote(&[1; 16], &[0; 20], &[16]), Err(Error::UnknownVtpm(_))), "only provisioned vTPMs");
+    assert!(matches!(m.quote(&[1; 16], None, &[0; 20], &[16]), Err(Error::UnknownVtpm(_))), "only provisioned vTPMs");
     let get_quote = |m: &mut Manager<FileDev>, nonce: &[u8; 20]| {
         let msg = xvtpm_vtpmmgr::proto::request(
             xvtpm_vtpmmgr::proto::TAG_REQ,
@@ -345,9 +354,15 @@ fn tpm12_deep_quote_binds_the_vtpm_and_its_nonce() {
     let nonce = [7u8; 20];
     let (public, info, sig) = get_quote(&mut m, &nonce);
     // TPM_QUOTE_INFO: 1.1.0.0, "QUOT", SHA-1 of the TPM_PCR_COMPOSITE of PCR 16, and the first
-    // 20 bytes of H("xvtpm-deep-quote"||uuid||nonce).
+    // 20 bytes of H("xvtpm-deep-quote"||uuid||boot hash||nonce), the boot hash all zeros (the
+    // caller was not measured).
     let composite = [&[0, 3, 0, 0, 1, 0, 0, 0, 20][..], &pcr16].concat();
-    let q = Sha256::new().chain_update(b"xvtpm-deep-quote").chain_update(uuid).chain_update(nonce).finalize();
+    let q = Sha256::new()
+        .chain_update(b"xvtpm-deep-quote")
+        .chain_update(uuid)
+        .chain_update([0u8; 32])
+        .chain_update(nonce)
+        .finalize();
     let want = [&[1, 1, 0, 0][..], b"QUOT", &Sha1::digest(&composite), &q[..20]].concat();
     assert_eq!(info, want);
     // TPM_PUBKEY: RSA, no encryption, PKCS#1 v1.5 SHA-1 signatures, 2048 bits, e = 65537.
@@ -410,7 +425,7 @@ fn get_quote_is_rate_limited_per_vtpm() {
     let before = m.tpm_commands;
     assert_eq!(status_of(&mut m, a), status::RETRY, "a third quote at once");
     assert_eq!(m.tpm_commands, before, "a refused quote costs no hardware command");
-    assert!(matches!(m.quote(&a, &[0; 20], &[16]), Err(Error::Busy(_))));
+    assert!(matches!(m.quote(&a, None, &[0; 20], &[16]), Err(Error::Busy(_))));
     assert_eq!(status_of(&mut m, b), status::SUCCESS, "another vTPM is not held back");
     // Time earns quotes back (the allowance counts time since the last request).
     m.quote_limit.interval = std::time::Duration::from_millis(100);

@@ -119,7 +119,11 @@ impl ManagedStore {
                     reason: "holds state, but the manager has no key for this vTPM (not provisioned, or deleted); refusing to start".into(),
                 })
             }
-            wire::AUTHFAIL => return Err(Error::Config("the manager refused this vTPM (wrong uuid or token)".into())),
+            wire::AUTHFAIL => {
+                return Err(Error::Config(
+                    "the manager refused this vTPM: a wrong uuid or token, or a boot hash (this executable, or this domain's image) its group has not approved; the manager's log says which".into(),
+                ))
+            }
             st => return Err(Error::Protocol(format!("LOADHASHKEY failed at the manager with status {st}"))),
         }
         if body.len() != 64 {

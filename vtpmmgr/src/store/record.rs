@@ -8,6 +8,9 @@ pub const RECORD_LEN: usize = 120;
 pub const HAS_KEY: u32 = 1;
 /// `flags`: the record is a group (its uuid is the group's, `group` its number), not a vTPM.
 pub const IS_GROUP: u32 = 2;
+/// `flags`: the record approves a boot hash (in `hash`) for the vTPMs of group `group`; its
+/// uuid is derived from both ([`Record::approval`]).
+pub const IS_APPROVAL: u32 = 4;
 
 /// A vTPM's record.
 #[derive(Clone, PartialEq, Eq)]
@@ -51,6 +54,33 @@ impl Record {
     /// Whether the record is a group.
     pub fn is_group(&self) -> bool {
         self.flags & IS_GROUP != 0
+    }
+
+    /// Whether the record approves a boot hash.
+    pub fn is_approval(&self) -> bool {
+        self.flags & IS_APPROVAL != 0
+    }
+
+    /// Whether the record is a vTPM (not a group, not an approval).
+    pub fn is_vtpm(&self) -> bool {
+        self.flags & (IS_GROUP | IS_APPROVAL) == 0
+    }
+
+    /// The record approving `boot_hash` in `group`. Its key is a hash of both, so it can
+    /// never be a vTPM's or a group's uuid by accident, and a lookup finds it directly.
+    pub fn approval(group: u32, boot_hash: &[u8; 32]) -> Self {
+        use sha2::{Digest, Sha256};
+        let d = Sha256::new()
+            .chain_update(b"xvtpm-approved-boot-hash")
+            .chain_update(group.to_be_bytes())
+            .chain_update(boot_hash)
+            .finalize();
+        let mut uuid = [0u8; 16];
+        uuid.copy_from_slice(&d[..16]);
+        let mut r = Record::new(uuid, group);
+        r.flags = IS_APPROVAL;
+        r.hash = *boot_hash;
+        r
     }
 
     pub(crate) fn encode(&self) -> [u8; RECORD_LEN] {

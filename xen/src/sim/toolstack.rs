@@ -34,6 +34,22 @@ pub fn add_domain(xs: &Xenstore, domid: DomId, name: &str) -> Result<()> {
     })
 }
 
+/// What libxl records of a PV domain it built: the domain's `vm` node, and under it
+/// `image/ostype`, `image/kernel`, `image/ramdisk`, `image/cmdline` (written by the toolstack
+/// only; the domain can read them).
+pub fn record_pv_image(xs: &Xenstore, domid: DomId, kernel: &str, ramdisk: Option<&str>, cmdline: &str) -> Result<()> {
+    let vm = format!("/vm/sim-{domid}");
+    xs.transaction(|tx| {
+        xs.write(tx, &format!("{}/vm", domain_path(domid)), vm.as_bytes())?;
+        xs.write(tx, &format!("{vm}/image/ostype"), b"linux")?;
+        xs.write(tx, &format!("{vm}/image/kernel"), kernel.as_bytes())?;
+        if let Some(r) = ramdisk {
+            xs.write(tx, &format!("{vm}/image/ramdisk"), r.as_bytes())?;
+        }
+        xs.write(tx, &format!("{vm}/image/cmdline"), cmdline.as_bytes())
+    })
+}
+
 /// Removes a domain's home (what remains after `xl destroy`).
 pub fn remove_domain(xs: &Xenstore, domid: DomId) -> Result<()> {
     xs.rm(TxId::NONE, &domain_path(domid))
