@@ -22,7 +22,5 @@ pub fn uuid_str(u: &[u8; 16]) -> String {
 /// socket) or of its domain's kernel, ramdisk and command line (Xen).
 pub type BootHash = [u8; 32];
 
-/// Lower-case hex.
-pub fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
+/// Lower-case hex (the TIS crate's, already a dependency).
+pub use xvtpm_tis::selftest::hex;

@@ -7,7 +7,7 @@
 // The one unsafe call: getsockopt(SO_PEERCRED), which std offers only on nightly.
 #![allow(unsafe_code)]
 
-use std::io::{self, Read};
+use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -47,15 +47,8 @@ pub fn peer_pid(s: &UnixStream) -> io::Result<u32> {
 /// is that of its file alone).
 pub fn measure(files: &[&Path], extra: &[u8]) -> io::Result<BootHash> {
     let mut h = Sha256::new();
-    let mut buf = vec![0u8; 64 << 10];
     for f in files {
-        let mut file = std::fs::File::open(f)?;
-        loop {
-            match file.read(&mut buf)? {
-                0 => break,
-                n => h.update(&buf[..n]),
-            }
-        }
+        io::copy(&mut std::fs::File::open(f)?, &mut h)?;
     }
     h.update(extra);
     Ok(h.finalize().into())

@@ -198,13 +198,9 @@ pub fn handle_measured<D: BlockDev>(
         }
         (TAG_REQ, GET_QUOTE) => {
             let Some(uuid) = acting_for(mgr, caller) else { return reply(TAG_RSP, status::AUTHFAIL, &[]) };
-            if let Err(e) = mgr.check_boot(&uuid, boot) {
-                log::warn!("{caller:?}: GET_QUOTE refused: {e}");
-                return reply(TAG_RSP, status::AUTHFAIL, &[]);
-            }
             // nonce[20] | TPM_PCR_SELECTION (u16 size, bitmap) [| u32 flags, ignored].
             let n = body.get(20..22).map(|s| u16::from_be_bytes([s[0], s[1]]) as usize);
-            match (body.get(..20), n.and_then(|n| body.get(22..22 + n))) {
+            mgr.check_boot(&uuid, boot).and_then(|()| match (body.get(..20), n.and_then(|n| body.get(22..22 + n))) {
                 (Some(nonce), Some(bits)) if bits.len() <= 3 => {
                     let pcrs: Vec<u8> = (0..24u8)
                         .filter(|p| bits.get((p / 8) as usize).is_some_and(|b| b & (1 << (p % 8)) != 0))
@@ -212,7 +208,7 @@ pub fn handle_measured<D: BlockDev>(
                     mgr.quote(&uuid, boot, nonce, &pcrs)
                 }
                 _ => Err(Error::Protocol("GET_QUOTE: nonce[20] and a PCR selection of up to 3 bytes".into())),
-            }
+            })
         }
         (TAG_REQ, GET_BOOT_HASH) => {
             if acting_for(mgr, caller).is_none() {

@@ -153,13 +153,16 @@ pub fn serve_unix<D: BlockDev + Send + 'static>(
 /// Measures a vTPM domain by its id: its boot hash, or why there is none.
 pub type DomainMeasure = Box<dyn Fn(u16) -> std::result::Result<BootHash, String> + Send + Sync>;
 
+/// A vTPM domain's id and its device's uuid.
+type DomainVtpm = (u16, [u8; 16]);
+
 /// tpmback's handler: each device's uuid (from xenstore) is the calling vTPM.
 pub struct XenHandler<D> {
     mgr: Shared<D>,
     measure: Option<DomainMeasure>,
     /// Boot hashes by (domain, device uuid), measured at a device's first command: a domain's
     /// image does not change while it runs.
-    measured: Mutex<std::collections::HashMap<(u16, String), Option<BootHash>>>,
+    measured: Mutex<std::collections::HashMap<DomainVtpm, Option<BootHash>>>,
 }
 
 impl<D> XenHandler<D> {
@@ -174,16 +177,16 @@ impl<D> XenHandler<D> {
         self
     }
 
-    fn boot_hash(&self, domid: u16, uuid: &str) -> Option<BootHash> {
+    fn boot_hash(&self, domid: u16, uuid: &[u8; 16]) -> Option<BootHash> {
         let measure = self.measure.as_ref()?;
         let mut cache = self.measured.lock().unwrap_or_else(PoisonError::into_inner);
-        *cache.entry((domid, uuid.to_string())).or_insert_with(|| match measure(domid) {
+        *cache.entry((domid, *uuid)).or_insert_with(|| match measure(domid) {
             Ok(h) => {
-                log::info!("vTPM domain {domid} ({uuid}): boot hash {}", crate::hex(&h));
+                log::info!("vTPM domain {domid} ({}): boot hash {}", crate::uuid_str(uuid), crate::hex(&h));
                 Some(h)
             }
             Err(e) => {
-                log::warn!("vTPM domain {domid} ({uuid}) cannot be measured: {e}");
+                log::warn!("vTPM domain {domid} ({}) cannot be measured: {e}", crate::uuid_str(uuid));
                 None
             }
         })
@@ -203,7 +206,7 @@ impl<D: BlockDev + Send> CommandHandler for XenHandler<D> {
             return proto::reply(proto::TAG_RSP, proto::status::AUTHFAIL, &[]);
         };
         // Management commands are refused: a vTPM domain is never the admin.
-        let boot = self.boot_hash(req.device.frontend, &req.device.uuid);
+        let boot = self.boot_hash(req.device.frontend, &uuid);
         run(&self.mgr, &mut Caller::Vtpm(uuid), boot.as_ref(), req.command)
     }
 }
