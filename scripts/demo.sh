@@ -12,7 +12,7 @@ bin=./target/release
 echo "=== 1. A Xen guest using our vTPM: Xen 4.17 + dom0 + a PV guest under QEMU (TCG), from Debian packages"
 echo "    dom0 runs xenstored, xl and our 'vtpm serve'; the guest's stock xen-tpmfront gives tpm2-tools /dev/tpm0"
 img=target/xen-demo
-bash tests/harness/build-xen.sh "$img" "$bin/vtpm" > "$img.build.log" 2>&1 || { cat "$img.build.log"; exit 1; }
+bash tests/harness/build-xen.sh "$img" "$bin" > "$img.build.log" 2>&1 || { cat "$img.build.log"; exit 1; }
 if bash tests/harness/boot-xen.sh "$img" "$img/boot.log" 1200; then result=PASS; else result=FAIL; fi
 grep -E "XVTPM-|  xl:|^  \[20" "$img/boot.log" | tr -d '\r'
 echo "Xen end-to-end: $result (serial log: $img/boot.log)"

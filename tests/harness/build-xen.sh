@@ -1,13 +1,20 @@
 #!/usr/bin/env bash
-# Builds the images of the Xen end-to-end test from Debian 12 packages plus our vtpm binary:
+# Builds the images of a Xen end-to-end scenario from Debian 12 packages plus our binaries:
 #   xen       Xen 4.17 (multiboot ELF), vmlinux  the Debian kernel as ELF (dom0 and domU),
-#   dom0.cpio busybox, Xen's tools and modules, our vtpm, the domU kernel and initramfs.
-# Cached: rebuilt when an input (packages, scripts, vtpm binary) changes.
-# Usage: build-xen.sh OUTDIR VTPM_BINARY
+#   dom0.cpio busybox, Xen's tools and modules, the domU kernel and initramfs, and by scenario:
+#     e2e      our `vtpm serve` in dom0 is the guest's backend (xen-dom0-init.sh);
+#     stubdom  the manager and the guest's vTPM in stub domains, disks on loop devices through
+#              Xen's own hotplug scripts, our `xvtpm` tool (xen-stubdom-dom0-init.sh).
+# Cached: rebuilt when an input (packages, scripts, binaries) changes.
+# Usage: build-xen.sh OUTDIR BINDIR [e2e|stubdom]   (BINDIR holds vtpm, vtpmmgr, xvtpm)
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
-OUT=${1:?usage: build-xen.sh OUTDIR VTPM_BINARY}
-VTPM=${2:?usage: build-xen.sh OUTDIR VTPM_BINARY}
+OUT=${1:?usage: build-xen.sh OUTDIR BINDIR [e2e|stubdom]}
+BIN=${2:?usage: build-xen.sh OUTDIR BINDIR [e2e|stubdom]}
+SCENARIO=${3:-e2e}
+VTPM=$BIN/vtpm
+case "$SCENARIO" in e2e) BINS=("$VTPM");; stubdom) BINS=("$VTPM" "$BIN/vtpmmgr" "$BIN/xvtpm");;
+    *) echo "unknown scenario $SCENARIO" >&2; exit 2;; esac
 mkdir -p "$OUT/debs"
 
 resolve() { apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/{print $2; exit}'; }
@@ -18,7 +25,8 @@ XV=4.17
 PKGS=(xen-hypervisor-$XV-amd64 xen-utils-$XV xenstore-utils libxenstore4 libxenmisc$XV libxencall1
       libxenevtchn1 libxenforeignmemory1 libxengnttab1 libxentoollog1 libxentoolcore1
       libxendevicemodel1 libxenhypfs1 libyajl2 "$KPKG")
-stamp="${PKGS[*]} $(cat "$HERE"/build-xen.sh "$HERE"/xen-*.sh "$HERE"/xen-domU.cfg "$HERE"/tpmbench.c "$HERE"/guest-dbus.conf | sha256sum | cut -c1-16) $(sha256sum "$VTPM" | cut -c1-16) $(dpkg-query -W -f='${Version} ' tpm2-tools busybox-static tpm2-abrmd dbus-daemon)"
+[ "$SCENARIO" = stubdom ] && PKGS+=(xen-utils-common)   # the hotplug scripts (block)
+stamp="${PKGS[*]} $(cat "$HERE"/build-xen.sh "$HERE"/xen-*.sh "$HERE"/xen-domU.cfg "$HERE"/tpmbench.c "$HERE"/guest-dbus.conf "$HERE"/../../tools/stubdom/* | sha256sum | cut -c1-16) $SCENARIO $(cat "${BINS[@]}" | sha256sum | cut -c1-16) $(dpkg-query -W -f='${Version} ' tpm2-tools busybox-static tpm2-abrmd dbus-daemon)"
 if [ -f "$OUT/stamp" ] && [ "$(cat "$OUT/stamp")" = "$stamp" ]; then exit 0; fi
 
 ( cd "$OUT/debs"
@@ -69,13 +77,31 @@ for b in xl xenstored xenconsoled xen-init-dom0; do cp "$R/usr/lib/xen-$XV/bin/$
 cp "$R/usr/bin/xenstore" "$S/usr/bin/xenstore"; copy_libs "$R/usr/bin/xenstore" "$S"
 for t in exists list ls read rm write; do ln -sf xenstore "$S/usr/bin/xenstore-$t"; done
 cp -L /lib/x86_64-linux-gnu/libgcc_s.so.1 "$S/lib/x86_64-linux-gnu/"   # glibc dlopen()s it (pthread_cancel)
-strip -o "$S/usr/sbin/vtpm" "$VTPM"; copy_libs "$VTPM" "$S"
 mkdir -p "$S/etc/xen" "$S/var/lib/xen" "$S/var/log/xen"
 : > "$S/etc/xen/xl.conf"
-cp "$HERE/xen-domU.cfg" "$S/etc/xen/domU.cfg"
 cp "$OUT/vmlinux" "$S/boot/vmlinux-domU"
 cp "$OUT/domU.cpio.gz" "$S/boot/domU.cpio.gz"
-install -m 755 "$HERE/xen-dom0-init.sh" "$S/init"
+if [ "$SCENARIO" = e2e ]; then
+    strip -o "$S/usr/sbin/vtpm" "$VTPM"; copy_libs "$VTPM" "$S"
+    cp "$HERE/xen-domU.cfg" "$S/etc/xen/domU.cfg"
+    install -m 755 "$HERE/xen-dom0-init.sh" "$S/init"
+else
+    # The stub domains' images, as an operator installs them.
+    mkdir -p "$OUT/stubdom/debs"; ln -f "$OUT"/debs/"$KPKG"_*.deb "$OUT/stubdom/debs/" 2>/dev/null || true
+    bash "$HERE/../../tools/stubdom/build-images.sh" "$OUT/stubdom" "$BIN"
+    mkdir -p "$S/usr/lib/xvtpm"
+    cp "$OUT/stubdom/vmlinux" "$OUT"/stubdom/*.cpio.gz "$S/usr/lib/xvtpm/"
+    strip -o "$S/usr/sbin/xvtpm" "$BIN/xvtpm"; copy_libs "$BIN/xvtpm" "$S"
+    for m in xen-blkback loop; do cp "$(modpath $m)" "$S/lib/modules/"; done
+    # Xen's block hotplug script puts file-backed disks on loop devices; it needs bash,
+    # util-linux's losetup and flock. mkfs.ext4 formats the vTPM domains' disks.
+    cp -a "$R/etc/xen/scripts" "$S/etc/xen/"
+    for b in /usr/bin/bash /usr/sbin/losetup /usr/bin/flock /usr/sbin/mke2fs; do
+        cp "$b" "$S/usr/bin/"; copy_libs "$b" "$S"
+    done
+    ln -sf mke2fs "$S/usr/bin/mkfs.ext4"; ln -sf /usr/bin/bash "$S/bin/bash"
+    install -m 755 "$HERE/xen-stubdom-dom0-init.sh" "$S/init"
+fi
 mkcpio "$S" > "$OUT/dom0.cpio"
 rm -rf "$R" "$OUT/stage-domU" "$OUT/stage-dom0"
 echo "$stamp" > "$OUT/stamp"

@@ -13,7 +13,11 @@ fn xen_guest_uses_our_vtpm() {
     let harness = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/harness");
     let img = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("xen-e2e");
     let built =
-        Command::new("bash").arg(harness.join("build-xen.sh")).arg(&img).arg(VTPM).status().expect("build-xen.sh");
+        Command::new("bash")
+            .arg(harness.join("build-xen.sh"))
+            .arg(&img)
+            .arg(std::path::Path::new(VTPM).parent().expect("bin dir"))
+            .status().expect("build-xen.sh");
     assert!(built.success(), "building the Xen images failed");
     let log = img.join("boot.log");
     let booted = Command::new("bash")

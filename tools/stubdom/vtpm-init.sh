@@ -1,0 +1,29 @@
+#!/bin/busybox sh
+# /init of a vTPM stub domain. Its disk (xvda, ext4, made by `xvtpm stubdom disk`) holds
+# xvtpm.conf (the uuid of the guest device it serves, the TPM version) and the vTPM's state,
+# whose key is kept by the manager: this domain's own vtpm device (handle 0) leads to it.
+# A disk made with a create request gets its TPM manufactured at the first boot, once.
+/bin/busybox --install -s /bin
+export PATH=/bin LD_LIBRARY_PATH=/usr/lib/x86_64-linux-gnu RUST_LOG_STYLE=never
+mount -t proc proc /proc; mount -t sysfs sysfs /sys; mount -t devtmpfs devtmpfs /dev
+say() { echo "xvtpm-stubdom: $*"; }
+stop() { say "$*; powering off"; sync; poweroff -f; }
+for m in $(cat /lib/modules/order); do insmod "/lib/modules/$m.ko" || stop "cannot load module $m"; done
+i=0; while [ ! -b /dev/xvda ]; do i=$((i+1)); [ $i -gt 300 ] && stop "no disk xvda (disk= in the domain file)"; usleep 100000; done
+mount -t ext4 -o nodelalloc /dev/xvda /mnt || stop "cannot mount xvda"
+conf() { sed -n "s/^$1=//p" /mnt/xvtpm.conf 2>/dev/null | head -n 1; }
+UUID=$(conf uuid); VERSION=$(conf tpm)
+[ -n "$UUID" ] || stop "xvda has no xvtpm.conf with a uuid"
+case "$VERSION" in 1.2) V=--tpm1.2;; 2.0|"") V=;; *) stop "unknown tpm=$VERSION in xvtpm.conf";; esac
+if [ -e /mnt/create ]; then
+    if [ -e /mnt/state ]; then say "state exists; dropping the create request"
+    else
+        say "manufacturing TPM $VERSION for $UUID"
+        mkdir -p /mnt/state.new && vtpm create --state-dir /mnt/state.new --manager xen:0 $V \
+            && mv /mnt/state.new /mnt/state || stop "vtpm create failed"
+    fi
+    rm -f /mnt/create; sync
+fi
+say "serving $UUID"
+RUST_LOG=${RUST_LOG:-info} vtpm serve --state-dir /mnt/state --manager xen:0 --uuid "$UUID" $V
+stop "vtpm exited with status $?"
