@@ -19,6 +19,7 @@ need tpm-tools
 need qemu-system-x86  # QEMU as a vTPM client (and, later, the Xen-in-QEMU harness)
 need busybox-static   # VM images
 need cpio
+need e2fsprogs         # mkfs.ext4 and debugfs: the vTPM stub domains' disks
 if [ ${#pkgs[@]} -gt 0 ]; then
     echo "== installing ${pkgs[*]}"
     SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo

@@ -315,6 +315,40 @@ impl State {
         }
     }
 
+    /// In a driver domain (not dom0), removing an offline device's backend directory is ours
+    /// to do: libxl in dom0 removes the frontend's and waits (10 s) for the driver domain to
+    /// remove the backend's, as `xl devd` does for the devices of its domain.
+    fn remove_offline(&mut self, key: (DomId, u32), be_path: &str) {
+        // Only once libxl is done with the frontend: it removes the frontend's directory after
+        // it saw Closed. Once that is gone, xenstored answers EACCES rather than ENOENT, since
+        // we may not read the guest's parent directories.
+        if let Some(d) = self.devices.get(&key) {
+            match self.xs.try_read(TxId::NONE, &format!("{}/state", d.fe_path)) {
+                Ok(None) => {}
+                Err(e) if e.xs_errno() == Some(xvtpm_xen::XsErrno::EACCES) => {}
+                _ => return,
+            }
+        }
+        // libxl also removes the guest's directory here once it is empty (one removal does
+        // both), where the permissions let us; the device's own directory is ours.
+        let parent = match be_path.rsplit_once('/') {
+            Some((dir, h)) if self.xs.directory(TxId::NONE, dir).is_ok_and(|e| e == [h]) => Some(dir),
+            _ => None,
+        };
+        let removed = parent.is_some_and(|dir| self.xs.rm(TxId::NONE, dir).is_ok());
+        if !removed {
+            match self.xs.rm(TxId::NONE, be_path) {
+                Ok(()) => {}
+                Err(e) if e.is_enoent() => {}
+                Err(e) => {
+                    log::warn!("vtpm {}/{}: cannot remove {be_path}: {e}", key.0, key.1);
+                    return;
+                }
+            }
+        }
+        self.forget(key);
+    }
+
     /// Reads a node: `Ok(None)` if it does not exist, `Err` (logged) if xenstore failed, so
     /// that a transient error is never taken for a removed device.
     fn read_node(&self, path: &str) -> std::result::Result<Option<Vec<u8>>, ()> {
@@ -359,6 +393,9 @@ impl State {
             self.disconnect(key);
             if be_state != Some(XenbusState::Closed) {
                 self.write_state(key, XenbusState::Closed);
+            }
+            if !online && self.xen.domid() != 0 {
+                self.remove_offline(key, &be_path);
             }
             return;
         }

@@ -35,33 +35,13 @@ wait_for() { # file pattern seconds [domain that must stay alive]
 GUUID=5e1f0a2b-7c3d-4e5f-8a9b-0c1d2e3f4a5b   # the guest's vTPM
 VUUID=5e1f0a2b-7c3d-4e5f-8a9b-0c1d2e3f4a60   # the vTPM domain's identity at the manager
 IMG=/usr/lib/xvtpm
-truncate -s 16M /var/lib/xvtpm/vtpmmgr.img
-mkdir -p /tmp/disk; printf 'uuid=%s\ntpm=2.0\n' $GUUID > /tmp/disk/xvtpm.conf; : > /tmp/disk/create
-mkfs.ext4 -q -F -d /tmp/disk /var/lib/xvtpm/vtpm-tpmguest.img 16M || finish FAIL
-cat > /etc/xen/vtpmmgr.cfg <<CFG
-name = "vtpmmgr"
-type = "pv"
-kernel = "$IMG/vmlinux"
-ramdisk = "$IMG/vtpmmgr-stubdom.cpio.gz"
-extra = "console=hvc0 loglevel=4 xvtpm.auto-provision"
-memory = 128
-vcpus = 1
-disk = [ "/var/lib/xvtpm/vtpmmgr.img,raw,xvda,w" ]
-iomem = [ "fed40,5" ]
-on_crash = "preserve"
-CFG
-cat > /etc/xen/vtpm-tpmguest.cfg <<CFG
-name = "vtpm-tpmguest"
-type = "pv"
-kernel = "$IMG/vmlinux"
-ramdisk = "$IMG/vtpm-stubdom.cpio.gz"
-extra = "console=hvc0 loglevel=4"
-memory = 128
-vcpus = 1
-disk = [ "/var/lib/xvtpm/vtpm-tpmguest.img,raw,xvda,w" ]
-vtpm = [ "backend=vtpmmgr,uuid=$VUUID" ]
-on_crash = "preserve"
-CFG
+# The operator's path: the tool makes the disks and domain files. The uncompressed kernel
+# boots faster under emulation.
+xvtpm stubdom manager --images $IMG --kernel $IMG/vmlinux --auto-provision 2>&1 | sed 's/^/  xvtpm: /'
+xvtpm stubdom vtpm --name vtpm-tpmguest --uuid $GUUID --vtpm-uuid $VUUID --images $IMG --kernel $IMG/vmlinux \
+    > /tmp/vtpm.out 2>&1 || { cat /tmp/vtpm.out; finish FAIL; }
+sed 's/^/  xvtpm: /' /tmp/vtpm.out
+sed 's/^/  cfg: /' /etc/xen/vtpmmgr.cfg /etc/xen/vtpm-tpmguest.cfg
 cat > /etc/xen/tpmguest.cfg <<CFG
 name = "tpmguest"
 type = "pv"
@@ -70,11 +50,11 @@ ramdisk = "/boot/domU.cpio.gz"
 extra = "console=hvc0 loglevel=4"
 memory = 256
 vcpus = 1
-vtpm = [ "backend=vtpm-tpmguest,uuid=$GUUID" ]
+$(tail -n 1 /tmp/vtpm.out)
 on_crash = "preserve"
 CFG
 T0=$(cut -d' ' -f1 /proc/uptime)
-xl create /etc/xen/vtpmmgr.cfg 'extra="console=hvc0 loglevel=4 xvtpm.init xvtpm.auto-provision"' 2>&1 | sed 's/^/  xl: /'
+xl create /etc/xen/vtpmmgr.cfg 'extra="console=hvc0 xvtpm.auto-provision xvtpm.init"' 2>&1 | sed 's/^/  xl: /'
 wait_for $CON/guest-vtpmmgr.log "watching" 120 vtpmmgr || { mark "MANAGER_FAILED"; sed 's/^/  hotplug: /' /var/log/xen/xen-hotplug.log; sed 's/^/  vtpmmgr: /' $CON/guest-vtpmmgr.log; finish FAIL; }
 mark "manager domain serving after $(awk -v t0=$T0 '{print $1 - t0}' /proc/uptime) s"
 sed 's/^/  vtpmmgr: /' $CON/guest-vtpmmgr.log | grep -v "^  vtpmmgr: \[" | tail -n 20
@@ -91,5 +71,38 @@ wait_for $GCON "XVTPM-DOMU: devices" 400
 mark "xl create to usable /dev/tpm0 in the guest: $(awk -v t0=$T0 '{print $1 - t0}' /proc/uptime) s"
 wait_for $GCON "XVTPM-DOMU: DONE" 400
 grep "XVTPM-DOMU" $GCON | sed 's/^/  /'
-mark "vTPM domain log:"; sed 's/^/  vtpm-dom: /' $CON/guest-vtpm-tpmguest.log | grep -v "^  vtpm-dom: \[" | tail -n 10
+mark "vTPM domain log:"; sed 's/^/  vtpm-dom: /' $CON/guest-vtpm-tpmguest.log | tail -n 4
+last_loop() { grep -o "XVTPM-DOMU: loop [0-9]* ok" $GCON | tail -n 1 | awk '{print $3}'; }
+# 1. The vTPM domain is destroyed while the guest uses its TPM: the guest's next command fails,
+#    and the guest goes on running.
+i=0; while [ -z "$(last_loop)" ] && [ $i -lt 600 ]; do i=$((i+1)); usleep 100000; done
+xl destroy vtpm-tpmguest 2>&1 | sed 's/^/  xl: /'
+N=$(last_loop); T0=$(cut -d' ' -f1 /proc/uptime)
+mark "vTPM domain destroyed after guest loop $N"
+i=0; while ! grep "XVTPM-DOMU: loop [0-9]* err" $GCON | awk -v n=$N '$3 > n' | grep -q err; do
+    i=$((i+1)); [ $i -gt 2000 ] && break; usleep 100000
+done
+E=$(grep "XVTPM-DOMU: loop [0-9]* err" $GCON | awk -v n=$N '$3 > n' | head -n 1)
+if [ -n "$E" ]; then mark "DESTROYED_ERROR after $(awk -v t0=$T0 '{print $1 - t0}' /proc/uptime) s: $E"; else mark "DESTROYED_HANG no error within 200 s"; fi
+i=0; while ! grep "XVTPM-DOMU: loop [0-9]* err" $GCON | awk -v n=$N '$3 > n' | sed -n 2p | grep -q err; do
+    i=$((i+1)); [ $i -gt 2000 ] && break; usleep 100000
+done
+mark "guest after the destroy: $(grep 'XVTPM-DOMU: loop' $GCON | tail -n 1)"
+xl list | sed 's/^/  xl list: /'
+# 2. The guest is shut down; the vTPM domain starts again from its disk; the guest boots
+#    again and finds what it made before.
+T0=$(cut -d' ' -f1 /proc/uptime)
+xl destroy tpmguest 2>&1 | sed 's/^/  xl: /'
+mark "guest destroyed in $(awk -v t0=$T0 '{print $1 - t0}' /proc/uptime) s"
+n=$(grep -c watching $CON/guest-vtpm-tpmguest.log)
+xl create /etc/xen/vtpm-tpmguest.cfg 2>&1 | sed 's/^/  xl: /'
+i=0; while [ "$(grep -c watching $CON/guest-vtpm-tpmguest.log)" = "$n" ]; do
+    i=$((i+1)); [ $i -gt 1800 ] && { mark "VTPM_RESTART_FAILED"; sed 's/^/  vtpm-dom: /' $CON/guest-vtpm-tpmguest.log | tail -n 20; finish FAIL; }; usleep 100000
+done
+mark "vTPM domain restarted:"; sed 's/^/  vtpm-dom: /' $CON/guest-vtpm-tpmguest.log | tail -n 5
+xl create /etc/xen/tpmguest.cfg 'extra="console=hvc0 loglevel=4 xvtpm.phase=2"' 2>&1 | sed 's/^/  xl: /'
+wait_for $GCON "XVTPM-DOMU: DONE2" 400
+grep "XVTPM-DOMU: .*phase2\|XVTPM-DOMU: DONE2" $GCON | sed 's/^/  /'
+mark "manager log:"; sed 's/^/  vtpmmgr: /' $CON/guest-vtpmmgr.log | tail -n 8
+xl destroy tpmguest; xl destroy vtpm-tpmguest; xl destroy vtpmmgr
 finish PASS

@@ -13,6 +13,7 @@ use xvtpm_backend::{CommandHandler, Request};
 pub mod clayout;
 pub mod swtpm;
 pub mod tpm2;
+pub mod xen_qemu;
 
 /// Commands starting with this marker make [`TestHandler`] work slowly (up to 30 s), stopping
 /// early when the frontend cancels.

@@ -425,3 +425,31 @@ fn stuck_command_blocks_neither_destroy_nor_other_guests() {
     assert!(env.wait_be_state(2, XenbusState::InitWait), "new guest's device at InitWait in time");
     env.assert_frontend_ok(2, &["echo", "--count", "20"], "OK echoed 20");
 }
+
+/// A backend in a driver domain (a vTPM stub domain): on `xl destroy` of its guest, libxl in
+/// dom0 removes the frontend's directory and then waits for the driver domain to remove the
+/// backend's, as `xl devd` would. Ours does, so the destroy does not wait out libxl's 10 s.
+#[test]
+fn driver_domain_backend_removes_its_directory_on_destroy() {
+    let env = Env::new();
+    toolstack::add_domain(&env.xs, 5, "vtpm-dom").expect("driver domain");
+    toolstack::add_domain(&env.xs, 1, "guest1").expect("guest");
+    toolstack::add_vtpm(&env.xs, 1, 5, 0, &uuid(1)).expect("vtpm");
+    let be = BackendProcess::start(Path::new(BACKEND), env.dir(), 5, &[]).expect("backend");
+    let be_path = "/local/domain/5/backend/vtpm/1/0";
+    assert!(
+        toolstack::wait_for_state(&env.xs, &format!("{be_path}/state"), XenbusState::InitWait, 10 * SEC),
+        "{}",
+        be.log()
+    );
+    env.assert_frontend_ok(1, &["echo", "--count", "10"], "OK echoed 10");
+    let t = std::time::Instant::now();
+    assert!(toolstack::remove_vtpm(&env.xs, 1, 5, 0, 10 * SEC).expect("remove"), "{}", be.log());
+    assert!(t.elapsed() < 3 * SEC, "destroy took {:?}", t.elapsed());
+    assert_eq!(env.xs.try_read(TxId::NONE, be_path).expect("read"), None);
+    // The backend still serves new guests.
+    assert!(be.wait_log("vtpm 1/0: device removed", 5 * SEC), "{}", be.log());
+    toolstack::add_domain(&env.xs, 2, "guest2").expect("guest");
+    toolstack::add_vtpm(&env.xs, 2, 5, 0, &uuid(2)).expect("vtpm");
+    env.assert_frontend_ok(2, &["echo", "--count", "10"], "OK echoed 10");
+}

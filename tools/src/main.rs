@@ -1,4 +1,5 @@
-//! `xvtpm`: the operator's tool: vTPMs and groups at the manager, state-file inspection, and
+//! `xvtpm`: the operator's tool: vTPMs and groups at the manager, the stub domains' disks and
+//! domain files, state-file inspection, and
 //! the tpmif diagnostics (an echo backend to check that a guest's vtpm device connects, and a
 //! frontend that measures the round trip; both on the real Xen interfaces unless `--sim`).
 //!
@@ -8,6 +9,7 @@
 
 mod admin;
 mod inspect;
+mod stubdom;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -71,6 +73,9 @@ enum Command {
         #[command(flatten)]
         what: admin::MeasureArgs,
     },
+    /// Stub domains: make the manager's and a guest's vTPM domain (disk and domain file).
+    #[command(subcommand)]
+    Stubdom(stubdom::StubdomCmd),
     /// Show a vTPM state file's format, protection and size (never its contents).
     InspectState {
         /// The file.
@@ -120,6 +125,7 @@ fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Vtpm(c) => admin::vtpm(c)?,
         Command::Group(c) => admin::group(c)?,
+        Command::Stubdom(c) => stubdom::run(c)?,
         Command::Measure { what } => println!("{}", xvtpm_vtpmmgr::hex(&what.boot_hash()?)),
         Command::InspectState { file, json } => inspect::inspect_state(&file, json)?,
         Command::EchoBackend { xen, uuid } => {

@@ -3,40 +3,19 @@
 //! is the guest's vTPM; tpm2-tools in the guest use /dev/tpm0. Images are built by
 //! tests/harness/build-xen.sh (cached) and booted by tests/harness/boot-xen.sh (TCG).
 
-use std::path::PathBuf;
-use std::process::Command;
+use std::path::{Path, PathBuf};
+
+use xvtpm_tests::xen_qemu;
 
 const VTPM: &str = env!("CARGO_BIN_EXE_vtpm");
 
 #[test]
 fn xen_guest_uses_our_vtpm() {
-    let harness = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/harness");
     let img = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("xen-e2e");
-    let built =
-        Command::new("bash")
-            .arg(harness.join("build-xen.sh"))
-            .arg(&img)
-            .arg(std::path::Path::new(VTPM).parent().expect("bin dir"))
-            .status().expect("build-xen.sh");
-    assert!(built.success(), "building the Xen images failed");
-    let log = img.join("boot.log");
-    let booted = Command::new("bash")
-        .arg(harness.join("boot-xen.sh"))
-        .arg(&img)
-        .arg(&log)
-        .arg("1200")
-        .status()
-        .expect("boot-xen.sh");
-    let console = String::from_utf8_lossy(&std::fs::read(&log).unwrap_or_default()).into_owned();
-    let report: Vec<&str> = console.lines().filter(|l| l.contains("XVTPM-")).collect();
-    eprintln!("{}", report.join("\n"));
-    let ctx = || {
-        format!(
-            "serial log tail:\n{}",
-            console.lines().rev().take(80).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
-        )
-    };
-    let guest = |p: &str| report.iter().any(|l| l.trim().starts_with(&format!("XVTPM-DOMU: {p}")));
+    let c = xen_qemu::run(&img, Path::new(VTPM).parent().expect("bin dir"), "e2e", false, 1200);
+    let console = &c.text;
+    let ctx = || c.ctx();
+    let guest = |p: &str| c.guest(p);
     assert!(guest("DONE"), "the guest did not finish; {}", ctx());
     assert!(guest("devices /dev/tpm0"), "no /dev/tpm0 in the guest; {}", ctx());
     assert!(guest("getrandom ok") && guest("pcrextend ok") && guest("createprimary ok"), "{}", ctx());
@@ -48,9 +27,7 @@ fn xen_guest_uses_our_vtpm() {
     );
     // The guest kernel's own TPM 1.2 probe is answered: real timeouts and durations, a working
     // TPM hwrng, no TPM errors in dmesg.
-    let value = |p: &str| {
-        report.iter().find_map(|l| l.trim().strip_prefix(&format!("XVTPM-DOMU: {p} "))).unwrap_or("").to_string()
-    };
+    let value = |p: &str| c.value(p);
     let nonzero = |s: &str, n: usize| {
         let v: Vec<u64> = s.split_whitespace().filter_map(|w| w.parse().ok()).collect();
         v.len() == n && v.iter().all(|x| *x > 0)
@@ -89,5 +66,5 @@ fn xen_guest_uses_our_vtpm() {
     assert!(guest("tpm1 24 pcrs, enabled=1 active=1"), "TPM 1.2 PCRs and flags; {}", ctx());
     assert!(console.contains("DETACH_OK"), "vtpm-detach; {}", ctx());
     assert!(!console.contains("xl: libxl: error"), "xl reported an error (e.g. the backend did not close); {}", ctx());
-    assert!(booted.success() && console.contains("RESULT PASS"), "{}", ctx());
+    assert!(c.passed && console.contains("RESULT PASS"), "{}", ctx());
 }

@@ -106,19 +106,38 @@ pub fn wait_for_state(xs: &Xenstore, path: &str, want: XenbusState, timeout: Dur
 }
 
 /// Removes a vtpm device as `xl destroy` / `xl vtpm-detach` does: backend state Closing, wait
-/// (libxl: 10 s) for the backend to reach Closed, then remove both directories. Returns
-/// whether the backend reached Closed in time; the directories are removed either way.
+/// (libxl: 10 s) for the backend to reach Closed, then remove both directories; a backend in a
+/// driver domain (not dom0) must remove its own directory, and libxl waits for that too.
+/// Returns whether the backend did its part in time; the directories are removed either way.
 pub fn remove_vtpm(xs: &Xenstore, frontend: DomId, backend: DomId, handle: u32, timeout: Duration) -> Result<bool> {
     let be = vtpm_backend_path(backend, frontend, handle);
     let fe = vtpm_frontend_path(frontend, handle);
     xs.write(TxId::NONE, &format!("{be}/online"), b"0")?;
     xs.write(TxId::NONE, &format!("{be}/state"), XenbusState::Closing.as_str().as_bytes())?;
     let closed = wait_for_state(xs, &format!("{be}/state"), XenbusState::Closed, timeout);
-    for p in [&be, &fe] {
-        match xs.rm(TxId::NONE, p) {
-            Err(e) if !e.is_enoent() => return Err(e),
-            _ => {}
+    if backend != 0 {
+        // A driver domain's backend directory is the driver domain's to remove (xl devd);
+        // libxl removes the frontend's, then waits for it, then removes it itself.
+        rm_quiet(xs, &fe)?;
+        let end = Instant::now() + timeout;
+        while xs.try_read(TxId::NONE, &be)?.is_some() {
+            if Instant::now() > end {
+                rm_quiet(xs, &be)?;
+                return Ok(false);
+            }
+            std::thread::sleep(Duration::from_millis(5));
         }
+        return Ok(closed);
+    }
+    for p in [&be, &fe] {
+        rm_quiet(xs, p)?;
     }
     Ok(closed)
+}
+
+fn rm_quiet(xs: &Xenstore, path: &str) -> Result<()> {
+    match xs.rm(TxId::NONE, path) {
+        Err(e) if !e.is_enoent() => Err(e),
+        _ => Ok(()),
+    }
 }

@@ -1,0 +1,70 @@
+//! The QEMU-emulated Xen of the end-to-end tests: builds a scenario's images
+//! (`tests/harness/build-xen.sh`), boots it (`boot-xen.sh`) and reads what dom0 and the guests
+//! reported on the serial console (lines containing `XVTPM-`).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The serial console of one boot.
+#[derive(Debug)]
+pub struct Console {
+    /// The whole log.
+    pub text: String,
+    /// Whether QEMU exited with dom0's PASS.
+    pub passed: bool,
+}
+
+fn harness() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("harness")
+}
+
+/// Builds `scenario`'s images into `img` (cached) from the binaries in `bin_dir`, boots them
+/// (with a TPM behind QEMU's tpm-tis if `tpm`) and returns the console.
+pub fn run(img: &Path, bin_dir: &Path, scenario: &str, tpm: bool, timeout_s: u32) -> Console {
+    let built = Command::new("bash")
+        .arg(harness().join("build-xen.sh"))
+        .arg(img)
+        .arg(bin_dir)
+        .arg(scenario)
+        .status()
+        .expect("build-xen.sh");
+    assert!(built.success(), "building the Xen images failed");
+    let log = img.join("boot.log");
+    let mut boot = Command::new("bash");
+    boot.arg(harness().join("boot-xen.sh")).arg(img).arg(&log).arg(timeout_s.to_string());
+    if tpm {
+        boot.arg("tpm");
+    }
+    let passed = boot.status().expect("boot-xen.sh").success();
+    let text = String::from_utf8_lossy(&std::fs::read(&log).unwrap_or_default()).replace('\r', "");
+    let console = Console { text, passed };
+    eprintln!("{}", console.report().join("\n"));
+    console
+}
+
+impl Console {
+    /// The reported lines.
+    pub fn report(&self) -> Vec<&str> {
+        self.text.lines().filter(|l| l.contains("XVTPM-")).collect()
+    }
+
+    /// Whether the guest reported a line starting with `prefix`.
+    pub fn guest(&self, prefix: &str) -> bool {
+        self.report().iter().any(|l| l.trim().starts_with(&format!("XVTPM-DOMU: {prefix}")))
+    }
+
+    /// The rest of the guest's first line starting with `key `.
+    pub fn value(&self, key: &str) -> String {
+        self.report()
+            .iter()
+            .find_map(|l| l.trim().strip_prefix(&format!("XVTPM-DOMU: {key} ")))
+            .unwrap_or("")
+            .to_string()
+    }
+
+    /// The end of the log, for assertion messages.
+    pub fn ctx(&self) -> String {
+        let lines: Vec<&str> = self.text.lines().collect();
+        format!("serial log tail:\n{}", lines[lines.len().saturating_sub(80)..].join("\n"))
+    }
+}

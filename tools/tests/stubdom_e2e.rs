@@ -1,0 +1,64 @@
+//! Stub domains end to end under QEMU-emulated Xen (Xen 4.17, xl, xenstored and the guest's
+//! stock xen-tpmfront from Debian): `xl create` of the manager's domain, which owns QEMU's TPM
+//! (tpm-tis backed by Debian's swtpm) through `iomem=` and our `tis` driver, of a vTPM domain
+//! with its state on its own disk, and of a guest with an ordinary `vtpm=` line. The guest runs
+//! its tpm2-tools checks; the vTPM domain is destroyed under it (the guest gets an error, not a
+//! hang), restarted from its disk, and the rebooted guest finds its key and NV index.
+//! Images: tools/stubdom/build-images.sh via tests/harness/build-xen.sh (cached).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use xvtpm_tests::xen_qemu;
+
+const XVTPM: &str = env!("CARGO_BIN_EXE_xvtpm");
+
+/// The vtpm and vtpmmgr binaries of this build profile, next to ours. Cargo builds only this
+/// package's binaries for its tests, so make sure theirs are current too (a no-op after
+/// `cargo test --workspace`).
+fn bin_dir() -> PathBuf {
+    let dir = Path::new(XVTPM).parent().expect("bin dir").to_path_buf();
+    let mut cargo = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cargo.args(["build", "-q", "--bins", "-p", "xvtpm-vtpm", "-p", "xvtpm-vtpmmgr"]);
+    if dir.ends_with("release") {
+        cargo.arg("--release");
+    }
+    assert!(cargo.status().expect("cargo").success(), "building vtpm and vtpmmgr failed");
+    dir
+}
+
+#[test]
+fn guest_with_vtpm_and_manager_in_stub_domains() {
+    let img = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("xen-stubdom");
+    let c = xen_qemu::run(&img, &bin_dir(), "stubdom", true, 1500);
+    let has = |s: &str| c.text.contains(s);
+    assert!(has("manager domain serving"), "the manager's domain did not come up; {}", c.ctx());
+    assert!(has("vtpmmgr: store /dev/xvda created"), "no store made on the manager's disk; {}", c.ctx());
+    assert!(has("vTPM domain serving"), "the vTPM domain did not come up; {}", c.ctx());
+    assert!(has("created a V2_0 vTPM in /mnt/state.new (key at the manager)"), "{}", c.ctx());
+    // The guest's tpm2-tools checks, through its stock xen-tpmfront to the vTPM domain.
+    assert!(c.guest("devices /dev/tpm0"), "no /dev/tpm0 in the guest; {}", c.ctx());
+    for ok in ["getrandom ok", "pcrextend ok", "createprimary ok", "evictcontrol ok", "nv ok", "DONE"] {
+        assert!(c.guest(ok), "guest: no {ok:?}; {}", c.ctx());
+    }
+    assert!(
+        c.guest("pcr16 0x5C85955F709283ECCE2B74F1B1552918819F390911816E7BB466805A38AB87F3"),
+        "PCR 16 value; {}",
+        c.ctx()
+    );
+    assert!(c.guest("unseal guest-secret-42") && c.guest("unseal refused after extend"), "{}", c.ctx());
+    assert!(c.guest("abrmd two clients: a=3 b=3 of 3"), "tpm2-abrmd; {}", c.ctx());
+    assert_eq!(c.value("dmesg-tpm-errors"), "0", "TPM errors in the guest's dmesg; {}", c.ctx());
+    // The vTPM domain destroyed under the guest: an error in the guest, which keeps running.
+    assert!(has("DESTROYED_ERROR") && !has("DESTROYED_HANG"), "{}", c.ctx());
+    assert!(has("guest after the destroy: XVTPM-DOMU: loop"), "{}", c.ctx());
+    // Restarted from its disk, with its key from the manager: the rebooted guest finds its
+    // persistent key and NV index.
+    assert!(has("state loaded from /mnt/state/managed-"), "the vTPM domain's restart; {}", c.ctx());
+    assert!(c.guest("phase2 persistent key ok"), "persistent key lost; {}", c.ctx());
+    assert!(c.guest("phase2 nv xvtpm-nv"), "NV index lost; {}", c.ctx());
+    // Every device removal completed without libxl's timeouts (driver domains remove their
+    // backend directories).
+    assert!(!has("timed out while waiting"), "libxl waited for a backend; {}", c.ctx());
+    assert!(c.passed && has("RESULT PASS"), "{}", c.ctx());
+}
