@@ -44,7 +44,16 @@ fn manager_and_vtpm_domain_files_and_disks() {
 
     let guest = "5e1f0a2b-7c3d-4e5f-8a9b-0c1d2e3f4a5b";
     let o = xvtpm(&[
-        "stubdom", "vtpm", "--name", "vtpm-g1", "--uuid", guest, "--disk", &p("g1.img"), "--config", &p("g1.cfg"),
+        "stubdom",
+        "vtpm",
+        "--name",
+        "vtpm-g1",
+        "--uuid",
+        guest,
+        "--disk",
+        &p("g1.img"),
+        "--config",
+        &p("g1.cfg"),
         "--json",
     ]);
     assert!(o.status.success(), "{}", text(&o));
@@ -71,11 +80,13 @@ fn manager_and_vtpm_domain_files_and_disks() {
     // Malformed input is refused before anything is made.
     let o = xvtpm(&["stubdom", "vtpm", "--name", "bad name", "--disk", &p("x.img"), "--config", &p("x.cfg")]);
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
-    let o = xvtpm(&["stubdom", "vtpm", "--name", "x", "--uuid", "nope", "--disk", &p("x.img"), "--config", &p("x.cfg")]);
+    let o =
+        xvtpm(&["stubdom", "vtpm", "--name", "x", "--uuid", "nope", "--disk", &p("x.img"), "--config", &p("x.cfg")]);
     assert!(text(&o).contains("malformed uuid"), "{}", text(&o));
     assert!(!dir.join("x.img").exists() && !dir.join("x.cfg").exists());
     // A TPM 1.2 vTPM.
-    let o = xvtpm(&["stubdom", "vtpm", "--name", "v12", "--tpm1.2", "--disk", &p("v12.img"), "--config", &p("v12.cfg")]);
+    let o =
+        xvtpm(&["stubdom", "vtpm", "--name", "v12", "--tpm1.2", "--disk", &p("v12.img"), "--config", &p("v12.cfg")]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(ext4_file(&dir.join("v12.img"), "xvtpm.conf").is_some_and(|c| c.contains("tpm=1.2\n")));
     let _ = std::fs::remove_dir_all(&dir);
