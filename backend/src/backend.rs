@@ -337,13 +337,9 @@ impl State {
         };
         let removed = parent.is_some_and(|dir| self.xs.rm(TxId::NONE, dir).is_ok());
         if !removed {
-            match self.xs.rm(TxId::NONE, be_path) {
-                Ok(()) => {}
-                Err(e) if e.is_enoent() => {}
-                Err(e) => {
-                    log::warn!("vtpm {}/{}: cannot remove {be_path}: {e}", key.0, key.1);
-                    return;
-                }
+            if let Err(e) = self.xs.try_rm(TxId::NONE, be_path) {
+                log::warn!("vtpm {}/{}: cannot remove {be_path}: {e}", key.0, key.1);
+                return;
             }
         }
         self.forget(key);

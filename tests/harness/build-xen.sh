@@ -81,6 +81,7 @@ mkdir -p "$S/etc/xen" "$S/var/lib/xen" "$S/var/log/xen"
 : > "$S/etc/xen/xl.conf"
 cp "$OUT/vmlinux" "$S/boot/vmlinux-domU"
 cp "$OUT/domU.cpio.gz" "$S/boot/domU.cpio.gz"
+install -m 644 "$HERE/xen-dom0-common.sh" "$S/lib/xen-dom0-common.sh"
 if [ "$SCENARIO" = e2e ]; then
     strip -o "$S/usr/sbin/vtpm" "$VTPM"; copy_libs "$VTPM" "$S"
     cp "$HERE/xen-domU.cfg" "$S/etc/xen/domU.cfg"

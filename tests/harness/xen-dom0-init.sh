@@ -1,25 +1,7 @@
 #!/bin/busybox sh
 # dom0 /init of the Xen end-to-end test: Xen's daemons, our vtpm as the guest's backend, the
 # guest, its report; then QEMU exits through isa-debug-exit (3 = pass, 5 = fail).
-/bin/busybox --install -s /bin
-export PATH=/bin:/sbin:/usr/bin:/usr/sbin LD_LIBRARY_PATH=/lib/x86_64-linux-gnu
-mark() { echo "XVTPM-DOM0[$(cut -d' ' -f1 /proc/uptime)]: $*" | tee -a /tmp/marks; }
-finish() {
-    mark "RESULT $1"; sync
-    if [ "$1" = PASS ]; then v='\001'; else v='\002'; fi
-    printf "$v" | dd of=/dev/port bs=1 seek=244 count=1 2>/dev/null
-    sleep 1; poweroff -f
-}
-mount -t proc proc /proc; mount -t sysfs sysfs /sys; mount -t devtmpfs devtmpfs /dev
-mkdir -p /dev/pts /run /tmp /var/lib/xen /var/log/xen/console /var/lock /var/lib/xenstored /var/lib/xvtpm
-mount -t devpts devpts /dev/pts; mount -t tmpfs tmpfs /run; mount -t tmpfs tmpfs /tmp
-mkdir -p /run/xen /run/xenstored /var/run/xen
-for m in xen-evtchn xen-privcmd xenfs xen-gntdev xen-gntalloc; do insmod /lib/modules/$m.ko || finish FAIL; done
-mount -t xenfs xenfs /proc/xen || finish FAIL
-xenstored --pid-file /run/xenstored.pid || finish FAIL
-i=0; while ! xenstore-read / >/dev/null 2>&1; do i=$((i+1)); [ $i -gt 100 ] && finish FAIL; usleep 100000; done
-xen-init-dom0 || finish FAIL
-xenconsoled --pid-file=/run/xenconsoled.pid --log=guest --log-dir=/var/log/xen/console || finish FAIL
+. /lib/xen-dom0-common.sh
 mark "xen up"
 UUID=5e1f0a2b-7c3d-4e5f-8a9b-0c1d2e3f4a5b
 head -c 32 /dev/urandom > /var/lib/xvtpm/key

@@ -2,27 +2,8 @@
 # dom0 /init of the stub-domain end-to-end test: the manager in its own domain owning QEMU's
 # TPM (iomem=), the guest's vTPM in its own domain with its own disk, the guest with an
 # ordinary vtpm= line. Then QEMU exits through isa-debug-exit (3 = pass, 5 = fail).
-/bin/busybox --install -s /bin
-export PATH=/bin:/sbin:/usr/bin:/usr/sbin LD_LIBRARY_PATH=/lib/x86_64-linux-gnu
-mark() { echo "XVTPM-DOM0[$(cut -d' ' -f1 /proc/uptime)]: $*" | tee -a /tmp/marks; }
-finish() {
-    mark "RESULT $1"; sync
-    if [ "$1" = PASS ]; then v='\001'; else v='\002'; fi
-    printf "$v" | dd of=/dev/port bs=1 seek=244 count=1 2>/dev/null
-    sleep 1; poweroff -f
-}
-mount -t proc proc /proc; mount -t sysfs sysfs /sys; mount -t devtmpfs devtmpfs /dev
-mkdir -p /dev/pts /run /tmp /var/lib/xen /var/log/xen/console /var/lock /var/lib/xenstored /var/lib/xvtpm
-# What udev makes on a full system; Xen's hotplug scripts use /dev/stdin.
-ln -s /proc/self/fd /dev/fd; ln -s fd/0 /dev/stdin; ln -s fd/1 /dev/stdout; ln -s fd/2 /dev/stderr
-mount -t devpts devpts /dev/pts; mount -t tmpfs tmpfs /run; mount -t tmpfs tmpfs /tmp
-mkdir -p /run/xen /run/xenstored /var/run/xen
-for m in xen-evtchn xen-privcmd xenfs xen-gntdev xen-gntalloc xen-blkback loop; do insmod /lib/modules/$m.ko || finish FAIL; done
-mount -t xenfs xenfs /proc/xen || finish FAIL
-xenstored --pid-file /run/xenstored.pid || finish FAIL
-i=0; while ! xenstore-read / >/dev/null 2>&1; do i=$((i+1)); [ $i -gt 100 ] && finish FAIL; usleep 100000; done
-xen-init-dom0 || finish FAIL
-xenconsoled --pid-file=/run/xenconsoled.pid --log=guest --log-dir=/var/log/xen/console || finish FAIL
+EXTRA_MODULES="xen-blkback loop"
+. /lib/xen-dom0-common.sh
 mark "xen up; dom0 TPM devices: $(ls /sys/class/tpm 2>/dev/null | tr '\n' ' ')"
 CON=/var/log/xen/console
 wait_for() { # file pattern seconds [domain that must stay alive]

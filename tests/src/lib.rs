@@ -199,10 +199,15 @@ impl RawFrontend {
 
     /// Publishes the real ring-ref, event-channel and protocol v2, then Initialised.
     pub fn publish(&self) -> anyhow::Result<()> {
+        self.publish_keys()?;
+        self.write("state", "3")
+    }
+
+    /// Writes the ring's keys (ring-ref, event-channel, feature-protocol-v2), not the state.
+    pub fn publish_keys(&self) -> anyhow::Result<()> {
         self.write("ring-ref", &self.page.gref().to_string())?;
         self.write("event-channel", &self.port.to_string())?;
-        self.write("feature-protocol-v2", "1")?;
-        self.write("state", "3")
+        self.write("feature-protocol-v2", "1")
     }
 
     /// The backend's xenbus state, if readable.

@@ -298,9 +298,7 @@ fn hostile_state_flapping() {
         |env, be| {
             evil_device(env);
             let fe = evil_frontend(env);
-            fe.write("ring-ref", &fe.page.gref().to_string()).expect("w");
-            fe.write("event-channel", &fe.port.to_string()).expect("w");
-            fe.write("feature-protocol-v2", "1").expect("w");
+            fe.publish_keys().expect("publish");
             for i in 0..300 {
                 let s = ["3", "1", "4", "6", "2", "5", "garbage", "3", "0"][i % 9];
                 fe.write("state", s).expect("w");
@@ -326,10 +324,7 @@ fn frontend_closing_then_initialised_reconnects() {
         |env, be| {
             evil_device(env);
             let fe = evil_frontend(env);
-            fe.write("ring-ref", &fe.page.gref().to_string()).expect("w");
-            fe.write("event-channel", &fe.port.to_string()).expect("w");
-            fe.write("feature-protocol-v2", "1").expect("w");
-            fe.write("state", "3").expect("w");
+            fe.publish().expect("publish");
             assert!(fe.wait_backend(XenbusState::Connected, 30 * SEC), "connects:\n{}", be.log());
             fe.write("state", "5").expect("w");
             assert!(fe.wait_backend(XenbusState::Closing, 10 * SEC), "follows to Closing:\n{}", be.log());

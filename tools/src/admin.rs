@@ -151,7 +151,7 @@ impl MeasureArgs {
     }
 }
 
-fn uuid_arg(s: &str) -> anyhow::Result<[u8; 16]> {
+pub(crate) fn uuid_arg(s: &str) -> anyhow::Result<[u8; 16]> {
     parse_uuid(s).with_context(|| format!("malformed uuid {s:?} (expected 8-4-4-4-12 hex digits)"))
 }
 

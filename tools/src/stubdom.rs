@@ -4,14 +4,16 @@
 //! from `tools/stubdom/build-images.sh`.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
-use xvtpm_vtpmmgr::proto::parse_uuid;
+use xvtpm_vtpmmgr::proto::random_uuid;
 use xvtpm_vtpmmgr::uuid_str;
+
+use crate::admin::uuid_arg;
 
 #[derive(Subcommand, Debug)]
 pub enum StubdomCmd {
@@ -121,14 +123,7 @@ fn create_new(path: &Path) -> anyhow::Result<File> {
 }
 
 fn uuid_or_random(u: Option<&str>) -> anyhow::Result<[u8; 16]> {
-    if let Some(s) = u {
-        return parse_uuid(s).with_context(|| format!("malformed uuid {s:?} (expected 8-4-4-4-12 hex digits)"));
-    }
-    let mut b = [0u8; 16];
-    File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b)).context("read /dev/urandom")?;
-    b[6] = (b[6] & 0x0f) | 0x40; // version 4
-    b[8] = (b[8] & 0x3f) | 0x80; // RFC 4122 variant
-    Ok(b)
+    u.map_or_else(|| Ok(random_uuid()), uuid_arg)
 }
 
 /// The domain file of a stub domain: PV, our kernel and initramfs, one disk.

@@ -39,6 +39,7 @@ role() {
     strip -o "$S/bin/$(basename "$binary")" "$binary"
     copy_libs "$S" "$binary"
     install -m 755 "$HERE/$init" "$S/init"
+    install -m 644 "$HERE/init-common.sh" "$S/lib/init-common.sh"
     pack_stage "$S" "$OUT/$name.cpio.gz"
     rm -rf "$S"
 }

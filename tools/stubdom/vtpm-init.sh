@@ -1,15 +1,9 @@
 #!/bin/busybox sh
-# /init of a vTPM stub domain. Its disk (xvda, ext4, made by `xvtpm stubdom disk`) holds
+# /init of a vTPM stub domain. Its disk (xvda, ext4, made by `xvtpm stubdom vtpm`) holds
 # xvtpm.conf (the uuid of the guest device it serves, the TPM version) and the vTPM's state,
 # whose key is kept by the manager: this domain's own vtpm device (handle 0) leads to it.
 # A disk made with a create request gets its TPM manufactured at the first boot, once.
-/bin/busybox --install -s /bin
-export PATH=/bin LD_LIBRARY_PATH=/usr/lib/x86_64-linux-gnu RUST_LOG_STYLE=never
-mount -t proc proc /proc; mount -t sysfs sysfs /sys; mount -t devtmpfs devtmpfs /dev
-say() { echo "xvtpm-stubdom: $*"; }
-stop() { say "$*; powering off"; sync; poweroff -f; }
-for m in $(cat /lib/modules/order); do insmod "/lib/modules/$m.ko" || stop "cannot load module $m"; done
-i=0; while [ ! -b /dev/xvda ]; do i=$((i+1)); [ $i -gt 300 ] && stop "no disk xvda (disk= in the domain file)"; usleep 100000; done
+. /lib/init-common.sh
 mount -t ext4 -o nodelalloc /dev/xvda /mnt || stop "cannot mount xvda"
 conf() { sed -n "s/^$1=//p" /mnt/xvtpm.conf 2>/dev/null | head -n 1; }
 UUID=$(conf uuid); VERSION=$(conf tpm)

@@ -5,13 +5,7 @@
 #   xvtpm.init              create a new store on xvda first (refused if one is there)
 #   xvtpm.auto-provision    provision unknown vTPMs into group 0
 #   xvtpm.pcrs=LIST         PCRs the store is sealed to (default 0-7)
-/bin/busybox --install -s /bin
-export PATH=/bin LD_LIBRARY_PATH=/usr/lib/x86_64-linux-gnu RUST_LOG_STYLE=never
-mount -t proc proc /proc; mount -t sysfs sysfs /sys; mount -t devtmpfs devtmpfs /dev
-say() { echo "xvtpm-stubdom: $*"; }
-stop() { say "$*; powering off"; sync; poweroff -f; }
-for m in $(cat /lib/modules/order); do insmod "/lib/modules/$m.ko" || stop "cannot load module $m"; done
-i=0; while [ ! -b /dev/xvda ]; do i=$((i+1)); [ $i -gt 300 ] && stop "no disk xvda (disk= in the domain file)"; usleep 100000; done
+. /lib/init-common.sh
 PCRS=0,1,2,3,4,5,6,7; AUTO=
 for a in $(cat /proc/cmdline); do case "$a" in
     xvtpm.pcrs=*) PCRS=${a#xvtpm.pcrs=};;

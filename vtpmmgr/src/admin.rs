@@ -69,12 +69,7 @@ impl Admin {
         let mut body = group.to_be_bytes().to_vec();
         match (uuid, token) {
             (Some(u), _) => body.extend_from_slice(&u),
-            (None, Some(_)) => {
-                let mut u: [u8; 16] = rand::random();
-                u[6] = (u[6] & 0x0F) | 0x40;
-                u[8] = (u[8] & 0x3F) | 0x80;
-                body.extend_from_slice(&u);
-            }
+            (None, Some(_)) => body.extend_from_slice(&crate::proto::random_uuid()),
             (None, None) => {}
         }
         if let Some(t) = token {

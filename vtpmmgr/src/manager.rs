@@ -350,9 +350,7 @@ impl<D: BlockDev> Manager<D> {
     /// Creates a group: its number and uuid.
     pub fn new_group(&mut self) -> Result<(u32, [u8; 16])> {
         let next = self.group_numbers.last().copied().unwrap_or(0) + 1;
-        let mut uuid: [u8; 16] = rand::random();
-        uuid[6] = (uuid[6] & 0x0F) | 0x40;
-        uuid[8] = (uuid[8] & 0x3F) | 0x80;
+        let uuid = crate::proto::random_uuid();
         let mut rec = Record::new(uuid, next);
         rec.flags = IS_GROUP;
         self.commit(|s| s.put(&rec).map(Some))?;

@@ -109,6 +109,14 @@ pub fn request(tag: u16, ordinal: u32, body: &[u8]) -> Vec<u8> {
     reply(tag, ordinal, body)
 }
 
+/// A new random (version 4) uuid.
+pub fn random_uuid() -> [u8; 16] {
+    let mut u: [u8; 16] = rand::random();
+    u[6] = (u[6] & 0x0F) | 0x40;
+    u[8] = (u[8] & 0x3F) | 0x80;
+    u
+}
+
 /// Parses a uuid in its text form.
 pub fn parse_uuid(s: &str) -> Option<[u8; 16]> {
     let hex: String = s.chars().filter(|c| *c != '-').collect();
@@ -246,11 +254,7 @@ pub fn handle_measured<D: BlockDev>(
         (TAG_REQ2, VTPM_NEW) => {
             let group = be32(body, 0).unwrap_or_default();
             let uuid = match body.len() {
-                4 => Some(rand::random::<[u8; 16]>()).map(|mut u| {
-                    u[6] = (u[6] & 0x0F) | 0x40;
-                    u[8] = (u[8] & 0x3F) | 0x80;
-                    u
-                }),
+                4 => Some(random_uuid()),
                 20 | 52 => body[4..20].try_into().ok(),
                 _ => None,
             };

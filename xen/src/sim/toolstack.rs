@@ -118,11 +118,11 @@ pub fn remove_vtpm(xs: &Xenstore, frontend: DomId, backend: DomId, handle: u32, 
     if backend != 0 {
         // A driver domain's backend directory is the driver domain's to remove (xl devd);
         // libxl removes the frontend's, then waits for it, then removes it itself.
-        rm_quiet(xs, &fe)?;
+        xs.try_rm(TxId::NONE, &fe)?;
         let end = Instant::now() + timeout;
         while xs.try_read(TxId::NONE, &be)?.is_some() {
             if Instant::now() > end {
-                rm_quiet(xs, &be)?;
+                xs.try_rm(TxId::NONE, &be)?;
                 return Ok(false);
             }
             std::thread::sleep(Duration::from_millis(5));
@@ -130,14 +130,7 @@ pub fn remove_vtpm(xs: &Xenstore, frontend: DomId, backend: DomId, handle: u32, 
         return Ok(closed);
     }
     for p in [&be, &fe] {
-        rm_quiet(xs, p)?;
+        xs.try_rm(TxId::NONE, p)?;
     }
     Ok(closed)
-}
-
-fn rm_quiet(xs: &Xenstore, path: &str) -> Result<()> {
-    match xs.rm(TxId::NONE, path) {
-        Err(e) if !e.is_enoent() => Err(e),
-        _ => Ok(()),
-    }
 }

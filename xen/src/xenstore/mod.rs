@@ -236,6 +236,14 @@ impl Xenstore {
         self.request(MsgType::Rm, tx, wire::nul_terminated(&[path.as_bytes()]), "rm", path).map(drop)
     }
 
+    /// Removes a node and everything below it; no error if it does not exist.
+    pub fn try_rm(&self, tx: TxId, path: &str) -> Result<()> {
+        match self.rm(tx, path) {
+            Err(e) if !e.is_enoent() => Err(e),
+            _ => Ok(()),
+        }
+    }
+
     /// Lists a node's children.
     pub fn directory(&self, tx: TxId, path: &str) -> Result<Vec<String>> {
         let p = self.request(MsgType::Directory, tx, wire::nul_terminated(&[path.as_bytes()]), "directory", path)?;
