@@ -1,6 +1,7 @@
 //! Debian's swtpm as a process with Unix data and control sockets: the hardware TPM of the
 //! manager's tests and the peer of the driver's.
 
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -43,11 +44,16 @@ impl SwtpmProcess {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()?;
-        let p = SwtpmProcess { child, data, ctrl };
+        let mut p = SwtpmProcess { child, data, ctrl };
+        // A socket file exists from bind(), before listen(): only a connection that succeeds
+        // says swtpm is ready (a bare existence check lost that race in CI).
         let end = Instant::now() + Duration::from_secs(20);
-        while !(p.data.exists() && p.ctrl.exists()) {
+        while !(UnixStream::connect(&p.ctrl).is_ok() && UnixStream::connect(&p.data).is_ok()) {
+            if let Some(status) = p.child.try_wait()? {
+                return Err(std::io::Error::other(format!("swtpm exited at start: {status}")));
+            }
             if Instant::now() > end {
-                return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "swtpm made no sockets"));
+                return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "swtpm's sockets accept no connection"));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
