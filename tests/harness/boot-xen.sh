@@ -13,7 +13,9 @@ if [ "$TPM" = tpm ]; then
     mkdir "$T/state"
     swtpm socket --tpm2 --tpmstate dir="$T/state" --ctrl type=unixio,path="$T/ctrl" >/dev/null 2>&1 &
     SWTPM=$!
-    i=0; while [ ! -S "$T/ctrl" ]; do i=$((i+1)); [ $i -gt 200 ] && { echo "swtpm did not start" >&2; exit 1; }; sleep 0.05; done
+    # Ready when a connection succeeds: the socket file exists from bind(), before listen().
+    ready() { perl -MIO::Socket::UNIX -e 'IO::Socket::UNIX->new(Peer => $ARGV[0]) or exit 1' "$1"; }
+    i=0; while ! ready "$T/ctrl"; do i=$((i+1)); [ $i -gt 200 ] && { echo "swtpm did not start" >&2; exit 1; }; sleep 0.05; done
     EXTRA=(-chardev "socket,id=chrtpm,path=$T/ctrl" -tpmdev emulator,id=tpm0,chardev=chrtpm -device tpm-tis,tpmdev=tpm0)
     DOM0_CMD="$DOM0_CMD initcall_blacklist=init_tis,crb_acpi_driver_init"
 fi

@@ -65,7 +65,8 @@ fn boot(img: &Path, device: &str, family: Family, tag: &str) -> (Vec<(String, St
             .expect("swtpm (apt-get install swtpm)"),
     );
     let end = Instant::now() + Duration::from_secs(20);
-    while !ctrl.exists() {
+    // Ready on a successful connect: the file exists from bind(), before listen().
+    while std::os::unix::net::UnixStream::connect(&ctrl).is_err() {
         assert!(Instant::now() < end, "swtpm made no control socket");
         std::thread::sleep(Duration::from_millis(20));
     }

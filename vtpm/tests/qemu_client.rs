@@ -40,7 +40,8 @@ fn linux_vm_uses_the_vtpm_through_qemu() {
         .spawn()
         .expect("vtpm socket");
     let end = Instant::now() + Duration::from_secs(20);
-    while !ctrl.exists() {
+    // Ready on a successful connect: the file exists from bind(), before listen().
+    while std::os::unix::net::UnixStream::connect(&ctrl).is_err() {
         assert!(Instant::now() < end, "no control socket");
         std::thread::sleep(Duration::from_millis(20));
     }
