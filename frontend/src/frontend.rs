@@ -13,6 +13,9 @@ use crate::{Error, Result};
 pub struct FrontendConfig {
     /// Device handle: `device/vtpm/<handle>` of our domain.
     pub handle: u32,
+    /// The device's frontend directory, when it is not `device/vtpm/<handle>` (a device the
+    /// operator's tool made for itself, out of the kernel's xen-tpmfront's way).
+    pub dir: Option<String>,
     /// How long to wait for the backend to reach Connected.
     pub connect_timeout: Duration,
     /// How long a command may take before it is cancelled.
@@ -27,6 +30,7 @@ impl Default for FrontendConfig {
     fn default() -> Self {
         FrontendConfig {
             handle: 0,
+            dir: None,
             connect_timeout: Duration::from_secs(10),
             command_timeout: Duration::from_secs(120),
             spin: Duration::from_micros(50),
@@ -55,7 +59,7 @@ impl Frontend {
     /// Connects device `config.handle` of our domain to its backend.
     pub fn connect(xen: &dyn Xen, config: FrontendConfig) -> Result<Self> {
         let xs = xen.xenstore()?;
-        let fe_path = vtpm_frontend_path(xen.domid(), config.handle);
+        let fe_path = config.dir.clone().unwrap_or_else(|| vtpm_frontend_path(xen.domid(), config.handle));
         let be_path = xs.read_string(TxId::NONE, &format!("{fe_path}/backend"))?;
         let id_path = format!("{fe_path}/backend-id");
         let backend_id: DomId = parse_num(&id_path, &xs.read(TxId::NONE, &id_path)?)?;

@@ -1,6 +1,7 @@
-//! The manager's management commands: vTPMs and groups, through its admin socket.
+//! The manager's management commands: vTPMs and groups, through its admin socket or, for a
+//! manager in its own domain, a vtpm device to it.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
@@ -8,15 +9,37 @@ use xvtpm_vtpmmgr::admin::Admin;
 use xvtpm_vtpmmgr::proto::parse_uuid;
 use xvtpm_vtpmmgr::{hex, uuid_str};
 
+use crate::xenadmin::XenAdminLink;
+use crate::XenOpts;
+
 /// Where the manager listens for management commands.
 #[derive(Args, Debug)]
 pub struct AdminOpts {
     /// The manager's admin socket (`vtpmmgr serve --admin-socket`).
     #[arg(long, value_name = "PATH", default_value = "/run/xvtpm/admin.sock")]
     admin_socket: PathBuf,
+    /// Reach a manager in its own domain (name or id) instead, over a vtpm device this tool
+    /// makes for the command and removes after it (the manager must serve `--xen
+    /// --admin-domain` with this domain's id, 0 for dom0).
+    #[arg(long, value_name = "DOMAIN", conflicts_with = "admin_socket")]
+    manager_domain: Option<String>,
+    #[command(flatten)]
+    xen: XenOpts,
     /// Print data as JSON.
     #[arg(long)]
     json: bool,
+}
+
+impl AdminOpts {
+    fn connect(&self) -> anyhow::Result<Admin> {
+        if let Some(d) = &self.manager_domain {
+            let xen = self.xen.open()?;
+            let link = XenAdminLink::open(xen.as_ref(), d)?;
+            return Ok(Admin::over(Box::new(link)));
+        }
+        let p = &self.admin_socket;
+        Admin::connect(p).with_context(|| format!("cannot reach the manager's admin socket {}", p.display()))
+    }
 }
 
 /// vTPM commands.
@@ -155,10 +178,6 @@ pub(crate) fn uuid_arg(s: &str) -> anyhow::Result<[u8; 16]> {
     parse_uuid(s).with_context(|| format!("malformed uuid {s:?} (expected 8-4-4-4-12 hex digits)"))
 }
 
-fn connect(p: &Path) -> anyhow::Result<Admin> {
-    Admin::connect(p).with_context(|| format!("cannot reach the manager's admin socket {}", p.display()))
-}
-
 /// Runs a vTPM command.
 pub fn vtpm(cmd: VtpmCmd) -> anyhow::Result<()> {
     match cmd {
@@ -173,14 +192,14 @@ pub fn vtpm(cmd: VtpmCmd) -> anyhow::Result<()> {
                 }
                 None => None,
             };
-            let u = connect(&opts.admin_socket)?.provision(uuid, group, token.as_ref())?;
+            let u = opts.connect()?.provision(uuid, group, token.as_ref())?;
             match opts.json {
                 true => println!("{{\"uuid\":\"{}\",\"group\":{group}}}", uuid_str(&u)),
                 false => println!("{}", uuid_str(&u)),
             }
         }
         VtpmCmd::List { opts, group } => {
-            let list = connect(&opts.admin_socket)?.list(group)?;
+            let list = opts.connect()?.list(group)?;
             match opts.json {
                 true => {
                     let items: Vec<String> =
@@ -191,7 +210,7 @@ pub fn vtpm(cmd: VtpmCmd) -> anyhow::Result<()> {
             }
         }
         VtpmCmd::Show { opts, uuid } => {
-            let v = connect(&opts.admin_socket)?.show(&uuid_arg(&uuid)?)?;
+            let v = opts.connect()?.show(&uuid_arg(&uuid)?)?;
             match opts.json {
                 true => {
                     println!("{{\"uuid\":\"{}\",\"group\":{},\"has_key\":{}}}", uuid_str(&v.uuid), v.group, v.has_key)
@@ -204,7 +223,7 @@ pub fn vtpm(cmd: VtpmCmd) -> anyhow::Result<()> {
                 ),
             }
         }
-        VtpmCmd::Delete { opts, uuid } => connect(&opts.admin_socket)?.delete(&uuid_arg(&uuid)?)?,
+        VtpmCmd::Delete { opts, uuid } => opts.connect()?.delete(&uuid_arg(&uuid)?)?,
     }
     Ok(())
 }
@@ -213,14 +232,14 @@ pub fn vtpm(cmd: VtpmCmd) -> anyhow::Result<()> {
 pub fn group(cmd: GroupCmd) -> anyhow::Result<()> {
     match cmd {
         GroupCmd::New { opts } => {
-            let g = connect(&opts.admin_socket)?.group_new()?;
+            let g = opts.connect()?.group_new()?;
             match opts.json {
                 true => println!("{{\"group\":{},\"uuid\":\"{}\"}}", g.number, uuid_str(&g.uuid)),
                 false => println!("{} {}", g.number, uuid_str(&g.uuid)),
             }
         }
         GroupCmd::List { opts } => {
-            let gs = connect(&opts.admin_socket)?.groups()?;
+            let gs = opts.connect()?.groups()?;
             if opts.json {
                 let items: Vec<String> = gs
                     .iter()
@@ -239,20 +258,20 @@ pub fn group(cmd: GroupCmd) -> anyhow::Result<()> {
             if group == 0 {
                 bail!("group 0 always exists");
             }
-            connect(&opts.admin_socket)?.group_delete(group)?;
+            opts.connect()?.group_delete(group)?;
         }
         GroupCmd::Approve { opts, group, what } => {
             let h = what.boot_hash()?;
-            let added = connect(&opts.admin_socket)?.approve(group, &h)?;
+            let added = opts.connect()?.approve(group, &h)?;
             println!("{} {}", hex(&h), if added { "approved" } else { "was approved already" });
         }
         GroupCmd::Revoke { opts, group, what } => {
             let h = what.boot_hash()?;
-            let removed = connect(&opts.admin_socket)?.revoke(group, &h)?;
+            let removed = opts.connect()?.revoke(group, &h)?;
             println!("{} {}", hex(&h), if removed { "revoked" } else { "was not approved" });
         }
         GroupCmd::Approved { opts, group } => {
-            let hs = connect(&opts.admin_socket)?.approved(group)?;
+            let hs = opts.connect()?.approved(group)?;
             match opts.json {
                 true => {
                     let items: Vec<String> = hs.iter().map(|h| format!("\"{}\"", hex(h))).collect();

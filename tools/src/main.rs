@@ -10,6 +10,7 @@
 mod admin;
 mod inspect;
 mod stubdom;
+mod xenadmin;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -38,7 +39,7 @@ struct Cli {
 }
 
 #[derive(Args, Debug)]
-struct XenOpts {
+pub(crate) struct XenOpts {
     /// Use the simulated Xen in this directory instead of /dev/xen and xenstored.
     #[arg(long, value_name = "DIR")]
     sim: Option<PathBuf>,
@@ -48,7 +49,7 @@ struct XenOpts {
 }
 
 impl XenOpts {
-    fn open(&self) -> anyhow::Result<Arc<dyn Xen>> {
+    pub(crate) fn open(&self) -> anyhow::Result<Arc<dyn Xen>> {
         Ok(match (&self.sim, self.domid) {
             (Some(dir), Some(d)) => Arc::new(SimXen::new(dir, d)),
             (Some(_), None) => anyhow::bail!("--sim needs --domid"),

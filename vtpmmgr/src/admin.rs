@@ -1,10 +1,23 @@
-//! The management commands, as an operator's tool calls them over the admin socket.
+//! The management commands, as an operator's tool calls them: over the admin socket, or over
+//! a vtpm device to a manager in its own domain.
 
 use std::path::Path;
 
-use crate::proto::{self, status, TAG_REQ2};
+use crate::proto::{self, status, HEADER, TAG_REQ2};
 use crate::server::Client;
 use crate::{uuid_str, Error, Result};
+
+/// How management requests reach the manager: one framed request in, its framed reply out.
+pub trait AdminLink: std::fmt::Debug {
+    /// Sends `request` and returns the whole reply.
+    fn exchange(&mut self, request: &[u8]) -> Result<Vec<u8>>;
+}
+
+impl AdminLink for Client {
+    fn exchange(&mut self, request: &[u8]) -> Result<Vec<u8>> {
+        Client::exchange(self, request)
+    }
+}
 
 /// A vTPM as the manager reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,10 +41,10 @@ pub struct GroupInfo {
     pub vtpms: u32,
 }
 
-/// A connection to the admin socket.
+/// A connection to the manager's management commands.
 #[derive(Debug)]
 pub struct Admin {
-    c: Client,
+    link: Box<dyn AdminLink>,
 }
 
 fn be32(b: &[u8], at: usize) -> Result<u32> {
@@ -49,15 +62,28 @@ fn uuid_at(b: &[u8], at: usize) -> Result<[u8; 16]> {
 impl Admin {
     /// Connects to the admin socket at `path`.
     pub fn connect(path: &Path) -> Result<Self> {
-        Ok(Self { c: Client::connect(path)? })
+        Ok(Self::over(Box::new(Client::connect(path)?)))
+    }
+
+    /// Management commands over `link`.
+    pub fn over(link: Box<dyn AdminLink>) -> Self {
+        Self { link }
     }
 
     fn call(&mut self, ordinal: u32, body: &[u8], what: &str) -> Result<Vec<u8>> {
-        match self.c.call(TAG_REQ2, ordinal, body)? {
+        let r = self.link.exchange(&proto::request(TAG_REQ2, ordinal, body))?;
+        let size = r.get(2..6).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize);
+        let (st, out) = match (size, r.get(6..HEADER)) {
+            (Some(n), Some(st)) if n == r.len() => {
+                (u32::from_be_bytes([st[0], st[1], st[2], st[3]]), r[HEADER..].to_vec())
+            }
+            _ => return Err(Error::Protocol(format!("malformed reply of {} bytes from the manager", r.len()))),
+        };
+        match (st, out) {
             (status::SUCCESS, out) => Ok(out),
             (status::BADINDEX, _) => Err(Error::UnknownVtpm(what.to_string())),
             (status::AUTHFAIL, _) => {
-                Err(Error::NotAuthorized("the manager refused (is this its admin socket?)".into()))
+                Err(Error::NotAuthorized("the manager refused (is this its admin socket, or its admin domain?)".into()))
             }
             (status::BAD_PARAMETER, _) => Err(Error::Protocol(format!("the manager refused {what} (see its log)"))),
             (st, _) => Err(Error::Protocol(format!("the manager failed {what} with status {st} (see its log)"))),

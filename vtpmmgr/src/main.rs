@@ -78,6 +78,11 @@ enum Cmd {
         /// With --xen: this domain's id.
         #[arg(long)]
         domid: Option<u16>,
+        /// With --xen: take management commands (only those) on vtpm devices whose frontend is
+        /// this domain: the operator's `xvtpm --manager-domain` in dom0 (0) reaches a manager
+        /// in its own domain this way.
+        #[arg(long, requires = "xen")]
+        admin_domain: Option<u16>,
         /// Provision unknown vTPMs that save (into group 0) instead of refusing them.
         #[arg(long)]
         auto_provision: bool,
@@ -133,6 +138,7 @@ fn main() -> anyhow::Result<()> {
             xen,
             sim,
             domid,
+            admin_domain,
             auto_provision,
             pcrs,
             locality,
@@ -164,7 +170,12 @@ fn main() -> anyhow::Result<()> {
                 };
                 let xs = x.xenstore().context("xenstore")?;
                 let measure = move |domid| xvtpm_vtpmmgr::peer::measure_domain(&xs, domid);
-                let handler = Arc::new(XenHandler::new(mgr.clone()).measuring(Box::new(measure)));
+                let mut handler = XenHandler::new(mgr.clone()).measuring(Box::new(measure));
+                if let Some(d) = admin_domain {
+                    log::info!("management commands from domain {d}'s vtpm devices");
+                    handler = handler.admin_from(d);
+                }
+                let handler = Arc::new(handler);
                 Backend::new(x, handler, BackendConfig { filter: DeviceFilter::All }).run(&AtomicBool::new(false))?;
             }
             for t in threads {

@@ -22,6 +22,9 @@ pub const TAG_RSP2: u16 = 0x01C5;
 pub const HEADER: usize = 10;
 /// Largest message.
 pub const MAX_MESSAGE: usize = 4096;
+/// Largest reply a page of a list may fill: tpmif's largest packet, so that lists page the
+/// same over Xen (the admin device of a manager in its own domain) as over a Unix socket.
+pub const MAX_REPLY: usize = 4088;
 
 /// vTPM ordinals.
 pub const SAVEHASHKEY: u32 = 1;
@@ -282,7 +285,7 @@ pub fn handle_measured<D: BlockDev>(
             mgr.list().map(|recs| {
                 let mine: Vec<_> = recs.iter().filter(|r| r.group == group).collect();
                 let mut out = (mine.len() as u32).to_be_bytes().to_vec();
-                for r in mine.iter().skip(offset).take((MAX_MESSAGE - HEADER - 4) / 16) {
+                for r in mine.iter().skip(offset).take((MAX_REPLY - HEADER - 4) / 16) {
                     out.extend_from_slice(&r.uuid);
                 }
                 out
@@ -304,7 +307,7 @@ pub fn handle_measured<D: BlockDev>(
         (TAG_REQ2, GROUP_APPROVED) => match be32(body, 0) {
             Some(n) if body.len() == 4 => mgr.approved(n).map(|hs| {
                 let mut out = (hs.len() as u32).to_be_bytes().to_vec();
-                for h in hs.iter().take((MAX_MESSAGE - HEADER - 4) / 32) {
+                for h in hs.iter().take((MAX_REPLY - HEADER - 4) / 32) {
                     out.extend_from_slice(h);
                 }
                 out

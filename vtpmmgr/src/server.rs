@@ -163,12 +163,22 @@ pub struct XenHandler<D> {
     /// Boot hashes by (domain, device uuid), measured at a device's first command: a domain's
     /// image does not change while it runs.
     measured: Mutex<std::collections::HashMap<DomainVtpm, Option<BootHash>>>,
+    /// The domain whose devices carry management commands (the toolstack's, dom0).
+    admin_domain: Option<u16>,
 }
 
 impl<D> XenHandler<D> {
     /// Serves `mgr`; vTPM domains are not measured.
     pub fn new(mgr: Shared<D>) -> Self {
-        Self { mgr, measure: None, measured: Default::default() }
+        Self { mgr, measure: None, measured: Default::default(), admin_domain: None }
+    }
+
+    /// Takes management commands (and only those) on the devices whose frontend is `domid`:
+    /// how the operator's tool in dom0 reaches a manager in its own domain. Only the toolstack
+    /// can make a device whose frontend is another domain, so no guest can pose as it.
+    pub fn admin_from(mut self, domid: u16) -> Self {
+        self.admin_domain = Some(domid);
+        self
     }
 
     /// Measures each vTPM domain with `measure` (see [`crate::peer::measure_domain`]).
@@ -205,6 +215,9 @@ impl<D: BlockDev + Send> CommandHandler for XenHandler<D> {
             log::warn!("{}: no usable uuid; refusing", req.device);
             return proto::reply(proto::TAG_RSP, proto::status::AUTHFAIL, &[]);
         };
+        if self.admin_domain == Some(req.device.frontend) {
+            return run(&self.mgr, &mut Caller::Admin, None, req.command);
+        }
         // Management commands are refused: a vTPM domain is never the admin.
         let boot = self.boot_hash(req.device.frontend, &uuid);
         run(&self.mgr, &mut Caller::Vtpm(uuid), boot.as_ref(), req.command)
@@ -227,11 +240,16 @@ impl Client {
 
     /// Sends a request; the reply's status and body.
     pub fn call(&mut self, tag: u16, ordinal: u32, body: &[u8]) -> Result<(u32, Vec<u8>)> {
-        self.s.write_all(&proto::request(tag, ordinal, body)).map_err(|e| Error::io("send to the manager", e))?;
-        let msg = read_message(&mut self.s)
-            .map_err(|e| Error::io("read from the manager", e))?
-            .ok_or_else(|| Error::Protocol("the manager closed the connection".into()))?;
+        let msg = self.exchange(&proto::request(tag, ordinal, body))?;
         let status = u32::from_be_bytes([msg[6], msg[7], msg[8], msg[9]]);
         Ok((status, msg[HEADER..].to_vec()))
+    }
+
+    /// Sends a framed request; the whole reply (at least a header).
+    pub fn exchange(&mut self, request: &[u8]) -> Result<Vec<u8>> {
+        self.s.write_all(request).map_err(|e| Error::io("send to the manager", e))?;
+        read_message(&mut self.s)
+            .map_err(|e| Error::io("read from the manager", e))?
+            .ok_or_else(|| Error::Protocol("the manager closed the connection".into()))
     }
 }

@@ -17,6 +17,7 @@ pub mod page;
 pub mod platform;
 #[allow(unsafe_code)]
 pub mod sim;
+pub mod toolstack;
 pub mod tpmif;
 pub mod xenbus;
 pub mod xenstore;

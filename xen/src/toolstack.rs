@@ -1,5 +1,6 @@
 //! What libxl writes to xenstore for domains and vtpm devices, so tests (and the simulated
-//! demo) set devices up exactly as `xl create` would.
+//! demo) set devices up exactly as `xl create` would, and so the operator's tool can make a
+//! short-lived vtpm device of its own (the admin channel to a manager in its own domain).
 
 use std::time::{Duration, Instant};
 
@@ -59,36 +60,48 @@ pub fn remove_domain(xs: &Xenstore, domid: DomId) -> Result<()> {
 /// directory (owned by the backend, readable by the frontend) and the frontend directory
 /// (owned by the frontend, readable by the backend), both in state Initialising.
 pub fn add_vtpm(xs: &Xenstore, frontend: DomId, backend: DomId, handle: u32, uuid: &str) -> Result<()> {
-    let be = vtpm_backend_path(backend, frontend, handle);
     let fe = vtpm_frontend_path(frontend, handle);
-    xs.transaction(|tx| {
-        // Like libxl: make each directory and set its permissions first, so that every key
-        // written into it inherits them.
-        xs.mkdir(tx, &be)?;
-        xs.set_perms(tx, &be, &perms(backend, Some(frontend)))?;
-        for (k, v) in [
-            ("frontend", fe.clone()),
-            ("frontend-id", frontend.to_string()),
-            ("online", "1".into()),
-            ("state", "1".into()),
-            ("handle", handle.to_string()),
-            ("uuid", uuid.to_string()),
-            ("resume", "False".into()),
-        ] {
-            xs.write(tx, &format!("{be}/{k}"), v.as_bytes())?;
-        }
-        xs.mkdir(tx, &fe)?;
-        xs.set_perms(tx, &fe, &perms(frontend, Some(backend)))?;
-        for (k, v) in [
-            ("backend", be.clone()),
-            ("backend-id", backend.to_string()),
-            ("state", "1".into()),
-            ("handle", handle.to_string()),
-        ] {
-            xs.write(tx, &format!("{fe}/{k}"), v.as_bytes())?;
-        }
-        Ok(())
-    })
+    xs.transaction(|tx| add_vtpm_at(xs, tx, &fe, frontend, backend, handle, uuid))
+}
+
+/// [`add_vtpm`] with the frontend directory at `fe` (inside the frontend's domain), in
+/// transaction `tx`.
+pub fn add_vtpm_at(
+    xs: &Xenstore,
+    tx: TxId,
+    fe: &str,
+    frontend: DomId,
+    backend: DomId,
+    handle: u32,
+    uuid: &str,
+) -> Result<()> {
+    let be = vtpm_backend_path(backend, frontend, handle);
+    // Like libxl: make each directory and set its permissions first, so that every key
+    // written into it inherits them.
+    xs.mkdir(tx, &be)?;
+    xs.set_perms(tx, &be, &perms(backend, Some(frontend)))?;
+    for (k, v) in [
+        ("frontend", fe.to_string()),
+        ("frontend-id", frontend.to_string()),
+        ("online", "1".into()),
+        ("state", "1".into()),
+        ("handle", handle.to_string()),
+        ("uuid", uuid.to_string()),
+        ("resume", "False".into()),
+    ] {
+        xs.write(tx, &format!("{be}/{k}"), v.as_bytes())?;
+    }
+    xs.mkdir(tx, fe)?;
+    xs.set_perms(tx, fe, &perms(frontend, Some(backend)))?;
+    for (k, v) in [
+        ("backend", be.clone()),
+        ("backend-id", backend.to_string()),
+        ("state", "1".into()),
+        ("handle", handle.to_string()),
+    ] {
+        xs.write(tx, &format!("{fe}/{k}"), v.as_bytes())?;
+    }
+    Ok(())
 }
 
 /// Waits until a node holds `want`, up to `timeout`; returns whether it did.
@@ -110,15 +123,26 @@ pub fn wait_for_state(xs: &Xenstore, path: &str, want: XenbusState, timeout: Dur
 /// driver domain (not dom0) must remove its own directory, and libxl waits for that too.
 /// Returns whether the backend did its part in time; the directories are removed either way.
 pub fn remove_vtpm(xs: &Xenstore, frontend: DomId, backend: DomId, handle: u32, timeout: Duration) -> Result<bool> {
+    remove_vtpm_at(xs, &vtpm_frontend_path(frontend, handle), frontend, backend, handle, timeout)
+}
+
+/// [`remove_vtpm`] with the frontend directory at `fe`.
+pub fn remove_vtpm_at(
+    xs: &Xenstore,
+    fe: &str,
+    frontend: DomId,
+    backend: DomId,
+    handle: u32,
+    timeout: Duration,
+) -> Result<bool> {
     let be = vtpm_backend_path(backend, frontend, handle);
-    let fe = vtpm_frontend_path(frontend, handle);
     xs.write(TxId::NONE, &format!("{be}/online"), b"0")?;
     xs.write(TxId::NONE, &format!("{be}/state"), XenbusState::Closing.as_str().as_bytes())?;
     let closed = wait_for_state(xs, &format!("{be}/state"), XenbusState::Closed, timeout);
     if backend != 0 {
         // A driver domain's backend directory is the driver domain's to remove (xl devd);
         // libxl removes the frontend's, then waits for it, then removes it itself.
-        xs.try_rm(TxId::NONE, &fe)?;
+        xs.try_rm(TxId::NONE, fe)?;
         let end = Instant::now() + timeout;
         while xs.try_read(TxId::NONE, &be)?.is_some() {
             if Instant::now() > end {
@@ -129,7 +153,7 @@ pub fn remove_vtpm(xs: &Xenstore, frontend: DomId, backend: DomId, handle: u32, 
         }
         return Ok(closed);
     }
-    for p in [&be, &fe] {
+    for p in [be.as_str(), fe] {
         xs.try_rm(TxId::NONE, p)?;
     }
     Ok(closed)
