@@ -18,7 +18,7 @@ VUUID=5e1f0a2b-7c3d-4e5f-8a9b-0c1d2e3f4a60   # the vTPM domain's identity at the
 IMG=/usr/lib/xvtpm
 # The operator's path: the tool makes the disks and domain files. The uncompressed kernel
 # boots faster under emulation.
-xvtpm stubdom manager --images $IMG --kernel $IMG/vmlinux --auto-provision 2>&1 | sed 's/^/  xvtpm: /'
+xvtpm stubdom manager --images $IMG --kernel $IMG/vmlinux 2>&1 | sed 's/^/  xvtpm: /'
 xvtpm stubdom vtpm --name vtpm-tpmguest --uuid $GUUID --vtpm-uuid $VUUID --images $IMG --kernel $IMG/vmlinux \
     > /tmp/vtpm.out 2>&1 || { cat /tmp/vtpm.out; finish FAIL; }
 sed 's/^/  xvtpm: /' /tmp/vtpm.out
@@ -35,15 +35,25 @@ $(tail -n 1 /tmp/vtpm.out)
 on_crash = "preserve"
 CFG
 T0=$(cut -d' ' -f1 /proc/uptime)
-xl create /etc/xen/vtpmmgr.cfg 'extra="console=hvc0 xvtpm.auto-provision xvtpm.init"' 2>&1 | sed 's/^/  xl: /'
+xl create /etc/xen/vtpmmgr.cfg 'extra="console=hvc0 xvtpm.init"' 2>&1 | sed 's/^/  xl: /'
 wait_for $CON/guest-vtpmmgr.log "watching" 120 vtpmmgr || { mark "MANAGER_FAILED"; sed 's/^/  hotplug: /' /var/log/xen/xen-hotplug.log; sed 's/^/  vtpmmgr: /' $CON/guest-vtpmmgr.log; finish FAIL; }
 mark "manager domain serving after $(awk -v t0=$T0 '{print $1 - t0}' /proc/uptime) s"
 sed 's/^/  vtpmmgr: /' $CON/guest-vtpmmgr.log | grep -v "^  vtpmmgr: \[" | tail -n 20
+# The vTPM domain's identity is provisioned from dom0, through the manager's domain: the
+# manager provisions nothing on its own.
+adm() { xvtpm "$@" --manager-domain vtpmmgr 2>&1 | tr '\n' ' '; }
+T0=$(cut -d' ' -f1 /proc/uptime)
+mark "admin: provisioned $(adm vtpm provision --uuid $VUUID)"
+mark "admin: one command over the admin device took $(awk -v t0=$T0 '{print $1 - t0}' /proc/uptime) s"
+mark "admin: before the first start $(adm vtpm show $VUUID --json)"
+mark "admin: devices left in xenstore: [$(xenstore-list /local/domain/0/device/xvtpm-admin 2>/dev/null | tr '\n' ' ')]"
 T0=$(cut -d' ' -f1 /proc/uptime)
 xl create /etc/xen/vtpm-tpmguest.cfg 2>&1 | sed 's/^/  xl: /'
 wait_for $CON/guest-vtpm-tpmguest.log "watching" 180 vtpm-tpmguest || { mark "VTPM_DOMAIN_FAILED"; sed 's/^/  vtpm-dom: /' $CON/guest-vtpm-tpmguest.log; sed 's/^/  vtpmmgr: /' $CON/guest-vtpmmgr.log | tail -n 20; finish FAIL; }
 mark "vTPM domain serving after $(awk -v t0=$T0 '{print $1 - t0}' /proc/uptime) s"
 sed 's/^/  vtpm-dom: /' $CON/guest-vtpm-tpmguest.log | grep -v "^  vtpm-dom: \[" | tail -n 20
+mark "admin: after the first start $(adm vtpm show $VUUID --json)"
+mark "admin: groups $(adm group list --json)"
 xl list | sed 's/^/  xl list: /'
 T0=$(cut -d' ' -f1 /proc/uptime)
 xl create /etc/xen/tpmguest.cfg 2>&1 | sed 's/^/  xl: /'

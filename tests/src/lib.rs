@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use xvtpm_backend::{CommandHandler, Request};
 
+pub mod bins;
 pub mod clayout;
 pub mod swtpm;
 pub mod tpm2;

@@ -75,6 +75,39 @@ pub enum VtpmCmd {
         /// Its uuid.
         uuid: String,
     },
+    /// Print this manager's migration key: what `export` at the source manager takes to move
+    /// a vTPM here.
+    MigrationKey {
+        #[command(flatten)]
+        opts: AdminOpts,
+    },
+    /// Export a vTPM to another manager: writes a bundle (its state's key, encrypted to that
+    /// manager's migration key) and freezes the vTPM here until it is deleted or imported
+    /// back. Copy the vTPM's state (its disk or state directory) with the bundle: it is
+    /// encrypted under the key the bundle carries.
+    Export {
+        #[command(flatten)]
+        opts: AdminOpts,
+        /// Its uuid.
+        uuid: String,
+        /// The destination manager's migration key (`xvtpm vtpm migration-key` there): the
+        /// hex digits, or a file holding them.
+        #[arg(long, value_name = "KEY|FILE")]
+        to: String,
+        /// The bundle to write (never overwritten).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+    /// Import a bundle that `export` made for this manager; prints the vTPM's uuid.
+    Import {
+        #[command(flatten)]
+        opts: AdminOpts,
+        /// The bundle.
+        bundle: PathBuf,
+        /// The group to put it in.
+        #[arg(long, default_value_t = 0)]
+        group: u32,
+    },
     /// Delete a vTPM and its key at the manager (its state becomes unreadable).
     Delete {
         #[command(flatten)]
@@ -158,11 +191,7 @@ impl MeasureArgs {
     pub fn boot_hash(&self) -> anyhow::Result<[u8; 32]> {
         use xvtpm_vtpmmgr::peer;
         if let Some(h) = &self.hash {
-            let bytes: Vec<u8> = (0..h.len())
-                .step_by(2)
-                .map(|i| h.get(i..i + 2).and_then(|b| u8::from_str_radix(b, 16).ok()))
-                .collect::<Option<_>>()
-                .unwrap_or_default();
+            let bytes = unhex(h).unwrap_or_default();
             return bytes.try_into().map_err(|_| anyhow::anyhow!("a boot hash is 64 hex digits, not {h:?}"));
         }
         if let Some(exe) = &self.exe {
@@ -172,6 +201,39 @@ impl MeasureArgs {
         peer::measure_domain_image(kernel, self.ramdisk.as_deref(), &self.cmdline)
             .with_context(|| format!("measure the domain image {}", kernel.display()))
     }
+}
+
+/// Hex digits as bytes (`None`: not hex, or an odd count).
+fn unhex(t: &str) -> Option<Vec<u8>> {
+    (0..t.len()).step_by(2).map(|i| t.get(i..i + 2).and_then(|b| u8::from_str_radix(b, 16).ok())).collect()
+}
+
+/// A migration key given as hex digits, or as a file holding them.
+fn migration_key_arg(s: &str) -> anyhow::Result<Vec<u8>> {
+    let text = match std::path::Path::new(s).is_file() {
+        true => std::fs::read_to_string(s).with_context(|| format!("read {s}"))?,
+        false => s.to_string(),
+    };
+    match unhex(text.trim()) {
+        Some(b) if b.len() == xvtpm_vtpmmgr::migrate::PUBLIC_LEN => Ok(b),
+        _ => bail!(
+            "a migration key is {} hex digits (`xvtpm vtpm migration-key` at the destination)",
+            2 * xvtpm_vtpmmgr::migrate::PUBLIC_LEN
+        ),
+    }
+}
+
+/// Writes a new file readable by its owner only; never overwrites.
+fn write_new(path: &std::path::Path, data: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("create {}", path.display()))?;
+    f.write_all(data).and_then(|()| f.sync_all()).with_context(|| format!("write {}", path.display()))
 }
 
 pub(crate) fn uuid_arg(s: &str) -> anyhow::Result<[u8; 16]> {
@@ -212,15 +274,49 @@ pub fn vtpm(cmd: VtpmCmd) -> anyhow::Result<()> {
         VtpmCmd::Show { opts, uuid } => {
             let v = opts.connect()?.show(&uuid_arg(&uuid)?)?;
             match opts.json {
-                true => {
-                    println!("{{\"uuid\":\"{}\",\"group\":{},\"has_key\":{}}}", uuid_str(&v.uuid), v.group, v.has_key)
-                }
-                false => println!(
-                    "uuid {}\ngroup {}\nstate key saved {}",
+                true => println!(
+                    "{{\"uuid\":\"{}\",\"group\":{},\"has_key\":{},\"exported\":{}}}",
                     uuid_str(&v.uuid),
                     v.group,
-                    if v.has_key { "yes" } else { "no" }
+                    v.has_key,
+                    v.exported
                 ),
+                false => println!(
+                    "uuid {}\ngroup {}\nstate key saved {}\nexported (frozen here) {}",
+                    uuid_str(&v.uuid),
+                    v.group,
+                    if v.has_key { "yes" } else { "no" },
+                    if v.exported { "yes" } else { "no" }
+                ),
+            }
+        }
+        VtpmCmd::MigrationKey { opts } => {
+            let k = hex(&opts.connect()?.migration_key()?);
+            match opts.json {
+                true => println!("{{\"migration_key\":\"{k}\"}}"),
+                false => println!("{k}"),
+            }
+        }
+        VtpmCmd::Export { opts, uuid, to, out } => {
+            let u = uuid_arg(&uuid)?;
+            let key = migration_key_arg(&to)?;
+            // Refuse before the manager freezes the vTPM, not after.
+            if out.exists() {
+                bail!("{} exists; not overwritten", out.display());
+            }
+            let bundle = opts.connect()?.export(&u, &key)?;
+            write_new(&out, &bundle)?;
+            match opts.json {
+                true => println!("{{\"uuid\":\"{}\",\"bundle\":\"{}\"}}", uuid_str(&u), out.display()),
+                false => println!("vTPM {} exported to {} (frozen at this manager)", uuid_str(&u), out.display()),
+            }
+        }
+        VtpmCmd::Import { opts, bundle, group } => {
+            let b = std::fs::read(&bundle).with_context(|| format!("read {}", bundle.display()))?;
+            let u = opts.connect()?.import(&b, group)?;
+            match opts.json {
+                true => println!("{{\"uuid\":\"{}\",\"group\":{group}}}", uuid_str(&u)),
+                false => println!("{}", uuid_str(&u)),
             }
         }
         VtpmCmd::Delete { opts, uuid } => opts.connect()?.delete(&uuid_arg(&uuid)?)?,

@@ -109,8 +109,13 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    match run(Cli::parse().command) {
+    let cli = Cli::parse();
+    // The diagnostics' progress is worth seeing; a management command prints its answer and
+    // only warnings besides.
+    let quiet = matches!(cli.command, Command::Vtpm(_) | Command::Group(_));
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(if quiet { "warn" } else { "info" }))
+        .init();
+    match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("xvtpm: {e:#}");

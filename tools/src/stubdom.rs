@@ -176,6 +176,9 @@ fn manager(a: ManagerArgs) -> anyhow::Result<()> {
         println!("manager domain {}: {} (store disk {})", a.name, config.display(), disk.display());
         println!("first start (creates the store): xl create {} 'extra=\"{extra} xvtpm.init\"'", config.display());
         println!("later starts: xl create {}", config.display());
+        if !a.auto_provision {
+            println!("it takes management commands from dom0: xvtpm vtpm|group ... --manager-domain {}", a.name);
+        }
     }
     Ok(())
 }
@@ -224,7 +227,11 @@ fn vtpm(a: VtpmArgs) -> anyhow::Result<()> {
         );
     } else {
         println!("vTPM domain {}: {} (disk {}, TPM {version})", a.name, config.display(), disk.display());
-        println!("its identity at the manager: {vtpm_uuid} (xvtpm vtpm provision --uuid {vtpm_uuid})");
+        println!(
+            "its identity at the manager: {vtpm_uuid}; before its first start: \
+             xvtpm vtpm provision --manager-domain {} --uuid {vtpm_uuid}",
+            a.manager
+        );
         println!("for the guest's domain file:\n{line}");
     }
     Ok(())

@@ -54,7 +54,7 @@ fn vtpms_and_groups_through_the_admin_socket() {
     );
     assert_eq!(
         stdout(&xvtpm(&sock, &["vtpm", "show", u, "--json"])),
-        format!("{{\"uuid\":\"{u}\",\"group\":1,\"has_key\":false}}")
+        format!("{{\"uuid\":\"{u}\",\"group\":1,\"has_key\":false,\"exported\":false}}")
     );
     let groups = stdout(&xvtpm(&sock, &["group", "list", "--json"]));
     assert!(groups.contains("{\"group\":0,") && groups.contains("\"vtpms\":1}"), "{groups}");

@@ -75,7 +75,7 @@ fn dom0_manages_a_manager_in_its_own_domain() {
     assert_eq!(stdout(&xvtpm(&host, 0, &["vtpm", "provision", "--uuid", u, "--group", "1"])), u);
     assert_eq!(
         stdout(&xvtpm(&host, 0, &["vtpm", "show", u, "--json"])),
-        format!("{{\"uuid\":\"{u}\",\"group\":1,\"has_key\":false}}")
+        format!("{{\"uuid\":\"{u}\",\"group\":1,\"has_key\":false,\"exported\":false}}")
     );
     // A list longer than one reply: paged within tpmif's 4088-byte packets.
     for _ in 0..300 {

@@ -6,35 +6,28 @@
 //! hang), restarted from its disk, and the rebooted guest finds its key and NV index.
 //! Images: tools/stubdom/build-images.sh via tests/harness/build-xen.sh (cached).
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 
 use xvtpm_tests::xen_qemu;
 
 const XVTPM: &str = env!("CARGO_BIN_EXE_xvtpm");
 
-/// The vtpm and vtpmmgr binaries of this build profile, next to ours. Cargo builds only this
-/// package's binaries for its tests, so make sure theirs are current too (a no-op after
-/// `cargo test --workspace`).
-fn bin_dir() -> PathBuf {
-    let dir = Path::new(XVTPM).parent().expect("bin dir").to_path_buf();
-    let mut cargo = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cargo.args(["build", "-q", "--bins", "-p", "xvtpm-vtpm", "-p", "xvtpm-vtpmmgr"]);
-    if dir.ends_with("release") {
-        cargo.arg("--release");
-    }
-    assert!(cargo.status().expect("cargo").success(), "building vtpm and vtpmmgr failed");
-    dir
-}
-
 #[test]
 fn guest_with_vtpm_and_manager_in_stub_domains() {
     let img = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("xen-stubdom");
-    let c = xen_qemu::run(&img, &bin_dir(), "stubdom", true, 1500);
+    let c = xen_qemu::run(&img, &xvtpm_tests::bins::vtpm_and_vtpmmgr(XVTPM), "stubdom", true, 1500);
     let has = |s: &str| c.text.contains(s);
     assert!(has("manager domain serving"), "the manager's domain did not come up; {}", c.ctx());
     assert!(has("vtpmmgr: store /dev/xvda created"), "no store made on the manager's disk; {}", c.ctx());
+    // The vTPM domain's identity provisioned from dom0 through the manager's domain (which
+    // provisions nothing on its own); each command's device is removed after it.
+    let v = "5e1f0a2b-7c3d-4e5f-8a9b-0c1d2e3f4a60";
+    assert!(has(&format!("admin: provisioned {v} ")), "provisioning from dom0; {}", c.ctx());
+    let show = |key: bool| format!("{{\"uuid\":\"{v}\",\"group\":0,\"has_key\":{key},\"exported\":false}}");
+    assert!(has(&format!("admin: before the first start {}", show(false))), "{}", c.ctx());
+    assert!(has("admin: devices left in xenstore: []"), "{}", c.ctx());
     assert!(has("vTPM domain serving"), "the vTPM domain did not come up; {}", c.ctx());
+    assert!(has(&format!("admin: after the first start {}", show(true))), "its key at the manager; {}", c.ctx());
     assert!(has("created a V2_0 vTPM in /mnt/state.new (key at the manager)"), "{}", c.ctx());
     // The guest's tpm2-tools checks, through its stock xen-tpmfront to the vTPM domain.
     assert!(c.guest("devices /dev/tpm0"), "no /dev/tpm0 in the guest; {}", c.ctx());

@@ -28,6 +28,8 @@ pub struct VtpmInfo {
     pub group: u32,
     /// Whether it has saved a state key.
     pub has_key: bool,
+    /// Whether it was exported (and is frozen here).
+    pub exported: bool,
 }
 
 /// A group as the manager reports it.
@@ -81,10 +83,12 @@ impl Admin {
         };
         match (st, out) {
             (status::SUCCESS, out) => Ok(out),
+            (status::BADINDEX, _) if what.starts_with("group ") => Err(Error::NotFound(what.to_string())),
             (status::BADINDEX, _) => Err(Error::UnknownVtpm(what.to_string())),
             (status::AUTHFAIL, _) => {
                 Err(Error::NotAuthorized("the manager refused (is this its admin socket, or its admin domain?)".into()))
             }
+            (status::EXISTS, _) => Err(Error::Exists(format!("{what} exists already at the manager"))),
             (status::BAD_PARAMETER, _) => Err(Error::Protocol(format!("the manager refused {what} (see its log)"))),
             (st, _) => Err(Error::Protocol(format!("the manager failed {what} with status {st} (see its log)"))),
         }
@@ -101,7 +105,14 @@ impl Admin {
         if let Some(t) = token {
             body.extend_from_slice(t);
         }
-        uuid_at(&self.call(proto::VTPM_NEW, &body, "the provisioning")?, 0)
+        // The group is what can be missing; the uuid what can exist already.
+        match self.call(proto::VTPM_NEW, &body, &format!("group {group}")) {
+            Err(Error::Exists(_)) => Err(Error::Exists(match uuid {
+                Some(u) => format!("vTPM {} is already provisioned", uuid_str(&u)),
+                None => "a vTPM with that uuid is already provisioned".into(),
+            })),
+            r => uuid_at(&r?, 0),
+        }
     }
 
     /// The vTPMs of `group` (fetched a page at a time).
@@ -124,7 +135,44 @@ impl Admin {
     /// One vTPM.
     pub fn show(&mut self, uuid: &[u8; 16]) -> Result<VtpmInfo> {
         let out = self.call(proto::VTPM_SHOW, uuid, &format!("vTPM {}", uuid_str(uuid)))?;
-        Ok(VtpmInfo { uuid: *uuid, group: be32(&out, 0)?, has_key: be32(&out, 4)? != 0 })
+        Ok(VtpmInfo { uuid: *uuid, group: be32(&out, 0)?, has_key: be32(&out, 4)? != 0, exported: be32(&out, 8)? != 0 })
+    }
+
+    /// The manager's migration public key (what `export` at another manager takes).
+    pub fn migration_key(&mut self) -> Result<Vec<u8>> {
+        self.call(proto::MIGRATION_KEY, &[], "the migration key")
+    }
+
+    /// Exports a vTPM to the manager whose migration key is `to`: the bundle (and the vTPM is
+    /// frozen at this manager).
+    pub fn export(&mut self, uuid: &[u8; 16], to: &[u8]) -> Result<Vec<u8>> {
+        // Checked here too, so a bad key gets its reason (the manager answers a status only).
+        crate::migrate::check_public(to)?;
+        self.call(proto::VTPM_EXPORT, &[&uuid[..], to].concat(), &format!("vTPM {}", uuid_str(uuid)))
+    }
+
+    /// Imports a bundle into `group`; the vTPM's uuid.
+    pub fn import(&mut self, bundle: &[u8], group: u32) -> Result<[u8; 16]> {
+        // The reasons a manager can only answer with a status, checked here first.
+        let to = crate::migrate::destination(bundle)?;
+        let mine = self.migration_key()?;
+        if to != mine.as_slice() {
+            return Err(Error::NotAuthorized(format!(
+                "the bundle was made for another manager's migration key ({}...), not this one's ({}...)",
+                crate::hex(&to[1..9]),
+                crate::hex(&mine[1..9])
+            )));
+        }
+        let body = [&group.to_be_bytes()[..], bundle].concat();
+        match self.call(proto::VTPM_IMPORT, &body, &format!("group {group}")) {
+            Err(Error::NotAuthorized(_)) => {
+                Err(Error::NotAuthorized("the bundle does not authenticate at this manager (damaged?)".into()))
+            }
+            Err(Error::Exists(_)) => {
+                Err(Error::Exists("the bundle's vTPM is already provisioned at this manager".into()))
+            }
+            r => uuid_at(&r?, 0),
+        }
     }
 
     /// Deletes a vTPM and its key.

@@ -38,6 +38,9 @@ pub enum Error {
     /// A vTPM the manager does not know (not provisioned).
     #[error("vTPM {0} is not provisioned")]
     UnknownVtpm(String),
+    /// A vTPM that exists already (provisioned or imported twice).
+    #[error("{0}")]
+    Exists(String),
     /// No such group.
     #[error("no {0}")]
     NotFound(String),

@@ -5,6 +5,7 @@ pub mod admin;
 pub mod error;
 pub mod hw;
 pub mod manager;
+pub mod migrate;
 pub mod peer;
 pub mod proto;
 pub mod server;

@@ -9,8 +9,9 @@ use xvtpm_tis::{Family, HwTpm};
 use crate::hw::tpm12::{SealInfo, Tpm12};
 use crate::hw::tpm2::Tpm2;
 use crate::hw::Sealed;
+use crate::migrate::{self, MigrationKey, Moved};
 use crate::store::dev::BlockDev;
-use crate::store::record::{HAS_KEY, IS_GROUP};
+use crate::store::record::{EXPORTED, HAS_KEY, IS_GROUP};
 use crate::store::{self, CounterState, Record, Store};
 use crate::{hex, BootHash};
 use crate::{uuid_str, Error, Result};
@@ -381,7 +382,7 @@ impl<D: BlockDev> Manager<D> {
     /// Provisions a vTPM in `group`; `token`, if given, lets Unix-socket clients act for it.
     pub fn provision(&mut self, uuid: [u8; 16], group: u32, token: Option<&[u8]>) -> Result<()> {
         if self.store.get(&uuid)?.is_some() {
-            return Err(Error::Store(format!("vTPM {} is already provisioned", uuid_str(&uuid))));
+            return Err(Error::Exists(format!("vTPM {} is already provisioned", uuid_str(&uuid))));
         }
         if !self.group_numbers.contains(&group) {
             return Err(Error::NotFound(format!("group {group}")));
@@ -410,6 +411,58 @@ impl<D: BlockDev> Manager<D> {
     /// Every vTPM.
     pub fn list(&self) -> Result<Vec<Record>> {
         Ok(self.store.list()?.into_iter().filter(Record::is_vtpm).collect())
+    }
+
+    /// This manager's migration key: derived from the store's root key, so it is as bound to
+    /// the hardware TPM as the store is.
+    pub fn migration_key(&self) -> MigrationKey {
+        MigrationKey::from_seed(self.store.derive_key(b"xvtpm-migration-key"))
+    }
+
+    /// Exports vTPM `uuid` to the manager whose migration public key is `to`: the bundle.
+    /// From then on the vTPM is frozen here (its key is refused) until it is deleted, or
+    /// imported back: two managers never both hand out one vTPM's key.
+    pub fn export(&mut self, uuid: &[u8; 16], to: &[u8]) -> Result<Vec<u8>> {
+        let mut rec = self.vtpm(uuid)?.ok_or_else(|| Error::UnknownVtpm(uuid_str(uuid)))?;
+        let bundle = migrate::seal(to, &Moved::of(&rec))?;
+        if !rec.is_exported() {
+            rec.flags |= EXPORTED;
+            self.commit(|s| s.put(&rec).map(Some))?;
+        }
+        log::info!("vTPM {} exported; frozen here until deleted or imported back", uuid_str(uuid));
+        Ok(bundle)
+    }
+
+    /// Imports a bundle made for this manager's migration key into `group`; the vTPM's uuid.
+    /// A vTPM this manager has is refused, unless it was exported from here (it comes back).
+    pub fn import(&mut self, bundle: &[u8], group: u32) -> Result<[u8; 16]> {
+        let m = self.migration_key().open(bundle)?;
+        if !self.group_numbers.contains(&group) {
+            return Err(Error::NotFound(format!("group {group}")));
+        }
+        match self.store.get(&m.uuid)? {
+            Some(r) if r.is_vtpm() && r.is_exported() => {
+                log::info!("vTPM {} comes back (it was exported from here)", uuid_str(&m.uuid));
+            }
+            Some(_) => return Err(Error::Exists(format!("vTPM {} is already provisioned here", uuid_str(&m.uuid)))),
+            None => {}
+        }
+        let rec = Record { uuid: m.uuid, group, flags: m.flags, hash: m.hash, key: m.key, token: m.token };
+        self.commit(|s| s.put(&rec).map(Some))?;
+        log::info!("vTPM {} imported into group {group}", uuid_str(&m.uuid));
+        Ok(m.uuid)
+    }
+
+    /// The record of vTPM `uuid` if it may run here: known, and not exported.
+    fn live_vtpm(&self, uuid: &[u8; 16]) -> Result<Record> {
+        match self.vtpm(uuid)? {
+            Some(r) if r.is_exported() => Err(Error::NotAuthorized(format!(
+                "vTPM {} was exported to another manager and is frozen here (delete it, or import it back)",
+                uuid_str(uuid)
+            ))),
+            Some(r) => Ok(r),
+            None => Err(Error::UnknownVtpm(uuid_str(uuid))),
+        }
     }
 
     /// The record of vTPM `uuid` (a group's uuid is no vTPM).
@@ -509,7 +562,7 @@ impl<D: BlockDev> Manager<D> {
             return Err(Error::Protocol(format!("SAVEHASHKEY of {} bytes (52 to 64 expected)", blob.len())));
         }
         let mut rec = match self.vtpm(uuid)? {
-            Some(r) => r,
+            Some(_) => self.live_vtpm(uuid)?,
             // A group's uuid is never a vTPM, not even an auto-provisioned one.
             None if self.auto_provision && self.store.get(uuid)?.is_none() => {
                 log::info!("auto-provisioning vTPM {} in group 0", uuid_str(uuid));
@@ -527,7 +580,7 @@ impl<D: BlockDev> Manager<D> {
 
     /// LOADHASHKEY: the hash and key last saved for the vTPM. No hardware TPM command.
     pub fn load(&self, uuid: &[u8; 16]) -> Result<Vec<u8>> {
-        let rec = self.vtpm(uuid)?.ok_or_else(|| Error::UnknownVtpm(uuid_str(uuid)))?;
+        let rec = self.live_vtpm(uuid)?;
         if !rec.has_key() {
             return Err(Error::NoSavedState(uuid_str(uuid)));
         }
@@ -550,9 +603,7 @@ impl<D: BlockDev> Manager<D> {
         nonce: &[u8],
         pcrs: &[u8],
     ) -> Result<Vec<u8>> {
-        if self.vtpm(uuid)?.is_none() {
-            return Err(Error::UnknownVtpm(uuid_str(uuid)));
-        }
+        self.live_vtpm(uuid)?;
         self.take_quote_token(uuid)?;
         let q: [u8; 32] = Sha256::new()
             .chain_update(b"xvtpm-deep-quote")

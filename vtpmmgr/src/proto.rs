@@ -62,6 +62,13 @@ pub const GROUP_REVOKE: u32 = 0x0200_0403;
 /// Ours, management: a group's approved boot hashes (group u32); replies count u32, then
 /// the hashes.
 pub const GROUP_APPROVED: u32 = 0x0200_0404;
+/// Ours, management: this manager's migration public key (65 bytes).
+pub const MIGRATION_KEY: u32 = 0x0200_0405;
+/// Ours, management: export a vTPM (uuid[16] | the destination's migration key[65]); replies
+/// the bundle, and the vTPM is frozen here.
+pub const VTPM_EXPORT: u32 = 0x0200_0406;
+/// Ours, management: import a bundle (group u32 | bundle); replies the vTPM's uuid.
+pub const VTPM_IMPORT: u32 = 0x0200_0407;
 
 /// Status codes (TPM 1.2 values, as Xen's manager uses them).
 pub mod status {
@@ -73,6 +80,8 @@ pub mod status {
     pub const BADINDEX: u32 = 2;
     /// Unknown vTPM (vTPM commands), malformed body.
     pub const BAD_PARAMETER: u32 = 3;
+    /// Ours, management: the vTPM exists already.
+    pub const EXISTS: u32 = 0x41;
     /// Internal failure (store, hardware TPM).
     pub const FAIL: u32 = 9;
     /// Not now: the vTPM is over its rate (TPM 1.2's TPM_RETRY).
@@ -142,6 +151,7 @@ fn status_of(e: &Error) -> u32 {
         Error::UnknownVtpm(_) | Error::NoSavedState(_) | Error::Protocol(_) => status::BAD_PARAMETER,
         Error::NotAuthorized(_) => status::AUTHFAIL,
         Error::Busy(_) => status::RETRY,
+        Error::Exists(_) => status::EXISTS,
         _ => status::FAIL,
     }
 }
@@ -268,7 +278,12 @@ pub fn handle_measured<D: BlockDev>(
         }
         (TAG_REQ2, VTPM_SHOW) => match <[u8; 16]>::try_from(body) {
             Ok(u) => mgr.vtpm(&u).and_then(|r| match r {
-                Some(r) => Ok([r.group.to_be_bytes(), u32::from(r.has_key()).to_be_bytes()].concat()),
+                Some(r) => Ok([
+                    r.group.to_be_bytes(),
+                    u32::from(r.has_key()).to_be_bytes(),
+                    u32::from(r.is_exported()).to_be_bytes(),
+                ]
+                .concat()),
                 None => Err(Error::UnknownVtpm(uuid_str(&u))),
             }),
             Err(_) => Err(Error::Protocol("VTPM_SHOW needs a 16-byte uuid".into())),
@@ -313,6 +328,15 @@ pub fn handle_measured<D: BlockDev>(
                 out
             }),
             _ => Err(Error::Protocol("GROUP_APPROVED needs a group number".into())),
+        },
+        (TAG_REQ2, MIGRATION_KEY) => Ok(mgr.migration_key().public().to_vec()),
+        (TAG_REQ2, VTPM_EXPORT) => match body.get(..16).and_then(|u| <[u8; 16]>::try_from(u).ok()) {
+            Some(u) => mgr.export(&u, &body[16..]),
+            None => Err(Error::Protocol("VTPM_EXPORT needs a uuid and a migration key".into())),
+        },
+        (TAG_REQ2, VTPM_IMPORT) => match be32(body, 0) {
+            Some(group) => mgr.import(&body[4..], group).map(|u| u.to_vec()),
+            None => Err(Error::Protocol("VTPM_IMPORT needs a group and a bundle".into())),
         },
         (TAG_REQ2, GROUP_NEW) => mgr.new_group().map(|(n, u)| [&n.to_be_bytes()[..], &u].concat()),
         (TAG_REQ2, GROUP_DEL) => match be32(body, 0) {

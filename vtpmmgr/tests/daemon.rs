@@ -246,7 +246,7 @@ fn groups() {
     let g = a.group_new().expect("group");
     assert_eq!(g.number, 1);
     let v = a.provision(None, 1, None).expect("provision into group 1");
-    assert!(matches!(a.provision(None, 9, None), Err(Error::UnknownVtpm(_))), "no group 9");
+    assert!(matches!(a.provision(None, 9, None), Err(Error::NotFound(_))), "no group 9");
     let groups = a.groups().expect("groups");
     assert_eq!(groups.iter().map(|g| (g.number, g.vtpms)).collect::<Vec<_>>(), vec![(0, 0), (1, 1)]);
     assert_eq!(groups[1].uuid, g.uuid);

@@ -223,6 +223,15 @@ impl<D: BlockDev> Store<D> {
         Ok(())
     }
 
+    /// A key for `label`, derived from the root key (HMAC-SHA256): as bound to the hardware
+    /// TPM as the store itself.
+    pub fn derive_key(&self, label: &[u8]) -> [u8; 32] {
+        use hmac::Mac;
+        let mut mac = <hmac::Hmac<Sha256> as hmac::Mac>::new_from_slice(&self.key).expect("any key length");
+        mac.update(label);
+        mac.finalize().into_bytes().into()
+    }
+
     /// The current root.
     pub fn root(&self) -> &Root {
         &self.root

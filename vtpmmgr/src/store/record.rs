@@ -11,6 +11,9 @@ pub const IS_GROUP: u32 = 2;
 /// `flags`: the record approves a boot hash (in `hash`) for the vTPMs of group `group`; its
 /// uuid is derived from both ([`Record::approval`]).
 pub const IS_APPROVAL: u32 = 4;
+/// `flags`: the vTPM was exported to another manager and is frozen here: its key is refused
+/// until it is deleted or imported back.
+pub const EXPORTED: u32 = 8;
 
 /// A vTPM's record.
 #[derive(Clone, PartialEq, Eq)]
@@ -49,6 +52,11 @@ impl Record {
     /// Whether a state hash and key have been saved.
     pub fn has_key(&self) -> bool {
         self.flags & HAS_KEY != 0
+    }
+
+    /// Whether the vTPM was exported (and is frozen here).
+    pub fn is_exported(&self) -> bool {
+        self.flags & EXPORTED != 0
     }
 
     /// Whether the record is a group.
