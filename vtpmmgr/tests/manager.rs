@@ -49,7 +49,7 @@ fn save_and_load(family: Family) {
         }
         assert!(matches!(m.save(&[9; 16], &blob(9)), Err(Error::UnknownVtpm(_))), "not provisioned");
         assert!(matches!(m.save(&uuids[0], &[0; 10]), Err(Error::Protocol(_))));
-        assert!(matches!(m.provision(uuids[0], 0, None), Err(Error::Store(_))), "twice");
+        assert!(matches!(m.provision(uuids[0], 0, None), Err(Error::Exists(_))), "twice");
     }
     // A second init on the same store is refused before it touches the TPM.
     let e = Manager::init(FileDev::open(&path, false).expect("dev"), hw.connect(), &cfg()).expect_err("exists");
