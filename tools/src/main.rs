@@ -61,7 +61,7 @@ impl XenOpts {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// vTPMs at the manager: provision, list, show, delete.
+    /// vTPMs at the manager: provision, list, show, delete, and moving one to another manager.
     #[command(subcommand)]
     Vtpm(admin::VtpmCmd),
     /// Groups at the manager: new, list, delete, and the boot hashes their vTPMs may run with.

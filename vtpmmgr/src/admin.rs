@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use crate::proto::{self, status, HEADER, TAG_REQ2};
+use crate::proto::{self, status, TAG_REQ2};
 use crate::server::Client;
 use crate::{uuid_str, Error, Result};
 
@@ -74,14 +74,9 @@ impl Admin {
 
     fn call(&mut self, ordinal: u32, body: &[u8], what: &str) -> Result<Vec<u8>> {
         let r = self.link.exchange(&proto::request(TAG_REQ2, ordinal, body))?;
-        let size = r.get(2..6).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize);
-        let (st, out) = match (size, r.get(6..HEADER)) {
-            (Some(n), Some(st)) if n == r.len() => {
-                (u32::from_be_bytes([st[0], st[1], st[2], st[3]]), r[HEADER..].to_vec())
-            }
-            _ => return Err(Error::Protocol(format!("malformed reply of {} bytes from the manager", r.len()))),
-        };
-        match (st, out) {
+        let reply = proto::split_reply(&r)
+            .ok_or_else(|| Error::Protocol(format!("malformed reply of {} bytes from the manager", r.len())))?;
+        match reply {
             (status::SUCCESS, out) => Ok(out),
             (status::BADINDEX, _) if what.starts_with("group ") => Err(Error::NotFound(what.to_string())),
             (status::BADINDEX, _) => Err(Error::UnknownVtpm(what.to_string())),

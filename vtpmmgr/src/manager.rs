@@ -9,7 +9,7 @@ use xvtpm_tis::{Family, HwTpm};
 use crate::hw::tpm12::{SealInfo, Tpm12};
 use crate::hw::tpm2::Tpm2;
 use crate::hw::Sealed;
-use crate::migrate::{self, MigrationKey, Moved};
+use crate::migrate::{self, MigrationKey};
 use crate::store::dev::BlockDev;
 use crate::store::record::{EXPORTED, HAS_KEY, IS_GROUP};
 use crate::store::{self, CounterState, Record, Store};
@@ -424,7 +424,7 @@ impl<D: BlockDev> Manager<D> {
     /// imported back: two managers never both hand out one vTPM's key.
     pub fn export(&mut self, uuid: &[u8; 16], to: &[u8]) -> Result<Vec<u8>> {
         let mut rec = self.vtpm(uuid)?.ok_or_else(|| Error::UnknownVtpm(uuid_str(uuid)))?;
-        let bundle = migrate::seal(to, &Moved::of(&rec))?;
+        let bundle = migrate::seal(to, &rec)?;
         if !rec.is_exported() {
             rec.flags |= EXPORTED;
             self.commit(|s| s.put(&rec).map(Some))?;
@@ -447,21 +447,25 @@ impl<D: BlockDev> Manager<D> {
             Some(_) => return Err(Error::Exists(format!("vTPM {} is already provisioned here", uuid_str(&m.uuid)))),
             None => {}
         }
-        let rec = Record { uuid: m.uuid, group, flags: m.flags, hash: m.hash, key: m.key, token: m.token };
+        let rec = Record { group, ..m };
         self.commit(|s| s.put(&rec).map(Some))?;
-        log::info!("vTPM {} imported into group {group}", uuid_str(&m.uuid));
-        Ok(m.uuid)
+        log::info!("vTPM {} imported into group {group}", uuid_str(&rec.uuid));
+        Ok(rec.uuid)
     }
 
     /// The record of vTPM `uuid` if it may run here: known, and not exported.
     fn live_vtpm(&self, uuid: &[u8; 16]) -> Result<Record> {
-        match self.vtpm(uuid)? {
-            Some(r) if r.is_exported() => Err(Error::NotAuthorized(format!(
+        self.vtpm(uuid)?.ok_or_else(|| Error::UnknownVtpm(uuid_str(uuid))).and_then(Self::live)
+    }
+
+    /// `rec`, unless it was exported (then it is frozen here).
+    fn live(rec: Record) -> Result<Record> {
+        match rec.is_exported() {
+            true => Err(Error::NotAuthorized(format!(
                 "vTPM {} was exported to another manager and is frozen here (delete it, or import it back)",
-                uuid_str(uuid)
+                uuid_str(&rec.uuid)
             ))),
-            Some(r) => Ok(r),
-            None => Err(Error::UnknownVtpm(uuid_str(uuid))),
+            false => Ok(rec),
         }
     }
 
@@ -562,7 +566,7 @@ impl<D: BlockDev> Manager<D> {
             return Err(Error::Protocol(format!("SAVEHASHKEY of {} bytes (52 to 64 expected)", blob.len())));
         }
         let mut rec = match self.vtpm(uuid)? {
-            Some(_) => self.live_vtpm(uuid)?,
+            Some(r) => Self::live(r)?,
             // A group's uuid is never a vTPM, not even an auto-provisioned one.
             None if self.auto_provision && self.store.get(uuid)?.is_none() => {
                 log::info!("auto-provisioning vTPM {} in group 0", uuid_str(uuid));

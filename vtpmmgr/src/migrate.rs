@@ -1,13 +1,13 @@
 //! Moving a vTPM to another manager. What moves through the manager is the vTPM's record: the
-//! hash and key of its last saved state, and its token's digest. It travels encrypted to the
-//! destination manager's migration key (ECDH on P-256 with a fresh ephemeral key,
-//! HKDF-SHA256, AES-256-GCM over the whole header as associated data). The vTPM's state
-//! travels on its own (its disk or state directory), and is already encrypted under the key
-//! the bundle carries.
+//! hash and key of its last saved state, and its token's digest (not its group: groups are
+//! each manager's own). It travels encrypted to the destination manager's migration key (ECDH
+//! on P-256 with a fresh ephemeral key, HKDF-SHA256, AES-256-GCM over the whole header as
+//! associated data). The vTPM's state travels on its own (its disk or state directory), and
+//! is already encrypted under the key the bundle carries.
 //!
 //! Bundle: `"XVTPMMIG" | version u32 (1) | destination public key (65) | ephemeral public key
-//! (65) | nonce (12) | ciphertext of uuid (16), flags u32, hash (32), key (32), token (32) |
-//! GCM tag (16)`, 302 bytes.
+//! (65) | nonce (12) | ciphertext of the record as the store encodes it (120 bytes, group 0) |
+//! GCM tag (16)`, 290 bytes.
 
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
@@ -16,8 +16,8 @@ use p256::elliptic_curve::sec1::ToEncodedPoint;
 use p256::{PublicKey, SecretKey};
 use sha2::{Digest, Sha256};
 
-use crate::store::record::{Record, HAS_KEY};
-use crate::{uuid_str, Error, Result};
+use crate::store::record::{Record, HAS_KEY, RECORD_LEN};
+use crate::{Error, Result};
 
 /// The bundle's first bytes.
 pub const MAGIC: &[u8; 8] = b"XVTPMMIG";
@@ -26,58 +26,14 @@ const VERSION: u32 = 1;
 pub const PUBLIC_LEN: usize = 65;
 const NONCE_LEN: usize = 12;
 const HEADER_LEN: usize = 8 + 4 + PUBLIC_LEN * 2 + NONCE_LEN;
-const PLAIN_LEN: usize = 16 + 4 + 32 * 3;
 /// A bundle's length.
-pub const BUNDLE_LEN: usize = HEADER_LEN + PLAIN_LEN + 16;
+pub const BUNDLE_LEN: usize = HEADER_LEN + RECORD_LEN + 16;
 const KDF_SALT: &[u8] = b"xvtpm-vtpm-migration-v1";
 
-/// What a bundle carries: a vTPM's record without its group (groups are each manager's own).
-#[derive(Clone, PartialEq, Eq)]
-pub struct Moved {
-    /// The vTPM's uuid.
-    pub uuid: [u8; 16],
-    /// Its flags: [`HAS_KEY`] and the saved blob's length (bits 8 and up).
-    pub flags: u32,
-    /// The hash of its last saved state.
-    pub hash: [u8; 32],
-    /// The key of its last saved state.
-    pub key: [u8; 32],
-    /// Its token's digest (all zeros: none).
-    pub token: [u8; 32],
-}
-
-impl std::fmt::Debug for Moved {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Moved").field("uuid", &uuid_str(&self.uuid)).field("flags", &self.flags).finish_non_exhaustive()
-    }
-}
-
-impl Moved {
-    /// What of `rec` moves: everything but its group and local flags.
-    pub fn of(rec: &Record) -> Self {
-        Moved { uuid: rec.uuid, flags: rec.flags & (HAS_KEY | !0xFF), hash: rec.hash, key: rec.key, token: rec.token }
-    }
-
-    fn encode(&self) -> [u8; PLAIN_LEN] {
-        let mut b = [0u8; PLAIN_LEN];
-        b[..16].copy_from_slice(&self.uuid);
-        b[16..20].copy_from_slice(&self.flags.to_be_bytes());
-        b[20..52].copy_from_slice(&self.hash);
-        b[52..84].copy_from_slice(&self.key);
-        b[84..116].copy_from_slice(&self.token);
-        b
-    }
-
-    fn decode(b: &[u8]) -> Option<Self> {
-        let a = |r: std::ops::Range<usize>| b.get(r).and_then(|s| <[u8; 32]>::try_from(s).ok());
-        Some(Moved {
-            uuid: b.get(..16)?.try_into().ok()?,
-            flags: u32::from_be_bytes(b.get(16..20)?.try_into().ok()?),
-            hash: a(20..52)?,
-            key: a(52..84)?,
-            token: a(84..116)?,
-        })
-    }
+/// What of `rec` moves: no group, and of its flags only [`HAS_KEY`] and the saved blob's
+/// length (bits 8 and up).
+fn moving(rec: &Record) -> Record {
+    Record { group: 0, flags: rec.flags & (HAS_KEY | !0xFF), ..rec.clone() }
 }
 
 /// A manager's migration key: derived from its store's root key, so only the manager whose
@@ -150,7 +106,7 @@ impl MigrationKey {
     }
 
     /// Decrypts a bundle made for this key.
-    pub fn open(&self, bundle: &[u8]) -> Result<Moved> {
+    pub fn open(&self, bundle: &[u8]) -> Result<Record> {
         if destination(bundle)? != self.public() {
             return Err(Error::NotAuthorized("the bundle was made for another manager's migration key".into()));
         }
@@ -162,12 +118,16 @@ impl MigrationKey {
         let plain = Aes256Gcm::new(&key.into())
             .decrypt(nonce, Payload { msg: sealed, aad: header })
             .map_err(|_| Error::NotAuthorized("the migration bundle does not authenticate (damaged?)".into()))?;
-        Moved::decode(&plain).ok_or_else(|| Error::Protocol("short migration bundle".into()))
+        match plain.len() {
+            // Sealed as `moving` made it, so it is a vTPM's record and nothing else.
+            RECORD_LEN => Ok(moving(&Record::decode(&plain))),
+            n => Err(Error::Protocol(format!("a migration bundle holding {n} bytes, not a record"))),
+        }
     }
 }
 
-/// Encrypts `what` to the manager whose migration public key is `to`.
-pub fn seal(to: &[u8], what: &Moved) -> Result<Vec<u8>> {
+/// Encrypts what of `rec` moves to the manager whose migration public key is `to`.
+pub fn seal(to: &[u8], rec: &Record) -> Result<Vec<u8>> {
     let dest = public_key(to)?;
     let eph = p256::ecdh::EphemeralSecret::random(&mut rand::rngs::OsRng);
     let eph_pub = eph.public_key().to_encoded_point(false);
@@ -180,7 +140,7 @@ pub fn seal(to: &[u8], what: &Moved) -> Result<Vec<u8>> {
     header.extend_from_slice(&nonce);
     let key = bundle_key(&eph.diffie_hellman(&dest), &header)?;
     let sealed = Aes256Gcm::new(&key.into())
-        .encrypt(Nonce::from_slice(&nonce), Payload { msg: &what.encode(), aad: &header })
+        .encrypt(Nonce::from_slice(&nonce), Payload { msg: &moving(rec).encode(), aad: &header })
         .map_err(|_| Error::Protocol("encryption failed".into()))?;
     Ok([header, sealed].concat())
 }
@@ -189,8 +149,8 @@ pub fn seal(to: &[u8], what: &Moved) -> Result<Vec<u8>> {
 mod tests {
     use super::*;
 
-    fn moved() -> Moved {
-        Moved { uuid: [7; 16], flags: HAS_KEY | 64 << 8, hash: [1; 32], key: [2; 32], token: [3; 32] }
+    fn moved() -> Record {
+        Record { uuid: [7; 16], group: 0, flags: HAS_KEY | 64 << 8, hash: [1; 32], key: [2; 32], token: [3; 32] }
     }
 
     #[test]

@@ -121,6 +121,12 @@ pub fn request(tag: u16, ordinal: u32, body: &[u8]) -> Vec<u8> {
     reply(tag, ordinal, body)
 }
 
+/// A reply's status and body; `None` unless its size field is its length.
+pub fn split_reply(r: &[u8]) -> Option<(u32, Vec<u8>)> {
+    let (size, status) = (be32(r, 2)?, be32(r, 6)?);
+    (size as usize == r.len()).then(|| (status, r[HEADER..].to_vec()))
+}
+
 /// A new random (version 4) uuid.
 pub fn random_uuid() -> [u8; 16] {
     let mut u: [u8; 16] = rand::random();

@@ -241,8 +241,7 @@ impl Client {
     /// Sends a request; the reply's status and body.
     pub fn call(&mut self, tag: u16, ordinal: u32, body: &[u8]) -> Result<(u32, Vec<u8>)> {
         let msg = self.exchange(&proto::request(tag, ordinal, body))?;
-        let status = u32::from_be_bytes([msg[6], msg[7], msg[8], msg[9]]);
-        Ok((status, msg[HEADER..].to_vec()))
+        proto::split_reply(&msg).ok_or_else(|| Error::Protocol("malformed reply from the manager".into()))
     }
 
     /// Sends a framed request; the whole reply (at least a header).
