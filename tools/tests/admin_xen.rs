@@ -35,6 +35,16 @@ fn manager(host: &SimHost, admin: u16) -> (SwtpmProcess, BackendHandle) {
     (p, be)
 }
 
+/// A simulated Xen with dom0 and the manager's domain "vtpmmgr" (3), its manager running.
+fn manager_domain(admin: u16) -> (SimHost, Xenstore, SwtpmProcess, BackendHandle) {
+    let host = SimHost::temp().expect("sim");
+    let xs = host.xen(0).xenstore().expect("xs");
+    toolstack::init_dom0(&xs).expect("dom0");
+    toolstack::add_domain(&xs, MGR, "vtpmmgr").expect("manager domain");
+    let (tpm, mgr) = manager(&host, admin);
+    (host, xs, tpm, mgr)
+}
+
 fn xvtpm(host: &SimHost, domid: u16, args: &[&str]) -> Output {
     xvtpm_to(host, domid, "vtpmmgr", args)
 }
@@ -63,11 +73,7 @@ fn children(xs: &Xenstore, path: &str) -> Vec<String> {
 
 #[test]
 fn dom0_manages_a_manager_in_its_own_domain() {
-    let host = SimHost::temp().expect("sim");
-    let xs = host.xen(0).xenstore().expect("xs");
-    toolstack::init_dom0(&xs).expect("dom0");
-    toolstack::add_domain(&xs, MGR, "vtpmmgr").expect("manager domain");
-    let (_tpm, _mgr) = manager(&host, 0);
+    let (host, xs, _tpm, _mgr) = manager_domain(0);
 
     let g = stdout(&xvtpm(&host, 0, &["group", "new", "--json"]));
     assert!(g.starts_with("{\"group\":1,\"uuid\":\""), "{g}");
@@ -98,12 +104,8 @@ fn dom0_manages_a_manager_in_its_own_domain() {
 
 #[test]
 fn no_other_domain_gets_the_management_commands() {
-    let host = SimHost::temp().expect("sim");
-    let xs = host.xen(0).xenstore().expect("xs");
-    toolstack::init_dom0(&xs).expect("dom0");
-    toolstack::add_domain(&xs, MGR, "vtpmmgr").expect("manager domain");
+    let (host, xs, _tpm, _mgr) = manager_domain(0);
     toolstack::add_domain(&xs, 5, "guest").expect("guest");
-    let (_tpm, _mgr) = manager(&host, 0);
 
     // The tool in a guest cannot find the manager's domain by name (a guest cannot list the
     // domains), nor make its device given the id: the manager's backend directory is the
@@ -132,11 +134,7 @@ fn no_other_domain_gets_the_management_commands() {
     fe.close().expect("close");
 
     // A manager not told to trust dom0 refuses it too.
-    let host2 = SimHost::temp().expect("sim");
-    let xs2 = host2.xen(0).xenstore().expect("xs");
-    toolstack::init_dom0(&xs2).expect("dom0");
-    toolstack::add_domain(&xs2, MGR, "vtpmmgr").expect("manager domain");
-    let (_tpm2, _mgr2) = manager(&host2, 7);
+    let (host2, _xs2, _tpm2, _mgr2) = manager_domain(7);
     let o = xvtpm(&host2, 0, &["group", "new"]);
     assert_eq!(o.status.code(), Some(1));
     let err = String::from_utf8_lossy(&o.stderr);
