@@ -39,7 +39,7 @@ fn save_and_load(family: Family) {
     let path = dir.join("store.img");
     let uuids: Vec<[u8; 16]> = (1..=3u8).map(|i| [i; 16]).collect();
     {
-        let mut m = Manager::init(FileDev::open(&path, true).expect("dev"), hw.connect(), &cfg()).expect("init");
+        let mut m = Manager::init(common::dev(&path, true), hw.connect(), &cfg()).expect("init");
         for u in &uuids {
             m.provision(*u, 0, None).expect("provision");
         }
@@ -52,11 +52,11 @@ fn save_and_load(family: Family) {
         assert!(matches!(m.provision(uuids[0], 0, None), Err(Error::Exists(_))), "twice");
     }
     // A second init on the same store is refused before it touches the TPM.
-    let e = Manager::init(FileDev::open(&path, false).expect("dev"), hw.connect(), &cfg()).expect_err("exists");
+    let e = Manager::init(common::dev(&path, false), hw.connect(), &cfg()).expect_err("exists");
     assert!(e.to_string().contains("already holds data"), "{e}");
     let copy = std::fs::read(&path).expect("copy the store");
     {
-        let mut m = Manager::open(FileDev::open(&path, false).expect("dev"), hw.connect()).expect("reopen");
+        let mut m = Manager::open(common::dev(&path, false), hw.connect()).expect("reopen");
         let before = m.tpm_commands;
         for (i, u) in uuids.iter().enumerate() {
             assert_eq!(m.load(u).expect("load"), blob(i as u8));
@@ -69,13 +69,13 @@ fn save_and_load(family: Family) {
         assert!(m.delete(&uuids[2]).expect("delete"));
     }
     {
-        let m = Manager::open(FileDev::open(&path, false).expect("dev"), hw.connect()).expect("reopen");
+        let m = Manager::open(common::dev(&path, false), hw.connect()).expect("reopen");
         assert_eq!(m.load(&uuids[1]).expect("load"), blob(77));
         assert!(matches!(m.load(&uuids[2]), Err(Error::UnknownVtpm(_))));
     }
     // The old copy of the store: refused as a rollback.
     std::fs::write(&path, &copy).expect("restore old copy");
-    match Manager::open(FileDev::open(&path, false).expect("dev"), hw.connect()) {
+    match Manager::open(common::dev(&path, false), hw.connect()) {
         Err(e @ Error::Rollback { .. }) => assert!(e.to_string().contains("old copy"), "{e}"),
         other => panic!("old copy accepted: {other:?}"),
     }
@@ -97,7 +97,7 @@ fn changed_pcr(family: Family) {
     let hw = common::HwSwtpm::start_family(&dir.join("tpm"), family);
     let path = dir.join("store.img");
     {
-        let mut m = Manager::init(FileDev::open(&path, true).expect("dev"), hw.connect(), &cfg()).expect("init");
+        let mut m = Manager::init(common::dev(&path, true), hw.connect(), &cfg()).expect("init");
         m.provision([1; 16], 0, None).expect("provision");
     }
     // A byte of the sealed object damaged: the TPM refuses it, or the root does not match.
@@ -105,7 +105,7 @@ fn changed_pcr(family: Family) {
     let mut bad = good.clone();
     bad[2 * 4096 + 40] ^= 0x10;
     std::fs::write(&path, &bad).expect("write");
-    let e = Manager::open(FileDev::open(&path, false).expect("dev"), hw.connect()).expect_err("damaged");
+    let e = Manager::open(common::dev(&path, false), hw.connect()).expect_err("damaged");
     assert!(
         e.to_string().contains("Load failed")
             || e.to_string().contains("sealed-key block")
@@ -113,7 +113,7 @@ fn changed_pcr(family: Family) {
         "{e}"
     );
     std::fs::write(&path, &good).expect("write");
-    Manager::open(FileDev::open(&path, false).expect("dev"), hw.connect()).expect("intact again");
+    Manager::open(common::dev(&path, false), hw.connect()).expect("intact again");
     // PCR 16 changes: the TPM no longer releases the root key.
     {
         // swtpm serves one client at a time: this connection ends before the manager's.
@@ -123,7 +123,7 @@ fn changed_pcr(family: Family) {
             Family::Tpm12 => Tpm12::new(tpm.as_mut(), 0).pcr_extend(16, &[0xAB; 20]).expect("extend"),
         }
     }
-    let e = Manager::open(FileDev::open(&path, false).expect("dev"), hw.connect()).expect_err("PCR changed");
+    let e = Manager::open(common::dev(&path, false), hw.connect()).expect_err("PCR changed");
     assert!(e.to_string().contains("refused to unseal"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -148,7 +148,7 @@ fn tpm2_deep_quote_binds_the_vtpm_and_its_nonce() {
     }
     let pcr16: [u8; 32] = Sha256::new().chain_update([0u8; 32]).chain_update([0xCD; 32]).finalize().into();
     let path = dir.join("store.img");
-    let mut m = Manager::init(FileDev::open(&path, true).expect("dev"), hw.connect(), &cfg()).expect("init");
+    let mut m = Manager::init(common::dev(&path, true), hw.connect(), &cfg()).expect("init");
     let uuid = [0x42u8; 16];
     m.provision(uuid, 0, None).expect("provision");
     assert!(matches!(m.quote(&[1; 16], None, &[0; 20], &[16]), Err(Error::UnknownVtpm(_))), "only provisioned vTPMs");
@@ -234,18 +234,18 @@ fn a_lost_counter_increment_never_overshoots() {
     let hw = common::HwSwtpm::start(&dir.join("tpm"));
     let path = dir.join("store.img");
     {
-        let mut m = Manager::init(FileDev::open(&path, true).expect("dev"), hw.connect(), &cfg()).expect("init");
+        let mut m = Manager::init(common::dev(&path, true), hw.connect(), &cfg()).expect("init");
         m.provision([1; 16], 0, None).expect("provision");
     }
     {
         let flaky = Box::new(LostIncrement { inner: hw.connect(), lost: false });
-        let mut m = Manager::open(FileDev::open(&path, false).expect("dev"), flaky).expect("open");
+        let mut m = Manager::open(common::dev(&path, false), flaky).expect("open");
         // The save is durable; its increment executed but its response was lost.
         m.save(&[1; 16], &blob(1)).expect("save");
         // The next save reads the counter before incrementing again.
         m.save(&[1; 16], &blob(2)).expect("save");
     }
-    let m = Manager::open(FileDev::open(&path, false).expect("dev"), hw.connect()).expect("no false rollback");
+    let m = Manager::open(common::dev(&path, false), hw.connect()).expect("no false rollback");
     assert_eq!(m.load(&[1; 16]).expect("load"), blob(2));
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -256,11 +256,11 @@ fn store_with_one_vtpm(family: Family) -> (PathBuf, common::HwSwtpm, PathBuf, u6
     let hw = common::HwSwtpm::start_family(&dir.join("tpm"), family);
     let path = dir.join("store.img");
     let counter = {
-        let mut m = Manager::init(FileDev::open(&path, true).expect("dev"), hw.connect(), &cfg()).expect("init");
+        let mut m = Manager::init(common::dev(&path, true), hw.connect(), &cfg()).expect("init");
         m.provision([1; 16], 0, None).expect("provision");
         m.store().root().counter
     };
-    let block = xvtpm_vtpmmgr::store::read_sealed(&mut FileDev::open(&path, false).expect("dev")).expect("read");
+    let block = xvtpm_vtpmmgr::store::read_sealed(&mut common::dev(&path, false)).expect("read");
     (dir, hw, path, counter, Sealed::decode(&block).expect("decode"))
 }
 
@@ -268,7 +268,7 @@ fn store_with_one_vtpm(family: Family) -> (PathBuf, common::HwSwtpm, PathBuf, u6
 /// counter value `counter`: what someone with write access to the disk could do.
 fn replace_store(path: &Path, key: [u8; 32], sealed: &Sealed, counter: u64) {
     std::fs::remove_file(path).expect("rm");
-    Store::create(FileDev::open(path, true).expect("dev"), key, &sealed.encode(), counter).expect("fake store");
+    Store::create(common::dev(path, true), key, &sealed.encode(), counter).expect("fake store");
 }
 
 /// A store substituted by someone with access to the TPM 1.2 while the platform was not in
@@ -290,7 +290,7 @@ fn tpm12_a_substituted_store_is_refused() {
         t.pcr_reset(16).expect("back to the approved state");
         replace_store(&path, key, &Sealed { private: forged, ..sealed }, counter);
     }
-    let e = Manager::open(FileDev::open(&path, false).expect("dev"), hw.connect()).expect_err("substituted");
+    let e = Manager::open(common::dev(&path, false), hw.connect()).expect_err("substituted");
     assert!(e.to_string().contains("not sealed by this manager"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -311,7 +311,7 @@ fn tpm2_a_substituted_store_is_refused() {
         t.pcr_reset(16).expect("back to the approved state");
         replace_store(&path, key, &Sealed { private, public, creation, ..sealed }, counter);
     }
-    let e = Manager::open(FileDev::open(&path, false).expect("dev"), hw.connect()).expect_err("substituted");
+    let e = Manager::open(common::dev(&path, false), hw.connect()).expect_err("substituted");
     assert!(e.to_string().contains("not created by this manager"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -333,7 +333,7 @@ fn tpm12_deep_quote_binds_the_vtpm_and_its_nonce() {
     }
     let pcr16: [u8; 20] = Sha1::new().chain_update([0u8; 20]).chain_update([0xCD; 20]).finalize().into();
     let path = dir.join("store.img");
-    let mut m = Manager::init(FileDev::open(&path, true).expect("dev"), hw.connect(), &cfg()).expect("init");
+    let mut m = Manager::init(common::dev(&path, true), hw.connect(), &cfg()).expect("init");
     let uuid = [0x42u8; 16];
     m.provision(uuid, 0, None).expect("provision");
     assert!(matches!(m.quote(&[1; 16], None, &[0; 20], &[16]), Err(Error::UnknownVtpm(_))), "only provisioned vTPMs");

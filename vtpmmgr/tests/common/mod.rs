@@ -49,3 +49,20 @@ pub fn tmpdir(tag: &str) -> PathBuf {
     std::fs::create_dir_all(&d).expect("tmpdir");
     d
 }
+
+/// Opens the store at `path` (created if `create`). A store this test closed a moment ago
+/// may still read as locked: a process that a test running in parallel spawns holds a copy
+/// of every descriptor until it execs, and the lock lives as long as any copy. So "in use" is
+/// retried for a few seconds.
+pub fn dev(path: &Path, create: bool) -> xvtpm_vtpmmgr::store::dev::FileDev {
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match xvtpm_vtpmmgr::store::dev::FileDev::open(path, create) {
+            Ok(d) => return d,
+            Err(e) if e.to_string().contains("in use") && std::time::Instant::now() < end => {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            Err(e) => panic!("store {}: {e}", path.display()),
+        }
+    }
+}
