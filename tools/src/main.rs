@@ -1,13 +1,14 @@
 //! `xvtpm`: the operator's tool: vTPMs and groups at the manager, the stub domains' disks and
-//! domain files, state-file inspection, and
+//! domain files, container vTPMs (Linux's vTPM proxy), state-file inspection, and
 //! the tpmif diagnostics (an echo backend to check that a guest's vtpm device connects, and a
 //! frontend that measures the round trip; both on the real Xen interfaces unless `--sim`).
 //!
-//! Exit codes: 0 success, 1 failure, 2 usage error, 3 no such vTPM or group.
+//! Exit codes: 0 success, 1 failure, 2 usage error, 3 no such vTPM, group or container vTPM.
 
 #![forbid(unsafe_code)]
 
 mod admin;
+mod container;
 mod inspect;
 mod stubdom;
 mod xenadmin;
@@ -31,7 +32,7 @@ use xvtpm_xen::Xen;
     name = "xvtpm",
     version,
     about = "Xen virtual TPM stack: operator tool",
-    after_help = "Exit codes: 0 success, 1 failure, 2 usage error, 3 no such vTPM or group."
+    after_help = "Exit codes: 0 success, 1 failure, 2 usage error, 3 no such vTPM, group or container vTPM."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -77,6 +78,9 @@ enum Command {
     /// Stub domains: make the manager's and a guest's vTPM domain (disk and domain file).
     #[command(subcommand)]
     Stubdom(stubdom::StubdomCmd),
+    /// vTPMs for Linux containers through the kernel's vTPM proxy (/dev/vtpmx): create,
+    /// start, stop, destroy, list.
+    Container(container::ContainerArgs),
     /// Show a vTPM state file's format, protection and size (never its contents).
     InspectState {
         /// The file.
@@ -112,16 +116,21 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // The diagnostics' progress is worth seeing; a management command prints its answer and
     // only warnings besides.
-    let quiet = matches!(cli.command, Command::Vtpm(_) | Command::Group(_));
+    let quiet = matches!(cli.command, Command::Vtpm(_) | Command::Group(_) | Command::Container(_));
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(if quiet { "warn" } else { "info" }))
         .init();
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("xvtpm: {e:#}");
-            match e.downcast_ref::<xvtpm_vtpmmgr::Error>() {
-                Some(xvtpm_vtpmmgr::Error::UnknownVtpm(_) | xvtpm_vtpmmgr::Error::NotFound(_)) => ExitCode::from(3),
-                _ => ExitCode::FAILURE,
+            let missing = matches!(
+                e.downcast_ref::<xvtpm_vtpmmgr::Error>(),
+                Some(xvtpm_vtpmmgr::Error::UnknownVtpm(_) | xvtpm_vtpmmgr::Error::NotFound(_))
+            ) || e.downcast_ref::<container::NoSuchContainer>().is_some();
+            if missing {
+                ExitCode::from(3)
+            } else {
+                ExitCode::FAILURE
             }
         }
     }
@@ -132,6 +141,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Vtpm(c) => admin::vtpm(c)?,
         Command::Group(c) => admin::group(c)?,
         Command::Stubdom(c) => stubdom::run(c)?,
+        Command::Container(c) => container::run(c)?,
         Command::Measure { what } => println!("{}", xvtpm_vtpmmgr::hex(&what.boot_hash()?)),
         Command::InspectState { file, json } => inspect::inspect_state(&file, json)?,
         Command::EchoBackend { xen, uuid } => {

@@ -1,6 +1,7 @@
 //! The per-guest vTPM: a TPM 2.0 (or 1.2) engine on libtpms, its encrypted, authenticated,
 //! crash-safe state, and the ways clients reach it: swtpm's socket protocol (QEMU, Cloud
-//! Hypervisor, libtss2's swtpm TCTI) and Xen's tpmif through tpmback.
+//! Hypervisor, libtss2's swtpm TCTI), Xen's tpmif through tpmback, and Linux's vTPM proxy
+//! (`/dev/vtpmx`) for containers.
 //!
 //! libtpms holds one TPM per process; [`libtpms::Libtpms`] enforces that. Everything above the
 //! engine works on the [`engine::TpmEngine`] trait so it can be tested with a fake.
@@ -14,9 +15,14 @@ pub mod libtpms;
 pub mod linux_probe;
 #[allow(unsafe_code)]
 pub mod nowait;
+pub mod proxy;
+#[allow(unsafe_code)]
+pub mod signals;
 pub mod state;
 pub mod swtpm;
 pub mod tpmif;
+#[allow(unsafe_code)]
+pub mod vtpmx;
 
 pub use engine::{StateKind, TpmEngine, TpmVersion};
 pub use error::{Error, Result};

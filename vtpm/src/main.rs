@@ -170,6 +170,21 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "SWTPM OPTIONS")]
         args: Vec<String>,
     },
+    /// Serve a container's TPM through Linux's vTPM proxy: make a /dev/tpmN (and, for TPM 2.0,
+    /// /dev/tpmrmN) with /dev/vtpmx (module tpm_vtpm_proxy) and answer its commands until
+    /// SIGTERM/SIGINT, which removes the device. Prints the device (number, major/minor of
+    /// both nodes) as one JSON line once the kernel has registered it, so a container manager
+    /// can create the node inside the container. The state must exist (`vtpm create`).
+    Proxy {
+        #[command(flatten)]
+        state: StateOpts,
+        /// The proxy's control device.
+        #[arg(long, value_name = "PATH", default_value = "/dev/vtpmx")]
+        vtpmx: PathBuf,
+        /// Also write the JSON line to this file (replaced atomically; removed at exit).
+        #[arg(long, value_name = "FILE")]
+        info_file: Option<PathBuf>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -192,6 +207,7 @@ fn main() -> anyhow::Result<()> {
             // The state must exist: `vtpm create` makes it.
             Ok(xvtpm_vtpm::swtpm::launch::run(&full, false)?)
         }
+        Command::Proxy { state, vtpmx, info_file } => proxy(&state, &vtpmx, info_file.as_deref()),
     }
 }
 
@@ -235,6 +251,106 @@ fn serve(state: &StateOpts, xen: Arc<dyn Xen>, filter: DeviceFilter) -> anyhow::
     let handler = VtpmHandler::new(Box::new(engine));
     Backend::new(xen, handler, BackendConfig { filter }).run(&AtomicBool::new(false))?;
     Ok(())
+}
+
+fn proxy(state: &StateOpts, vtpmx: &Path, info_file: Option<&Path>) -> anyhow::Result<()> {
+    let stop = xvtpm_vtpm::signals::stop_flag().context("install the signal handlers")?;
+    let mut engine = state.engine(false)?;
+    engine.init(false).with_context(|| format!("cannot start the vTPM in {}", state_dir_label(&state.state_dir)))?;
+    // Started here, as at a platform reset: the kernel then finds a started TPM (its self
+    // test passes) instead of logging a TPM error and sending the start-up itself.
+    startup(&mut engine)?;
+    let version = engine.version();
+    let dev = xvtpm_vtpm::vtpmx::create(vtpmx, version)?;
+    let n = dev.tpm_num;
+    log::info!(
+        "vTPM ({version:?}) from {}: kernel device tpm{n} ({}:{})",
+        state.state_dir.display(),
+        dev.major,
+        dev.minor
+    );
+    let mut chan = dev.file;
+    let server = std::thread::spawn(move || {
+        let end = xvtpm_vtpm::proxy::serve(&mut engine, &mut chan, stop);
+        // Closing the descriptor deletes the device before the engine powers off.
+        drop(chan);
+        engine.shutdown();
+        end
+    });
+    // The kernel registers the device (and starts the TPM through us) in the background.
+    let registered = wait_registered(n, version, &server);
+    let info = match registered {
+        Ok(rm) => {
+            let rm = rm.map_or(String::new(), |(maj, min)| {
+                format!(",\"rm_device\":\"/dev/tpmrm{n}\",\"rm_major\":{maj},\"rm_minor\":{min}")
+            });
+            format!(
+                "{{\"tpm_num\":{n},\"version\":\"{}\",\"device\":\"/dev/tpm{n}\",\"major\":{},\"minor\":{}{rm},\"pid\":{},\"state_dir\":{:?}}}",
+                if version == TpmVersion::V2_0 { "2.0" } else { "1.2" },
+                dev.major,
+                dev.minor,
+                std::process::id(),
+                state.state_dir.display().to_string()
+            )
+        }
+        Err(e) => {
+            stop.store(true, std::sync::atomic::Ordering::SeqCst);
+            let _ = server.join();
+            return Err(e);
+        }
+    };
+    println!("{info}");
+    if let Some(f) = info_file {
+        let tmp = f.with_extension("tmp");
+        std::fs::write(&tmp, format!("{info}\n"))
+            .and_then(|()| std::fs::rename(&tmp, f))
+            .with_context(|| format!("write {}", f.display()))?;
+    }
+    log::info!("serving /dev/tpm{n}");
+    let end = server.join().map_err(|_| anyhow::anyhow!("the serving thread panicked"));
+    if let Some(f) = info_file {
+        let _ = std::fs::remove_file(f);
+    }
+    match end?? {
+        xvtpm_vtpm::proxy::ProxyEnd::Stopped => {
+            log::info!("stopped; /dev/tpm{n} removed, state kept in {}", state.state_dir.display());
+            Ok(())
+        }
+        xvtpm_vtpm::proxy::ProxyEnd::DeviceGone => bail!("the kernel removed /dev/tpm{n}"),
+    }
+}
+
+/// Waits until the kernel has registered tpm`n`: the major and minor of tpmrm`n` for TPM 2.0.
+fn wait_registered<T>(
+    n: u32,
+    version: TpmVersion,
+    server: &std::thread::JoinHandle<T>,
+) -> anyhow::Result<Option<(u32, u32)>> {
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let dev = |p: String| -> Option<(u32, u32)> {
+        let s = std::fs::read_to_string(p).ok()?;
+        let (a, b) = s.trim().split_once(':')?;
+        Some((a.parse().ok()?, b.parse().ok()?))
+    };
+    loop {
+        if dev(format!("/sys/class/tpm/tpm{n}/dev")).is_some() {
+            match version {
+                TpmVersion::V1_2 => return Ok(None),
+                TpmVersion::V2_0 => {
+                    if let Some(rm) = dev(format!("/sys/class/tpmrm/tpmrm{n}/dev")) {
+                        return Ok(Some(rm));
+                    }
+                }
+            }
+        }
+        if server.is_finished() {
+            bail!("the kernel did not register tpm{n}: the device went away during registration (see the kernel log)");
+        }
+        if std::time::Instant::now() > end {
+            bail!("the kernel did not register tpm{n} within 60 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
 
 fn state_dir_label(p: &Path) -> String {

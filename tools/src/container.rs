@@ -1,0 +1,404 @@
+//! `xvtpm container`: vTPMs for Linux containers through the kernel's vTPM proxy. Each one is
+//! a `vtpm proxy` daemon serving a /dev/tpmN (and /dev/tpmrmN) from its own encrypted state.
+//!
+//! Layout: `<root>/<name>/` holds `config` (the TPM version), `key` (the state key, 0600) and
+//! `state/`; `<run-dir>/<name>.json` is the running daemon's device description (written by
+//! the daemon once the kernel has registered the device) and `<run-dir>/<name>.log` its log.
+
+use std::fs;
+use std::io::Read;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+
+/// The container's vTPM named does not exist (exit code 3).
+#[derive(Debug)]
+pub(crate) struct NoSuchContainer(pub String);
+
+impl std::fmt::Display for NoSuchContainer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "no container vTPM named {:?}", self.0)
+    }
+}
+
+impl std::error::Error for NoSuchContainer {}
+
+#[derive(Args, Debug)]
+pub(crate) struct ContainerArgs {
+    /// Where the container vTPMs' states and keys live.
+    #[arg(long, global = true, value_name = "DIR", default_value = "/var/lib/xvtpm/containers")]
+    root: PathBuf,
+    /// Where the running ones' device descriptions and logs go.
+    #[arg(long, global = true, value_name = "DIR", default_value = "/run/xvtpm/containers")]
+    run_dir: PathBuf,
+    /// The vtpm executable (default: next to xvtpm, else from PATH).
+    #[arg(long, global = true, value_name = "PATH")]
+    vtpm: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: ContainerCmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum ContainerCmd {
+    /// Create a container vTPM (a new TPM with its own key) and start it: the kernel makes
+    /// /dev/tpmN and /dev/tpmrmN. Prints the device numbers for the container's device node.
+    Create {
+        /// Its name (letters, digits, '-', '_', '.').
+        name: String,
+        /// A TPM 1.2 instead of a TPM 2.0.
+        #[arg(long = "tpm1.2")]
+        tpm12: bool,
+        /// Only create it; `start` later.
+        #[arg(long)]
+        no_start: bool,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start a stopped container vTPM from its state (a new /dev/tpmN; the number may differ).
+    Start {
+        /// Its name.
+        name: String,
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop a container vTPM: its device goes away, its state stays.
+    Stop {
+        /// Its name.
+        name: String,
+    },
+    /// Stop a container vTPM and delete its state and key.
+    Destroy {
+        /// Its name.
+        name: String,
+    },
+    /// List the container vTPMs, running or not.
+    List {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub(crate) fn run(a: ContainerArgs) -> anyhow::Result<()> {
+    let c = Containers { root: a.root, run: a.run_dir, vtpm: a.vtpm.unwrap_or_else(default_vtpm) };
+    match a.cmd {
+        ContainerCmd::Create { name, tpm12, no_start, json } => {
+            c.create(&name, tpm12)?;
+            if no_start {
+                println!(
+                    "{}",
+                    if json { format!("{{\"name\":{name:?},\"running\":false}}") } else { format!("created {name}") }
+                );
+                return Ok(());
+            }
+            let info = c.start(&name)?;
+            print_started(&name, &info, json);
+        }
+        ContainerCmd::Start { name, json } => {
+            let info = c.start(&name)?;
+            print_started(&name, &info, json);
+        }
+        ContainerCmd::Stop { name } => {
+            c.existing(&name)?;
+            match c.stop(&name)? {
+                true => println!("stopped {name}"),
+                false => println!("{name} was not running"),
+            }
+        }
+        ContainerCmd::Destroy { name } => {
+            let dir = c.existing(&name)?;
+            c.stop(&name)?;
+            fs::remove_dir_all(&dir).with_context(|| format!("remove {}", dir.display()))?;
+            let _ = fs::remove_file(c.run.join(format!("{name}.log")));
+            println!("destroyed {name}");
+        }
+        ContainerCmd::List { json } => c.list(json)?,
+    }
+    Ok(())
+}
+
+fn print_started(name: &str, info: &str, json: bool) {
+    if json {
+        // The daemon's description plus the name.
+        println!("{{\"name\":{name:?},\"running\":true,{}", info.trim().trim_start_matches('{'));
+    } else {
+        let field = |k: &str| json_field(info, k).unwrap_or_default();
+        let mut s = format!("{name}: {} ({}:{})", field("device"), field("major"), field("minor"));
+        if let Some(rm) = json_field(info, "rm_device") {
+            s += &format!(", {rm} ({}:{})", field("rm_major"), field("rm_minor"));
+        }
+        println!("{s}; TPM {}, pid {}", field("version"), field("pid"));
+    }
+}
+
+/// The vtpm next to this executable, else the one on PATH.
+fn default_vtpm() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .map(|e| e.with_file_name("vtpm"))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from("vtpm"))
+}
+
+/// A value of the flat JSON objects the daemon writes (numbers or strings).
+fn json_field(json: &str, key: &str) -> Option<String> {
+    let at = json.find(&format!("\"{key}\":"))? + key.len() + 3;
+    let rest = &json[at..];
+    let v = match rest.strip_prefix('"') {
+        Some(s) => s[..s.find('"')?].to_string(),
+        None => rest[..rest.find([',', '}'])?].trim().to_string(),
+    };
+    Some(v)
+}
+
+struct Containers {
+    root: PathBuf,
+    run: PathBuf,
+    vtpm: PathBuf,
+}
+
+fn check_name(name: &str) -> anyhow::Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if !ok {
+        bail!("bad name {name:?}: letters, digits, '-', '_' and '.', not starting with '.'");
+    }
+    Ok(())
+}
+
+impl Containers {
+    fn dir(&self, name: &str) -> anyhow::Result<PathBuf> {
+        check_name(name)?;
+        Ok(self.root.join(name))
+    }
+
+    fn existing(&self, name: &str) -> anyhow::Result<PathBuf> {
+        let dir = self.dir(name)?;
+        if !dir.join("config").exists() {
+            return Err(NoSuchContainer(name.to_string()).into());
+        }
+        Ok(dir)
+    }
+
+    fn create(&self, name: &str, tpm12: bool) -> anyhow::Result<()> {
+        let dir = self.dir(name)?;
+        fs::create_dir_all(&self.root).with_context(|| format!("create {}", self.root.display()))?;
+        fs::create_dir(&dir).map_err(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists => anyhow::anyhow!("container vTPM {name:?} exists ({})", dir.display()),
+            _ => anyhow::Error::new(e).context(format!("create {}", dir.display())),
+        })?;
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))?;
+        let made = (|| -> anyhow::Result<()> {
+            let mut key = [0u8; 32];
+            fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut key)).context("read /dev/urandom")?;
+            fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(dir.join("key"))
+                .and_then(|mut f| std::io::Write::write_all(&mut f, &key))
+                .context("write the key")?;
+            fs::create_dir(dir.join("state"))?;
+            let mut cmd = Command::new(&self.vtpm);
+            cmd.arg("create").args(self.state_args(&dir, tpm12));
+            let out = cmd.output().with_context(|| format!("run {}", self.vtpm.display()))?;
+            if !out.status.success() {
+                bail!("vtpm create failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+            }
+            // Written last: a directory without it is an unfinished create.
+            fs::write(dir.join("config"), format!("tpm={}\n", if tpm12 { "1.2" } else { "2.0" }))?;
+            Ok(())
+        })();
+        if let Err(e) = made {
+            let _ = fs::remove_dir_all(&dir);
+            return Err(e);
+        }
+        log::info!("created {name} in {}", dir.display());
+        Ok(())
+    }
+
+    fn state_args(&self, dir: &Path, tpm12: bool) -> Vec<String> {
+        let mut a = vec![
+            "--state-dir".to_string(),
+            dir.join("state").display().to_string(),
+            "--key".to_string(),
+            dir.join("key").display().to_string(),
+        ];
+        if tpm12 {
+            a.push("--tpm1.2".to_string());
+        }
+        a
+    }
+
+    fn tpm12(&self, dir: &Path) -> anyhow::Result<bool> {
+        let cfg = fs::read_to_string(dir.join("config")).with_context(|| format!("read {}/config", dir.display()))?;
+        match cfg.lines().find_map(|l| l.strip_prefix("tpm=")) {
+            Some("1.2") => Ok(true),
+            Some("2.0") => Ok(false),
+            other => bail!("{}/config: unknown tpm={other:?}", dir.display()),
+        }
+    }
+
+    /// The running daemon's description, or None when it does not run. A description left by
+    /// a daemon that died is removed.
+    fn running(&self, name: &str) -> Option<String> {
+        let file = self.run.join(format!("{name}.json"));
+        let info = fs::read_to_string(&file).ok()?;
+        let pid: u32 = json_field(&info, "pid")?.parse().ok()?;
+        if alive(pid) {
+            Some(info)
+        } else {
+            log::warn!("{name}: its vtpm (pid {pid}) is gone; removing {}", file.display());
+            let _ = fs::remove_file(&file);
+            None
+        }
+    }
+
+    fn start(&self, name: &str) -> anyhow::Result<String> {
+        let dir = self.existing(name)?;
+        if let Some(info) = self.running(name) {
+            bail!("{name} already runs: {}", info.trim());
+        }
+        fs::create_dir_all(&self.run).with_context(|| format!("create {}", self.run.display()))?;
+        let info_file = self.run.join(format!("{name}.json"));
+        let log_file = self.run.join(format!("{name}.log"));
+        let log = fs::File::create(&log_file).with_context(|| format!("create {}", log_file.display()))?;
+        let mut cmd = Command::new(&self.vtpm);
+        cmd.arg("proxy").args(self.state_args(&dir, self.tpm12(&dir)?)).arg("--info-file").arg(&info_file);
+        // Its own process group: a Ctrl-C at the operator's terminal does not reach it.
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("run {}", self.vtpm.display()))?;
+        let end = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Ok(info) = fs::read_to_string(&info_file) {
+                if !info.trim().is_empty() {
+                    return Ok(info);
+                }
+            }
+            if let Some(status) = child.try_wait()? {
+                let log = fs::read_to_string(&log_file).unwrap_or_default();
+                bail!("vtpm proxy exited ({status}) before its device was ready:\n{}", log.trim());
+            }
+            if Instant::now() > end {
+                let _ = child.kill();
+                bail!("vtpm proxy's device was not ready within 120 s (log: {})", log_file.display());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops the daemon if it runs; whether it did.
+    fn stop(&self, name: &str) -> anyhow::Result<bool> {
+        let Some(info) = self.running(name) else { return Ok(false) };
+        let pid: u32 = json_field(&info, "pid").and_then(|p| p.parse().ok()).context("pid in the description")?;
+        xvtpm_vtpm::signals::terminate(pid).with_context(|| format!("signal vtpm (pid {pid})"))?;
+        let end = Instant::now() + Duration::from_secs(30);
+        while alive(pid) {
+            if Instant::now() > end {
+                bail!("vtpm (pid {pid}) did not stop within 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = fs::remove_file(self.run.join(format!("{name}.json")));
+        Ok(true)
+    }
+
+    fn list(&self, json: bool) -> anyhow::Result<()> {
+        let mut names: Vec<String> = match fs::read_dir(&self.root) {
+            Ok(d) => d.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(e).with_context(|| format!("read {}", self.root.display())),
+        };
+        names.sort();
+        let mut rows = Vec::new();
+        for name in names {
+            let dir = self.root.join(&name);
+            if check_name(&name).is_err() || !dir.join("config").exists() {
+                continue;
+            }
+            let version = if self.tpm12(&dir)? { "1.2" } else { "2.0" };
+            let info = self.running(&name);
+            rows.push((name, version, info));
+        }
+        if json {
+            let items: Vec<String> = rows
+                .iter()
+                .map(|(name, version, info)| match info {
+                    Some(i) => format!("{{\"name\":{name:?},\"running\":true,{}", i.trim().trim_start_matches('{')),
+                    None => format!("{{\"name\":{name:?},\"running\":false,\"version\":\"{version}\"}}"),
+                })
+                .collect();
+            println!("[{}]", items.join(","));
+        } else {
+            for (name, version, info) in &rows {
+                match info {
+                    Some(i) => println!(
+                        "{name}\tTPM {version}\trunning\t{}\tpid {}",
+                        json_field(i, "device").unwrap_or_default(),
+                        json_field(i, "pid").unwrap_or_default()
+                    ),
+                    None => println!("{name}\tTPM {version}\tstopped"),
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether process `pid` runs and is a `vtpm proxy` (not a zombie, not a reused pid).
+fn alive(pid: u32) -> bool {
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+    // The state follows the parenthesised command name.
+    let state = stat.rsplit_once(')').and_then(|(_, r)| r.trim_start().chars().next());
+    if matches!(state, Some('Z') | Some('X') | None) {
+        return false;
+    }
+    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    args.get(1) == Some(&&b"proxy"[..])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fields_of_the_daemons_json() {
+        let j =
+            r#"{"tpm_num":3,"version":"2.0","device":"/dev/tpm3","major":10,"minor":224,"pid":77,"state_dir":"/x"}"#;
+        assert_eq!(json_field(j, "tpm_num").as_deref(), Some("3"));
+        assert_eq!(json_field(j, "device").as_deref(), Some("/dev/tpm3"));
+        assert_eq!(json_field(j, "pid").as_deref(), Some("77"));
+        assert_eq!(json_field(j, "rm_device"), None);
+    }
+
+    #[test]
+    fn names_are_checked() {
+        for bad in ["", ".", "..", "a/b", ".hidden", "a b"] {
+            assert!(check_name(bad).is_err(), "{bad:?}");
+        }
+        for good in ["web-1", "db_2", "x.y"] {
+            assert!(check_name(good).is_ok(), "{good:?}");
+        }
+    }
+
+    #[test]
+    fn this_process_is_not_a_vtpm() {
+        assert!(!alive(std::process::id()));
+        assert!(!alive(u32::MAX));
+    }
+}
