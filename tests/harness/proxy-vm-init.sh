@@ -78,6 +78,16 @@ tpm2_readpublic -T $TA -c 0x81000001 >/dev/null 2>&1 && say "restart persistent 
 say "restart nv $(tpm2_nvread -T $TA 0x1500016 -C o -s 8 2>&1)"
 say "restart pcr16 $(tpm2_pcrread -T $TA sha256:16 2>&1 | awk '/16:/ {print $2}')"
 
+# Cancellation: SIGUSR1 to the vtpm, repeated while an RSA-2048 primary key is made (libtpms
+# clears the request when a command starts, so one sent before would be lost).
+PA=$(field "$A2" pid)
+( tpm2_createprimary -T $TA -Q -C o -G rsa2048 -c /tmp/r.ctx > /tmp/cancel.out 2>&1; echo "rc=$?" >> /tmp/cancel.out
+  touch /tmp/cancel.done ) &
+usleep 200000
+while [ ! -e /tmp/cancel.done ]; do kill -USR1 $PA; usleep 20000; done
+say "cancel $(tr '\n' ' ' < /tmp/cancel.out)"
+say "after cancel $(tpm2_getrandom -T $TA --hex 4 2>&1)"
+
 # A TPM 1.2 container vTPM: registered by the kernel, answers TPM 1.2 commands.
 C=$(xvtpm container create c12 --tpm1.2 --json 2>&1) && say "create c12 $C" || say "create c12 FAILED $C"
 NC=$(field "$C" tpm_num)

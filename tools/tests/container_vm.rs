@@ -115,6 +115,11 @@ fn container_vtpms_through_the_kernels_vtpm_proxy() {
     assert_eq!(line("restart nv "), "restart nv xvtpm-ok");
     assert_eq!(line("restart pcr16 "), format!("restart pcr16 {zero}"));
 
+    // SIGUSR1 cancels the command in progress; the TPM goes on serving.
+    let cancel = line("cancel ");
+    assert!(cancel.contains("0x909") && !cancel.contains("rc=0"), "{cancel}");
+    assert!(line("after cancel ").len() == "after cancel ".len() + 8, "{}", line("after cancel "));
+
     // TPM 1.2: registered as such; TPM_Extend and TPM_PCRRead answered with the right value.
     assert!(line("create c12 ").contains("\"version\":\"1.2\""), "{}", ctx());
     assert_eq!(line("c12 tpm_version_major="), "c12 tpm_version_major=1");

@@ -172,9 +172,10 @@ enum Command {
     },
     /// Serve a container's TPM through Linux's vTPM proxy: make a /dev/tpmN (and, for TPM 2.0,
     /// /dev/tpmrmN) with /dev/vtpmx (module tpm_vtpm_proxy) and answer its commands until
-    /// SIGTERM/SIGINT, which removes the device. Prints the device (number, major/minor of
-    /// both nodes) as one JSON line once the kernel has registered it, so a container manager
-    /// can create the node inside the container. The state must exist (`vtpm create`).
+    /// SIGTERM/SIGINT, which removes the device; SIGUSR1 cancels the command in progress.
+    /// Prints the device (number, major/minor of both nodes) as one JSON line once the kernel
+    /// has registered it, so a container manager can create the node inside the container.
+    /// The state must exist (`vtpm create`).
     Proxy {
         #[command(flatten)]
         state: StateOpts,
@@ -261,6 +262,7 @@ fn proxy(state: &StateOpts, vtpmx: &Path, info_file: Option<&Path>) -> anyhow::R
     // test passes) instead of logging a TPM error and sending the start-up itself.
     startup(&mut engine)?;
     let version = engine.version();
+    xvtpm_vtpm::signals::cancel_on_sigusr1(engine.canceller()).context("install the SIGUSR1 handler")?;
     let dev = xvtpm_vtpm::vtpmx::create(vtpmx, version)?;
     let n = dev.tpm_num;
     log::info!(

@@ -6,7 +6,8 @@
 //! - the vendor command SET_LOCALITY (0x20001000, TPM 2.0 and 1.2 alike) with one byte, the
 //!   locality the next commands run at. The driver refuses it from user space, so it only comes
 //!   from the kernel.
-//! - no cancellation: the driver's cancel operation is empty. When the kernel gives up on a
+//! - no cancellation: the driver's cancel operation is empty. `vtpm proxy` takes SIGUSR1
+//!   instead (see [`crate::signals::cancel_on_sigusr1`]). When the kernel gives up on a
 //!   command, the late response is refused (EIO); that is logged and serving goes on.
 //! - the device going away: EPIPE on read or write, ending the loop with
 //!   [`ProxyEnd::DeviceGone`].

@@ -1,8 +1,13 @@
-//! The few signal operations a daemon needs: a stop flag set by SIGTERM/SIGINT, and sending
-//! SIGTERM to a daemon by pid (the operator's tool stopping a container's vTPM).
+//! The few signal operations a daemon needs: a stop flag set by SIGTERM/SIGINT, SIGUSR1 to
+//! cancel the TPM command in progress, and sending SIGTERM to a daemon by pid (the operator's
+//! tool stopping a container's vTPM).
 
-use std::io;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::fd::FromRawFd;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+
+use crate::engine::Canceller;
 
 static STOP: AtomicBool = AtomicBool::new(false);
 
@@ -29,6 +34,59 @@ pub fn stop_flag() -> io::Result<&'static AtomicBool> {
     Ok(&STOP)
 }
 
+/// The write end of the pipe SIGUSR1's handler wakes the cancelling thread through.
+static CANCEL_PIPE: AtomicI32 = AtomicI32::new(-1);
+
+extern "C" fn on_cancel_signal(_: libc::c_int) {
+    let fd = CANCEL_PIPE.load(Ordering::SeqCst);
+    if fd >= 0 {
+        let b = 1u8;
+        // SAFETY: write() is async-signal-safe; `b` is one readable byte. A full pipe (cancels
+        // already pending) loses nothing worth keeping.
+        unsafe { libc::write(fd, (&b as *const u8).cast(), 1) };
+    }
+}
+
+/// Makes SIGUSR1 call `cancel` (from a thread of its own, not from the handler): the command
+/// the TPM runs stops early with a cancelled response, as swtpm's CANCEL_TPM_CMD does. The
+/// kernel's vTPM proxy forwards no cancellation, so this is how one reaches the engine.
+pub fn cancel_on_sigusr1(cancel: Canceller) -> io::Result<()> {
+    let mut fds = [0i32; 2];
+    // SAFETY: `fds` has room for the two descriptors pipe2 returns.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: pipe2 just made fds[0]; nothing else owns it.
+    let mut reader = unsafe { File::from_raw_fd(fds[0]) };
+    CANCEL_PIPE.store(fds[1], Ordering::SeqCst);
+    // SAFETY: an all-zero sigaction is a valid value before the fields are set.
+    let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
+    sa.sa_sigaction = on_cancel_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+    sa.sa_flags = libc::SA_RESTART;
+    // SAFETY: `sa` is a valid sigaction whose handler only loads an atomic and calls write().
+    if unsafe { libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    std::thread::Builder::new().name("sigusr1-cancel".into()).spawn(move || {
+        let mut b = [0u8; 16];
+        loop {
+            match reader.read(&mut b) {
+                Ok(0) => return,
+                Ok(_) => {
+                    log::info!("SIGUSR1: cancelling the TPM command in progress");
+                    cancel();
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    log::error!("SIGUSR1 pipe: {e}");
+                    return;
+                }
+            }
+        }
+    })?;
+    Ok(())
+}
+
 /// Sends SIGTERM to process `pid`.
 pub fn terminate(pid: u32) -> io::Result<()> {
     let pid = libc::pid_t::try_from(pid).map_err(|_| io::Error::from_raw_os_error(libc::ESRCH))?;
@@ -51,6 +109,25 @@ mod tests {
     fn terminating_a_missing_process_is_an_error() {
         assert!(terminate(0).is_err());
         assert!(terminate(u32::MAX).is_err());
+    }
+
+    #[test]
+    fn sigusr1_calls_the_canceller() {
+        use std::sync::atomic::AtomicUsize;
+        use std::sync::Arc;
+        let calls = Arc::new(AtomicUsize::new(0));
+        let c = calls.clone();
+        cancel_on_sigusr1(Arc::new(move || {
+            c.fetch_add(1, Ordering::SeqCst);
+        }))
+        .expect("handler");
+        // SAFETY: signalling this process with a signal whose handler was just installed.
+        assert_eq!(unsafe { libc::kill(libc::getpid(), libc::SIGUSR1) }, 0);
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while calls.load(Ordering::SeqCst) == 0 {
+            assert!(std::time::Instant::now() < end, "canceller not called");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
     }
 
     #[test]
