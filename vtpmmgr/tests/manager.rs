@@ -54,6 +54,15 @@ fn save_and_load(family: Family) {
     // A second init on the same store is refused before it touches the TPM.
     let e = Manager::init(common::dev(&path, false), hw.connect(), &cfg()).expect_err("exists");
     assert!(e.to_string().contains("already holds data"), "{e}");
+    if family == Family::Tpm20 {
+        // A new store on the same TPM with the same counter index: refused, saying why.
+        let e =
+            Manager::init(common::dev(&dir.join("second.img"), true), hw.connect(), &cfg()).expect_err("index taken");
+        assert!(
+            e.to_string().contains("already exists on the hardware TPM") && e.to_string().contains("--nv-index"),
+            "{e}"
+        );
+    }
     let copy = std::fs::read(&path).expect("copy the store");
     {
         let mut m = Manager::open(common::dev(&path, false), hw.connect()).expect("reopen");

@@ -354,7 +354,16 @@ impl<'a> Tpm2<'a> {
         let public =
             [&index.to_be_bytes()[..], &ALG_SHA256.to_be_bytes(), &attrs.to_be_bytes(), &[0, 0], &8u16.to_be_bytes()]
                 .concat();
-        self.run("NV_DefineSpace", Cmd::new(0x12A).handle(RH_OWNER).pw(1).u16(0).b2(&public))?;
+        self.run("NV_DefineSpace", Cmd::new(0x12A).handle(RH_OWNER).pw(1).u16(0).b2(&public)).map_err(|e| match e {
+            // TPM_RC_NV_DEFINED
+            Error::TpmRc { rc: 0x14c, .. } => Error::Tpm(format!(
+                "NV index {index:#x} already exists on the hardware TPM: a store was initialised on this TPM \
+                 before. Its counter is not reused (that would let an old copy of that store pass the \
+                 rollback check): give another --nv-index, or, if that store is gone for good, remove \
+                 the index (tpm2_nvundefine {index:#x})"
+            )),
+            e => e,
+        })?;
         self.counter_increment(index)?;
         self.counter_read(index)
     }
