@@ -2,7 +2,8 @@
 //! (as libxl would, but with its frontend directory at `device/xvtpm-admin/<handle>`, where
 //! the kernel's xen-tpmfront does not look), speaks to through a user-space tpmfront, and
 //! removes when done. The manager takes management commands on it because its frontend is
-//! the domain it was told to trust (`vtpmmgr serve --admin-domain 0`).
+//! the domain it was told to trust (`vtpmmgr serve --admin-domain 0`). Each device records the
+//! tool's pid (`xvtpm-pid`), so a later tool removes the device of one that was killed.
 
 use std::time::Duration;
 
@@ -32,6 +33,39 @@ pub fn domain_id(xs: &Xenstore, name: &str) -> anyhow::Result<DomId> {
     bail!("no domain named {name:?} (is the manager's domain running? see `xl list`)")
 }
 
+/// The key of an admin device's frontend directory that holds its tool's pid.
+pub const PID_KEY: &str = "xvtpm-pid";
+
+/// Removes the admin devices whose tool is gone (killed before it could remove its own).
+/// Devices of running tools, and any without a pid, are left alone.
+fn remove_stale(xs: &Xenstore, fe_root: &str, me: DomId) {
+    let Ok(handles) = xs.directory(TxId::NONE, fe_root) else { return };
+    for h in handles {
+        let dir = format!("{fe_root}/{h}");
+        let read = |k: &str| xs.try_read(TxId::NONE, &format!("{dir}/{k}")).ok().flatten();
+        let num = |k: &str| read(k).and_then(|v| String::from_utf8(v).ok()).and_then(|v| v.trim().parse::<u32>().ok());
+        let (Some(pid), Some(backend), Ok(handle)) = (num(PID_KEY), num("backend-id"), h.parse::<u32>()) else {
+            continue;
+        };
+        if process_alive(pid) {
+            continue;
+        }
+        let Ok(backend) = DomId::try_from(backend) else { continue };
+        log::warn!("removing the admin device {dir}: the tool that made it (pid {pid}) is gone");
+        if let Err(e) = toolstack::remove_vtpm_at(xs, &dir, me, backend, handle, Duration::from_secs(2)) {
+            log::warn!("removing {dir}: {e}");
+        }
+    }
+}
+
+/// Whether process `pid` of this domain exists (a zombie counts as gone).
+fn process_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !matches!(stat.rsplit_once(')').and_then(|(_, r)| r.trim_start().chars().next()), Some('Z' | 'X')),
+        Err(_) => false,
+    }
+}
+
 /// A vtpm device from this domain to the manager's, connected.
 #[derive(Debug)]
 pub struct XenAdminLink {
@@ -53,6 +87,7 @@ impl XenAdminLink {
             bail!("the manager's domain is this one: use its admin socket (--admin-socket)");
         }
         let fe_root = format!("{}/device/xvtpm-admin", domain_path(me));
+        remove_stale(&xs, &fe_root, me);
         let be_root = format!("{}/{me}", vtpm_backend_root(mgr));
         let uuid = xvtpm_vtpmmgr::uuid_str(&xvtpm_vtpmmgr::proto::random_uuid());
         // The handle is picked and the device made in one transaction: two tools at once
@@ -67,6 +102,7 @@ impl XenAdminLink {
                 let handle = (FIRST_HANDLE..).find(|h| !used.contains(&h.to_string())).unwrap_or(FIRST_HANDLE);
                 let fe_dir = format!("{fe_root}/{handle}");
                 toolstack::add_vtpm_at(&xs, tx, &fe_dir, me, mgr, handle, &uuid)?;
+                xs.write(tx, &format!("{fe_dir}/{PID_KEY}"), std::process::id().to_string().as_bytes())?;
                 Ok((handle, fe_dir))
             })
             .with_context(|| format!("make a vtpm device to domain {mgr} in xenstore (is this dom0?)"))?;

@@ -100,6 +100,26 @@ fn dom0_manages_a_manager_in_its_own_domain() {
     std::thread::sleep(Duration::from_millis(100));
     assert!(children(&xs, "/local/domain/0/device/xvtpm-admin").is_empty());
     assert!(children(&xs, &format!("/local/domain/{MGR}/backend/vtpm/0")).is_empty());
+
+    // A device left by a tool that was killed (its pid is gone) is removed by the next tool;
+    // one whose tool still runs is left alone.
+    let mut dead = Command::new("true").spawn().expect("true");
+    let dead_pid = dead.id();
+    dead.wait().expect("wait");
+    let stale = |handle: u32, pid: u32| {
+        let fe = format!("/local/domain/0/device/xvtpm-admin/{handle}");
+        xs.transaction(|tx| {
+            toolstack::add_vtpm_at(&xs, tx, &fe, 0, MGR, handle, "5e1f0a2b-7c3d-4e5f-8a9b-0c1d2e3f4aff")?;
+            xs.write(tx, &format!("{fe}/xvtpm-pid"), pid.to_string().as_bytes())
+        })
+        .expect("stale device");
+    };
+    stale(1000, dead_pid);
+    stale(1001, std::process::id());
+    assert!(xvtpm(&host, 0, &["group", "list"]).status.success());
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(children(&xs, "/local/domain/0/device/xvtpm-admin"), vec!["1001".to_string()]);
+    assert_eq!(children(&xs, &format!("/local/domain/{MGR}/backend/vtpm/0")), vec!["1001".to_string()]);
 }
 
 #[test]
