@@ -91,7 +91,7 @@ else
     mkdir -p "$OUT/stubdom/debs"; ln -f "$OUT"/debs/"$KPKG"_*.deb "$OUT/stubdom/debs/" 2>/dev/null || true
     bash "$HERE/../../tools/stubdom/build-images.sh" "$OUT/stubdom" "$BIN"
     mkdir -p "$S/usr/lib/xvtpm"
-    cp "$OUT/stubdom/vmlinux" "$OUT"/stubdom/*.cpio.gz "$S/usr/lib/xvtpm/"
+    cp "$OUT/stubdom/vmlinux" "$OUT"/stubdom/*.cpio.xz "$S/usr/lib/xvtpm/"
     strip -o "$S/usr/sbin/xvtpm" "$BIN/xvtpm"; copy_libs "$BIN/xvtpm" "$S"
     for m in xen-blkback loop; do cp "$(modpath $m)" "$S/lib/modules/"; done
     # Xen's block hotplug script puts file-backed disks on loop devices; it needs bash,

@@ -164,7 +164,7 @@ fn manager(a: ManagerArgs) -> anyhow::Result<()> {
     let text = domain_file(
         &a.name,
         &a.image,
-        "vtpmmgr-stubdom.cpio.gz",
+        "vtpmmgr-stubdom.cpio.xz",
         &disk,
         extra,
         &[format!("iomem = [ \"{}\" ]", a.iomem)],
@@ -211,7 +211,7 @@ fn vtpm(a: VtpmArgs) -> anyhow::Result<()> {
     let text = domain_file(
         &a.name,
         &a.image,
-        "vtpm-stubdom.cpio.gz",
+        "vtpm-stubdom.cpio.xz",
         &disk,
         "console=hvc0",
         &[format!("vtpm = [ \"backend={},uuid={vtpm_uuid}\" ]", a.manager)],

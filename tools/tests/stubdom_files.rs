@@ -33,7 +33,7 @@ fn manager_and_vtpm_domain_files_and_disks() {
     for line in [
         "name = \"vtpmmgr\"",
         "kernel = \"/img/vmlinuz\"",
-        "ramdisk = \"/img/vtpmmgr-stubdom.cpio.gz\"",
+        "ramdisk = \"/img/vtpmmgr-stubdom.cpio.xz\"",
         "iomem = [ \"fed40,5\" ]",
         "memory = 128",
     ] {
@@ -63,7 +63,7 @@ fn manager_and_vtpm_domain_files_and_disks() {
     let vtpm_uuid = json.split("\"vtpm_uuid\":\"").nth(1).and_then(|r| r.get(..36)).expect("vtpm_uuid").to_string();
     let cfg = std::fs::read_to_string(dir.join("g1.cfg")).expect("config");
     assert!(cfg.contains(&format!("vtpm = [ \"backend=vtpmmgr,uuid={vtpm_uuid}\" ]")), "{cfg}");
-    assert!(cfg.contains("ramdisk = \"/usr/lib/xvtpm/vtpm-stubdom.cpio.gz\""), "{cfg}");
+    assert!(cfg.contains("ramdisk = \"/usr/lib/xvtpm/vtpm-stubdom.cpio.xz\""), "{cfg}");
     // The disk says whom it serves and asks for its TPM to be made.
     let img = dir.join("g1.img");
     assert_eq!(ext4_file(&img, "xvtpm.conf").as_deref(), Some(format!("uuid={guest}\ntpm=2.0\n").as_str()));
