@@ -183,13 +183,19 @@ impl Admin {
 
     /// Every group.
     pub fn groups(&mut self) -> Result<Vec<GroupInfo>> {
-        let out = self.call(proto::GROUP_LIST, &[], "the group list")?;
-        let numbers: Vec<u32> = out
-            .get(4..)
-            .unwrap_or_default()
-            .chunks_exact(4)
-            .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
+        let mut numbers: Vec<u32> = Vec::new();
+        loop {
+            let offset = numbers.len() as u32;
+            let out = self.call(proto::GROUP_LIST, &offset.to_be_bytes(), "the group list")?;
+            let total = be32(&out, 0)? as usize;
+            let before = numbers.len();
+            numbers.extend(
+                out.get(4..).unwrap_or_default().chunks_exact(4).map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]])),
+            );
+            if numbers.len() >= total || numbers.len() == before {
+                break;
+            }
+        }
         numbers
             .into_iter()
             .map(|n| {
@@ -219,12 +225,20 @@ impl Admin {
 
     /// The boot hashes approved for group `n` (empty: its vTPMs may run with any).
     pub fn approved(&mut self, n: u32) -> Result<Vec<[u8; 32]>> {
-        let out = self.call(proto::GROUP_APPROVED, &n.to_be_bytes(), &format!("group {n}"))?;
-        let count = be32(&out, 0)? as usize;
-        let hashes: Vec<[u8; 32]> = out[4..].chunks_exact(32).filter_map(|c| <[u8; 32]>::try_from(c).ok()).collect();
-        if hashes.len() != count {
-            return Err(Error::Protocol(format!("the manager listed {} of {count} approved hashes", hashes.len())));
+        let mut hashes: Vec<[u8; 32]> = Vec::new();
+        loop {
+            let offset = hashes.len() as u32;
+            let req = [n.to_be_bytes(), offset.to_be_bytes()].concat();
+            let out = self.call(proto::GROUP_APPROVED, &req, &format!("group {n}"))?;
+            let count = be32(&out, 0)? as usize;
+            let before = hashes.len();
+            hashes.extend(out[4..].chunks_exact(32).filter_map(|c| <[u8; 32]>::try_from(c).ok()));
+            if hashes.len() == count {
+                return Ok(hashes);
+            }
+            if hashes.len() == before || hashes.len() > count {
+                return Err(Error::Protocol(format!("the manager listed {} of {count} approved hashes", hashes.len())));
+            }
         }
-        Ok(hashes)
     }
 }

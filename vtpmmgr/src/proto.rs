@@ -35,7 +35,8 @@ pub const LOADHASHKEY: u32 = 2;
 pub const GET_BOOT_HASH: u32 = 3;
 /// A hardware quote bound to the calling vTPM (TPM 2.0 or 1.2).
 pub const GET_QUOTE: u32 = 4;
-/// Management: the groups (count, then each group's number).
+/// Management: the groups (count, then each group's number, from an optional 4-byte offset:
+/// a page fills at most [`MAX_REPLY`]).
 pub const GROUP_LIST: u32 = 0x0200_0101;
 /// Management: create a group.
 pub const GROUP_NEW: u32 = 0x0200_0102;
@@ -312,9 +313,11 @@ pub fn handle_measured<D: BlockDev>(
                 out
             })
         }
+        // The body is empty (from the first) or a 4-byte offset: a page of the list.
         (TAG_REQ2, GROUP_LIST) => mgr.groups().map(|gs| {
+            let offset = be32(body, 0).unwrap_or_default() as usize;
             let mut out = (gs.len() as u32).to_be_bytes().to_vec();
-            for (n, ..) in gs {
+            for (n, ..) in gs.iter().skip(offset).take((MAX_REPLY - HEADER - 4) / 4) {
                 out.extend_from_slice(&n.to_be_bytes());
             }
             out
@@ -325,10 +328,12 @@ pub fn handle_measured<D: BlockDev>(
         (TAG_REQ2, GROUP_REVOKE) => {
             group_and_hash(body).and_then(|(g, h)| mgr.revoke(g, &h)).map(|n| u32::from(n).to_be_bytes().to_vec())
         }
+        // The group, and optionally an offset: a page of its approved hashes.
         (TAG_REQ2, GROUP_APPROVED) => match be32(body, 0) {
-            Some(n) if body.len() == 4 => mgr.approved(n).map(|hs| {
+            Some(n) if body.len() == 4 || body.len() == 8 => mgr.approved(n).map(|hs| {
+                let offset = be32(body, 4).unwrap_or_default() as usize;
                 let mut out = (hs.len() as u32).to_be_bytes().to_vec();
-                for h in hs.iter().take((MAX_REPLY - HEADER - 4) / 32) {
+                for h in hs.iter().skip(offset).take((MAX_REPLY - HEADER - 4) / 32) {
                     out.extend_from_slice(h);
                 }
                 out

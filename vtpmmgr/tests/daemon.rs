@@ -269,6 +269,23 @@ fn groups() {
     let listed = a.list(0).expect("list");
     assert_eq!(listed.len(), 300);
     assert!(many.iter().all(|u| listed.contains(u)));
+    // More groups than one reply holds (1018 numbers): paged too.
+    for _ in 0..1100 {
+        a.group_new().expect("group");
+    }
+    let groups = a.groups().expect("groups");
+    assert_eq!(groups.iter().map(|g| g.number).collect::<Vec<_>>(), (0..=1100).collect::<Vec<u32>>());
+    // And more approved hashes of one group than one reply holds (127).
+    let hashes: Vec<[u8; 32]> =
+        (0..200u32).map(|i| <sha2::Sha256 as sha2::Digest>::digest(i.to_be_bytes()).into()).collect();
+    for h in &hashes {
+        assert!(a.approve(5, h).expect("approve"));
+    }
+    let mut approved = a.approved(5).expect("approved");
+    approved.sort();
+    let mut want = hashes.clone();
+    want.sort();
+    assert_eq!(approved, want);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
