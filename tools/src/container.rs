@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
+use xvtpm_vtpmmgr::admin::Admin;
+use xvtpm_vtpmmgr::uuid_str;
 
 /// The container's vTPM named does not exist (exit code 3).
 #[derive(Debug)]
@@ -56,6 +58,17 @@ enum ContainerCmd {
         /// Only create it; `start` later.
         #[arg(long)]
         no_start: bool,
+        /// Keep the state's key at the vTPM manager (sealed by the hardware TPM) instead of a
+        /// key file: the manager's vTPM socket. Needs --admin-socket.
+        #[arg(long, value_name = "PATH", requires = "admin_socket")]
+        manager_socket: Option<PathBuf>,
+        /// With --manager-socket: the manager's admin socket, to provision the vTPM there (and
+        /// to delete it at `destroy`).
+        #[arg(long, value_name = "PATH", requires = "manager_socket")]
+        admin_socket: Option<PathBuf>,
+        /// With --manager-socket: the manager's group to provision it into.
+        #[arg(long, default_value_t = 0, requires = "manager_socket")]
+        group: u32,
         /// JSON output.
         #[arg(long)]
         json: bool,
@@ -89,8 +102,12 @@ enum ContainerCmd {
 pub(crate) fn run(a: ContainerArgs) -> anyhow::Result<()> {
     let c = Containers { root: a.root, run: a.run_dir, vtpm: a.vtpm.unwrap_or_else(default_vtpm) };
     match a.cmd {
-        ContainerCmd::Create { name, tpm12, no_start, json } => {
-            c.create(&name, tpm12)?;
+        ContainerCmd::Create { name, tpm12, no_start, json, manager_socket, admin_socket, group } => {
+            let manager = match (manager_socket, admin_socket) {
+                (Some(vtpm), Some(admin)) => Some(ManagerCfg { vtpm, admin, uuid: String::new(), group }),
+                _ => None,
+            };
+            c.create(&name, tpm12, manager)?;
             if no_start {
                 println!(
                     "{}",
@@ -115,6 +132,14 @@ pub(crate) fn run(a: ContainerArgs) -> anyhow::Result<()> {
         ContainerCmd::Destroy { name } => {
             let dir = c.existing(&name)?;
             c.stop(&name)?;
+            // The manager's record first: if that fails, the state stays, and so does a way to
+            // retry.
+            if let Some(m) = c.config(&dir)?.manager {
+                let uuid = parse_uuid(&m.uuid).with_context(|| format!("{}/config: uuid", dir.display()))?;
+                Admin::connect(&m.admin)
+                    .and_then(|mut a| a.delete(&uuid))
+                    .with_context(|| format!("delete vTPM {} at the manager ({})", m.uuid, m.admin.display()))?;
+            }
             fs::remove_dir_all(&dir).with_context(|| format!("remove {}", dir.display()))?;
             let _ = fs::remove_file(c.run.join(format!("{name}.log")));
             println!("destroyed {name}");
@@ -158,6 +183,30 @@ fn json_field(json: &str, key: &str) -> Option<String> {
     Some(v)
 }
 
+/// Where a container vTPM's key is kept, when not in a key file.
+#[derive(Debug, Clone)]
+struct ManagerCfg {
+    /// The manager's vTPM socket.
+    vtpm: PathBuf,
+    /// Its admin socket.
+    admin: PathBuf,
+    /// The vTPM's uuid at the manager.
+    uuid: String,
+    /// Its group there.
+    group: u32,
+}
+
+/// A container vTPM's `config`.
+#[derive(Debug)]
+struct Config {
+    tpm12: bool,
+    manager: Option<ManagerCfg>,
+}
+
+fn parse_uuid(s: &str) -> Option<[u8; 16]> {
+    xvtpm_vtpmmgr::proto::parse_uuid(s)
+}
+
 struct Containers {
     root: PathBuf,
     run: PathBuf,
@@ -189,7 +238,7 @@ impl Containers {
         Ok(dir)
     }
 
-    fn create(&self, name: &str, tpm12: bool) -> anyhow::Result<()> {
+    fn create(&self, name: &str, tpm12: bool, mut manager: Option<ManagerCfg>) -> anyhow::Result<()> {
         let dir = self.dir(name)?;
         fs::create_dir_all(&self.root).with_context(|| format!("create {}", self.root.display()))?;
         fs::create_dir(&dir).map_err(|e| match e.kind() {
@@ -197,28 +246,55 @@ impl Containers {
             _ => anyhow::Error::new(e).context(format!("create {}", dir.display())),
         })?;
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))?;
+        let mut provisioned: Option<([u8; 16], PathBuf)> = None;
         let made = (|| -> anyhow::Result<()> {
-            let mut key = [0u8; 32];
-            fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut key)).context("read /dev/urandom")?;
+            let mut secret = [0u8; 32];
+            fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut secret)).context("read /dev/urandom")?;
+            // A key file, or the token that identifies the vTPM at the manager.
+            let file = if manager.is_some() { "token" } else { "key" };
             fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
                 .mode(0o600)
-                .open(dir.join("key"))
-                .and_then(|mut f| std::io::Write::write_all(&mut f, &key))
-                .context("write the key")?;
+                .open(dir.join(file))
+                .and_then(|mut f| std::io::Write::write_all(&mut f, &secret))
+                .with_context(|| format!("write the {file}"))?;
+            if let Some(m) = manager.as_mut() {
+                let mut admin = Admin::connect(&m.admin)
+                    .with_context(|| format!("connect to the manager's admin socket {}", m.admin.display()))?;
+                let uuid =
+                    admin.provision(None, m.group, Some(&secret)).context("provision the vTPM at the manager")?;
+                provisioned = Some((uuid, m.admin.clone()));
+                m.uuid = uuid_str(&uuid);
+            }
             fs::create_dir(dir.join("state"))?;
             let mut cmd = Command::new(&self.vtpm);
-            cmd.arg("create").args(self.state_args(&dir, tpm12));
+            cmd.arg("create").args(self.state_args(&dir, &Config { tpm12, manager: manager.clone() }));
             let out = cmd.output().with_context(|| format!("run {}", self.vtpm.display()))?;
             if !out.status.success() {
                 bail!("vtpm create failed: {}", String::from_utf8_lossy(&out.stderr).trim());
             }
             // Written last: a directory without it is an unfinished create.
-            fs::write(dir.join("config"), format!("tpm={}\n", if tpm12 { "1.2" } else { "2.0" }))?;
+            let mut cfg = format!("tpm={}\n", if tpm12 { "1.2" } else { "2.0" });
+            if let Some(m) = &manager {
+                cfg += &format!(
+                    "manager={}\nadmin={}\nuuid={}\ngroup={}\n",
+                    m.vtpm.display(),
+                    m.admin.display(),
+                    m.uuid,
+                    m.group
+                );
+            }
+            fs::write(dir.join("config"), cfg)?;
             Ok(())
         })();
         if let Err(e) = made {
+            // Undo: nothing half-made stays, here or at the manager.
+            if let Some((uuid, admin)) = provisioned {
+                if let Err(d) = Admin::connect(&admin).and_then(|mut a| a.delete(&uuid)) {
+                    log::warn!("could not delete vTPM {} at the manager again: {d}", uuid_str(&uuid));
+                }
+            }
             let _ = fs::remove_dir_all(&dir);
             return Err(e);
         }
@@ -226,26 +302,44 @@ impl Containers {
         Ok(())
     }
 
-    fn state_args(&self, dir: &Path, tpm12: bool) -> Vec<String> {
-        let mut a = vec![
-            "--state-dir".to_string(),
-            dir.join("state").display().to_string(),
-            "--key".to_string(),
-            dir.join("key").display().to_string(),
-        ];
-        if tpm12 {
+    fn state_args(&self, dir: &Path, cfg: &Config) -> Vec<String> {
+        let mut a = vec!["--state-dir".to_string(), dir.join("state").display().to_string()];
+        match &cfg.manager {
+            None => a.extend(["--key".to_string(), dir.join("key").display().to_string()]),
+            Some(m) => a.extend([
+                "--manager".to_string(),
+                format!("unix:{}", m.vtpm.display()),
+                "--vtpm-uuid".to_string(),
+                m.uuid.clone(),
+                "--token-file".to_string(),
+                dir.join("token").display().to_string(),
+            ]),
+        }
+        if cfg.tpm12 {
             a.push("--tpm1.2".to_string());
         }
         a
     }
 
-    fn tpm12(&self, dir: &Path) -> anyhow::Result<bool> {
-        let cfg = fs::read_to_string(dir.join("config")).with_context(|| format!("read {}/config", dir.display()))?;
-        match cfg.lines().find_map(|l| l.strip_prefix("tpm=")) {
-            Some("1.2") => Ok(true),
-            Some("2.0") => Ok(false),
+    fn config(&self, dir: &Path) -> anyhow::Result<Config> {
+        let text = fs::read_to_string(dir.join("config")).with_context(|| format!("read {}/config", dir.display()))?;
+        let get = |k: &str| text.lines().find_map(|l| l.strip_prefix(k).and_then(|v| v.strip_prefix('=')));
+        let tpm12 = match get("tpm") {
+            Some("1.2") => true,
+            Some("2.0") => false,
             other => bail!("{}/config: unknown tpm={other:?}", dir.display()),
-        }
+        };
+        let manager = match (get("manager"), get("admin"), get("uuid")) {
+            (None, None, None) => None,
+            (Some(v), Some(a), Some(u)) => Some(ManagerCfg {
+                vtpm: PathBuf::from(v),
+                admin: PathBuf::from(a),
+                uuid: u.to_string(),
+                group: get("group").and_then(|g| g.parse().ok()).unwrap_or(0),
+            }),
+            _ => bail!("{}/config: manager, admin and uuid go together", dir.display()),
+        };
+        Ok(Config { tpm12, manager })
     }
 
     /// The running daemon's description, or None when it does not run. A description left by
@@ -273,7 +367,7 @@ impl Containers {
         let log_file = self.run.join(format!("{name}.log"));
         let log = fs::File::create(&log_file).with_context(|| format!("create {}", log_file.display()))?;
         let mut cmd = Command::new(&self.vtpm);
-        cmd.arg("proxy").args(self.state_args(&dir, self.tpm12(&dir)?)).arg("--info-file").arg(&info_file);
+        cmd.arg("proxy").args(self.state_args(&dir, &self.config(&dir)?)).arg("--info-file").arg(&info_file);
         // Its own process group: a Ctrl-C at the operator's terminal does not reach it.
         let mut child = cmd
             .stdin(Stdio::null())
@@ -330,21 +424,28 @@ impl Containers {
             if check_name(&name).is_err() || !dir.join("config").exists() {
                 continue;
             }
-            let version = if self.tpm12(&dir)? { "1.2" } else { "2.0" };
+            let cfg = self.config(&dir)?;
+            let version = if cfg.tpm12 { "1.2" } else { "2.0" };
+            let key = match &cfg.manager {
+                Some(m) => format!("\"key\":\"manager\",\"vtpm_uuid\":\"{}\"", m.uuid),
+                None => "\"key\":\"file\"".to_string(),
+            };
             let info = self.running(&name);
-            rows.push((name, version, info));
+            rows.push((name, version, key, info));
         }
         if json {
             let items: Vec<String> = rows
                 .iter()
-                .map(|(name, version, info)| match info {
-                    Some(i) => format!("{{\"name\":{name:?},\"running\":true,{}", i.trim().trim_start_matches('{')),
-                    None => format!("{{\"name\":{name:?},\"running\":false,\"version\":\"{version}\"}}"),
+                .map(|(name, version, key, info)| match info {
+                    Some(i) => {
+                        format!("{{\"name\":{name:?},\"running\":true,{key},{}", i.trim().trim_start_matches('{'))
+                    }
+                    None => format!("{{\"name\":{name:?},\"running\":false,{key},\"version\":\"{version}\"}}"),
                 })
                 .collect();
             println!("[{}]", items.join(","));
         } else {
-            for (name, version, info) in &rows {
+            for (name, version, _, info) in &rows {
                 match info {
                     Some(i) => println!(
                         "{name}\tTPM {version}\trunning\t{}\tpid {}",

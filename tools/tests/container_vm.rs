@@ -106,7 +106,7 @@ fn container_vtpms_through_the_kernels_vtpm_proxy() {
     assert!(!looped.contains("HANG") && looped.len() > "loop after stop: ".len(), "{looped}");
     assert_eq!(line("b after stopping a: "), format!("b after stopping a: {zero}"));
     let listed = line("list stopped ");
-    assert!(listed.contains("{\"name\":\"ca\",\"running\":false,\"version\":\"2.0\"}"), "{listed}");
+    assert!(listed.contains("{\"name\":\"ca\",\"running\":false,\"key\":\"file\",\"version\":\"2.0\"}"), "{listed}");
     assert!(listed.contains("{\"name\":\"cb\",\"running\":true"), "{listed}");
 
     // Restarted from its state: what was made persists; PCRs start over, as at a reboot.
