@@ -91,6 +91,11 @@ impl Drop for BackendHandle {
 /// threads and to notice a stop request.
 const TICK: Duration = Duration::from_millis(50);
 const ROOT_TOKEN: &str = "vtpm-backend";
+/// In a driver domain, how long an offline device's Closed stays visible before we remove its
+/// directory, unless the toolstack shows sooner that it saw Closed. libxl in dom0 reads the
+/// state when its watch fires; a directory removed before that is an error to it ("unable to
+/// remove device"). It waits 10 s for the removal.
+const REMOVAL_GRACE: Duration = Duration::from_secs(1);
 
 impl Backend {
     /// A backend on `xen` handing commands to `handler`.
@@ -136,6 +141,7 @@ impl Backend {
             filter: self.config.filter.clone(),
             root: root.clone(),
             devices: HashMap::new(),
+            offline: HashMap::new(),
             fatal_tx,
             next_generation: 1,
         };
@@ -173,6 +179,9 @@ struct State {
     filter: DeviceFilter,
     root: String,
     devices: HashMap<(DomId, u32), Device>,
+    /// Driver domain only: offline devices waiting for their directory's removal, with when
+    /// we saw them offline and whether the frontend's directory was there then.
+    offline: HashMap<(DomId, u32), (std::time::Instant, bool)>,
     fatal_tx: Sender<Fatal>,
     next_generation: u64,
 }
@@ -187,6 +196,7 @@ impl State {
             while let Ok(f) = fatal_rx.try_recv() {
                 self.on_fatal(f);
             }
+            self.remove_due_offline();
             let Some(first) = self.xs.next_event(Some(TICK))? else { continue };
             // Reconcile reads the current state, so a burst of events (a flapping frontend,
             // many devices at once) needs one pass per device, not one per event.
@@ -306,6 +316,7 @@ impl State {
     }
 
     fn forget(&mut self, key: (DomId, u32)) {
+        self.offline.remove(&key);
         self.disconnect(key);
         if let Some(dev) = self.devices.remove(&key) {
             if dev.watching_fe {
@@ -315,20 +326,52 @@ impl State {
         }
     }
 
+    /// Whether the frontend's directory of `key` is there. Once libxl removed it, xenstored
+    /// answers EACCES rather than ENOENT, since we may not read the guest's parent directories.
+    fn frontend_present(&self, key: (DomId, u32)) -> bool {
+        let Some(d) = self.devices.get(&key) else { return false };
+        match self.xs.try_read(TxId::NONE, &format!("{}/state", d.fe_path)) {
+            Ok(None) => false,
+            Err(e) if e.xs_errno() == Some(xvtpm_xen::XsErrno::EACCES) => false,
+            _ => true,
+        }
+    }
+
     /// In a driver domain (not dom0), removing an offline device's backend directory is ours
-    /// to do: libxl in dom0 removes the frontend's and waits (10 s) for the driver domain to
-    /// remove the backend's, as `xl devd` does for the devices of its domain.
-    fn remove_offline(&mut self, key: (DomId, u32), be_path: &str) {
-        // Only once libxl is done with the frontend: it removes the frontend's directory after
-        // it saw Closed. Once that is gone, xenstored answers EACCES rather than ENOENT, since
-        // we may not read the guest's parent directories.
-        if let Some(d) = self.devices.get(&key) {
-            match self.xs.try_read(TxId::NONE, &format!("{}/state", d.fe_path)) {
-                Ok(None) => {}
-                Err(e) if e.xs_errno() == Some(xvtpm_xen::XsErrno::EACCES) => {}
-                _ => return,
+    /// to do, as `xl devd` does: libxl in dom0 writes online=0 and Closing, waits for Closed,
+    /// then waits (10 s) for the directory to go. `xl destroy` removes the frontend's directory
+    /// first; `xl vtpm-detach` only after; our own tool right after it saw Closed. So a
+    /// frontend that was there when the device went offline and is gone now means the
+    /// toolstack saw Closed: remove at once. Otherwise remove after [`REMOVAL_GRACE`].
+    fn note_offline(&mut self, key: (DomId, u32), be_path: &str) {
+        let present = self.frontend_present(key);
+        let (_, was_present) = *self.offline.entry(key).or_insert((std::time::Instant::now(), present));
+        if was_present && !present {
+            self.remove_offline(key, be_path);
+        }
+    }
+
+    /// Removes the offline devices whose grace is over.
+    fn remove_due_offline(&mut self) {
+        let due: Vec<(DomId, u32)> =
+            self.offline.iter().filter(|(_, (since, _))| since.elapsed() >= REMOVAL_GRACE).map(|(k, _)| *k).collect();
+        for key in due {
+            let be_path = xenbus::vtpm_backend_path(self.xen.domid(), key.0, key.1);
+            // Still offline and Closed? (A toolstack may have removed it already, or, in
+            // theory, brought it back.)
+            let online = self.read_opt(&format!("{be_path}/online")).is_none_or(|v| v != b"0");
+            let state = self.read_opt(&format!("{be_path}/state"));
+            match state {
+                None => self.forget(key),
+                Some(raw) if online || XenbusState::parse(&be_path, &raw).ok() != Some(XenbusState::Closed) => {
+                    self.offline.remove(&key);
+                }
+                Some(_) => self.remove_offline(key, &be_path),
             }
         }
+    }
+
+    fn remove_offline(&mut self, key: (DomId, u32), be_path: &str) {
         // libxl also removes the guest's directory here once it is empty (one removal does
         // both), where the permissions let us; the device's own directory is ours.
         let parent = match be_path.rsplit_once('/') {
@@ -339,6 +382,7 @@ impl State {
         if !removed {
             if let Err(e) = self.xs.try_rm(TxId::NONE, be_path) {
                 log::warn!("vtpm {}/{}: cannot remove {be_path}: {e}", key.0, key.1);
+                self.offline.remove(&key);
                 return;
             }
         }
@@ -391,7 +435,7 @@ impl State {
                 self.write_state(key, XenbusState::Closed);
             }
             if !online && self.xen.domid() != 0 {
-                self.remove_offline(key, &be_path);
+                self.note_offline(key, &be_path);
             }
             return;
         }

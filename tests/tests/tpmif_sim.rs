@@ -448,3 +448,67 @@ fn driver_domain_backend_removes_its_directory_on_destroy() {
     toolstack::add_vtpm(&env.xs, 2, 5, 0, &uuid(2)).expect("vtpm");
     env.assert_frontend_ok(2, &["echo", "--count", "10"], "OK echoed 10");
 }
+
+/// libxl's removal of a device whose backend is in a driver domain, step by step: with
+/// `force` (`xl destroy`) the frontend's directory goes first; without (`xl vtpm-detach`)
+/// it stays until the backend's is gone. Then online=0 and Closing, a watch on the state
+/// until it reads Closed (a state that vanished before libxl read Closed is its "unable to
+/// remove device" error), then a wait for the backend's directory to go. Returns whether the
+/// state read Closed and how long the directory took after that.
+fn libxl_remove(xs: &Xenstore, fe: u16, be: u16, force: bool) -> (bool, Option<Duration>) {
+    let be_path = format!("/local/domain/{be}/backend/vtpm/{fe}/0");
+    let fe_path = format!("/local/domain/{fe}/device/vtpm/0");
+    xs.transaction(|tx| {
+        if force {
+            xs.try_rm(tx, &fe_path)?;
+        }
+        xs.write(tx, &format!("{be_path}/online"), b"0")?;
+        xs.write(tx, &format!("{be_path}/state"), b"5")
+    })
+    .expect("online=0, Closing");
+    let state = format!("{be_path}/state");
+    let end = std::time::Instant::now() + 10 * SEC;
+    let saw_closed = loop {
+        match xs.try_read(TxId::NONE, &state).expect("read state") {
+            None => break false,
+            Some(v) if v == b"6" => break true,
+            _ if std::time::Instant::now() > end => break false,
+            _ => std::thread::sleep(Duration::from_millis(20)),
+        }
+    };
+    let t = std::time::Instant::now();
+    while xs.try_read(TxId::NONE, &be_path).expect("read").is_some() {
+        if t.elapsed() > 10 * SEC {
+            return (saw_closed, None);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = xs.try_rm(TxId::NONE, &fe_path);
+    (saw_closed, Some(t.elapsed()))
+}
+
+/// A driver domain's backend answers both of libxl's removals as `xl devd` does: Closed
+/// stays readable long enough for libxl's watch, and the directory goes well within libxl's
+/// 10 s.
+#[test]
+fn driver_domain_backend_follows_libxls_destroy_and_detach() {
+    let env = Env::new();
+    toolstack::add_domain(&env.xs, 5, "vtpm-dom").expect("driver domain");
+    let be = BackendProcess::start(Path::new(BACKEND), env.dir(), 5, &[]).expect("backend");
+    for (fe, force) in [(1u16, true), (2, false), (3, true)] {
+        toolstack::add_domain(&env.xs, fe, &format!("guest{fe}")).expect("guest");
+        toolstack::add_vtpm(&env.xs, fe, 5, 0, &uuid(fe)).expect("vtpm");
+        let state = format!("/local/domain/5/backend/vtpm/{fe}/0/state");
+        assert!(toolstack::wait_for_state(&env.xs, &state, XenbusState::InitWait, 10 * SEC), "{}", be.log());
+        if fe == 3 {
+            // A guest that never connected (it crashed while booting) is removed the same way.
+        } else {
+            env.assert_frontend_ok(fe, &["echo", "--count", "5"], "OK echoed 5");
+        }
+        let (saw_closed, gone) = libxl_remove(&env.xs, fe, 5, force);
+        assert!(saw_closed, "guest {fe} (force {force}): the backend's state vanished before it read Closed");
+        let gone = gone.unwrap_or_else(|| panic!("guest {fe}: backend directory not removed in 10 s\n{}", be.log()));
+        assert!(gone < 3 * SEC, "guest {fe}: removed after {gone:?}");
+    }
+    assert!(be.wait_log("vtpm 3/0: device removed", 5 * SEC), "{}", be.log());
+}
