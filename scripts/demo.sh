@@ -2,11 +2,14 @@
 # The main job on its embedded default:
 #  1. QEMU-emulated Xen (no Xen needed on this machine): Xen 4.17, dom0 with xenstored, xl and our
 #     `vtpm serve`, and a PV guest whose stock Linux xen-tpmfront uses our vTPM with tpm2-tools;
-#  2. Debian's tpm2-tools using our vTPM through swtpm's socket protocol (`vtpm socket`).
+#  2. Debian's tpm2-tools using our vTPM through swtpm's socket protocol (`vtpm socket`);
+#  3. container vTPMs: a Debian VM under QEMU where `xvtpm container` makes /dev/tpmN through
+#     Linux's vTPM proxy (/dev/vtpmx) and tpm2-tools use them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+root=$(pwd)
 ./scripts/deps.sh
-cargo build --release --locked -q -p xvtpm-vtpm -p xvtpm-tests --bins
+cargo build --release --locked -q -p xvtpm-vtpm -p xvtpm-tests -p xvtpm-tools --bins
 bin=./target/release
 
 echo "=== 1. A Xen guest using our vTPM: Xen 4.17 + dom0 + a PV guest under QEMU (TCG), from Debian packages"
@@ -49,3 +52,15 @@ tpm2_pcrextend 16:sha256=$(printf 'changed' | sha256sum | cut -d' ' -f1)
 tpm2_unseal -c seal.ctx -p pcr:sha256:16 2>/dev/null || echo "unseal refused after PCR 16 changed, as it must be"
 set +x
 echo "(vTPM state in $work/state: $(ls "$work/state" | tr '\n' ' '))"
+echo
+echo "=== 3. Container vTPMs: a Debian VM under QEMU (TCG) with the tpm_vtpm_proxy module"
+echo "    'xvtpm container create|stop|start|destroy' run 'vtpm proxy'; tpm2-tools use /dev/tpmrmN"
+cd "$root"
+img="$root/target/proxy-demo"
+bash tests/harness/build-proxy-vm.sh "$img" "$bin" > "$img.build.log" 2>&1 || { cat "$img.build.log"; exit 1; }
+timeout 600 qemu-system-x86_64 -machine q35 -accel tcg -cpu qemu64 -m 512 -smp 1 -display none -monitor none \
+    -serial stdio -no-reboot -kernel "$img/vmlinuz" -initrd "$img/initrd.gz" \
+    -append "console=ttyS0 panic=-1 loglevel=4" < /dev/null > "$img.console.log" 2>&1 || true
+grep "XVTPM-VM:" "$img.console.log" | tr -d '\r' | cut -c1-200
+grep -q "XVTPM-VM: DONE" "$img.console.log" && echo "Container vTPMs: done (console: $img.console.log)" \
+    || { echo "Container vTPMs: the VM did not finish (console: $img.console.log)"; exit 1; }
