@@ -3,7 +3,7 @@
 //! instance. Ours runs twice: as `vtpm socket` (the administrator's binary, with the Xen
 //! backend and clap in it) and as `xvtpm-swtpm` (the drop-in for swtpm, socket mode only).
 //!
-//! Run: `cargo bench -p xvtpm-vtpm --bench socket_vs_swtpm` (env `ITERS`, default 3000;
+//! Run: `cargo bench -p xvtpm-vtpm --bench socket_vs_swtpm` (env `ITERS`, default 3000; `RSS_STARTS`, default 9;
 //! `BENCH_NO_PIN=1` leaves client and servers unpinned).
 //! Needs Debian's swtpm (`apt-get install swtpm`).
 
@@ -165,6 +165,32 @@ fn tcp_floor(iters: usize, pin: bool, spin: bool) -> anyhow::Result<Duration> {
     Ok(percentiles(&mut samples).0)
 }
 
+/// Resident size of an idle instance, median over `starts` fresh starts of each server
+/// (interleaved): where the kernel places each shared library moves a single reading by about
+/// 100 KiB. Each reading is taken 300 ms after the server answered its first command.
+fn idle_rss(dir: &Path, ours_state: &Path, port: u16, pin: bool, starts: usize) -> anyhow::Result<Vec<u64>> {
+    let mut readings: Vec<Vec<u64>> = (0..3).map(|_| Vec::with_capacity(starts)).collect();
+    for i in 0..starts {
+        let p = port + 6 * i as u16;
+        let servers = [
+            spawn("swtpm", "swtpm", &dir.join("swtpm"), p, pin)?,
+            spawn("vtpm socket", env!("CARGO_BIN_EXE_vtpm"), ours_state, p + 2, pin)?,
+            spawn("xvtpm-swtpm", env!("CARGO_BIN_EXE_xvtpm-swtpm"), &dir.join("dropin"), p + 4, pin)?,
+        ];
+        std::thread::sleep(Duration::from_millis(300));
+        for (r, s) in readings.iter_mut().zip(&servers) {
+            r.push(rss_kib(s.child.id()));
+        }
+    }
+    Ok(readings
+        .into_iter()
+        .map(|mut r| {
+            r.sort_unstable();
+            r[r.len() / 2]
+        })
+        .collect())
+}
+
 fn main() -> anyhow::Result<()> {
     let iters: usize = std::env::var("ITERS").ok().and_then(|v| v.parse().ok()).unwrap_or(3000);
     let dir = std::env::temp_dir().join(format!("xvtpm-bench-{}", std::process::id()));
@@ -186,8 +212,6 @@ fn main() -> anyhow::Result<()> {
         spawn("vtpm socket", env!("CARGO_BIN_EXE_vtpm"), &ours_state, base + 2, pin)?,
         spawn("xvtpm-swtpm", env!("CARGO_BIN_EXE_xvtpm-swtpm"), &dir.join("dropin"), base + 4, pin)?,
     ];
-    std::thread::sleep(Duration::from_millis(300));
-    let idle: Vec<u64> = servers.iter().map(|s| rss_kib(s.child.id())).collect();
     println!("TPM 2.0 over the TCP data channel, one connection each, TCP_NODELAY, {iters} iterations interleaved in blocks of 100 (CreatePrimary: {}), medians", iters / 20);
     if pin {
         println!("client on CPU 0, all servers on CPU 1");
@@ -235,18 +259,20 @@ fn main() -> anyhow::Result<()> {
             floor.as_secs_f64() / first_median.as_secs_f64()
         );
     }
+    drop(clients);
+    drop(servers);
+    let starts: usize = std::env::var("RSS_STARTS").ok().and_then(|v| v.parse().ok()).unwrap_or(9).max(1);
+    let idle = idle_rss(&dir, &ours_state, base + 6, pin, starts)?;
     let ratio = |kib: u64| kib as f64 / idle[0].max(1) as f64;
     println!(
         "{:<34} {:>10} KiB {:>10} KiB {:>7.2}x {:>10} KiB {:>7.2}x",
-        "RSS, idle after start",
+        format!("RSS, idle, median of {starts} starts"),
         idle[0],
         idle[1],
         ratio(idle[1]),
         idle[2],
         ratio(idle[2])
     );
-    drop(clients);
-    drop(servers);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

@@ -127,7 +127,7 @@ impl FileStore {
         let body = match &self.key {
             Some(key) => {
                 header[8] = MODE_AES256GCM;
-                rand::thread_rng().fill_bytes(&mut header[12..24]);
+                rand::rngs::OsRng.fill_bytes(&mut header[12..24]);
                 let len = (data.len() + TAG_LEN) as u32;
                 header[24..28].copy_from_slice(&len.to_le_bytes());
                 let aad = [&header[..], name.as_bytes()].concat();

@@ -192,10 +192,10 @@ impl ManagedStore {
             None => 0,
         };
         let mut key = [0u8; 32];
-        rand::thread_rng().fill_bytes(&mut key);
+        rand::rngs::OsRng.fill_bytes(&mut key);
         let mut file = MAGIC.to_vec();
         let mut nonce = [0u8; 12];
-        rand::thread_rng().fill_bytes(&mut nonce);
+        rand::rngs::OsRng.fill_bytes(&mut nonce);
         file.extend_from_slice(&nonce);
         let ct = Aes256Gcm::new((&key).into())
             .encrypt(Nonce::from_slice(&nonce), Payload { msg: &encode(&self.blobs), aad: MAGIC })
