@@ -3,8 +3,8 @@
 //! instance. Ours runs twice: as `vtpm socket` (the administrator's binary, with the Xen
 //! backend and clap in it) and as `xvtpm-swtpm` (the drop-in for swtpm, socket mode only).
 //!
-//! Run: `cargo bench -p xvtpm-vtpm --bench socket_vs_swtpm` (env `ITERS`, default 3000; `RSS_STARTS`, default 9;
-//! `BENCH_NO_PIN=1` leaves client and servers unpinned).
+//! Run: `cargo bench -p xvtpm-vtpm --bench socket_vs_swtpm` (env `ITERS`, default 3000;
+//! `RSS_STARTS`, default 9; `BENCH_NO_PIN=1` leaves client and servers unpinned).
 //! Needs Debian's swtpm (`apt-get install swtpm`).
 
 use std::path::Path;
@@ -165,18 +165,24 @@ fn tcp_floor(iters: usize, pin: bool, spin: bool) -> anyhow::Result<Duration> {
     Ok(percentiles(&mut samples).0)
 }
 
+/// The three servers on ports `port`, `port + 2` and `port + 4` (data; control one above),
+/// each on its state in `dir`. Ours needs `dir/ours` made by `vtpm create` (our socket mode
+/// never creates a TPM on its own); the drop-in creates its state itself, as swtpm does.
+fn spawn_all(dir: &Path, port: u16, pin: bool) -> anyhow::Result<[Server; 3]> {
+    Ok([
+        spawn("swtpm 0.7 (Debian)", "swtpm", &dir.join("swtpm"), port, pin)?,
+        spawn("vtpm socket", env!("CARGO_BIN_EXE_vtpm"), &dir.join("ours"), port + 2, pin)?,
+        spawn("xvtpm-swtpm", env!("CARGO_BIN_EXE_xvtpm-swtpm"), &dir.join("dropin"), port + 4, pin)?,
+    ])
+}
+
 /// Resident size of an idle instance, median over `starts` fresh starts of each server
 /// (interleaved): where the kernel places each shared library moves a single reading by about
 /// 100 KiB. Each reading is taken 300 ms after the server answered its first command.
-fn idle_rss(dir: &Path, ours_state: &Path, port: u16, pin: bool, starts: usize) -> anyhow::Result<Vec<u64>> {
+fn idle_rss(dir: &Path, port: u16, pin: bool, starts: usize) -> anyhow::Result<Vec<u64>> {
     let mut readings: Vec<Vec<u64>> = (0..3).map(|_| Vec::with_capacity(starts)).collect();
     for i in 0..starts {
-        let p = port + 6 * i as u16;
-        let servers = [
-            spawn("swtpm", "swtpm", &dir.join("swtpm"), p, pin)?,
-            spawn("vtpm socket", env!("CARGO_BIN_EXE_vtpm"), ours_state, p + 2, pin)?,
-            spawn("xvtpm-swtpm", env!("CARGO_BIN_EXE_xvtpm-swtpm"), &dir.join("dropin"), p + 4, pin)?,
-        ];
+        let servers = spawn_all(dir, port + 6 * i as u16, pin)?;
         std::thread::sleep(Duration::from_millis(300));
         for (r, s) in readings.iter_mut().zip(&servers) {
             r.push(rss_kib(s.child.id()));
@@ -202,16 +208,10 @@ fn main() -> anyhow::Result<()> {
         pin_self(0)?;
     }
     let base = 30000 + (std::process::id() % 10000) as u16 * 2;
-    // Ours: create the state first (our socket mode never creates a TPM on its own).
-    let ours_state = dir.join("ours");
-    let st = Command::new(env!("CARGO_BIN_EXE_vtpm")).arg("create").arg("--state-dir").arg(&ours_state).output()?;
+    let st =
+        Command::new(env!("CARGO_BIN_EXE_vtpm")).arg("create").arg("--state-dir").arg(dir.join("ours")).output()?;
     anyhow::ensure!(st.status.success(), "vtpm create: {}", String::from_utf8_lossy(&st.stderr));
-    // The drop-in creates its state itself, as swtpm does.
-    let servers = [
-        spawn("swtpm 0.7 (Debian)", "swtpm", &dir.join("swtpm"), base, pin)?,
-        spawn("vtpm socket", env!("CARGO_BIN_EXE_vtpm"), &ours_state, base + 2, pin)?,
-        spawn("xvtpm-swtpm", env!("CARGO_BIN_EXE_xvtpm-swtpm"), &dir.join("dropin"), base + 4, pin)?,
-    ];
+    let servers = spawn_all(&dir, base, pin)?;
     println!("TPM 2.0 over the TCP data channel, one connection each, TCP_NODELAY, {iters} iterations interleaved in blocks of 100 (CreatePrimary: {}), medians", iters / 20);
     if pin {
         println!("client on CPU 0, all servers on CPU 1");
@@ -262,7 +262,7 @@ fn main() -> anyhow::Result<()> {
     drop(clients);
     drop(servers);
     let starts: usize = std::env::var("RSS_STARTS").ok().and_then(|v| v.parse().ok()).unwrap_or(9).max(1);
-    let idle = idle_rss(&dir, &ours_state, base + 6, pin, starts)?;
+    let idle = idle_rss(&dir, base + 6, pin, starts)?;
     let ratio = |kib: u64| kib as f64 / idle[0].max(1) as f64;
     println!(
         "{:<34} {:>10} KiB {:>10} KiB {:>7.2}x {:>10} KiB {:>7.2}x",
