@@ -15,6 +15,8 @@ pub mod libtpms;
 pub mod linux_probe;
 #[allow(unsafe_code)]
 pub mod nowait;
+#[allow(unsafe_code)]
+pub mod poll;
 pub mod proxy;
 #[allow(unsafe_code)]
 pub mod signals;

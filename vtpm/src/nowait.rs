@@ -26,10 +26,7 @@ pub fn recv_nowait(sock: &impl AsRawFd, buf: &mut [u8]) -> io::Result<Option<usi
 /// `poll` checks readiness without taking the socket's lock, which a spinning `recv` would hold
 /// against the sender's delivery of the very bytes it waits for.
 fn readable_now(sock: &impl AsRawFd) -> bool {
-    let mut p = libc::pollfd { fd: sock.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-    // SAFETY: `p` is one valid pollfd for the duration of the call; a zero timeout never blocks.
-    let n = unsafe { libc::poll(&mut p, 1, 0) };
-    n > 0
+    matches!(crate::poll::readable(sock, Duration::ZERO), Ok(true))
 }
 
 /// Spins for up to `budget` until `sock` is readable; `false` when nothing came in time.

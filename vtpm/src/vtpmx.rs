@@ -74,30 +74,9 @@ pub fn create(vtpmx: &Path, version: TpmVersion) -> Result<ProxyDevice> {
     Ok(ProxyDevice { file, tpm_num: dev.tpm_num, major: dev.major, minor: dev.minor })
 }
 
-/// Whether `fd` has something to read within `timeout` (`Ok(false)`: nothing yet). A hang-up
-/// or error counts as readable: the read that follows reports it.
-fn readable(fd: &impl AsRawFd, timeout: Duration) -> io::Result<bool> {
-    let mut p = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-    // SAFETY: `p` is one valid pollfd for the duration of the call.
-    let n = unsafe { libc::poll(&mut p, 1, ms) };
-    match n {
-        n if n > 0 => Ok(true),
-        0 => Ok(false),
-        _ => {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                Ok(false)
-            } else {
-                Err(e)
-            }
-        }
-    }
-}
-
 impl ProxyChannel for File {
     fn recv_command(&mut self, buf: &mut [u8], wait: Duration) -> io::Result<Option<usize>> {
-        if !readable(self, wait)? {
+        if !crate::poll::readable(self, wait)? {
             return Ok(None);
         }
         match self.read(buf) {
@@ -121,7 +100,7 @@ impl ProxyChannel for File {
 
 impl ProxyChannel for std::os::unix::net::UnixDatagram {
     fn recv_command(&mut self, buf: &mut [u8], wait: Duration) -> io::Result<Option<usize>> {
-        if !readable(self, wait)? {
+        if !crate::poll::readable(self, wait)? {
             return Ok(None);
         }
         match self.recv(buf) {

@@ -2,7 +2,8 @@
 //! reads bounded by a deadline.
 
 use std::io::{self, Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -84,6 +85,13 @@ impl Stream {
         match self {
             Stream::Tcp(s) => crate::nowait::poll_recv(s, buf, budget),
             Stream::Unix(s) => crate::nowait::poll_recv(s, buf, budget),
+        }
+    }
+
+    pub(crate) fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Stream::Tcp(s) => s.as_fd(),
+            Stream::Unix(s) => s.as_fd(),
         }
     }
 
@@ -186,11 +194,14 @@ impl Listener {
             Endpoint::Tcp(addr) => {
                 // std sets SO_REUSEADDR, as swtpm does.
                 let l = TcpListener::bind(addr).map_err(|e| Error::io(format!("listen on tcp {addr}"), e))?;
+                // The server accepts only after poll; a client gone by then must not block it.
+                l.set_nonblocking(true).map_err(|e| Error::io(format!("listen on tcp {addr}"), e))?;
                 Ok(Listener::Tcp(l))
             }
             Endpoint::Unix { path, mode, uid, gid } => {
                 prepare_unix_path(path)?;
                 let l = UnixListener::bind(path).map_err(|e| Error::io(format!("listen on {}", path.display()), e))?;
+                l.set_nonblocking(true).map_err(|e| Error::io(format!("listen on {}", path.display()), e))?;
                 if let Some(mode) = mode {
                     std::fs::set_permissions(path, std::fs::Permissions::from_mode(*mode))
                         .map_err(|e| Error::io(format!("chmod {:o} {}", mode, path.display()), e))?;
@@ -201,6 +212,13 @@ impl Listener {
                 }
                 Ok(Listener::Unix(l, path.clone()))
             }
+        }
+    }
+
+    pub(crate) fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Listener::Tcp(l) => l.as_fd(),
+            Listener::Unix(l, _) => l.as_fd(),
         }
     }
 
@@ -215,7 +233,8 @@ impl Listener {
         }
     }
 
-    /// Accepts a client; TCP clients get TCP_NODELAY (requests and answers are small and
+    /// Accepts a client without waiting (`WouldBlock` when none is there); the stream blocks.
+    /// TCP clients get TCP_NODELAY (requests and answers are small and
     /// strictly alternate). Returns the stream and a name for the peer in logs.
     pub(crate) fn accept(&self) -> io::Result<(Stream, String)> {
         match self {
@@ -230,23 +249,6 @@ impl Listener {
                 let (s, _) = l.accept()?;
                 Ok((Stream::Unix(s), format!("unix:{}", path.display())))
             }
-        }
-    }
-
-    /// Unblocks a thread sitting in `accept` by connecting to ourselves.
-    pub(crate) fn wake(&self) -> bool {
-        match self {
-            Listener::Tcp(l) => {
-                let Ok(mut a) = l.local_addr() else { return false };
-                if a.ip().is_unspecified() {
-                    a.set_ip(match a.ip() {
-                        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
-                        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
-                    });
-                }
-                TcpStream::connect_timeout(&a, Duration::from_secs(1)).is_ok()
-            }
-            Listener::Unix(_, path) => UnixStream::connect(path).is_ok(),
         }
     }
 

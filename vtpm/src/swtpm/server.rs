@@ -1,18 +1,19 @@
 //! swtpm's socket server over any [`TpmEngine`]: a data channel carrying TPM commands and a
 //! control channel carrying the commands of `tpm_ioctl.h`, with swtpm 0.7.1's semantics.
 //!
-//! Threads: one serves data connections (one at a time, like swtpm: the next client waits
-//! until the current one disconnects), one accepts data connections, one accepts and serves
-//! control connections (also one at a time). The engine sits behind a mutex; CANCEL_TPM_CMD
-//! uses the engine's canceller so it works while a data command holds the mutex.
+//! Two threads. The data thread serves data connections, one at a time like swtpm: the next
+//! client waits until the current one disconnects. The thread that calls [`SwtpmServer::run`]
+//! waits in one `poll` on both listeners and the control connection: it accepts data
+//! connections for the data thread (one waits at a time, the rest stay in the listen queue)
+//! and serves control connections (also one at a time). The engine sits behind a mutex;
+//! CANCEL_TPM_CMD uses the engine's canceller so it works while a data command holds it.
 
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::net::Shutdown;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, TryLockError};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::blob;
@@ -223,7 +224,7 @@ struct Handoff {
 }
 
 /// What the threads and a [`Stopper`] share, apart from the engine.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Control {
     terminating: AtomicBool,
     handoff: Mutex<Handoff>,
@@ -231,11 +232,29 @@ struct Control {
     /// Clones of the connections being served, to unblock their threads on termination.
     active_data: Mutex<Option<Stream>>,
     active_ctrl: Mutex<Option<Stream>>,
-    done: Mutex<bool>,
-    done_cv: Condvar,
+    /// A byte on `wake_tx` ends the main loop's `poll` so that it looks at the handoff and the
+    /// termination flag again; `wake_rx` is the end it polls (non-blocking).
+    wake_tx: UnixStream,
+    wake_rx: UnixStream,
 }
 
 impl Control {
+    fn new() -> Result<Self> {
+        let (wake_tx, wake_rx) = UnixStream::pair().map_err(|e| Error::io("make the server's wake-up socket", e))?;
+        for s in [&wake_tx, &wake_rx] {
+            s.set_nonblocking(true).map_err(|e| Error::io("make the server's wake-up socket", e))?;
+        }
+        Ok(Self {
+            terminating: AtomicBool::new(false),
+            handoff: Mutex::new(Handoff::default()),
+            handoff_cv: Condvar::new(),
+            active_data: Mutex::new(None),
+            active_ctrl: Mutex::new(None),
+            wake_tx,
+            wake_rx,
+        })
+    }
+
     fn terminating(&self) -> bool {
         self.terminating.load(Ordering::SeqCst)
     }
@@ -249,8 +268,19 @@ impl Control {
                 s.shutdown(Shutdown::Both);
             }
         }
-        *lock(&self.done) = true;
-        self.done_cv.notify_all();
+        self.wake();
+    }
+
+    /// Makes the main loop look again. A full socket already holds a wake-up, so a failed
+    /// write loses nothing.
+    fn wake(&self) {
+        let _ = (&self.wake_tx).write(&[1]);
+    }
+
+    /// Empties the wake-up socket after the main loop woke.
+    fn drain_wakes(&self) {
+        let mut buf = [0u8; 64];
+        while matches!((&self.wake_rx).read(&mut buf), Ok(n) if n > 0) {}
     }
 
     /// Remembers a connection being served; false if the server is already ending.
@@ -633,13 +663,13 @@ impl Shared {
                     h = self.ctl.handoff_cv.wait(h).unwrap_or_else(PoisonError::into_inner);
                 }
             };
-            self.ctl.handoff_cv.notify_all();
+            // The main loop accepts the next data client only while none waits.
+            self.ctl.wake();
             if self.ctl.track(&self.ctl.active_data, &conn.stream) {
                 self.serve_data(conn);
             }
             *lock(&self.ctl.active_data) = None;
             lock(&self.ctl.handoff).active = false;
-            self.ctl.handoff_cv.notify_all();
             if self.cfg.terminate_on_data_disconnect && !self.ctl.terminating() {
                 log::info!("data connection lost; terminating (--terminate)");
                 self.terminate_tpm();
@@ -648,40 +678,31 @@ impl Shared {
         }
     }
 
-    /// The next connection on `listener`; `None` once the server is ending. Accept errors
-    /// (e.g. out of descriptors) are logged and retried after a pause.
-    fn accept_next(&self, listener: &Listener, what: &str) -> Option<(Stream, String)> {
-        loop {
-            let accepted = listener.accept();
-            if self.ctl.terminating() {
-                return None;
-            }
-            match accepted {
-                Ok(a) => return Some(a),
-                Err(e) => {
-                    log::warn!("accepting a {what} connection failed: {e}");
-                    std::thread::sleep(Duration::from_millis(100));
-                }
+    /// A connection from a listener that `poll` found readable. `None` when the client went
+    /// away first (the listener does not block) or accepting failed; a failure (say, out of
+    /// descriptors) is logged and followed by a pause, since the listener stays readable.
+    fn accept_one(&self, listener: &Listener, what: &str) -> Option<(Stream, String)> {
+        match listener.accept() {
+            Ok(a) => Some(a),
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => None,
+            Err(e) => {
+                log::warn!("accepting a {what} connection failed: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+                None
             }
         }
     }
 
-    fn accept_data_loop(&self, listener: &Listener) {
-        while let Some((stream, peer)) = self.accept_next(listener, "data") {
-            let mut h = lock(&self.ctl.handoff);
-            while h.accepted.is_some() && !self.ctl.terminating() {
-                h = self.ctl.handoff_cv.wait(h).unwrap_or_else(PoisonError::into_inner);
-            }
-            if self.ctl.terminating() {
-                return;
-            }
-            if h.active || h.datafd.is_some() {
-                log::info!("data client {peer} waits until the current client disconnects");
-            }
-            h.accepted = Some(DataConn { stream, peer, keep: !self.cfg.disconnect });
-            drop(h);
-            self.ctl.handoff_cv.notify_all();
+    /// Gives an accepted data connection to the data thread (the main loop accepts only while
+    /// no connection waits for it).
+    fn hand_over(&self, stream: Stream, peer: String) {
+        let mut h = lock(&self.ctl.handoff);
+        if h.active || h.datafd.is_some() {
+            log::info!("data client {peer} waits until the current client disconnects");
         }
+        h.accepted = Some(DataConn { stream, peer, keep: !self.cfg.disconnect });
+        drop(h);
+        self.ctl.handoff_cv.notify_all();
     }
 
     /// `not-need-init` and `startup-*`: power on (and start up) before serving.
@@ -1103,62 +1124,122 @@ impl Shared {
         Self::reply_rc(rc::TPM_SUCCESS)
     }
 
-    /// Serves one control connection; true if the server is to end.
-    fn serve_ctrl(&self, mut s: Stream, peer: &str) -> bool {
-        log::debug!("control client {peer} connected");
-        loop {
-            let (code, body, fd) = match self.recv_ctrl(&mut s) {
-                Ok(Some(m)) => m,
-                Ok(None) => {
-                    log::debug!("control client {peer} disconnected");
-                    return false;
-                }
-                Err(why) => {
-                    if !self.ctl.terminating() {
-                        log::warn!("control client {peer}: {why}; closing the connection");
-                    }
-                    return false;
-                }
-            };
-            let (reply, then) = match self.handle_ctrl(&mut s, peer, code, &body, fd) {
-                CtrlOutcome::Reply(r) => (Some(r), None),
-                CtrlOutcome::ReplyAndClose(r) => (Some(r), Some(false)),
-                CtrlOutcome::Close => (None, Some(false)),
-                CtrlOutcome::ReplyAndTerminate(r) => (Some(r), Some(true)),
-            };
-            if let Some(r) = reply {
-                if let Err(e) = s.write_all(&r) {
-                    log::warn!("control client {peer}: cannot send the response: {e}");
-                    return then.unwrap_or(false);
-                }
+    /// Reads and answers one message of the control connection `s`.
+    fn ctrl_message(&self, s: &mut Stream, peer: &str) -> CtrlStep {
+        let (code, body, fd) = match self.recv_ctrl(s) {
+            Ok(Some(m)) => m,
+            Ok(None) => {
+                log::debug!("control client {peer} disconnected");
+                return CtrlStep::Closed;
             }
-            match then {
-                None => continue,
-                Some(true) => return true,
-                Some(false) => {
-                    log::warn!("control client {peer}: dropping the connection");
-                    s.close_gracefully();
-                    return false;
+            Err(why) => {
+                if !self.ctl.terminating() {
+                    log::warn!("control client {peer}: {why}; closing the connection");
                 }
+                return CtrlStep::Closed;
+            }
+        };
+        let (reply, then) = match self.handle_ctrl(s, peer, code, &body, fd) {
+            CtrlOutcome::Reply(r) => (Some(r), CtrlStep::Open),
+            CtrlOutcome::ReplyAndClose(r) => (Some(r), CtrlStep::Drop),
+            CtrlOutcome::Close => (None, CtrlStep::Drop),
+            CtrlOutcome::ReplyAndTerminate(r) => (Some(r), CtrlStep::End),
+        };
+        if let Some(r) = reply {
+            if let Err(e) = s.write_all(&r) {
+                log::warn!("control client {peer}: cannot send the response: {e}");
+                return match then {
+                    CtrlStep::End => CtrlStep::End,
+                    _ => CtrlStep::Closed,
+                };
             }
         }
+        then
     }
 
-    fn ctrl_loop(&self, listener: &Listener) {
-        while let Some((stream, peer)) = self.accept_next(listener, "control") {
-            let end = self.ctl.track(&self.ctl.active_ctrl, &stream) && self.serve_ctrl(stream, &peer);
-            *lock(&self.ctl.active_ctrl) = None;
-            if end || self.ctl.terminating() {
-                self.terminate_tpm();
-                return;
+    /// The main loop: accepts data connections for the data thread and control connections,
+    /// and serves the control connection, until the server is to end.
+    fn main_loop(&self, data: Option<&Listener>, ctrl: Option<&Listener>) {
+        let mut ctrl_conn: Option<(Stream, String)> = None;
+        while !self.ctl.terminating() {
+            // Accept a data client only while none waits for the data thread.
+            let data = data.filter(|_| lock(&self.ctl.handoff).accepted.is_none());
+            let ctrl_fd = match &ctrl_conn {
+                Some((s, _)) => Some(s.as_fd()),
+                None => ctrl.map(Listener::as_fd),
+            };
+            let fds: Vec<_> =
+                [Some(self.ctl.wake_rx.as_fd()), data.map(Listener::as_fd), ctrl_fd].into_iter().flatten().collect();
+            let ready = match crate::poll::wait_any(&fds) {
+                Ok(r) => r,
+                Err(e) => {
+                    log::error!("waiting for clients failed: {e}; terminating");
+                    break;
+                }
+            };
+            let mut ready = ready.into_iter();
+            if ready.next() == Some(true) {
+                self.ctl.drain_wakes();
             }
-            if self.cfg.terminate_on_ctrl_disconnect {
-                log::info!("control connection lost; terminating (--ctrl ...,terminate)");
-                self.terminate_tpm();
-                return;
+            if let Some(l) = data {
+                if ready.next() == Some(true) {
+                    if let Some((stream, peer)) = self.accept_one(l, "data") {
+                        self.hand_over(stream, peer);
+                    }
+                }
+            }
+            if ctrl_fd.is_none() || ready.next() != Some(true) || self.ctl.terminating() {
+                continue;
+            }
+            match ctrl_conn.take() {
+                None => {
+                    let Some(l) = ctrl else { continue };
+                    if let Some((stream, peer)) = self.accept_one(l, "control") {
+                        log::debug!("control client {peer} connected");
+                        if self.ctl.track(&self.ctl.active_ctrl, &stream) {
+                            ctrl_conn = Some((stream, peer));
+                        }
+                    }
+                }
+                Some((mut stream, peer)) => {
+                    let step = self.ctrl_message(&mut stream, &peer);
+                    if let CtrlStep::Open = step {
+                        ctrl_conn = Some((stream, peer));
+                        continue;
+                    }
+                    *lock(&self.ctl.active_ctrl) = None;
+                    match step {
+                        CtrlStep::End => break,
+                        CtrlStep::Drop => {
+                            log::warn!("control client {peer}: dropping the connection");
+                            stream.close_gracefully();
+                        }
+                        CtrlStep::Open | CtrlStep::Closed => drop(stream),
+                    }
+                    if self.cfg.terminate_on_ctrl_disconnect && !self.ctl.terminating() {
+                        log::info!("control connection lost; terminating (--ctrl ...,terminate)");
+                        break;
+                    }
+                }
             }
         }
+        if ctrl_conn.is_some() {
+            *lock(&self.ctl.active_ctrl) = None;
+        }
+        self.terminate_tpm();
     }
+}
+
+/// What became of the control connection after a message.
+enum CtrlStep {
+    /// Keep serving it.
+    Open,
+    /// The client closed it, or it broke.
+    Closed,
+    /// Close it gracefully (the stream is out of sync).
+    Drop,
+    /// The server is to end (CMD_SHUTDOWN).
+    End,
 }
 
 /// A response as sent on the data channel: with the TCG prefix's framing (length before,
@@ -1178,8 +1259,8 @@ fn frame_response(resp: &[u8], prefixed: bool) -> Vec<u8> {
 /// the sockets), then [`SwtpmServer::run`] until CMD_SHUTDOWN.
 pub struct SwtpmServer {
     shared: Arc<Shared>,
-    data: Option<(Arc<Listener>, Endpoint)>,
-    ctrl: Option<(Arc<Listener>, Endpoint)>,
+    data: Option<(Listener, Endpoint)>,
+    ctrl: Option<(Listener, Endpoint)>,
 }
 
 impl std::fmt::Debug for SwtpmServer {
@@ -1204,11 +1285,11 @@ impl SwtpmServer {
         if let Some(st) = config.startup {
             startup_command(version, st)?;
         }
-        let bind = |ep: &Option<Endpoint>| -> Result<Option<(Arc<Listener>, Endpoint)>> {
+        let bind = |ep: &Option<Endpoint>| -> Result<Option<(Listener, Endpoint)>> {
             let Some(ep) = ep else { return Ok(None) };
             let l = Listener::bind(ep)?;
             let bound = l.endpoint(ep);
-            Ok(Some((Arc::new(l), bound)))
+            Ok(Some((l, bound)))
         };
         let data = bind(&config.data)?;
         let ctrl = bind(&config.ctrl)?;
@@ -1222,7 +1303,7 @@ impl SwtpmServer {
             version,
             locality: AtomicU8::new(0),
             buffer_size: AtomicU32::new(DEFAULT_BUFFER_SIZE),
-            ctl: Arc::new(Control::default()),
+            ctl: Arc::new(Control::new()?),
             cfg: config,
         });
         Ok(Self { shared, data, ctrl })
@@ -1253,39 +1334,19 @@ impl SwtpmServer {
             }
             return Err(e);
         }
-        let mut threads: Vec<(JoinHandle<()>, Option<Arc<Listener>>)> = Vec::new();
-        let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
-            std::thread::Builder::new().name(name.into()).spawn(f).map_err(|e| Error::io("spawn a server thread", e))
-        };
         let s = shared.clone();
-        threads.push((spawn("swtpm-data", Box::new(move || s.data_loop()))?, None));
-        if let Some((l, ep)) = &self.data {
-            log::info!("data channel listening on {ep}");
-            let (s, l2) = (shared.clone(), l.clone());
-            threads.push((spawn("swtpm-data-accept", Box::new(move || s.accept_data_loop(&l2)))?, Some(l.clone())));
-        }
-        if let Some((l, ep)) = &self.ctrl {
-            log::info!("control channel listening on {ep}");
-            let (s, l2) = (shared.clone(), l.clone());
-            threads.push((spawn("swtpm-ctrl", Box::new(move || s.ctrl_loop(&l2)))?, Some(l.clone())));
-        }
-        {
-            let mut done = lock(&shared.ctl.done);
-            while !*done {
-                done = shared.ctl.done_cv.wait(done).unwrap_or_else(PoisonError::into_inner);
+        let data_thread = std::thread::Builder::new()
+            .name("swtpm-data".into())
+            .spawn(move || s.data_loop())
+            .map_err(|e| Error::io("spawn the data thread", e))?;
+        for (what, ch) in [("data", &self.data), ("control", &self.ctrl)] {
+            if let Some((_, ep)) = ch {
+                log::info!("{what} channel listening on {ep}");
             }
         }
-        shared.ctl.terminate();
-        for (t, listener) in threads {
-            if let Some(l) = &listener {
-                if !l.wake() && !t.is_finished() {
-                    log::warn!("could not wake a listener thread; leaving it behind");
-                    continue;
-                }
-            }
-            if t.join().is_err() {
-                log::error!("a server thread panicked");
-            }
+        shared.main_loop(self.data.as_ref().map(|d| &d.0), self.ctrl.as_ref().map(|c| &c.0));
+        if data_thread.join().is_err() {
+            log::error!("the data thread panicked");
         }
         shared.engine().shutdown();
         for (l, _) in self.data.iter().chain(self.ctrl.iter()) {

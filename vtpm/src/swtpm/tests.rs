@@ -613,6 +613,45 @@ fn bad_clients_are_logged_and_the_next_is_served() {
     assert!(h.st().running, "the engine is intact");
 }
 
+/// The server's one loop (listeners and the control connection in one `poll`): with a control
+/// client connected and idle, as QEMU keeps it, data clients still get in; the ones that come
+/// while a client is served wait their turn and are served in order; a second control client
+/// waits for the first.
+#[test]
+fn control_and_waiting_data_clients_are_served_by_one_loop() {
+    let mut cfg = tcp_config();
+    cfg.not_need_init = true;
+    let h = Harness::start(cfg, V2);
+    let getrandom = command(0x17b, &[0, 8]);
+    let mut c1 = h.ctrl();
+    let mut d1 = h.data();
+    assert_eq!(tpm(&mut d1, &getrandom), echo(V2, 0, &getrandom));
+    // One waits for the data thread, the other in the listen queue.
+    let waiting: Vec<Client> = (0..2)
+        .map(|_| {
+            let mut d = h.data();
+            d.write_all(&getrandom).expect("send");
+            d
+        })
+        .collect();
+    assert_eq!(ctrl_cmd(&mut c1, CtrlCmd::GetCapability, &[], 8).len(), 8, "control answers meanwhile");
+    let TcpAddr(ctrl_addr) = tcp_addr(h.ctrl.as_ref());
+    let mut c2 = TcpStream::connect(ctrl_addr).expect("connect");
+    c2.write_all(&ctrl::encode_request(CtrlCmd::GetCapability.code(), &[])).expect("send");
+    c2.set_read_timeout(Some(Duration::from_millis(300))).expect("timeout");
+    let mut b = [0u8; 8];
+    assert!(c2.read(&mut b).is_err(), "the second control client waits for the first");
+    drop(c1);
+    c2.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    c2.read_exact(&mut b).expect("the second control client is answered once the first left");
+    assert_eq!(tpm(&mut d1, &getrandom), echo(V2, 0, &getrandom), "the first data client is still served");
+    drop(d1);
+    for mut d in waiting {
+        assert_eq!(read_tpm(&mut d), echo(V2, 0, &getrandom), "served in turn");
+    }
+    assert_eq!(h.st().commands.len(), 4);
+}
+
 struct TcpAddr(SocketAddr);
 
 fn tcp_addr(ep: Option<&Endpoint>) -> TcpAddr {
