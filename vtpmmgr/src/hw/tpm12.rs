@@ -28,6 +28,14 @@ const RC_NO_ENDORSEMENT: u32 = 0x23;
 const RC_WRONGPCRVAL: u32 = 0x18;
 /// TPM_BAD_LOCALITY.
 const RC_BAD_LOCALITY: u32 = 0x3D;
+/// TPM_RESOURCES: no room for another authorization session.
+const RC_RESOURCES: u32 = 0x15;
+/// TPM_NOSPACE: no room to load another key.
+const RC_NOSPACE: u32 = 0x11;
+/// Resource types (TPM_RESOURCE_TYPE) for TPM_GetCapability(TPM_CAP_HANDLE) and
+/// TPM_FlushSpecific.
+const RT_KEY: u32 = 1;
+const RT_AUTH: u32 = 2;
 
 /// An authorization session.
 struct Session {
@@ -76,6 +84,9 @@ pub struct Tpm12<'a> {
     locality: u8,
     /// Commands sent so far.
     pub commands: u64,
+    /// Sessions and keys this instance made (sessions end with the command they authorize;
+    /// keeping those listed only spares them a flush).
+    live: Vec<u32>,
 }
 
 impl std::fmt::Debug for Tpm12<'_> {
@@ -101,7 +112,7 @@ impl<'b> Body<'b> {
 impl<'a> Tpm12<'a> {
     /// Uses `tpm` at `locality`.
     pub fn new(tpm: &'a mut dyn HwTpm, locality: u8) -> Self {
-        Self { tpm, locality, commands: 0 }
+        Self { tpm, locality, commands: 0, live: Vec::new() }
     }
 
     fn send(&mut self, what: &str, tag: u16, ordinal: u32, body: &[u8]) -> Result<Vec<u8>> {
@@ -123,9 +134,48 @@ impl<'a> Tpm12<'a> {
         Ok(self.send(what, RQU, ordinal, body)?[10..].to_vec())
     }
 
+    /// The handles of the resources of type `rt` the TPM holds (TPM_GetCapability,
+    /// TPM_CAP_HANDLE: a TPM_KEY_HANDLE_LIST).
+    fn held(&mut self, rt: u32) -> Result<Vec<u32>> {
+        let body: Vec<u8> = [0x14u32, 4, rt].iter().flat_map(|v| v.to_be_bytes()).collect();
+        let r = self.plain("GetCapability(TPM_CAP_HANDLE)", 0x65, &body)?;
+        let n = r
+            .get(4..6)
+            .map(|b| u16::from_be_bytes([b[0], b[1]]))
+            .ok_or_else(|| Error::Tpm("short handle list".into()))?;
+        (0..n as usize).map(|i| be32(&r, 6 + 4 * i)).collect()
+    }
+
+    /// Runs `f`; when the TPM has no room for another resource of type `rt`, flushes those it
+    /// holds that this instance did not make and runs `f` once more. A TPM 1.2 keeps sessions
+    /// and loaded keys until they are used up or flushed, so each manager killed in the middle
+    /// of a command leaves one behind, and after a few such kills (3 slots on some chips) the
+    /// manager could not start again. It owns the TPM and runs one operation at a time, so
+    /// nobody else's are there.
+    fn with_room<T>(&mut self, rt: u32, f: impl Fn(&mut Self) -> Result<T>) -> Result<T> {
+        match f(self) {
+            Err(Error::TpmRc { rc: RC_RESOURCES | RC_NOSPACE, what }) => {
+                let mut held = self.held(rt)?;
+                held.retain(|h| !self.live.contains(h));
+                let kind = if rt == RT_AUTH { "authorization sessions" } else { "loaded keys" };
+                log::warn!(
+                    "{what}: the TPM is full; flushing the {} {kind} it holds (left by a manager that was killed?)",
+                    held.len()
+                );
+                for h in held {
+                    let body: Vec<u8> = [h, rt].iter().flat_map(|v| v.to_be_bytes()).collect();
+                    self.plain("FlushSpecific", 0xBA, &body)?;
+                }
+                f(self)
+            }
+            r => r,
+        }
+    }
+
     fn oiap(&mut self) -> Result<Session> {
-        let r = self.plain("OIAP", 0x0A, &[])?;
+        let r = self.with_room(RT_AUTH, |t| t.plain("OIAP", 0x0A, &[]))?;
         let mut s = Session { handle: be32(&r, 0)?, nonce_even: [0; 20] };
+        self.live.push(s.handle);
         s.nonce_even.copy_from_slice(r.get(4..24).ok_or_else(|| Error::Tpm("short OIAP".into()))?);
         Ok(s)
     }
@@ -135,8 +185,9 @@ impl<'a> Tpm12<'a> {
     fn osap(&mut self, et: u16, value: u32, secret: &[u8; 20]) -> Result<(Session, [u8; 20])> {
         let odd = nonce();
         let body = [&et.to_be_bytes()[..], &value.to_be_bytes(), &odd].concat();
-        let r = self.plain("OSAP", 0x0B, &body)?;
+        let r = self.with_room(RT_AUTH, |t| t.plain("OSAP", 0x0B, &body))?;
         let mut s = Session { handle: be32(&r, 0)?, nonce_even: [0; 20] };
+        self.live.push(s.handle);
         s.nonce_even.copy_from_slice(r.get(4..24).ok_or_else(|| Error::Tpm("short OSAP".into()))?);
         let even_osap = r.get(24..44).ok_or_else(|| Error::Tpm("short OSAP".into()))?;
         Ok((s, hmac(secret, &[even_osap, &odd])))
@@ -324,15 +375,20 @@ impl<'a> Tpm12<'a> {
 
     /// Loads a wrapped key under the SRK; its handle (flush it with [`Tpm12::flush_key`]).
     pub fn load_key(&mut self, srk: &[u8; 20], wrapped: &[u8]) -> Result<u32> {
-        let s = self.oiap()?;
-        let body = Body { out_handles: 1, ..Body::new(&[KH_SRK], wrapped) };
-        let r = self.authorized("LoadKey2", 0x41, body, &[(&s, srk)])?;
-        be32(&r, 0)
+        self.with_room(RT_KEY, |t| {
+            let s = t.oiap()?;
+            let body = Body { out_handles: 1, ..Body::new(&[KH_SRK], wrapped) };
+            let r = t.authorized("LoadKey2", 0x41, body, &[(&s, srk)])?;
+            let h = be32(&r, 0)?;
+            t.live.push(h);
+            Ok(h)
+        })
     }
 
     /// Unloads a key (TPM_FlushSpecific).
     pub fn flush_key(&mut self, handle: u32) -> Result<()> {
-        self.plain("FlushSpecific", 0xBA, &[&handle.to_be_bytes()[..], &1u32.to_be_bytes()].concat()).map(drop)
+        self.live.retain(|&h| h != handle);
+        self.plain("FlushSpecific", 0xBA, &[handle.to_be_bytes(), RT_KEY.to_be_bytes()].concat()).map(drop)
     }
 
     /// TPM_Quote of `pcrs` with the loaded key `handle` over `external`: the

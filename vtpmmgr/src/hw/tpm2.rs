@@ -23,6 +23,14 @@ const ALG_NULL: u16 = 0x0010;
 const RC_POLICY_FAIL: u32 = 0x01D;
 /// TPM_RC_PCR_CHANGED.
 const RC_PCR_CHANGED: u32 = 0x128;
+/// TPM_RC_OBJECT_MEMORY and TPM_RC_OBJECT_HANDLES: no room for another transient object.
+const RC_OBJECT_FULL: [u32; 2] = [0x902, 0x906];
+/// TPM_RC_SESSION_MEMORY and TPM_RC_SESSION_HANDLES: no room for another session.
+const RC_SESSION_FULL: [u32; 2] = [0x903, 0x905];
+/// First handles of transient objects, HMAC sessions and policy sessions.
+const HR_TRANSIENT: u32 = 0x8000_0000;
+const HR_HMAC_SESSION: u32 = 0x0200_0000;
+const HR_POLICY_SESSION: u32 = 0x0300_0000;
 
 /// A TPM 2.0 command under construction.
 struct Cmd {
@@ -133,6 +141,9 @@ pub struct Tpm2<'a> {
     locality: u8,
     /// Commands sent so far (the benchmark reports them).
     pub commands: u64,
+    /// Objects and sessions this instance made and has not flushed (some sessions end with
+    /// their command; keeping those listed only spares them a flush).
+    live: Vec<u32>,
 }
 
 impl std::fmt::Debug for Tpm2<'_> {
@@ -144,21 +155,82 @@ impl std::fmt::Debug for Tpm2<'_> {
 impl<'a> Tpm2<'a> {
     /// Uses `tpm` at `locality`.
     pub fn new(tpm: &'a mut dyn HwTpm, locality: u8) -> Self {
-        Self { tpm, locality, commands: 0 }
+        Self { tpm, locality, commands: 0, live: Vec::new() }
     }
 
-    /// Sends `cmd`; the response after its header, or the TPM's code as an error.
-    fn run(&mut self, what: &str, cmd: Cmd) -> Result<Vec<u8>> {
+    /// One command; the whole response and its code.
+    fn transmit(&mut self, cmd: &[u8]) -> Result<(Vec<u8>, u32)> {
         self.commands += 1;
-        let r = self.tpm.transmit(self.locality, &cmd.encode())?;
+        let r = self.tpm.transmit(self.locality, cmd)?;
         let rc = r.get(6..10).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]])).unwrap_or(u32::MAX);
+        Ok((r, rc))
+    }
+
+    /// Sends `cmd`; the response after its header, or the TPM's code as an error. When the
+    /// TPM has no room for another object or session, what it holds that this instance did
+    /// not make is flushed and the command sent once more: talking to the TPM directly (TIS,
+    /// swtpm; not /dev/tpmrm0, whose resource manager flushes behind each client), a manager
+    /// killed in the middle of an operation leaves its objects and sessions loaded, and the
+    /// manager owns the TPM and runs one operation at a time, so nobody else's are there.
+    fn run(&mut self, what: &str, cmd: Cmd) -> Result<Vec<u8>> {
+        let bytes = cmd.encode();
+        let (mut r, mut rc) = self.transmit(&bytes)?;
+        let full = if RC_OBJECT_FULL.contains(&rc) {
+            Some(&[HR_TRANSIENT][..])
+        } else if RC_SESSION_FULL.contains(&rc) {
+            Some(&[HR_HMAC_SESSION, HR_POLICY_SESSION][..])
+        } else {
+            None
+        };
+        if let Some(ranges) = full {
+            self.flush_leftovers(what, ranges, &cmd.handles)?;
+            (r, rc) = self.transmit(&bytes)?;
+        }
         if rc != 0 {
             return Err(Error::TpmRc { what: what.to_string(), rc });
+        }
+        // CreatePrimary, LoadExternal, Load and StartAuthSession return the new handle first.
+        if matches!(cmd.cc, 0x131 | 0x153 | 0x157 | 0x176) {
+            if let Ok(h) = (Rsp { b: &r, at: 10 }).u32() {
+                self.live.push(h);
+            }
         }
         Ok(r[10..].to_vec())
     }
 
+    /// Flushes the objects or sessions (handle ranges starting at `ranges`) that the TPM holds
+    /// and this instance did not make, except `keep`.
+    fn flush_leftovers(&mut self, what: &str, ranges: &[u32], keep: &[u32]) -> Result<()> {
+        let mut held = Vec::new();
+        for &first in ranges {
+            // TPM2_GetCapability(TPM_CAP_HANDLES, first, 64): moreData, capability, TPML_HANDLE.
+            let cmd = Cmd::new(0x17A).u32(1).u32(first).u32(64).encode();
+            let (r, rc) = self.transmit(&cmd)?;
+            if rc != 0 {
+                return Err(Error::TpmRc { what: "GetCapability(TPM_CAP_HANDLES)".into(), rc });
+            }
+            let mut p = Rsp { b: &r, at: 15 };
+            for _ in 0..p.u32()? {
+                held.push(p.u32()?);
+            }
+        }
+        held.retain(|h| !self.live.contains(h) && !keep.contains(h));
+        log::warn!(
+            "{what}: the TPM is full; flushing the {} objects or sessions it holds that this manager did not make \
+             (left by a manager that was killed?)",
+            held.len()
+        );
+        for h in held {
+            let (_, rc) = self.transmit(&Cmd::new(0x165).u32(h).encode())?;
+            if rc != 0 {
+                log::warn!("flushing left-over TPM handle {h:#x}: rc {rc:#x}");
+            }
+        }
+        Ok(())
+    }
+
     fn flush(&mut self, handle: u32) {
+        self.live.retain(|&h| h != handle);
         if let Err(e) = self.run("FlushContext", Cmd::new(0x165).u32(handle)) {
             log::warn!("flushing TPM handle {handle:#x}: {e}");
         }
