@@ -14,6 +14,8 @@ pub mod fdpass;
 pub mod libtpms;
 pub mod linux_probe;
 #[allow(unsafe_code)]
+pub mod malloc;
+#[allow(unsafe_code)]
 pub mod nowait;
 #[allow(unsafe_code)]
 pub mod poll;

@@ -189,6 +189,7 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
+    xvtpm_vtpm::malloc::one_arena();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
     match cli.command {
