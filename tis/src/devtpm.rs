@@ -76,6 +76,10 @@ impl<F: Read + Write> HwTpm for DevTpm<F> {
         self.family
     }
 
+    fn owns_tpm(&self) -> bool {
+        false
+    }
+
     fn describe(&self) -> String {
         format!("TPM {} through {}", self.family, self.label)
     }

@@ -29,6 +29,13 @@ pub trait HwTpm {
     fn family(&self) -> Family;
     /// One line for logs: what the TPM is and how it is reached.
     fn describe(&self) -> String;
+    /// Whether this connection is the TPM's only user, so that sessions and objects it did not
+    /// make are left over from an earlier run and may be flushed (the MMIO driver, swtpm). The
+    /// kernel's devices are shared: /dev/tpmrm0 flushes behind each client itself, and other
+    /// processes use /dev/tpm0.
+    fn owns_tpm(&self) -> bool {
+        true
+    }
 }
 
 impl<T: HwTpm + ?Sized> HwTpm for Box<T> {
@@ -40,5 +47,8 @@ impl<T: HwTpm + ?Sized> HwTpm for Box<T> {
     }
     fn describe(&self) -> String {
         (**self).describe()
+    }
+    fn owns_tpm(&self) -> bool {
+        (**self).owns_tpm()
     }
 }

@@ -25,6 +25,19 @@ fn fill(hw: &mut dyn HwTpm, cmd: &[u8]) -> u32 {
     panic!("the TPM took 1000 of them");
 }
 
+/// TPM2_StartAuthSession of an unbound, unsalted policy session.
+fn start_policy_session() -> Vec<u8> {
+    let mut c = vec![0x80, 0x01, 0, 0, 0, 0, 0, 0, 0x01, 0x76];
+    c.extend_from_slice(&0x4000_0007u32.to_be_bytes());
+    c.extend_from_slice(&0x4000_0007u32.to_be_bytes());
+    c.extend_from_slice(&[0, 16]);
+    c.extend_from_slice(&[0x5A; 16]);
+    c.extend_from_slice(&[0, 0, 0x01, 0x00, 0x10, 0x00, 0x0B]);
+    let n = c.len() as u32;
+    c[2..6].copy_from_slice(&n.to_be_bytes());
+    c
+}
+
 #[test]
 fn tpm12_leftover_sessions_and_keys_do_not_lock_the_manager_out() {
     let dir = common::tmpdir("leftovers-1.2");
@@ -57,15 +70,7 @@ fn tpm2_leftover_sessions_and_objects_do_not_lock_the_manager_out() {
     let mut hw = sw.connect();
     Tpm2::new(hw.as_mut(), 0).startup().expect("startup");
 
-    // TPM2_StartAuthSession (unbound, unsalted policy session) until TPM_RC_SESSION_MEMORY.
-    let mut start_session = vec![0x80, 0x01, 0, 0, 0, 0, 0, 0, 0x01, 0x76];
-    start_session.extend_from_slice(&0x4000_0007u32.to_be_bytes());
-    start_session.extend_from_slice(&0x4000_0007u32.to_be_bytes());
-    start_session.extend_from_slice(&[0, 16]);
-    start_session.extend_from_slice(&[0x5A; 16]);
-    start_session.extend_from_slice(&[0, 0, 0x01, 0x00, 0x10, 0x00, 0x0B]);
-    let n = start_session.len() as u32;
-    start_session[2..6].copy_from_slice(&n.to_be_bytes());
+    let start_session = start_policy_session();
     assert_eq!(fill(hw.as_mut(), &start_session), 0x903, "TPM_RC_SESSION_MEMORY once the sessions are used up");
     let policy = Tpm2::new(hw.as_mut(), 0).pcr_policy(&[0, 16]).expect("a policy with the session slots full");
     assert_eq!(policy.len(), 32);
@@ -81,5 +86,39 @@ fn tpm2_leftover_sessions_and_objects_do_not_lock_the_manager_out() {
     fill(hw.as_mut(), &xvtpm_tests::tpm2::create_primary_ecc_p256());
     let mut t = Tpm2::new(hw.as_mut(), 0);
     assert_eq!(t.unseal(&private, &public, &creation, &[0, 16]).expect("unseal with all slots full"), [0x42; 32]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A TPM reached through the kernel's device, which other processes share.
+struct Shared(Box<dyn HwTpm + Send>);
+
+impl HwTpm for Shared {
+    fn transmit(&mut self, locality: u8, command: &[u8]) -> xvtpm_tis::Result<Vec<u8>> {
+        self.0.transmit(locality, command)
+    }
+    fn family(&self) -> Family {
+        self.0.family()
+    }
+    fn describe(&self) -> String {
+        "shared".into()
+    }
+    fn owns_tpm(&self) -> bool {
+        false
+    }
+}
+
+/// On a TPM the manager shares (the kernel's /dev/tpm0 or /dev/tpmrm0), the sessions it did
+/// not make belong to other processes: a full TPM is an error, and nothing is flushed.
+#[test]
+fn a_shared_tpm_full_of_other_sessions_is_left_alone() {
+    let dir = common::tmpdir("leftovers-shared");
+    let sw = common::HwSwtpm::start_family(&dir, Family::Tpm20);
+    let mut hw = Shared(sw.connect());
+    Tpm2::new(&mut hw, 0).startup().expect("startup");
+    let start_session = start_policy_session();
+    assert_eq!(fill(&mut hw, &start_session), 0x903);
+    let e = Tpm2::new(&mut hw, 0).pcr_policy(&[0, 16]).expect_err("the TPM is full");
+    assert!(matches!(e, xvtpm_vtpmmgr::Error::TpmRc { rc: 0x903, .. }), "{e}");
+    assert_eq!(fill(&mut hw, &start_session), 0x903, "still full: nothing was flushed");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -72,6 +72,13 @@ impl Stream {
         }
     }
 
+    pub(crate) fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_write_timeout(t),
+            Stream::Unix(s) => s.set_write_timeout(t),
+        }
+    }
+
     pub(crate) fn shutdown(&self, how: Shutdown) {
         // Fails only when the peer is already gone, which is what we want anyway.
         let _ = match self {

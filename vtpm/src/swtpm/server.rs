@@ -394,10 +394,14 @@ impl std::fmt::Display for ReadError {
 
 /// Reads `total` more bytes of a transfer in chunks, each within `timeout`.
 fn read_chunks(s: &mut Stream, mut total: usize, timeout: Duration, mut f: impl FnMut(&[u8])) -> Result<(), ReadError> {
-    let mut buf = vec![0u8; total.min(64 << 10)];
+    const CHUNK: usize = 64 << 10;
+    let mut buf = vec![0u8; total.min(CHUNK)];
+    // `timeout` for each read, and for the whole transfer `timeout` per 64 KiB: a client that
+    // trickles bytes cannot hold the control connection (and the loop serving it) for long.
+    let end = Instant::now() + timeout.saturating_mul(1 + total.div_ceil(CHUNK) as u32);
     while total > 0 {
         let want = total.min(buf.len());
-        match read_until(s, &mut buf[..want], Some(Instant::now() + timeout)) {
+        match read_until(s, &mut buf[..want], Some((Instant::now() + timeout).min(end))) {
             Ok(0) => return Err(ReadError::Eof),
             Ok(n) => {
                 f(&buf[..n]);
@@ -1182,7 +1186,7 @@ impl Shared {
                 self.ctl.drain_wakes();
             }
             if let Some(l) = data {
-                if ready.next() == Some(true) {
+                if ready.next() == Some(true) && !self.ctl.terminating() {
                     if let Some((stream, peer)) = self.accept_one(l, "data") {
                         self.hand_over(stream, peer);
                     }
@@ -1196,8 +1200,14 @@ impl Shared {
                     let Some(l) = ctrl else { continue };
                     if let Some((stream, peer)) = self.accept_one(l, "control") {
                         log::debug!("control client {peer} connected");
+                        // A client that does not read its answers must not hold the loop.
+                        if let Err(e) = stream.set_write_timeout(Some(self.cfg.data_timeout)) {
+                            log::warn!("control client {peer}: {e}");
+                        }
                         if self.ctl.track(&self.ctl.active_ctrl, &stream) {
                             ctrl_conn = Some((stream, peer));
+                        } else {
+                            *lock(&self.ctl.active_ctrl) = None;
                         }
                     }
                 }
@@ -1227,6 +1237,10 @@ impl Shared {
             *lock(&self.ctl.active_ctrl) = None;
         }
         self.terminate_tpm();
+        // Clients that waited for the data thread, which is ending: close them now, not when
+        // the last Stopper goes.
+        let mut h = lock(&self.ctl.handoff);
+        drop((h.accepted.take(), h.datafd.take()));
     }
 }
 

@@ -652,6 +652,38 @@ fn control_and_waiting_data_clients_are_served_by_one_loop() {
     assert_eq!(h.st().commands.len(), 4);
 }
 
+/// A control client that trickles a long transfer (CMD_HASH_DATA declaring 100,000 bytes:
+/// the first message at once, then one byte every 150 ms) is cut off after the transfer's
+/// deadline (the data timeout per 64 KiB), so it cannot keep the server's loop from
+/// accepting data clients for long.
+#[test]
+fn a_trickling_control_client_is_cut_off() {
+    let h = Harness::start(tcp_config(), V2);
+    let mut c = h.ctrl();
+    let mut first = 100_000u32.to_be_bytes().to_vec();
+    first.resize(ctrl::CTRL_INPUT_SIZE - 4, 0);
+    c.write_all(&ctrl::encode_request(CtrlCmd::HashData.code(), &first)).expect("send");
+    let started = Instant::now();
+    let trickle = std::thread::spawn(move || {
+        let mut sent = 0;
+        while sent < 30 && c.write_all(&[0]).is_ok() {
+            sent += 1;
+            std::thread::sleep(Duration::from_millis(150));
+        }
+        c
+    });
+    // Meanwhile a data client gets in, once the transfer is cut off.
+    let mut d = h.data();
+    let getrandom = command(0x17b, &[0, 8]);
+    d.write_all(&getrandom).expect("send");
+    assert_eq!(read_tpm(&mut d).len(), 10, "answered (the TPM is off: an error response)");
+    assert!(started.elapsed() < Duration::from_secs(3), "the data client waited {:?}", started.elapsed());
+    let mut c = trickle.join().expect("trickler");
+    let mut rest = Vec::new();
+    let _ = c.read_to_end(&mut rest);
+    assert!(rest.len() <= 4, "at most a result code, then the connection closes: {rest:02x?}");
+}
+
 struct TcpAddr(SocketAddr);
 
 fn tcp_addr(ep: Option<&Endpoint>) -> TcpAddr {

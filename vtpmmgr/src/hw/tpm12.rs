@@ -150,11 +150,13 @@ impl<'a> Tpm12<'a> {
     /// holds that this instance did not make and runs `f` once more. A TPM 1.2 keeps sessions
     /// and loaded keys until they are used up or flushed, so each manager killed in the middle
     /// of a command leaves one behind, and after a few such kills (3 slots on some chips) the
-    /// manager could not start again. It owns the TPM and runs one operation at a time, so
-    /// nobody else's are there.
+    /// manager could not start again. Only on a TPM the manager owns ([`HwTpm::owns_tpm`]) and
+    /// runs one operation at a time on, where nobody else's are there.
     fn with_room<T>(&mut self, rt: u32, f: impl Fn(&mut Self) -> Result<T>) -> Result<T> {
+        // The code each kind of resource runs out with.
+        let full = if rt == RT_AUTH { RC_RESOURCES } else { RC_NOSPACE };
         match f(self) {
-            Err(Error::TpmRc { rc: RC_RESOURCES | RC_NOSPACE, what }) => {
+            Err(Error::TpmRc { rc, what }) if rc == full && self.tpm.owns_tpm() => {
                 let mut held = self.held(rt)?;
                 held.retain(|h| !self.live.contains(h));
                 let kind = if rt == RT_AUTH { "authorization sessions" } else { "loaded keys" };
@@ -163,8 +165,11 @@ impl<'a> Tpm12<'a> {
                     held.len()
                 );
                 for h in held {
+                    // One that cannot go (an owner-evict key) must not keep the rest.
                     let body: Vec<u8> = [h, rt].iter().flat_map(|v| v.to_be_bytes()).collect();
-                    self.plain("FlushSpecific", 0xBA, &body)?;
+                    if let Err(e) = self.plain("FlushSpecific", 0xBA, &body) {
+                        log::warn!("flushing left-over TPM handle {h:#x}: {e}");
+                    }
                 }
                 f(self)
             }

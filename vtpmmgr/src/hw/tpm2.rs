@@ -169,9 +169,9 @@ impl<'a> Tpm2<'a> {
     /// Sends `cmd`; the response after its header, or the TPM's code as an error. When the
     /// TPM has no room for another object or session, what it holds that this instance did
     /// not make is flushed and the command sent once more: talking to the TPM directly (TIS,
-    /// swtpm; not /dev/tpmrm0, whose resource manager flushes behind each client), a manager
-    /// killed in the middle of an operation leaves its objects and sessions loaded, and the
-    /// manager owns the TPM and runs one operation at a time, so nobody else's are there.
+    /// swtpm), a manager killed in the middle of an operation leaves its objects and sessions
+    /// loaded. Only on a TPM the manager owns ([`HwTpm::owns_tpm`]; not the kernel's devices,
+    /// whose other users' sessions these would be) and runs one operation at a time on.
     fn run(&mut self, what: &str, cmd: Cmd) -> Result<Vec<u8>> {
         let bytes = cmd.encode();
         let (mut r, mut rc) = self.transmit(&bytes)?;
@@ -182,15 +182,15 @@ impl<'a> Tpm2<'a> {
         } else {
             None
         };
-        if let Some(ranges) = full {
+        if let Some(ranges) = full.filter(|_| self.tpm.owns_tpm()) {
             self.flush_leftovers(what, ranges, &cmd.handles)?;
             (r, rc) = self.transmit(&bytes)?;
         }
         if rc != 0 {
             return Err(Error::TpmRc { what: what.to_string(), rc });
         }
-        // CreatePrimary, LoadExternal, Load and StartAuthSession return the new handle first.
-        if matches!(cmd.cc, 0x131 | 0x153 | 0x157 | 0x176) {
+        // CreatePrimary, Load, LoadExternal and StartAuthSession return the new handle first.
+        if matches!(cmd.cc, 0x131 | 0x157 | 0x167 | 0x176) {
             if let Ok(h) = (Rsp { b: &r, at: 10 }).u32() {
                 self.live.push(h);
             }
