@@ -27,8 +27,22 @@ impl Drop for Server {
     }
 }
 
-fn spawn(name: &'static str, exe: &str, state: &Path, port: u16, pin: bool) -> anyhow::Result<Server> {
+/// A port `p` with `p + 1` free too (data and control), as the kernel hands them out now.
+fn free_ports() -> anyhow::Result<u16> {
+    for _ in 0..100 {
+        let l = std::net::TcpListener::bind(("127.0.0.1", 0))?;
+        let p = l.local_addr()?.port();
+        if p < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
+            return Ok(p);
+        }
+    }
+    anyhow::bail!("no two free consecutive ports on 127.0.0.1")
+}
+
+fn spawn(name: &'static str, exe: &str, state: &Path, pin: bool) -> anyhow::Result<Server> {
     std::fs::create_dir_all(state)?;
+    let port = free_ports()?;
+    let log = state.with_extension("log");
     let mut cmd = match pin {
         // The servers share CPU 1; the client runs on CPU 0 (see `main`).
         true => {
@@ -38,7 +52,7 @@ fn spawn(name: &'static str, exe: &str, state: &Path, port: u16, pin: bool) -> a
         }
         false => Command::new(exe),
     };
-    let child = cmd
+    let mut child = cmd
         .arg("socket")
         .arg("--tpm2")
         .args(["--server", &format!("type=tcp,port={port}")])
@@ -47,10 +61,13 @@ fn spawn(name: &'static str, exe: &str, state: &Path, port: u16, pin: bool) -> a
         .arg(format!("dir={}", state.display()))
         .args(["--flags", "not-need-init,startup-clear"])
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(&log)?)
         .spawn()?;
     let end = Instant::now() + Duration::from_secs(20);
     while Instant::now() < end {
+        if let Some(st) = child.try_wait()? {
+            anyhow::bail!("{name} exited ({st}) on port {port}: {}", std::fs::read_to_string(&log).unwrap_or_default());
+        }
         if let Ok(mut t) = TcpTpm::connect(port) {
             // Startup was sent by the server (startup-clear); make sure it answers.
             t.transmit(&tpm2::get_random(8))?;
@@ -165,24 +182,24 @@ fn tcp_floor(iters: usize, pin: bool, spin: bool) -> anyhow::Result<Duration> {
     Ok(percentiles(&mut samples).0)
 }
 
-/// The three servers on ports `port`, `port + 2` and `port + 4` (data; control one above),
-/// each on its state in `dir`. Ours needs `dir/ours` made by `vtpm create` (our socket mode
-/// never creates a TPM on its own); the drop-in creates its state itself, as swtpm does.
-fn spawn_all(dir: &Path, port: u16, pin: bool) -> anyhow::Result<[Server; 3]> {
+/// The three servers on free ports (control one above data), each on its state in `dir`.
+/// Ours needs `dir/ours` made by `vtpm create` (our socket mode never creates a TPM on its
+/// own); the drop-in creates its state itself, as swtpm does.
+fn spawn_all(dir: &Path, pin: bool) -> anyhow::Result<[Server; 3]> {
     Ok([
-        spawn("swtpm 0.7 (Debian)", "swtpm", &dir.join("swtpm"), port, pin)?,
-        spawn("vtpm socket", env!("CARGO_BIN_EXE_vtpm"), &dir.join("ours"), port + 2, pin)?,
-        spawn("xvtpm-swtpm", env!("CARGO_BIN_EXE_xvtpm-swtpm"), &dir.join("dropin"), port + 4, pin)?,
+        spawn("swtpm 0.7 (Debian)", "swtpm", &dir.join("swtpm"), pin)?,
+        spawn("vtpm socket", env!("CARGO_BIN_EXE_vtpm"), &dir.join("ours"), pin)?,
+        spawn("xvtpm-swtpm", env!("CARGO_BIN_EXE_xvtpm-swtpm"), &dir.join("dropin"), pin)?,
     ])
 }
 
 /// Resident size of an idle instance, median over `starts` fresh starts of each server
 /// (interleaved): where the kernel places each shared library moves a single reading by about
 /// 100 KiB. Each reading is taken 300 ms after the server answered its first command.
-fn idle_rss(dir: &Path, port: u16, pin: bool, starts: usize) -> anyhow::Result<Vec<u64>> {
+fn idle_rss(dir: &Path, pin: bool, starts: usize) -> anyhow::Result<Vec<u64>> {
     let mut readings: Vec<Vec<u64>> = (0..3).map(|_| Vec::with_capacity(starts)).collect();
-    for i in 0..starts {
-        let servers = spawn_all(dir, port + 6 * i as u16, pin)?;
+    for _ in 0..starts {
+        let servers = spawn_all(dir, pin)?;
         std::thread::sleep(Duration::from_millis(300));
         for (r, s) in readings.iter_mut().zip(&servers) {
             r.push(rss_kib(s.child.id()));
@@ -207,11 +224,10 @@ fn main() -> anyhow::Result<()> {
     if pin {
         pin_self(0)?;
     }
-    let base = 30000 + (std::process::id() % 10000) as u16 * 2;
     let st =
         Command::new(env!("CARGO_BIN_EXE_vtpm")).arg("create").arg("--state-dir").arg(dir.join("ours")).output()?;
     anyhow::ensure!(st.status.success(), "vtpm create: {}", String::from_utf8_lossy(&st.stderr));
-    let servers = spawn_all(&dir, base, pin)?;
+    let servers = spawn_all(&dir, pin)?;
     println!("TPM 2.0 over the TCP data channel, one connection each, TCP_NODELAY, {iters} iterations interleaved in blocks of 100 (CreatePrimary: {}), medians", iters / 20);
     if pin {
         println!("client on CPU 0, all servers on CPU 1");
@@ -262,7 +278,7 @@ fn main() -> anyhow::Result<()> {
     drop(clients);
     drop(servers);
     let starts: usize = std::env::var("RSS_STARTS").ok().and_then(|v| v.parse().ok()).unwrap_or(9).max(1);
-    let idle = idle_rss(&dir, base + 6, pin, starts)?;
+    let idle = idle_rss(&dir, pin, starts)?;
     let ratio = |kib: u64| kib as f64 / idle[0].max(1) as f64;
     println!(
         "{:<34} {:>10} KiB {:>10} KiB {:>7.2}x {:>10} KiB {:>7.2}x",
