@@ -283,10 +283,15 @@ impl Control {
         while matches!((&self.wake_rx).read(&mut buf), Ok(n) if n > 0) {}
     }
 
-    /// Remembers a connection being served; false if the server is already ending.
+    /// Remembers a connection being served; false (and nothing remembered) if the server is
+    /// already ending.
     fn track(&self, slot: &Mutex<Option<Stream>>, s: &Stream) -> bool {
         *lock(slot) = s.try_clone().ok();
-        !self.terminating()
+        if self.terminating() {
+            *lock(slot) = None;
+            return false;
+        }
+        true
     }
 }
 
@@ -1206,26 +1211,23 @@ impl Shared {
                         }
                         if self.ctl.track(&self.ctl.active_ctrl, &stream) {
                             ctrl_conn = Some((stream, peer));
-                        } else {
-                            *lock(&self.ctl.active_ctrl) = None;
                         }
                     }
                 }
                 Some((mut stream, peer)) => {
-                    let step = self.ctrl_message(&mut stream, &peer);
-                    if let CtrlStep::Open = step {
-                        ctrl_conn = Some((stream, peer));
-                        continue;
-                    }
-                    *lock(&self.ctl.active_ctrl) = None;
-                    match step {
+                    match self.ctrl_message(&mut stream, &peer) {
+                        CtrlStep::Open => {
+                            ctrl_conn = Some((stream, peer));
+                            continue;
+                        }
                         CtrlStep::End => break,
                         CtrlStep::Drop => {
                             log::warn!("control client {peer}: dropping the connection");
                             stream.close_gracefully();
                         }
-                        CtrlStep::Open | CtrlStep::Closed => drop(stream),
+                        CtrlStep::Closed => drop(stream),
                     }
+                    *lock(&self.ctl.active_ctrl) = None;
                     if self.cfg.terminate_on_ctrl_disconnect && !self.ctl.terminating() {
                         log::info!("control connection lost; terminating (--ctrl ...,terminate)");
                         break;
@@ -1233,9 +1235,7 @@ impl Shared {
                 }
             }
         }
-        if ctrl_conn.is_some() {
-            *lock(&self.ctl.active_ctrl) = None;
-        }
+        *lock(&self.ctl.active_ctrl) = None;
         self.terminate_tpm();
         // Clients that waited for the data thread, which is ending: close them now, not when
         // the last Stopper goes.

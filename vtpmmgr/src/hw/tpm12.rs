@@ -166,8 +166,7 @@ impl<'a> Tpm12<'a> {
                 );
                 for h in held {
                     // One that cannot go (an owner-evict key) must not keep the rest.
-                    let body: Vec<u8> = [h, rt].iter().flat_map(|v| v.to_be_bytes()).collect();
-                    if let Err(e) = self.plain("FlushSpecific", 0xBA, &body) {
+                    if let Err(e) = self.flush_specific(h, rt) {
                         log::warn!("flushing left-over TPM handle {h:#x}: {e}");
                     }
                 }
@@ -393,7 +392,12 @@ impl<'a> Tpm12<'a> {
     /// Unloads a key (TPM_FlushSpecific).
     pub fn flush_key(&mut self, handle: u32) -> Result<()> {
         self.live.retain(|&h| h != handle);
-        self.plain("FlushSpecific", 0xBA, &[handle.to_be_bytes(), RT_KEY.to_be_bytes()].concat()).map(drop)
+        self.flush_specific(handle, RT_KEY)
+    }
+
+    /// TPM_FlushSpecific of `handle`, a resource of type `rt`.
+    fn flush_specific(&mut self, handle: u32, rt: u32) -> Result<()> {
+        self.plain("FlushSpecific", 0xBA, &[handle.to_be_bytes(), rt.to_be_bytes()].concat()).map(drop)
     }
 
     /// TPM_Quote of `pcrs` with the loaded key `handle` over `external`: the

@@ -221,10 +221,7 @@ impl<'a> Tpm2<'a> {
             held.len()
         );
         for h in held {
-            let (_, rc) = self.transmit(&Cmd::new(0x165).u32(h).encode())?;
-            if rc != 0 {
-                log::warn!("flushing left-over TPM handle {h:#x}: rc {rc:#x}");
-            }
+            self.flush(h);
         }
         Ok(())
     }
