@@ -134,9 +134,12 @@ fn tpm2_tools_session_and_restart() {
     let pub_before = t.ok(&["tpm2_readpublic", "-c", "0x81000001"]);
     drop(vtpm);
 
-    // Restart: the persistent key and the NV index are still there.
-    let vtpm = start(&state, &key, 2);
+    // Restart, powered on but not started: the client starts it, then the persistent key and
+    // the NV index are still there.
+    let vtpm = common::start_with(&state, &key, 2, true, "not-need-init");
     let t = Tools { vtpm: &vtpm, dir: &dir };
+    t.fails(&["tpm2_getrandom", "--hex", "8"]);
+    t.ok(&["tpm2_startup", "-c"]);
     assert_eq!(t.ok(&["tpm2_readpublic", "-c", "0x81000001"]), pub_before);
     t.ok(&["tpm2_nvread", "0x1500016", "-C", "o", "-s", "32", "-o", "nvout"]);
     assert_eq!(std::fs::read(dir.join("nvout")).expect("nvout"), vec![0xa5u8; 32]);

@@ -60,8 +60,13 @@ pub fn start(state: &Path, key: &Path, n: u32) -> Vtpm {
 }
 
 /// Starts `vtpm socket` (TPM 2.0 or 1.2) on free ports with swtpm's options and waits until
-/// it listens.
+/// it listens; the TPM powered on and started.
 pub fn start_version(state: &Path, key: &Path, n: u32, tpm2: bool) -> Vtpm {
+    start_with(state, key, n, tpm2, "not-need-init,startup-clear")
+}
+
+/// [`start_version`] with swtpm's `--flags` as given.
+pub fn start_with(state: &Path, key: &Path, n: u32, tpm2: bool, flags: &str) -> Vtpm {
     let port = free_ports();
     let log = state.with_extension(format!("log{n}"));
     let mut child = Command::new(VTPM)
@@ -73,7 +78,7 @@ pub fn start_version(state: &Path, key: &Path, n: u32, tpm2: bool) -> Vtpm {
         .arg(format!("dir={}", state.display()))
         .arg("--key")
         .arg(format!("file={},format=binary,mode=aes-256-cbc", key.display()))
-        .args(["--flags", "not-need-init,startup-clear"])
+        .args(["--flags", flags])
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).expect("log"))
         .spawn()
