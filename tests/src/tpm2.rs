@@ -6,8 +6,8 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-const TPM_ST_NO_SESSIONS: u16 = 0x8001;
-const TPM_ST_SESSIONS: u16 = 0x8002;
+use xvtpm_proto::tpm::{self, Family, TPM_ST_NO_SESSIONS, TPM_ST_SESSIONS};
+
 const TPM_RH_OWNER: u32 = 0x4000_0001;
 const TPM_RS_PW: u32 = 0x4000_0009;
 const TPM_ALG_SHA256: u16 = 0x000b;
@@ -25,12 +25,7 @@ fn command(tag: u16, cc: u32, handles: &[u32], params: &[u8]) -> Vec<u8> {
         body.extend_from_slice(&session);
     }
     body.extend_from_slice(params);
-    let mut cmd = Vec::with_capacity(10 + body.len());
-    cmd.extend_from_slice(&tag.to_be_bytes());
-    cmd.extend_from_slice(&((10 + body.len()) as u32).to_be_bytes());
-    cmd.extend_from_slice(&cc.to_be_bytes());
-    cmd.extend_from_slice(&body);
-    cmd
+    tpm::frame(tag, cc, &body)
 }
 
 fn tpm2b(data: &[u8]) -> Vec<u8> {
@@ -39,12 +34,12 @@ fn tpm2b(data: &[u8]) -> Vec<u8> {
 
 /// TPM2_Startup(CLEAR).
 pub fn startup_clear() -> Vec<u8> {
-    command(TPM_ST_NO_SESSIONS, 0x144, &[], &[0, 0])
+    tpm::startup(Family::Tpm20, tpm::StartupType::Clear).unwrap_or_default()
 }
 
 /// TPM2_GetRandom(n).
 pub fn get_random(n: u16) -> Vec<u8> {
-    command(TPM_ST_NO_SESSIONS, 0x17b, &[], &n.to_be_bytes())
+    tpm::get_random(Family::Tpm20, n)
 }
 
 /// TPM2_PCR_Read of PCRs 0-7 in the SHA-256 bank.

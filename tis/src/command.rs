@@ -3,13 +3,9 @@
 
 use crate::{Error, Result};
 
-/// Size of a TPM command or response header (tag, size, code).
-pub const HEADER_SIZE: usize = 10;
+pub use xvtpm_proto::tpm::HEADER_SIZE;
 
-/// The big-endian u32 at `at`, if present.
-pub fn be32(b: &[u8], at: usize) -> Option<u32> {
-    b.get(at..at + 4).and_then(|s| s.try_into().ok()).map(u32::from_be_bytes)
-}
+pub use xvtpm_proto::tpm::be32;
 
 /// Checks a command before it is sent: at least a header, its size field equal to its length,
 /// and no larger than `max`. Returns the ordinal.

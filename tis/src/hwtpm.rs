@@ -2,23 +2,7 @@
 
 use crate::Result;
 
-/// TPM family.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Family {
-    /// TPM 1.2.
-    Tpm12,
-    /// TPM 2.0.
-    Tpm20,
-}
-
-impl std::fmt::Display for Family {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Family::Tpm12 => "1.2",
-            Family::Tpm20 => "2.0",
-        })
-    }
-}
+pub use xvtpm_proto::tpm::Family;
 
 /// A hardware TPM: the MMIO driver, the kernel's `/dev/tpmrm0`, or swtpm in tests.
 pub trait HwTpm {

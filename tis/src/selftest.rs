@@ -68,13 +68,7 @@ impl Run<'_> {
     }
 }
 
-fn cmd(tag: u16, ordinal: u32, body: &[u8]) -> Vec<u8> {
-    let mut c = tag.to_be_bytes().to_vec();
-    c.extend_from_slice(&((HEADER_SIZE + body.len()) as u32).to_be_bytes());
-    c.extend_from_slice(&ordinal.to_be_bytes());
-    c.extend_from_slice(body);
-    c
-}
+use xvtpm_proto::tpm::frame as cmd;
 
 mod tpm2 {
     use super::cmd;
@@ -91,12 +85,14 @@ mod tpm2 {
         s
     }
 
+    use xvtpm_proto::tpm::{self, Family, StartupType};
+
     pub fn startup_clear() -> Vec<u8> {
-        cmd(NO_SESSIONS, 0x144, &[0, 0])
+        tpm::startup(Family::Tpm20, StartupType::Clear).unwrap_or_default()
     }
 
     pub fn get_random(n: u16) -> Vec<u8> {
-        cmd(NO_SESSIONS, 0x17B, &n.to_be_bytes())
+        tpm::get_random(Family::Tpm20, n)
     }
 
     pub fn pcr_read(pcr: u32) -> Vec<u8> {
@@ -162,12 +158,14 @@ mod tpm12 {
 
     const RQU: u16 = 0x00C1;
 
+    use xvtpm_proto::tpm::{self, Family, StartupType};
+
     pub fn startup_clear() -> Vec<u8> {
-        cmd(RQU, 0x99, &[0, 1])
+        tpm::startup(Family::Tpm12, StartupType::Clear).unwrap_or_default()
     }
 
-    pub fn get_random(n: u32) -> Vec<u8> {
-        cmd(RQU, 0x46, &n.to_be_bytes())
+    pub fn get_random(n: u16) -> Vec<u8> {
+        tpm::get_random(Family::Tpm12, n)
     }
 
     pub fn pcr_read(pcr: u32) -> Vec<u8> {

@@ -9,14 +9,16 @@ use std::time::Duration;
 
 use crate::command::{self, HEADER_SIZE};
 use crate::fifo::MAX_BUFFER;
+use xvtpm_proto::ctrl::CtrlCmd;
+
 use crate::{Error, Family, HwTpm, Result};
 
 /// A stream socket, TCP or Unix.
 pub trait Channel: Read + Write {}
 impl<T: Read + Write> Channel for T {}
 
-const CMD_INIT: u32 = 2;
-const CMD_SET_LOCALITY: u32 = 5;
+const CMD_INIT: u32 = CtrlCmd::Init as u32;
+const CMD_SET_LOCALITY: u32 = CtrlCmd::SetLocality as u32;
 
 /// Where swtpm's channels are.
 #[derive(Debug, Clone)]

@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use xvtpm_vtpmmgr::admin::Admin;
-use xvtpm_vtpmmgr::proto::parse_uuid;
 use xvtpm_vtpmmgr::{hex, uuid_str};
 
 use crate::xenadmin::XenAdminLink;
@@ -237,7 +236,7 @@ fn write_new(path: &std::path::Path, data: &[u8]) -> anyhow::Result<()> {
 }
 
 pub(crate) fn uuid_arg(s: &str) -> anyhow::Result<[u8; 16]> {
-    parse_uuid(s).with_context(|| format!("malformed uuid {s:?} (expected 8-4-4-4-12 hex digits)"))
+    Ok(xvtpm_proto::Uuid::parse(s)?.0)
 }
 
 /// Runs a vTPM command.

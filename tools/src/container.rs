@@ -204,7 +204,7 @@ struct Config {
 }
 
 fn parse_uuid(s: &str) -> Option<[u8; 16]> {
-    xvtpm_vtpmmgr::proto::parse_uuid(s)
+    xvtpm_proto::Uuid::parse(s).ok().map(|u| u.0)
 }
 
 struct Containers {

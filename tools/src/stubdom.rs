@@ -10,7 +10,6 @@ use std::process::Command;
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
-use xvtpm_vtpmmgr::proto::random_uuid;
 use xvtpm_vtpmmgr::uuid_str;
 
 use crate::admin::uuid_arg;
@@ -123,7 +122,7 @@ fn create_new(path: &Path) -> anyhow::Result<File> {
 }
 
 fn uuid_or_random(u: Option<&str>) -> anyhow::Result<[u8; 16]> {
-    u.map_or_else(|| Ok(random_uuid()), uuid_arg)
+    u.map_or_else(|| Ok(xvtpm_proto::Uuid::from_random(rand::random()).0), uuid_arg)
 }
 
 /// The domain file of a stub domain: PV, our kernel and initramfs, one disk.

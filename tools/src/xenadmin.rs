@@ -89,7 +89,7 @@ impl XenAdminLink {
         let fe_root = format!("{}/device/xvtpm-admin", domain_path(me));
         remove_stale(&xs, &fe_root, me);
         let be_root = format!("{}/{me}", vtpm_backend_root(mgr));
-        let uuid = xvtpm_vtpmmgr::uuid_str(&xvtpm_vtpmmgr::proto::random_uuid());
+        let uuid = xvtpm_proto::Uuid::from_random(rand::random()).to_string();
         // The handle is picked and the device made in one transaction: two tools at once
         // never share a device.
         let (handle, fe_dir) = xs

@@ -8,11 +8,11 @@ use std::time::Duration;
 
 use xvtpm_backend::{Backend, BackendConfig, BackendHandle, DeviceFilter};
 use xvtpm_frontend::{Frontend, FrontendConfig};
+use xvtpm_proto::mgr::{self as proto, Request};
 use xvtpm_tests::swtpm::SwtpmProcess;
 use xvtpm_tis::swtpm::{Address, Swtpm};
 use xvtpm_tis::Family;
 use xvtpm_vtpmmgr::manager::{InitConfig, Manager};
-use xvtpm_vtpmmgr::proto;
 use xvtpm_vtpmmgr::server::XenHandler;
 use xvtpm_vtpmmgr::store::dev::FileDev;
 use xvtpm_xen::sim::{toolstack, SimHost};
@@ -142,14 +142,14 @@ fn no_other_domain_gets_the_management_commands() {
     // A guest's device to the manager (as a vTPM domain has): management ordinals refused.
     toolstack::add_vtpm(&xs, 5, MGR, 0, "6a6b6c6d-6e6f-4071-8273-747576777879").expect("device");
     let mut fe = Frontend::connect(&host.xen(5), FrontendConfig::default()).expect("connects");
-    let r = fe.transmit(&proto::request(proto::TAG_REQ2, proto::GROUP_NEW, &[])).expect("reply");
+    let r = fe.transmit(&Request::GroupNew.encode()).expect("reply");
     assert_eq!(u32::from_be_bytes([r[6], r[7], r[8], r[9]]), proto::status::AUTHFAIL);
     fe.close().expect("close");
 
     // dom0's device is the admin's, and nothing else: vTPM ordinals are refused on it.
     toolstack::add_vtpm(&xs, 0, MGR, 0, "7a7b7c7d-7e7f-4081-8283-848586878889").expect("device");
     let mut fe = Frontend::connect(&host.xen(0), FrontendConfig::default()).expect("connects");
-    let r = fe.transmit(&proto::request(proto::TAG_REQ, proto::LOADHASHKEY, &[])).expect("reply");
+    let r = fe.transmit(&Request::LoadHashKey.encode()).expect("reply");
     assert_eq!(u32::from_be_bytes([r[6], r[7], r[8], r[9]]), proto::status::AUTHFAIL);
     fe.close().expect("close");
 

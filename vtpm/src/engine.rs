@@ -2,6 +2,8 @@
 
 use std::sync::Arc;
 
+use xvtpm_proto::tpm::Family;
+
 use crate::Result;
 
 /// Which TPM the engine emulates.
@@ -73,29 +75,22 @@ pub trait TpmEngine: Send {
     fn hash_end(&mut self) -> Result<()>;
 }
 
+impl From<TpmVersion> for Family {
+    fn from(v: TpmVersion) -> Self {
+        match v {
+            TpmVersion::V1_2 => Family::Tpm12,
+            TpmVersion::V2_0 => Family::Tpm20,
+        }
+    }
+}
+
 /// A TPM error response of `version` carrying `rc`: what a client gets when the engine cannot
 /// run its command at all (powered off, state not stored).
 pub fn error_response(version: TpmVersion, rc: u32) -> Vec<u8> {
-    let tag: u16 = match version {
-        TpmVersion::V2_0 => 0x8001,
-        TpmVersion::V1_2 => 0x00c4,
-    };
-    let mut r = Vec::with_capacity(10);
-    r.extend_from_slice(&tag.to_be_bytes());
-    r.extend_from_slice(&10u32.to_be_bytes());
-    r.extend_from_slice(&rc.to_be_bytes());
-    r
+    xvtpm_proto::tpm::error_response(version.into(), rc)
 }
-
-/// `TPM_RC_FAILURE` (TPM 2.0).
-pub const TPM2_RC_FAILURE: u32 = 0x101;
-/// `TPM_FAIL` (TPM 1.2).
-pub const TPM_FAIL: u32 = 9;
 
 /// The generic failure code of `version`.
 pub fn failure_rc(version: TpmVersion) -> u32 {
-    match version {
-        TpmVersion::V2_0 => TPM2_RC_FAILURE,
-        TpmVersion::V1_2 => TPM_FAIL,
-    }
+    Family::from(version).failure_rc()
 }

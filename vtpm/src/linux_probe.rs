@@ -7,12 +7,13 @@
 //! errors in dmesg. These answers make the probe clean without touching the guest kernel; user
 //! space still talks TPM 2.0 through /dev/tpm0, and random bytes come from the TPM 2.0 engine.
 
+use xvtpm_proto::tpm::{self, be32};
+
 use crate::engine::TpmEngine;
 
-const TPM_TAG_RQU_COMMAND: u16 = 0x00c1;
-const TPM_TAG_RSP_COMMAND: u16 = 0x00c4;
+const TPM_TAG_RQU_COMMAND: u16 = tpm::TPM_TAG_RQU_COMMAND;
 const TPM_ORD_GET_CAPABILITY: u32 = 0x65;
-const TPM_ORD_GET_RANDOM: u32 = 0x46;
+const TPM_ORD_GET_RANDOM: u32 = tpm::ord::GET_RANDOM;
 const TPM_CAP_FLAG: u32 = 4;
 const TPM_CAP_PROP: u32 = 5;
 const TPM_CAP_VERSION: u32 = 0x06;
@@ -33,17 +34,8 @@ pub const DURATIONS_US: [u32; 3] = [3_000_000, 30_000_000, 300_000_000];
 /// The largest GetRandom answered at once (the guest asks for 32 or 64).
 const MAX_RANDOM: usize = 4096;
 
-fn be32(b: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_be_bytes(b.get(at..at + 4)?.try_into().ok()?))
-}
-
 fn response(rc: u32, body: &[u8]) -> Vec<u8> {
-    let mut r = Vec::with_capacity(10 + body.len());
-    r.extend_from_slice(&TPM_TAG_RSP_COMMAND.to_be_bytes());
-    r.extend_from_slice(&((10 + body.len()) as u32).to_be_bytes());
-    r.extend_from_slice(&rc.to_be_bytes());
-    r.extend_from_slice(body);
-    r
+    tpm::frame(tpm::TPM_TAG_RSP_COMMAND, rc, body)
 }
 
 /// A capability answer: `u32 length | data`.

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use xvtpm_backend::{Backend, BackendConfig, DeviceFilter};
+use xvtpm_proto::tpm;
 use xvtpm_vtpm::libtpms::{Libtpms, LibtpmsConfig};
 use xvtpm_vtpm::state::file::{FileStore, KeyFormat, StateKey};
 use xvtpm_vtpm::state::link::{UnixLink, XenLink};
@@ -233,13 +234,9 @@ fn create(state: &StateOpts) -> anyhow::Result<()> {
 
 /// TPM_Startup(CLEAR) for the engine's version: a Xen guest's kernel never sends it.
 fn startup(engine: &mut dyn TpmEngine) -> anyhow::Result<()> {
-    let cmd: &[u8] = match engine.version() {
-        TpmVersion::V2_0 => &[0x80, 0x01, 0, 0, 0, 0x0c, 0, 0, 0x01, 0x44, 0, 0],
-        TpmVersion::V1_2 => &[0x00, 0xc1, 0, 0, 0, 0x0c, 0, 0, 0, 0x99, 0, 0x01],
-    };
-    let rsp = engine.process(0, cmd)?;
-    let rc = rsp.get(6..10).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]));
-    match rc {
+    let cmd = tpm::startup(engine.version().into(), tpm::StartupType::Clear).context("TPM startup command")?;
+    let rsp = engine.process(0, &cmd)?;
+    match tpm::code(&rsp) {
         Some(0) => Ok(()),
         other => bail!("TPM startup failed: response code {other:?}"),
     }

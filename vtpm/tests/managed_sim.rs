@@ -39,7 +39,7 @@ impl Kill {
 }
 
 fn uuid(s: &str) -> [u8; 16] {
-    xvtpm_vtpmmgr::proto::parse_uuid(s).expect("uuid")
+    xvtpm_proto::Uuid::parse(s).expect("uuid").0
 }
 
 fn rc(rsp: &[u8]) -> u32 {
@@ -226,7 +226,7 @@ fn a_vtpm_domain_built_from_an_unapproved_image_gets_no_key() {
     // GET_BOOT_HASH through the domain's own device: Xen's 20 bytes.
     let cfg = FrontendConfig { command_timeout: Duration::from_secs(30), ..FrontendConfig::default() };
     let mut fe = Frontend::connect(&host.xen(5), cfg).expect("connect to the manager");
-    let r = fe.transmit(&xvtpm_vtpmmgr::proto::request(0x01C1, xvtpm_vtpmmgr::proto::GET_BOOT_HASH, &[])).expect("cmd");
+    let r = fe.transmit(&xvtpm_proto::mgr::Request::GetBootHash.encode()).expect("cmd");
     assert_eq!((rc(&r), &r[10..]), (0, &good[..20]));
     fe.close().expect("close");
 

@@ -11,8 +11,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use xvtpm_proto::mgr::{status, Request};
+use xvtpm_vtpmmgr::dispatch::{self, Caller};
 use xvtpm_vtpmmgr::manager::{InitConfig, Manager};
-use xvtpm_vtpmmgr::proto::{self, status, Caller, TAG_REQ};
 use xvtpm_vtpmmgr::store::dev::FileDev;
 
 fn uuid(i: u32) -> [u8; 16] {
@@ -70,7 +71,7 @@ fn main() -> anyhow::Result<()> {
     for i in 0..iters {
         let mut caller = Caller::Vtpm(uuid((i * 7919) % n));
         let t = Instant::now();
-        let r = proto::handle(&mut m, &mut caller, &proto::request(TAG_REQ, proto::LOADHASHKEY, &[]));
+        let r = dispatch::handle(&mut m, &mut caller, None, &Request::LoadHashKey.encode());
         load.push(t.elapsed());
         assert_eq!(u32::from_be_bytes([r[6], r[7], r[8], r[9]]), status::SUCCESS);
     }
@@ -86,8 +87,7 @@ fn main() -> anyhow::Result<()> {
         let mut caller = Caller::Vtpm(uuid((i * 104_729) % n));
         let w0 = m.store().root().seq;
         let t = Instant::now();
-        let r =
-            proto::handle(&mut m, &mut caller, &proto::request(TAG_REQ, proto::SAVEHASHKEY, &[(i % 251) as u8; 52]));
+        let r = dispatch::handle(&mut m, &mut caller, None, &Request::SaveHashKey(vec![(i % 251) as u8; 52]).encode());
         save.push(t.elapsed());
         assert_eq!(u32::from_be_bytes([r[6], r[7], r[8], r[9]]), status::SUCCESS);
         assert_eq!(m.store().root().seq, w0 + 1);

@@ -3,7 +3,9 @@
 
 use std::path::Path;
 
-use crate::proto::{self, status, TAG_REQ2};
+use xvtpm_proto::mgr::{self, status, GroupShow, Page, Reply, Request, VtpmShow};
+use xvtpm_proto::Uuid;
+
 use crate::server::Client;
 use crate::{uuid_str, Error, Result};
 
@@ -49,16 +51,12 @@ pub struct Admin {
     link: Box<dyn AdminLink>,
 }
 
-fn be32(b: &[u8], at: usize) -> Result<u32> {
-    b.get(at..at + 4)
-        .map(|s| u32::from_be_bytes([s[0], s[1], s[2], s[3]]))
-        .ok_or_else(|| Error::Protocol("short reply from the manager".into()))
+fn malformed(e: xvtpm_proto::Error) -> Error {
+    Error::Protocol(format!("malformed reply from the manager: {e}"))
 }
 
-fn uuid_at(b: &[u8], at: usize) -> Result<[u8; 16]> {
-    b.get(at..at + 16)
-        .and_then(|s| s.try_into().ok())
-        .ok_or_else(|| Error::Protocol("short reply from the manager".into()))
+fn uuid_at(b: &[u8]) -> Result<[u8; 16]> {
+    Uuid::from_slice(b).map(|u| u.0).ok_or_else(|| Error::Protocol("short reply from the manager".into()))
 }
 
 impl Admin {
@@ -72,11 +70,11 @@ impl Admin {
         Self { link }
     }
 
-    fn call(&mut self, ordinal: u32, body: &[u8], what: &str) -> Result<Vec<u8>> {
-        let r = self.link.exchange(&proto::request(TAG_REQ2, ordinal, body))?;
-        let reply = proto::split_reply(&r)
-            .ok_or_else(|| Error::Protocol(format!("malformed reply of {} bytes from the manager", r.len())))?;
-        match reply {
+    fn call(&mut self, request: &Request, what: &str) -> Result<Vec<u8>> {
+        let r = self.link.exchange(&request.encode())?;
+        let reply = Reply::decode(&r)
+            .map_err(|e| Error::Protocol(format!("malformed reply of {} bytes from the manager: {e}", r.len())))?;
+        match (reply.status, reply.body) {
             (status::SUCCESS, out) => Ok(out),
             (status::BADINDEX, _) if what.starts_with("group ") => Err(Error::NotFound(what.to_string())),
             (status::BADINDEX, _) => Err(Error::UnknownVtpm(what.to_string())),
@@ -91,22 +89,19 @@ impl Admin {
 
     /// Provisions a vTPM (a random uuid unless given); its uuid.
     pub fn provision(&mut self, uuid: Option<[u8; 16]>, group: u32, token: Option<&[u8; 32]>) -> Result<[u8; 16]> {
-        let mut body = group.to_be_bytes().to_vec();
-        match (uuid, token) {
-            (Some(u), _) => body.extend_from_slice(&u),
-            (None, Some(_)) => body.extend_from_slice(&crate::proto::random_uuid()),
-            (None, None) => {}
-        }
-        if let Some(t) = token {
-            body.extend_from_slice(t);
-        }
+        // A token travels after a uuid: with no uuid given, the tool picks one.
+        let named = match (uuid, token) {
+            (Some(u), t) => Some((Uuid(u), t.copied())),
+            (None, Some(t)) => Some((Uuid::from_random(rand::random()), Some(*t))),
+            (None, None) => None,
+        };
         // The group is what can be missing; the uuid what can exist already.
-        match self.call(proto::VTPM_NEW, &body, &format!("group {group}")) {
+        match self.call(&Request::VtpmNew { group, named }, &format!("group {group}")) {
             Err(Error::Exists(_)) => Err(Error::Exists(match uuid {
                 Some(u) => format!("vTPM {} is already provisioned", uuid_str(&u)),
                 None => "a vTPM with that uuid is already provisioned".into(),
             })),
-            r => uuid_at(&r?, 0),
+            r => uuid_at(&r?),
         }
     }
 
@@ -115,13 +110,11 @@ impl Admin {
         let mut all = Vec::new();
         loop {
             let offset = all.len() as u32;
-            let out = self.call(proto::VTPM_LIST, &[group.to_be_bytes(), offset.to_be_bytes()].concat(), "the list")?;
-            let total = be32(&out, 0)? as usize;
-            let page: Vec<[u8; 16]> =
-                out.get(4..).unwrap_or_default().chunks_exact(16).map(|c| uuid_at(c, 0)).collect::<Result<_>>()?;
-            let empty = page.is_empty();
-            all.extend(page);
-            if all.len() >= total || empty {
+            let out = self.call(&Request::VtpmList { group, offset }, "the list")?;
+            let page = Page::<16>::decode(&out).map_err(malformed)?;
+            let empty = page.items.is_empty();
+            all.extend(page.items);
+            if all.len() >= page.total as usize || empty {
                 return Ok(all);
             }
         }
@@ -129,13 +122,14 @@ impl Admin {
 
     /// One vTPM.
     pub fn show(&mut self, uuid: &[u8; 16]) -> Result<VtpmInfo> {
-        let out = self.call(proto::VTPM_SHOW, uuid, &format!("vTPM {}", uuid_str(uuid)))?;
-        Ok(VtpmInfo { uuid: *uuid, group: be32(&out, 0)?, has_key: be32(&out, 4)? != 0, exported: be32(&out, 8)? != 0 })
+        let out = self.call(&Request::VtpmShow { uuid: Uuid(*uuid) }, &format!("vTPM {}", uuid_str(uuid)))?;
+        let v = VtpmShow::decode(&out).map_err(malformed)?;
+        Ok(VtpmInfo { uuid: *uuid, group: v.group, has_key: v.has_key, exported: v.exported })
     }
 
     /// The manager's migration public key (what `export` at another manager takes).
     pub fn migration_key(&mut self) -> Result<Vec<u8>> {
-        self.call(proto::MIGRATION_KEY, &[], "the migration key")
+        self.call(&Request::MigrationKey, "the migration key")
     }
 
     /// Exports a vTPM to the manager whose migration key is `to`: the bundle (and the vTPM is
@@ -143,7 +137,7 @@ impl Admin {
     pub fn export(&mut self, uuid: &[u8; 16], to: &[u8]) -> Result<Vec<u8>> {
         // Checked here too, so a bad key gets its reason (the manager answers a status only).
         crate::migrate::check_public(to)?;
-        self.call(proto::VTPM_EXPORT, &[&uuid[..], to].concat(), &format!("vTPM {}", uuid_str(uuid)))
+        self.call(&Request::VtpmExport { uuid: Uuid(*uuid), to: to.to_vec() }, &format!("vTPM {}", uuid_str(uuid)))
     }
 
     /// Imports a bundle into `group`; the vTPM's uuid.
@@ -158,27 +152,27 @@ impl Admin {
                 crate::hex(&mine[1..9])
             )));
         }
-        let body = [&group.to_be_bytes()[..], bundle].concat();
-        match self.call(proto::VTPM_IMPORT, &body, &format!("group {group}")) {
+        match self.call(&Request::VtpmImport { group, bundle: bundle.to_vec() }, &format!("group {group}")) {
             Err(Error::NotAuthorized(_)) => {
                 Err(Error::NotAuthorized("the bundle does not authenticate at this manager (damaged?)".into()))
             }
             Err(Error::Exists(_)) => {
                 Err(Error::Exists("the bundle's vTPM is already provisioned at this manager".into()))
             }
-            r => uuid_at(&r?, 0),
+            r => uuid_at(&r?),
         }
     }
 
     /// Deletes a vTPM and its key.
     pub fn delete(&mut self, uuid: &[u8; 16]) -> Result<()> {
-        self.call(proto::VTPM_DEL, uuid, &format!("vTPM {}", uuid_str(uuid))).map(drop)
+        self.call(&Request::VtpmDel { uuid: Uuid(*uuid) }, &format!("vTPM {}", uuid_str(uuid))).map(drop)
     }
 
     /// Creates a group.
     pub fn group_new(&mut self) -> Result<GroupInfo> {
-        let out = self.call(proto::GROUP_NEW, &[], "the new group")?;
-        Ok(GroupInfo { number: be32(&out, 0)?, uuid: uuid_at(&out, 4)?, vtpms: 0 })
+        let out = self.call(&Request::GroupNew, "the new group")?;
+        let number = mgr::decode_u32(&out).map_err(malformed)?;
+        Ok(GroupInfo { number, uuid: uuid_at(out.get(4..).unwrap_or_default())?, vtpms: 0 })
     }
 
     /// Every group.
@@ -186,41 +180,39 @@ impl Admin {
         let mut numbers: Vec<u32> = Vec::new();
         loop {
             let offset = numbers.len() as u32;
-            let out = self.call(proto::GROUP_LIST, &offset.to_be_bytes(), "the group list")?;
-            let total = be32(&out, 0)? as usize;
+            let out = self.call(&Request::GroupList { offset }, "the group list")?;
+            let page = Page::<4>::decode(&out).map_err(malformed)?;
             let before = numbers.len();
-            numbers.extend(
-                out.get(4..).unwrap_or_default().chunks_exact(4).map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]])),
-            );
-            if numbers.len() >= total || numbers.len() == before {
+            numbers.extend(page.items.into_iter().map(u32::from_be_bytes));
+            if numbers.len() >= page.total as usize || numbers.len() == before {
                 break;
             }
         }
         numbers
             .into_iter()
             .map(|n| {
-                let g = self.call(proto::GROUP_SHOW, &n.to_be_bytes(), &format!("group {n}"))?;
-                Ok(GroupInfo { number: n, uuid: uuid_at(&g, 0)?, vtpms: be32(&g, 16)? })
+                let g = self.call(&Request::GroupShow { group: n }, &format!("group {n}"))?;
+                let g = GroupShow::decode(&g).map_err(malformed)?;
+                Ok(GroupInfo { number: n, uuid: g.uuid.0, vtpms: g.vtpms })
             })
             .collect()
     }
 
     /// Deletes an empty group.
     pub fn group_delete(&mut self, n: u32) -> Result<()> {
-        self.call(proto::GROUP_DEL, &n.to_be_bytes(), &format!("group {n}")).map(drop)
+        self.call(&Request::GroupDel { group: n }, &format!("group {n}")).map(drop)
     }
 
     /// Approves `boot_hash` for the vTPMs of group `n`; `false`: it was approved already.
     pub fn approve(&mut self, n: u32, boot_hash: &[u8; 32]) -> Result<bool> {
-        let out =
-            self.call(proto::GROUP_APPROVE, &[&n.to_be_bytes()[..], boot_hash].concat(), &format!("group {n}"))?;
-        Ok(be32(&out, 0)? != 0)
+        let out = self.call(&Request::GroupApprove { group: n, hash: *boot_hash }, &format!("group {n}"))?;
+        Ok(mgr::decode_u32(&out).map_err(malformed)? != 0)
     }
 
     /// Withdraws an approval; `false`: it was not approved.
     pub fn revoke(&mut self, n: u32, boot_hash: &[u8; 32]) -> Result<bool> {
-        let out = self.call(proto::GROUP_REVOKE, &[&n.to_be_bytes()[..], boot_hash].concat(), &format!("group {n}"))?;
-        Ok(be32(&out, 0)? != 0)
+        let out = self.call(&Request::GroupRevoke { group: n, hash: *boot_hash }, &format!("group {n}"))?;
+        Ok(mgr::decode_u32(&out).map_err(malformed)? != 0)
     }
 
     /// The boot hashes approved for group `n` (empty: its vTPMs may run with any).
@@ -228,11 +220,11 @@ impl Admin {
         let mut hashes: Vec<[u8; 32]> = Vec::new();
         loop {
             let offset = hashes.len() as u32;
-            let req = [n.to_be_bytes(), offset.to_be_bytes()].concat();
-            let out = self.call(proto::GROUP_APPROVED, &req, &format!("group {n}"))?;
-            let count = be32(&out, 0)? as usize;
+            let out = self.call(&Request::GroupApproved { group: n, offset }, &format!("group {n}"))?;
+            let page = Page::<32>::decode(&out).map_err(malformed)?;
+            let count = page.total as usize;
             let before = hashes.len();
-            hashes.extend(out[4..].chunks_exact(32).filter_map(|c| <[u8; 32]>::try_from(c).ok()));
+            hashes.extend(page.items);
             if hashes.len() == count {
                 return Ok(hashes);
             }

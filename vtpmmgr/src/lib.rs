@@ -2,12 +2,12 @@
 //! whose root key only this machine's hardware TPM, in an approved state, releases.
 
 pub mod admin;
+pub mod dispatch;
 pub mod error;
 pub mod hw;
 pub mod manager;
 pub mod migrate;
 pub mod peer;
-pub mod proto;
 pub mod server;
 pub mod store;
 
@@ -15,8 +15,7 @@ pub use error::{Error, Result};
 
 /// A uuid in its usual text form.
 pub fn uuid_str(u: &[u8; 16]) -> String {
-    let h: String = u.iter().map(|b| format!("{b:02x}")).collect();
-    format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..])
+    xvtpm_proto::Uuid(*u).to_string()
 }
 
 /// What a vTPM runs with, as its transport measured it: SHA-256 of its executable (Unix

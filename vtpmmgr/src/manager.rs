@@ -351,7 +351,7 @@ impl<D: BlockDev> Manager<D> {
     /// Creates a group: its number and uuid.
     pub fn new_group(&mut self) -> Result<(u32, [u8; 16])> {
         let next = self.group_numbers.last().copied().unwrap_or(0) + 1;
-        let uuid = crate::proto::random_uuid();
+        let uuid = xvtpm_proto::Uuid::from_random(rand::random()).0;
         let mut rec = Record::new(uuid, next);
         rec.flags = IS_GROUP;
         self.commit(|s| s.put(&rec).map(Some))?;
@@ -688,5 +688,70 @@ impl<D: BlockDev> Manager<D> {
     /// The store (benchmarks read its root).
     pub fn store(&self) -> &Store<D> {
         &self.store
+    }
+}
+
+/// The manager as the protocol dispatcher sees it.
+impl<D: BlockDev> crate::dispatch::Service for Manager<D> {
+    fn authorize(&self, uuid: &[u8; 16], token: &[u8]) -> Result<()> {
+        Manager::authorize(self, uuid, token)
+    }
+    fn authorize_digest(&self, uuid: &[u8; 16], digest: &[u8; 32]) -> Result<()> {
+        Manager::authorize_digest(self, uuid, digest)
+    }
+    fn check_boot(&self, uuid: &[u8; 16], boot: Option<&BootHash>) -> Result<()> {
+        Manager::check_boot(self, uuid, boot)
+    }
+    fn save(&mut self, uuid: &[u8; 16], blob: &[u8]) -> Result<()> {
+        Manager::save(self, uuid, blob)
+    }
+    fn load(&self, uuid: &[u8; 16]) -> Result<Vec<u8>> {
+        Manager::load(self, uuid)
+    }
+    fn quote(&mut self, uuid: &[u8; 16], boot: Option<&BootHash>, nonce: &[u8], pcrs: &[u8]) -> Result<Vec<u8>> {
+        Manager::quote(self, uuid, boot, nonce, pcrs)
+    }
+    fn provision(&mut self, uuid: [u8; 16], group: u32, token: Option<&[u8]>) -> Result<()> {
+        Manager::provision(self, uuid, group, token)
+    }
+    fn show(&self, uuid: &[u8; 16]) -> Result<Option<xvtpm_proto::mgr::VtpmShow>> {
+        Ok(self.vtpm(uuid)?.map(|r| xvtpm_proto::mgr::VtpmShow {
+            group: r.group,
+            has_key: r.has_key(),
+            exported: r.is_exported(),
+        }))
+    }
+    fn delete(&mut self, uuid: &[u8; 16]) -> Result<bool> {
+        Manager::delete(self, uuid)
+    }
+    fn vtpms_of(&self, group: u32) -> Result<Vec<[u8; 16]>> {
+        Ok(self.list()?.into_iter().filter(|r| r.group == group).map(|r| r.uuid).collect())
+    }
+    fn groups(&self) -> Result<Vec<(u32, [u8; 16], usize)>> {
+        Manager::groups(self)
+    }
+    fn new_group(&mut self) -> Result<(u32, [u8; 16])> {
+        Manager::new_group(self)
+    }
+    fn delete_group(&mut self, group: u32) -> Result<()> {
+        Manager::delete_group(self, group)
+    }
+    fn approve(&mut self, group: u32, hash: &BootHash) -> Result<bool> {
+        Manager::approve(self, group, hash)
+    }
+    fn revoke(&mut self, group: u32, hash: &BootHash) -> Result<bool> {
+        Manager::revoke(self, group, hash)
+    }
+    fn approved(&self, group: u32) -> Result<Vec<BootHash>> {
+        Manager::approved(self, group)
+    }
+    fn migration_public(&self) -> Vec<u8> {
+        self.migration_key().public().to_vec()
+    }
+    fn export(&mut self, uuid: &[u8; 16], to: &[u8]) -> Result<Vec<u8>> {
+        Manager::export(self, uuid, to)
+    }
+    fn import(&mut self, bundle: &[u8], group: u32) -> Result<[u8; 16]> {
+        Manager::import(self, bundle, group)
     }
 }

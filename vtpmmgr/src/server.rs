@@ -12,7 +12,10 @@ use std::time::Duration;
 use xvtpm_backend::{CommandHandler, Request};
 
 use crate::manager::Manager;
-use crate::proto::{self, Caller, HEADER, MAX_MESSAGE};
+use xvtpm_proto::mgr::{status, Reply, HEADER, MAX_MESSAGE, TAG_RSP};
+use xvtpm_proto::{tpm, Uuid};
+
+use crate::dispatch::{self, Caller};
 use crate::store::dev::BlockDev;
 use crate::{BootHash, Error, Result};
 
@@ -21,7 +24,7 @@ pub type Shared<D> = Arc<Mutex<Manager<D>>>;
 
 fn run<D: BlockDev>(mgr: &Shared<D>, caller: &mut Caller, boot: Option<&BootHash>, msg: &[u8]) -> Vec<u8> {
     let mut m = mgr.lock().unwrap_or_else(PoisonError::into_inner);
-    proto::handle_measured(&mut m, caller, boot, msg)
+    dispatch::handle(&mut *m, caller, boot, msg)
 }
 
 /// Reads one message: `Ok(None)` at a clean end of stream.
@@ -35,7 +38,7 @@ fn read_message(s: &mut UnixStream) -> std::io::Result<Option<Vec<u8>>> {
             n => got += n,
         }
     }
-    let size = u32::from_be_bytes([head[2], head[3], head[4], head[5]]) as usize;
+    let size = tpm::be32(&head, 2).unwrap_or_default() as usize;
     if !(HEADER..=MAX_MESSAGE).contains(&size) {
         return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("message size {size}")));
     }
@@ -65,7 +68,7 @@ fn serve_conn<D: BlockDev>(mgr: Shared<D>, mut s: UnixStream, mut caller: Caller
             Ok(None) => return,
             Err(e) => {
                 log::warn!("{caller:?}: dropping the connection: {e}");
-                let _ = s.write_all(&proto::reply(proto::TAG_RSP, proto::status::SIZE, &[]));
+                let _ = s.write_all(&Reply::refuse(TAG_RSP, status::SIZE).encode());
                 return;
             }
         }
@@ -211,9 +214,9 @@ impl<D> std::fmt::Debug for XenHandler<D> {
 
 impl<D: BlockDev + Send> CommandHandler for XenHandler<D> {
     fn handle(&self, req: &Request<'_>) -> Vec<u8> {
-        let Some(uuid) = proto::parse_uuid(&req.device.uuid) else {
+        let Ok(Uuid(uuid)) = Uuid::parse(&req.device.uuid) else {
             log::warn!("{}: no usable uuid; refusing", req.device);
-            return proto::reply(proto::TAG_RSP, proto::status::AUTHFAIL, &[]);
+            return Reply::refuse(TAG_RSP, status::AUTHFAIL).encode();
         };
         if self.admin_domain == Some(req.device.frontend) {
             return run(&self.mgr, &mut Caller::Admin, None, req.command);
@@ -240,8 +243,9 @@ impl Client {
 
     /// Sends a request; the reply's status and body.
     pub fn call(&mut self, tag: u16, ordinal: u32, body: &[u8]) -> Result<(u32, Vec<u8>)> {
-        let msg = self.exchange(&proto::request(tag, ordinal, body))?;
-        proto::split_reply(&msg).ok_or_else(|| Error::Protocol("malformed reply from the manager".into()))
+        let msg = self.exchange(&tpm::frame(tag, ordinal, body))?;
+        let r = Reply::decode(&msg).map_err(|e| Error::Protocol(format!("malformed reply from the manager: {e}")))?;
+        Ok((r.status, r.body))
     }
 
     /// Sends a framed request; the whole reply (at least a header).

@@ -9,9 +9,9 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rand::Rng;
+use xvtpm_proto::mgr::{ord as proto, status, TAG_REQ, TAG_REQ2};
 use xvtpm_tis::Family;
 use xvtpm_vtpmmgr::admin::Admin;
-use xvtpm_vtpmmgr::proto::{self, status, TAG_REQ, TAG_REQ2};
 use xvtpm_vtpmmgr::server::Client;
 use xvtpm_vtpmmgr::Error;
 

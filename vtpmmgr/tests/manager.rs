@@ -162,15 +162,15 @@ fn tpm2_deep_quote_binds_the_vtpm_and_its_nonce() {
     m.provision(uuid, 0, None).expect("provision");
     assert!(matches!(m.quote(&[1; 16], None, &[0; 20], &[16]), Err(Error::UnknownVtpm(_))), "only provisioned vTPMs");
     let nonce = [7u8; 20];
-    let msg = xvtpm_vtpmmgr::proto::request(
-        xvtpm_vtpmmgr::proto::TAG_REQ,
-        xvtpm_vtpmmgr::proto::GET_QUOTE,
+    let msg = xvtpm_proto::tpm::frame(
+        xvtpm_proto::mgr::TAG_REQ,
+        xvtpm_proto::mgr::ord::GET_QUOTE,
         &[&nonce[..], &[0, 3, 0, 0, 1]].concat(),
     );
     // The transport measured the vTPM: its boot hash is part of the quoted data.
     let boot = [0xB0u8; 32];
     let rsp =
-        xvtpm_vtpmmgr::proto::handle_measured(&mut m, &mut xvtpm_vtpmmgr::proto::Caller::Vtpm(uuid), Some(&boot), &msg);
+        xvtpm_vtpmmgr::dispatch::handle(&mut m, &mut xvtpm_vtpmmgr::dispatch::Caller::Vtpm(uuid), Some(&boot), &msg);
     assert_eq!(&rsp[6..10], &[0, 0, 0, 0], "status");
     let body = &rsp[10..];
     let (public, at) = b2(body, 0);
@@ -347,12 +347,12 @@ fn tpm12_deep_quote_binds_the_vtpm_and_its_nonce() {
     m.provision(uuid, 0, None).expect("provision");
     assert!(matches!(m.quote(&[1; 16], None, &[0; 20], &[16]), Err(Error::UnknownVtpm(_))), "only provisioned vTPMs");
     let get_quote = |m: &mut Manager<FileDev>, nonce: &[u8; 20]| {
-        let msg = xvtpm_vtpmmgr::proto::request(
-            xvtpm_vtpmmgr::proto::TAG_REQ,
-            xvtpm_vtpmmgr::proto::GET_QUOTE,
+        let msg = xvtpm_proto::tpm::frame(
+            xvtpm_proto::mgr::TAG_REQ,
+            xvtpm_proto::mgr::ord::GET_QUOTE,
             &[&nonce[..], &[0, 3, 0, 0, 1]].concat(),
         );
-        let rsp = xvtpm_vtpmmgr::proto::handle(m, &mut xvtpm_vtpmmgr::proto::Caller::Vtpm(uuid), &msg);
+        let rsp = xvtpm_vtpmmgr::dispatch::handle(m, &mut xvtpm_vtpmmgr::dispatch::Caller::Vtpm(uuid), None, &msg);
         assert_eq!(&rsp[6..10], &[0, 0, 0, 0], "status");
         let body = &rsp[10..];
         let (public, at) = b2(body, 0);
@@ -413,8 +413,9 @@ fn tpm12_deep_quote_binds_the_vtpm_and_its_nonce() {
 /// its quotes, and the first earns quotes back with time.
 #[test]
 fn get_quote_is_rate_limited_per_vtpm() {
+    use xvtpm_proto::mgr::{ord::GET_QUOTE, status, TAG_REQ};
+    use xvtpm_vtpmmgr::dispatch::{self, Caller};
     use xvtpm_vtpmmgr::manager::QuoteLimit;
-    use xvtpm_vtpmmgr::proto::{self, status, Caller, GET_QUOTE, TAG_REQ};
     let dir = common::tmpdir("quote-rate");
     let hw = common::HwSwtpm::start(&dir.join("tpm"));
     let mut m =
@@ -424,9 +425,9 @@ fn get_quote_is_rate_limited_per_vtpm() {
     m.provision(b, 0, None).expect("provision b");
     // Long enough that no quote is earned back while the test runs, however loaded the machine.
     m.quote_limit = QuoteLimit { burst: 2, interval: std::time::Duration::from_secs(30) };
-    let msg = proto::request(TAG_REQ, GET_QUOTE, &[&[5u8; 20][..], &[0, 3, 0, 0, 1]].concat());
+    let msg = xvtpm_proto::tpm::frame(TAG_REQ, GET_QUOTE, &[&[5u8; 20][..], &[0, 3, 0, 0, 1]].concat());
     let status_of = |m: &mut Manager<FileDev>, u: [u8; 16]| {
-        let rsp = proto::handle(m, &mut Caller::Vtpm(u), &msg);
+        let rsp = dispatch::handle(m, &mut Caller::Vtpm(u), None, &msg);
         u32::from_be_bytes(rsp[6..10].try_into().expect("4"))
     };
     assert_eq!(status_of(&mut m, a), status::SUCCESS);

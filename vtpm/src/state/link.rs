@@ -10,11 +10,11 @@ use std::time::Duration;
 use xvtpm_frontend::{Frontend, FrontendConfig};
 use xvtpm_xen::platform::Xen;
 
-use super::managed::{parse_reply, request, ManagerLink};
-use crate::{Error, Result};
+use xvtpm_proto::mgr::Request;
+use xvtpm_proto::{tpm, Uuid};
 
-const TAG_REQ2: u16 = 0x01C2;
-const BIND: u32 = 0x0200_0401;
+use super::managed::{parse_reply, ManagerLink};
+use crate::{Error, Result};
 
 /// The manager's Unix socket. After any I/O error the connection is dropped and the next
 /// call reconnects and binds again: a late reply must never be read as the answer to a later
@@ -40,8 +40,8 @@ impl UnixLink {
             .map_err(|e| Error::io(format!("connect to the manager at {}", self.path.display()), e))?;
         s.set_read_timeout(Some(Duration::from_secs(60))).map_err(|e| Error::io("socket timeout", e))?;
         self.s = Some(s);
-        let body = [&self.uuid[..], &self.token].concat();
-        match self.exchange(TAG_REQ2, BIND, &body)? {
+        let bind = Request::Bind { uuid: Uuid(self.uuid), token: self.token.clone() };
+        match self.exchange(&bind)? {
             (0, _) => Ok(()),
             (st, _) => {
                 self.s = None;
@@ -50,21 +50,21 @@ impl UnixLink {
         }
     }
 
-    fn exchange(&mut self, tag: u16, ordinal: u32, body: &[u8]) -> Result<(u32, Vec<u8>)> {
+    fn exchange(&mut self, request: &Request) -> Result<(u32, Vec<u8>)> {
         let Some(s) = self.s.as_mut() else {
             return Err(Error::Protocol("not connected to the manager".into()));
         };
         let r = (|| -> std::io::Result<Vec<u8>> {
-            s.write_all(&request(tag, ordinal, body))?;
-            let mut head = [0u8; 10];
+            s.write_all(&request.encode())?;
+            let mut head = [0u8; tpm::HEADER_SIZE];
             s.read_exact(&mut head)?;
-            let size = u32::from_be_bytes([head[2], head[3], head[4], head[5]]) as usize;
-            if !(10..=4096).contains(&size) {
+            let size = tpm::be32(&head, 2).unwrap_or_default() as usize;
+            if !(tpm::HEADER_SIZE..=xvtpm_proto::mgr::MAX_MESSAGE).contains(&size) {
                 return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("reply of size {size}")));
             }
             let mut msg = head.to_vec();
             msg.resize(size, 0);
-            s.read_exact(&mut msg[10..])?;
+            s.read_exact(&mut msg[tpm::HEADER_SIZE..])?;
             Ok(msg)
         })();
         match r {
@@ -79,11 +79,11 @@ impl UnixLink {
 }
 
 impl ManagerLink for UnixLink {
-    fn call(&mut self, tag: u16, ordinal: u32, body: &[u8]) -> Result<(u32, Vec<u8>)> {
+    fn call(&mut self, request: &Request) -> Result<(u32, Vec<u8>)> {
         if self.s.is_none() {
             self.reconnect()?;
         }
-        self.exchange(tag, ordinal, body)
+        self.exchange(request)
     }
 }
 
@@ -109,11 +109,9 @@ impl XenLink {
 }
 
 impl ManagerLink for XenLink {
-    fn call(&mut self, tag: u16, ordinal: u32, body: &[u8]) -> Result<(u32, Vec<u8>)> {
-        let r = self
-            .fe
-            .transmit(&request(tag, ordinal, body))
-            .map_err(|e| Error::Protocol(format!("manager over tpmfront: {e}")))?;
+    fn call(&mut self, request: &Request) -> Result<(u32, Vec<u8>)> {
+        let r =
+            self.fe.transmit(&request.encode()).map_err(|e| Error::Protocol(format!("manager over tpmfront: {e}")))?;
         parse_reply(&r)
     }
 }

@@ -14,43 +14,30 @@ use aes_gcm::{Aes256Gcm, Nonce};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 
+use xvtpm_proto::mgr::{Reply, Request};
+
 use super::StateStore;
 use crate::{Error, Result};
 
 const MAGIC: &[u8; 8] = b"XVTPMMS1";
 const SLOTS: [&str; 2] = ["managed-a.xvtpm", "managed-b.xvtpm"];
 
-/// Manager protocol constants (Xen's framing).
+/// The manager protocol's status codes this store acts on.
 mod wire {
-    pub const TAG_REQ: u16 = 0x01C1;
-    pub const SAVEHASHKEY: u32 = 1;
-    pub const LOADHASHKEY: u32 = 2;
-    pub const SUCCESS: u32 = 0;
-    pub const AUTHFAIL: u32 = 1;
-    pub const BAD_PARAMETER: u32 = 3;
+    pub use xvtpm_proto::mgr::status::{AUTHFAIL, BAD_PARAMETER, SUCCESS};
 }
 
 /// A connection to the manager: one request, one reply (status and body).
 pub trait ManagerLink: Send + std::fmt::Debug {
-    /// Sends a request with Xen's header and returns the reply's status and body.
-    fn call(&mut self, tag: u16, ordinal: u32, body: &[u8]) -> Result<(u32, Vec<u8>)>;
+    /// Sends `request` and returns the reply's status and body.
+    fn call(&mut self, request: &Request) -> Result<(u32, Vec<u8>)>;
 }
 
-/// Frames a request.
-pub fn request(tag: u16, ordinal: u32, body: &[u8]) -> Vec<u8> {
-    let mut r = tag.to_be_bytes().to_vec();
-    r.extend_from_slice(&((10 + body.len()) as u32).to_be_bytes());
-    r.extend_from_slice(&ordinal.to_be_bytes());
-    r.extend_from_slice(body);
-    r
-}
-
-/// Splits a reply into status and body.
+/// Splits a whole reply into status and body.
 pub fn parse_reply(r: &[u8]) -> Result<(u32, Vec<u8>)> {
-    let size = r.get(2..6).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize);
-    match (size, r.get(6..10)) {
-        (Some(n), Some(st)) if n == r.len() => Ok((u32::from_be_bytes([st[0], st[1], st[2], st[3]]), r[10..].to_vec())),
-        _ => Err(Error::Protocol(format!("malformed manager reply of {} bytes", r.len()))),
+    match Reply::decode(r) {
+        Ok(r) => Ok((r.status, r.body)),
+        Err(e) => Err(Error::Protocol(format!("malformed manager reply of {} bytes: {e}", r.len()))),
     }
 }
 
@@ -104,7 +91,7 @@ impl ManagedStore {
     pub fn open(dir: &Path, mut link: Box<dyn ManagerLink>) -> Result<Self> {
         let lock = super::lock_dir(dir)?;
         let slots: Vec<Option<Vec<u8>>> = SLOTS.iter().map(|s| fs::read(dir.join(s)).ok()).collect();
-        let (st, body) = link.call(wire::TAG_REQ, wire::LOADHASHKEY, &[])?;
+        let (st, body) = link.call(&Request::LoadHashKey)?;
         let mut store =
             Self { dir: dir.to_path_buf(), link, blobs: BTreeMap::new(), active: None, uncertain: false, _lock: lock };
         match st {
@@ -159,7 +146,7 @@ impl ManagedStore {
     /// After an uncertain reply: asks the manager which slot it points at. Only a definite
     /// answer clears the doubt: a hash matching one of the slots, or "no saved key".
     fn resync(&mut self) -> Result<()> {
-        let (st, body) = self.link.call(wire::TAG_REQ, wire::LOADHASHKEY, &[])?;
+        let (st, body) = self.link.call(&Request::LoadHashKey)?;
         let active = match (st, body.len()) {
             (wire::SUCCESS, 64) => {
                 let hit = SLOTS
@@ -211,7 +198,7 @@ impl ManagedStore {
         File::open(&self.dir).and_then(|d| d.sync_all()).map_err(|e| io("sync the directory of", e))?;
         // The slot is durable: now the manager may point at it.
         let blob = [&Sha256::digest(&file)[..], &key[..]].concat();
-        let reply = self.link.call(wire::TAG_REQ, wire::SAVEHASHKEY, &blob);
+        let reply = self.link.call(&Request::SaveHashKey(blob.to_vec()));
         // Unless the manager answered success or refused the request outright, it may have
         // committed: never overwrite the slot it might point at without asking first.
         self.uncertain = !matches!(reply, Ok((wire::SUCCESS | wire::BAD_PARAMETER | wire::AUTHFAIL, _)));
@@ -277,14 +264,14 @@ mod tests {
     struct FakeLink(Arc<Mutex<FakeManager>>, PathBuf);
 
     impl ManagerLink for FakeLink {
-        fn call(&mut self, _tag: u16, ordinal: u32, body: &[u8]) -> Result<(u32, Vec<u8>)> {
+        fn call(&mut self, request: &Request) -> Result<(u32, Vec<u8>)> {
             let mut m = self.0.lock().expect("lock");
-            match ordinal {
-                wire::LOADHASHKEY => Ok(match &m.record {
+            match request {
+                Request::LoadHashKey => Ok(match &m.record {
                     Some(r) => (wire::SUCCESS, r.clone()),
                     None => (wire::BAD_PARAMETER, Vec::new()),
                 }),
-                _ => {
+                Request::SaveHashKey(body) => {
                     // The slot the manager points at must still be there, intact.
                     if let Some(r) = &m.record {
                         let intact = SLOTS
@@ -298,6 +285,7 @@ mod tests {
                     }
                     Ok((wire::SUCCESS, Vec::new()))
                 }
+                other => Err(Error::Protocol(format!("unexpected {other:?}"))),
             }
         }
     }

@@ -11,7 +11,7 @@
 pub mod blob;
 pub mod cli;
 mod conn;
-pub mod ctrl;
+pub use xvtpm_proto::ctrl;
 pub mod launch;
 pub mod server;
 #[cfg(test)]

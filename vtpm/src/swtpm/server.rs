@@ -22,6 +22,8 @@ use super::conn::{read_until, Listener, Stream};
 use super::ctrl::{self, rc, CtrlCmd};
 use crate::engine::{Canceller, StateKind, TpmEngine, TpmVersion};
 use crate::{Error, Result};
+use xvtpm_proto::tpm;
+pub use xvtpm_proto::tpm::StartupType;
 
 /// The vendor ordinal of swtpm's in-band set-locality command (TPM 2 and TPM 1.2 alike).
 pub const TPM_CC_SET_LOCALITY: u32 = 0x2000_1000;
@@ -29,9 +31,9 @@ pub const TPM_CC_SET_LOCALITY: u32 = 0x2000_1000;
 /// TPM 2 data-channel commands may carry.
 pub const TPM2_SEND_COMMAND: u32 = 8;
 /// Size of a TPM command/response header (tag, size, ordinal/code).
-pub const TPM_HEADER_SIZE: usize = 10;
-const TPM2_ST_NO_SESSIONS: u16 = 0x8001;
-const TPM2_ST_SESSIONS: u16 = 0x8002;
+pub const TPM_HEADER_SIZE: usize = tpm::HEADER_SIZE;
+const TPM2_ST_NO_SESSIONS: u16 = tpm::TPM_ST_NO_SESSIONS;
+const TPM2_ST_SESSIONS: u16 = tpm::TPM_ST_SESSIONS;
 const TCG_PREFIX_SIZE: usize = 9;
 const DEFAULT_BUFFER_SIZE: u32 = 4096;
 
@@ -40,17 +42,6 @@ const DEFAULT_BUFFER_SIZE: u32 = 4096;
 /// the descriptor, if one came. Receiving descriptors needs `recvmsg`, which this module
 /// cannot call without `unsafe`; the binary may supply it.
 pub type FdReceiver = Arc<dyn Fn(&UnixStream, &mut [u8]) -> io::Result<(usize, Option<OwnedFd>)> + Send + Sync>;
-
-/// The startup command sent after powering on at program start (`--flags startup-*`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StartupType {
-    /// TPM2_Startup(CLEAR) / TPM_Startup(ST_CLEAR).
-    Clear,
-    /// TPM2_Startup(STATE) / TPM_Startup(ST_STATE).
-    State,
-    /// TPM_Startup(ST_DEACTIVATED); TPM 1.2 only.
-    Deactivated,
-}
 
 /// swtpm's `--locality` options.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -141,22 +132,8 @@ impl std::fmt::Debug for ServerConfig {
 
 /// The TPM command swtpm sends for `startup` on a TPM of `version`.
 pub fn startup_command(version: TpmVersion, startup: StartupType) -> Result<Vec<u8>> {
-    let (tag, ordinal, ty): (u16, u32, u16) = match (version, startup) {
-        (TpmVersion::V2_0, StartupType::Clear) => (TPM2_ST_NO_SESSIONS, 0x144, 0),
-        (TpmVersion::V2_0, StartupType::State) => (TPM2_ST_NO_SESSIONS, 0x144, 1),
-        (TpmVersion::V2_0, StartupType::Deactivated) => {
-            return Err(Error::Config("TPM 2 does not support startup-deactivated".into()))
-        }
-        (TpmVersion::V1_2, StartupType::Clear) => (0x00c1, 0x99, 1),
-        (TpmVersion::V1_2, StartupType::State) => (0x00c1, 0x99, 2),
-        (TpmVersion::V1_2, StartupType::Deactivated) => (0x00c1, 0x99, 3),
-    };
-    let mut c = Vec::with_capacity(12);
-    c.extend_from_slice(&tag.to_be_bytes());
-    c.extend_from_slice(&12u32.to_be_bytes());
-    c.extend_from_slice(&ordinal.to_be_bytes());
-    c.extend_from_slice(&ty.to_be_bytes());
-    Ok(c)
+    tpm::startup(version.into(), startup)
+        .ok_or_else(|| Error::Config("TPM 2 does not support startup-deactivated".into()))
 }
 
 pub use crate::engine::error_response;
@@ -419,8 +396,9 @@ fn read_chunks(s: &mut Stream, mut total: usize, timeout: Duration, mut f: impl 
     Ok(())
 }
 
+/// The big-endian u32 at `at`, 0 past the end (callers have checked the length).
 fn be32(b: &[u8], at: usize) -> u32 {
-    b.get(at..at + 4).and_then(|s| s.try_into().ok()).map(u32::from_be_bytes).unwrap_or_default()
+    tpm::be32(b, at).unwrap_or_default()
 }
 
 impl Shared {
@@ -722,7 +700,7 @@ impl Shared {
             log::info!("TPM powered on at start");
             if let Some(st) = self.cfg.startup {
                 let resp = eng.process(0, &startup_command(self.version, st)?)?;
-                match resp.get(6..10).map(|c| be32(c, 0)) {
+                match tpm::code(&resp) {
                     Some(0) => log::info!("sent startup {st:?}"),
                     code => log::warn!("startup {st:?} answered {code:x?}"),
                 }
