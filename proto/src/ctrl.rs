@@ -232,13 +232,7 @@ pub const PTM_GETINFO_RESP_HDR_SIZE: usize = 12;
 /// message is read into a buffer of this size.
 pub const CTRL_INPUT_SIZE: usize = 4 + PTM_HDATA_SIZE;
 
-fn be32(b: &[u8], at: usize) -> Option<u32> {
-    b.get(at..at + 4)?.try_into().ok().map(u32::from_be_bytes)
-}
-
-fn be64(b: &[u8], at: usize) -> Option<u64> {
-    b.get(at..at + 8)?.try_into().ok().map(u64::from_be_bytes)
-}
+use crate::tpm::{be32, be64};
 
 /// A control message as a client sends it: the command code and the request body.
 pub fn encode_request(cmd: u32, body: &[u8]) -> Vec<u8> {

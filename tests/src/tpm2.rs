@@ -124,12 +124,12 @@ pub fn change_owner_auth(old: &[u8], new: &[u8]) -> Vec<u8> {
 
 /// The response code of a response.
 pub fn rc(rsp: &[u8]) -> u32 {
-    rsp.get(6..10).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]])).unwrap_or(u32::MAX)
+    tpm::code(rsp).unwrap_or(u32::MAX)
 }
 
 /// The object handle a successful CreatePrimary returned.
 pub fn created_handle(rsp: &[u8]) -> Option<u32> {
-    rsp.get(10..14).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    tpm::be32(rsp, 10)
 }
 
 /// The data of a successful NV_Read response (sessions tag: parameterSize, then TPM2B).

@@ -163,7 +163,7 @@ enum Command {
     },
     /// Serve the TPM over swtpm's socket protocol (data and control channels), taking swtpm's
     /// own options, e.g. `vtpm socket --tpm2 --server type=tcp,port=2321 --ctrl
-    /// type=tcp,port=2322 --tpmstate dir=D --key file=K,mode=aes-256-cbc --flags
+    /// type=tcp,port=2322 --tpmstate dir=D --key file=K,format=binary,mode=aes-256-cbc --flags
     /// not-need-init,startup-clear`. The state must exist (`vtpm create`); `xvtpm-swtpm`,
     /// the drop-in for swtpm, creates a missing state as swtpm does.
     Socket {

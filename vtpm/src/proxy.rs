@@ -78,7 +78,7 @@ fn gone(e: &io::Error) -> bool {
 }
 
 fn ordinal(cmd: &[u8]) -> Option<u32> {
-    cmd.get(6..10).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    xvtpm_proto::tpm::code(cmd)
 }
 
 /// The response to one command: the engine's, or ours for the locality command and for
@@ -86,7 +86,7 @@ fn ordinal(cmd: &[u8]) -> Option<u32> {
 fn answer(engine: &mut dyn TpmEngine, locality: &mut u8, cmd: &[u8]) -> Vec<u8> {
     let version = engine.version();
     let v2 = version == TpmVersion::V2_0;
-    let declared = cmd.get(2..6).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize);
+    let declared = xvtpm_proto::tpm::be32(cmd, 2).map(|n| n as usize);
     if cmd.len() < 10 || declared != Some(cmd.len()) {
         log::warn!("proxy command of {} bytes with size field {declared:?}: refused", cmd.len());
         // TPM_RC_COMMAND_SIZE / TPM_BAD_PARAM_SIZE

@@ -73,9 +73,7 @@ fn nonce() -> [u8; 20] {
 }
 
 fn be32(b: &[u8], at: usize) -> Result<u32> {
-    b.get(at..at + 4)
-        .map(|s| u32::from_be_bytes([s[0], s[1], s[2], s[3]]))
-        .ok_or_else(|| Error::Tpm("TPM 1.2 response too short".into()))
+    xvtpm_proto::tpm::be32(b, at).ok_or_else(|| Error::Tpm("TPM 1.2 response too short".into()))
 }
 
 /// The TPM 1.2 side of the manager.
