@@ -11,6 +11,7 @@ use xvtpm_xen::xenbus::{self, parse_num, parse_uuid, vtpm_backend_root};
 use xvtpm_xen::{DomId, GrantMapper, TxId, Xen, XenbusState, Xenstore};
 
 use crate::handler::{CommandHandler, DeviceInfo};
+use crate::machine::{self, Action, Frontend, View};
 use crate::worker::{Connection, Fatal, Worker};
 use crate::{Error, Result};
 
@@ -416,79 +417,43 @@ impl State {
             return;
         }
         let Some(dev) = self.devices.get(&key) else { return };
-        let (written, fe_path) = (dev.written, dev.fe_path.clone());
-        if dev.info.is_none() {
-            // Misconfigured: stay closed, but let the toolstack's removal complete.
-            if XenbusState::parse(&be_path, &raw_state).ok() != Some(XenbusState::Closed) {
-                self.write_state(key, XenbusState::Closed);
-            }
-            return;
-        }
-        let be_state = XenbusState::parse(&be_path, &raw_state).ok();
-        // libxl always writes `online`; only an explicit 0 takes the device offline.
-        let online = self.read_opt(&format!("{be_path}/online")).is_none_or(|v| v != b"0");
-        if !online || (be_state == Some(XenbusState::Closing) && written != Some(XenbusState::Closing)) {
-            // libxl (xl destroy / vtpm-detach) writes online=0 and Closing, then waits 10 s
-            // for Closed. An offline device stays closed, whatever the frontend does.
-            self.disconnect(key);
-            if be_state != Some(XenbusState::Closed) {
-                self.write_state(key, XenbusState::Closed);
-            }
-            if !online && self.xen.domid() != 0 {
-                self.note_offline(key, &be_path);
-            }
-            return;
-        }
+        let (written, fe_path, configured, error_closed) =
+            (dev.written, dev.fe_path.clone(), dev.info.is_some(), dev.error_closed);
         let fe_state_path = format!("{fe_path}/state");
-        let fe_state = match self.read_opt(&fe_state_path) {
-            None => None,
+        // A misconfigured device's frontend path is not to be trusted: not read.
+        let frontend = match configured.then(|| self.read_opt(&fe_state_path)).flatten() {
+            None => Frontend::Gone,
             Some(raw) => match XenbusState::parse(&fe_state_path, &raw) {
-                Ok(s) => Some(s),
+                Ok(s) => Frontend::Is(s),
                 Err(e) => {
                     log::warn!("vtpm {fe}/{handle}: {e}");
-                    return;
+                    Frontend::Garbage
                 }
             },
         };
-        log::debug!("vtpm {fe}/{handle}: reconcile: frontend {fe_state:?}, backend {be_state:?}, we wrote {written:?}");
-        match fe_state {
-            None | Some(XenbusState::Unknown) => {
-                // Frontend gone (domain destroyed): close our end.
-                self.disconnect(key);
-                if written != Some(XenbusState::Closed) {
-                    self.write_state(key, XenbusState::Closed);
+        let view = View {
+            configured,
+            backend: XenbusState::parse(&be_path, &raw_state).ok(),
+            online: !configured || self.read_opt(&format!("{be_path}/online")).is_none_or(|v| v != b"0"),
+            frontend,
+            written,
+            error_closed,
+            driver_domain: self.xen.domid() != 0,
+        };
+        let actions = machine::step(&view);
+        log::debug!("vtpm {fe}/{handle}: {view:?} -> {actions:?}");
+        for action in actions {
+            match action {
+                Action::Disconnect => self.disconnect(key),
+                Action::Write(s) => self.write_state(key, s),
+                Action::Connect => self.connect(key),
+                Action::ClearError => {
+                    if let Some(d) = self.devices.get_mut(&key) {
+                        d.error_closed = false;
+                    }
                 }
+                Action::NoteOffline => self.note_offline(key, &be_path),
             }
-            Some(XenbusState::Initialised | XenbusState::Connected) => self.connect(key),
-            Some(XenbusState::Closing) => {
-                self.disconnect(key);
-                if written != Some(XenbusState::Closing) {
-                    self.write_state(key, XenbusState::Closing);
-                }
-            }
-            Some(XenbusState::Closed) => {
-                // A rebooting guest closes and comes back: wait for it again.
-                self.disconnect(key);
-                if let Some(d) = self.devices.get_mut(&key) {
-                    d.error_closed = false;
-                }
-                let next = if online { XenbusState::InitWait } else { XenbusState::Closed };
-                if self.devices.get(&key).is_some_and(|d| d.written != Some(next)) {
-                    self.write_state(key, next);
-                }
-            }
-            Some(XenbusState::Initialising | XenbusState::InitWait) => {
-                // The frontend started over (guest reboot without a clean close).
-                self.disconnect(key);
-                if let Some(d) = self.devices.get_mut(&key) {
-                    d.error_closed = false;
-                }
-                let dev_written = self.devices.get(&key).and_then(|d| d.written);
-                if online && dev_written != Some(XenbusState::InitWait) {
-                    self.write_state(key, XenbusState::InitWait);
-                }
-            }
-            Some(XenbusState::Reconfiguring | XenbusState::Reconfigured) => {}
         }
     }
 
@@ -545,13 +510,11 @@ impl State {
             Err(e) => log::warn!("vtpm {fe}/{handle}: cannot watch {fe_state_path}: {e}"),
         }
         let current = self.read_opt(&format!("{be_path}/state")).and_then(|v| XenbusState::parse(be_path, &v).ok());
+        let first_state = machine::adopt(current);
         log::info!("vtpm {fe}/{handle}: new device, uuid {}", dev.info.as_ref().map(|i| i.uuid.as_str()).unwrap_or(""));
         self.devices.insert(key, dev);
-        // Linux's xen-tpmfront refuses a backend without protocol v2: announce it first. A
-        // device left Connected by a previous backend process is picked up where it was; only
-        // a fresh one goes to InitWait (libxl waits 10 s for that).
-        let fresh = matches!(current, None | Some(XenbusState::Unknown | XenbusState::Initialising));
-        self.write_keys(key, &[("feature-protocol-v2", b"1")], fresh.then_some(XenbusState::InitWait));
+        // Linux's xen-tpmfront refuses a backend without protocol v2: announce it first.
+        self.write_keys(key, &[("feature-protocol-v2", b"1")], first_state);
         true
     }
 
@@ -559,11 +522,6 @@ impl State {
         let (fe, handle) = key;
         let Some(dev) = self.devices.get(&key) else { return };
         let Some(info) = dev.info.clone() else { return };
-        if dev.error_closed {
-            // Closed after a protocol error: the frontend must close before it may connect
-            // again. (An offline device never gets here: reconcile keeps it Closed.)
-            return;
-        }
         let fe_path = dev.fe_path.clone();
         let existing = dev.conn.as_ref().map(|c| (c.ring_ref, c.remote_port));
         let xs = self.xs.clone();

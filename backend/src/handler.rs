@@ -5,7 +5,7 @@ use std::sync::Arc;
 use xvtpm_xen::tpmif::{Tpmif, TpmifState};
 use xvtpm_xen::{DomId, SharedPage};
 
-use crate::worker::Stop;
+use crate::stop::Stop;
 
 /// The device a command came from.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

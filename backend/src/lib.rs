@@ -11,6 +11,8 @@
 mod backend;
 mod error;
 mod handler;
+mod machine;
+mod stop;
 mod worker;
 
 pub use backend::{Backend, BackendConfig, BackendHandle, DeviceFilter};

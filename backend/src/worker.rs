@@ -1,14 +1,14 @@
 //! The per-device thread: waits on the device's event channel and serves its shared page.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use xvtpm_xen::tpmif::{Tpmif, TpmifState};
 use xvtpm_xen::{EventChannel, Port, SharedPage};
 
 use crate::handler::{CancelProbe, CommandHandler, DeviceInfo, Request};
+use crate::stop::Stop;
 
 /// How often a waiting worker checks whether it should stop.
 const STOP_POLL: Duration = Duration::from_millis(50);
@@ -19,26 +19,6 @@ pub(crate) struct Fatal {
     pub key: (u16, u32),
     pub generation: u64,
     pub reason: String,
-}
-
-/// The stop signal of one connection. Setting it takes `write`, which the worker holds while it
-/// writes the page: once `set` returns, a stopped worker never touches the page again, even if
-/// its handler is still running.
-#[derive(Debug, Default)]
-pub(crate) struct Stop {
-    flag: AtomicBool,
-    write: Mutex<()>,
-}
-
-impl Stop {
-    pub fn is_set(&self) -> bool {
-        self.flag.load(Ordering::SeqCst)
-    }
-
-    fn set(&self) {
-        let _guard = self.write.lock();
-        self.flag.store(true, Ordering::SeqCst);
-    }
 }
 
 /// A connected device: shared page, event channel, serving thread.
@@ -165,7 +145,7 @@ impl Worker {
             }
         };
         // Hold the write lock while touching the page, so a stop cannot interleave.
-        let Ok(_guard) = stop.write.lock() else { return false };
+        let Some(_guard) = stop.write_guard() else { return false };
         if stop.is_set() {
             return false;
         }
