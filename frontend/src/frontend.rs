@@ -249,3 +249,6 @@ impl Drop for Frontend {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

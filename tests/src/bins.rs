@@ -10,7 +10,9 @@ use std::process::Command;
 pub fn vtpm_and_vtpmmgr(own_exe: &str) -> PathBuf {
     let dir = Path::new(own_exe).parent().expect("bin dir").to_path_buf();
     let mut cargo = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cargo.args(["build", "-q", "--bins", "-p", "xvtpm-vtpm", "-p", "xvtpm-vtpmmgr"]);
+    // With the tests crate, as in `cargo test --workspace`: its simulated Xen is then in the
+    // binaries too (`--sim`), and the build is the one the test run made.
+    cargo.args(["build", "-q", "--bins", "-p", "xvtpm-vtpm", "-p", "xvtpm-vtpmmgr", "-p", "xvtpm-tests"]);
     if dir.ends_with("release") {
         cargo.arg("--release");
     }

@@ -1,5 +1,6 @@
 //! The hardware TPM driver: TIS 1.2 FIFO, the TPM 2.0 PTP FIFO and CRB, over an [`Mmio`]
-//! window (real through `/dev/mem`, or a register model in tests), and the [`HwTpm`] trait the
+//! window (real through `/dev/mem`, or a register model in tests: `model` and `fuzz`, behind the
+//! `test-utils` feature), and the [`HwTpm`] trait the
 //! manager uses, implemented by this driver, by the kernel's `/dev/tpmrm0` and by a socket to
 //! swtpm.
 //!
@@ -14,14 +15,17 @@ pub mod devmem;
 pub mod devtpm;
 pub mod error;
 pub mod fifo;
+#[cfg(feature = "test-utils")]
 pub mod fuzz;
 pub mod hwtpm;
 pub mod mmio;
+#[cfg(feature = "test-utils")]
 pub mod model;
 pub mod regs;
 pub mod selftest;
 pub mod swtpm;
 pub mod timeouts;
+// `tis::tis`: the crate is named for the interface, and so is its driver.
 #[allow(clippy::module_inception)]
 pub mod tis;
 

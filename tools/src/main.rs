@@ -23,8 +23,6 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use xvtpm_backend::{Backend, BackendConfig, DeviceFilter, EchoHandler};
 use xvtpm_frontend::{Frontend, FrontendConfig};
-use xvtpm_xen::linux::LinuxXen;
-use xvtpm_xen::sim::SimXen;
 use xvtpm_xen::Xen;
 
 #[derive(Parser, Debug)]
@@ -51,12 +49,7 @@ pub(crate) struct XenOpts {
 
 impl XenOpts {
     pub(crate) fn open(&self) -> anyhow::Result<Arc<dyn Xen>> {
-        Ok(match (&self.sim, self.domid) {
-            (Some(dir), Some(d)) => Arc::new(SimXen::new(dir, d)),
-            (Some(_), None) => anyhow::bail!("--sim needs --domid"),
-            (None, Some(d)) => Arc::new(LinuxXen::with_domid(d)),
-            (None, None) => Arc::new(LinuxXen::open().context("cannot reach Xen (is this a Xen domain?)")?),
-        })
+        xvtpm_xen::open(self.sim.as_deref(), self.domid).context("cannot reach Xen (is this a Xen domain?)")
     }
 }
 

@@ -21,8 +21,6 @@ use xvtpm_vtpm::state::managed::{ManagedStore, ManagerLink};
 use xvtpm_vtpm::state::StateStore;
 use xvtpm_vtpm::tpmif::VtpmHandler;
 use xvtpm_vtpm::{TpmEngine, TpmVersion};
-use xvtpm_xen::linux::LinuxXen;
-use xvtpm_xen::sim::SimXen;
 use xvtpm_xen::Xen;
 
 #[derive(Parser, Debug)]
@@ -92,12 +90,7 @@ impl StateOpts {
     }
 
     fn xen(&self) -> anyhow::Result<Arc<dyn Xen>> {
-        Ok(match (&self.sim, self.domid) {
-            (Some(dir), Some(d)) => Arc::new(SimXen::new(dir.clone(), d)),
-            (None, Some(d)) => Arc::new(LinuxXen::with_domid(d)),
-            (None, None) => Arc::new(LinuxXen::open().context("cannot reach Xen (is this a Xen domain?)")?),
-            (Some(_), None) => bail!("--sim needs --domid"),
-        })
+        xvtpm_xen::open(self.sim.as_deref(), self.domid).context("cannot reach Xen (is this a Xen domain?)")
     }
 
     fn store(&self) -> anyhow::Result<Box<dyn StateStore>> {

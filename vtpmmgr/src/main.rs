@@ -14,9 +14,7 @@ use xvtpm_tis::{devmem::DevMem, devtpm::DevTpm, swtpm::Address, swtpm::Swtpm, Fa
 use xvtpm_vtpmmgr::manager::{InitConfig, Manager, QuoteLimit};
 use xvtpm_vtpmmgr::server::{self, XenHandler};
 use xvtpm_vtpmmgr::store::dev::FileDev;
-use xvtpm_xen::linux::LinuxXen;
 use xvtpm_xen::platform::Xen;
-use xvtpm_xen::sim::SimXen;
 
 #[derive(Parser)]
 #[command(
@@ -163,11 +161,8 @@ fn main() -> anyhow::Result<()> {
                 threads.push(server::serve_unix(mgr.clone(), p, true, max_clients)?);
             }
             if xen {
-                let x: Arc<dyn Xen> = match (sim, domid) {
-                    (Some(dir), Some(d)) => Arc::new(SimXen::new(dir, d)),
-                    (None, Some(d)) => Arc::new(LinuxXen::with_domid(d)),
-                    _ => Arc::new(LinuxXen::open().context("cannot reach Xen (is this a Xen domain?)")?),
-                };
+                let x: Arc<dyn Xen> =
+                    xvtpm_xen::open(sim.as_deref(), domid).context("cannot reach Xen (is this a Xen domain?)")?;
                 let xs = x.xenstore().context("xenstore")?;
                 let measure = move |domid| xvtpm_vtpmmgr::peer::measure_domain(&xs, domid);
                 let mut handler = XenHandler::new(mgr.clone()).measuring(Box::new(measure));

@@ -1,8 +1,9 @@
 //! Linux user-space interfaces to Xen, as used by a vTPM backend or frontend running in a
 //! domain: the xenstore client, event channels, grant mapping and granting, the tpmif v2 shared
 //! page, and xenbus states. Every hypervisor-facing piece is a trait with two implementations:
-//! the real one on `/dev/xen/*` and xenstored ([`linux`]), and a simulated Xen ([`sim`]) that
-//! works across processes so tests of backend and frontend run without Xen.
+//! the real one on `/dev/xen/*` and xenstored ([`linux`]), and a simulated Xen (`sim`, behind the
+//! feature of that name) that works across processes so tests of backend and frontend run
+//! without Xen.
 //!
 //! The `unsafe` code of the whole stack (ioctls and mmap) lives in this crate only, in the
 //! modules that opt in with `#[allow(unsafe_code)]`.
@@ -15,6 +16,7 @@ pub mod linux;
 #[allow(unsafe_code)]
 pub mod page;
 pub mod platform;
+#[cfg(feature = "sim")]
 #[allow(unsafe_code)]
 pub mod sim;
 pub mod toolstack;
@@ -26,7 +28,7 @@ pub use error::{Error, Result, XsErrno};
 pub use evtchn::{EventChannel, Port};
 pub use grant::{GrantAllocator, GrantMapper, GrantRef};
 pub use page::SharedPage;
-pub use platform::Xen;
+pub use platform::{open, Xen};
 pub use xenbus::XenbusState;
 pub use xenstore::{Perm, PermAccess, TxId, WatchEvent, Xenstore};
 

@@ -121,7 +121,8 @@ impl FileStore {
         Ok(self.dir.join(format!("{name}.xvtpm")))
     }
 
-    fn encode(&self, name: &str, data: &[u8]) -> Result<Vec<u8>> {
+    /// The bytes of blob `name`'s file holding `data`, as `store` writes them.
+    pub fn encode(&self, name: &str, data: &[u8]) -> Result<Vec<u8>> {
         let mut header = [0u8; HEADER_LEN];
         header[..8].copy_from_slice(MAGIC);
         let body = match &self.key {
@@ -187,6 +188,12 @@ impl FileStore {
             }
             (m, _) => Err(corrupt(&format!("unknown protection mode {m}"))),
         }
+    }
+
+    /// Parses the bytes of blob `name`'s file as `load` does (the fuzz targets' entry point).
+    pub fn decode_file(&self, name: &str, file: &[u8]) -> Result<Vec<u8>> {
+        let path = self.blob_path(name)?;
+        self.decode(&path, name, file)
     }
 
     fn sync_dir(&self) -> Result<()> {

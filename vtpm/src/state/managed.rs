@@ -54,7 +54,8 @@ pub struct ManagedStore {
     _lock: File,
 }
 
-fn encode(blobs: &BTreeMap<String, Vec<u8>>) -> Vec<u8> {
+/// The plaintext of a slot: the blob count, then each blob's name and contents.
+pub fn encode(blobs: &BTreeMap<String, Vec<u8>>) -> Vec<u8> {
     let mut b = (blobs.len() as u32).to_le_bytes().to_vec();
     for (k, v) in blobs {
         b.extend_from_slice(&(k.len() as u16).to_le_bytes());
@@ -65,7 +66,8 @@ fn encode(blobs: &BTreeMap<String, Vec<u8>>) -> Vec<u8> {
     b
 }
 
-fn decode(b: &[u8]) -> Option<BTreeMap<String, Vec<u8>>> {
+/// Parses a slot's plaintext; `None` if it is malformed.
+pub fn decode(b: &[u8]) -> Option<BTreeMap<String, Vec<u8>>> {
     let mut at = 0usize;
     let mut take = |n: usize| -> Option<&[u8]> {
         let s = b.get(at..at + n)?;

@@ -47,7 +47,8 @@ pub enum Node {
 }
 
 impl Node {
-    fn encode(&self) -> [u8; PLAIN] {
+    /// The plaintext of the node's block.
+    pub fn encode(&self) -> [u8; PLAIN] {
         let mut p = [0u8; PLAIN];
         match self {
             Node::Leaf(recs) => {
@@ -70,6 +71,12 @@ impl Node {
             }
         }
         p
+    }
+
+    /// Parses the plaintext of a block, as [`open`] does after decrypting it (the fuzz
+    /// targets' entry point).
+    pub fn decode_plain(p: &[u8; PLAIN]) -> Result<Node, String> {
+        Node::decode(p)
     }
 
     fn decode(p: &[u8]) -> Result<Node, String> {
