@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
+use serde_json::json;
 use xvtpm_vtpmmgr::admin::Admin;
 use xvtpm_vtpmmgr::{hex, uuid_str};
 
@@ -255,7 +256,7 @@ pub fn vtpm(cmd: VtpmCmd) -> anyhow::Result<()> {
             };
             let u = opts.connect()?.provision(uuid, group, token.as_ref())?;
             match opts.json {
-                true => println!("{{\"uuid\":\"{}\",\"group\":{group}}}", uuid_str(&u)),
+                true => println!("{}", json!({"uuid": uuid_str(&u), "group": group})),
                 false => println!("{}", uuid_str(&u)),
             }
         }
@@ -263,9 +264,8 @@ pub fn vtpm(cmd: VtpmCmd) -> anyhow::Result<()> {
             let list = opts.connect()?.list(group)?;
             match opts.json {
                 true => {
-                    let items: Vec<String> =
-                        list.iter().map(|u| format!("{{\"uuid\":\"{}\",\"group\":{group}}}", uuid_str(u))).collect();
-                    println!("[{}]", items.join(","));
+                    let items: Vec<_> = list.iter().map(|u| json!({"uuid": uuid_str(u), "group": group})).collect();
+                    println!("{}", json!(items));
                 }
                 false => list.iter().for_each(|u| println!("{}", uuid_str(u))),
             }
@@ -274,11 +274,8 @@ pub fn vtpm(cmd: VtpmCmd) -> anyhow::Result<()> {
             let v = opts.connect()?.show(&uuid_arg(&uuid)?)?;
             match opts.json {
                 true => println!(
-                    "{{\"uuid\":\"{}\",\"group\":{},\"has_key\":{},\"exported\":{}}}",
-                    uuid_str(&v.uuid),
-                    v.group,
-                    v.has_key,
-                    v.exported
+                    "{}",
+                    json!({"uuid": uuid_str(&v.uuid), "group": v.group, "has_key": v.has_key, "exported": v.exported})
                 ),
                 false => println!(
                     "uuid {}\ngroup {}\nstate key saved {}\nexported (frozen here) {}",
@@ -292,7 +289,7 @@ pub fn vtpm(cmd: VtpmCmd) -> anyhow::Result<()> {
         VtpmCmd::MigrationKey { opts } => {
             let k = hex(&opts.connect()?.migration_key()?);
             match opts.json {
-                true => println!("{{\"migration_key\":\"{k}\"}}"),
+                true => println!("{}", json!({ "migration_key": k })),
                 false => println!("{k}"),
             }
         }
@@ -306,7 +303,7 @@ pub fn vtpm(cmd: VtpmCmd) -> anyhow::Result<()> {
             let bundle = opts.connect()?.export(&u, &key)?;
             write_new(&out, &bundle)?;
             match opts.json {
-                true => println!("{{\"uuid\":\"{}\",\"bundle\":\"{}\"}}", uuid_str(&u), out.display()),
+                true => println!("{}", json!({"uuid": uuid_str(&u), "bundle": out.display().to_string()})),
                 false => println!("vTPM {} exported to {} (frozen at this manager)", uuid_str(&u), out.display()),
             }
         }
@@ -314,7 +311,7 @@ pub fn vtpm(cmd: VtpmCmd) -> anyhow::Result<()> {
             let b = std::fs::read(&bundle).with_context(|| format!("read {}", bundle.display()))?;
             let u = opts.connect()?.import(&b, group)?;
             match opts.json {
-                true => println!("{{\"uuid\":\"{}\",\"group\":{group}}}", uuid_str(&u)),
+                true => println!("{}", json!({"uuid": uuid_str(&u), "group": group})),
                 false => println!("{}", uuid_str(&u)),
             }
         }
@@ -329,20 +326,18 @@ pub fn group(cmd: GroupCmd) -> anyhow::Result<()> {
         GroupCmd::New { opts } => {
             let g = opts.connect()?.group_new()?;
             match opts.json {
-                true => println!("{{\"group\":{},\"uuid\":\"{}\"}}", g.number, uuid_str(&g.uuid)),
+                true => println!("{}", json!({"group": g.number, "uuid": uuid_str(&g.uuid)})),
                 false => println!("{} {}", g.number, uuid_str(&g.uuid)),
             }
         }
         GroupCmd::List { opts } => {
             let gs = opts.connect()?.groups()?;
             if opts.json {
-                let items: Vec<String> = gs
+                let items: Vec<_> = gs
                     .iter()
-                    .map(|g| {
-                        format!("{{\"group\":{},\"uuid\":\"{}\",\"vtpms\":{}}}", g.number, uuid_str(&g.uuid), g.vtpms)
-                    })
+                    .map(|g| json!({"group": g.number, "uuid": uuid_str(&g.uuid), "vtpms": g.vtpms}))
                     .collect();
-                println!("[{}]", items.join(","));
+                println!("{}", json!(items));
             } else {
                 for g in gs {
                     println!("{} {} {} vTPMs", g.number, uuid_str(&g.uuid), g.vtpms);

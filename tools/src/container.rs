@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
+use serde_json::{json, Value};
+use xvtpm_vtpm::proxy_info::ProxyInfo;
 use xvtpm_vtpmmgr::admin::Admin;
 use xvtpm_vtpmmgr::uuid_str;
 
@@ -109,10 +111,10 @@ pub(crate) fn run(a: ContainerArgs) -> anyhow::Result<()> {
             };
             c.create(&name, tpm12, manager)?;
             if no_start {
-                println!(
-                    "{}",
-                    if json { format!("{{\"name\":{name:?},\"running\":false}}") } else { format!("created {name}") }
-                );
+                match json {
+                    true => println!("{}", json!({"name": name, "running": false})),
+                    false => println!("created {name}"),
+                }
                 return Ok(());
             }
             let info = c.start(&name)?;
@@ -149,17 +151,23 @@ pub(crate) fn run(a: ContainerArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_started(name: &str, info: &str, json: bool) {
+/// `fields` followed by those of the daemon's description.
+fn with_info(mut fields: Value, info: &ProxyInfo) -> Value {
+    if let (Some(obj), Ok(Value::Object(i))) = (fields.as_object_mut(), serde_json::to_value(info)) {
+        obj.extend(i);
+    }
+    fields
+}
+
+fn print_started(name: &str, info: &ProxyInfo, json: bool) {
     if json {
-        // The daemon's description plus the name.
-        println!("{{\"name\":{name:?},\"running\":true,{}", info.trim().trim_start_matches('{'));
+        println!("{}", with_info(json!({"name": name, "running": true}), info));
     } else {
-        let field = |k: &str| json_field(info, k).unwrap_or_default();
-        let mut s = format!("{name}: {} ({}:{})", field("device"), field("major"), field("minor"));
-        if let Some(rm) = json_field(info, "rm_device") {
-            s += &format!(", {rm} ({}:{})", field("rm_major"), field("rm_minor"));
+        let mut s = format!("{name}: {} ({}:{})", info.device, info.major, info.minor);
+        if let (Some(rm), Some(maj), Some(min)) = (&info.rm_device, info.rm_major, info.rm_minor) {
+            s += &format!(", {rm} ({maj}:{min})");
         }
-        println!("{s}; TPM {}, pid {}", field("version"), field("pid"));
+        println!("{s}; TPM {}, pid {}", info.version, info.pid);
     }
 }
 
@@ -170,17 +178,6 @@ fn default_vtpm() -> PathBuf {
         .map(|e| e.with_file_name("vtpm"))
         .filter(|p| p.exists())
         .unwrap_or_else(|| PathBuf::from("vtpm"))
-}
-
-/// A value of the flat JSON objects the daemon writes (numbers or strings).
-fn json_field(json: &str, key: &str) -> Option<String> {
-    let at = json.find(&format!("\"{key}\":"))? + key.len() + 3;
-    let rest = &json[at..];
-    let v = match rest.strip_prefix('"') {
-        Some(s) => s[..s.find('"')?].to_string(),
-        None => rest[..rest.find([',', '}'])?].trim().to_string(),
-    };
-    Some(v)
 }
 
 /// Where a container vTPM's key is kept, when not in a key file.
@@ -344,10 +341,10 @@ impl Containers {
 
     /// The running daemon's description, or None when it does not run. A description left by
     /// a daemon that died is removed.
-    fn running(&self, name: &str) -> Option<String> {
+    fn running(&self, name: &str) -> Option<ProxyInfo> {
         let file = self.run.join(format!("{name}.json"));
-        let info = fs::read_to_string(&file).ok()?;
-        let pid: u32 = json_field(&info, "pid")?.parse().ok()?;
+        let info = ProxyInfo::from_json(&fs::read_to_string(&file).ok()?).ok()?;
+        let pid = info.pid;
         if alive(pid) {
             Some(info)
         } else {
@@ -357,10 +354,10 @@ impl Containers {
         }
     }
 
-    fn start(&self, name: &str) -> anyhow::Result<String> {
+    fn start(&self, name: &str) -> anyhow::Result<ProxyInfo> {
         let dir = self.existing(name)?;
         if let Some(info) = self.running(name) {
-            bail!("{name} already runs: {}", info.trim());
+            bail!("{name} already runs: {}", info.to_json());
         }
         fs::create_dir_all(&self.run).with_context(|| format!("create {}", self.run.display()))?;
         let info_file = self.run.join(format!("{name}.json"));
@@ -378,9 +375,11 @@ impl Containers {
             .with_context(|| format!("run {}", self.vtpm.display()))?;
         let end = Instant::now() + Duration::from_secs(120);
         loop {
+            // The daemon writes the file whole (a rename), so what is there is complete.
             if let Ok(info) = fs::read_to_string(&info_file) {
                 if !info.trim().is_empty() {
-                    return Ok(info);
+                    return ProxyInfo::from_json(&info)
+                        .with_context(|| format!("{}: not a vtpm proxy description", info_file.display()));
                 }
             }
             if let Some(status) = child.try_wait()? {
@@ -398,7 +397,7 @@ impl Containers {
     /// Stops the daemon if it runs; whether it did.
     fn stop(&self, name: &str) -> anyhow::Result<bool> {
         let Some(info) = self.running(name) else { return Ok(false) };
-        let pid: u32 = json_field(&info, "pid").and_then(|p| p.parse().ok()).context("pid in the description")?;
+        let pid = info.pid;
         xvtpm_vtpm::signals::terminate(pid).with_context(|| format!("signal vtpm (pid {pid})"))?;
         let end = Instant::now() + Duration::from_secs(30);
         while alive(pid) {
@@ -427,31 +426,34 @@ impl Containers {
             let cfg = self.config(&dir)?;
             let version = if cfg.tpm12 { "1.2" } else { "2.0" };
             let key = match &cfg.manager {
-                Some(m) => format!("\"key\":\"manager\",\"vtpm_uuid\":\"{}\"", m.uuid),
-                None => "\"key\":\"file\"".to_string(),
+                Some(m) => json!({"key": "manager", "vtpm_uuid": m.uuid}),
+                None => json!({"key": "file"}),
             };
             let info = self.running(&name);
             rows.push((name, version, key, info));
         }
         if json {
-            let items: Vec<String> = rows
+            let items: Vec<Value> = rows
                 .iter()
-                .map(|(name, version, key, info)| match info {
-                    Some(i) => {
-                        format!("{{\"name\":{name:?},\"running\":true,{key},{}", i.trim().trim_start_matches('{'))
+                .map(|(name, version, key, info)| {
+                    let mut row = json!({"name": name, "running": info.is_some()});
+                    if let (Some(r), Some(k)) = (row.as_object_mut(), key.as_object()) {
+                        r.extend(k.clone());
                     }
-                    None => format!("{{\"name\":{name:?},\"running\":false,{key},\"version\":\"{version}\"}}"),
+                    match info {
+                        Some(i) => with_info(row, i),
+                        None => {
+                            row["version"] = json!(version);
+                            row
+                        }
+                    }
                 })
                 .collect();
-            println!("[{}]", items.join(","));
+            println!("{}", Value::Array(items));
         } else {
             for (name, version, _, info) in &rows {
                 match info {
-                    Some(i) => println!(
-                        "{name}\tTPM {version}\trunning\t{}\tpid {}",
-                        json_field(i, "device").unwrap_or_default(),
-                        json_field(i, "pid").unwrap_or_default()
-                    ),
+                    Some(i) => println!("{name}\tTPM {version}\trunning\t{}\tpid {}", i.device, i.pid),
                     None => println!("{name}\tTPM {version}\tstopped"),
                 }
             }
@@ -478,13 +480,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn fields_of_the_daemons_json() {
+    fn the_daemons_fields_follow_ours() {
         let j =
             r#"{"tpm_num":3,"version":"2.0","device":"/dev/tpm3","major":10,"minor":224,"pid":77,"state_dir":"/x"}"#;
-        assert_eq!(json_field(j, "tpm_num").as_deref(), Some("3"));
-        assert_eq!(json_field(j, "device").as_deref(), Some("/dev/tpm3"));
-        assert_eq!(json_field(j, "pid").as_deref(), Some("77"));
-        assert_eq!(json_field(j, "rm_device"), None);
+        let info = ProxyInfo::from_json(j).expect("the daemon's description");
+        assert_eq!(
+            with_info(json!({"name": "web", "running": true}), &info).to_string(),
+            format!(r#"{{"name":"web","running":true,{}"#, &j[1..])
+        );
     }
 
     #[test]

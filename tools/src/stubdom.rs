@@ -170,7 +170,12 @@ fn manager(a: ManagerArgs) -> anyhow::Result<()> {
     );
     write_config(&config, &text)?;
     if a.image.json {
-        println!("{{\"name\":\"{}\",\"config\":\"{}\",\"disk\":\"{}\"}}", a.name, config.display(), disk.display());
+        let j = serde_json::json!({
+            "name": a.name,
+            "config": config.display().to_string(),
+            "disk": disk.display().to_string(),
+        });
+        println!("{j}");
     } else {
         println!("manager domain {}: {} (store disk {})", a.name, config.display(), disk.display());
         println!("first start (creates the store): xl create {} 'extra=\"{extra} xvtpm.init\"'", config.display());
@@ -217,13 +222,16 @@ fn vtpm(a: VtpmArgs) -> anyhow::Result<()> {
     );
     write_config(&config, &text)?;
     if a.image.json {
-        println!(
-            "{{\"name\":\"{}\",\"config\":\"{}\",\"disk\":\"{}\",\"uuid\":\"{guest_uuid}\",\"vtpm_uuid\":\"{vtpm_uuid}\",\"tpm\":\"{version}\",\"guest_line\":\"{}\"}}",
-            a.name,
-            config.display(),
-            disk.display(),
-            line.replace('"', "\\\"")
-        );
+        let j = serde_json::json!({
+            "name": a.name,
+            "config": config.display().to_string(),
+            "disk": disk.display().to_string(),
+            "uuid": guest_uuid.to_string(),
+            "vtpm_uuid": vtpm_uuid.to_string(),
+            "tpm": version.to_string(),
+            "guest_line": line,
+        });
+        println!("{j}");
     } else {
         println!("vTPM domain {}: {} (disk {}, TPM {version})", a.name, config.display(), disk.display());
         println!(

@@ -20,6 +20,7 @@ pub mod nowait;
 #[allow(unsafe_code)]
 pub mod poll;
 pub mod proxy;
+pub mod proxy_info;
 #[allow(unsafe_code)]
 pub mod signals;
 pub mod state;

@@ -15,6 +15,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use xvtpm_backend::{Backend, BackendConfig, DeviceFilter};
 use xvtpm_proto::tpm;
 use xvtpm_vtpm::libtpms::{Libtpms, LibtpmsConfig};
+use xvtpm_vtpm::proxy_info::ProxyInfo;
 use xvtpm_vtpm::state::file::{FileStore, KeyFormat, StateKey};
 use xvtpm_vtpm::state::link::{UnixLink, XenLink};
 use xvtpm_vtpm::state::managed::{ManagedStore, ManagerLink};
@@ -273,19 +274,19 @@ fn proxy(state: &StateOpts, vtpmx: &Path, info_file: Option<&Path>) -> anyhow::R
     // The kernel registers the device (and starts the TPM through us) in the background.
     let registered = wait_registered(n, version, &server);
     let info = match registered {
-        Ok(rm) => {
-            let rm = rm.map_or(String::new(), |(maj, min)| {
-                format!(",\"rm_device\":\"/dev/tpmrm{n}\",\"rm_major\":{maj},\"rm_minor\":{min}")
-            });
-            format!(
-                "{{\"tpm_num\":{n},\"version\":\"{}\",\"device\":\"/dev/tpm{n}\",\"major\":{},\"minor\":{}{rm},\"pid\":{},\"state_dir\":{:?}}}",
-                if version == TpmVersion::V2_0 { "2.0" } else { "1.2" },
-                dev.major,
-                dev.minor,
-                std::process::id(),
-                state.state_dir.display().to_string()
-            )
+        Ok(rm) => ProxyInfo {
+            tpm_num: n,
+            version: if version == TpmVersion::V2_0 { "2.0" } else { "1.2" }.into(),
+            device: format!("/dev/tpm{n}"),
+            major: dev.major,
+            minor: dev.minor,
+            rm_device: rm.map(|_| format!("/dev/tpmrm{n}")),
+            rm_major: rm.map(|(maj, _)| maj),
+            rm_minor: rm.map(|(_, min)| min),
+            pid: std::process::id(),
+            state_dir: state.state_dir.display().to_string(),
         }
+        .to_json(),
         Err(e) => {
             stop.store(true, std::sync::atomic::Ordering::SeqCst);
             let _ = server.join();

@@ -199,8 +199,7 @@ fn capabilities_json() -> String {
     // Only what we implement; tools like libvirt pass options according to these.
     let features =
         ["tpm-1.2", "tpm-2.0", "tpm-send-command-header", "flags-opt-startup", "cmdarg-seccomp", "cmdarg-key-fd"];
-    let list = features.iter().map(|f| format!("\"{f}\"")).collect::<Vec<_>>().join(", ");
-    format!("{{ \"type\": \"swtpm\", \"features\": [ {list} ], \"version\": \"{SWTPM_COMPAT_VERSION}\" }}\n")
+    format!("{}\n", serde_json::json!({"type": "swtpm", "features": features, "version": SWTPM_COMPAT_VERSION}))
 }
 
 fn cfg_err(msg: impl Into<String>) -> Error {
@@ -867,9 +866,14 @@ mod tests {
     #[test]
     fn print_version_help_and_capabilities() {
         let caps = parse(&["socket", "--print-capabilities"]).expect("parses").print_and_exit.expect("text");
-        assert!(caps.starts_with("{ \"type\": \"swtpm\", \"features\": [ \"tpm-1.2\", \"tpm-2.0\""), "{caps}");
-        assert!(caps.contains("\"tpm-send-command-header\"") && caps.contains("\"version\": \"0.7.1\""), "{caps}");
-        assert!(!caps.contains("cmdarg-pwd-fd") && !caps.contains("cmdarg-migration"), "{caps}");
+        // What libvirt reads: swtpm's fields (libvirt parses the JSON; the spacing is not kept).
+        let v: serde_json::Value = serde_json::from_str(&caps).expect("JSON");
+        assert_eq!((v["type"].as_str(), v["version"].as_str()), (Some("swtpm"), Some("0.7.1")), "{caps}");
+        let features: Vec<&str> =
+            v["features"].as_array().expect("features").iter().filter_map(|f| f.as_str()).collect();
+        assert_eq!(features[..2], ["tpm-1.2", "tpm-2.0"], "{caps}");
+        assert!(features.contains(&"tpm-send-command-header"), "{caps}");
+        assert!(!features.contains(&"cmdarg-pwd-fd") && !features.contains(&"cmdarg-migration"), "{caps}");
         assert!(parse(&["--version"])
             .expect("parses")
             .print_and_exit
