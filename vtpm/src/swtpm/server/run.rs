@@ -1,0 +1,135 @@
+//! The server loop: one `poll` over both listeners, the control connection and the wake-up
+//! socket; data clients are handed to the data thread, control clients served here.
+
+use super::*;
+
+impl Shared {
+    /// A connection from a listener that `poll` found readable. `None` when the client went
+    /// away first (the listener does not block) or accepting failed; a failure (say, out of
+    /// descriptors) is logged and followed by a pause, since the listener stays readable.
+    pub(super) fn accept_one(&self, listener: &Listener, what: &str) -> Option<(Stream, String)> {
+        match listener.accept() {
+            Ok(a) => Some(a),
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => None,
+            Err(e) => {
+                log::warn!("accepting a {what} connection failed: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+                None
+            }
+        }
+    }
+
+    /// Gives an accepted data connection to the data thread (the main loop accepts only while
+    /// no connection waits for it).
+    pub(super) fn hand_over(&self, stream: Stream, peer: String) {
+        let mut h = lock(&self.ctl.handoff);
+        if h.active || h.datafd.is_some() {
+            log::info!("data client {peer} waits until the current client disconnects");
+        }
+        h.accepted = Some(DataConn { stream, peer, keep: !self.cfg.disconnect });
+        drop(h);
+        self.ctl.handoff_cv.notify_all();
+    }
+
+    /// `not-need-init` and `startup-*`: power on (and start up) before serving.
+    pub(super) fn power_on_at_start(&self) -> Result<()> {
+        let mut eng = self.engine();
+        if self.cfg.not_need_init || self.cfg.startup.is_some() {
+            eng.init(false)?;
+            log::info!("TPM powered on at start");
+            if let Some(st) = self.cfg.startup {
+                let resp = eng.process(0, &startup_command(self.version, st)?)?;
+                match tpm::code(&resp) {
+                    Some(0) => log::info!("sent startup {st:?}"),
+                    code => log::warn!("startup {st:?} answered {code:x?}"),
+                }
+            }
+        }
+        self.refresh_buffer_size(eng.as_mut());
+        Ok(())
+    }
+
+    /// Powers off and ends the server.
+    pub(super) fn terminate_tpm(&self) {
+        self.ctl.terminate();
+    }
+
+    // ----- control channel -----
+
+    /// The main loop: accepts data connections for the data thread and control connections,
+    /// and serves the control connection, until the server is to end.
+    pub(super) fn main_loop(&self, data: Option<&Listener>, ctrl: Option<&Listener>) {
+        let mut ctrl_conn: Option<(Stream, String)> = None;
+        while !self.ctl.terminating() {
+            // Accept a data client only while none waits for the data thread.
+            let data = data.filter(|_| lock(&self.ctl.handoff).accepted.is_none());
+            let ctrl_fd = match &ctrl_conn {
+                Some((s, _)) => Some(s.as_fd()),
+                None => ctrl.map(Listener::as_fd),
+            };
+            let fds: Vec<_> =
+                [Some(self.ctl.wake_rx.as_fd()), data.map(Listener::as_fd), ctrl_fd].into_iter().flatten().collect();
+            let ready = match crate::poll::wait_any(&fds) {
+                Ok(r) => r,
+                Err(e) => {
+                    log::error!("waiting for clients failed: {e}; terminating");
+                    break;
+                }
+            };
+            let mut ready = ready.into_iter();
+            if ready.next() == Some(true) {
+                self.ctl.drain_wakes();
+            }
+            if let Some(l) = data {
+                if ready.next() == Some(true) && !self.ctl.terminating() {
+                    if let Some((stream, peer)) = self.accept_one(l, "data") {
+                        self.hand_over(stream, peer);
+                    }
+                }
+            }
+            if ctrl_fd.is_none() || ready.next() != Some(true) || self.ctl.terminating() {
+                continue;
+            }
+            match ctrl_conn.take() {
+                None => {
+                    let Some(l) = ctrl else { continue };
+                    if let Some((stream, peer)) = self.accept_one(l, "control") {
+                        log::debug!("control client {peer} connected");
+                        // A client that does not read its answers must not hold the loop.
+                        if let Err(e) = stream.set_write_timeout(Some(self.cfg.data_timeout)) {
+                            log::warn!("control client {peer}: {e}");
+                        }
+                        if self.ctl.track(&self.ctl.active_ctrl, &stream) {
+                            ctrl_conn = Some((stream, peer));
+                        }
+                    }
+                }
+                Some((mut stream, peer)) => {
+                    match self.ctrl_message(&mut stream, &peer) {
+                        CtrlStep::Open => {
+                            ctrl_conn = Some((stream, peer));
+                            continue;
+                        }
+                        CtrlStep::End => break,
+                        CtrlStep::Drop => {
+                            log::warn!("control client {peer}: dropping the connection");
+                            stream.close_gracefully();
+                        }
+                        CtrlStep::Closed => drop(stream),
+                    }
+                    *lock(&self.ctl.active_ctrl) = None;
+                    if self.cfg.terminate_on_ctrl_disconnect && !self.ctl.terminating() {
+                        log::info!("control connection lost; terminating (--ctrl ...,terminate)");
+                        break;
+                    }
+                }
+            }
+        }
+        *lock(&self.ctl.active_ctrl) = None;
+        self.terminate_tpm();
+        // Clients that waited for the data thread, which is ending: close them now, not when
+        // the last Stopper goes.
+        let mut h = lock(&self.ctl.handoff);
+        drop((h.accepted.take(), h.datafd.take()));
+    }
+}
