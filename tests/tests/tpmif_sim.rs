@@ -266,8 +266,11 @@ fn hostile_ring_ref_that_does_not_map() {
         |env, _| {
             evil_device(env);
             let fe = evil_frontend(env);
-            fe.publish().expect("publish");
+            // The bad ring-ref is in place before Initialised: the backend reads the ring-ref
+            // when the state changes (a later change of ring-ref alone fires no watch).
+            fe.publish_keys().expect("publish");
             fe.write("ring-ref", "123456").expect("w");
+            fe.write("state", "3").expect("w");
             std::mem::forget(fe);
         },
         "vtpm 3/0: cannot map ring-ref 123456",
