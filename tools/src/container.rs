@@ -398,7 +398,7 @@ impl Containers {
     fn stop(&self, name: &str) -> anyhow::Result<bool> {
         let Some(info) = self.running(name) else { return Ok(false) };
         let pid = info.pid;
-        xvtpm_vtpm::signals::terminate(pid).with_context(|| format!("signal vtpm (pid {pid})"))?;
+        xvtpm_vtpm::sys::signals::terminate(pid).with_context(|| format!("signal vtpm (pid {pid})"))?;
         let end = Instant::now() + Duration::from_secs(30);
         while alive(pid) {
             if Instant::now() > end {

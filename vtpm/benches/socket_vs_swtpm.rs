@@ -153,7 +153,7 @@ fn tcp_floor(iters: usize, pin: bool, spin: bool) -> anyhow::Result<Duration> {
         loop {
             if spin {
                 // Our server's own spin (readiness check, then read), with no time limit.
-                while !xvtpm_vtpm::nowait::spin_until_readable(&s, Duration::from_secs(3600)) {}
+                while !xvtpm_vtpm::sys::nowait::spin_until_readable(&s, Duration::from_secs(3600)) {}
             }
             match s.read(&mut b[got..])? {
                 0 => return Ok(()),

@@ -6,28 +6,23 @@
 //! libtpms holds one TPM per process; [`libtpms::Libtpms`] enforces that. Everything above the
 //! engine works on the [`engine::TpmEngine`] trait so it can be tested with a fake.
 
+#![warn(missing_docs)]
+
 pub mod engine;
 pub mod error;
-#[allow(unsafe_code)]
-pub mod fdpass;
+// FFI to libtpms.
 #[allow(unsafe_code)]
 pub mod libtpms;
 pub mod linux_probe;
-#[allow(unsafe_code)]
-pub mod malloc;
-#[allow(unsafe_code)]
-pub mod nowait;
-#[allow(unsafe_code)]
-pub mod poll;
 pub mod proxy;
 pub mod proxy_info;
-#[allow(unsafe_code)]
-pub mod signals;
 pub mod state;
 pub mod swtpm;
-pub mod tpmif;
+// libc calls std does not wrap (ioctl, poll, recvmsg, mallopt, sigaction): the one place
+// besides the libtpms binding where `unsafe` is allowed.
 #[allow(unsafe_code)]
-pub mod vtpmx;
+pub mod sys;
+pub mod tpmif;
 
 pub use engine::{StateKind, TpmEngine, TpmVersion};
 pub use error::{Error, Result};

@@ -184,7 +184,7 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
-    xvtpm_vtpm::malloc::one_arena();
+    xvtpm_vtpm::sys::malloc::one_arena();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
     match cli.command {
@@ -247,15 +247,15 @@ fn serve(state: &StateOpts, xen: Arc<dyn Xen>, filter: DeviceFilter) -> anyhow::
 }
 
 fn proxy(state: &StateOpts, vtpmx: &Path, info_file: Option<&Path>) -> anyhow::Result<()> {
-    let stop = xvtpm_vtpm::signals::stop_flag().context("install the signal handlers")?;
+    let stop = xvtpm_vtpm::sys::signals::stop_flag().context("install the signal handlers")?;
     let mut engine = state.engine(false)?;
     engine.init(false).with_context(|| format!("cannot start the vTPM in {}", state_dir_label(&state.state_dir)))?;
     // Started here, as at a platform reset: the kernel then finds a started TPM (its self
     // test passes) instead of logging a TPM error and sending the start-up itself.
     startup(&mut engine)?;
     let version = engine.version();
-    xvtpm_vtpm::signals::cancel_on_sigusr1(engine.canceller()).context("install the SIGUSR1 handler")?;
-    let dev = xvtpm_vtpm::vtpmx::create(vtpmx, version)?;
+    xvtpm_vtpm::sys::signals::cancel_on_sigusr1(engine.canceller()).context("install the SIGUSR1 handler")?;
+    let dev = xvtpm_vtpm::sys::vtpmx::create(vtpmx, version)?;
     let n = dev.tpm_num;
     log::info!(
         "vTPM ({version:?}) from {}: kernel device tpm{n} ({}:{})",

@@ -1,5 +1,5 @@
 //! Serving one TPM through the emulator's side of a Linux vTPM proxy device (see
-//! [`crate::vtpmx`]): each command read is answered by the engine, except the driver's own
+//! [`crate::sys::vtpmx`]): each command read is answered by the engine, except the driver's own
 //! locality command, which is answered here.
 //!
 //! What the proxy forwards besides ordinary commands:
@@ -7,7 +7,7 @@
 //!   locality the next commands run at. The driver refuses it from user space, so it only comes
 //!   from the kernel.
 //! - no cancellation: the driver's cancel operation is empty. `vtpm proxy` takes SIGUSR1
-//!   instead (see [`crate::signals::cancel_on_sigusr1`]). When the kernel gives up on a
+//!   instead (see [`crate::sys::signals::cancel_on_sigusr1`]). When the kernel gives up on a
 //!   command, the late response is refused (EIO); that is logged and serving goes on.
 //! - the device going away: EPIPE on read or write, ending the loop with
 //!   [`ProxyEnd::DeviceGone`].

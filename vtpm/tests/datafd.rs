@@ -62,7 +62,7 @@ fn qemu_style_set_datafd_init_and_commands() {
     let caps = u64::from_be_bytes(caps[..8].try_into().expect("8"));
     assert_ne!(caps & (1 << 12), 0, "PTM_CAP_SET_DATAFD in {caps:#x}");
     let (mut ours, theirs) = UnixStream::pair().expect("pair");
-    xvtpm_vtpm::fdpass::send_with_fd(&sock, &16u32.to_be_bytes(), theirs.as_raw_fd()).expect("SET_DATAFD");
+    xvtpm_vtpm::sys::fdpass::send_with_fd(&sock, &16u32.to_be_bytes(), theirs.as_raw_fd()).expect("SET_DATAFD");
     let mut r = [0u8; 4];
     sock.read_exact(&mut r).expect("SET_DATAFD reply");
     assert_eq!(u32::from_be_bytes(r), 0, "SET_DATAFD accepted");

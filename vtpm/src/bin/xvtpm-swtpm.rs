@@ -10,7 +10,7 @@
 #![forbid(unsafe_code)]
 
 fn main() -> anyhow::Result<()> {
-    xvtpm_vtpm::malloc::one_arena();
+    xvtpm_vtpm::sys::malloc::one_arena();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let args: Vec<String> = std::env::args().skip(1).collect();
     Ok(xvtpm_vtpm::swtpm::launch::run(&args, true)?)

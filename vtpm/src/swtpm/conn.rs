@@ -87,11 +87,11 @@ impl Stream {
         };
     }
 
-    /// Polls for up to `budget` without sleeping; see [`crate::nowait::poll_recv`].
+    /// Polls for up to `budget` without sleeping; see [`crate::sys::nowait::poll_recv`].
     pub(crate) fn poll_read(&self, buf: &mut [u8], budget: Duration) -> Option<usize> {
         match self {
-            Stream::Tcp(s) => crate::nowait::poll_recv(s, buf, budget),
-            Stream::Unix(s) => crate::nowait::poll_recv(s, buf, budget),
+            Stream::Tcp(s) => crate::sys::nowait::poll_recv(s, buf, budget),
+            Stream::Unix(s) => crate::sys::nowait::poll_recv(s, buf, budget),
         }
     }
 

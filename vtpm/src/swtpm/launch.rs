@@ -44,8 +44,9 @@ pub fn run(args: &[String], create_missing: bool) -> Result<()> {
     })?;
     let mut config = inv.server;
     // CMD_SET_DATAFD (QEMU, Cloud Hypervisor) passes the data channel over the control socket.
-    config.fd_receiver =
-        Some(Arc::new(|sock: &std::os::unix::net::UnixStream, buf: &mut [u8]| crate::fdpass::recv_with_fd(sock, buf)));
+    config.fd_receiver = Some(Arc::new(|sock: &std::os::unix::net::UnixStream, buf: &mut [u8]| {
+        crate::sys::fdpass::recv_with_fd(sock, buf)
+    }));
     let server = SwtpmServer::new(config, Box::new(engine))?;
     log::info!("swtpm-compatible socket mode ({:?}) on {}", inv.tpm_version, state.dir.display());
     server.run()

@@ -69,7 +69,7 @@ impl Shared {
             };
             let fds: Vec<_> =
                 [Some(self.ctl.wake_rx.as_fd()), data.map(Listener::as_fd), ctrl_fd].into_iter().flatten().collect();
-            let ready = match crate::poll::wait_any(&fds) {
+            let ready = match crate::sys::poll::wait_any(&fds) {
                 Ok(r) => r,
                 Err(e) => {
                     log::error!("waiting for clients failed: {e}; terminating");

@@ -76,7 +76,7 @@ pub fn create(vtpmx: &Path, version: TpmVersion) -> Result<ProxyDevice> {
 
 impl ProxyChannel for File {
     fn recv_command(&mut self, buf: &mut [u8], wait: Duration) -> io::Result<Option<usize>> {
-        if !crate::poll::readable(self, wait)? {
+        if !crate::sys::poll::readable(self, wait)? {
             return Ok(None);
         }
         match self.read(buf) {
@@ -100,7 +100,7 @@ impl ProxyChannel for File {
 
 impl ProxyChannel for std::os::unix::net::UnixDatagram {
     fn recv_command(&mut self, buf: &mut [u8], wait: Duration) -> io::Result<Option<usize>> {
-        if !crate::poll::readable(self, wait)? {
+        if !crate::sys::poll::readable(self, wait)? {
             return Ok(None);
         }
         match self.recv(buf) {

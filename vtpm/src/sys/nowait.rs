@@ -26,7 +26,7 @@ pub fn recv_nowait(sock: &impl AsRawFd, buf: &mut [u8]) -> io::Result<Option<usi
 /// `poll` checks readiness without taking the socket's lock, which a spinning `recv` would hold
 /// against the sender's delivery of the very bytes it waits for.
 fn readable_now(sock: &impl AsRawFd) -> bool {
-    matches!(crate::poll::readable(sock, Duration::ZERO), Ok(true))
+    matches!(crate::sys::poll::readable(sock, Duration::ZERO), Ok(true))
 }
 
 /// Spins for up to `budget` until `sock` is readable; `false` when nothing came in time.
