@@ -6,6 +6,7 @@
 //! event channel, and hands every command to a [`CommandHandler`] on a thread of its own per
 //! device, so a slow or hostile guest never stalls another.
 
+#![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
 mod backend;

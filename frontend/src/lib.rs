@@ -5,6 +5,7 @@
 //! them in one xenstore transaction, wait for the backend, then exchange commands through the
 //! shared page.
 
+#![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
 mod error;

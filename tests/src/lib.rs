@@ -1,6 +1,7 @@
 //! Shared pieces of the cross-crate tests: the test handler the simulated backend serves, and
 //! helpers to run backend and frontend processes on a simulated Xen.
 
+#![warn(missing_docs)]
 #![forbid(unsafe_code)]
 
 use std::io::{BufRead, BufReader};

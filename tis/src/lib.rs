@@ -7,9 +7,12 @@
 //! A broken or hostile TPM never hangs the driver: every wait is bounded by the interface
 //! timeouts (A-D) or the command's duration, and every response length is checked.
 
+#![warn(missing_docs)]
+
 pub mod clock;
 pub mod command;
 pub mod crb;
+// mmap of /dev/mem: the TPM's registers.
 #[allow(unsafe_code)]
 pub mod devmem;
 pub mod devtpm;

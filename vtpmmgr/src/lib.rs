@@ -1,6 +1,8 @@
 //! The vTPM manager: every vTPM's state key in an encrypted, authenticated, crash-safe store
 //! whose root key only this machine's hardware TPM, in an approved state, releases.
 
+#![warn(missing_docs)]
+
 pub mod admin;
 pub mod dispatch;
 pub mod error;

@@ -100,7 +100,8 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// The error names of Xen's `xs_wire.h` (`xsd_errors[]`), the strings xenstored sends in an
 /// `XS_ERROR` reply.
-#[allow(clippy::upper_case_acronyms)]
+// The names are xs_wire.h's, spelled as xenstored sends them; each means what its errno does.
+#[allow(clippy::upper_case_acronyms, missing_docs)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum XsErrno {
     EINVAL,

@@ -5,17 +5,23 @@
 //! feature of that name) that works across processes so tests of backend and frontend run
 //! without Xen.
 //!
-//! The `unsafe` code of the whole stack (ioctls and mmap) lives in this crate only, in the
-//! modules that opt in with `#[allow(unsafe_code)]`.
+//! The `unsafe` code here (ioctls, mmap, atomics on shared memory) lives in the modules that
+//! opt in with `#[allow(unsafe_code)]`; the other crates with `unsafe` are `vtpm` (libtpms and
+//! its `sys` module), `tis` (`devmem`) and `vtpmmgr` (`peer`).
+
+#![warn(missing_docs)]
 
 pub mod error;
 pub mod evtchn;
 pub mod grant;
+// ioctls and mmap on /dev/xen/*.
 #[allow(unsafe_code)]
 pub mod linux;
+// The mapping of a shared page and the atomics over it.
 #[allow(unsafe_code)]
 pub mod page;
 pub mod platform;
+// mmap of the simulated grants and atomics on the shared event channel table.
 #[cfg(feature = "sim")]
 #[allow(unsafe_code)]
 pub mod sim;

@@ -3,6 +3,8 @@
 use crate::{DomId, Error, Result};
 
 /// `enum xenbus_state` from Xen's `io/xenbus.h`.
+// The states are io/xenbus.h's; only those whose meaning here is specific are documented.
+#[allow(missing_docs)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u8)]
 pub enum XenbusState {

@@ -4,6 +4,7 @@
 //!
 //! libtpms keeps one TPM per process in global state; nothing here enforces that.
 
+// The C names, kept as libtpms spells them so they can be checked against its headers.
 #![allow(non_camel_case_types, non_snake_case)]
 
 use libc::{c_char, c_int, c_uchar, c_uint};

@@ -1,5 +1,6 @@
 //! Shared by the integration tests: running `vtpm socket` on free ports.
 
+// Each test binary compiles this module and uses a different part of it.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};

@@ -1,5 +1,6 @@
 //! Debian's swtpm as the hardware TPM.
 
+// Each test binary compiles this module and uses a different part of it.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};

@@ -14,6 +14,8 @@ pub const PAYLOAD_MAX: usize = 4096;
 pub const ABS_PATH_MAX: usize = 3072;
 
 /// `enum xsd_sockmsg_type`.
+// The message types are xs_wire.h's, named after their XS_* constants.
+#[allow(missing_docs)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u32)]
 pub enum MsgType {
