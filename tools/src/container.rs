@@ -137,7 +137,8 @@ pub(crate) fn run(a: ContainerArgs) -> anyhow::Result<()> {
             // The manager's record first: if that fails, the state stays, and so does a way to
             // retry.
             if let Some(m) = c.config(&dir)?.manager {
-                let uuid = parse_uuid(&m.uuid).with_context(|| format!("{}/config: uuid", dir.display()))?;
+                let uuid =
+                    xvtpm_proto::Uuid::parse(&m.uuid).with_context(|| format!("{}/config: uuid", dir.display()))?.0;
                 Admin::connect(&m.admin)
                     .and_then(|mut a| a.delete(&uuid))
                     .with_context(|| format!("delete vTPM {} at the manager ({})", m.uuid, m.admin.display()))?;
@@ -198,10 +199,6 @@ struct ManagerCfg {
 struct Config {
     tpm12: bool,
     manager: Option<ManagerCfg>,
-}
-
-fn parse_uuid(s: &str) -> Option<[u8; 16]> {
-    xvtpm_proto::Uuid::parse(s).ok().map(|u| u.0)
 }
 
 struct Containers {

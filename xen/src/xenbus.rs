@@ -86,16 +86,9 @@ pub fn parse_num<T: std::str::FromStr>(path: &str, raw: &[u8]) -> Result<T> {
 /// and returns it in lower case.
 pub fn parse_uuid(path: &str, raw: &[u8]) -> Result<String> {
     let s = String::from_utf8_lossy(raw);
-    let t = s.trim();
-    let ok = t.len() == 36
-        && t.char_indices().all(|(i, c)| match i {
-            8 | 13 | 18 | 23 => c == '-',
-            _ => c.is_ascii_hexdigit(),
-        });
-    if ok {
-        Ok(t.to_ascii_lowercase())
-    } else {
-        Err(Error::Malformed { path: path.to_string(), value: s.into_owned() })
+    match xvtpm_proto::Uuid::parse(&s) {
+        Ok(u) => Ok(u.to_string()),
+        Err(_) => Err(Error::Malformed { path: path.to_string(), value: s.into_owned() }),
     }
 }
 
