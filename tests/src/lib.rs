@@ -149,6 +149,19 @@ pub fn run_frontend(
     ))
 }
 
+/// Two consecutive free TCP ports on 127.0.0.1 (swtpm's data and control channels), as the
+/// kernel hands them out now.
+pub fn free_port_pair() -> std::io::Result<u16> {
+    for _ in 0..100 {
+        let l = std::net::TcpListener::bind(("127.0.0.1", 0))?;
+        let p = l.local_addr()?.port();
+        if p < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
+            return Ok(p);
+        }
+    }
+    Err(std::io::Error::other("no two free consecutive ports on 127.0.0.1"))
+}
+
 /// Median and 99th percentile of samples (sorted in place).
 pub fn percentiles(samples: &mut [Duration]) -> (Duration, Duration) {
     samples.sort_unstable();

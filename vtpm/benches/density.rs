@@ -22,21 +22,9 @@ impl Drop for Instance {
     }
 }
 
-/// Two consecutive free TCP ports (data, control).
-fn free_ports() -> anyhow::Result<u16> {
-    for _ in 0..100 {
-        let l = std::net::TcpListener::bind(("127.0.0.1", 0))?;
-        let p = l.local_addr()?.port();
-        if p < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
-            return Ok(p);
-        }
-    }
-    anyhow::bail!("no two free consecutive ports on 127.0.0.1")
-}
-
 fn start(exe: &str, state: &Path) -> anyhow::Result<Instance> {
     std::fs::create_dir_all(state)?;
-    let port = free_ports()?;
+    let port = xvtpm_tests::free_port_pair()?;
     let child = Command::new(exe)
         .arg("socket")
         .arg("--tpm2")

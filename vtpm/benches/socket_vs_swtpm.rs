@@ -27,21 +27,9 @@ impl Drop for Server {
     }
 }
 
-/// A port `p` with `p + 1` free too (data and control), as the kernel hands them out now.
-fn free_ports() -> anyhow::Result<u16> {
-    for _ in 0..100 {
-        let l = std::net::TcpListener::bind(("127.0.0.1", 0))?;
-        let p = l.local_addr()?.port();
-        if p < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
-            return Ok(p);
-        }
-    }
-    anyhow::bail!("no two free consecutive ports on 127.0.0.1")
-}
-
 fn spawn(name: &'static str, exe: &str, state: &Path, pin: bool) -> anyhow::Result<Server> {
     std::fs::create_dir_all(state)?;
-    let port = free_ports()?;
+    let port = xvtpm_tests::free_port_pair()?;
     let log = state.with_extension("log");
     let mut cmd = match pin {
         // The servers share CPU 1; the client runs on CPU 0 (see `main`).

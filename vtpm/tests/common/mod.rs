@@ -40,20 +40,7 @@ impl Drop for Vtpm {
 
 /// Two free consecutive TCP ports (the swtpm TCTI uses port and port + 1).
 pub fn free_ports() -> u16 {
-    for _ in 0..200 {
-        let p = 20000 + (rand_u16() % 20000);
-        let a = std::net::TcpListener::bind(("127.0.0.1", p));
-        let b = std::net::TcpListener::bind(("127.0.0.1", p + 1));
-        if a.is_ok() && b.is_ok() {
-            return p;
-        }
-    }
-    panic!("no free ports");
-}
-
-fn rand_u16() -> u16 {
-    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("time").subsec_nanos();
-    (t ^ std::process::id().rotate_left(7)) as u16
+    xvtpm_tests::free_port_pair().expect("free ports")
 }
 
 pub fn start(state: &Path, key: &Path, n: u32) -> Vtpm {
