@@ -1,5 +1,5 @@
 //! Register-level models of a TPM behind the FIFO and CRB interfaces, with faults to switch
-//! on: the in-memory double for the driver's tests, the fuzz targets and the manager's tests.
+//! on: the in-memory double for the driver's tests, and the fuzz targets.
 //! Time is virtual ([`FakeClock`]): a command completes once the driver has waited long
 //! enough.
 

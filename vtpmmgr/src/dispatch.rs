@@ -2,7 +2,7 @@
 //! authorise the caller → act ([`Service`]) → encode the [`Reply`]. vTPM commands act for the
 //! calling vTPM, whose identity comes from the transport (the device uuid libxl wrote in
 //! xenstore, or a Unix-socket client's BIND), never from the payload; management commands are
-//! served only to the admin socket.
+//! served only to the admin socket and the admin domain's devices ([`Caller::Admin`]).
 
 use sha2::{Digest, Sha256};
 use xvtpm_proto::mgr::{self, status, Class, Malformed, Page, Reply, Request, TAG_RSP, TAG_RSP2};

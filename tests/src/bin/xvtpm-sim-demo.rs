@@ -1,5 +1,4 @@
-//! The demo the README's first command runs until the QEMU-emulated Xen harness exists: a
-//! simulated Xen with two guests, each served by its own `vtpm serve` process (a libtpms TPM
+//! A demo without Xen or QEMU: a simulated Xen with two guests, each served by its own `vtpm serve` process (a libtpms TPM
 //! 2.0 behind tpmback), and each guest's tpmfront doing the xenstore handshake and sending
 //! real TPM 2.0 commands through its shared page.
 

@@ -1,7 +1,7 @@
 //! One malloc arena for the whole process. glibc gives each thread that allocates an arena of
 //! its own (a 132 KiB heap, a few pages of it touched); a vTPM has two or three threads that
 //! seldom allocate at the same moment, so the main arena serves them all and an idle vTPM is
-//! about 12 KiB smaller (measured against swtpm, see the README).
+//! about 12 KiB smaller (measured against swtpm, see docs/benchmarks.md).
 
 /// Limits malloc to one arena. Call it before starting threads; on a libc other than glibc it
 /// does nothing.
