@@ -1,6 +1,6 @@
-//! A demo without Xen or QEMU: a simulated Xen with two guests, each served by its own `vtpm serve` process (a libtpms TPM
-//! 2.0 behind tpmback), and each guest's tpmfront doing the xenstore handshake and sending
-//! real TPM 2.0 commands through its shared page.
+//! A demo without Xen or QEMU: a simulated Xen with two guests, each served by its own
+//! `vtpm serve` process (a libtpms TPM 2.0 behind tpmback), and each guest's tpmfront doing
+//! the xenstore handshake and sending real TPM 2.0 commands through its shared page.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
