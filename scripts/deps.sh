@@ -4,6 +4,7 @@ set -euo pipefail
 pkgs=()
 need() { dpkg -s "$1" >/dev/null 2>&1 || pkgs+=("$1"); }
 need gcc
+need g++               # libFuzzer, built by the fuzz targets (scripts/fuzz.sh)
 need libc6-dev
 need linux-libc-dev   # Xen ioctl headers, checked by the xen crate's tests
 need libtpms-dev      # the vTPM engine

@@ -15,3 +15,6 @@ echo "== cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked --features "$VM_TESTS" -- -D warnings
 echo "== cargo test (with the VM scenarios)"
 cargo test --workspace --locked --features "$VM_TESTS"
+# Every parser a guest, a client or the disk reaches, coverage-guided (fuzz/), 60 s each.
+echo "== fuzzing"
+./scripts/fuzz.sh "${FUZZ_SECONDS:-60}"

@@ -3,7 +3,7 @@
 //! input, the driver must return (no hang: virtual time is bounded), never panic, and hand
 //! out only responses whose header matches their length.
 //!
-//! `cargo test` runs them over seeded random inputs; `tis/fuzz` runs them under libFuzzer.
+//! `cargo test` runs them over seeded random inputs; the `tis_response` target of `fuzz/` runs them under libFuzzer.
 
 use std::time::Duration;
 

@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# Coverage-guided fuzzing of every parser a guest, a client or the disk reaches (fuzz/).
+#
+#   scripts/fuzz.sh [SECONDS] [TARGET...]     SECONDS per target (default 60), all targets by default
+#
+# Installs what it needs if missing (Debian packages through scripts/deps.sh; cargo-fuzz from
+# crates.io), builds every target with libFuzzer on the stable toolchain (cargo-fuzz's
+# `--sanitizer none`, which passes no -Z flag; debug assertions and overflow checks on), then
+# runs each target for SECONDS on a temporary copy of its seed corpus (fuzz/corpus/TARGET)
+# plus its saved crash inputs (fuzz/regressions/TARGET), so the inputs a run finds never
+# touch the work tree. Prints executions, time and speed per target; exits non-zero if any
+# target crashed, timed out or ran out of memory, leaving the input under
+# fuzz/artifacts/TARGET/ (ignored by git) and printing the panic.
+set -euo pipefail
+
+SECS=${1:-60}
+shift || true
+case "$SECS" in '' | *[!0-9]*) echo "usage: $0 [SECONDS] [TARGET...]" >&2; exit 2 ;; esac
+ALL_TARGETS=(tpmif_page xenstore_wire mgr_request swtpm_ctrl state_header tis_response)
+TARGETS=("$@")
+[ ${#TARGETS[@]} -gt 0 ] || TARGETS=("${ALL_TARGETS[@]}")
+CARGO_FUZZ_VERSION=0.13.2
+
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+FUZZ=$ROOT/fuzz
+start=$(date +%s)
+
+# Debian packages (a C++ compiler for libFuzzer, libtpms for the vTPM crate the state-file
+# target links): the project's list.
+./scripts/deps.sh
+if ! cargo fuzz --version >/dev/null 2>&1; then
+    echo "== installing cargo-fuzz $CARGO_FUZZ_VERSION"
+    cargo install cargo-fuzz --locked --version "$CARGO_FUZZ_VERSION"
+fi
+echo "== $(rustc --version), $(cargo fuzz --version)"
+installed=$(date +%s)
+
+# The fuzz crate builds against the versions the main workspace has locked: its own lock
+# (ignored by git) starts as a copy of the workspace's, renewed whenever that one changes.
+if [ ! -f "$FUZZ/Cargo.lock" ] || [ "$ROOT/Cargo.lock" -nt "$FUZZ/Cargo.lock" ]; then
+    cp "$ROOT/Cargo.lock" "$FUZZ/Cargo.lock"
+fi
+echo "== building the fuzz targets"
+cargo fuzz build --sanitizer none --debug-assertions --target-dir "$FUZZ/target"
+BIN=$FUZZ/target/$(rustc -vV | sed -n 's/^host: //p')/release
+built=$(date +%s)
+
+# The corpus copies and the state-file target's scratch directories: in memory where there is
+# a tmpfs (that target writes and opens files on every run).
+shm=/dev/shm
+[ -d "$shm" ] && [ -w "$shm" ] || shm=${TMPDIR:-/tmp}
+WORK=$(mktemp -d "$shm/xvtpm-fuzz.XXXXXX")
+trap 'rm -rf "$WORK"' EXIT
+ulimit -c 0
+
+max_len() {
+    case "$1" in
+        xenstore_wire | swtpm_ctrl) echo 8400 ;;
+        *) echo 4200 ;;
+    esac
+}
+
+failed=()
+summary=()
+for t in "${TARGETS[@]}"; do
+    if [ ! -x "$BIN/$t" ]; then
+        echo "unknown target $t (known: ${ALL_TARGETS[*]})" >&2
+        exit 2
+    fi
+    mkdir -p "$WORK/corpus/$t" "$WORK/artifacts/$t" "$WORK/tmp/$t"
+    if [ -d "$FUZZ/corpus/$t" ]; then
+        cp -R "$FUZZ/corpus/$t/." "$WORK/corpus/$t/"
+    fi
+    seeds=$(find "$WORK/corpus/$t" -type f | wc -l)
+    dirs=("$WORK/corpus/$t")
+    if [ -d "$FUZZ/regressions/$t" ]; then
+        dirs+=("$FUZZ/regressions/$t")
+    fi
+    echo "== $t: ${SECS}s from $seeds seeds"
+    log=$WORK/$t.log
+    t0=$(date +%s.%N)
+    rc=0
+    TMPDIR=$WORK/tmp/$t "$BIN/$t" \
+        -max_total_time="$SECS" -max_len="$(max_len "$t")" -timeout=10 -rss_limit_mb=2048 \
+        -print_final_stats=1 -artifact_prefix="$WORK/artifacts/$t/" "${dirs[@]}" >"$log" 2>&1 || rc=$?
+    t1=$(date +%s.%N)
+    stat() { sed -n "s/^stat::$1: *//p" "$log" | tail -1; }
+    execs=$(stat number_of_executed_units)
+    rate=$(stat average_exec_per_sec)
+    added=$(stat new_units_added)
+    cov=$(grep -o 'cov: [0-9]*' "$log" | tail -1 | cut -d' ' -f2 || true)
+    line=$(printf '%-14s %10s execs %8.1fs %8s exec/s  cov %5s  +%s inputs' \
+        "$t" "${execs:-?}" "$(awk "BEGIN { print $t1 - $t0 }")" "${rate:-?}" "${cov:-?}" "${added:-0}")
+    if [ "$rc" != 0 ] || [ -n "$(ls -A "$WORK/artifacts/$t")" ]; then
+        failed+=("$t")
+        line="$line  FAILED (exit $rc)"
+        mkdir -p "$FUZZ/artifacts/$t"
+        cp -R "$WORK/artifacts/$t/." "$FUZZ/artifacts/$t/"
+        cp "$log" "$FUZZ/artifacts/$t/$t.log"
+        echo "---- $t failed (whole log: fuzz/artifacts/$t/$t.log)"
+        grep -A4 'panicked at' "$log" | head -20 || true
+        grep -E '^SUMMARY|ERROR: libFuzzer|Test unit written' "$log" || true
+        for a in "$WORK/artifacts/$t"/*; do
+            [ -f "$a" ] || continue
+            a=$FUZZ/artifacts/$t/$(basename "$a")
+            echo "---- input $a ($(wc -c <"$a") bytes; replay: $BIN/$t $a)"
+            od -A d -t x1 "$a" | head -16
+        done
+    fi
+    echo "$line"
+    summary+=("$line")
+done
+end=$(date +%s)
+
+echo
+echo "== fuzzing summary (${SECS}s per target)"
+printf '%s\n' "${summary[@]}"
+echo "install $((installed - start))s, build $((built - installed))s, runs $((end - built))s, total $((end - start))s"
+if [ ${#failed[@]} -gt 0 ]; then
+    echo "FAILED: ${failed[*]} (inputs under fuzz/artifacts/; keep one under fuzz/regressions/TARGET/ once fixed)" >&2
+    exit 1
+fi
+echo "no crashes"
