@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
+cargo fmt --all --manifest-path fuzz/Cargo.toml -- --check
 # The QEMU/Xen scenarios (they build VM images from Debian packages) are behind each crate's
 # `vm-tests` feature; plain `cargo test --workspace` is the fast suite without them.
 VM_TESTS=xvtpm-vtpm/vm-tests,xvtpm-tis/vm-tests,xvtpm-tools/vm-tests
