@@ -11,7 +11,7 @@ OUT=${1:?usage: build-tis-vm.sh OUTDIR CHECK_BINARY}
 BIN=${2:?usage: build-tis-vm.sh OUTDIR CHECK_BINARY}
 mkdir -p "$OUT"
 KPKG=$(kernel_package)
-stamp="$KPKG $(sha256sum "$HERE/tis-vm-init.sh" "$HERE/debian-kernel.sh" "$BIN" | cut -c1-16 | tr '\n' ' ')"
+stamp="$KPKG $(sha256sum "$HERE/build-tis-vm.sh" "$HERE/tis-vm-init.sh" "$HERE/debian-kernel.sh" "$BIN" | cut -c1-16 | tr '\n' ' ')"
 if [ -f "$OUT/stamp" ] && [ "$(cat "$OUT/stamp")" = "$stamp" ] && [ -f "$OUT/vmlinuz" ] && [ -f "$OUT/initrd.gz" ]; then
     exit 0
 fi

@@ -10,7 +10,7 @@ OUT=${1:?usage: build-tpm-vm.sh OUTDIR}
 mkdir -p "$OUT"
 . "$HERE/debian-kernel.sh"
 KPKG=$(kernel_package)
-stamp="$KPKG $(sha256sum "$HERE/tpm-vm-init.sh" "$HERE/debian-kernel.sh" | cut -c1-16 | tr '\n' ' ') $(dpkg-query -W -f='${Version}' tpm2-tools busybox-static | tr '\n' ' ')"
+stamp="$KPKG $(sha256sum "$HERE/build-tpm-vm.sh" "$HERE/tpm-vm-init.sh" "$HERE/debian-kernel.sh" | cut -c1-16 | tr '\n' ' ') $(dpkg-query -W -f='${Version}' tpm2-tools busybox-static | tr '\n' ' ')"
 if [ -f "$OUT/stamp" ] && [ "$(cat "$OUT/stamp")" = "$stamp" ] && [ -f "$OUT/vmlinuz" ] && [ -f "$OUT/initrd.gz" ]; then
     exit 0
 fi
