@@ -419,27 +419,30 @@ impl State {
         let Some(dev) = self.devices.get(&key) else { return };
         let (written, fe_path, configured, error_closed) =
             (dev.written, dev.fe_path.clone(), dev.info.is_some(), dev.error_closed);
-        let fe_state_path = format!("{fe_path}/state");
-        // A misconfigured device's frontend path is not to be trusted: not read.
-        let frontend = match configured.then(|| self.read_opt(&fe_state_path)).flatten() {
-            None => Frontend::Gone,
-            Some(raw) => match XenbusState::parse(&fe_state_path, &raw) {
-                Ok(s) => Frontend::Is(s),
-                Err(e) => {
-                    log::warn!("vtpm {fe}/{handle}: {e}");
-                    Frontend::Garbage
-                }
-            },
-        };
-        let view = View {
+        let mut view = View {
             configured,
             backend: XenbusState::parse(&be_path, &raw_state).ok(),
             online: !configured || self.read_opt(&format!("{be_path}/online")).is_none_or(|v| v != b"0"),
-            frontend,
+            frontend: Frontend::Gone,
             written,
             error_closed,
             driver_domain: self.xen.domid() != 0,
         };
+        // Read only when it decides something: a misconfigured device's frontend path is not
+        // to be trusted, and an offline device's frontend may be gone (EACCES, each time).
+        if machine::needs_frontend(&view) {
+            let fe_state_path = format!("{fe_path}/state");
+            view.frontend = match self.read_opt(&fe_state_path) {
+                None => Frontend::Gone,
+                Some(raw) => match XenbusState::parse(&fe_state_path, &raw) {
+                    Ok(s) => Frontend::Is(s),
+                    Err(e) => {
+                        log::warn!("vtpm {fe}/{handle}: {e}");
+                        Frontend::Garbage
+                    }
+                },
+            };
+        }
         let actions = machine::step(&view);
         log::debug!("vtpm {fe}/{handle}: {view:?} -> {actions:?}");
         for action in actions {

@@ -59,6 +59,17 @@ pub(crate) fn adopt(backend: Option<XenbusState>) -> Option<XenbusState> {
     matches!(backend, None | Some(XenbusState::Unknown | XenbusState::Initialising)).then_some(XenbusState::InitWait)
 }
 
+/// Whether [`step`] looks at the frontend's state for `v` (a configured device that is online
+/// and not being closed by the toolstack); otherwise the frontend need not be read.
+pub(crate) fn needs_frontend(v: &View) -> bool {
+    v.configured && !closed_by_toolstack(v)
+}
+
+/// libxl (xl destroy / vtpm-detach) writes online=0 and Closing, then waits 10 s for Closed.
+fn closed_by_toolstack(v: &View) -> bool {
+    !v.online || (v.backend == Some(XenbusState::Closing) && v.written != Some(XenbusState::Closing))
+}
+
 /// The actions that bring a device in line with `v`.
 pub(crate) fn step(v: &View) -> Vec<Action> {
     use Action::*;
@@ -68,9 +79,8 @@ pub(crate) fn step(v: &View) -> Vec<Action> {
         // Misconfigured: stay closed, but let the toolstack's removal complete.
         return write_unless(S::Closed, v.backend).into_iter().collect();
     }
-    if !v.online || (v.backend == Some(S::Closing) && v.written != Some(S::Closing)) {
-        // libxl (xl destroy / vtpm-detach) writes online=0 and Closing, then waits 10 s for
-        // Closed. An offline device stays closed, whatever the frontend does.
+    if closed_by_toolstack(v) {
+        // An offline device stays closed, whatever the frontend does.
         let mut a = vec![Disconnect];
         a.extend(write_unless(S::Closed, v.backend));
         if !v.online && v.driver_domain {

@@ -252,3 +252,21 @@ fn a_protocol_error_holds_until_the_frontend_closes() {
     assert!(d.connected);
     assert_eq!(d.writes, [S::InitWait, S::Closing, S::InitWait, S::Connected]);
 }
+
+#[test]
+fn the_frontend_is_read_only_when_it_decides() {
+    let fe = Frontend::Is(S::Connected);
+    assert!(needs_frontend(&view(S::Connected, Some(S::Connected), fe)));
+    assert!(needs_frontend(&view(S::Closing, Some(S::Closing), fe)), "our own Closing");
+    assert!(!needs_frontend(&view(S::Closing, Some(S::Connected), fe)), "the toolstack's Closing");
+    assert!(!needs_frontend(&View { online: false, ..view(S::Closed, Some(S::Closed), fe) }));
+    assert!(!needs_frontend(&View { configured: false, ..view(S::InitWait, None, fe) }));
+    // Where it is not read, it does not matter.
+    for v in [
+        view(S::Closing, Some(S::Connected), fe),
+        View { online: false, driver_domain: true, ..view(S::Closed, Some(S::Closed), fe) },
+        View { configured: false, ..view(S::InitWait, None, fe) },
+    ] {
+        assert_eq!(step(&v), step(&View { frontend: Frontend::Gone, ..v }), "{v:?}");
+    }
+}
