@@ -3,7 +3,7 @@
 
 use xvtpm_proto::ctrl::*;
 use xvtpm_proto::mgr::{GroupShow, Page, Reply, Request, VtpmShow};
-use xvtpm_proto::{tpm, Uuid};
+use xvtpm_proto::{tpm, Secret, Uuid};
 use xvtpm_tis::Family;
 use xvtpm_vtpm::state::managed;
 use xvtpm_vtpmmgr::store::node::{Child, Node};
@@ -81,11 +81,11 @@ fn xenstore_wire() -> Vec<(String, Vec<u8>)> {
 fn mgr_request() -> Vec<(String, Vec<u8>)> {
     let u = Uuid([7; 16]);
     let reqs = [
-        ("savehashkey", Request::SaveHashKey(vec![1; 64])),
+        ("savehashkey", Request::SaveHashKey(Secret(vec![1; 64]))),
         ("loadhashkey", Request::LoadHashKey),
         ("get-boot-hash", Request::GetBootHash),
         ("get-quote", Request::GetQuote { nonce: [9; 20], pcrs: vec![0, 7, 16, 23] }),
-        ("bind", Request::Bind { uuid: u, token: b"secret".to_vec() }),
+        ("bind", Request::Bind { uuid: u, token: Secret(b"secret".to_vec()) }),
         ("group-list", Request::GroupList { offset: 3 }),
         ("group-new", Request::GroupNew),
         ("group-del", Request::GroupDel { group: 2 }),
@@ -93,7 +93,7 @@ fn mgr_request() -> Vec<(String, Vec<u8>)> {
         ("vtpm-list", Request::VtpmList { group: 1, offset: 255 }),
         ("vtpm-show", Request::VtpmShow { uuid: u }),
         ("vtpm-new", Request::VtpmNew { group: 1, named: None }),
-        ("vtpm-new-named", Request::VtpmNew { group: 1, named: Some((u, Some([5; 32]))) }),
+        ("vtpm-new-named", Request::VtpmNew { group: 1, named: Some((u, Some(Secret([5; 32])))) }),
         ("vtpm-del", Request::VtpmDel { uuid: u }),
         ("group-approve", Request::GroupApprove { group: 1, hash: [3; 32] }),
         ("group-revoke", Request::GroupRevoke { group: 1, hash: [3; 32] }),

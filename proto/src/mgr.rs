@@ -9,7 +9,7 @@
 //! ([`VtpmShow`], [`GroupShow`], [`Page`]), so the manager and its clients share one codec.
 
 use crate::tpm::{self, Reader, HEADER_SIZE};
-use crate::{Error, Uuid};
+use crate::{Error, Secret, Uuid};
 
 /// vTPM command tag.
 pub const TAG_REQ: u16 = 0x01C1;
@@ -110,7 +110,7 @@ pub enum Class {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
     /// SAVEHASHKEY: the state's hash and key, checked by the manager.
-    SaveHashKey(Vec<u8>),
+    SaveHashKey(Secret<Vec<u8>>),
     /// LOADHASHKEY.
     LoadHashKey,
     /// GET_BOOT_HASH.
@@ -127,7 +127,7 @@ pub enum Request {
         /// The vTPM.
         uuid: Uuid,
         /// Its token.
-        token: Vec<u8>,
+        token: Secret<Vec<u8>>,
     },
     /// GROUP_LIST from `offset`.
     GroupList {
@@ -164,7 +164,7 @@ pub enum Request {
         group: u32,
         /// Its uuid and, for a vTPM that reaches the manager by its socket, the 32-byte token
         /// it will present (`None`: the manager picks a random uuid, and there is no token).
-        named: Option<(Uuid, Option<[u8; 32]>)>,
+        named: Option<(Uuid, Option<Secret<[u8; 32]>>)>,
     },
     /// VTPM_DEL.
     VtpmDel {
@@ -304,7 +304,7 @@ impl Request {
         let mut r = Reader::new(body);
         let bad = |why: &str| Malformed::Body { class, ordinal, why: why.to_string() };
         Ok(match ordinal {
-            SAVEHASHKEY => Request::SaveHashKey(body.to_vec()),
+            SAVEHASHKEY => Request::SaveHashKey(Secret(body.to_vec())),
             LOADHASHKEY => Request::LoadHashKey,
             GET_BOOT_HASH if body.is_empty() => Request::GetBootHash,
             GET_BOOT_HASH => return Err(bad("GET_BOOT_HASH takes no parameters")),
@@ -314,7 +314,7 @@ impl Request {
                 _ => return Err(bad("GET_QUOTE: nonce[20] and a PCR selection of up to 3 bytes")),
             },
             BIND => match Uuid::from_slice(body) {
-                Some(uuid) => Request::Bind { uuid, token: body[16..].to_vec() },
+                Some(uuid) => Request::Bind { uuid, token: Secret(body[16..].to_vec()) },
                 None => return Err(bad("BIND needs a 16-byte uuid and a token")),
             },
             GROUP_LIST => Request::GroupList { offset: r.u32().unwrap_or_default() },
@@ -334,7 +334,9 @@ impl Request {
                 let group = r.u32().unwrap_or_default();
                 match body.len() {
                     4 => Request::VtpmNew { group, named: None },
-                    20 | 52 => Request::VtpmNew { group, named: r.array().map(|u| (Uuid(u), r.array::<32>())) },
+                    20 | 52 => {
+                        Request::VtpmNew { group, named: r.array().map(|u| (Uuid(u), r.array::<32>().map(Secret))) }
+                    }
                     n => return Err(bad(&format!("VTPM_NEW with a {n}-byte body"))),
                 }
             }
@@ -408,7 +410,7 @@ impl Request {
     /// The body.
     pub fn body(&self) -> Vec<u8> {
         match self {
-            Request::SaveHashKey(b) => b.clone(),
+            Request::SaveHashKey(b) => b.0.clone(),
             Request::LoadHashKey | Request::GetBootHash | Request::GroupNew | Request::MigrationKey => Vec::new(),
             Request::GetQuote { nonce, pcrs } => {
                 let mut bits = [0u8; 3];
@@ -417,7 +419,7 @@ impl Request {
                 }
                 [&nonce[..], &3u16.to_be_bytes(), &bits].concat()
             }
-            Request::Bind { uuid, token } => [&uuid.0[..], token].concat(),
+            Request::Bind { uuid, token } => [&uuid.0[..], &token.0].concat(),
             Request::GroupList { offset } => offset.to_be_bytes().to_vec(),
             Request::GroupDel { group } | Request::GroupShow { group } => group.to_be_bytes().to_vec(),
             Request::VtpmList { group, offset } | Request::GroupApproved { group, offset } => {
@@ -428,7 +430,7 @@ impl Request {
                 let mut b = group.to_be_bytes().to_vec();
                 if let Some((uuid, token)) = named {
                     b.extend_from_slice(&uuid.0);
-                    b.extend_from_slice(token.as_ref().map_or(&[][..], |t| &t[..]));
+                    b.extend_from_slice(token.as_ref().map_or(&[][..], |t| &t.0[..]));
                 }
                 b
             }
@@ -446,8 +448,9 @@ impl Request {
     }
 }
 
-/// A reply: tag, status and body.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A reply: tag, status and body. `Debug` shows the body's length only: LOADHASHKEY's body is
+/// a state key.
+#[derive(Clone, PartialEq, Eq)]
 pub struct Reply {
     /// [`TAG_RSP`], or [`TAG_RSP2`] for the dispatcher's refusals of management commands.
     pub tag: u16,
@@ -455,6 +458,16 @@ pub struct Reply {
     pub status: u32,
     /// The body (empty unless the status is success).
     pub body: Vec<u8>,
+}
+
+impl std::fmt::Debug for Reply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reply")
+            .field("tag", &self.tag)
+            .field("status", &self.status)
+            .field("body", &Secret(&self.body))
+            .finish()
+    }
 }
 
 impl Reply {
@@ -580,11 +593,11 @@ mod tests {
     fn all_requests() -> Vec<Request> {
         let u = Uuid([7; 16]);
         vec![
-            Request::SaveHashKey(vec![1; 64]),
+            Request::SaveHashKey(Secret(vec![1; 64])),
             Request::LoadHashKey,
             Request::GetBootHash,
             Request::GetQuote { nonce: [9; 20], pcrs: vec![0, 7, 16, 23] },
-            Request::Bind { uuid: u, token: b"secret".to_vec() },
+            Request::Bind { uuid: u, token: Secret(b"secret".to_vec()) },
             Request::GroupList { offset: 3 },
             Request::GroupNew,
             Request::GroupDel { group: 2 },
@@ -593,7 +606,7 @@ mod tests {
             Request::VtpmShow { uuid: u },
             Request::VtpmNew { group: 1, named: None },
             Request::VtpmNew { group: 1, named: Some((u, None)) },
-            Request::VtpmNew { group: 1, named: Some((u, Some([5; 32]))) },
+            Request::VtpmNew { group: 1, named: Some((u, Some(Secret([5; 32])))) },
             Request::VtpmDel { uuid: u },
             Request::GroupApprove { group: 1, hash: [3; 32] },
             Request::GroupRevoke { group: 1, hash: [3; 32] },
@@ -680,6 +693,16 @@ mod tests {
         assert_eq!(Page::<4>::of(&[[1; 4]], 5).items, Vec::<[u8; 4]>::new());
         let r = Reply::ok(vec![1, 2]);
         assert_eq!(Reply::decode(&r.encode()), Ok(r));
+        // A state key (LOADHASHKEY's answer, SAVEHASHKEY's body) or a token never shows in a log.
+        let key = vec![0xAB; 64];
+        for shown in [
+            format!("{:?}", Reply::ok(key.clone())),
+            format!("{:?}", Request::SaveHashKey(Secret(key.clone()))),
+            format!("{:?}", Request::Bind { uuid: Uuid([1; 16]), token: Secret(key.clone()) }),
+            format!("{:?}", Request::VtpmNew { group: 0, named: Some((Uuid([1; 16]), Some(Secret([0xAB; 32])))) }),
+        ] {
+            assert!(!shown.contains("171") && shown.contains("secret bytes"), "{shown}");
+        }
         assert!(Reply::decode(&[0x01, 0xC4, 0, 0, 0, 11, 0, 0, 0, 0]).is_err());
     }
 }

@@ -87,7 +87,12 @@ fn main() -> anyhow::Result<()> {
         let mut caller = Caller::Vtpm(uuid((i * 104_729) % n));
         let w0 = m.store().root().seq;
         let t = Instant::now();
-        let r = dispatch::handle(&mut m, &mut caller, None, &Request::SaveHashKey(vec![(i % 251) as u8; 52]).encode());
+        let r = dispatch::handle(
+            &mut m,
+            &mut caller,
+            None,
+            &Request::SaveHashKey(xvtpm_proto::Secret(vec![(i % 251) as u8; 52])).encode(),
+        );
         save.push(t.elapsed());
         assert_eq!(u32::from_be_bytes([r[6], r[7], r[8], r[9]]), status::SUCCESS);
         assert_eq!(m.store().root().seq, w0 + 1);

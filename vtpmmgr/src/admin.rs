@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use xvtpm_proto::mgr::{self, status, GroupShow, Page, Reply, Request, VtpmShow};
-use xvtpm_proto::Uuid;
+use xvtpm_proto::{Secret, Uuid};
 
 use crate::server::Client;
 use crate::{uuid_str, Error, Result};
@@ -91,8 +91,8 @@ impl Admin {
     pub fn provision(&mut self, uuid: Option<[u8; 16]>, group: u32, token: Option<&[u8; 32]>) -> Result<[u8; 16]> {
         // A token travels after a uuid: with no uuid given, the tool picks one.
         let named = match (uuid, token) {
-            (Some(u), t) => Some((Uuid(u), t.copied())),
-            (None, Some(t)) => Some((Uuid::from_random(rand::random()), Some(*t))),
+            (Some(u), t) => Some((Uuid(u), t.copied().map(Secret))),
+            (None, Some(t)) => Some((Uuid::from_random(rand::random()), Some(Secret(*t)))),
             (None, None) => None,
         };
         // The group is what can be missing; the uuid what can exist already.

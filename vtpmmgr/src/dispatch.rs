@@ -143,7 +143,7 @@ pub fn handle<S: Service>(svc: &mut S, caller: &mut Caller, boot: Option<&BootHa
         Err(reply) => return reply.encode(),
     };
     let result = match (request, uuid) {
-        (Request::Bind { uuid, token }, _) => return bind(svc, caller, &uuid.0, &token).encode(),
+        (Request::Bind { uuid, token }, _) => return bind(svc, caller, &uuid.0, &token.0).encode(),
         (request, Some(uuid)) => act_for_vtpm(svc, &uuid, boot, request),
         (request, None) => administer(svc, request),
     };
@@ -199,7 +199,7 @@ fn bind<S: Service>(svc: &S, caller: &mut Caller, uuid: &[u8; 16], token: &[u8])
 /// The vTPM commands, for the authorised vTPM `uuid`.
 fn act_for_vtpm<S: Service>(svc: &mut S, uuid: &[u8; 16], boot: Option<&BootHash>, r: Request) -> Result<Vec<u8>> {
     match r {
-        Request::SaveHashKey(blob) => svc.save(uuid, &blob).map(|()| Vec::new()),
+        Request::SaveHashKey(blob) => svc.save(uuid, &blob.0).map(|()| Vec::new()),
         Request::LoadHashKey => svc.load(uuid),
         Request::GetQuote { nonce, pcrs } => svc.quote(uuid, boot, &nonce, &pcrs),
         // Xen's reply is a TPM_DIGEST (20 bytes): the first 20 of our SHA-256.
@@ -207,7 +207,7 @@ fn act_for_vtpm<S: Service>(svc: &mut S, uuid: &[u8; 16], boot: Option<&BootHash
             Some(h) => Ok(h[..20].to_vec()),
             None => Err(Error::Protocol("this vTPM could not be measured; it has no boot hash".into())),
         },
-        other => Err(Error::Protocol(format!("{other:?} is not a vTPM command"))),
+        other => Err(Error::Protocol(format!("ordinal {:#x} is not a vTPM command", other.ordinal()))),
     }
 }
 
@@ -220,7 +220,7 @@ fn administer<S: Service>(svc: &mut S, r: Request) -> Result<Vec<u8>> {
                 Some((u, token)) => (u.0, token),
                 None => (Uuid::from_random(rand::random()).0, None),
             };
-            svc.provision(uuid, group, token.as_ref().map(|t| &t[..])).map(|()| uuid.to_vec())
+            svc.provision(uuid, group, token.as_ref().map(|t| &t.0[..])).map(|()| uuid.to_vec())
         }
         Request::VtpmShow { uuid } => match svc.show(&uuid.0)? {
             Some(v) => Ok(v.encode()),
@@ -249,7 +249,7 @@ fn administer<S: Service>(svc: &mut S, r: Request) -> Result<Vec<u8>> {
             }
             None => Err(Error::NotFound(format!("group {group}"))),
         },
-        other => Err(Error::Protocol(format!("{other:?} is not a management command"))),
+        other => Err(Error::Protocol(format!("ordinal {:#x} is not a management command", other.ordinal()))),
     }
 }
 

@@ -11,7 +11,7 @@ use xvtpm_frontend::{Frontend, FrontendConfig};
 use xvtpm_xen::platform::Xen;
 
 use xvtpm_proto::mgr::Request;
-use xvtpm_proto::{tpm, Uuid};
+use xvtpm_proto::{tpm, Secret, Uuid};
 
 use super::managed::{parse_reply, ManagerLink};
 use crate::{Error, Result};
@@ -40,7 +40,7 @@ impl UnixLink {
             .map_err(|e| Error::io(format!("connect to the manager at {}", self.path.display()), e))?;
         s.set_read_timeout(Some(Duration::from_secs(60))).map_err(|e| Error::io("socket timeout", e))?;
         self.s = Some(s);
-        let bind = Request::Bind { uuid: Uuid(self.uuid), token: self.token.clone() };
+        let bind = Request::Bind { uuid: Uuid(self.uuid), token: Secret(self.token.clone()) };
         match self.exchange(&bind)? {
             (0, _) => Ok(()),
             (st, _) => {

@@ -15,6 +15,7 @@ use rand::RngCore;
 use sha2::{Digest, Sha256};
 
 use xvtpm_proto::mgr::{Reply, Request};
+use xvtpm_proto::Secret;
 
 use super::StateStore;
 use crate::{Error, Result};
@@ -200,7 +201,7 @@ impl ManagedStore {
         File::open(&self.dir).and_then(|d| d.sync_all()).map_err(|e| io("sync the directory of", e))?;
         // The slot is durable: now the manager may point at it.
         let blob = [&Sha256::digest(&file)[..], &key[..]].concat();
-        let reply = self.link.call(&Request::SaveHashKey(blob.to_vec()));
+        let reply = self.link.call(&Request::SaveHashKey(Secret(blob.to_vec())));
         // Unless the manager answered success or refused the request outright, it may have
         // committed: never overwrite the slot it might point at without asking first.
         self.uncertain = !matches!(reply, Ok((wire::SUCCESS | wire::BAD_PARAMETER | wire::AUTHFAIL, _)));
@@ -281,13 +282,13 @@ mod tests {
                             .any(|s| fs::read(self.1.join(s)).is_ok_and(|f| Sha256::digest(&f)[..] == r[..32]));
                         m.clobbered |= !intact;
                     }
-                    m.record = Some(body.to_vec());
+                    m.record = Some(body.0.clone());
                     if std::mem::take(&mut m.lose_next_reply) {
                         return Err(Error::Protocol("reply lost".into()));
                     }
                     Ok((wire::SUCCESS, Vec::new()))
                 }
-                other => Err(Error::Protocol(format!("unexpected {other:?}"))),
+                other => Err(Error::Protocol(format!("unexpected ordinal {:#x}", other.ordinal()))),
             }
         }
     }

@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use xvtpm_proto::mgr::{ord, GroupShow, Page, VtpmShow, TAG_REQ, TAG_REQ2};
 use xvtpm_proto::tpm::frame;
+use xvtpm_proto::Secret;
 
 use super::*;
 
@@ -145,7 +146,7 @@ fn st(f: &mut Fake, caller: &mut Caller, msg: &[u8]) -> (u16, u32) {
 fn vtpm_commands_act_for_the_transports_vtpm() {
     let (mut f, mut me) = (Fake::new(), Caller::Vtpm(U));
     assert_eq!(st(&mut f, &mut me, &Request::LoadHashKey.encode()), (TAG_RSP, status::BAD_PARAMETER));
-    assert!(ok(&mut f, &mut me, Request::SaveHashKey(vec![7; 64])).is_empty());
+    assert!(ok(&mut f, &mut me, Request::SaveHashKey(Secret(vec![7; 64]))).is_empty());
     assert_eq!(ok(&mut f, &mut me, Request::LoadHashKey), vec![7; 64]);
     // A vTPM the manager does not know.
     assert_eq!(st(&mut f, &mut Caller::Vtpm(OTHER), &Request::LoadHashKey.encode()), (TAG_RSP, status::BAD_PARAMETER));
@@ -162,9 +163,11 @@ fn approvals_gate_every_vtpm_command_but_get_boot_hash() {
     let (mut f, mut me) = (Fake::new(), Caller::Vtpm(U));
     f.groups.get_mut(&0).expect("group 0").1.insert(APPROVED);
     let other: BootHash = [1; 32];
-    for r in
-        [Request::LoadHashKey, Request::SaveHashKey(vec![1; 64]), Request::GetQuote { nonce: [0; 20], pcrs: vec![] }]
-    {
+    for r in [
+        Request::LoadHashKey,
+        Request::SaveHashKey(Secret(vec![1; 64])),
+        Request::GetQuote { nonce: [0; 20], pcrs: vec![] },
+    ] {
         assert_eq!(send(&mut f, &mut me, Some(&other), &r.encode()).1, status::AUTHFAIL, "{r:?}");
         assert_eq!(send(&mut f, &mut me, None, &r.encode()).1, status::AUTHFAIL, "{r:?}");
     }
@@ -181,14 +184,14 @@ fn socket_clients_bind_with_the_token_and_lose_it_when_it_changes() {
     let mut f = Fake::new();
     let mut c = Caller::Socket(None);
     assert_eq!(st(&mut f, &mut c, &Request::LoadHashKey.encode()), (TAG_RSP, status::AUTHFAIL));
-    let bind = |token: &[u8]| Request::Bind { uuid: Uuid(U), token: token.to_vec() }.encode();
+    let bind = |token: &[u8]| Request::Bind { uuid: Uuid(U), token: Secret(token.to_vec()) }.encode();
     // Unknown uuid and wrong token answer alike.
     assert_eq!(st(&mut f, &mut c, &bind(b"wrong")), (TAG_RSP, status::AUTHFAIL));
-    let unknown = Request::Bind { uuid: Uuid(OTHER), token: TOKEN.to_vec() }.encode();
+    let unknown = Request::Bind { uuid: Uuid(OTHER), token: Secret(TOKEN.to_vec()) }.encode();
     assert_eq!(st(&mut f, &mut c, &unknown), (TAG_RSP, status::AUTHFAIL));
     assert_eq!(c, Caller::Socket(None));
     assert_eq!(st(&mut f, &mut c, &bind(TOKEN)), (TAG_RSP, status::SUCCESS));
-    assert!(ok(&mut f, &mut c, Request::SaveHashKey(vec![3; 64])).is_empty());
+    assert!(ok(&mut f, &mut c, Request::SaveHashKey(Secret(vec![3; 64]))).is_empty());
     // Deleted and provisioned anew with another token: the binding no longer holds.
     f.vtpms.get_mut(&U).expect("vtpm").2 = [0; 32];
     assert_eq!(st(&mut f, &mut c, &Request::LoadHashKey.encode()), (TAG_RSP, status::AUTHFAIL));
@@ -240,7 +243,10 @@ fn vtpm_management_ordinals() {
     let random = Uuid::from_slice(&new).expect("a uuid");
     assert_eq!(random.0[6] >> 4, 4, "a version-4 uuid");
     let token = [9u8; 32];
-    assert_eq!(ok(&mut f, &mut admin, Request::VtpmNew { group: 0, named: Some((Uuid(OTHER), Some(token))) }), OTHER);
+    assert_eq!(
+        ok(&mut f, &mut admin, Request::VtpmNew { group: 0, named: Some((Uuid(OTHER), Some(Secret(token)))) }),
+        OTHER
+    );
     assert_eq!(f.vtpms[&OTHER].2, <[u8; 32]>::from(Sha256::digest(token)));
     let again = Request::VtpmNew { group: 0, named: Some((Uuid(OTHER), None)) }.encode();
     assert_eq!(st(&mut f, &mut admin, &again), (TAG_RSP, status::EXISTS));
