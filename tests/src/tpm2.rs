@@ -168,3 +168,43 @@ impl TcpTpm {
         Ok(rsp)
     }
 }
+
+/// Starts `cmd` (swtpm, or one of ours taking swtpm's command line, possibly behind `taskset`)
+/// in socket mode: TPM 2.0, state in `state` (made if missing), data and control channels on
+/// two free TCP ports, started and powered on; returns once it answers a GetRandom, with its
+/// data port. A server that exits or does not answer within `timeout` is an error (and killed).
+pub fn start_socket_server(
+    mut cmd: std::process::Command,
+    state: &std::path::Path,
+    stderr: std::process::Stdio,
+    timeout: Duration,
+) -> anyhow::Result<(std::process::Child, u16)> {
+    std::fs::create_dir_all(state)?;
+    let port = crate::free_port_pair()?;
+    let mut child = cmd
+        .arg("socket")
+        .arg("--tpm2")
+        .args(["--server", &format!("type=tcp,port={port}")])
+        .args(["--ctrl", &format!("type=tcp,port={}", port + 1)])
+        .arg("--tpmstate")
+        .arg(format!("dir={}", state.display()))
+        .args(["--flags", "not-need-init,startup-clear"])
+        .stdout(std::process::Stdio::null())
+        .stderr(stderr)
+        .spawn()?;
+    let end = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < end {
+        if let Some(st) = child.try_wait()? {
+            anyhow::bail!("exited ({st}) on port {port}");
+        }
+        if let Ok(mut t) = TcpTpm::connect(port) {
+            // Startup was sent by the server (startup-clear); make sure it answers.
+            t.transmit(&get_random(8))?;
+            return Ok((child, port));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    anyhow::bail!("did not start on port {port} within {timeout:?}")
+}

@@ -9,9 +9,11 @@
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use xvtpm_tests::tpm2::{self, TcpTpm};
+use anyhow::Context;
+
+use xvtpm_tests::tpm2;
 
 struct Instance(Child);
 
@@ -23,32 +25,9 @@ impl Drop for Instance {
 }
 
 fn start(exe: &str, state: &Path) -> anyhow::Result<Instance> {
-    std::fs::create_dir_all(state)?;
-    let port = xvtpm_tests::free_port_pair()?;
-    let child = Command::new(exe)
-        .arg("socket")
-        .arg("--tpm2")
-        .args(["--server", &format!("type=tcp,port={port}")])
-        .args(["--ctrl", &format!("type=tcp,port={}", port + 1)])
-        .arg("--tpmstate")
-        .arg(format!("dir={}", state.display()))
-        .args(["--flags", "not-need-init,startup-clear"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?;
-    let mut inst = Instance(child);
-    let end = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < end {
-        if let Some(st) = inst.0.try_wait()? {
-            anyhow::bail!("{exe} exited ({st})");
-        }
-        if let Ok(mut t) = TcpTpm::connect(port) {
-            t.transmit(&tpm2::get_random(8))?;
-            return Ok(inst);
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    anyhow::bail!("{exe} did not start on port {port}")
+    let (child, _) = tpm2::start_socket_server(Command::new(exe), state, Stdio::null(), Duration::from_secs(30))
+        .with_context(|| exe.to_string())?;
+    Ok(Instance(child))
 }
 
 /// (PSS, private) of a process in KiB.

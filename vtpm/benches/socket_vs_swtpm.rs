@@ -29,9 +29,8 @@ impl Drop for Server {
 
 fn spawn(name: &'static str, exe: &str, state: &Path, pin: bool) -> anyhow::Result<Server> {
     std::fs::create_dir_all(state)?;
-    let port = xvtpm_tests::free_port_pair()?;
     let log = state.with_extension("log");
-    let mut cmd = match pin {
+    let cmd = match pin {
         // The servers share CPU 1; the client runs on CPU 0 (see `main`).
         true => {
             let mut c = Command::new("taskset");
@@ -40,30 +39,11 @@ fn spawn(name: &'static str, exe: &str, state: &Path, pin: bool) -> anyhow::Resu
         }
         false => Command::new(exe),
     };
-    let mut child = cmd
-        .arg("socket")
-        .arg("--tpm2")
-        .args(["--server", &format!("type=tcp,port={port}")])
-        .args(["--ctrl", &format!("type=tcp,port={}", port + 1)])
-        .arg("--tpmstate")
-        .arg(format!("dir={}", state.display()))
-        .args(["--flags", "not-need-init,startup-clear"])
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log)?)
-        .spawn()?;
-    let end = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < end {
-        if let Some(st) = child.try_wait()? {
-            anyhow::bail!("{name} exited ({st}) on port {port}: {}", std::fs::read_to_string(&log).unwrap_or_default());
-        }
-        if let Ok(mut t) = TcpTpm::connect(port) {
-            // Startup was sent by the server (startup-clear); make sure it answers.
-            t.transmit(&tpm2::get_random(8))?;
-            return Ok(Server { name, child, port });
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    let started = tpm2::start_socket_server(cmd, state, std::fs::File::create(&log)?.into(), Duration::from_secs(20));
+    match started {
+        Ok((child, port)) => Ok(Server { name, child, port }),
+        Err(e) => anyhow::bail!("{name} {e}: {}", std::fs::read_to_string(&log).unwrap_or_default()),
     }
-    anyhow::bail!("{name} did not start on port {port}")
 }
 
 /// Pinning makes the figures repeatable: unpinned, the scheduler's placement of client and
