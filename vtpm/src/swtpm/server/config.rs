@@ -10,8 +10,6 @@ pub const TPM_CC_SET_LOCALITY: u32 = 0x2000_1000;
 pub const TPM2_SEND_COMMAND: u32 = 8;
 /// Size of a TPM command/response header (tag, size, ordinal/code).
 pub const TPM_HEADER_SIZE: usize = tpm::HEADER_SIZE;
-pub(super) const TPM2_ST_NO_SESSIONS: u16 = tpm::TPM_ST_NO_SESSIONS;
-pub(super) const TPM2_ST_SESSIONS: u16 = tpm::TPM_ST_SESSIONS;
 pub(super) const TCG_PREFIX_SIZE: usize = 9;
 pub(super) const DEFAULT_BUFFER_SIZE: u32 = 4096;
 

@@ -153,8 +153,8 @@ impl Shared {
         let mut prefix = None;
         let tag = u16::from_be_bytes([buf[0], buf[1]]);
         if self.version == TpmVersion::V2_0
-            && tag != TPM2_ST_NO_SESSIONS
-            && tag != TPM2_ST_SESSIONS
+            && tag != tpm::TPM_ST_NO_SESSIONS
+            && tag != tpm::TPM_ST_SESSIONS
             && be32(buf, 0) == TPM2_SEND_COMMAND
         {
             // TCG prefix: command word, locality, length; the command starts at byte 9.
