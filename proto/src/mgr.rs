@@ -69,6 +69,9 @@ pub mod ord {
     pub const VTPM_EXPORT: u32 = 0x0200_0406;
     /// Ours, management: import a bundle; replies the vTPM's uuid.
     pub const VTPM_IMPORT: u32 = 0x0200_0407;
+    /// Ours, management: the public part of the key that signs deep quotes (TPM 2.0: its
+    /// TPMT_PUBLIC; TPM 1.2: its TPM_PUBKEY), for verifiers to register.
+    pub const ATTESTATION_KEY: u32 = 0x0200_0408;
 }
 
 /// Status codes (TPM 1.2 values, as Xen's manager uses them).
@@ -194,6 +197,8 @@ pub enum Request {
     },
     /// MIGRATION_KEY.
     MigrationKey,
+    /// ATTESTATION_KEY.
+    AttestationKey,
     /// VTPM_EXPORT.
     VtpmExport {
         /// The vTPM.
@@ -268,7 +273,8 @@ pub fn class_of(tag: u16, ordinal: u32) -> Option<Class> {
         (
             TAG_REQ2,
             GROUP_LIST | GROUP_NEW | GROUP_DEL | GROUP_SHOW | VTPM_LIST | VTPM_SHOW | VTPM_NEW | VTPM_DEL
-            | GROUP_APPROVE | GROUP_REVOKE | GROUP_APPROVED | MIGRATION_KEY | VTPM_EXPORT | VTPM_IMPORT,
+            | GROUP_APPROVE | GROUP_REVOKE | GROUP_APPROVED | MIGRATION_KEY | VTPM_EXPORT | VTPM_IMPORT
+            | ATTESTATION_KEY,
         ) => Some(Class::Admin),
         _ => None,
     }
@@ -350,6 +356,7 @@ impl Request {
                 _ => return Err(bad("GROUP_APPROVED needs a group number")),
             },
             MIGRATION_KEY => Request::MigrationKey,
+            ATTESTATION_KEY => Request::AttestationKey,
             VTPM_EXPORT => match Uuid::from_slice(body) {
                 Some(uuid) => Request::VtpmExport { uuid, to: body[16..].to_vec() },
                 None => return Err(bad("VTPM_EXPORT needs a uuid and a migration key")),
@@ -383,6 +390,7 @@ impl Request {
             Request::GroupRevoke { .. } => GROUP_REVOKE,
             Request::GroupApproved { .. } => GROUP_APPROVED,
             Request::MigrationKey => MIGRATION_KEY,
+            Request::AttestationKey => ATTESTATION_KEY,
             Request::VtpmExport { .. } => VTPM_EXPORT,
             Request::VtpmImport { .. } => VTPM_IMPORT,
         }
@@ -411,7 +419,11 @@ impl Request {
     pub fn body(&self) -> Vec<u8> {
         match self {
             Request::SaveHashKey(b) => b.0.clone(),
-            Request::LoadHashKey | Request::GetBootHash | Request::GroupNew | Request::MigrationKey => Vec::new(),
+            Request::LoadHashKey
+            | Request::GetBootHash
+            | Request::GroupNew
+            | Request::MigrationKey
+            | Request::AttestationKey => Vec::new(),
             Request::GetQuote { nonce, pcrs } => {
                 let mut bits = [0u8; 3];
                 for p in pcrs.iter().filter(|p| **p < 24) {
@@ -612,6 +624,7 @@ mod tests {
             Request::GroupRevoke { group: 1, hash: [3; 32] },
             Request::GroupApproved { group: 1, offset: 127 },
             Request::MigrationKey,
+            Request::AttestationKey,
             Request::VtpmExport { uuid: u, to: vec![4; 65] },
             Request::VtpmImport { group: 6, bundle: vec![8; 300] },
         ]

@@ -81,6 +81,13 @@ pub enum VtpmCmd {
         #[command(flatten)]
         opts: AdminOpts,
     },
+    /// Print the public part of the key that signs this manager's deep quotes (hex; TPM 2.0:
+    /// a TPMT_PUBLIC, TPM 1.2: a TPM_PUBKEY), for a verifier to register. Only this manager
+    /// can make or use that key: it comes from the store's root key.
+    AttestationKey {
+        #[command(flatten)]
+        opts: AdminOpts,
+    },
     /// Export a vTPM to another manager: writes a bundle (its state's key, encrypted to that
     /// manager's migration key) and freezes the vTPM here until it is deleted or imported
     /// back. Copy the vTPM's state (its disk or state directory) with the bundle: it is
@@ -290,6 +297,13 @@ pub fn vtpm(cmd: VtpmCmd) -> anyhow::Result<()> {
             let k = hex(&opts.connect()?.migration_key()?);
             match opts.json {
                 true => println!("{}", json!({ "migration_key": k })),
+                false => println!("{k}"),
+            }
+        }
+        VtpmCmd::AttestationKey { opts } => {
+            let k = hex(&opts.connect()?.attestation_key()?);
+            match opts.json {
+                true => println!("{}", json!({ "attestation_key": k })),
                 false => println!("{k}"),
             }
         }

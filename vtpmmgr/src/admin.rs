@@ -132,6 +132,12 @@ impl Admin {
         self.call(&Request::MigrationKey, "the migration key")
     }
 
+    /// The public part of the key that signs this manager's deep quotes (TPM 2.0: TPMT_PUBLIC;
+    /// TPM 1.2: TPM_PUBKEY).
+    pub fn attestation_key(&mut self) -> Result<Vec<u8>> {
+        self.call(&Request::AttestationKey, "the attestation key")
+    }
+
     /// Exports a vTPM to the manager whose migration key is `to`: the bundle (and the vTPM is
     /// frozen at this manager).
     pub fn export(&mut self, uuid: &[u8; 16], to: &[u8]) -> Result<Vec<u8>> {

@@ -60,6 +60,8 @@ pub trait Service {
     fn approved(&self, group: u32) -> Result<Vec<BootHash>>;
     /// MIGRATION_KEY: the public key.
     fn migration_public(&self) -> Vec<u8>;
+    /// ATTESTATION_KEY: the deep-quote key's public part.
+    fn attestation_public(&mut self) -> Result<Vec<u8>>;
     /// VTPM_EXPORT.
     fn export(&mut self, uuid: &[u8; 16], to: &[u8]) -> Result<Vec<u8>>;
     /// VTPM_IMPORT.
@@ -239,6 +241,7 @@ fn administer<S: Service>(svc: &mut S, r: Request) -> Result<Vec<u8>> {
         Request::GroupRevoke { group, hash } => svc.revoke(group, &hash).map(flag),
         Request::GroupApproved { group, offset } => svc.approved(group).map(|hs| Page::of(&hs, offset).encode()),
         Request::MigrationKey => Ok(svc.migration_public()),
+        Request::AttestationKey => svc.attestation_public(),
         Request::VtpmExport { uuid, to } => svc.export(&uuid.0, &to),
         Request::VtpmImport { group, bundle } => svc.import(&bundle, group).map(|u| u.to_vec()),
         Request::GroupNew => svc.new_group().map(|(n, u)| [&n.to_be_bytes()[..], &u].concat()),

@@ -12,7 +12,10 @@ pub enum Error {
         why: String,
     },
     /// The store is older than the hardware counter says it must be: an old copy.
-    #[error("store {store} is an old copy (rollback): its counter is {found}, the TPM's is {hw}")]
+    #[error(
+        "store {store} is an old copy (rollback): its counter is {found}, the TPM's is {hw}. If no old copy \
+         was put in its place, something else incremented the counter: `vtpmmgr recover` accepts the TPM's value"
+    )]
     Rollback {
         /// The store's name.
         store: String,
@@ -59,6 +62,13 @@ pub enum Error {
     /// A vTPM asked for more than its share (GET_QUOTE's rate limit): try again later.
     #[error("busy: {0}")]
     Busy(String),
+    /// The anti-rollback counter is gone, or no longer takes the store's authorization (its
+    /// index was undefined, and perhaps defined again by someone else).
+    #[error("{0}")]
+    CounterLost(String),
+    /// The manager stopped serving: the hardware counter moved under it.
+    #[error("the manager stopped serving: {0}")]
+    Halted(String),
     /// An operating-system call failed.
     #[error("{what}: {source}")]
     Io {

@@ -100,6 +100,24 @@ enum Cmd {
         #[arg(long, default_value_t = 1000)]
         quote_interval_ms: u64,
     },
+    /// After the manager refused its store over the hardware counter: accept the TPM's
+    /// counter value (defining the counter again if it is gone) and rewrite the store's roots.
+    /// Stop the manager first. Read the warning it prints: an old copy of the store loses
+    /// every update made after it.
+    Recover {
+        /// The store.
+        #[arg(long)]
+        store: PathBuf,
+        /// The hardware TPM.
+        #[arg(long)]
+        tpm: String,
+        /// PCRs the store must be sealed to (as given to `init`).
+        #[arg(long, default_value = "0,1,2,3,4,5,6,7", value_delimiter = ',')]
+        pcrs: Vec<u8>,
+        /// Locality the store must be sealed at (as given to `init`).
+        #[arg(long, default_value_t = 0)]
+        locality: u8,
+    },
 }
 
 fn parse_hex(s: &str) -> Result<u32, String> {
@@ -127,6 +145,27 @@ fn main() -> anyhow::Result<()> {
             let tpm = open_tpm(&tpm)?;
             let m = Manager::init(FileDev::open(&store, true)?, tpm, &InitConfig { pcrs, nv_index, locality })?;
             println!("store {} created ({} hardware TPM commands)", store.display(), m.tpm_commands);
+        }
+        Cmd::Recover { store, tpm, pcrs, locality } => {
+            let r = Manager::recover(FileDev::open(&store, false)?, open_tpm(&tpm)?, Some((&pcrs, locality)))
+                .with_context(|| format!("recovering the store {}", store.display()))?;
+            if r.hw_counter == r.store_counter && !r.redefined {
+                println!(
+                    "store {}: in step with the hardware counter ({}); nothing changed",
+                    store.display(),
+                    r.hw_counter
+                );
+            } else {
+                println!(
+                    "store {}: recovered. Its roots now carry the hardware counter's value {} (they carried {}{}); \
+                     {} vTPMs, every block verified. If this store was an old copy, updates made after it are lost.",
+                    store.display(),
+                    r.hw_counter,
+                    r.store_counter,
+                    if r.redefined { "; the counter was defined again" } else { "" },
+                    r.vtpms
+                );
+            }
         }
         Cmd::Serve {
             store,

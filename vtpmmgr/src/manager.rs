@@ -7,12 +7,12 @@ use sha2::{Digest, Sha256};
 use xvtpm_tis::{Family, HwTpm};
 
 use crate::hw::tpm12::{SealInfo, Tpm12};
-use crate::hw::tpm2::Tpm2;
+use crate::hw::tpm2::{Counter, Tpm2};
 use crate::hw::Sealed;
 use crate::migrate::{self, MigrationKey};
 use crate::store::dev::BlockDev;
 use crate::store::record::{EXPORTED, HAS_KEY, IS_GROUP};
-use crate::store::{self, CounterState, Record, Store};
+use crate::store::{self, CounterState, Purpose, Record, Store};
 use crate::{hex, BootHash};
 use crate::{uuid_str, Error, Result};
 
@@ -59,6 +59,19 @@ impl Default for QuoteLimit {
     }
 }
 
+/// What [`Manager::recover`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recovered {
+    /// The counter value the store's newest root carried.
+    pub store_counter: u64,
+    /// The hardware counter's value, now in both roots.
+    pub hw_counter: u64,
+    /// The counter was gone or not the store's, and was defined again.
+    pub redefined: bool,
+    /// vTPMs in the store (every node verified).
+    pub vtpms: usize,
+}
+
 /// The manager.
 pub struct Manager<D> {
     store: Store<D>,
@@ -68,8 +81,13 @@ pub struct Manager<D> {
     counter_behind: bool,
     /// TPM 1.2: the counter's auth (sealed together with the root key).
     counter_auth: [u8; 20],
+    /// TPM 2.0: the counter, with its Name and authValue.
+    counter2: Option<Counter>,
     /// An increment failed: the TPM may or may not have executed it.
     counter_uncertain: bool,
+    /// Why this manager stopped serving (the hardware counter moved under it): every vTPM
+    /// request is refused with it until `vtpmmgr recover`.
+    halted: Option<String>,
     /// The group numbers (an index of the group records, so provisioning does not scan the
     /// store).
     group_numbers: std::collections::BTreeSet<u32>,
@@ -106,12 +124,14 @@ impl<D: BlockDev> Manager<D> {
         rand::thread_rng().fill_bytes(&mut key);
         let family = tpm.family();
         let mut counter_auth = [0u8; 20];
+        let mut counter2 = None;
         let (sealed, counter, commands) = match family {
             Family::Tpm20 => {
                 let mut t = Tpm2::new(tpm.as_mut(), cfg.locality);
                 t.startup()?;
                 let (private, public, creation) = t.seal(&key, &cfg.pcrs)?;
-                let counter = t.counter_create(cfg.nv_index)?;
+                let (c, counter) = t.counter_create(cfg.nv_index, &store::subkey(&key, Purpose::CounterAuth))?;
+                counter2 = Some(c);
                 let s = Sealed {
                     family,
                     locality: cfg.locality,
@@ -120,6 +140,9 @@ impl<D: BlockDev> Manager<D> {
                     private,
                     public,
                     creation,
+                    primary_name: t.primary_name().unwrap_or_default().to_vec(),
+                    counter_auth: true,
+                    ak: Vec::new(),
                 };
                 (s, counter, t.commands)
             }
@@ -139,6 +162,10 @@ impl<D: BlockDev> Manager<D> {
                 })?;
                 let payload = [&key[..], &counter_auth].concat();
                 let private = t.seal(&WELL_KNOWN, &WELL_KNOWN, &payload, &cfg.pcrs)?;
+                let mut ak_auth = [0u8; 20];
+                ak_auth.copy_from_slice(&store::subkey(&key, Purpose::AkAuth)[12..]);
+                log::info!("creating the deep quotes' signing key (RSA-2048, wrapped by the SRK)");
+                let ak = t.create_signing_key(&WELL_KNOWN, &ak_auth)?;
                 let s = Sealed {
                     family,
                     locality: cfg.locality,
@@ -147,6 +174,9 @@ impl<D: BlockDev> Manager<D> {
                     private,
                     public: Vec::new(),
                     creation: Vec::new(),
+                    primary_name: Vec::new(),
+                    counter_auth: true,
+                    ak,
                 };
                 (s, counter, t.commands)
             }
@@ -157,7 +187,9 @@ impl<D: BlockDev> Manager<D> {
             cfg.pcrs,
             sealed.nv_index
         );
-        Ok(Self::assemble(store, tpm, sealed, counter_auth, false, commands))
+        let mut m = Self::assemble(store, tpm, sealed, counter_auth, false, commands);
+        m.counter2 = counter2;
+        Ok(m)
     }
 
     /// A manager over an opened store; everything else starts empty or at its default.
@@ -175,7 +207,9 @@ impl<D: BlockDev> Manager<D> {
             sealed,
             counter_behind,
             counter_auth,
+            counter2: None,
             counter_uncertain: false,
+            halted: None,
             group_numbers: [0].into(),
             approved: Default::default(),
             quote_key12: None,
@@ -199,8 +233,63 @@ impl<D: BlockDev> Manager<D> {
         Self::open_checked(dev, tpm, Some((pcrs, locality)))
     }
 
-    fn open_checked(mut dev: D, mut tpm: Box<dyn HwTpm + Send>, expect: Option<(&[u8], u8)>) -> Result<Self> {
-        let sealed = Sealed::decode(&store::read_sealed(&mut dev)?)?;
+    /// Recovery after the manager refused its store over the hardware counter (a rollback
+    /// refusal, a counter moved under a running manager, a counter undefined or redefined by
+    /// the TPM's owner). The root key is unsealed as at every start and the whole tree
+    /// verified; then the TPM's current counter value is accepted (a TPM 2.0 counter that is
+    /// gone or no longer takes the store's authValue is defined again first) and both roots are
+    /// rewritten with it. Operator-only: it needs the store's device, which a running manager
+    /// holds. What it cannot tell is whether the store is an old copy: if it is, every update
+    /// made after that copy is lost, and the vTPMs saved since then will not open (their state
+    /// keys here are older); the warning says so.
+    pub fn recover(mut dev: D, mut tpm: Box<dyn HwTpm + Send>, expect: Option<(&[u8], u8)>) -> Result<Recovered> {
+        let (sealed, key, _, _) = Self::unseal(&mut dev, tpm.as_mut(), expect)?;
+        let mut store = Store::open_verified(dev, key)?;
+        let idx = sealed.nv_index;
+        let (hw, redefined) = match sealed.family {
+            Family::Tpm20 => {
+                let mut t = Tpm2::new(tpm.as_mut(), sealed.locality);
+                let auth = Self::counter_auth2(&sealed, &key);
+                match t.counter(idx, &auth).and_then(|c| t.counter_read(&c)) {
+                    Ok(hw) => (hw, false),
+                    Err(Error::CounterLost(why)) => {
+                        log::warn!("{why}; defining counter {idx:#x} again");
+                        if let Err(e) = t.nv_undefine(idx) {
+                            log::info!("undefining {idx:#x}: {e}");
+                        }
+                        (t.counter_create(idx, &auth)?.1, true)
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            Family::Tpm12 => (Tpm12::new(tpm.as_mut(), sealed.locality).counter_read(idx)?, false),
+        };
+        let found = store.root().counter;
+        if hw == found && !redefined {
+            log::info!("the store and the hardware counter are in step ({hw}): nothing to recover");
+        } else {
+            log::warn!(
+                "RECOVERY: the store's newest root was committed at counter {found}, the hardware counter {idx:#x} \
+                 is at {hw}{}. Accepting it. If this store is an old copy put in place of the current one, every \
+                 update made after that copy (saved vTPM state keys, provisioned, deleted or migrated vTPMs) is \
+                 lost, and a vTPM saved since then will not open: its state key here is older than its state. \
+                 If nobody restored a copy, something with access to the TPM changed the counter",
+                if redefined { " (defined again)" } else { "" }
+            );
+            store.rebase_counter(hw)?;
+        }
+        let vtpms = store.list()?.iter().filter(|r| r.is_vtpm()).count();
+        Ok(Recovered { store_counter: found, hw_counter: hw, redefined, vtpms })
+    }
+
+    /// Unseals the store's root key: (the sealed-key block, the root key, the TPM 1.2
+    /// counter's auth, hardware commands spent).
+    fn unseal(
+        dev: &mut D,
+        tpm: &mut dyn HwTpm,
+        expect: Option<(&[u8], u8)>,
+    ) -> Result<(Sealed, [u8; 32], [u8; 20], u64)> {
+        let sealed = Sealed::decode(&store::read_sealed(dev)?)?;
         if let Some((pcrs, locality)) = expect {
             let mut want = pcrs.to_vec();
             want.sort_unstable();
@@ -223,16 +312,23 @@ impl<D: BlockDev> Manager<D> {
             )));
         }
         let mut counter_auth = [0u8; 20];
-        let (key, hw, commands) = match sealed.family {
+        let (key, commands) = match sealed.family {
             Family::Tpm20 => {
-                let mut t = Tpm2::new(tpm.as_mut(), sealed.locality);
+                let mut t = Tpm2::new(tpm, sealed.locality);
                 t.startup()?;
+                if sealed.primary_name.is_empty() {
+                    log::warn!(
+                        "this store was made before the storage primary key's Name was recorded: the root key's \
+                         unseal cannot tell the real TPM from something answering in its place"
+                    );
+                } else {
+                    t.pin_primary(sealed.primary_name.clone());
+                }
                 let key = t.unseal(&sealed.private, &sealed.public, &sealed.creation, &sealed.pcrs)?;
-                let hw = t.counter_read(sealed.nv_index)?;
-                (key, hw, t.commands)
+                (key, t.commands)
             }
             Family::Tpm12 => {
-                let mut t = Tpm12::new(tpm.as_mut(), sealed.locality);
+                let mut t = Tpm12::new(tpm, sealed.locality);
                 t.startup()?;
                 let payload = t.unseal(&WELL_KNOWN, &WELL_KNOWN, &sealed.private)?;
                 // The seal info is authenticated now: it must say this manager sealed it.
@@ -243,12 +339,50 @@ impl<D: BlockDev> Manager<D> {
                 let mut key = [0u8; 32];
                 key.copy_from_slice(&payload[..32]);
                 counter_auth.copy_from_slice(&payload[32..]);
-                let hw = t.counter_read(sealed.nv_index)?;
-                (key, hw, t.commands)
+                (key, t.commands)
+            }
+        };
+        Ok((sealed, key, counter_auth, commands))
+    }
+
+    /// The TPM 2.0 counter's authValue for a store: from its root key, or empty (older stores).
+    fn counter_auth2(sealed: &Sealed, key: &[u8; 32]) -> Vec<u8> {
+        if sealed.counter_auth {
+            return store::subkey(key, Purpose::CounterAuth).to_vec();
+        }
+        log::warn!(
+            "the anti-rollback counter {:#x} of this store has no authValue (made by an older vtpmmgr): \
+             anyone with access to the TPM can increment it, and the manager then stops until `vtpmmgr \
+             recover`. Move the vTPMs to a store made by `vtpmmgr init` (`xvtpm vtpm export`/`import`) \
+             to close that",
+            sealed.nv_index
+        );
+        Vec::new()
+    }
+
+    fn open_checked(mut dev: D, mut tpm: Box<dyn HwTpm + Send>, expect: Option<(&[u8], u8)>) -> Result<Self> {
+        let (sealed, key, counter_auth, mut commands) = Self::unseal(&mut dev, tpm.as_mut(), expect)?;
+        let (counter2, hw) = match sealed.family {
+            Family::Tpm20 => {
+                let mut t = Tpm2::new(tpm.as_mut(), sealed.locality);
+                let r = t.counter(sealed.nv_index, &Self::counter_auth2(&sealed, &key)).and_then(|c| {
+                    let hw = t.counter_read(&c)?;
+                    Ok((c, hw))
+                });
+                commands += t.commands;
+                let (c, hw) = r?;
+                (Some(c), hw)
+            }
+            Family::Tpm12 => {
+                let mut t = Tpm12::new(tpm.as_mut(), sealed.locality);
+                let hw = t.counter_read(sealed.nv_index);
+                commands += t.commands;
+                (None, hw?)
             }
         };
         let (store, state) = Store::open(dev, key, hw)?;
         let mut m = Self::assemble(store, tpm, sealed, counter_auth, state == CounterState::Behind, commands);
+        m.counter2 = counter2;
         for r in m.store.list()? {
             if r.is_group() {
                 m.group_numbers.insert(r.group);
@@ -264,26 +398,27 @@ impl<D: BlockDev> Manager<D> {
         Ok(m)
     }
 
-    /// Brings the hardware counter to the newest root's value. After an increment whose outcome
-    /// is unknown (an error: the TPM may have executed it), the counter is read first, so a
-    /// retry never overshoots: a counter ahead of the store would refuse the store at the next
-    /// start.
+    /// Brings the hardware counter to the newest root's value and reads it back (TPM 2.0: an
+    /// HMAC-checked NV_Read; TPM 1.2: the value IncrementCounter's authenticated response
+    /// carries). After an increment whose outcome is unknown (an error: the TPM may have
+    /// executed it), the counter is read first, so a retry never overshoots: a counter ahead of
+    /// the store would refuse the store at the next start. A counter found anywhere but where
+    /// this manager put it halts the manager ([`Manager::halted`]).
     fn catch_up(&mut self) -> Result<()> {
         let target = self.store.root().counter;
         let (idx, loc, auth) = (self.sealed.nv_index, self.sealed.locality, self.counter_auth);
         let uncertain = self.counter_uncertain;
         let (r, n) = match self.sealed.family {
             Family::Tpm20 => {
+                let mut c = self.counter2.clone().ok_or_else(|| Error::Tpm("no counter".into()))?;
                 let mut t = Tpm2::new(self.tpm.as_mut(), loc);
                 let r = (|| {
-                    let mut hw = if uncertain { t.counter_read(idx)? } else { target - 1 };
-                    while hw < target {
-                        t.counter_increment(idx)?;
-                        hw += 1;
-                    }
-                    Ok(if uncertain { t.counter_read(idx)? } else { hw })
+                    let hw = if uncertain { t.counter_read(&c)? } else { target - 1 };
+                    t.counter_bump(&mut c, target.saturating_sub(hw))
                 })();
-                (r, t.commands)
+                let n = t.commands;
+                self.counter2 = Some(c);
+                (r, n)
             }
             Family::Tpm12 => {
                 let mut t = Tpm12::new(self.tpm.as_mut(), loc);
@@ -306,9 +441,11 @@ impl<D: BlockDev> Manager<D> {
             }
             Ok(hw) => {
                 self.counter_uncertain = true;
-                Err(Error::Tpm(format!(
-                    "the hardware counter is at {hw}, ahead of the store's {target}: something else incremented it; refusing updates"
-                )))
+                Err(self.halt(hw))
+            }
+            Err(Error::CounterLost(why)) => {
+                self.counter_uncertain = true;
+                Err(self.halt_because(why))
             }
             Err(e) => {
                 self.counter_uncertain = true;
@@ -317,17 +454,77 @@ impl<D: BlockDev> Manager<D> {
         }
     }
 
-    /// Commits through `f`, keeping the hardware counter in step: a counter left behind by a
-    /// failed increment is caught up first, or nothing is written.
+    /// Stops serving: the hardware counter is at `hw`, not where this manager put it.
+    fn halt(&mut self, hw: u64) -> Error {
+        let why = format!(
+            "the hardware counter {:#x} is at {hw}, the store's newest root at {}: something else changed it",
+            self.sealed.nv_index,
+            self.store.root().counter
+        );
+        self.halt_because(why)
+    }
+
+    fn halt_because(&mut self, why: String) -> Error {
+        let why = format!(
+            "{why}. This manager stopped serving; stop it and run `vtpmmgr recover` (docs/dom0.md, \
+             \"Recovering the store\")"
+        );
+        log::error!("{why}");
+        self.halted = Some(why.clone());
+        Error::Halted(why)
+    }
+
+    /// Why this manager stopped serving, if it did: the hardware counter moved under it.
+    /// vTPM requests and updates are refused from then on; listing still works.
+    pub fn halted(&self) -> Option<&str> {
+        self.halted.as_deref()
+    }
+
+    fn serving(&self) -> Result<()> {
+        self.halted.as_ref().map_or(Ok(()), |why| Err(Error::Halted(why.clone())))
+    }
+
+    /// Reads the hardware counter before a commit: it must be where this manager left it.
+    fn check_counter(&mut self) -> Result<()> {
+        let loc = self.sealed.locality;
+        let (hw, n) = match (&self.counter2, self.sealed.family) {
+            (Some(c), Family::Tpm20) => {
+                let mut t = Tpm2::new(self.tpm.as_mut(), loc);
+                (t.counter_read(c), t.commands)
+            }
+            _ => {
+                let mut t = Tpm12::new(self.tpm.as_mut(), loc);
+                (t.counter_read(self.sealed.nv_index), t.commands)
+            }
+        };
+        self.tpm_commands += n;
+        match hw {
+            Ok(hw) if hw == self.store.root().counter => Ok(()),
+            Ok(hw) => Err(self.halt(hw)),
+            Err(Error::CounterLost(why)) => Err(self.halt_because(why)),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Commits through `f`, keeping the hardware counter in step: the counter is read first
+    /// (it must be where this manager left it), a counter left behind by a failed increment is
+    /// caught up first, or nothing is written.
     fn commit(&mut self, f: impl FnOnce(&mut Store<D>) -> Result<Option<store::Commit>>) -> Result<()> {
+        self.serving()?;
         if self.counter_behind {
             self.catch_up()?;
+        } else {
+            self.check_counter()?;
         }
         if f(&mut self.store)?.is_some() {
             // Durable now; the counter follows. If that fails, the next commit retries first.
             self.counter_behind = true;
-            if let Err(e) = self.catch_up() {
-                log::error!("incrementing the anti-rollback counter failed: {e}; will retry before the next update");
+            match self.catch_up() {
+                Err(e @ Error::Halted(_)) => return Err(e),
+                Err(e) => {
+                    log::error!("incrementing the anti-rollback counter failed: {e}; will retry before the next update")
+                }
+                Ok(()) => {}
             }
         }
         Ok(())
@@ -584,6 +781,7 @@ impl<D: BlockDev> Manager<D> {
 
     /// LOADHASHKEY: the hash and key last saved for the vTPM. No hardware TPM command.
     pub fn load(&self, uuid: &[u8; 16]) -> Result<Vec<u8>> {
+        self.serving()?;
         let rec = self.live_vtpm(uuid)?;
         if !rec.has_key() {
             return Err(Error::NoSavedState(uuid_str(uuid)));
@@ -607,6 +805,7 @@ impl<D: BlockDev> Manager<D> {
         nonce: &[u8],
         pcrs: &[u8],
     ) -> Result<Vec<u8>> {
+        self.serving()?;
         self.live_vtpm(uuid)?;
         self.take_quote_token(uuid)?;
         let q: [u8; 32] = Sha256::new()
@@ -618,8 +817,9 @@ impl<D: BlockDev> Manager<D> {
             .into();
         let parts = match self.sealed.family {
             Family::Tpm20 => {
+                let (unique, auth) = (self.store.subkey(Purpose::AkUnique), self.store.subkey(Purpose::AkAuth));
                 let mut t = Tpm2::new(self.tpm.as_mut(), self.sealed.locality);
-                let r = t.quote(&q, pcrs);
+                let r = t.quote(&q, pcrs, &unique, &auth);
                 self.tpm_commands += t.commands;
                 let (public, attest, sig) = r?;
                 [public, attest, sig]
@@ -661,11 +861,15 @@ impl<D: BlockDev> Manager<D> {
     fn quote12(&mut self, q: &[u8; 32], pcrs: &[u8]) -> Result<[Vec<u8>; 3]> {
         let mut external = [0u8; 20];
         external.copy_from_slice(&q[..20]);
+        let auth = if self.sealed.ak.is_empty() { WELL_KNOWN } else { self.quote_auth12() };
         let mut t = Tpm12::new(self.tpm.as_mut(), self.sealed.locality);
         let r = (|| {
-            let wrapped = match &self.quote_key12 {
-                Some(k) => k.clone(),
-                None => {
+            let wrapped = match (&self.quote_key12, self.sealed.ak.is_empty()) {
+                (_, false) => self.sealed.ak.clone(),
+                (Some(k), true) => k.clone(),
+                (None, true) => {
+                    // A store made before the quote key was: one per run, with the well-known
+                    // usage auth (as it was).
                     log::info!("creating the TPM 1.2 quote key (RSA-2048, wrapped by the SRK)");
                     let k = t.create_signing_key(&WELL_KNOWN, &WELL_KNOWN)?;
                     self.quote_key12 = Some(k.clone());
@@ -674,7 +878,7 @@ impl<D: BlockDev> Manager<D> {
             };
             let public = crate::hw::tpm12::public_key_of(&wrapped)?;
             let handle = t.load_key(&WELL_KNOWN, &wrapped)?;
-            let quoted = t.quote(handle, &WELL_KNOWN, &external, pcrs);
+            let quoted = t.quote(handle, &auth, &external, pcrs);
             if let Err(e) = t.flush_key(handle) {
                 log::warn!("cannot unload the quote key {handle:#x}: {e}");
             }
@@ -683,6 +887,32 @@ impl<D: BlockDev> Manager<D> {
         })();
         self.tpm_commands += t.commands;
         r
+    }
+
+    /// The TPM 1.2 quote key's usage auth: from the root key, so only this manager can use
+    /// the key.
+    fn quote_auth12(&self) -> [u8; 20] {
+        let mut a = [0u8; 20];
+        a.copy_from_slice(&self.store.subkey(Purpose::AkAuth)[12..]);
+        a
+    }
+
+    /// The public part of the key that signs deep quotes, for verifiers to register: TPM 2.0,
+    /// the attestation key's TPMT_PUBLIC; TPM 1.2, the quote key's TPM_PUBKEY.
+    pub fn attestation_public(&mut self) -> Result<Vec<u8>> {
+        match self.sealed.family {
+            Family::Tpm20 => {
+                let (unique, auth) = (self.store.subkey(Purpose::AkUnique), self.store.subkey(Purpose::AkAuth));
+                let mut t = Tpm2::new(self.tpm.as_mut(), self.sealed.locality);
+                let r = t.attestation_public(&unique, &auth);
+                self.tpm_commands += t.commands;
+                r
+            }
+            Family::Tpm12 if self.sealed.ak.is_empty() => Err(Error::Tpm(
+                "this store was made before TPM 1.2 stores kept a quote key: each run makes its own".into(),
+            )),
+            Family::Tpm12 => crate::hw::tpm12::public_key_of(&self.sealed.ak),
+        }
     }
 
     /// The store (benchmarks read its root).
@@ -747,6 +977,9 @@ impl<D: BlockDev> crate::dispatch::Service for Manager<D> {
     }
     fn migration_public(&self) -> Vec<u8> {
         self.migration_key().public().to_vec()
+    }
+    fn attestation_public(&mut self) -> Result<Vec<u8>> {
+        Manager::attestation_public(self)
     }
     fn export(&mut self, uuid: &[u8; 16], to: &[u8]) -> Result<Vec<u8>> {
         Manager::export(self, uuid, to)

@@ -113,6 +113,9 @@ impl Service for Fake {
     fn migration_public(&self) -> Vec<u8> {
         vec![4; 65]
     }
+    fn attestation_public(&mut self) -> Result<Vec<u8>> {
+        Ok(vec![7; 90])
+    }
     fn export(&mut self, uuid: &[u8; 16], to: &[u8]) -> Result<Vec<u8>> {
         self.known(uuid)?;
         Ok([&b"bundle for "[..], to].concat())
@@ -218,6 +221,7 @@ fn management_is_for_the_admin_socket_only() {
         Request::GroupRevoke { group: 0, hash: APPROVED },
         Request::GroupApproved { group: 0, offset: 0 },
         Request::MigrationKey,
+        Request::AttestationKey,
         Request::VtpmExport { uuid: Uuid(U), to: vec![4; 65] },
         Request::VtpmImport { group: 0, bundle: b"good".to_vec() },
     ];
@@ -267,6 +271,7 @@ fn vtpm_management_ordinals() {
     assert_eq!(st(&mut f, &mut admin, &Request::VtpmDel { uuid: random }.encode()), (TAG_RSP, status::BADINDEX));
 
     assert_eq!(ok(&mut f, &mut admin, Request::MigrationKey), vec![4; 65]);
+    assert_eq!(ok(&mut f, &mut admin, Request::AttestationKey), vec![7; 90]);
     let bundle = ok(&mut f, &mut admin, Request::VtpmExport { uuid: Uuid(U), to: vec![4; 65] });
     assert!(bundle.starts_with(b"bundle for "));
     f.vtpms.remove(&OTHER);

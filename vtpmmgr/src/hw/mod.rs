@@ -1,6 +1,7 @@
 //! What the manager keeps about its hardware TPM binding (the sealed-key block's content),
 //! and the TPM 2.0 operations behind it.
 
+pub mod session;
 pub mod tpm12;
 pub mod tpm2;
 
@@ -27,6 +28,15 @@ pub struct Sealed {
     /// TPM 2.0: the creation data, creation hash and creation ticket of the sealed object, so
     /// the TPM can vouch that this manager created it. TPM 1.2: empty (the seal info serves).
     pub creation: Vec<u8>,
+    /// TPM 2.0: the storage primary key's Name at init (empty for stores made before it was
+    /// recorded: then it is not checked).
+    pub primary_name: Vec<u8>,
+    /// TPM 2.0: the counter's authValue is derived from the root key (false for stores made
+    /// before counters had one: their counter's authValue is empty).
+    pub counter_auth: bool,
+    /// TPM 1.2: the deep quotes' signing key, wrapped by the SRK, with a usage auth derived
+    /// from the root key (empty for stores made before it was kept: then each run makes one).
+    pub ak: Vec<u8>,
 }
 
 /// A PCR selection as the 3-byte bitmap both TPM families use (PCRs 0-23).
@@ -44,7 +54,9 @@ pub(crate) fn pcrs_in_order(pcrs: &[u8]) -> Vec<u8> {
     (0..24u8).filter(|p| bits[(p / 8) as usize] & (1 << (p % 8)) != 0).collect()
 }
 
-const FORMAT: u8 = 1;
+/// Format 1 had no primary Name and no counter authValue.
+const FORMAT_1: u8 = 1;
+const FORMAT: u8 = 2;
 const FAMILY_TPM2: u8 = 2;
 const FAMILY_TPM12: u8 = 1;
 
@@ -58,10 +70,11 @@ impl Sealed {
         let mut b = vec![FORMAT, family, self.locality, self.pcrs.len() as u8];
         b.extend_from_slice(&self.pcrs);
         b.extend_from_slice(&self.nv_index.to_le_bytes());
-        for part in [&self.private, &self.public, &self.creation] {
+        for part in [&self.private, &self.public, &self.creation, &self.primary_name, &self.ak] {
             b.extend_from_slice(&(part.len() as u16).to_le_bytes());
             b.extend_from_slice(part);
         }
+        b.push(self.counter_auth as u8);
         b
     }
 
@@ -75,9 +88,10 @@ impl Sealed {
             Ok(s)
         };
         let head = take(4)?;
-        let family = match (head[0], head[1]) {
-            (FORMAT, FAMILY_TPM2) => Family::Tpm20,
-            (FORMAT, FAMILY_TPM12) => Family::Tpm12,
+        let format = head[0];
+        let family = match (format, head[1]) {
+            (FORMAT | FORMAT_1, FAMILY_TPM2) => Family::Tpm20,
+            (FORMAT | FORMAT_1, FAMILY_TPM12) => Family::Tpm12,
             (f, t) => return Err(bad(&format!("format {f} family {t} unknown"))),
         };
         let (locality, n) = (head[2], head[3] as usize);
@@ -91,6 +105,9 @@ impl Sealed {
         let private = part()?;
         let public = part()?;
         let creation = part()?;
-        Ok(Sealed { family, locality, pcrs, nv_index, private, public, creation })
+        let primary_name = if format == FORMAT { part()? } else { Vec::new() };
+        let ak = if format == FORMAT { part()? } else { Vec::new() };
+        let counter_auth = format == FORMAT && take(1)?[0] == 1;
+        Ok(Sealed { family, locality, pcrs, nv_index, private, public, creation, primary_name, counter_auth, ak })
     }
 }

@@ -1,14 +1,21 @@
 //! The TPM 2.0 operations the manager needs from the hardware TPM, over [`HwTpm`]:
 //! - seal the root key as a sealed-data object under the owner's primary key, released only by
 //!   a policy session satisfying PolicyPCR over the chosen PCRs;
-//! - an NV counter (TPM_NT_COUNTER) bound into every store root against rollback.
+//! - an NV counter (TPM_NT_COUNTER) bound into every store root against rollback, written and
+//!   read only with its authValue (which only the manager derives, from the root key);
+//! - the attestation key of deep quotes, a primary whose `unique` and authValue come from the
+//!   root key.
 //!
 //! The primary key is recreated from its template at each start (same seed, same key), so
-//! nothing but the sealed object's public and private parts is kept.
+//! nothing but the sealed object's public and private parts is kept. Its Name is recorded at
+//! init and checked at every start. Secrets cross the bus only encrypted: they travel as the
+//! first parameter of a command or response under a session salted to that primary key
+//! ([`super::session`]), and authValues are used through HMAC sessions, never as passwords.
 
 use sha2::Digest;
 use xvtpm_tis::HwTpm;
 
+use super::session::{self, Session, Use, CONTINUE, DECRYPT, ENCRYPT};
 use super::{pcr_bitmap as select, pcrs_in_order};
 use crate::{Error, Result};
 
@@ -32,31 +39,56 @@ const HR_TRANSIENT: u32 = 0x8000_0000;
 const HR_HMAC_SESSION: u32 = 0x0200_0000;
 const HR_POLICY_SESSION: u32 = 0x0300_0000;
 
+/// TPM_RC_AUTH_FAIL and TPM_RC_BAD_AUTH (format-one codes): a wrong authValue.
+const RC_AUTH_FAIL: [u32; 2] = [0x00E, 0x022];
+/// TPM_RC_HANDLE (format-one code): no such handle.
+const RC_HANDLE: u32 = 0x00B;
+const SE_HMAC: u8 = 0x00;
+const SE_POLICY: u8 = 0x01;
+const SE_TRIAL: u8 = 0x03;
+/// TPMA_NV_WRITTEN.
+const NV_WRITTEN: u32 = 1 << 29;
+
+/// The format-one number of `rc` (what it says, without which handle or session it names).
+fn rc_number(rc: u32) -> Option<u32> {
+    (rc & 0x80 != 0).then_some(rc & 0x3F)
+}
+
 /// A TPM 2.0 command under construction.
 struct Cmd {
     cc: u32,
     handles: Vec<u32>,
+    /// Each handle's Name (what an HMAC covers).
+    names: Vec<Vec<u8>>,
     auth: Option<Vec<u8>>,
+    /// An authorization session whose area is computed when the command is encoded.
+    session: Option<Use>,
     params: Vec<u8>,
 }
 
 impl Cmd {
     fn new(cc: u32) -> Self {
-        Self { cc, handles: Vec::new(), auth: None, params: Vec::new() }
+        Self { cc, handles: Vec::new(), names: Vec::new(), auth: None, session: None, params: Vec::new() }
     }
-    fn handle(mut self, h: u32) -> Self {
+    /// A handle whose Name is the handle itself (permanent handles, PCRs, sessions).
+    fn handle(self, h: u32) -> Self {
+        self.named(h, h.to_be_bytes().to_vec())
+    }
+    /// A handle with its Name (objects and NV indices).
+    fn named(mut self, h: u32, name: Vec<u8>) -> Self {
         self.handles.push(h);
+        self.names.push(name);
+        self
+    }
+    /// Authorised (and possibly encrypted) through a session.
+    fn with(mut self, u: Use) -> Self {
+        self.session = Some(u);
         self
     }
     /// An empty-password authorization (TPM_RS_PW) for each handle that needs one.
     fn pw(mut self, n: usize) -> Self {
         let one = [&RS_PW.to_be_bytes()[..], &[0, 0, 0, 0, 0]].concat();
         self.auth = Some(one.repeat(n));
-        self
-    }
-    /// A policy session's authorization (no HMAC: the policy carries no auth value).
-    fn policy(mut self, session: u32) -> Self {
-        self.auth = Some([&session.to_be_bytes()[..], &[0, 0, 0, 0, 0]].concat());
         self
     }
     fn u8(mut self, v: u8) -> Self {
@@ -83,32 +115,71 @@ impl Cmd {
         self.u32(1).u16(ALG_SHA256).u8(3).raw(&select(pcrs))
     }
     fn encode(&self) -> Vec<u8> {
-        let tag = if self.auth.is_some() { ST_SESSIONS } else { ST_NO_SESSIONS };
+        let mut params = self.params.clone();
+        let auth = match &self.session {
+            Some(u) => Some(u.authorize(self.cc, &self.names, &mut params)),
+            None => self.auth.clone(),
+        };
+        let tag = if auth.is_some() { ST_SESSIONS } else { ST_NO_SESSIONS };
         let mut c = tag.to_be_bytes().to_vec();
         c.extend_from_slice(&[0; 4]);
         c.extend_from_slice(&self.cc.to_be_bytes());
         for h in &self.handles {
             c.extend_from_slice(&h.to_be_bytes());
         }
-        if let Some(a) = &self.auth {
+        if let Some(a) = &auth {
             c.extend_from_slice(&(a.len() as u32).to_be_bytes());
             c.extend_from_slice(a);
         }
-        c.extend_from_slice(&self.params);
+        c.extend_from_slice(&params);
         let n = c.len() as u32;
         c[2..6].copy_from_slice(&n.to_be_bytes());
         c
     }
 }
 
+impl Counter {
+    /// Its Name now: nameAlg and the digest of its public area.
+    fn current_name(&self) -> Vec<u8> {
+        [&ALG_SHA256.to_be_bytes()[..], &sha2::Sha256::digest(&self.public)].concat()
+    }
+
+    /// After its first write, TPMA_NV_WRITTEN is set, which changes its Name.
+    fn written(&mut self) {
+        if let Some(a) = self.public.get_mut(6..10) {
+            let attrs = u32::from_be_bytes([a[0], a[1], a[2], a[3]]) | NV_WRITTEN;
+            a.copy_from_slice(&attrs.to_be_bytes());
+        }
+        self.name = self.current_name();
+    }
+
+    /// A refusal of this counter's authValue, said plainly.
+    fn refused(&self, e: Error) -> Error {
+        match e {
+            Error::TpmRc { rc, .. } if rc_number(rc).is_some_and(|n| RC_AUTH_FAIL.contains(&n)) => {
+                Error::CounterLost(format!(
+                    "the anti-rollback counter {:#x} refuses this store's authorization: it was undefined and \
+                 defined again by someone else; `vtpmmgr recover` defines it again and accepts its new value",
+                    self.index
+                ))
+            }
+            e => e,
+        }
+    }
+}
+
 /// A response being read.
-struct Rsp<'a> {
+pub(crate) struct Rsp<'a> {
     b: &'a [u8],
     at: usize,
 }
 
 impl<'a> Rsp<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+    /// Reads `b` from its start.
+    pub(crate) fn new(b: &'a [u8]) -> Self {
+        Self { b, at: 0 }
+    }
+    pub(crate) fn take(&mut self, n: usize) -> Result<&'a [u8]> {
         let s = self.b.get(self.at..self.at + n).ok_or_else(|| Error::Tpm("TPM response too short".into()))?;
         self.at += n;
         Ok(s)
@@ -121,7 +192,7 @@ impl<'a> Rsp<'a> {
         let s = self.take(4)?;
         Ok(u32::from_be_bytes([s[0], s[1], s[2], s[3]]))
     }
-    fn b2(&mut self) -> Result<&'a [u8]> {
+    pub(crate) fn b2(&mut self) -> Result<&'a [u8]> {
         let n = self.u16()? as usize;
         self.take(n)
     }
@@ -144,6 +215,36 @@ pub struct Tpm2<'a> {
     /// Objects and sessions this instance made and has not flushed (some sessions end with
     /// their command; keeping those listed only spares them a flush).
     live: Vec<u32>,
+    /// The storage primary key's Name: recorded by the first CreatePrimary, or set by the
+    /// caller from the store ([`Tpm2::pin_primary`]); a primary with another Name is refused.
+    primary_name: Option<Vec<u8>>,
+}
+
+/// The storage primary key, loaded.
+#[derive(Debug)]
+struct Primary {
+    handle: u32,
+    name: Vec<u8>,
+    /// Its ECC point, what sessions are salted to.
+    x: Vec<u8>,
+    y: Vec<u8>,
+}
+
+/// An NV counter as the manager uses it: its index, Name and authValue.
+#[derive(Clone)]
+pub struct Counter {
+    /// The index.
+    pub index: u32,
+    name: Vec<u8>,
+    /// TPMS_NV_PUBLIC as read, so the Name can follow TPMA_NV_WRITTEN.
+    public: Vec<u8>,
+    auth: Vec<u8>,
+}
+
+impl std::fmt::Debug for Counter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Counter").field("index", &format_args!("{:#x}", self.index)).finish_non_exhaustive()
+    }
 }
 
 impl std::fmt::Debug for Tpm2<'_> {
@@ -155,7 +256,19 @@ impl std::fmt::Debug for Tpm2<'_> {
 impl<'a> Tpm2<'a> {
     /// Uses `tpm` at `locality`.
     pub fn new(tpm: &'a mut dyn HwTpm, locality: u8) -> Self {
-        Self { tpm, locality, commands: 0, live: Vec::new() }
+        Self { tpm, locality, commands: 0, live: Vec::new(), primary_name: None }
+    }
+
+    /// Refuses a storage primary key whose Name is not `name` (recorded at init): another TPM,
+    /// a cleared owner hierarchy, or something between this manager and the TPM that answers
+    /// with its own key to read what is encrypted to it.
+    pub fn pin_primary(&mut self, name: Vec<u8>) {
+        self.primary_name = Some(name);
+    }
+
+    /// The storage primary key's Name, once a primary was made or pinned.
+    pub fn primary_name(&self) -> Option<&[u8]> {
+        self.primary_name.as_deref()
     }
 
     /// One command; the whole response and its code.
@@ -173,6 +286,12 @@ impl<'a> Tpm2<'a> {
     /// loaded. Only on a TPM the manager owns ([`HwTpm::owns_tpm`]; not the kernel's devices,
     /// whose other users' sessions these would be) and runs one operation at a time on.
     fn run(&mut self, what: &str, cmd: Cmd) -> Result<Vec<u8>> {
+        self.run_in(what, cmd).map(|(r, _)| r)
+    }
+
+    /// [`Tpm2::run`] for a command with an authorization session: its response is checked
+    /// (HMAC) and decrypted; also returns the session with the TPM's new nonce.
+    fn run_in(&mut self, what: &str, cmd: Cmd) -> Result<(Vec<u8>, Option<Session>)> {
         let bytes = cmd.encode();
         let (mut r, mut rc) = self.transmit(&bytes)?;
         let full = if RC_OBJECT_FULL.contains(&rc) {
@@ -190,12 +309,26 @@ impl<'a> Tpm2<'a> {
             return Err(Error::TpmRc { what: what.to_string(), rc });
         }
         // CreatePrimary, Load, LoadExternal and StartAuthSession return the new handle first.
-        if matches!(cmd.cc, 0x131 | 0x157 | 0x167 | 0x176) {
+        let handles = matches!(cmd.cc, 0x131 | 0x157 | 0x167 | 0x176);
+        if handles {
             if let Ok(h) = (Rsp { b: &r, at: 10 }).u32() {
                 self.live.push(h);
             }
         }
-        Ok(r[10..].to_vec())
+        let mut body = r[10..].to_vec();
+        let Some(u) = &cmd.session else { return Ok((body, None)) };
+        let start = if handles { 4 } else { 0 };
+        let size = Rsp { b: &body, at: start }.u32()? as usize;
+        let rest = &mut body[start + 4..];
+        if size > rest.len() {
+            return Err(Error::Tpm(format!("{what}: parameterSize beyond the response")));
+        }
+        let (params, area) = rest.split_at_mut(size);
+        let s = u.finish(cmd.cc, params, area).map_err(|e| Error::Tpm(format!("{what}: {e}")))?;
+        if u.attrs & CONTINUE == 0 {
+            self.live.retain(|&h| h != s.handle);
+        }
+        Ok((body, Some(s)))
     }
 
     /// Flushes the objects or sessions (handle ranges starting at `ranges`) that the TPM holds
@@ -234,7 +367,7 @@ impl<'a> Tpm2<'a> {
     }
 
     /// The storage primary key under the owner hierarchy (ECC P-256, AES-128-CFB).
-    fn primary(&mut self) -> Result<u32> {
+    fn primary(&mut self) -> Result<Primary> {
         let public = [
             &0x0023u16.to_be_bytes()[..],
             &ALG_SHA256.to_be_bytes(),
@@ -251,20 +384,75 @@ impl<'a> Tpm2<'a> {
         .concat();
         let cmd = Cmd::new(0x131).handle(RH_OWNER).pw(1).raw(&[0, 4, 0, 0, 0, 0]).b2(&public).u16(0).u32(0);
         let r = self.run("CreatePrimary", cmd)?;
-        Rsp { b: &r, at: 0 }.u32()
+        let mut p = Rsp { b: &r, at: 0 };
+        let handle = p.u32()?;
+        p.u32()?;
+        let public = p.b2()?;
+        // TPMT_PUBLIC of our template: type, nameAlg, attributes, authPolicy (empty),
+        // symmetric (AES, 128, CFB), scheme (NULL), curve, kdf (NULL), then the point.
+        let mut q = Rsp { b: public, at: 2 + 2 + 4 + 2 + 6 + 2 + 2 + 2 };
+        let point = (|| Ok::<_, Error>((q.b2()?.to_vec(), q.b2()?.to_vec())))();
+        let name = [&ALG_SHA256.to_be_bytes()[..], &sha2::Sha256::digest(public)].concat();
+        let (x, y) = match point {
+            Ok(p) if public.get(..2) == Some(&[0, 0x23]) => p,
+            _ => {
+                self.flush(handle);
+                return Err(Error::Tpm("CreatePrimary returned a key that is not of the template asked for".into()));
+            }
+        };
+        match self.primary_name.clone() {
+            Some(want) if want != name => {
+                self.flush(handle);
+                return Err(Error::Tpm(format!(
+                    "the TPM's storage primary key is not the one this store was initialised with (Name {}, \
+                     recorded {}): another TPM, a cleared owner hierarchy, or something between this manager \
+                     and the TPM answering with its own key. Nothing secret was sent to it",
+                    crate::hex(&name),
+                    crate::hex(&want)
+                )));
+            }
+            Some(_) => {}
+            None => self.primary_name = Some(name.clone()),
+        }
+        Ok(Primary { handle, name, x, y })
+    }
+
+    /// Starts a session of `kind`: unsalted (its key is empty: an HMAC session then proves
+    /// knowledge of an authValue without revealing it), or salted to `primary` with AES-128-CFB
+    /// parameter encryption (its key is known only to this process and that key's TPM).
+    fn start_session(&mut self, kind: u8, salted: Option<&Primary>) -> Result<Session> {
+        let nonce: [u8; 32] = rand::random();
+        let (salt, secret) = match salted {
+            Some(p) => session::ecc_salt(&p.x, &p.y)
+                .map(|(s, e)| (Some(s), e))
+                .ok_or_else(|| Error::Tpm("the storage primary key's point is not on P-256".into()))?,
+            None => (None, Vec::new()),
+        };
+        let mut cmd = Cmd::new(0x176);
+        cmd = match salted {
+            Some(p) => cmd.named(p.handle, p.name.clone()),
+            None => cmd.handle(RH_NULL),
+        };
+        cmd = cmd.handle(RH_NULL).b2(&nonce).b2(&secret).u8(kind);
+        cmd = if salted.is_some() { cmd.u16(0x0006).u16(128).u16(0x0043) } else { cmd.u16(ALG_NULL) };
+        let r = self.run("StartAuthSession", cmd.u16(ALG_SHA256))?;
+        let mut p = Rsp { b: &r, at: 0 };
+        let handle = p.u32()?;
+        let nonce_tpm = p.b2()?.to_vec();
+        let key = salt.map(|s| session::kdfa(&s, "ATH", &nonce_tpm, &nonce, 32)).unwrap_or_default();
+        Ok(Session { handle, key, nonce_tpm, policy: kind != SE_HMAC })
+    }
+
+    /// An HMAC session salted to a freshly made primary (flushed again before returning).
+    fn salted_session(&mut self) -> Result<Session> {
+        let p = self.primary()?;
+        let s = self.start_session(SE_HMAC, Some(&p));
+        self.flush(p.handle);
+        s
     }
 
     fn session(&mut self, kind: u8) -> Result<u32> {
-        let cmd = Cmd::new(0x176)
-            .handle(RH_NULL)
-            .handle(RH_NULL)
-            .b2(&[0x5A; 16])
-            .u16(0)
-            .u8(kind)
-            .u16(ALG_NULL)
-            .u16(ALG_SHA256);
-        let r = self.run("StartAuthSession", cmd)?;
-        Rsp { b: &r, at: 0 }.u32()
+        self.start_session(kind, None).map(|s| s.handle)
     }
 
     fn policy_pcr(&mut self, session: u32, pcrs: &[u8]) -> Result<()> {
@@ -274,7 +462,7 @@ impl<'a> Tpm2<'a> {
 
     /// The policy digest of PolicyPCR over the current values of `pcrs` (a trial session).
     pub fn pcr_policy(&mut self, pcrs: &[u8]) -> Result<Vec<u8>> {
-        let s = self.session(0x03)?;
+        let s = self.session(SE_TRIAL)?;
         let r = self.policy_pcr(s, pcrs).and_then(|()| self.run("PolicyGetDigest", Cmd::new(0x189).handle(s)));
         self.flush(s);
         Ok(Rsp { b: &r?, at: 0 }.b2()?.to_vec())
@@ -310,11 +498,15 @@ impl<'a> Tpm2<'a> {
         .concat();
         let sensitive = [&[0, 0, 0, 32][..], secret].concat();
         let parent = self.primary()?;
+        // The secret is the first parameter: encrypted under a session salted to the parent.
+        let s = self.start_session(SE_HMAC, Some(&parent));
         // creationPCR: the creation data records the sealed PCRs' values at creation, and the
         // creation ticket lets the TPM vouch for that record later.
-        let cmd = Cmd::new(0x153).handle(parent).pw(1).b2(&sensitive).b2(&public).u16(0).pcrs(pcrs);
-        let r = self.run("Create", cmd);
-        self.flush(parent);
+        let r = s.and_then(|s| {
+            let cmd = Cmd::new(0x153).named(parent.handle, parent.name.clone()).with(Use::new(&s, &[], DECRYPT));
+            self.run("Create", cmd.b2(&sensitive).b2(&public).u16(0).pcrs(pcrs))
+        });
+        self.flush(parent.handle);
         let r = r?;
         let mut p = params(&r, "Create")?;
         let (private, public) = (p.b2()?.to_vec(), p.b2()?.to_vec());
@@ -385,19 +577,31 @@ impl<'a> Tpm2<'a> {
     /// (`creation`, from [`Tpm2::seal`]) that this manager created it.
     pub fn unseal(&mut self, private: &[u8], public: &[u8], creation: &[u8], pcrs: &[u8]) -> Result<[u8; 32]> {
         let parent = self.primary()?;
-        let loaded = self.run("Load", Cmd::new(0x157).handle(parent).pw(1).b2(private).b2(public));
-        self.flush(parent);
-        let item = Rsp { b: &loaded?, at: 0 }.u32()?;
+        let loaded = self.run("Load", Cmd::new(0x157).handle(parent.handle).pw(1).b2(private).b2(public));
+        // The policy session is salted to the parent: the root key comes back encrypted.
+        let s = loaded.as_ref().ok().map(|_| self.start_session(SE_POLICY, Some(&parent)));
+        self.flush(parent.handle);
+        let loaded = loaded?;
+        let mut p = Rsp { b: &loaded, at: 0 };
+        let item = p.u32()?;
+        // Load's parameters: the object's Name, which the policy session's HMAC covers.
+        let name = (|| {
+            Ok::<_, Error>({
+                p.u32()?;
+                p.b2()?.to_vec()
+            })
+        })();
         let out = (|| {
-            let s = self.session(0x01)?;
-            if let Err(e) = self.policy_pcr(s, pcrs) {
-                self.flush(s);
+            let name = name?;
+            let s = s.unwrap_or_else(|| Err(Error::Tpm("no session".into())))?;
+            if let Err(e) = self.policy_pcr(s.handle, pcrs) {
+                self.flush(s.handle);
                 return Err(e);
             }
             // The session ends with the command (continueSession is clear).
-            let r = self.run("Unseal", Cmd::new(0x15E).handle(item).policy(s));
+            let r = self.run("Unseal", Cmd::new(0x15E).named(item, name).with(Use::new(&s, &[], ENCRYPT)));
             if r.is_err() {
-                self.flush(s);
+                self.flush(s.handle);
             }
             r
         })();
@@ -415,15 +619,20 @@ impl<'a> Tpm2<'a> {
         data.try_into().map_err(|_| Error::Tpm(format!("unsealed {} bytes, expected a 32-byte key", data.len())))
     }
 
-    /// Defines NV counter `index` (index auth empty) and increments it once so it can be read;
-    /// returns its value. An index that already exists is refused.
-    pub fn counter_create(&mut self, index: u32) -> Result<u64> {
-        // TPMA_NV_AUTHWRITE | TPM_NT_COUNTER | TPMA_NV_AUTHREAD | TPMA_NV_NO_DA.
-        let attrs: u32 = (1 << 2) | (1 << 4) | (1 << 18) | (1 << 25);
+    /// Defines NV counter `index` with authValue `auth` (an empty one for stores made before
+    /// counters had one), which travels encrypted, and increments it once so it can be read:
+    /// the counter and its value. An index that already exists is refused.
+    pub fn counter_create(&mut self, index: u32, auth: &[u8]) -> Result<(Counter, u64)> {
+        // TPMA_NV_AUTHWRITE | TPM_NT_COUNTER | TPMA_NV_OWNERREAD (an operator can read it with
+        // `tpm2_nvread -C o`) | TPMA_NV_AUTHREAD | TPMA_NV_NO_DA (a wrong auth must not start
+        // the dictionary-attack lockout: anyone could then lock the manager out).
+        let attrs: u32 = (1 << 2) | (1 << 4) | (1 << 17) | (1 << 18) | (1 << 25);
         let public =
             [&index.to_be_bytes()[..], &ALG_SHA256.to_be_bytes(), &attrs.to_be_bytes(), &[0, 0], &8u16.to_be_bytes()]
                 .concat();
-        self.run("NV_DefineSpace", Cmd::new(0x12A).handle(RH_OWNER).pw(1).u16(0).b2(&public)).map_err(|e| match e {
+        let s = self.salted_session()?;
+        let cmd = Cmd::new(0x12A).handle(RH_OWNER).with(Use::new(&s, &[], DECRYPT)).b2(auth).b2(&public);
+        self.run("NV_DefineSpace", cmd).map_err(|e| match e {
             // TPM_RC_NV_DEFINED
             Error::TpmRc { rc: 0x14c, .. } => Error::Tpm(format!(
                 "NV index {index:#x} already exists on the hardware TPM: a store was initialised on this TPM \
@@ -433,36 +642,84 @@ impl<'a> Tpm2<'a> {
             )),
             e => e,
         })?;
-        self.counter_increment(index)?;
-        self.counter_read(index)
+        let c = Counter { index, name: Vec::new(), public, auth: auth.to_vec() };
+        let c = Counter { name: c.current_name(), ..c };
+        let mut c = c;
+        let v = self.counter_bump(&mut c, 1)?;
+        Ok((c, v))
     }
 
-    /// Reads NV counter `index`.
-    pub fn counter_read(&mut self, index: u32) -> Result<u64> {
+    /// The NV counter at `index`, used with authValue `auth`: checks that it is a counter.
+    pub fn counter(&mut self, index: u32, auth: &[u8]) -> Result<Counter> {
         // Only a counter can be trusted never to go back: an ordinary index redefined at the
         // same handle could hold any value.
-        let public = self.run("NV_ReadPublic", Cmd::new(0x169).handle(index))?;
-        let nv = Rsp { b: &public, at: 0 }.b2()?;
-        let attrs = nv.get(6..10).map(|a| u32::from_be_bytes([a[0], a[1], a[2], a[3]])).unwrap_or_default();
+        let r = self.run("NV_ReadPublic", Cmd::new(0x169).handle(index)).map_err(|e| match e {
+            Error::TpmRc { rc, .. } if rc_number(rc) == Some(RC_HANDLE) => Error::CounterLost(format!(
+                "the anti-rollback counter {index:#x} is gone from the hardware TPM (undefined by its owner?); \
+                 `vtpmmgr recover` defines it again and accepts its new value"
+            )),
+            e => e,
+        })?;
+        let public = Rsp { b: &r, at: 0 }.b2()?.to_vec();
+        let attrs = public.get(6..10).map(|a| u32::from_be_bytes([a[0], a[1], a[2], a[3]])).unwrap_or_default();
         if (attrs >> 4) & 0xF != 1 {
             return Err(Error::Tpm(format!(
                 "NV index {index:#x} is not a counter (attributes {attrs:#x}); refusing it"
             )));
         }
-        let r = self.run("NV_Read", Cmd::new(0x14E).handle(index).handle(index).pw(1).u16(8).u16(0))?;
+        let c = Counter { index, name: Vec::new(), public, auth: auth.to_vec() };
+        Ok(Counter { name: c.current_name(), ..c })
+    }
+
+    /// Reads NV counter `c` (authorised by its authValue; the value is HMAC-checked).
+    pub fn counter_read(&mut self, c: &Counter) -> Result<u64> {
+        let s = self.start_session(SE_HMAC, None)?;
+        self.counter_read_in(c, &s, 0).map(|(v, _)| v)
+    }
+
+    fn counter_read_in(&mut self, c: &Counter, s: &Session, attrs: u8) -> Result<(u64, Option<Session>)> {
+        let cmd = Cmd::new(0x14E).named(c.index, c.name.clone()).named(c.index, c.name.clone());
+        let (r, s) =
+            self.run_in("NV_Read", cmd.with(Use::new(s, &c.auth, attrs)).u16(8).u16(0)).map_err(|e| c.refused(e))?;
         let v = Rsp { b: &r, at: 4 }.b2()?;
-        Ok(u64::from_be_bytes(v.try_into().map_err(|_| Error::Tpm("NV counter is not 8 bytes".into()))?))
+        Ok((u64::from_be_bytes(v.try_into().map_err(|_| Error::Tpm("NV counter is not 8 bytes".into()))?), s))
     }
 
-    /// Increments NV counter `index`.
-    pub fn counter_increment(&mut self, index: u32) -> Result<()> {
-        self.run("NV_Increment", Cmd::new(0x134).handle(index).handle(index).pw(1)).map(drop)
+    /// Increments NV counter `c` `times` times, then reads it back, all in one HMAC session:
+    /// the value read.
+    pub fn counter_bump(&mut self, c: &mut Counter, times: u64) -> Result<u64> {
+        let mut s = self.start_session(SE_HMAC, None)?;
+        for _ in 0..times {
+            let cmd = Cmd::new(0x134).named(c.index, c.name.clone()).named(c.index, c.name.clone());
+            let r = self.run_in("NV_Increment", cmd.with(Use::new(&s, &c.auth, CONTINUE)));
+            match r {
+                Ok((_, Some(next))) => s = next,
+                Ok((_, None)) => return Err(Error::Tpm("NV_Increment: no session in the response".into())),
+                Err(e) => {
+                    self.flush(s.handle);
+                    return Err(c.refused(e));
+                }
+            }
+            c.written();
+        }
+        let r = self.counter_read_in(c, &s, 0);
+        if r.is_err() {
+            self.flush(s.handle);
+        }
+        r.map(|(v, _)| v)
     }
 
-    /// Quotes `pcrs` (sha256 bank) with a fresh attestation key (ECC P-256, ECDSA-SHA256,
-    /// the owner hierarchy's primary for that template): (the key's TPMT_PUBLIC, the
-    /// TPMS_ATTEST, the TPMT_SIGNATURE).
-    pub fn quote(&mut self, qualifying: &[u8; 32], pcrs: &[u8]) -> Result<(Vec<u8>, Vec<u8>, Vec<u8>)> {
+    /// Undefines NV index `index` with the owner's authorization (empty).
+    pub fn nv_undefine(&mut self, index: u32) -> Result<()> {
+        self.run("NV_UndefineSpace", Cmd::new(0x122).handle(RH_OWNER).handle(index).pw(1)).map(drop)
+    }
+
+    /// Loads the attestation key: a restricted ECC P-256 signing key (ECDSA-SHA256), the owner
+    /// hierarchy's primary for a template whose `unique` is `unique`, with authValue `auth`.
+    /// Both come from the root key, so only this manager can make it or use it; the authValue
+    /// crosses the bus only encrypted (CreatePrimary's first parameter, under a salted session)
+    /// and is used through HMAC sessions. Its (handle, Name, TPMT_PUBLIC).
+    fn attestation_key(&mut self, unique: &[u8; 32], auth: &[u8]) -> Result<(u32, Vec<u8>, Vec<u8>)> {
         let template = [
             &0x0023u16.to_be_bytes()[..],
             &ALG_SHA256.to_be_bytes(),
@@ -473,17 +730,44 @@ impl<'a> Tpm2<'a> {
             &ALG_SHA256.to_be_bytes(),
             &0x0003u16.to_be_bytes(),
             &ALG_NULL.to_be_bytes(),
-            &[0, 0, 0, 0],
+            &32u16.to_be_bytes(),
+            unique,
+            &[0, 0],
         ]
         .concat();
-        let cmd = Cmd::new(0x131).handle(RH_OWNER).pw(1).raw(&[0, 4, 0, 0, 0, 0]).b2(&template).u16(0).u32(0);
-        let r = self.run("CreatePrimary (attestation key)", cmd)?;
+        let sensitive = [&(auth.len() as u16).to_be_bytes()[..], auth, &[0, 0]].concat();
+        let s = self.salted_session()?;
+        let cmd = Cmd::new(0x131).handle(RH_OWNER).with(Use::new(&s, &[], DECRYPT));
+        let r = self.run("CreatePrimary (attestation key)", cmd.b2(&sensitive).b2(&template).u16(0).u32(0))?;
         let mut p = Rsp { b: &r, at: 0 };
         let ak = p.u32()?;
         p.u32()?;
         let public = p.b2()?.to_vec();
-        let cmd = Cmd::new(0x158).handle(ak).pw(1).b2(qualifying).u16(ALG_NULL).pcrs(pcrs);
-        let q = self.run("Quote", cmd);
+        let name = [&ALG_SHA256.to_be_bytes()[..], &sha2::Sha256::digest(&public)].concat();
+        Ok((ak, name, public))
+    }
+
+    /// The attestation key's TPMT_PUBLIC (what verifiers register).
+    pub fn attestation_public(&mut self, unique: &[u8; 32], auth: &[u8]) -> Result<Vec<u8>> {
+        let (ak, _, public) = self.attestation_key(unique, auth)?;
+        self.flush(ak);
+        Ok(public)
+    }
+
+    /// Quotes `pcrs` (sha256 bank) with the attestation key ([`Tpm2::attestation_key`]):
+    /// (the key's TPMT_PUBLIC, the TPMS_ATTEST, the TPMT_SIGNATURE).
+    pub fn quote(
+        &mut self,
+        qualifying: &[u8; 32],
+        pcrs: &[u8],
+        unique: &[u8; 32],
+        auth: &[u8],
+    ) -> Result<(Vec<u8>, Vec<u8>, Vec<u8>)> {
+        let (ak, name, public) = self.attestation_key(unique, auth)?;
+        let q = self.start_session(SE_HMAC, None).and_then(|s| {
+            let cmd = Cmd::new(0x158).named(ak, name).with(Use::new(&s, auth, 0));
+            self.run("Quote", cmd.b2(qualifying).u16(ALG_NULL).pcrs(pcrs))
+        });
         self.flush(ak);
         let q = q?;
         let mut p = params(&q, "Quote")?;

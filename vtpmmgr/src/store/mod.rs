@@ -28,6 +28,33 @@ pub const SEALED_BLOCK: u64 = 2;
 pub const FIRST_NODE: u64 = 3;
 const SEALED_MAGIC: &[u8; 8] = b"XVTPMSEA";
 
+/// What a sub-key of the root key is for: each purpose its own key, so no key serves two
+/// algorithms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// The TPM 2.0 counter's authValue.
+    CounterAuth,
+    /// The TPM 2.0 attestation key's `unique`.
+    AkUnique,
+    /// The attestation key's authValue (TPM 2.0), or the TPM 1.2 quote key's usage auth.
+    AkAuth,
+}
+
+/// The sub-key of `root` for `purpose`: HKDF-SHA256. Its last byte is never zero: used as a
+/// TPM authValue, trailing zeros would be dropped.
+pub fn subkey(root: &[u8; 32], purpose: Purpose) -> [u8; 32] {
+    let info: &[u8] = match purpose {
+        Purpose::CounterAuth => b"nv counter auth",
+        Purpose::AkUnique => b"attestation key unique",
+        Purpose::AkAuth => b"attestation key auth",
+    };
+    let mut k = [0u8; 32];
+    // 32 bytes is far below HKDF-SHA256's limit; this cannot fail.
+    let _ = hkdf::Hkdf::<Sha256>::new(Some(b"xvtpm-vtpmmgr-subkey-v1"), root).expand(info, &mut k);
+    k[31] |= 1;
+    k
+}
+
 /// What opening found about the hardware counter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CounterState {
@@ -130,7 +157,28 @@ impl<D: BlockDev> Store<D> {
 
     /// Opens the store with its root key: picks the newest root that authenticates, checks it
     /// against hardware counter value `hw`, and verifies every node of its tree.
-    pub fn open(mut dev: D, key: [u8; 32], hw: u64) -> Result<(Self, CounterState)> {
+    pub fn open(dev: D, key: [u8; 32], hw: u64) -> Result<(Self, CounterState)> {
+        let name = dev.name();
+        let store = Self::open_verified(dev, key)?;
+        let state = match store.root.counter {
+            c if c == hw => CounterState::InStep,
+            c if c == hw.wrapping_add(1) => CounterState::Behind,
+            c if c < hw => return Err(Error::Rollback { store: name, found: c, hw }),
+            c => {
+                return Err(Error::Corrupt {
+                    store: name,
+                    why: format!(
+                        "its counter {c} is ahead of the hardware counter {hw} by more than one commit (another TPM, or a cleared one?)"
+                    ),
+                })
+            }
+        };
+        Ok((store, state))
+    }
+
+    /// Opens the store with its root key whatever the hardware counter says (recovery): the
+    /// newest root that authenticates, and every node of its tree verified.
+    pub fn open_verified(mut dev: D, key: [u8; 32]) -> Result<Self> {
         let name = dev.name();
         let corrupt = |why: String| Error::Corrupt { store: name.clone(), why };
         let mut best: Option<Root> = None;
@@ -160,19 +208,23 @@ impl<D: BlockDev> Store<D> {
         if <[u8; 32]>::from(Sha256::digest(sb)) != root.sealed_digest {
             return Err(corrupt("the sealed-key block is not the one the root was written with".into()));
         }
-        let state = match root.counter {
-            c if c == hw => CounterState::InStep,
-            c if c == hw.wrapping_add(1) => CounterState::Behind,
-            c if c < hw => return Err(Error::Rollback { store: name, found: c, hw }),
-            c => {
-                return Err(corrupt(format!(
-                    "its counter {c} is ahead of the hardware counter {hw} by more than one commit (another TPM, or a cleared one?)"
-                )))
-            }
-        };
         let mut store = Self { dev, key, root, cache: HashMap::new(), free: BTreeSet::new(), poisoned: false };
         store.load_tree()?;
-        Ok((store, state))
+        Ok(store)
+    }
+
+    /// Rewrites both root slots with hardware counter value `hw` (recovery: the operator
+    /// accepts the TPM's counter). The tree is unchanged.
+    pub fn rebase_counter(&mut self, hw: u64) -> Result<()> {
+        for _ in 0..2 {
+            let mut root = self.root;
+            root.seq += 1;
+            root.counter = hw;
+            self.dev.write(root.slot(), &root.seal(&self.key))?;
+            self.dev.sync()?;
+            self.root = root;
+        }
+        Ok(())
     }
 
     fn corrupt(&self, why: String) -> Error {
@@ -223,8 +275,13 @@ impl<D: BlockDev> Store<D> {
         Ok(())
     }
 
-    /// A key for `label`, derived from the root key (HMAC-SHA256): as bound to the hardware
-    /// TPM as the store itself.
+    /// The root key's sub-key for `purpose`: as bound to the hardware TPM as the store itself.
+    pub fn subkey(&self, purpose: Purpose) -> [u8; 32] {
+        subkey(&self.key, purpose)
+    }
+
+    /// A key for `label` derived from the root key (HMAC-SHA256; the migration key's seed,
+    /// kept so existing managers keep their migration key).
     pub fn derive_key(&self, label: &[u8]) -> [u8; 32] {
         use hmac::Mac;
         let mut mac = <hmac::Hmac<Sha256> as hmac::Mac>::new_from_slice(&self.key).expect("any key length");

@@ -1,0 +1,360 @@
+//! The manager against the attackers of its trust model (issue 19), each driven the way the
+//! attack was, with Debian's swtpm as the hardware TPM:
+//! - a process with TPM access increments the anti-rollback counter with an empty auth;
+//! - the TPM's owner (empty owner auth) undefines the counter and defines their own in its
+//!   place, under a running manager;
+//! - an old copy of the store is put back;
+//! - a local process recreates the deep-quote key with CreatePrimary;
+//! - something between the manager and the TPM records the bus.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+
+use xvtpm_tis::{Family, HwTpm};
+use xvtpm_vtpmmgr::hw::tpm12::Tpm12;
+use xvtpm_vtpmmgr::hw::tpm2::Tpm2;
+use xvtpm_vtpmmgr::hw::Sealed;
+use xvtpm_vtpmmgr::manager::{InitConfig, Manager};
+use xvtpm_vtpmmgr::store::dev::BLOCK;
+use xvtpm_vtpmmgr::store::root::Root;
+use xvtpm_vtpmmgr::Error;
+
+const INDEX: u32 = 0x0181_584D;
+
+fn cfg() -> InitConfig {
+    InitConfig { pcrs: vec![0, 16], nv_index: INDEX, ..InitConfig::default() }
+}
+
+fn blob(i: u8) -> Vec<u8> {
+    (0..52).map(|j| i.wrapping_mul(17).wrapping_add(j)).collect()
+}
+
+/// A TPM 2.0 command with one empty-password authorization (what `tpm2_nvincrement <index>
+/// -C <index>` sends for an index without auth).
+fn with_empty_password(cc: u32, handles: &[u32]) -> Vec<u8> {
+    let mut c = vec![0x80, 0x02, 0, 0, 0, 0];
+    c.extend_from_slice(&cc.to_be_bytes());
+    for h in handles {
+        c.extend_from_slice(&h.to_be_bytes());
+    }
+    c.extend_from_slice(&9u32.to_be_bytes());
+    c.extend_from_slice(&[0x40, 0, 0, 0x09, 0, 0, 0, 0, 0]);
+    let n = c.len() as u32;
+    c[2..6].copy_from_slice(&n.to_be_bytes());
+    c
+}
+
+/// One connection to the TPM shared by the manager and another process (as the kernel's
+/// /dev/tpmrm0 shares the TPM; swtpm serves one connection at a time).
+#[derive(Clone)]
+struct Shared(Arc<Mutex<Box<dyn HwTpm + Send>>>);
+
+impl Shared {
+    fn new(hw: &common::HwSwtpm) -> Self {
+        Self(Arc::new(Mutex::new(hw.connect())))
+    }
+    fn boxed(&self) -> Box<dyn HwTpm + Send> {
+        Box::new(self.clone())
+    }
+}
+
+impl HwTpm for Shared {
+    fn transmit(&mut self, locality: u8, command: &[u8]) -> xvtpm_tis::Result<Vec<u8>> {
+        self.0.lock().expect("lock").transmit(locality, command)
+    }
+    fn family(&self) -> Family {
+        self.0.lock().expect("lock").family()
+    }
+    fn describe(&self) -> String {
+        self.0.lock().expect("lock").describe()
+    }
+}
+
+fn rc(r: &[u8]) -> u32 {
+    u32::from_be_bytes([r[6], r[7], r[8], r[9]])
+}
+
+#[test]
+fn tpm2_counter_refuses_an_increment_with_an_empty_auth() {
+    let dir = common::tmpdir("counter-empty-auth");
+    let hw = common::HwSwtpm::start(&dir.join("tpm"));
+    let path = dir.join("store.img");
+    let shared = Shared::new(&hw);
+    let mut m = Manager::init(common::dev(&path, true), shared.boxed(), &cfg()).expect("init");
+    m.provision([1; 16], 0, None).expect("provision");
+    m.save(&[1; 16], &blob(1)).expect("save");
+    let before = m.store().root().counter;
+    // Any process with TPM access: NV_Increment on the index, authorised by the index with an
+    // empty password; and NV_Read the same way.
+    let mut tpm = shared.boxed();
+    for cc in [0x134, 0x14E] {
+        let mut cmd = with_empty_password(cc, &[INDEX, INDEX]);
+        if cc == 0x14E {
+            cmd.extend_from_slice(&[0, 8, 0, 0]);
+            let n = cmd.len() as u32;
+            cmd[2..6].copy_from_slice(&n.to_be_bytes());
+        }
+        let r = tpm.transmit(0, &cmd).expect("transmit");
+        // TPM_RC_AUTH_FAIL for the first session (0x98E), or TPM_RC_BAD_AUTH (0x9A2).
+        assert!(matches!(rc(&r), 0x98E | 0x9A2), "command {cc:#x} with an empty auth: rc {:#x}", rc(&r));
+    }
+    // The manager noticed nothing, because nothing happened.
+    m.save(&[1; 16], &blob(2)).expect("save");
+    assert_eq!(m.store().root().counter, before + 1);
+    drop((m, tpm, shared));
+    let m = Manager::open(common::dev(&path, false), hw.connect()).expect("reopen");
+    assert_eq!(m.load(&[1; 16]).expect("load"), blob(2));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The owner (whose auth is empty unless the operator set one) replaces the counter with one
+/// of their own and increments it: the running manager stops with a clear error instead of
+/// committing, a restart refuses the store, and `recover` brings every vTPM back.
+#[test]
+fn tpm2_a_counter_replaced_under_a_running_manager_halts_it_and_recover_brings_every_vtpm_back() {
+    let dir = common::tmpdir("counter-replaced");
+    let hw = common::HwSwtpm::start(&dir.join("tpm"));
+    let path = dir.join("store.img");
+    let uuids: Vec<[u8; 16]> = (1..=3u8).map(|i| [i; 16]).collect();
+    let shared = Shared::new(&hw);
+    let mut m = Manager::init(common::dev(&path, true), shared.boxed(), &cfg()).expect("init");
+    for (i, u) in uuids.iter().enumerate() {
+        m.provision(*u, 0, None).expect("provision");
+        m.save(u, &blob(i as u8)).expect("save");
+    }
+    {
+        let mut tpm = shared.boxed();
+        let mut t = Tpm2::new(tpm.as_mut(), 0);
+        t.nv_undefine(INDEX).expect("the owner undefines the counter");
+        let (mut c, _) = t.counter_create(INDEX, &[]).expect("and defines their own");
+        t.counter_bump(&mut c, 3).expect("and increments it");
+    }
+    let e = m.save(&uuids[0], &blob(9)).expect_err("a commit under a replaced counter");
+    assert!(matches!(e, Error::Halted(_)), "{e}");
+    assert!(e.to_string().contains("vtpmmgr recover"), "{e}");
+    assert!(m.halted().is_some());
+    assert!(matches!(m.load(&uuids[1]), Err(Error::Halted(_))), "a halted manager serves no vTPM");
+    drop((m, shared));
+    let e = Manager::open(common::dev(&path, false), hw.connect()).expect_err("restart");
+    assert!(e.to_string().contains("vtpmmgr recover"), "{e}");
+
+    let r = Manager::recover(common::dev(&path, false), hw.connect(), Some((&[0, 16], 0))).expect("recover");
+    assert!(r.redefined, "{r:?}");
+    assert_eq!(r.vtpms, 3);
+    let mut m = Manager::open(common::dev(&path, false), hw.connect()).expect("open after recover");
+    for (i, u) in uuids.iter().enumerate() {
+        assert_eq!(m.load(u).expect("load"), blob(i as u8), "the save refused while halted changed nothing");
+    }
+    m.save(&uuids[0], &blob(10)).expect("saves work again");
+    drop(m);
+    let m = Manager::open(common::dev(&path, false), hw.connect()).expect("reopen");
+    assert_eq!(m.load(&uuids[0]).expect("load"), blob(10));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn tpm2_an_old_copy_is_refused_and_recover_accepts_it_on_request() {
+    old_copy(Family::Tpm20);
+}
+
+#[test]
+fn tpm12_an_old_copy_is_refused_and_recover_accepts_it_on_request() {
+    old_copy(Family::Tpm12);
+}
+
+fn old_copy(family: Family) {
+    let dir = common::tmpdir(&format!("old-copy-{family}"));
+    let hw = common::HwSwtpm::start_family(&dir.join("tpm"), family);
+    let path = dir.join("store.img");
+    {
+        let mut m = Manager::init(common::dev(&path, true), hw.connect(), &cfg()).expect("init");
+        m.provision([1; 16], 0, None).expect("provision");
+        m.save(&[1; 16], &blob(1)).expect("save");
+    }
+    let copy = std::fs::read(&path).expect("copy");
+    {
+        let mut m = Manager::open(common::dev(&path, false), hw.connect()).expect("open");
+        m.save(&[1; 16], &blob(2)).expect("save");
+        m.provision([2; 16], 0, None).expect("provision");
+    }
+    std::fs::write(&path, &copy).expect("put the old copy back");
+    let e = Manager::open(common::dev(&path, false), hw.connect()).expect_err("old copy");
+    assert!(matches!(e, Error::Rollback { .. }) && e.to_string().contains("vtpmmgr recover"), "{e}");
+    // Recovery needs the store's PCRs: a recover with other expectations touches nothing.
+    let e = Manager::recover(common::dev(&path, false), hw.connect(), Some((&[0], 0))).expect_err("other PCRs");
+    assert!(e.to_string().contains("expects PCRs"), "{e}");
+    let r = Manager::recover(common::dev(&path, false), hw.connect(), Some((&[0, 16], 0))).expect("recover");
+    assert!(r.hw_counter > r.store_counter && !r.redefined, "{r:?}");
+    let mut m = Manager::open(common::dev(&path, false), hw.connect()).expect("open after recover");
+    // What the copy held: the later save and provisioning are lost, as the warning says.
+    assert_eq!(m.load(&[1; 16]).expect("load"), blob(1));
+    assert!(matches!(m.load(&[2; 16]), Err(Error::UnknownVtpm(_))));
+    m.save(&[1; 16], &blob(3)).expect("saves work again");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The old attestation key was the owner hierarchy's primary for a fixed template: anyone
+/// could recreate it and sign "deep quotes". Now its `unique` and auth come from the root key.
+#[test]
+fn tpm2_the_deep_quote_key_cannot_be_recreated_or_used_by_another_process() {
+    let dir = common::tmpdir("ak2");
+    let hw = common::HwSwtpm::start(&dir.join("tpm"));
+    let path = dir.join("store.img");
+    let mut m = Manager::init(common::dev(&path, true), hw.connect(), &cfg()).expect("init");
+    m.provision([1; 16], 0, None).expect("provision");
+    let quote = m.quote(&[1; 16], None, &[7; 20], &[16]).expect("quote");
+    let ak = &quote[2..2 + u16::from_be_bytes([quote[0], quote[1]]) as usize];
+    assert_eq!(m.attestation_public().expect("published"), ak, "the published key signs the quotes");
+    // Reopened: the same key (verifiers register it once).
+    drop(m);
+    let shared = Shared::new(&hw);
+    let mut m = Manager::open(common::dev(&path, false), shared.boxed()).expect("reopen");
+    assert_eq!(m.attestation_public().expect("published"), ak);
+    // The attacker's CreatePrimary with the old template (empty unique, empty auth).
+    let template = [
+        &[0x00, 0x23, 0x00, 0x0B][..],
+        &0x0005_0472u32.to_be_bytes(),
+        &[0, 0, 0x00, 0x10, 0x00, 0x18, 0x00, 0x0B, 0x00, 0x03, 0x00, 0x10, 0, 0, 0, 0],
+    ]
+    .concat();
+    let mut cmd = with_empty_password(0x131, &[0x4000_0001]);
+    cmd.extend_from_slice(&[0, 4, 0, 0, 0, 0]);
+    cmd.extend_from_slice(&(template.len() as u16).to_be_bytes());
+    cmd.extend_from_slice(&template);
+    cmd.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+    let n = cmd.len() as u32;
+    cmd[2..6].copy_from_slice(&n.to_be_bytes());
+    let r = shared.boxed().transmit(0, &cmd).expect("transmit");
+    assert_eq!(rc(&r), 0, "CreatePrimary");
+    // handle, parameterSize, outPublic.
+    let n = u16::from_be_bytes([r[18], r[19]]) as usize;
+    let theirs = &r[20..20 + n];
+    assert_eq!(&theirs[..4], &ak[..4], "same key type");
+    assert_ne!(theirs, ak, "the old template yields another key");
+    m.quote(&[1; 16], None, &[8; 20], &[16]).expect("the manager's key still quotes");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// TPM 1.2: the quote key is kept in the sealed-key block, with a usage auth from the root
+/// key: the well-known auth no longer uses it.
+#[test]
+fn tpm12_the_deep_quote_key_refuses_the_well_known_auth() {
+    let dir = common::tmpdir("ak12");
+    let hw = common::HwSwtpm::start_family(&dir.join("tpm"), Family::Tpm12);
+    let path = dir.join("store.img");
+    let mut m = Manager::init(common::dev(&path, true), hw.connect(), &cfg()).expect("init");
+    m.provision([1; 16], 0, None).expect("provision");
+    let quote = m.quote(&[1; 16], None, &[7; 20], &[16]).expect("quote");
+    let public = m.attestation_public().expect("published");
+    assert_eq!(&quote[2..2 + public.len()], &public[..], "the published key signs the quotes");
+    drop(m);
+    let block = xvtpm_vtpmmgr::store::read_sealed(&mut common::dev(&path, false)).expect("read");
+    let sealed = Sealed::decode(&block).expect("decode");
+    let mut tpm = hw.connect();
+    let mut t = Tpm12::new(tpm.as_mut(), 0);
+    let h = t.load_key(&[0; 20], &sealed.ak).expect("anyone can load it under the SRK");
+    let e = t.quote(h, &[0; 20], &[1; 20], &[16]).expect_err("but not use it with the well-known auth");
+    assert!(e.to_string().contains("rc 0x1"), "TPM_AUTHFAIL: {e}");
+    let _ = t.flush_key(h);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Everything that crossed the bus, both ways.
+#[derive(Clone, Default)]
+struct Recording(Arc<Mutex<Vec<u8>>>);
+
+struct Recorder {
+    inner: Box<dyn HwTpm + Send>,
+    bytes: Recording,
+}
+
+impl HwTpm for Recorder {
+    fn transmit(&mut self, locality: u8, command: &[u8]) -> xvtpm_tis::Result<Vec<u8>> {
+        let r = self.inner.transmit(locality, command)?;
+        let mut b = self.bytes.0.lock().expect("lock");
+        b.extend_from_slice(command);
+        b.extend_from_slice(&r);
+        Ok(r)
+    }
+    fn family(&self) -> Family {
+        self.inner.family()
+    }
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
+/// The root key never crosses the bus in the clear: no 32 bytes of what the manager and the
+/// TPM exchanged at init, at open and at a quote open the store's root. (Before: the Create
+/// at init sent it, and the Unseal at every start returned it, as plain parameters.)
+#[test]
+fn tpm2_the_root_key_never_crosses_the_bus_in_the_clear() {
+    let dir = common::tmpdir("bus");
+    let hw = common::HwSwtpm::start(&dir.join("tpm"));
+    let path = dir.join("store.img");
+    let rec = Recording::default();
+    let recorded = || Box::new(Recorder { inner: hw.connect(), bytes: rec.clone() });
+    {
+        let mut m = Manager::init(common::dev(&path, true), recorded(), &cfg()).expect("init");
+        m.provision([1; 16], 0, None).expect("provision");
+        m.save(&[1; 16], &blob(1)).expect("save");
+    }
+    let mut m = Manager::open(common::dev(&path, false), recorded()).expect("open");
+    m.quote(&[1; 16], None, &[7; 20], &[16]).expect("quote");
+    assert_eq!(m.load(&[1; 16]).expect("load"), blob(1), "the recorded manager works");
+    drop(m);
+    let bytes = rec.0.lock().expect("lock").clone();
+    let mut slot = [0u8; BLOCK];
+    let store = std::fs::read(&path).expect("read");
+    slot.copy_from_slice(&store[..BLOCK]);
+    let mut other = [0u8; BLOCK];
+    other.copy_from_slice(&store[BLOCK..2 * BLOCK]);
+    assert!(bytes.len() > 1000, "{} bytes recorded", bytes.len());
+    for w in bytes.windows(32) {
+        let key: [u8; 32] = w.try_into().expect("32");
+        for s in [&slot, &other] {
+            assert!(!matches!(Root::open(&key, s), Ok(Some(_))), "the root key crossed the bus in the clear");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The same at the level of the seal and unseal themselves, with a key the test knows.
+#[test]
+fn tpm2_seal_and_unseal_send_and_return_the_secret_encrypted() {
+    let dir = common::tmpdir("bus-seal");
+    let hw = common::HwSwtpm::start(&dir.join("tpm"));
+    let rec = Recording::default();
+    let mut tpm: Box<dyn HwTpm + Send> = Box::new(Recorder { inner: hw.connect(), bytes: rec.clone() });
+    let mut t = Tpm2::new(tpm.as_mut(), 0);
+    t.startup().expect("startup");
+    let secret = [0xA5u8; 32];
+    let (private, public, creation) = t.seal(&secret, &[0, 16]).expect("seal");
+    assert_eq!(t.unseal(&private, &public, &creation, &[0, 16]).expect("unseal"), secret);
+    let bytes = rec.0.lock().expect("lock").clone();
+    assert!(!bytes.windows(32).any(|w| w == secret), "the secret crossed the bus in the clear");
+    assert!(!bytes.windows(8).any(|w| w == [0xA5; 8]), "not even a part of it");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The storage primary's Name is recorded at init: a TPM answering with another primary
+/// (what an interposer must do to read what is encrypted to it) is refused before the unseal.
+#[test]
+fn tpm2_a_different_storage_primary_is_refused_before_the_unseal() {
+    let dir = common::tmpdir("primary");
+    let hw = common::HwSwtpm::start(&dir.join("tpm"));
+    let path = dir.join("store.img");
+    drop(Manager::init(common::dev(&path, true), hw.connect(), &cfg()).expect("init"));
+    let block = xvtpm_vtpmmgr::store::read_sealed(&mut common::dev(&path, false)).expect("read");
+    let sealed = Sealed::decode(&block).expect("decode");
+    assert_eq!(sealed.primary_name.len(), 34, "nameAlg and a SHA-256 digest");
+    let mut tpm = hw.connect();
+    let mut t = Tpm2::new(tpm.as_mut(), 0);
+    let mut name = sealed.primary_name.clone();
+    name[10] ^= 1;
+    t.pin_primary(name);
+    let e = t.unseal(&sealed.private, &sealed.public, &sealed.creation, &sealed.pcrs).expect_err("other primary");
+    assert!(e.to_string().contains("not the one this store was initialised with"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
