@@ -16,12 +16,17 @@ const DROPIN: &str = env!("CARGO_BIN_EXE_xvtpm-swtpm");
 /// `swtpm socket --tpm2 ...` through the symlink; an error (its exit status and stderr) if it
 /// exited before listening.
 fn swtpm(bin: &Path, state: &Path, port: u16, log: &Path) -> Result<Child, String> {
+    swtpm_with(bin, &format!("dir={}", state.display()), port, log)
+}
+
+/// [`swtpm`] with `--tpmstate` `tpmstate`.
+fn swtpm_with(bin: &Path, tpmstate: &str, port: u16, log: &Path) -> Result<Child, String> {
     let mut child = Command::new(bin)
         .arg("socket")
         .arg("--tpm2")
         .args(["--server", &format!("type=tcp,port={port}")])
         .args(["--ctrl", &format!("type=tcp,port={}", port + 1)])
-        .args(["--tpmstate", &format!("dir={}", state.display())])
+        .args(["--tpmstate", tpmstate])
         .args(["--flags", "not-need-init,startup-clear"])
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(log).expect("log"))
@@ -97,5 +102,71 @@ fn installed_as_swtpm_creates_serves_keeps_and_refuses_damage() {
     let err = swtpm(&bin, &state, port, &log).expect_err("a damaged state must not start");
     assert!(err.contains(&permall.display().to_string()), "the error names the file: {err}");
     assert_eq!(std::fs::read(&permall).expect("reread"), bytes, "the damaged state was rewritten");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn mode_of(p: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).expect("stat").permissions().mode() & 0o7777
+}
+
+/// Whether user `uid` can read `path` (by running `cat` as that user; needs root).
+fn readable_by(uid: u32, path: &Path) -> bool {
+    use std::os::unix::process::CommandExt;
+    Command::new("cat")
+        .arg(path)
+        .uid(uid)
+        .gid(uid)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("run cat")
+        .success()
+}
+
+/// `--tpmstate dir=D,mode=0600` (which used to be parsed and ignored: files were 0644 in a
+/// 0755 directory, and with no --key, the drop-in's default, any local user read the TPM's
+/// seeds): the state is 0600 in a 0700 directory and another user cannot read it; without
+/// `mode=`, swtpm's 0640.
+#[test]
+fn state_files_get_the_mode_asked_for_and_another_user_cannot_read_them() {
+    let dir = std::env::temp_dir().join(format!("xvtpm-dropin-mode-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("tempdir");
+    // Where another user could reach the files if their own bits let them.
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+    let bin = dir.join("swtpm");
+    symlink(DROPIN, &bin).expect("symlink");
+    let state = dir.join("state");
+    let log = dir.join("log");
+    let port = common::free_ports();
+    let mut child = swtpm_with(&bin, &format!("dir={},mode=0600", state.display()), port, &log).expect("start");
+    let mut t = TcpTpm::connect(port).expect("connect");
+    ok(&mut t, &tpm2::nv_define(0x0150_0017, 8));
+    drop(t);
+    let _ = child.kill();
+    let _ = child.wait();
+    let files: Vec<_> = std::fs::read_dir(&state).expect("read state").flatten().map(|e| e.path()).collect();
+    let permall = files
+        .iter()
+        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().contains("permall")))
+        .unwrap_or_else(|| panic!("no permanent state: {files:?}"))
+        .clone();
+    assert_eq!(mode_of(&state), 0o700, "the state directory the drop-in made");
+    assert_eq!(mode_of(&permall), 0o600);
+    let is_root = Command::new("id").arg("-u").output().map(|o| o.stdout == b"0\n").unwrap_or(false);
+    if is_root {
+        // Even with the directory opened up, the file's own bits keep user nobody out.
+        std::fs::set_permissions(&state, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+        assert!(!readable_by(65534, &permall), "another user read the state");
+        std::fs::set_permissions(&permall, std::os::unix::fs::PermissionsExt::from_mode(0o644)).expect("chmod");
+        assert!(readable_by(65534, &permall), "the check can fail: a 0644 file is readable");
+    }
+    // No mode=: swtpm's default, 0640, for existing files too.
+    let port = common::free_ports();
+    let mut child = swtpm(&bin, &state, port, &log).expect("restart");
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(mode_of(&permall), 0o640);
     let _ = std::fs::remove_dir_all(&dir);
 }

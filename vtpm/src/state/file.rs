@@ -5,17 +5,20 @@
 //! File layout (`<dir>/<blob>.xvtpm`):
 //!
 //! ```text
-//! "XVTPMST1" | mode u8 (1 AES-256-GCM, 2 SHA-256) | 3 zero bytes | nonce [12] | len u32 LE | body
+//! "XVTPMST1" | mode u8 (1 AES-256-GCM, 2 SHA-256) | flags u8 | 2 zero bytes | nonce [12] | len u32 LE | body
 //! ```
 //!
-//! The body is ciphertext and tag (mode 1, the header and blob name as associated data, so a
-//! file copied to another blob's name or header edits fail) or the plain blob followed by
-//! SHA-256(header | name | blob) (mode 2). A store writes a temporary file, fsyncs it, renames
-//! it over the old one and fsyncs the directory: at every moment one complete, valid copy
-//! exists. An exclusive lock on the directory keeps a second vtpm process off the same state.
+//! The body is ciphertext and tag (mode 1, the header, the blob name and the directory's id as
+//! associated data, so a file copied to another blob's name, to another vTPM's directory or
+//! with header edits fails) or the plain blob followed by SHA-256(header | name | id | blob)
+//! (mode 2). The directory's id is 16 random bytes in `.xvtpm-id`, made when the directory
+//! first holds state; flag 1 says a file is bound to it (files written before ids existed have
+//! flag 0, and are rewritten bound when the id is made). A store writes a temporary file with
+//! the state's permission bits, fsyncs it, renames it over the old one and fsyncs the
+//! directory: at every moment one complete, valid copy exists. An exclusive lock on the
+//! directory keeps a second vtpm process off the same state.
 
 use std::fs::{self, File};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use aes_gcm::aead::{Aead, KeyInit, Payload};
@@ -30,6 +33,11 @@ const MAGIC: &[u8; 8] = b"XVTPMST1";
 const MODE_AES256GCM: u8 = 1;
 const MODE_SHA256: u8 = 2;
 const HEADER_LEN: usize = 8 + 1 + 3 + 12 + 4;
+/// Header flag: the file is bound to its directory's id.
+const BOUND: u8 = 1;
+/// The directory's id.
+const ID_FILE: &str = ".xvtpm-id";
+const ID_LEN: usize = 16;
 const TAG_LEN: usize = 16;
 const DIGEST_LEN: usize = 32;
 
@@ -94,17 +102,83 @@ fn decode_hex(s: &str) -> Option<Vec<u8>> {
 pub struct FileStore {
     dir: PathBuf,
     key: Option<StateKey>,
+    /// Permission bits of the state files.
+    mode: u32,
+    /// The directory's id, bound into every file.
+    id: [u8; ID_LEN],
     _lock: File,
 }
 
 impl FileStore {
-    /// Opens (creating) `dir` and locks it for this process.
+    /// Opens (creating, mode 0700) `dir` and locks it for this process; state files get mode
+    /// 0600.
     pub fn open(dir: &Path, key: Option<StateKey>) -> Result<Self> {
+        Self::open_with_mode(dir, key, super::PRIVATE)
+    }
+
+    /// [`FileStore::open`] with state files of permission bits `mode` (existing ones are
+    /// changed to it).
+    pub fn open_with_mode(dir: &Path, key: Option<StateKey>, mode: u32) -> Result<Self> {
         let lock = super::lock_dir(dir)?;
         if key.is_none() {
             log::warn!("no state key given: state in {} is checked for integrity but not encrypted", dir.display());
         }
-        Ok(FileStore { dir: dir.to_path_buf(), key, _lock: lock })
+        let mut store = FileStore { dir: dir.to_path_buf(), key, mode, id: [0; ID_LEN], _lock: lock };
+        let blobs = store.blob_files()?;
+        super::chmod_existing(dir, blobs.iter().cloned().chain([ID_FILE.to_string()]), mode)?;
+        let id_path = dir.join(ID_FILE);
+        match fs::read(&id_path) {
+            Ok(id) => {
+                store.id = id.as_slice().try_into().map_err(|_| Error::StateCorrupt {
+                    path: id_path.clone(),
+                    reason: format!("holds {} bytes, a directory id has {ID_LEN}", id.len()),
+                })?
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => store.make_id(&blobs)?,
+            Err(e) => return Err(Error::io(format!("read {}", id_path.display()), e)),
+        }
+        Ok(store)
+    }
+
+    /// The names of the blob files in the directory.
+    fn blob_files(&self) -> Result<Vec<String>> {
+        let entries = fs::read_dir(&self.dir).map_err(|e| Error::io(format!("list {}", self.dir.display()), e))?;
+        Ok(entries
+            .flatten()
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| n.ends_with(".xvtpm") && !n.starts_with('.'))
+            .collect())
+    }
+
+    /// Gives the directory its id, and binds the files written before ids existed to it. A
+    /// directory whose files are bound to an id it no longer has is refused: a new id would
+    /// make them unreadable for good.
+    fn make_id(&mut self, blobs: &[String]) -> Result<()> {
+        let mut legacy = Vec::new();
+        for file in blobs {
+            let path = self.dir.join(file);
+            let bytes = fs::read(&path).map_err(|e| Error::io(format!("read {}", path.display()), e))?;
+            if bytes.get(9).is_some_and(|f| f & BOUND != 0) {
+                return Err(Error::StateCorrupt {
+                    path: self.dir.join(ID_FILE),
+                    reason: format!(
+                        "is missing, but {file} is bound to it: restore it from where this state came from (copy the \
+                         whole directory, dot files included)"
+                    ),
+                });
+            }
+            let name = file.trim_end_matches(".xvtpm").to_string();
+            let data = self.decode_as(&path, &name, &bytes, None)?;
+            legacy.push((name, data));
+        }
+        rand::rngs::OsRng.fill_bytes(&mut self.id);
+        super::write_file(&self.dir.join(ID_FILE), &self.id, self.mode)?;
+        self.sync_dir()?;
+        for (name, data) in legacy {
+            log::info!("{}: binding {name} to the directory's new id", self.dir.display());
+            self.store(&name, &data)?;
+        }
+        Ok(())
     }
 
     /// The state directory.
@@ -125,13 +199,15 @@ impl FileStore {
     pub fn encode(&self, name: &str, data: &[u8]) -> Result<Vec<u8>> {
         let mut header = [0u8; HEADER_LEN];
         header[..8].copy_from_slice(MAGIC);
+        header[9] = BOUND;
+        let id = &self.id[..];
         let body = match &self.key {
             Some(key) => {
                 header[8] = MODE_AES256GCM;
                 rand::rngs::OsRng.fill_bytes(&mut header[12..24]);
                 let len = (data.len() + TAG_LEN) as u32;
                 header[24..28].copy_from_slice(&len.to_le_bytes());
-                let aad = [&header[..], name.as_bytes()].concat();
+                let aad = [&header[..], name.as_bytes(), id].concat();
                 let cipher = Aes256Gcm::new((&key.0).into());
                 cipher
                     .encrypt(Nonce::from_slice(&header[12..24]), Payload { msg: data, aad: &aad })
@@ -141,8 +217,12 @@ impl FileStore {
                 header[8] = MODE_SHA256;
                 let len = (data.len() + DIGEST_LEN) as u32;
                 header[24..28].copy_from_slice(&len.to_le_bytes());
-                let digest =
-                    Sha256::new().chain_update(header).chain_update(name.as_bytes()).chain_update(data).finalize();
+                let digest = Sha256::new()
+                    .chain_update(header)
+                    .chain_update(name.as_bytes())
+                    .chain_update(id)
+                    .chain_update(data)
+                    .finalize();
                 [data, &digest[..]].concat()
             }
         };
@@ -150,6 +230,11 @@ impl FileStore {
     }
 
     fn decode(&self, path: &Path, name: &str, file: &[u8]) -> Result<Vec<u8>> {
+        self.decode_as(path, name, file, Some(&self.id))
+    }
+
+    /// Decodes a file bound to directory id `id`, or (`None`) one written before ids existed.
+    fn decode_as(&self, path: &Path, name: &str, file: &[u8], id: Option<&[u8; ID_LEN]>) -> Result<Vec<u8>> {
         let corrupt = |reason: &str| Error::StateCorrupt { path: path.to_path_buf(), reason: reason.to_string() };
         if file.len() < HEADER_LEN {
             return Err(corrupt("truncated (shorter than its header)"));
@@ -162,13 +247,22 @@ impl FileStore {
         if len != body.len() {
             return Err(corrupt(&format!("length field says {len} bytes, the file holds {}", body.len())));
         }
+        let id: &[u8] = match (header[9], id) {
+            (BOUND, Some(id)) => id,
+            (0, None) => &[],
+            (0, Some(_)) => {
+                return Err(corrupt("is not bound to this directory (written elsewhere, or an old file put back)"))
+            }
+            (BOUND, None) => return Err(corrupt("is bound to a directory id this directory does not have")),
+            (f, _) => return Err(corrupt(&format!("unknown flags {f:#x}"))),
+        };
         match (header[8], &self.key) {
             (MODE_AES256GCM, Some(key)) => {
-                let aad = [header, name.as_bytes()].concat();
+                let aad = [header, name.as_bytes(), id].concat();
                 let cipher = Aes256Gcm::new((&key.0).into());
-                cipher
-                    .decrypt(Nonce::from_slice(&header[12..24]), Payload { msg: body, aad: &aad })
-                    .map_err(|_| corrupt("does not authenticate: corrupted, or encrypted with another key"))
+                cipher.decrypt(Nonce::from_slice(&header[12..24]), Payload { msg: body, aad: &aad }).map_err(|_| {
+                    corrupt("does not authenticate: corrupted, encrypted with another key, or another vTPM's state")
+                })
             }
             (MODE_AES256GCM, None) => Err(corrupt("is encrypted, but no state key was given")),
             (MODE_SHA256, Some(_)) => {
@@ -179,8 +273,12 @@ impl FileStore {
                     return Err(corrupt("truncated (no digest)"));
                 }
                 let (data, digest) = body.split_at(body.len() - DIGEST_LEN);
-                let want =
-                    Sha256::new().chain_update(header).chain_update(name.as_bytes()).chain_update(data).finalize();
+                let want = Sha256::new()
+                    .chain_update(header)
+                    .chain_update(name.as_bytes())
+                    .chain_update(id)
+                    .chain_update(data)
+                    .finalize();
                 if want[..] != *digest {
                     return Err(corrupt("digest mismatch: the file is corrupted"));
                 }
@@ -217,9 +315,7 @@ impl StateStore for FileStore {
         let path = self.blob_path(name)?;
         let tmp = self.dir.join(format!(".{name}.xvtpm.tmp"));
         let bytes = self.encode(name, data)?;
-        let mut f = File::create(&tmp).map_err(|e| Error::io(format!("create {}", tmp.display()), e))?;
-        f.write_all(&bytes).and_then(|_| f.sync_all()).map_err(|e| Error::io(format!("write {}", tmp.display()), e))?;
-        drop(f);
+        super::write_file(&tmp, &bytes, self.mode)?;
         fs::rename(&tmp, &path).map_err(|e| Error::io(format!("rename {} to {}", tmp.display(), path.display()), e))?;
         self.sync_dir()
     }
@@ -353,6 +449,85 @@ mod tests {
         assert!(StateKey::from_file(&bin, KeyFormat::Binary).expect_err("20 bytes").to_string().contains("32 bytes"));
         assert!(StateKey::from_file(&d.join("missing"), KeyFormat::Binary).is_err());
         assert_eq!(StateKey::from_bytes(&[3u8; 16]).expect("aes-128 key").0.len(), 32);
+        let _ = fs::remove_dir_all(&d);
+    }
+
+    /// A file as vtpm wrote them before directories had ids (flag 0, no id in the AAD).
+    fn legacy_file(k: u8, name: &str, data: &[u8]) -> Vec<u8> {
+        let mut header = [0u8; HEADER_LEN];
+        header[..8].copy_from_slice(MAGIC);
+        header[8] = MODE_AES256GCM;
+        header[24..28].copy_from_slice(&((data.len() + TAG_LEN) as u32).to_le_bytes());
+        let aad = [&header[..], name.as_bytes()].concat();
+        let ct = Aes256Gcm::new((&[k; 32]).into())
+            .encrypt(Nonce::from_slice(&header[12..24]), Payload { msg: data, aad: &aad })
+            .expect("encrypt");
+        [&header[..], &ct].concat()
+    }
+
+    fn mode_of(p: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        fs::metadata(p).expect("stat").permissions().mode() & 0o7777
+    }
+
+    #[test]
+    fn files_get_the_mode_asked_for_and_a_new_directory_is_private() {
+        let d = tmpdir("modes");
+        let mut s = FileStore::open_with_mode(&d, key(1), 0o640).expect("open");
+        assert_eq!(mode_of(&d), 0o700, "a directory made for state");
+        s.store("permall", b"x").expect("store");
+        assert_eq!(mode_of(&d.join("permall.xvtpm")), 0o640);
+        assert_eq!(mode_of(&d.join(ID_FILE)), 0o640);
+        drop(s);
+        // Reopened with another mode: existing files follow, new ones are born with it.
+        let mut s = FileStore::open_with_mode(&d, key(1), 0o600).expect("reopen");
+        assert_eq!(mode_of(&d.join("permall.xvtpm")), 0o600);
+        s.store("volatilestate", b"y").expect("store");
+        assert_eq!(mode_of(&d.join("volatilestate.xvtpm")), 0o600);
+        // A temporary file left by a crash with loose bits does not keep them.
+        fs::write(d.join(".savestate.xvtpm.tmp"), b"junk").expect("tmp");
+        fs::set_permissions(d.join(".savestate.xvtpm.tmp"), std::os::unix::fs::PermissionsExt::from_mode(0o666))
+            .expect("chmod");
+        s.store("savestate", b"z").expect("store");
+        assert_eq!(mode_of(&d.join("savestate.xvtpm")), 0o600);
+        let _ = fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn two_vtpms_sharing_a_key_cannot_swap_state() {
+        let (a, b) = (tmpdir("swap-a"), tmpdir("swap-b"));
+        let mut sa = FileStore::open(&a, key(3)).expect("a");
+        let mut sb = FileStore::open(&b, key(3)).expect("b");
+        sa.store("permall", b"a's seeds").expect("store");
+        sb.store("permall", b"b's seeds").expect("store");
+        fs::copy(b.join("permall.xvtpm"), a.join("permall.xvtpm")).expect("swap");
+        let e = sa.load("permall").expect_err("b's state in a");
+        assert!(e.to_string().contains("another vTPM's state"), "{e}");
+        let _ = (fs::remove_dir_all(&a), fs::remove_dir_all(&b));
+    }
+
+    #[test]
+    fn state_from_before_ids_is_bound_at_open_and_cannot_be_put_back() {
+        let d = tmpdir("legacy");
+        fs::create_dir_all(&d).expect("dir");
+        let old = legacy_file(4, "permall", b"old seeds");
+        fs::write(d.join("permall.xvtpm"), &old).expect("legacy");
+        let mut s = FileStore::open(&d, key(4)).expect("open binds it");
+        assert_eq!(s.load("permall").expect("load").as_deref(), Some(&b"old seeds"[..]));
+        assert_eq!(fs::read(d.join("permall.xvtpm")).expect("raw")[9], BOUND);
+        // The unbound copy put back: refused (else any unbound file with this key would do).
+        fs::write(d.join("permall.xvtpm"), &old).expect("put back");
+        let e = s.load("permall").expect_err("unbound");
+        assert!(e.to_string().contains("not bound to this directory"), "{e}");
+        drop(s);
+        // The id lost while bound files exist: refused, never replaced.
+        let mut s = FileStore::open(&d, key(4)).expect("open");
+        s.store("permall", b"new").expect("store");
+        drop(s);
+        fs::remove_file(d.join(ID_FILE)).expect("lose the id");
+        let e = FileStore::open(&d, key(4)).expect_err("missing id");
+        assert!(e.to_string().contains("restore it"), "{e}");
+        assert!(!d.join(ID_FILE).exists(), "no new id was made");
         let _ = fs::remove_dir_all(&d);
     }
 }

@@ -6,7 +6,6 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use aes_gcm::aead::{Aead, KeyInit, Payload};
@@ -194,9 +193,7 @@ impl ManagedStore {
         let path = self.dir.join(SLOTS[slot]);
         let tmp = path.with_extension("tmp");
         let io = |what: &str, e| Error::io(format!("{what} {}", path.display()), e);
-        let mut f = File::create(&tmp).map_err(|e| io("create", e))?;
-        f.write_all(&file).map_err(|e| io("write", e))?;
-        f.sync_all().map_err(|e| io("sync", e))?;
+        super::write_file(&tmp, &file, super::PRIVATE)?;
         fs::rename(&tmp, &path).map_err(|e| io("rename", e))?;
         File::open(&self.dir).and_then(|d| d.sync_all()).map_err(|e| io("sync the directory of", e))?;
         // The slot is durable: now the manager may point at it.

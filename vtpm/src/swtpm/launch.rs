@@ -35,7 +35,8 @@ pub fn run(args: &[String], create_missing: bool) -> Result<()> {
         }
         None => None,
     };
-    let store = FileStore::open(&state.dir, key)?;
+    // swtpm's default when `mode=` is absent.
+    let store = FileStore::open_with_mode(&state.dir, key, state.mode.unwrap_or(0o640))?;
     let engine = Libtpms::new(LibtpmsConfig {
         version: inv.tpm_version,
         store: Box::new(store),
