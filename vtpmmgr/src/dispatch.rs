@@ -11,16 +11,34 @@ use xvtpm_proto::Uuid;
 use crate::{BootHash, Error, Result};
 
 /// Who is calling.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub enum Caller {
     /// A vTPM whose identity the transport established (Xen: its device's uuid).
     Vtpm([u8; 16]),
-    /// A Unix-socket client, bound to a vTPM once BIND succeeded: its uuid and the SHA-256 of
-    /// the token it presented, checked again at every command (the vTPM may have been deleted
-    /// and provisioned anew with another token since).
-    Socket(Option<([u8; 16], [u8; 32])>),
+    /// A Unix-socket client running as `uid` (the kernel's SO_PEERCRED), bound to a vTPM once
+    /// BIND succeeded: its uuid and the SHA-256 of the token it presented, checked again at
+    /// every command (the vTPM may have been deleted and provisioned anew with another token
+    /// since).
+    Socket {
+        /// The client's uid.
+        uid: u32,
+        /// The vTPM it acts for.
+        bound: Option<([u8; 16], [u8; 32])>,
+    },
     /// The admin socket.
     Admin,
+}
+
+impl std::fmt::Debug for Caller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the token's digest: it is what the store compares tokens against.
+        match self {
+            Caller::Vtpm(u) => write!(f, "vTPM {}", Uuid(*u)),
+            Caller::Socket { uid, bound: Some((u, _)) } => write!(f, "socket client (uid {uid}) bound to {}", Uuid(*u)),
+            Caller::Socket { uid, bound: None } => write!(f, "socket client (uid {uid})"),
+            Caller::Admin => f.write_str("admin"),
+        }
+    }
 }
 
 /// What the dispatcher asks of the manager, one method per action. [`crate::manager::Manager`]
@@ -28,6 +46,9 @@ pub enum Caller {
 pub trait Service {
     /// Whether `token` is vTPM `uuid`'s.
     fn authorize(&self, uuid: &[u8; 16], token: &[u8]) -> Result<()>;
+    /// Whether socket clients running as `uid` may act for vTPM `uuid`: the uid its first BIND
+    /// came from (recorded then), or the one it was bound to.
+    fn bind_uid(&mut self, uuid: &[u8; 16], uid: u32) -> Result<()>;
     /// Whether the SHA-256 of a token is still vTPM `uuid`'s.
     fn authorize_digest(&self, uuid: &[u8; 16], digest: &[u8; 32]) -> Result<()>;
     /// Whether vTPM `uuid` may run with `boot` (its group's approvals).
@@ -86,11 +107,11 @@ fn status_of(e: &Error, class: Class) -> u32 {
 fn acting_for<S: Service>(svc: &S, caller: &mut Caller) -> Option<[u8; 16]> {
     match caller {
         Caller::Vtpm(u) => Some(*u),
-        Caller::Socket(Some((u, digest))) => match svc.authorize_digest(u, digest) {
+        Caller::Socket { bound: Some((u, digest)), uid } => match svc.authorize_digest(u, digest) {
             Ok(()) => Some(*u),
             Err(e) => {
                 log::warn!("{}: no longer authorized: {e}", Uuid(*u));
-                *caller = Caller::Socket(None);
+                *caller = Caller::Socket { uid: *uid, bound: None };
                 None
             }
         },
@@ -121,7 +142,7 @@ fn authorise<S: Service>(
             }
             Ok(Some(uuid))
         }
-        Class::Bind if matches!(caller, Caller::Socket(_)) => Ok(None),
+        Class::Bind if matches!(caller, Caller::Socket { .. }) => Ok(None),
         Class::Bind | Class::Admin if *caller != Caller::Admin => {
             log::warn!("{caller:?}: management ordinal {ordinal:#x} refused outside the admin socket");
             Err(Reply::refuse(TAG_RSP2, status::AUTHFAIL))
@@ -182,16 +203,18 @@ fn refuse_malformed<S: Service>(svc: &S, caller: &mut Caller, boot: Option<&Boot
 }
 
 /// BIND: the socket client acts for `uuid` from now on, if `token` is its.
-fn bind<S: Service>(svc: &S, caller: &mut Caller, uuid: &[u8; 16], token: &[u8]) -> Reply {
-    match svc.authorize(uuid, token) {
+fn bind<S: Service>(svc: &mut S, caller: &mut Caller, uuid: &[u8; 16], token: &[u8]) -> Reply {
+    let Caller::Socket { uid, .. } = *caller else { return Reply::refuse(TAG_RSP2, status::BAD_ORDINAL) };
+    // The token first: a uid is recorded only for a client that holds it.
+    match svc.authorize(uuid, token).and_then(|()| svc.bind_uid(uuid, uid)) {
         Ok(()) => {
-            *caller = Caller::Socket(Some((*uuid, Sha256::digest(token).into())));
+            *caller = Caller::Socket { uid, bound: Some((*uuid, Sha256::digest(token).into())) };
             Reply::ok(Vec::new())
         }
         Err(e) => {
             // A client that failed to bind acts for no vTPM, and learns nothing about which
             // uuids exist: unknown and wrong token answer alike.
-            *caller = Caller::Socket(None);
+            *caller = Caller::Socket { uid, bound: None };
             log::warn!("{caller:?}: BIND refused: {e}");
             Reply::refuse(TAG_RSP, status::AUTHFAIL)
         }

@@ -602,7 +602,33 @@ impl<D: BlockDev> Manager<D> {
             found = c.is_some();
             Ok(c)
         })?;
+        // The uid its clients ran as goes with it: a vTPM provisioned anew starts unbound.
+        // (Each store update is a commit of its own, with its own counter increment.)
+        let binding = Record::uid_binding(uuid, 0).uuid;
+        if self.store.get(&binding)?.is_some() {
+            self.commit(|s| s.delete(&binding))?;
+        }
         Ok(found)
+    }
+
+    /// Whether socket clients running as `uid` may act for vTPM `uuid`: its first BIND
+    /// records the uid it came from (one commit, once); later BINDs must come from that uid.
+    /// Deleting the vTPM drops the binding.
+    pub fn bind_uid(&mut self, uuid: &[u8; 16], uid: u32) -> Result<()> {
+        let rec = Record::uid_binding(uuid, uid);
+        match self.store.get(&rec.uuid)? {
+            Some(r) if r.group == uid => Ok(()),
+            Some(r) => Err(Error::NotAuthorized(format!(
+                "vTPM {} is bound to clients running as uid {}; this one runs as uid {uid}",
+                uuid_str(uuid),
+                r.group
+            ))),
+            None => {
+                self.commit(|s| s.put(&rec).map(Some))?;
+                log::info!("vTPM {}: bound to socket clients running as uid {uid} (its first BIND)", uuid_str(uuid));
+                Ok(())
+            }
+        }
     }
 
     /// Every vTPM.
@@ -928,6 +954,9 @@ impl<D: BlockDev> crate::dispatch::Service for Manager<D> {
     }
     fn authorize_digest(&self, uuid: &[u8; 16], digest: &[u8; 32]) -> Result<()> {
         Manager::authorize_digest(self, uuid, digest)
+    }
+    fn bind_uid(&mut self, uuid: &[u8; 16], uid: u32) -> Result<()> {
+        Manager::bind_uid(self, uuid, uid)
     }
     fn check_boot(&self, uuid: &[u8; 16], boot: Option<&BootHash>) -> Result<()> {
         Manager::check_boot(self, uuid, boot)

@@ -134,7 +134,14 @@ pub fn serve_unix<D: BlockDev + Send + 'static>(
                     live.fetch_add(1, Ordering::SeqCst);
                     let slot = Slot(live.clone());
                     let mgr = mgr.clone();
-                    let caller = if admin { Caller::Admin } else { Caller::Socket(None) };
+                    let caller = match (admin, crate::peer::peer_uid(&s)) {
+                        (true, _) => Caller::Admin,
+                        (false, Ok(uid)) => Caller::Socket { uid, bound: None },
+                        (false, Err(e)) => {
+                            log::warn!("{path_name}: a client whose uid is unknown ({e}); closing it");
+                            continue;
+                        }
+                    };
                     // Out of threads: this client is dropped, the listener and the others go on.
                     let serve = move || {
                         let _slot = slot;

@@ -22,6 +22,8 @@ type Quote = ([u8; 16], Option<BootHash>, Vec<u8>, Vec<u8>);
 #[derive(Debug, Default)]
 struct Fake {
     vtpms: BTreeMap<[u8; 16], Vtpm>,
+    /// The uid each vTPM's socket clients are bound to.
+    uids: BTreeMap<[u8; 16], u32>,
     groups: BTreeMap<u32, ([u8; 16], BTreeSet<BootHash>)>,
     quotes: Vec<Quote>,
 }
@@ -43,6 +45,12 @@ impl Service for Fake {
     fn authorize(&self, uuid: &[u8; 16], token: &[u8]) -> Result<()> {
         let digest: [u8; 32] = Sha256::digest(token).into();
         self.authorize_digest(uuid, &digest)
+    }
+    fn bind_uid(&mut self, uuid: &[u8; 16], uid: u32) -> Result<()> {
+        match *self.uids.entry(*uuid).or_insert(uid) {
+            u if u == uid => Ok(()),
+            _ => Err(Error::NotAuthorized("another uid".into())),
+        }
     }
     fn authorize_digest(&self, uuid: &[u8; 16], digest: &[u8; 32]) -> Result<()> {
         match self.known(uuid)? {
@@ -185,20 +193,30 @@ fn approvals_gate_every_vtpm_command_but_get_boot_hash() {
 #[test]
 fn socket_clients_bind_with_the_token_and_lose_it_when_it_changes() {
     let mut f = Fake::new();
-    let mut c = Caller::Socket(None);
+    let unbound = Caller::Socket { uid: 1000, bound: None };
+    let mut c = unbound.clone();
     assert_eq!(st(&mut f, &mut c, &Request::LoadHashKey.encode()), (TAG_RSP, status::AUTHFAIL));
     let bind = |token: &[u8]| Request::Bind { uuid: Uuid(U), token: Secret(token.to_vec()) }.encode();
     // Unknown uuid and wrong token answer alike.
     assert_eq!(st(&mut f, &mut c, &bind(b"wrong")), (TAG_RSP, status::AUTHFAIL));
     let unknown = Request::Bind { uuid: Uuid(OTHER), token: Secret(TOKEN.to_vec()) }.encode();
     assert_eq!(st(&mut f, &mut c, &unknown), (TAG_RSP, status::AUTHFAIL));
-    assert_eq!(c, Caller::Socket(None));
+    assert_eq!(c, unbound);
+    assert!(f.uids.is_empty(), "no uid is recorded for a client without the token");
     assert_eq!(st(&mut f, &mut c, &bind(TOKEN)), (TAG_RSP, status::SUCCESS));
+    assert_eq!(f.uids.get(&U), Some(&1000), "the first BIND records its uid");
+    // The token in another user's hands: refused, as an unknown uuid is.
+    let mut thief = Caller::Socket { uid: 1001, bound: None };
+    assert_eq!(st(&mut f, &mut thief, &bind(TOKEN)), (TAG_RSP, status::AUTHFAIL));
+    assert_eq!(st(&mut f, &mut thief, &Request::LoadHashKey.encode()), (TAG_RSP, status::AUTHFAIL));
+    // The debug form (what logs print) carries no token digest.
+    let shown = format!("{c:?}");
+    assert!(shown.contains("uid 1000") && !shown.contains(&format!("{:?}", &Sha256::digest(TOKEN)[..4])), "{shown}");
     assert!(ok(&mut f, &mut c, Request::SaveHashKey(Secret(vec![3; 64]))).is_empty());
     // Deleted and provisioned anew with another token: the binding no longer holds.
     f.vtpms.get_mut(&U).expect("vtpm").2 = [0; 32];
     assert_eq!(st(&mut f, &mut c, &Request::LoadHashKey.encode()), (TAG_RSP, status::AUTHFAIL));
-    assert_eq!(c, Caller::Socket(None));
+    assert_eq!(c, unbound);
     // BIND with a short body; BIND from a vTPM domain or the admin socket.
     assert_eq!(st(&mut f, &mut c, &frame(TAG_REQ2, ord::BIND, &[0; 15])), (TAG_RSP, status::BAD_PARAMETER));
     assert_eq!(st(&mut f, &mut Caller::Vtpm(U), &bind(TOKEN)), (TAG_RSP2, status::AUTHFAIL));
@@ -225,7 +243,8 @@ fn management_is_for_the_admin_socket_only() {
         Request::VtpmExport { uuid: Uuid(U), to: vec![4; 65] },
         Request::VtpmImport { group: 0, bundle: b"good".to_vec() },
     ];
-    for caller in [Caller::Vtpm(U), Caller::Socket(None), Caller::Socket(Some((U, Sha256::digest(TOKEN).into())))] {
+    let bound = Some((U, Sha256::digest(TOKEN).into()));
+    for caller in [Caller::Vtpm(U), Caller::Socket { uid: 0, bound: None }, Caller::Socket { uid: 0, bound }] {
         for r in &every_admin_request {
             assert_eq!(st(&mut f, &mut caller.clone(), &r.encode()), (TAG_RSP2, status::AUTHFAIL), "{caller:?} {r:?}");
         }

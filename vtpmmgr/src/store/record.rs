@@ -14,6 +14,9 @@ pub const IS_APPROVAL: u32 = 4;
 /// `flags`: the vTPM was exported to another manager and is frozen here: its key is refused
 /// until it is deleted or imported back.
 pub const EXPORTED: u32 = 8;
+/// `flags`: the record binds a vTPM to the uid of the Unix-socket clients that may act for it
+/// (in `group`); its uuid is derived from the vTPM's ([`Record::uid_binding`]).
+pub const IS_UID_BINDING: u32 = 16;
 
 /// A vTPM's record.
 #[derive(Clone, PartialEq, Eq)]
@@ -69,9 +72,20 @@ impl Record {
         self.flags & IS_APPROVAL != 0
     }
 
-    /// Whether the record is a vTPM (not a group, not an approval).
+    /// Whether the record is a vTPM (not a group, an approval or a uid binding).
     pub fn is_vtpm(&self) -> bool {
-        self.flags & (IS_GROUP | IS_APPROVAL) == 0
+        self.flags & (IS_GROUP | IS_APPROVAL | IS_UID_BINDING) == 0
+    }
+
+    /// The record binding vTPM `vtpm` to socket clients running as `uid`.
+    pub fn uid_binding(vtpm: &[u8; 16], uid: u32) -> Self {
+        use sha2::{Digest, Sha256};
+        let d = Sha256::new().chain_update(b"xvtpm-bound-uid").chain_update(vtpm).finalize();
+        let mut uuid = [0u8; 16];
+        uuid.copy_from_slice(&d[..16]);
+        let mut r = Record::new(uuid, uid);
+        r.flags = IS_UID_BINDING;
+        r
     }
 
     /// The record approving `boot_hash` in `group`. Its key is a hash of both, so it can
