@@ -99,7 +99,8 @@ fn mgr_request() -> Vec<(String, Vec<u8>)> {
         ("group-revoke", Request::GroupRevoke { group: 1, hash: [3; 32] }),
         ("group-approved", Request::GroupApproved { group: 1, offset: 127 }),
         ("migration-key", Request::MigrationKey),
-        ("vtpm-export", Request::VtpmExport { uuid: u, to: vec![4; 65] }),
+        ("vtpm-export", Request::VtpmExport { uuid: u, to: vec![4; 130], force: false }),
+        ("migration-trust", Request::MigrationTrust { source: vec![5; 130] }),
         ("vtpm-import", Request::VtpmImport { group: 1, bundle: vec![6; 40] }),
     ];
     let mut v: Vec<(String, Vec<u8>)> = reqs.into_iter().map(|(n, r)| (format!("req-{n}"), r.encode())).collect();

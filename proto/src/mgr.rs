@@ -72,6 +72,11 @@ pub mod ord {
     /// Ours, management: the public part of the key that signs deep quotes (TPM 2.0: its
     /// TPMT_PUBLIC; TPM 1.2: its TPM_PUBKEY), for verifiers to register.
     pub const ATTESTATION_KEY: u32 = 0x0200_0408;
+    /// Ours, management: pin a source manager's migration identity (bundles it signs are
+    /// imported); replies u32 1 if newly pinned.
+    pub const MIGRATION_TRUST: u32 = 0x0200_0409;
+    /// Ours, management: unpin a source manager; replies u32 1 if it was pinned.
+    pub const MIGRATION_DISTRUST: u32 = 0x0200_040A;
 }
 
 /// Status codes (TPM 1.2 values, as Xen's manager uses them).
@@ -203,8 +208,20 @@ pub enum Request {
     VtpmExport {
         /// The vTPM.
         uuid: Uuid,
-        /// The destination manager's migration key.
+        /// The destination manager's migration identity.
         to: Vec<u8>,
+        /// Export a vTPM exported already to another manager (its first bundle is lost).
+        force: bool,
+    },
+    /// MIGRATION_TRUST.
+    MigrationTrust {
+        /// The source manager's migration identity.
+        source: Vec<u8>,
+    },
+    /// MIGRATION_DISTRUST.
+    MigrationDistrust {
+        /// The source manager's migration identity.
+        source: Vec<u8>,
     },
     /// VTPM_IMPORT.
     VtpmImport {
@@ -274,7 +291,7 @@ pub fn class_of(tag: u16, ordinal: u32) -> Option<Class> {
             TAG_REQ2,
             GROUP_LIST | GROUP_NEW | GROUP_DEL | GROUP_SHOW | VTPM_LIST | VTPM_SHOW | VTPM_NEW | VTPM_DEL
             | GROUP_APPROVE | GROUP_REVOKE | GROUP_APPROVED | MIGRATION_KEY | VTPM_EXPORT | VTPM_IMPORT
-            | ATTESTATION_KEY,
+            | ATTESTATION_KEY | MIGRATION_TRUST | MIGRATION_DISTRUST,
         ) => Some(Class::Admin),
         _ => None,
     }
@@ -357,10 +374,14 @@ impl Request {
             },
             MIGRATION_KEY => Request::MigrationKey,
             ATTESTATION_KEY => Request::AttestationKey,
-            VTPM_EXPORT => match Uuid::from_slice(body) {
-                Some(uuid) => Request::VtpmExport { uuid, to: body[16..].to_vec() },
-                None => return Err(bad("VTPM_EXPORT needs a uuid and a migration key")),
+            VTPM_EXPORT => match (Uuid::from_slice(body), body.get(16)) {
+                (Some(uuid), Some(&f @ (0 | 1))) => {
+                    Request::VtpmExport { uuid, force: f == 1, to: body[17..].to_vec() }
+                }
+                _ => return Err(bad("VTPM_EXPORT needs a uuid, a force flag (0 or 1) and a migration key")),
             },
+            MIGRATION_TRUST => Request::MigrationTrust { source: body.to_vec() },
+            MIGRATION_DISTRUST => Request::MigrationDistrust { source: body.to_vec() },
             VTPM_IMPORT => match r.u32() {
                 Some(group) => Request::VtpmImport { group, bundle: r.rest().to_vec() },
                 None => return Err(bad("VTPM_IMPORT needs a group and a bundle")),
@@ -392,6 +413,8 @@ impl Request {
             Request::MigrationKey => MIGRATION_KEY,
             Request::AttestationKey => ATTESTATION_KEY,
             Request::VtpmExport { .. } => VTPM_EXPORT,
+            Request::MigrationTrust { .. } => MIGRATION_TRUST,
+            Request::MigrationDistrust { .. } => MIGRATION_DISTRUST,
             Request::VtpmImport { .. } => VTPM_IMPORT,
         }
     }
@@ -449,7 +472,8 @@ impl Request {
             Request::GroupApprove { group, hash } | Request::GroupRevoke { group, hash } => {
                 [&group.to_be_bytes()[..], hash].concat()
             }
-            Request::VtpmExport { uuid, to } => [&uuid.0[..], to].concat(),
+            Request::VtpmExport { uuid, to, force } => [&uuid.0[..], &[u8::from(*force)], to].concat(),
+            Request::MigrationTrust { source } | Request::MigrationDistrust { source } => source.clone(),
             Request::VtpmImport { group, bundle } => [&group.to_be_bytes()[..], bundle].concat(),
         }
     }
@@ -625,7 +649,10 @@ mod tests {
             Request::GroupApproved { group: 1, offset: 127 },
             Request::MigrationKey,
             Request::AttestationKey,
-            Request::VtpmExport { uuid: u, to: vec![4; 65] },
+            Request::VtpmExport { uuid: u, to: vec![4; 130], force: false },
+            Request::VtpmExport { uuid: u, to: vec![4; 130], force: true },
+            Request::MigrationTrust { source: vec![5; 130] },
+            Request::MigrationDistrust { source: vec![5; 130] },
             Request::VtpmImport { group: 6, bundle: vec![8; 300] },
         ]
     }

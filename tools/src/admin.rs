@@ -75,11 +75,29 @@ pub enum VtpmCmd {
         /// Its uuid.
         uuid: String,
     },
-    /// Print this manager's migration key: what `export` at the source manager takes to move
-    /// a vTPM here.
+    /// Print this manager's migration key (its identity: where bundles are encrypted to, and
+    /// what signs the bundles it exports): what `export` at a source manager takes to move a
+    /// vTPM here, and what `trust-source` at a destination pins to accept bundles from here.
     MigrationKey {
         #[command(flatten)]
         opts: AdminOpts,
+    },
+    /// Pin a source manager's migration key: this manager imports bundles signed by it (and
+    /// by no other). Compare the key with `xvtpm vtpm migration-key` at the source out of band.
+    TrustSource {
+        #[command(flatten)]
+        opts: AdminOpts,
+        /// The source's migration key: the hex digits, or a file holding them.
+        #[arg(value_name = "KEY|FILE")]
+        key: String,
+    },
+    /// Unpin a source manager: its bundles are refused from now on.
+    DistrustSource {
+        #[command(flatten)]
+        opts: AdminOpts,
+        /// The source's migration key: the hex digits, or a file holding them.
+        #[arg(value_name = "KEY|FILE")]
+        key: String,
     },
     /// Print the public part of the key that signs this manager's deep quotes (hex; TPM 2.0:
     /// a TPMT_PUBLIC, TPM 1.2: a TPM_PUBKEY), for a verifier to register. Only this manager
@@ -104,6 +122,10 @@ pub enum VtpmCmd {
         /// The bundle to write (never overwritten).
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
+        /// Export a vTPM exported already to a different manager: only when the first bundle
+        /// is lost for good (else two managers could each run the vTPM).
+        #[arg(long)]
+        force: bool,
     },
     /// Import a bundle that `export` made for this manager; prints the vTPM's uuid.
     Import {
@@ -307,14 +329,28 @@ pub fn vtpm(cmd: VtpmCmd) -> anyhow::Result<()> {
                 false => println!("{k}"),
             }
         }
-        VtpmCmd::Export { opts, uuid, to, out } => {
+        VtpmCmd::TrustSource { opts, key } => {
+            let new = opts.connect()?.trust_source(&migration_key_arg(&key)?)?;
+            match opts.json {
+                true => println!("{}", json!({ "pinned": true, "new": new })),
+                false => println!("{}", if new { "pinned" } else { "pinned already" }),
+            }
+        }
+        VtpmCmd::DistrustSource { opts, key } => {
+            let was = opts.connect()?.distrust_source(&migration_key_arg(&key)?)?;
+            match opts.json {
+                true => println!("{}", json!({ "unpinned": was })),
+                false => println!("{}", if was { "unpinned" } else { "was not pinned" }),
+            }
+        }
+        VtpmCmd::Export { opts, uuid, to, out, force } => {
             let u = uuid_arg(&uuid)?;
             let key = migration_key_arg(&to)?;
             // Refuse before the manager freezes the vTPM, not after.
             if out.exists() {
                 bail!("{} exists; not overwritten", out.display());
             }
-            let bundle = opts.connect()?.export(&u, &key)?;
+            let bundle = opts.connect()?.export(&u, &key, force)?;
             write_new(&out, &bundle)?;
             match opts.json {
                 true => println!("{}", json!({"uuid": uuid_str(&u), "bundle": out.display().to_string()})),

@@ -2,8 +2,9 @@
 //! managers (each on its own swtpm, admin and vTPM sockets), a real `vtpm serve` on the
 //! simulated Xen holding a guest's owner password, stopped, exported from A, its state
 //! directory copied, imported at B, started at B: the guest's TPM is the same. A is frozen
-//! for it from the export on; a bundle for another manager, a damaged one and a second
-//! import are refused.
+//! for it from the export on; a bundle for another manager, a damaged one, one from a source
+//! B has not pinned, a second import and a replayed one are refused, and a second export to
+//! another manager needs --force.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -136,7 +137,7 @@ fn a_vtpm_moves_to_another_manager_and_keeps_its_contents() {
 
     // Export to B's migration key: A freezes the vTPM.
     let key = stdout(&xvtpm(&b, &["vtpm", "migration-key"]));
-    assert_eq!(key.len(), 130, "{key}");
+    assert_eq!(key.len(), 260, "{key}");
     let bundle = host.dir().join("vtpm.bundle");
     let bs = bundle.to_str().expect("utf-8");
     stdout(&xvtpm(&a, &["vtpm", "export", VTPM_UUID, "--to", &key, "--out", bs]));
@@ -145,6 +146,14 @@ fn a_vtpm_moves_to_another_manager_and_keeps_its_contents() {
     assert!(shown.ends_with("\"has_key\":true,\"exported\":true}"), "{shown}");
     let refused = serve(&bins, &host, &a, &state, &token).err().expect("a frozen vTPM must not start at A");
     assert!(refused.contains("the manager refused this vTPM"), "{refused}");
+    // A second export to another manager (here: A's own key) would make a second live copy.
+    let a_key = stdout(&xvtpm(&a, &["vtpm", "migration-key"]));
+    let other = host.dir().join("other.bundle");
+    let os = other.to_str().expect("utf-8");
+    fails(&xvtpm(&a, &["vtpm", "export", VTPM_UUID, "--to", &a_key, "--out", os]), "exported to another manager");
+    // To B again (a lost bundle): allowed.
+    let again = host.dir().join("again.bundle");
+    stdout(&xvtpm(&a, &["vtpm", "export", VTPM_UUID, "--to", &key, "--out", again.to_str().expect("utf-8")]));
 
     // The bundle opens only at B, and only intact.
     fails(&xvtpm(&a, &["vtpm", "import", bs]), "another manager's migration key");
@@ -155,6 +164,9 @@ fn a_vtpm_moves_to_another_manager_and_keeps_its_contents() {
     fails(&xvtpm(&b, &["vtpm", "import", d.to_str().expect("utf-8")]), "does not authenticate");
     assert_eq!(stdout(&xvtpm(&b, &["vtpm", "list"])), "", "nothing imported from a damaged bundle");
 
+    // B takes bundles only from sources its operator pinned.
+    fails(&xvtpm(&b, &["vtpm", "import", bs]), "not pinned here");
+    assert_eq!(stdout(&xvtpm(&b, &["vtpm", "trust-source", &a_key])), "pinned");
     // Imported at B with the copied state directory: the same TPM.
     assert_eq!(stdout(&xvtpm(&b, &["vtpm", "import", bs])), VTPM_UUID);
     fails(&xvtpm(&b, &["vtpm", "import", bs]), "already provisioned");
@@ -171,6 +183,13 @@ fn a_vtpm_moves_to_another_manager_and_keeps_its_contents() {
     // A lets go of it for good.
     stdout(&xvtpm(&a, &["vtpm", "delete", VTPM_UUID]));
     assert_eq!(xvtpm(&a, &["vtpm", "show", VTPM_UUID]).status.code(), Some(3));
+
+    // The old bundle replayed at B after the vTPM left B (an older copy of the vTPM): refused.
+    stdout(&xvtpm(&b, &["vtpm", "delete", VTPM_UUID]));
+    fails(&xvtpm(&b, &["vtpm", "import", bs]), "imported here before");
+    // A unpinned: its bundles are refused from then on.
+    stdout(&xvtpm(&b, &["vtpm", "distrust-source", &a_key]));
+    fails(&xvtpm(&b, &["vtpm", "import", again.to_str().expect("utf-8")]), "not pinned here");
 }
 
 #[test]
@@ -188,9 +207,9 @@ fn an_export_can_come_back_to_its_manager() {
     assert_eq!(stdout(&xvtpm(&a, &["vtpm", "import", bs])), u);
     assert!(stdout(&xvtpm(&a, &["vtpm", "show", &u, "--json"])).ends_with("\"exported\":false}"));
     // A malformed key is refused before anything is frozen.
-    fails(&xvtpm(&a, &["vtpm", "export", &u, "--to", "04abcd", "--out", bs]), "a migration key is 130 hex digits");
+    fails(&xvtpm(&a, &["vtpm", "export", &u, "--to", "04abcd", "--out", bs]), "a migration key is 260 hex digits");
     fails(
-        &xvtpm(&a, &["vtpm", "export", &u, "--to", &"04".repeat(65), "--out", &format!("{bs}.2")]),
+        &xvtpm(&a, &["vtpm", "export", &u, "--to", &"04".repeat(130), "--out", &format!("{bs}.2")]),
         "not a migration key",
     );
     assert!(stdout(&xvtpm(&a, &["vtpm", "show", &u, "--json"])).ends_with("\"exported\":false}"));

@@ -138,12 +138,36 @@ impl Admin {
         self.call(&Request::AttestationKey, "the attestation key")
     }
 
-    /// Exports a vTPM to the manager whose migration key is `to`: the bundle (and the vTPM is
-    /// frozen at this manager).
-    pub fn export(&mut self, uuid: &[u8; 16], to: &[u8]) -> Result<Vec<u8>> {
+    /// Exports a vTPM to the manager whose migration identity is `to`: the bundle (and the
+    /// vTPM is frozen at this manager). A vTPM exported to another manager already goes only
+    /// with `force`.
+    pub fn export(&mut self, uuid: &[u8; 16], to: &[u8], force: bool) -> Result<Vec<u8>> {
         // Checked here too, so a bad key gets its reason (the manager answers a status only).
         crate::migrate::check_public(to)?;
-        self.call(&Request::VtpmExport { uuid: Uuid(*uuid), to: to.to_vec() }, &format!("vTPM {}", uuid_str(uuid)))
+        let r = Request::VtpmExport { uuid: Uuid(*uuid), to: to.to_vec(), force };
+        match self.call(&r, &format!("vTPM {}", uuid_str(uuid))) {
+            Err(Error::Exists(_)) => Err(Error::Exists(format!(
+                "vTPM {} was exported to another manager already: export it to that one again, or, if its \
+                 bundle is lost for good, use --force",
+                uuid_str(uuid)
+            ))),
+            r => r,
+        }
+    }
+
+    /// Pins the source manager whose migration identity is `source` (bundles it signs are
+    /// imported here); `false`: pinned already.
+    pub fn trust_source(&mut self, source: &[u8]) -> Result<bool> {
+        crate::migrate::check_public(source)?;
+        let out = self.call(&Request::MigrationTrust { source: source.to_vec() }, "the migration source")?;
+        Ok(out == 1u32.to_be_bytes())
+    }
+
+    /// Unpins a source manager; `false`: it was not pinned.
+    pub fn distrust_source(&mut self, source: &[u8]) -> Result<bool> {
+        crate::migrate::check_public(source)?;
+        let out = self.call(&Request::MigrationDistrust { source: source.to_vec() }, "the migration source")?;
+        Ok(out == 1u32.to_be_bytes())
     }
 
     /// Imports a bundle into `group`; the vTPM's uuid.
@@ -159,12 +183,15 @@ impl Admin {
             )));
         }
         match self.call(&Request::VtpmImport { group, bundle: bundle.to_vec() }, &format!("group {group}")) {
-            Err(Error::NotAuthorized(_)) => {
-                Err(Error::NotAuthorized("the bundle does not authenticate at this manager (damaged?)".into()))
-            }
-            Err(Error::Exists(_)) => {
-                Err(Error::Exists("the bundle's vTPM is already provisioned at this manager".into()))
-            }
+            Err(Error::NotAuthorized(_)) => Err(Error::NotAuthorized(format!(
+                "refused: the bundle does not authenticate (damaged or forged), or its source manager ({}...) is \
+                 not pinned here (`xvtpm vtpm trust-source`); the manager's log says which",
+                crate::hex(&crate::migrate::source(bundle)?[1..9])
+            ))),
+            Err(Error::Exists(_)) => Err(Error::Exists(
+                "the bundle's vTPM is already provisioned at this manager, or this bundle was imported here before"
+                    .into(),
+            )),
             r => uuid_at(&r?),
         }
     }

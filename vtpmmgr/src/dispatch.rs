@@ -84,7 +84,11 @@ pub trait Service {
     /// ATTESTATION_KEY: the deep-quote key's public part.
     fn attestation_public(&mut self) -> Result<Vec<u8>>;
     /// VTPM_EXPORT.
-    fn export(&mut self, uuid: &[u8; 16], to: &[u8]) -> Result<Vec<u8>>;
+    fn export(&mut self, uuid: &[u8; 16], to: &[u8], force: bool) -> Result<Vec<u8>>;
+    /// MIGRATION_TRUST (`false`: pinned already).
+    fn trust_source(&mut self, source: &[u8]) -> Result<bool>;
+    /// MIGRATION_DISTRUST (`false`: was not pinned).
+    fn distrust_source(&mut self, source: &[u8]) -> Result<bool>;
     /// VTPM_IMPORT.
     fn import(&mut self, bundle: &[u8], group: u32) -> Result<[u8; 16]>;
 }
@@ -265,7 +269,9 @@ fn administer<S: Service>(svc: &mut S, r: Request) -> Result<Vec<u8>> {
         Request::GroupApproved { group, offset } => svc.approved(group).map(|hs| Page::of(&hs, offset).encode()),
         Request::MigrationKey => Ok(svc.migration_public()),
         Request::AttestationKey => svc.attestation_public(),
-        Request::VtpmExport { uuid, to } => svc.export(&uuid.0, &to),
+        Request::VtpmExport { uuid, to, force } => svc.export(&uuid.0, &to, force),
+        Request::MigrationTrust { source } => svc.trust_source(&source).map(flag),
+        Request::MigrationDistrust { source } => svc.distrust_source(&source).map(flag),
         Request::VtpmImport { group, bundle } => svc.import(&bundle, group).map(|u| u.to_vec()),
         Request::GroupNew => svc.new_group().map(|(n, u)| [&n.to_be_bytes()[..], &u].concat()),
         Request::GroupDel { group } => svc.delete_group(group).map(|()| Vec::new()),

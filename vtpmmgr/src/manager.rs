@@ -636,33 +636,75 @@ impl<D: BlockDev> Manager<D> {
         Ok(self.store.list()?.into_iter().filter(Record::is_vtpm).collect())
     }
 
-    /// This manager's migration key: derived from the store's root key, so it is as bound to
-    /// the hardware TPM as the store is.
+    /// This manager's migration keys: derived from the store's root key, so they are as bound
+    /// to the hardware TPM as the store is.
     pub fn migration_key(&self) -> MigrationKey {
-        MigrationKey::from_seed(self.store.derive_key(b"xvtpm-migration-key"))
+        MigrationKey::from_seeds(
+            self.store.derive_key(b"xvtpm-migration-key"),
+            self.store.subkey(Purpose::MigrationSigning),
+        )
     }
 
-    /// Exports vTPM `uuid` to the manager whose migration public key is `to`: the bundle.
-    /// From then on the vTPM is frozen here (its key is refused) until it is deleted, or
-    /// imported back: two managers never both hand out one vTPM's key.
-    pub fn export(&mut self, uuid: &[u8; 16], to: &[u8]) -> Result<Vec<u8>> {
+    /// Exports vTPM `uuid` to the manager whose migration identity is `to`: the bundle,
+    /// signed by this manager, under a fresh export id. From then on the vTPM is frozen here
+    /// (its key is refused) until it is deleted, or imported back: two managers never both
+    /// hand out one vTPM's key. A vTPM exported already goes again only to the same manager
+    /// (a lost bundle), unless `force` (that bundle is gone for good).
+    pub fn export(&mut self, uuid: &[u8; 16], to: &[u8], force: bool) -> Result<Vec<u8>> {
         let mut rec = self.vtpm(uuid)?.ok_or_else(|| Error::UnknownVtpm(uuid_str(uuid)))?;
-        let bundle = migrate::seal(to, &rec)?;
+        let dest = Record::export_destination(uuid, to);
+        if rec.is_exported() && !force {
+            match self.store.get(&dest.uuid)? {
+                Some(d) if d.hash == dest.hash => {}
+                _ => {
+                    return Err(Error::Exists(format!(
+                        "vTPM {} was exported to another manager already; a second copy would run there \
+                         too. Export it to that manager again, or, if its bundle is lost for good, with --force",
+                        uuid_str(uuid)
+                    )))
+                }
+            }
+        }
+        let bundle = self.migration_key().seal(to, &rec)?;
         if !rec.is_exported() {
             rec.flags |= EXPORTED;
             self.commit(|s| s.put(&rec).map(Some))?;
+        }
+        if self.store.get(&dest.uuid)?.as_ref() != Some(&dest) {
+            self.commit(|s| s.put(&dest).map(Some))?;
         }
         log::info!("vTPM {} exported; frozen here until deleted or imported back", uuid_str(uuid));
         Ok(bundle)
     }
 
     /// Imports a bundle made for this manager's migration key into `group`; the vTPM's uuid.
-    /// A vTPM this manager has is refused, unless it was exported from here (it comes back).
+    /// Only bundles signed by a pinned source ([`Manager::trust_source`]) or by this manager
+    /// are taken, each export once. A vTPM this manager has is refused, unless it was exported from here (it
+    /// comes back).
     pub fn import(&mut self, bundle: &[u8], group: u32) -> Result<[u8; 16]> {
-        let m = self.migration_key().open(bundle)?;
+        let me = self.migration_key();
+        let opened = me.open(bundle)?;
+        let trusted = Record::trusted_source(&opened.source);
+        // Its own bundles (a vTPM coming back) need no pin.
+        let own = opened.source == me.public();
+        if !own && self.store.get(&trusted.uuid)?.is_none_or(|r| r.hash != trusted.hash) {
+            return Err(Error::NotAuthorized(format!(
+                "the bundle comes from a manager whose migration key is not pinned here (`xvtpm vtpm trust-source \
+                 {}` if it is the source you expect)",
+                crate::hex(&opened.source)
+            )));
+        }
+        let seen = Record::seen_export(&opened.id);
+        if self.store.get(&seen.uuid)?.is_some() {
+            return Err(Error::Exists(format!(
+                "this bundle of vTPM {} was imported here before: a replay (export it again for a new import)",
+                uuid_str(&opened.record.uuid)
+            )));
+        }
         if !self.group_numbers.contains(&group) {
             return Err(Error::NotFound(format!("group {group}")));
         }
+        let m = opened.record;
         match self.store.get(&m.uuid)? {
             Some(r) if r.is_vtpm() && r.is_exported() => {
                 log::info!("vTPM {} comes back (it was exported from here)", uuid_str(&m.uuid));
@@ -672,8 +714,37 @@ impl<D: BlockDev> Manager<D> {
         }
         let rec = Record { group, ..m };
         self.commit(|s| s.put(&rec).map(Some))?;
+        // After the import: a crash between the two leaves the vTPM here, which refuses the
+        // bundle again as "already provisioned".
+        self.commit(|s| s.put(&seen).map(Some))?;
         log::info!("vTPM {} imported into group {group}", uuid_str(&rec.uuid));
         Ok(rec.uuid)
+    }
+
+    /// Pins the source manager whose migration identity is `identity`: bundles it signs are
+    /// imported. `false`: pinned already.
+    pub fn trust_source(&mut self, identity: &[u8]) -> Result<bool> {
+        migrate::check_public(identity)?;
+        let rec = Record::trusted_source(identity);
+        if self.store.get(&rec.uuid)?.is_some() {
+            return Ok(false);
+        }
+        self.commit(|s| s.put(&rec).map(Some))?;
+        log::info!("migration source {} pinned", crate::hex(&identity[..8]));
+        Ok(true)
+    }
+
+    /// Unpins a source manager. `false`: it was not pinned.
+    pub fn distrust_source(&mut self, identity: &[u8]) -> Result<bool> {
+        migrate::check_public(identity)?;
+        let rec = Record::trusted_source(identity);
+        let mut found = false;
+        self.commit(|s| {
+            let c = s.delete(&rec.uuid)?;
+            found = c.is_some();
+            Ok(c)
+        })?;
+        Ok(found)
     }
 
     /// The record of vTPM `uuid` if it may run here: known, and not exported.
@@ -1010,8 +1081,14 @@ impl<D: BlockDev> crate::dispatch::Service for Manager<D> {
     fn attestation_public(&mut self) -> Result<Vec<u8>> {
         Manager::attestation_public(self)
     }
-    fn export(&mut self, uuid: &[u8; 16], to: &[u8]) -> Result<Vec<u8>> {
-        Manager::export(self, uuid, to)
+    fn export(&mut self, uuid: &[u8; 16], to: &[u8], force: bool) -> Result<Vec<u8>> {
+        Manager::export(self, uuid, to, force)
+    }
+    fn trust_source(&mut self, source: &[u8]) -> Result<bool> {
+        Manager::trust_source(self, source)
+    }
+    fn distrust_source(&mut self, source: &[u8]) -> Result<bool> {
+        Manager::distrust_source(self, source)
     }
     fn import(&mut self, bundle: &[u8], group: u32) -> Result<[u8; 16]> {
         Manager::import(self, bundle, group)

@@ -358,3 +358,37 @@ fn tpm2_a_different_storage_primary_is_refused_before_the_unseal() {
     assert!(e.to_string().contains("not the one this store was initialised with"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Someone who knows only the destination's public migration key (all a bundle needed before)
+/// makes a bundle for a vTPM with a key and token of their choosing: the destination refuses
+/// it, because it does not come from a source its operator pinned. The pinned source's bundle
+/// is taken, once.
+#[test]
+fn tpm2_a_forged_or_replayed_migration_bundle_is_refused() {
+    use xvtpm_vtpmmgr::migrate::MigrationKey;
+    use xvtpm_vtpmmgr::store::record::Record;
+    let dir = common::tmpdir("forged-bundle");
+    let (hwa, hwb) = (common::HwSwtpm::start(&dir.join("tpm-a")), common::HwSwtpm::start(&dir.join("tpm-b")));
+    let mut a = Manager::init(common::dev(&dir.join("a.img"), true), hwa.connect(), &cfg()).expect("init a");
+    let mut b = Manager::init(common::dev(&dir.join("b.img"), true), hwb.connect(), &cfg()).expect("init b");
+    let to = b.migration_key().public();
+    let forger = MigrationKey::from_seeds([0x66; 32], [0x67; 32]);
+    let mut rec = Record::new([0x42; 16], 0);
+    rec.key = [0x66; 32];
+    let forged = forger.seal(&to, &rec).expect("seal");
+    let e = b.import(&forged, 0).expect_err("forged");
+    assert!(matches!(e, Error::NotAuthorized(_)) && e.to_string().contains("not pinned"), "{e}");
+    assert!(b.list().expect("list").is_empty());
+    // A's bundle: refused until B pins A, then taken once.
+    a.provision([1; 16], 0, None).expect("provision");
+    a.save(&[1; 16], &blob(1)).expect("save");
+    let bundle = a.export(&[1; 16], &to, false).expect("export");
+    assert!(b.import(&bundle, 0).is_err(), "A is not pinned yet");
+    assert!(b.trust_source(&a.migration_key().public()).expect("pin"));
+    assert_eq!(b.import(&bundle, 0).expect("import"), [1; 16]);
+    assert_eq!(b.load(&[1; 16]).expect("load"), blob(1));
+    b.delete(&[1; 16]).expect("delete");
+    let e = b.import(&bundle, 0).expect_err("replayed");
+    assert!(e.to_string().contains("imported here before"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

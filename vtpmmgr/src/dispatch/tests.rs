@@ -24,6 +24,8 @@ struct Fake {
     vtpms: BTreeMap<[u8; 16], Vtpm>,
     /// The uid each vTPM's socket clients are bound to.
     uids: BTreeMap<[u8; 16], u32>,
+    /// Pinned migration sources.
+    sources: BTreeSet<Vec<u8>>,
     groups: BTreeMap<u32, ([u8; 16], BTreeSet<BootHash>)>,
     quotes: Vec<Quote>,
 }
@@ -124,9 +126,15 @@ impl Service for Fake {
     fn attestation_public(&mut self) -> Result<Vec<u8>> {
         Ok(vec![7; 90])
     }
-    fn export(&mut self, uuid: &[u8; 16], to: &[u8]) -> Result<Vec<u8>> {
+    fn export(&mut self, uuid: &[u8; 16], to: &[u8], force: bool) -> Result<Vec<u8>> {
         self.known(uuid)?;
-        Ok([&b"bundle for "[..], to].concat())
+        Ok([&b"bundle for "[..], to, &[u8::from(force)]].concat())
+    }
+    fn trust_source(&mut self, source: &[u8]) -> Result<bool> {
+        Ok(self.sources.insert(source.to_vec()))
+    }
+    fn distrust_source(&mut self, source: &[u8]) -> Result<bool> {
+        Ok(self.sources.remove(source))
     }
     fn import(&mut self, bundle: &[u8], group: u32) -> Result<[u8; 16]> {
         match bundle {
@@ -240,7 +248,9 @@ fn management_is_for_the_admin_socket_only() {
         Request::GroupApproved { group: 0, offset: 0 },
         Request::MigrationKey,
         Request::AttestationKey,
-        Request::VtpmExport { uuid: Uuid(U), to: vec![4; 65] },
+        Request::VtpmExport { uuid: Uuid(U), to: vec![4; 65], force: false },
+        Request::MigrationTrust { source: vec![5; 130] },
+        Request::MigrationDistrust { source: vec![5; 130] },
         Request::VtpmImport { group: 0, bundle: b"good".to_vec() },
     ];
     let bound = Some((U, Sha256::digest(TOKEN).into()));
@@ -291,8 +301,14 @@ fn vtpm_management_ordinals() {
 
     assert_eq!(ok(&mut f, &mut admin, Request::MigrationKey), vec![4; 65]);
     assert_eq!(ok(&mut f, &mut admin, Request::AttestationKey), vec![7; 90]);
-    let bundle = ok(&mut f, &mut admin, Request::VtpmExport { uuid: Uuid(U), to: vec![4; 65] });
-    assert!(bundle.starts_with(b"bundle for "));
+    let bundle = ok(&mut f, &mut admin, Request::VtpmExport { uuid: Uuid(U), to: vec![4; 65], force: true });
+    assert_eq!(bundle, [&b"bundle for "[..], &[4; 65], &[1]].concat(), "the key and the force flag reach the service");
+    let trust = |source: u8| Request::MigrationTrust { source: vec![source; 130] };
+    assert_eq!(ok(&mut f, &mut admin, trust(5)), 1u32.to_be_bytes());
+    assert_eq!(ok(&mut f, &mut admin, trust(5)), 0u32.to_be_bytes(), "pinned already");
+    let distrust = Request::MigrationDistrust { source: vec![5; 130] };
+    assert_eq!(ok(&mut f, &mut admin, distrust.clone()), 1u32.to_be_bytes());
+    assert_eq!(ok(&mut f, &mut admin, distrust), 0u32.to_be_bytes());
     f.vtpms.remove(&OTHER);
     assert_eq!(ok(&mut f, &mut admin, Request::VtpmImport { group: 0, bundle: b"good".to_vec() }), OTHER);
     let damaged = Request::VtpmImport { group: 0, bundle: b"bad".to_vec() }.encode();

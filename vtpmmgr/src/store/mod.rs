@@ -38,6 +38,8 @@ pub enum Purpose {
     AkUnique,
     /// The attestation key's authValue (TPM 2.0), or the TPM 1.2 quote key's usage auth.
     AkAuth,
+    /// The key that signs migration bundles.
+    MigrationSigning,
 }
 
 /// The sub-key of `root` for `purpose`: HKDF-SHA256. Its last byte is never zero: used as a
@@ -47,6 +49,7 @@ pub fn subkey(root: &[u8; 32], purpose: Purpose) -> [u8; 32] {
         Purpose::CounterAuth => b"nv counter auth",
         Purpose::AkUnique => b"attestation key unique",
         Purpose::AkAuth => b"attestation key auth",
+        Purpose::MigrationSigning => b"migration signing key",
     };
     let mut k = [0u8; 32];
     // 32 bytes is far below HKDF-SHA256's limit; this cannot fail.

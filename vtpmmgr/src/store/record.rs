@@ -17,6 +17,18 @@ pub const EXPORTED: u32 = 8;
 /// `flags`: the record binds a vTPM to the uid of the Unix-socket clients that may act for it
 /// (in `group`); its uuid is derived from the vTPM's ([`Record::uid_binding`]).
 pub const IS_UID_BINDING: u32 = 16;
+/// `flags`: the record pins a source manager's migration identity (its SHA-256 in `hash`):
+/// bundles signed by it are imported ([`Record::trusted_source`]).
+pub const IS_TRUSTED_SOURCE: u32 = 32;
+/// `flags`: the record remembers an imported bundle's export id, so it imports once
+/// ([`Record::seen_export`]).
+pub const IS_SEEN_EXPORT: u32 = 64;
+/// `flags`: the record remembers where an exported vTPM went (the SHA-256 of the destination's
+/// migration identity in `hash`), so it is not exported to a second manager by mistake
+/// ([`Record::export_destination`]).
+pub const IS_EXPORT_DEST: u32 = 128;
+/// The flags of records that are not vTPMs.
+const NOT_A_VTPM: u32 = IS_GROUP | IS_APPROVAL | IS_UID_BINDING | IS_TRUSTED_SOURCE | IS_SEEN_EXPORT | IS_EXPORT_DEST;
 
 /// A vTPM's record.
 #[derive(Clone, PartialEq, Eq)]
@@ -72,9 +84,37 @@ impl Record {
         self.flags & IS_APPROVAL != 0
     }
 
-    /// Whether the record is a vTPM (not a group, an approval or a uid binding).
+    /// Whether the record is a vTPM (not a group, an approval, a uid binding or a migration
+    /// record).
     pub fn is_vtpm(&self) -> bool {
-        self.flags & (IS_GROUP | IS_APPROVAL | IS_UID_BINDING) == 0
+        self.flags & NOT_A_VTPM == 0
+    }
+
+    /// A record of kind `flags` keyed by a hash of `label` and `what`, holding `hash`.
+    fn keyed(label: &[u8], what: &[u8], flags: u32, hash: [u8; 32]) -> Self {
+        use sha2::{Digest, Sha256};
+        let d = Sha256::new().chain_update(label).chain_update(what).finalize();
+        let mut uuid = [0u8; 16];
+        uuid.copy_from_slice(&d[..16]);
+        Record { flags, hash, ..Record::new(uuid, 0) }
+    }
+
+    /// The record pinning the source manager whose migration identity is `identity`.
+    pub fn trusted_source(identity: &[u8]) -> Self {
+        use sha2::{Digest, Sha256};
+        Self::keyed(b"xvtpm-trusted-source", identity, IS_TRUSTED_SOURCE, Sha256::digest(identity).into())
+    }
+
+    /// The record of an imported bundle's export id.
+    pub fn seen_export(id: &[u8]) -> Self {
+        Self::keyed(b"xvtpm-seen-export", id, IS_SEEN_EXPORT, [0; 32])
+    }
+
+    /// The record of where vTPM `vtpm` was exported to (`destination`: that manager's
+    /// migration identity).
+    pub fn export_destination(vtpm: &[u8; 16], destination: &[u8]) -> Self {
+        use sha2::{Digest, Sha256};
+        Self::keyed(b"xvtpm-exported-to", vtpm, IS_EXPORT_DEST, Sha256::digest(destination).into())
     }
 
     /// The record binding vTPM `vtpm` to socket clients running as `uid`.
