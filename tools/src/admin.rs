@@ -285,8 +285,8 @@ pub fn vtpm(cmd: VtpmCmd) -> anyhow::Result<()> {
             };
             let u = opts.connect()?.provision(uuid, group, token.as_ref())?;
             match opts.json {
-                true => println!("{}", json!({"uuid": uuid_str(&u), "group": group})),
-                false => println!("{}", uuid_str(&u)),
+                true => outln!("{}", json!({"uuid": uuid_str(&u), "group": group})),
+                false => outln!("{}", uuid_str(&u)),
             }
         }
         VtpmCmd::List { opts, group } => {
@@ -294,19 +294,19 @@ pub fn vtpm(cmd: VtpmCmd) -> anyhow::Result<()> {
             match opts.json {
                 true => {
                     let items: Vec<_> = list.iter().map(|u| json!({"uuid": uuid_str(u), "group": group})).collect();
-                    println!("{}", json!(items));
+                    outln!("{}", json!(items));
                 }
-                false => list.iter().for_each(|u| println!("{}", uuid_str(u))),
+                false => list.iter().for_each(|u| outln!("{}", uuid_str(u))),
             }
         }
         VtpmCmd::Show { opts, uuid } => {
             let v = opts.connect()?.show(&uuid_arg(&uuid)?)?;
             match opts.json {
-                true => println!(
+                true => outln!(
                     "{}",
                     json!({"uuid": uuid_str(&v.uuid), "group": v.group, "has_key": v.has_key, "exported": v.exported})
                 ),
-                false => println!(
+                false => outln!(
                     "uuid {}\ngroup {}\nstate key saved {}\nexported (frozen here) {}",
                     uuid_str(&v.uuid),
                     v.group,
@@ -318,29 +318,29 @@ pub fn vtpm(cmd: VtpmCmd) -> anyhow::Result<()> {
         VtpmCmd::MigrationKey { opts } => {
             let k = hex(&opts.connect()?.migration_key()?);
             match opts.json {
-                true => println!("{}", json!({ "migration_key": k })),
-                false => println!("{k}"),
+                true => outln!("{}", json!({ "migration_key": k })),
+                false => outln!("{k}"),
             }
         }
         VtpmCmd::AttestationKey { opts } => {
             let k = hex(&opts.connect()?.attestation_key()?);
             match opts.json {
-                true => println!("{}", json!({ "attestation_key": k })),
-                false => println!("{k}"),
+                true => outln!("{}", json!({ "attestation_key": k })),
+                false => outln!("{k}"),
             }
         }
         VtpmCmd::TrustSource { opts, key } => {
             let new = opts.connect()?.trust_source(&migration_key_arg(&key)?)?;
             match opts.json {
-                true => println!("{}", json!({ "pinned": true, "new": new })),
-                false => println!("{}", if new { "pinned" } else { "pinned already" }),
+                true => outln!("{}", json!({ "pinned": true, "new": new })),
+                false => outln!("{}", if new { "pinned" } else { "pinned already" }),
             }
         }
         VtpmCmd::DistrustSource { opts, key } => {
             let was = opts.connect()?.distrust_source(&migration_key_arg(&key)?)?;
             match opts.json {
-                true => println!("{}", json!({ "unpinned": was })),
-                false => println!("{}", if was { "unpinned" } else { "was not pinned" }),
+                true => outln!("{}", json!({ "unpinned": was })),
+                false => outln!("{}", if was { "unpinned" } else { "was not pinned" }),
             }
         }
         VtpmCmd::Export { opts, uuid, to, out, force } => {
@@ -353,16 +353,16 @@ pub fn vtpm(cmd: VtpmCmd) -> anyhow::Result<()> {
             let bundle = opts.connect()?.export(&u, &key, force)?;
             write_new(&out, &bundle)?;
             match opts.json {
-                true => println!("{}", json!({"uuid": uuid_str(&u), "bundle": out.display().to_string()})),
-                false => println!("vTPM {} exported to {} (frozen at this manager)", uuid_str(&u), out.display()),
+                true => outln!("{}", json!({"uuid": uuid_str(&u), "bundle": out.display().to_string()})),
+                false => outln!("vTPM {} exported to {} (frozen at this manager)", uuid_str(&u), out.display()),
             }
         }
         VtpmCmd::Import { opts, bundle, group } => {
             let b = std::fs::read(&bundle).with_context(|| format!("read {}", bundle.display()))?;
             let u = opts.connect()?.import(&b, group)?;
             match opts.json {
-                true => println!("{}", json!({"uuid": uuid_str(&u), "group": group})),
-                false => println!("{}", uuid_str(&u)),
+                true => outln!("{}", json!({"uuid": uuid_str(&u), "group": group})),
+                false => outln!("{}", uuid_str(&u)),
             }
         }
         VtpmCmd::Delete { opts, uuid } => opts.connect()?.delete(&uuid_arg(&uuid)?)?,
@@ -376,8 +376,8 @@ pub fn group(cmd: GroupCmd) -> anyhow::Result<()> {
         GroupCmd::New { opts } => {
             let g = opts.connect()?.group_new()?;
             match opts.json {
-                true => println!("{}", json!({"group": g.number, "uuid": uuid_str(&g.uuid)})),
-                false => println!("{} {}", g.number, uuid_str(&g.uuid)),
+                true => outln!("{}", json!({"group": g.number, "uuid": uuid_str(&g.uuid)})),
+                false => outln!("{} {}", g.number, uuid_str(&g.uuid)),
             }
         }
         GroupCmd::List { opts } => {
@@ -387,10 +387,10 @@ pub fn group(cmd: GroupCmd) -> anyhow::Result<()> {
                     .iter()
                     .map(|g| json!({"group": g.number, "uuid": uuid_str(&g.uuid), "vtpms": g.vtpms}))
                     .collect();
-                println!("{}", json!(items));
+                outln!("{}", json!(items));
             } else {
                 for g in gs {
-                    println!("{} {} {} vTPMs", g.number, uuid_str(&g.uuid), g.vtpms);
+                    outln!("{} {} {} vTPMs", g.number, uuid_str(&g.uuid), g.vtpms);
                 }
             }
         }
@@ -403,22 +403,22 @@ pub fn group(cmd: GroupCmd) -> anyhow::Result<()> {
         GroupCmd::Approve { opts, group, what } => {
             let h = what.boot_hash()?;
             let added = opts.connect()?.approve(group, &h)?;
-            println!("{} {}", hex(&h), if added { "approved" } else { "was approved already" });
+            outln!("{} {}", hex(&h), if added { "approved" } else { "was approved already" });
         }
         GroupCmd::Revoke { opts, group, what } => {
             let h = what.boot_hash()?;
             let removed = opts.connect()?.revoke(group, &h)?;
-            println!("{} {}", hex(&h), if removed { "revoked" } else { "was not approved" });
+            outln!("{} {}", hex(&h), if removed { "revoked" } else { "was not approved" });
         }
         GroupCmd::Approved { opts, group } => {
             let hs = opts.connect()?.approved(group)?;
             match opts.json {
                 true => {
                     let items: Vec<String> = hs.iter().map(|h| format!("\"{}\"", hex(h))).collect();
-                    println!("[{}]", items.join(","));
+                    outln!("[{}]", items.join(","));
                 }
-                false if hs.is_empty() => println!("none: the group's vTPMs may run with any boot hash"),
-                false => hs.iter().for_each(|h| println!("{}", hex(h))),
+                false if hs.is_empty() => outln!("none: the group's vTPMs may run with any boot hash"),
+                false => hs.iter().for_each(|h| outln!("{}", hex(h))),
             }
         }
     }

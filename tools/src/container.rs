@@ -112,8 +112,8 @@ pub(crate) fn run(a: ContainerArgs) -> anyhow::Result<()> {
             c.create(&name, tpm12, manager)?;
             if no_start {
                 match json {
-                    true => println!("{}", json!({"name": name, "running": false})),
-                    false => println!("created {name}"),
+                    true => outln!("{}", json!({"name": name, "running": false})),
+                    false => outln!("created {name}"),
                 }
                 return Ok(());
             }
@@ -127,8 +127,8 @@ pub(crate) fn run(a: ContainerArgs) -> anyhow::Result<()> {
         ContainerCmd::Stop { name } => {
             c.existing(&name)?;
             match c.stop(&name)? {
-                true => println!("stopped {name}"),
-                false => println!("{name} was not running"),
+                true => outln!("stopped {name}"),
+                false => outln!("{name} was not running"),
             }
         }
         ContainerCmd::Destroy { name } => {
@@ -145,7 +145,7 @@ pub(crate) fn run(a: ContainerArgs) -> anyhow::Result<()> {
             }
             fs::remove_dir_all(&dir).with_context(|| format!("remove {}", dir.display()))?;
             let _ = fs::remove_file(c.run.join(format!("{name}.log")));
-            println!("destroyed {name}");
+            outln!("destroyed {name}");
         }
         ContainerCmd::List { json } => c.list(json)?,
     }
@@ -162,13 +162,13 @@ fn with_info(mut fields: Value, info: &ProxyInfo) -> Value {
 
 fn print_started(name: &str, info: &ProxyInfo, json: bool) {
     if json {
-        println!("{}", with_info(json!({"name": name, "running": true}), info));
+        outln!("{}", with_info(json!({"name": name, "running": true}), info));
     } else {
         let mut s = format!("{name}: {} ({}:{})", info.device, info.major, info.minor);
         if let (Some(rm), Some(maj), Some(min)) = (&info.rm_device, info.rm_major, info.rm_minor) {
             s += &format!(", {rm} ({maj}:{min})");
         }
-        println!("{s}; TPM {}, pid {}", info.version, info.pid);
+        outln!("{s}; TPM {}, pid {}", info.version, info.pid);
     }
 }
 
@@ -446,12 +446,12 @@ impl Containers {
                     }
                 })
                 .collect();
-            println!("{}", Value::Array(items));
+            outln!("{}", Value::Array(items));
         } else {
             for (name, version, _, info) in &rows {
                 match info {
-                    Some(i) => println!("{name}\tTPM {version}\trunning\t{}\tpid {}", i.device, i.pid),
-                    None => println!("{name}\tTPM {version}\tstopped"),
+                    Some(i) => outln!("{name}\tTPM {version}\trunning\t{}\tpid {}", i.device, i.pid),
+                    None => outln!("{name}\tTPM {version}\tstopped"),
                 }
             }
         }

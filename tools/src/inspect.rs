@@ -19,14 +19,14 @@ pub fn inspect_state(path: &Path, json: bool) -> anyhow::Result<()> {
         if let Some(s) = &info.sha256 {
             j["sha256"] = s.to_string().into();
         }
-        println!("{j}");
+        outln!("{j}");
     } else {
-        println!("file        {}", path.display());
-        println!("format      {}", info.format);
-        println!("protection  {}", info.protection);
-        println!("size        {} bytes ({} protected)", info.file_bytes, info.payload_bytes);
+        outln!("file        {}", path.display());
+        outln!("format      {}", info.format);
+        outln!("protection  {}", info.protection);
+        outln!("size        {} bytes ({} protected)", info.file_bytes, info.payload_bytes);
         if let Some(s) = &info.sha256 {
-            println!("sha256      {s} (what the manager records for the current slot)");
+            outln!("sha256      {s} (what the manager records for the current slot)");
         }
     }
     Ok(())

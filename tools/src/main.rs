@@ -7,6 +7,22 @@
 
 #![forbid(unsafe_code)]
 
+/// `println!` that ends the process quietly, with success, when stdout is gone: a reader that
+/// closes the pipe (`xvtpm vtpm list | head`) has what it wanted. Any other write error is
+/// reported and ends the process with status 1.
+macro_rules! outln {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout().lock(), $($t)*) {
+            if e.kind() != std::io::ErrorKind::BrokenPipe {
+                eprintln!("xvtpm: writing to stdout: {e}");
+                std::process::exit(1);
+            }
+            std::process::exit(0);
+        }
+    }};
+}
+
 mod admin;
 mod container;
 mod inspect;
@@ -135,7 +151,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Group(c) => admin::group(c)?,
         Command::Stubdom(c) => stubdom::run(c)?,
         Command::Container(c) => container::run(c)?,
-        Command::Measure { what } => println!("{}", xvtpm_vtpmmgr::hex(&what.boot_hash()?)),
+        Command::Measure { what } => outln!("{}", xvtpm_vtpmmgr::hex(&what.boot_hash()?)),
         Command::InspectState { file, json } => inspect::inspect_state(&file, json)?,
         Command::EchoBackend { xen, uuid } => {
             let filter = uuid.map(DeviceFilter::Uuid).unwrap_or(DeviceFilter::All);
@@ -155,7 +171,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             }
             samples.sort_unstable();
             let median = samples.get(samples.len() / 2).copied().unwrap_or(Duration::ZERO);
-            println!("{count} round trips on device {handle}: median {:.1} µs", median.as_secs_f64() * 1e6);
+            outln!("{count} round trips on device {handle}: median {:.1} µs", median.as_secs_f64() * 1e6);
             fe.close()?;
         }
     }

@@ -175,13 +175,13 @@ fn manager(a: ManagerArgs) -> anyhow::Result<()> {
             "config": config.display().to_string(),
             "disk": disk.display().to_string(),
         });
-        println!("{j}");
+        outln!("{j}");
     } else {
-        println!("manager domain {}: {} (store disk {})", a.name, config.display(), disk.display());
-        println!("first start (creates the store): xl create {} 'extra=\"{extra} xvtpm.init\"'", config.display());
-        println!("later starts: xl create {}", config.display());
+        outln!("manager domain {}: {} (store disk {})", a.name, config.display(), disk.display());
+        outln!("first start (creates the store): xl create {} 'extra=\"{extra} xvtpm.init\"'", config.display());
+        outln!("later starts: xl create {}", config.display());
         if !a.auto_provision {
-            println!("it takes management commands from dom0: xvtpm vtpm|group ... --manager-domain {}", a.name);
+            outln!("it takes management commands from dom0: xvtpm vtpm|group ... --manager-domain {}", a.name);
         }
     }
     Ok(())
@@ -231,15 +231,15 @@ fn vtpm(a: VtpmArgs) -> anyhow::Result<()> {
             "tpm": version.to_string(),
             "guest_line": line,
         });
-        println!("{j}");
+        outln!("{j}");
     } else {
-        println!("vTPM domain {}: {} (disk {}, TPM {version})", a.name, config.display(), disk.display());
-        println!(
+        outln!("vTPM domain {}: {} (disk {}, TPM {version})", a.name, config.display(), disk.display());
+        outln!(
             "its identity at the manager: {vtpm_uuid}; before its first start: \
              xvtpm vtpm provision --manager-domain {} --uuid {vtpm_uuid}",
             a.manager
         );
-        println!("for the guest's domain file:\n{line}");
+        outln!("for the guest's domain file:\n{line}");
     }
     Ok(())
 }

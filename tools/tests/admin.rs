@@ -139,3 +139,23 @@ fn boot_hash_approvals_through_the_admin_socket() {
     assert_eq!(xvtpm(&sock, &["group", "approve", "0", "12ab"]).status.code(), Some(1), "not a hash");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `xvtpm vtpm list | head -1`: the reader leaves early; the tool ends quietly (it used to
+/// panic on the broken pipe).
+#[test]
+fn a_reader_that_closes_the_pipe_early_ends_the_tool_quietly() {
+    let dir = std::env::temp_dir().join(format!("xvtpm-tools-epipe-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (_tpm, sock) = manager(&dir);
+    for _ in 0..3 {
+        stdout(&xvtpm(&sock, &["vtpm", "provision"]));
+    }
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    let o =
+        Command::new(XVTPM).args(["vtpm", "list", "--admin-socket"]).arg(&sock).stdout(writer).output().expect("xvtpm");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(o.status.code(), Some(0), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

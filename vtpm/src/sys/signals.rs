@@ -41,9 +41,15 @@ extern "C" fn on_cancel_signal(_: libc::c_int) {
     let fd = CANCEL_PIPE.load(Ordering::SeqCst);
     if fd >= 0 {
         let b = 1u8;
-        // SAFETY: write() is async-signal-safe; `b` is one readable byte. A full pipe (cancels
-        // already pending) loses nothing worth keeping.
+        // SAFETY: __errno_location() returns this thread's errno, valid for the thread's life;
+        // saved and restored so the interrupted code never sees the handler's errno.
+        let errno = unsafe { *libc::__errno_location() };
+        // SAFETY: write() is async-signal-safe; `b` is one readable byte. The pipe's write end
+        // is non-blocking: a full pipe (cancels already pending) fails at once and loses
+        // nothing worth keeping, where a blocking write would hang the handler for good.
         unsafe { libc::write(fd, (&b as *const u8).cast(), 1) };
+        // SAFETY: as above.
+        unsafe { *libc::__errno_location() = errno };
     }
 }
 
@@ -54,6 +60,10 @@ pub fn cancel_on_sigusr1(cancel: Canceller) -> io::Result<()> {
     let mut fds = [0i32; 2];
     // SAFETY: `fds` has room for the two descriptors pipe2 returns.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fcntl on the write end pipe2 just made; F_SETFL takes an int.
+    if unsafe { libc::fcntl(fds[1], libc::F_SETFL, libc::O_NONBLOCK) } != 0 {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: pipe2 just made fds[0]; nothing else owns it.
@@ -121,6 +131,10 @@ mod tests {
             c.fetch_add(1, Ordering::SeqCst);
         }))
         .expect("handler");
+        // The handler's pipe never blocks it: a full pipe must not hang a signalled thread.
+        // SAFETY: F_GETFL on the descriptor the handler writes to.
+        let flags = unsafe { libc::fcntl(CANCEL_PIPE.load(Ordering::SeqCst), libc::F_GETFL) };
+        assert!(flags >= 0 && flags & libc::O_NONBLOCK != 0, "flags {flags:#x}");
         // SAFETY: signalling this process with a signal whose handler was just installed.
         assert_eq!(unsafe { libc::kill(libc::getpid(), libc::SIGUSR1) }, 0);
         let end = std::time::Instant::now() + std::time::Duration::from_secs(5);
