@@ -154,6 +154,10 @@ enum Command {
         /// ...with this device handle.
         #[arg(long)]
         handle: Option<u32>,
+        /// The highest locality the guest may claim (0-3; 0 by default: a Xen guest has no
+        /// DRTM, so a higher claim is only its kernel's word, and Linux's tpmfront sends 0).
+        #[arg(long, default_value_t = xvtpm_vtpm::tpmif::DEFAULT_MAX_LOCALITY, value_parser = clap::value_parser!(u8).range(0..=3))]
+        max_locality: u8,
     },
     /// Serve the TPM over swtpm's socket protocol (data and control channels), taking swtpm's
     /// own options, e.g. `vtpm socket --tpm2 --server type=tcp,port=2321 --ctrl
@@ -189,14 +193,14 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Create { state } => create(&state),
-        Command::Serve { state, uuid, frontend, handle } => {
+        Command::Serve { state, uuid, frontend, handle, max_locality } => {
             let filter = match (uuid, frontend, handle) {
                 (Some(u), _, _) => DeviceFilter::Uuid(u.to_ascii_lowercase()),
                 (None, Some(f), Some(h)) => DeviceFilter::Device { frontend: f, handle: h },
                 _ => bail!("choose the device: --uuid U, or --frontend DOMID --handle N"),
             };
             let xen = state.xen()?;
-            serve(&state, xen, filter)
+            serve(&state, xen, filter, max_locality)
         }
         Command::Socket { args } => {
             let mut full = vec!["socket".to_string()];
@@ -236,12 +240,12 @@ fn startup(engine: &mut dyn TpmEngine) -> anyhow::Result<()> {
     }
 }
 
-fn serve(state: &StateOpts, xen: Arc<dyn Xen>, filter: DeviceFilter) -> anyhow::Result<()> {
+fn serve(state: &StateOpts, xen: Arc<dyn Xen>, filter: DeviceFilter, max_locality: u8) -> anyhow::Result<()> {
     let mut engine = state.engine(false)?;
     engine.init(false).with_context(|| format!("cannot start the vTPM in {}", state_dir_label(&state.state_dir)))?;
     startup(&mut engine)?;
     log::info!("vTPM ({:?}) from {} ready; serving {filter:?}", engine.version(), state.state_dir.display());
-    let handler = VtpmHandler::new(Box::new(engine));
+    let handler = VtpmHandler::with_max_locality(Box::new(engine), max_locality);
     Backend::new(xen, handler, BackendConfig { filter }).run(&AtomicBool::new(false))?;
     Ok(())
 }

@@ -11,10 +11,20 @@ use crate::engine::{error_response, failure_rc, Canceller, TpmEngine};
 /// operations such as RSA key generation).
 const CANCEL_POLL: Duration = Duration::from_millis(20);
 
+/// The highest locality a guest may claim unless its device allows more: 0. A Xen guest has
+/// no DRTM, so a claim of locality 1-3 is only its kernel's word, and PCRs 17-22 (reset and
+/// extended at those localities) would then mean nothing to a verifier; Linux's tpmfront
+/// always sends 0. Locality 4 is the platform's own and never allowed.
+pub const DEFAULT_MAX_LOCALITY: u8 = 0;
+/// Localities a TPM has.
+pub const MAX_LOCALITY: u8 = 4;
+
 /// The vTPM behind tpmback: one engine, commands serialized.
 pub struct VtpmHandler {
     engine: Mutex<Box<dyn TpmEngine>>,
     running: Arc<Mutex<Option<CancelProbe>>>,
+    /// The highest locality the guest may claim.
+    max_locality: u8,
 }
 
 impl std::fmt::Debug for VtpmHandler {
@@ -24,9 +34,16 @@ impl std::fmt::Debug for VtpmHandler {
 }
 
 impl VtpmHandler {
-    /// Serves `engine` (powered on by the caller). A watcher thread forwards a frontend's
-    /// CANCEL of a long command to the engine.
+    /// Serves `engine` (powered on by the caller) to a guest that may claim localities up to
+    /// [`DEFAULT_MAX_LOCALITY`]. A watcher thread forwards a frontend's CANCEL of a long
+    /// command to the engine.
     pub fn new(engine: Box<dyn TpmEngine>) -> Arc<Self> {
+        Self::with_max_locality(engine, DEFAULT_MAX_LOCALITY)
+    }
+
+    /// [`VtpmHandler::new`] for a guest that may claim localities up to `max_locality` (at
+    /// most 3: locality 4 is the platform's).
+    pub fn with_max_locality(engine: Box<dyn TpmEngine>, max_locality: u8) -> Arc<Self> {
         let canceller = engine.canceller();
         let running: Arc<Mutex<Option<CancelProbe>>> = Arc::default();
         let weak = Arc::downgrade(&running);
@@ -34,7 +51,7 @@ impl VtpmHandler {
         if let Err(e) = spawned {
             log::warn!("no cancel watcher (commands cannot be cancelled): {e}");
         }
-        Arc::new(VtpmHandler { engine: Mutex::new(engine), running })
+        Arc::new(VtpmHandler { engine: Mutex::new(engine), running, max_locality: max_locality.min(MAX_LOCALITY - 1) })
     }
 }
 
@@ -55,6 +72,20 @@ impl CommandHandler for VtpmHandler {
             Ok(e) => e,
             Err(p) => p.into_inner(),
         };
+        if req.locality > self.max_locality {
+            log::warn!(
+                "{}: command at locality {} refused (this device allows up to {})",
+                req.device,
+                req.locality,
+                self.max_locality
+            );
+            let rc = match engine.version() {
+                // TPM_RC_LOCALITY; TPM_BAD_LOCALITY.
+                crate::TpmVersion::V2_0 => 0x907,
+                crate::TpmVersion::V1_2 => 0x3D,
+            };
+            return error_response(engine.version(), rc);
+        }
         if let Ok(mut slot) = self.running.lock() {
             *slot = Some(req.cancel_probe());
         }

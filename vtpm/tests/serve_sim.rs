@@ -32,9 +32,15 @@ impl Drop for Proc {
 }
 
 fn serve(sim: &Path, state: &Path, key: &Path, n: u32) -> Proc {
+    serve_with(sim, state, key, n, &[])
+}
+
+fn serve_with(sim: &Path, state: &Path, key: &Path, n: u32, extra: &[&str]) -> Proc {
     let log = sim.join(format!("vtpm-{n}.log"));
     let child = Command::new(VTPM)
-        .args(["serve", "--uuid", UUID, "--domid", "0", "--sim"])
+        .args(["serve", "--uuid", UUID, "--domid", "0"])
+        .args(extra)
+        .arg("--sim")
         .arg(sim)
         .arg("--state-dir")
         .arg(state)
@@ -124,4 +130,65 @@ fn guest_uses_the_vtpm_and_state_survives_restarts() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("tpm2-permall.xvtpm") && err.contains("does not authenticate"), "{err}");
+}
+
+/// TPM2_PCR_Reset of `pcr` with an empty password.
+fn pcr_reset(pcr: u32) -> Vec<u8> {
+    let mut c = vec![0x80, 0x02, 0, 0, 0, 27, 0, 0, 0x01, 0x3D];
+    c.extend_from_slice(&pcr.to_be_bytes());
+    c.extend_from_slice(&[0, 0, 0, 9, 0x40, 0, 0, 9, 0, 0, 0, 0, 0]);
+    c
+}
+
+/// A guest used to pass any locality byte (0-255) to the TPM: at locality 2 it reset PCR 20,
+/// and localities above 4 were taken. Now the device allows up to `--max-locality` (0 by
+/// default), and the TPM answers TPM_RC_LOCALITY to anything above.
+#[test]
+fn a_guest_claims_only_the_localities_its_device_allows() {
+    const RC_LOCALITY: u32 = 0x907;
+    let host = SimHost::temp().expect("sim");
+    let xs = host.xen(0).xenstore().expect("xs");
+    let state = host.dir().join("state");
+    let key = host.dir().join("key");
+    std::fs::write(&key, [0x43u8; 32]).expect("key");
+    let created = Command::new(VTPM)
+        .arg("create")
+        .arg("--state-dir")
+        .arg(&state)
+        .arg("--key")
+        .arg(&key)
+        .output()
+        .expect("create");
+    assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
+    toolstack::add_domain(&xs, 5, "guest").expect("domain");
+    toolstack::add_vtpm(&xs, 5, 0, 0, UUID).expect("vtpm device");
+    let cfg = FrontendConfig { command_timeout: Duration::from_secs(30), ..FrontendConfig::default() };
+    let getrandom = [0x80, 0x01, 0, 0, 0, 0x0c, 0, 0, 0x01, 0x7b, 0, 0x10];
+
+    let vtpm = serve(host.dir(), &state, &key, 1);
+    wait_for(&vtpm, "watching");
+    let mut fe = Frontend::connect(&host.xen(5), cfg.clone()).expect("guest connects");
+    for locality in [1, 2, 4, 5, 255] {
+        fe.set_locality(locality);
+        assert_eq!(rc(&fe.transmit(&pcr_reset(20)).expect("cmd")), RC_LOCALITY, "locality {locality}");
+        assert_eq!(rc(&fe.transmit(&getrandom).expect("cmd")), RC_LOCALITY, "locality {locality}");
+    }
+    fe.set_locality(0);
+    assert_eq!(rc(&fe.transmit(&getrandom).expect("cmd")), 0);
+    assert!(vtpm.log().contains("command at locality 255 refused (this device allows up to 0)"), "{}", vtpm.log());
+    fe.close().expect("close");
+    drop(vtpm);
+
+    // A device that allows up to 2: PCR 20 resets at 2 (the TPM's own rule), 3 is refused.
+    let vtpm = serve_with(host.dir(), &state, &key, 2, &["--max-locality", "2"]);
+    wait_for(&vtpm, "watching");
+    let mut fe = Frontend::connect(&host.xen(5), cfg).expect("guest reconnects");
+    fe.set_locality(2);
+    assert_eq!(rc(&fe.transmit(&pcr_reset(20)).expect("cmd")), 0);
+    fe.set_locality(3);
+    assert_eq!(rc(&fe.transmit(&getrandom).expect("cmd")), RC_LOCALITY);
+    fe.close().expect("close");
+    drop(vtpm);
+    let refused = Command::new(VTPM).args(["serve", "--uuid", UUID, "--max-locality", "4"]).output().expect("run");
+    assert!(!refused.status.success(), "locality 4 is the platform's");
 }
