@@ -27,8 +27,46 @@ fn run<D: BlockDev>(mgr: &Shared<D>, caller: &mut Caller, boot: Option<&BootHash
     dispatch::handle(&mut *m, caller, boot, msg)
 }
 
-/// Reads one message: `Ok(None)` at a clean end of stream.
-fn read_message(s: &mut UnixStream) -> std::io::Result<Option<Vec<u8>>> {
+/// How many clients a socket serves, and how long a client may stay unbound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Clients connected at once.
+    pub max_clients: usize,
+    /// Unbound clients (connected, no successful BIND yet) of one uid at once: one user
+    /// cannot take the slots every vTPM needs.
+    pub unbound_per_uid: usize,
+    /// How long an unbound client may wait before its next message: an idle one is closed.
+    pub unbound_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self { max_clients: 1024, unbound_per_uid: 8, unbound_timeout: Duration::from_secs(10) }
+    }
+}
+
+/// Unbound clients per uid, shared by a socket's connections.
+type Unbound = Arc<Mutex<std::collections::HashMap<u32, usize>>>;
+
+/// One unbound client counted while it lives (or until it binds).
+struct UnboundSlot(Unbound, u32);
+
+impl Drop for UnboundSlot {
+    fn drop(&mut self) {
+        let mut m = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = m.get_mut(&self.1) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(&self.1);
+            }
+        }
+    }
+}
+
+/// Reads one message: `Ok(None)` at a clean end of stream. Waits at most `wait` for it to
+/// start (`None`: for ever).
+fn read_message(s: &mut UnixStream, wait: Option<Duration>) -> std::io::Result<Option<Vec<u8>>> {
+    s.set_read_timeout(wait)?;
     let mut head = [0u8; HEADER];
     let mut got = 0;
     while got < HEADER {
@@ -51,14 +89,26 @@ fn read_message(s: &mut UnixStream) -> std::io::Result<Option<Vec<u8>>> {
     Ok(Some(msg))
 }
 
-fn serve_conn<D: BlockDev>(mgr: Shared<D>, mut s: UnixStream, mut caller: Caller) {
+fn serve_conn<D: BlockDev>(
+    mgr: Shared<D>,
+    mut s: UnixStream,
+    mut caller: Caller,
+    mut unbound: Option<UnboundSlot>,
+    limits: Limits,
+) {
     // Measured once, as it connects: the executable that opened the connection.
     let boot = match caller {
         Caller::Admin => None,
         _ => crate::peer::measure_peer(&s),
     };
     loop {
-        match read_message(&mut s) {
+        let bound = matches!(caller, Caller::Socket { bound: Some(_), .. });
+        if bound {
+            // A bound client (a vTPM keeps its connection, mostly idle) no longer counts.
+            unbound = None;
+        }
+        let wait = (!bound && unbound.is_some()).then_some(limits.unbound_timeout);
+        match read_message(&mut s, wait) {
             Ok(Some(msg)) => {
                 let rsp = run(&mgr, &mut caller, boot.as_ref(), &msg);
                 if s.write_all(&rsp).is_err() {
@@ -66,6 +116,10 @@ fn serve_conn<D: BlockDev>(mgr: Shared<D>, mut s: UnixStream, mut caller: Caller
                 }
             }
             Ok(None) => return,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                log::warn!("{caller:?}: idle for {:?} without binding to a vTPM; closing it", limits.unbound_timeout);
+                return;
+            }
             Err(e) => {
                 log::warn!("{caller:?}: dropping the connection: {e}");
                 let _ = s.write_all(&Reply::refuse(TAG_RSP, status::SIZE).encode());
@@ -94,6 +148,19 @@ pub fn serve_unix<D: BlockDev + Send + 'static>(
     admin: bool,
     max_clients: usize,
 ) -> Result<std::thread::JoinHandle<()>> {
+    serve_unix_with(mgr, path, admin, Limits { max_clients, ..Limits::default() })
+}
+
+/// [`serve_unix`] with all of its [`Limits`]: beyond `max_clients`, and beyond
+/// `unbound_per_uid` unbound clients of one uid, a new client is closed at once; an unbound
+/// client idle for `unbound_timeout` is closed.
+pub fn serve_unix_with<D: BlockDev + Send + 'static>(
+    mgr: Shared<D>,
+    path: &Path,
+    admin: bool,
+    limits: Limits,
+) -> Result<std::thread::JoinHandle<()>> {
+    let max_clients = limits.max_clients;
     if let Ok(m) = std::fs::symlink_metadata(path) {
         if !m.file_type().is_socket() {
             return Err(Error::Store(format!("{} exists and is not a socket", path.display())));
@@ -123,6 +190,7 @@ pub fn serve_unix<D: BlockDev + Send + 'static>(
     log::info!("{} socket on {}", if admin { "admin" } else { "vTPM" }, path.display());
     let path_name = path.display().to_string();
     let live = Arc::new(AtomicUsize::new(0));
+    let unbound: Unbound = Arc::default();
     Ok(std::thread::spawn(move || {
         for conn in l.incoming() {
             match conn {
@@ -134,9 +202,20 @@ pub fn serve_unix<D: BlockDev + Send + 'static>(
                     live.fetch_add(1, Ordering::SeqCst);
                     let slot = Slot(live.clone());
                     let mgr = mgr.clone();
-                    let caller = match (admin, crate::peer::peer_uid(&s)) {
-                        (true, _) => Caller::Admin,
-                        (false, Ok(uid)) => Caller::Socket { uid, bound: None },
+                    let (caller, slot_u) = match (admin, crate::peer::peer_uid(&s)) {
+                        (true, _) => (Caller::Admin, None),
+                        (false, Ok(uid)) => {
+                            let mut m = unbound.lock().unwrap_or_else(PoisonError::into_inner);
+                            let n = m.entry(uid).or_insert(0);
+                            if *n >= limits.unbound_per_uid {
+                                log::warn!(
+                                    "{path_name}: uid {uid} has {n} connections that have not bound to a vTPM; closing a new one"
+                                );
+                                continue;
+                            }
+                            *n += 1;
+                            (Caller::Socket { uid, bound: None }, Some(UnboundSlot(unbound.clone(), uid)))
+                        }
                         (false, Err(e)) => {
                             log::warn!("{path_name}: a client whose uid is unknown ({e}); closing it");
                             continue;
@@ -145,7 +224,7 @@ pub fn serve_unix<D: BlockDev + Send + 'static>(
                     // Out of threads: this client is dropped, the listener and the others go on.
                     let serve = move || {
                         let _slot = slot;
-                        serve_conn(mgr, s, caller)
+                        serve_conn(mgr, s, caller, slot_u, limits)
                     };
                     if let Err(e) = std::thread::Builder::new().spawn(serve) {
                         log::error!("cannot serve a new connection: {e}");
@@ -258,7 +337,7 @@ impl Client {
     /// Sends a framed request; the whole reply (at least a header).
     pub fn exchange(&mut self, request: &[u8]) -> Result<Vec<u8>> {
         self.s.write_all(request).map_err(|e| Error::io("send to the manager", e))?;
-        read_message(&mut self.s)
+        read_message(&mut self.s, None)
             .map_err(|e| Error::io("read from the manager", e))?
             .ok_or_else(|| Error::Protocol("the manager closed the connection".into()))
     }

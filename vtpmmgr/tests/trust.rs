@@ -392,3 +392,75 @@ fn tpm2_a_forged_or_replayed_migration_bundle_is_refused() {
     assert!(e.to_string().contains("imported here before"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Connects to `path` as user `uid`: from a thread of its own that takes that uid alone (the
+/// kernel records the connecting thread's credentials).
+#[allow(unsafe_code)] // reason: setresuid(2) on one thread, to act as another local user
+fn connect_as(uid: u32, path: &std::path::Path) -> std::io::Result<std::os::unix::net::UnixStream> {
+    let path = path.to_path_buf();
+    std::thread::spawn(move || {
+        // SAFETY: the raw syscall changes only this thread's ids (glibc's setresuid would
+        // change every thread's); the thread ends after the connect.
+        let rc = unsafe { libc::syscall(libc::SYS_setresuid, uid, uid, uid) };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        std::os::unix::net::UnixStream::connect(path)
+    })
+    .join()
+    .unwrap_or_else(|_| Err(std::io::Error::other("thread panicked")))
+}
+
+/// Whether the manager closed `s` (within two seconds).
+fn closed(s: &mut std::os::unix::net::UnixStream) -> bool {
+    use std::io::Read;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(2))).expect("timeout");
+    matches!(s.read(&mut [0u8; 16]), Ok(0) | Err(_))
+}
+
+/// A local user fills the manager's vTPM socket with idle connections that never bind: the
+/// manager takes only a few per uid, closes them after a while, and a vTPM of another uid
+/// binds at once (it used to wait for over a minute).
+#[test]
+fn idle_unbound_connections_of_one_user_cannot_keep_a_vtpm_out() {
+    use std::os::unix::fs::PermissionsExt;
+    use xvtpm_vtpmmgr::server::{self, Client, Limits};
+    let dir = common::tmpdir("unbound");
+    let hw = common::HwSwtpm::start(&dir.join("tpm"));
+    let mut m = Manager::init(common::dev(&dir.join("store.img"), true), hw.connect(), &cfg()).expect("init");
+    let token = [0x5Au8; 32];
+    m.provision([1; 16], 0, Some(&token)).expect("provision");
+    let sock = dir.join("vtpm.sock");
+    let limits = Limits { max_clients: 64, unbound_per_uid: 4, unbound_timeout: std::time::Duration::from_millis(500) };
+    server::serve_unix_with(Arc::new(Mutex::new(m)), &sock, false, limits).expect("serve");
+    let root = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Uid:")).map(|u| u.split_whitespace().next() == Some("0")))
+        .unwrap_or(false);
+    // The attacker: user nobody if this test may act as another user, else this test's own.
+    let attacker = if root { 65534 } else { u32::MAX };
+    if root {
+        std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o666)).expect("open the socket up");
+    }
+    let connect = || if root { connect_as(attacker, &sock) } else { std::os::unix::net::UnixStream::connect(&sock) };
+    let mut idle: Vec<_> = (0..4).map(|_| connect().expect("connect")).collect();
+    let mut fifth = connect().expect("connect");
+    assert!(closed(&mut fifth), "a fifth unbound connection of one uid was kept");
+    if root {
+        // The vTPM (root here) binds at once, the attacker's four still connected.
+        let mut c = Client::connect(&sock).expect("connect");
+        let bind = c
+            .call(xvtpm_proto::mgr::TAG_REQ2, xvtpm_proto::mgr::ord::BIND, &[&[1u8; 16][..], &token].concat())
+            .expect("bind");
+        assert_eq!(bind.0, 0, "BIND while another user holds idle connections");
+    }
+    // The idle ones are closed after the timeout, and that uid may connect again.
+    for s in &mut idle {
+        assert!(closed(s), "an idle unbound connection was kept");
+    }
+    let mut again = connect().expect("connect");
+    again.set_read_timeout(Some(std::time::Duration::from_millis(200))).expect("timeout");
+    let r = std::io::Read::read(&mut again, &mut [0u8; 16]);
+    assert!(matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock), "served again: {r:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
