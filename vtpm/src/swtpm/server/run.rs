@@ -1,4 +1,4 @@
-//! The server loop: one `poll` over both listeners, the control connection and the wake-up
+//! The server loop: one `poll` over both listeners, the control connections and the wake-up
 //! socket; data clients are handed to the data thread, control clients served here.
 
 use super::*;
@@ -57,18 +57,21 @@ impl Shared {
     // ----- control channel -----
 
     /// The main loop: accepts data connections for the data thread and control connections,
-    /// and serves the control connection, until the server is to end.
+    /// and serves every control connection, until the server is to end. Control clients are
+    /// served side by side (up to [`MAX_CTRL_CLIENTS`]): one that idles, or never speaks,
+    /// keeps no other out (swtpm serves one at a time, so one idle client blocks the channel),
+    /// and one that holds it for good (QEMU) is never dropped for a newcomer.
     pub(super) fn main_loop(&self, data: Option<&Listener>, ctrl: Option<&Listener>) {
-        let mut ctrl_conn: Option<(Stream, String)> = None;
+        let mut conns: Vec<(Stream, String)> = Vec::new();
         while !self.ctl.terminating() {
             // Accept a data client only while none waits for the data thread.
             let data = data.filter(|_| lock(&self.ctl.handoff).accepted.is_none());
-            let ctrl_fd = match &ctrl_conn {
-                Some((s, _)) => Some(s.as_fd()),
-                None => ctrl.map(Listener::as_fd),
-            };
-            let fds: Vec<_> =
-                [Some(self.ctl.wake_rx.as_fd()), data.map(Listener::as_fd), ctrl_fd].into_iter().flatten().collect();
+            let mut fds: Vec<_> =
+                [Some(self.ctl.wake_rx.as_fd()), data.map(Listener::as_fd), ctrl.map(Listener::as_fd)]
+                    .into_iter()
+                    .flatten()
+                    .collect();
+            fds.extend(conns.iter().map(|(s, _)| s.as_fd()));
             let ready = match crate::sys::poll::wait_any(&fds) {
                 Ok(r) => r,
                 Err(e) => {
@@ -76,6 +79,7 @@ impl Shared {
                     break;
                 }
             };
+            drop(fds);
             let mut ready = ready.into_iter();
             if ready.next() == Some(true) {
                 self.ctl.drain_wakes();
@@ -87,41 +91,57 @@ impl Shared {
                     }
                 }
             }
-            if ctrl_fd.is_none() || ready.next() != Some(true) || self.ctl.terminating() {
-                continue;
-            }
-            match ctrl_conn.take() {
-                None => {
-                    let Some(l) = ctrl else { continue };
-                    if let Some((stream, peer)) = self.accept_one(l, "control") {
-                        log::debug!("control client {peer} connected");
-                        // A client that does not read its answers must not hold the loop.
-                        if let Err(e) = stream.set_write_timeout(Some(self.cfg.data_timeout)) {
-                            log::warn!("control client {peer}: {e}");
-                        }
-                        if self.ctl.track(&self.ctl.active_ctrl, &stream) {
-                            ctrl_conn = Some((stream, peer));
-                        }
-                    }
+            let accept = ctrl.is_some() && ready.next() == Some(true);
+            let speaking: Vec<bool> = ready.collect();
+            let mut end = false;
+            let mut lost = false;
+            let mut kept = Vec::with_capacity(conns.len());
+            for ((mut stream, peer), ready) in conns.drain(..).zip(speaking) {
+                if !ready || end || self.ctl.terminating() {
+                    kept.push((stream, peer));
+                    continue;
                 }
-                Some((mut stream, peer)) => {
-                    match self.ctrl_message(&mut stream, &peer) {
-                        CtrlStep::Open => {
-                            ctrl_conn = Some((stream, peer));
-                            continue;
-                        }
-                        CtrlStep::End => break,
-                        CtrlStep::Drop => {
-                            log::warn!("control client {peer}: dropping the connection");
-                            stream.close_gracefully();
-                        }
-                        CtrlStep::Closed => drop(stream),
+                if !self.ctl.track(&self.ctl.active_ctrl, &stream) {
+                    break;
+                }
+                let step = self.ctrl_message(&mut stream, &peer);
+                *lock(&self.ctl.active_ctrl) = None;
+                match step {
+                    CtrlStep::Open => kept.push((stream, peer)),
+                    CtrlStep::End => end = true,
+                    CtrlStep::Drop => {
+                        log::warn!("control client {peer}: dropping the connection");
+                        stream.close_gracefully();
+                        lost = true;
                     }
-                    *lock(&self.ctl.active_ctrl) = None;
-                    if self.cfg.terminate_on_ctrl_disconnect && !self.ctl.terminating() {
-                        log::info!("control connection lost; terminating (--ctrl ...,terminate)");
-                        break;
+                    CtrlStep::Closed => lost = true,
+                }
+            }
+            conns = kept;
+            if end {
+                break;
+            }
+            if lost && conns.is_empty() && self.cfg.terminate_on_ctrl_disconnect && !self.ctl.terminating() {
+                log::info!("control connection lost; terminating (--ctrl ...,terminate)");
+                break;
+            }
+            if let (true, Some(l)) = (accept, ctrl) {
+                if self.ctl.terminating() {
+                    continue;
+                }
+                if let Some((stream, peer)) = self.accept_one(l, "control") {
+                    if conns.len() >= MAX_CTRL_CLIENTS {
+                        log::warn!(
+                            "control client {peer}: {MAX_CTRL_CLIENTS} control clients connected already; closing it"
+                        );
+                        continue;
                     }
+                    log::debug!("control client {peer} connected");
+                    // A client that does not read its answers must not hold the loop.
+                    if let Err(e) = stream.set_write_timeout(Some(self.cfg.data_timeout)) {
+                        log::warn!("control client {peer}: {e}");
+                    }
+                    conns.push((stream, peer));
                 }
             }
         }
@@ -133,3 +153,6 @@ impl Shared {
         drop((h.accepted.take(), h.datafd.take()));
     }
 }
+
+/// Control clients served at once.
+pub(super) const MAX_CTRL_CLIENTS: usize = 8;

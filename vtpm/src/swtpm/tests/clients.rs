@@ -88,10 +88,11 @@ fn bad_clients_are_logged_and_the_next_is_served() {
     assert!(h.st().running, "the engine is intact");
 }
 
-/// The server's one loop (listeners and the control connection in one `poll`): with a control
-/// client connected and idle, as QEMU keeps it, data clients still get in; the ones that come
-/// while a client is served wait their turn and are served in order; a second control client
-/// waits for the first.
+/// The server's one loop (listeners and the control connections in one `poll`): with a
+/// control client connected and idle, as QEMU keeps it, data clients still get in; the ones
+/// that come while a client is served wait their turn and are served in order; a second
+/// control client is served at once beside the idle first (swtpm makes it wait for the first
+/// to leave, so one idle client blocked the control channel), and the first stays served.
 #[test]
 fn control_and_waiting_data_clients_are_served_by_one_loop() {
     let mut cfg = tcp_config();
@@ -113,12 +114,11 @@ fn control_and_waiting_data_clients_are_served_by_one_loop() {
     let TcpAddr(ctrl_addr) = tcp_addr(h.ctrl.as_ref());
     let mut c2 = TcpStream::connect(ctrl_addr).expect("connect");
     c2.write_all(&ctrl::encode_request(CtrlCmd::GetCapability.code(), &[])).expect("send");
-    c2.set_read_timeout(Some(Duration::from_millis(300))).expect("timeout");
-    let mut b = [0u8; 8];
-    assert!(c2.read(&mut b).is_err(), "the second control client waits for the first");
-    drop(c1);
     c2.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
-    c2.read_exact(&mut b).expect("the second control client is answered once the first left");
+    let mut b = [0u8; 8];
+    c2.read_exact(&mut b).expect("the second control client is answered while the first idles");
+    assert_eq!(ctrl_cmd(&mut c1, CtrlCmd::GetCapability, &[], 8).len(), 8, "the first is still served");
+    drop(c1);
     assert_eq!(tpm(&mut d1, &getrandom), echo(V2, 0, &getrandom), "the first data client is still served");
     drop(d1);
     for mut d in waiting {
@@ -157,4 +157,20 @@ fn a_trickling_control_client_is_cut_off() {
     let mut rest = Vec::new();
     let _ = c.read_to_end(&mut rest);
     assert!(rest.len() <= 4, "at most a result code, then the connection closes: {rest:02x?}");
+}
+
+/// Control clients beyond [`MAX_CTRL_CLIENTS`](crate::swtpm::server) are closed at once; the
+/// ones connected keep being served.
+#[test]
+fn control_clients_beyond_the_cap_are_closed() {
+    let h = Harness::start(tcp_config(), V2);
+    let mut held: Vec<Client> = (0..8).map(|_| h.ctrl()).collect();
+    for c in &mut held {
+        assert_eq!(ctrl_cmd(c, CtrlCmd::GetCapability, &[], 8).len(), 8);
+    }
+    let mut extra = h.ctrl();
+    let _ = extra.write_all(&ctrl::encode_request(CtrlCmd::GetCapability.code(), &[]));
+    let mut b = [0u8; 8];
+    assert!(matches!(extra.read(&mut b), Ok(0) | Err(_)), "a ninth control client was served");
+    assert_eq!(ctrl_cmd(&mut held[0], CtrlCmd::GetCapability, &[], 8).len(), 8, "the others still are");
 }
