@@ -202,3 +202,35 @@ fn a_crash_at_any_write_leaves_the_old_or_the_new_state() {
         }
     }
 }
+
+/// The root key itself never keys AES-GCM: roots and nodes use its own sub-key (version 2),
+/// so the root key only feeds key derivations. A version-1 store (under the root key) still
+/// opens and updates.
+#[test]
+fn roots_and_nodes_use_the_store_sub_key_and_version_1_still_opens() {
+    use xvtpm_vtpmmgr::store::root::{Root, VERSION_1};
+    use xvtpm_vtpmmgr::store::{subkey, Purpose};
+    let mut s = Store::create(MemDev::default(), KEY, b"sealed", 0).expect("create");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    s.put(&rec(&mut rng, [1; 16])).expect("put");
+    let mut slot = [0u8; BLOCK];
+    let mut dev = s.dev().clone();
+    dev.read(s.root().slot(), &mut slot).expect("read");
+    assert!(Root::open(&KEY, &slot).is_err(), "a root under the root key itself");
+    let aead = subkey(&KEY, Purpose::StoreAead);
+    assert_eq!(Root::open(&aead, &slot).expect("opens").map(|r| r.version), Some(2));
+
+    // An empty version-1 store: its root under the root key.
+    let mut v1 = Store::create(MemDev::default(), KEY, b"sealed", 5).expect("create").dev().clone();
+    let mut b = [0u8; BLOCK];
+    v1.read(1, &mut b).expect("read");
+    let r = Root::open(&aead, &b).expect("open").expect("a root");
+    v1.write(1, &Root { version: VERSION_1, ..r }.seal(&KEY)).expect("write");
+    let (mut s1, state) = Store::open(v1, KEY, 5).expect("a version-1 store opens");
+    assert_eq!(state, CounterState::InStep);
+    let r1 = rec(&mut rng, [2; 16]);
+    s1.put(&r1).expect("and updates");
+    let (s1, _) = Store::open(s1.dev().clone(), KEY, 6).expect("reopens");
+    assert_eq!(s1.get(&r1.uuid).expect("get"), Some(r1));
+    assert_eq!(s1.root().version, VERSION_1, "it stays version 1");
+}

@@ -40,6 +40,8 @@ pub enum Purpose {
     AkAuth,
     /// The key that signs migration bundles.
     MigrationSigning,
+    /// The store's own AES-256-GCM key.
+    StoreAead,
 }
 
 /// The sub-key of `root` for `purpose`: HKDF-SHA256. Its last byte is never zero: used as a
@@ -50,6 +52,7 @@ pub fn subkey(root: &[u8; 32], purpose: Purpose) -> [u8; 32] {
         Purpose::AkUnique => b"attestation key unique",
         Purpose::AkAuth => b"attestation key auth",
         Purpose::MigrationSigning => b"migration signing key",
+        Purpose::StoreAead => b"store aead key",
     };
     let mut k = [0u8; 32];
     // 32 bytes is far below HKDF-SHA256's limit; this cannot fail.
@@ -106,6 +109,10 @@ pub fn ensure_empty(dev: &mut dyn BlockDev) -> Result<()> {
 /// The store.
 pub struct Store<D> {
     dev: D,
+    /// The root key: only key derivations use it.
+    root_key: [u8; 32],
+    /// The key roots and nodes are authenticated and encrypted with (AES-256-GCM): the root
+    /// key's [`Purpose::StoreAead`] sub-key, or the root key itself in a version-1 store.
     key: [u8; 32],
     root: Root,
     /// Decrypted nodes of the current tree.
@@ -150,12 +157,14 @@ impl<D: BlockDev> Store<D> {
             counter,
             high_water: FIRST_NODE,
             sealed_digest: Sha256::digest(sb).into(),
+            version: root::VERSION,
             ..Root::default()
         };
+        let (root_key, key) = (key, subkey(&key, Purpose::StoreAead));
         dev.sync()?;
         dev.write(root.slot(), &root.seal(&key))?;
         dev.sync()?;
-        Ok(Self { dev, key, root, cache: HashMap::new(), free: BTreeSet::new(), poisoned: false })
+        Ok(Self { dev, root_key, key, root, cache: HashMap::new(), free: BTreeSet::new(), poisoned: false })
     }
 
     /// Opens the store with its root key: picks the newest root that authenticates, checks it
@@ -181,18 +190,30 @@ impl<D: BlockDev> Store<D> {
 
     /// Opens the store with its root key whatever the hardware counter says (recovery): the
     /// newest root that authenticates, and every node of its tree verified.
-    pub fn open_verified(mut dev: D, key: [u8; 32]) -> Result<Self> {
+    pub fn open_verified(mut dev: D, root_key: [u8; 32]) -> Result<Self> {
         let name = dev.name();
         let corrupt = |why: String| Error::Corrupt { store: name.clone(), why };
-        let mut best: Option<Root> = None;
+        let mut best: Option<(Root, [u8; 32])> = None;
         let mut problems = Vec::new();
+        let aead = subkey(&root_key, Purpose::StoreAead);
         for slot in 0..2 {
             let mut b = [0u8; BLOCK];
             dev.read(slot, &mut b)?;
-            match Root::open(&key, &b) {
-                Ok(Some(r)) if r.slot() == slot => {
-                    if best.is_none_or(|x| r.seq > x.seq) {
-                        best = Some(r);
+            // Version 2 under the sub-key; a version-1 store under the root key itself.
+            let opened = match Root::open(&aead, &b) {
+                Ok(Some(r)) if r.version == root::VERSION => Ok(Some((r, aead))),
+                Ok(Some(_)) => Err("is of version 1 but not under the root key".to_string()),
+                Ok(None) => Ok(None),
+                Err(e) => match Root::open(&root_key, &b) {
+                    Ok(Some(r)) if r.version == root::VERSION_1 => Ok(Some((r, root_key))),
+                    Ok(Some(_)) => Err("claims version 2 under the root key".to_string()),
+                    _ => Err(e),
+                },
+            };
+            match opened {
+                Ok(Some((r, k))) if r.slot() == slot => {
+                    if best.is_none_or(|(x, _)| r.seq > x.seq) {
+                        best = Some((r, k));
                     }
                 }
                 Ok(Some(_)) => problems.push(format!("root slot {slot} holds a root of the other slot")),
@@ -200,7 +221,7 @@ impl<D: BlockDev> Store<D> {
                 Err(e) => problems.push(format!("root slot {slot} {e}")),
             }
         }
-        let Some(root) = best else {
+        let Some((root, key)) = best else {
             return Err(corrupt(format!("no valid root: {}", problems.join("; "))));
         };
         if !problems.is_empty() {
@@ -211,7 +232,8 @@ impl<D: BlockDev> Store<D> {
         if <[u8; 32]>::from(Sha256::digest(sb)) != root.sealed_digest {
             return Err(corrupt("the sealed-key block is not the one the root was written with".into()));
         }
-        let mut store = Self { dev, key, root, cache: HashMap::new(), free: BTreeSet::new(), poisoned: false };
+        let mut store =
+            Self { dev, root_key, key, root, cache: HashMap::new(), free: BTreeSet::new(), poisoned: false };
         store.load_tree()?;
         Ok(store)
     }
@@ -280,14 +302,14 @@ impl<D: BlockDev> Store<D> {
 
     /// The root key's sub-key for `purpose`: as bound to the hardware TPM as the store itself.
     pub fn subkey(&self, purpose: Purpose) -> [u8; 32] {
-        subkey(&self.key, purpose)
+        subkey(&self.root_key, purpose)
     }
 
     /// A key for `label` derived from the root key (HMAC-SHA256; the migration key's seed,
     /// kept so existing managers keep their migration key).
     pub fn derive_key(&self, label: &[u8]) -> [u8; 32] {
         use hmac::Mac;
-        let mut mac = <hmac::Hmac<Sha256> as hmac::Mac>::new_from_slice(&self.key).expect("any key length");
+        let mut mac = <hmac::Hmac<Sha256> as hmac::Mac>::new_from_slice(&self.root_key).expect("any key length");
         mac.update(label);
         mac.finalize().into_bytes().into()
     }

@@ -10,7 +10,11 @@ use super::dev::BLOCK;
 use super::node::{NONCE, TAG};
 
 const MAGIC: &[u8; 8] = b"XVTPMMGR";
-const VERSION: u32 = 1;
+/// Version 2: roots and nodes are authenticated with the root key's AEAD sub-key. Version 1
+/// (still read): with the root key itself.
+pub const VERSION: u32 = 2;
+/// The first version.
+pub const VERSION_1: u32 = 1;
 /// Where the nonce sits; everything before it is authenticated.
 const NONCE_AT: usize = BLOCK - NONCE - TAG;
 
@@ -33,6 +37,8 @@ pub struct Root {
     pub high_water: u64,
     /// SHA-256 of the sealed-key block.
     pub sealed_digest: [u8; 32],
+    /// The store's format ([`VERSION`] or [`VERSION_1`]).
+    pub version: u32,
 }
 
 impl Root {
@@ -45,7 +51,7 @@ impl Root {
     pub fn seal(&self, key: &[u8; 32]) -> [u8; BLOCK] {
         let mut b = [0u8; BLOCK];
         b[..8].copy_from_slice(MAGIC);
-        b[8..12].copy_from_slice(&VERSION.to_le_bytes());
+        b[8..12].copy_from_slice(&self.version.to_le_bytes());
         b[12..20].copy_from_slice(&self.seq.to_le_bytes());
         b[20..28].copy_from_slice(&self.counter.to_le_bytes());
         b[28..36].copy_from_slice(&self.node.to_le_bytes());
@@ -78,8 +84,8 @@ impl Root {
             .map_err(|_| "does not authenticate (damaged, or another root key)".to_string())?;
         let u64_at = |at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap_or_default());
         let version = u32::from_le_bytes(b[8..12].try_into().unwrap_or_default());
-        if version != VERSION {
-            return Err(format!("has version {version}, this manager knows {VERSION}"));
+        if version != VERSION && version != VERSION_1 {
+            return Err(format!("has version {version}, this manager knows {VERSION_1} and {VERSION}"));
         }
         let mut r = Root {
             seq: u64_at(12),
@@ -88,6 +94,7 @@ impl Root {
             depth: b[52],
             count: u64_at(53),
             high_water: u64_at(61),
+            version,
             ..Root::default()
         };
         r.tag.copy_from_slice(&b[36..52]);
@@ -112,6 +119,7 @@ mod tests {
             count: 40,
             high_water: 20,
             sealed_digest: [4; 32],
+            version: VERSION,
         };
         let b = r.seal(&key);
         assert_eq!(Root::open(&key, &b).expect("valid"), Some(r));
