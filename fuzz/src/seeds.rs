@@ -172,8 +172,17 @@ fn state_header() -> Vec<(String, Vec<u8>)> {
     let mut sealed = b"XVTPMSEA".to_vec();
     sealed.extend_from_slice(&6u32.to_le_bytes());
     sealed.extend_from_slice(b"sealed");
-    let root =
-        Root { seq: 3, counter: 7, node: 4, tag: [9; 16], depth: 1, count: 2, high_water: 5, sealed_digest: [1; 32] };
+    let root = Root {
+        seq: 3,
+        counter: 7,
+        node: 4,
+        tag: [9; 16],
+        depth: 1,
+        count: 2,
+        high_water: 5,
+        sealed_digest: [1; 32],
+        version: 2,
+    };
     let mut fields = Vec::new();
     for v in [root.seq, root.counter, root.node] {
         fields.extend_from_slice(&v.to_le_bytes());
