@@ -52,6 +52,20 @@ enum Cmd {
         /// Locality of the manager's TPM commands.
         #[arg(long, default_value_t = 0)]
         locality: u8,
+        /// A file holding the TPM's owner auth, if its owner set one (read at init only). TPM
+        /// 2.0: the storage primary key is then kept at --srk-handle, so that serving needs no
+        /// owner auth. TPM 1.2: an unowned TPM is taken with it (its SHA-1 unless 20 bytes).
+        #[arg(long, value_name = "FILE")]
+        owner_auth_file: Option<PathBuf>,
+        /// TPM 2.0: a file holding an owner auth to set at the end of init (the current one
+        /// from --owner-auth-file, else empty), so that only its holder can undefine the
+        /// counter. Every other user of the owner hierarchy then needs it too.
+        #[arg(long, value_name = "FILE")]
+        set_owner_auth_file: Option<PathBuf>,
+        /// TPM 2.0: keep the storage primary key at this persistent handle (0x81000001 when an
+        /// owner auth is given or set).
+        #[arg(long, value_parser = parse_hex)]
+        srk_handle: Option<u32>,
     },
     /// Open the store (the TPM unseals its key) and serve vTPMs.
     Serve {
@@ -117,7 +131,24 @@ enum Cmd {
         /// Locality the store must be sealed at (as given to `init`).
         #[arg(long, default_value_t = 0)]
         locality: u8,
+        /// A file holding the TPM's owner auth, if its owner set one (needed to define the
+        /// counter again).
+        #[arg(long, value_name = "FILE")]
+        owner_auth_file: Option<PathBuf>,
     },
+}
+
+/// A secret's bytes from a file (a final newline dropped), or none.
+fn secret_file(path: Option<&Path>) -> anyhow::Result<Vec<u8>> {
+    let Some(p) = path else { return Ok(Vec::new()) };
+    let mut b = std::fs::read(p).with_context(|| format!("read {}", p.display()))?;
+    if b.last() == Some(&b'\n') {
+        b.pop();
+    }
+    if b.is_empty() || b.len() > 32 {
+        bail!("{}: an owner auth has 1 to 32 bytes, this file {}", p.display(), b.len());
+    }
+    Ok(b)
 }
 
 fn parse_hex(s: &str) -> Result<u32, String> {
@@ -141,13 +172,22 @@ fn open_tpm(spec: &str) -> anyhow::Result<Box<dyn HwTpm + Send>> {
 fn main() -> anyhow::Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     match Cli::parse().cmd {
-        Cmd::Init { store, tpm, pcrs, nv_index, locality } => {
+        Cmd::Init { store, tpm, pcrs, nv_index, locality, owner_auth_file, set_owner_auth_file, srk_handle } => {
+            let cfg = InitConfig {
+                pcrs,
+                nv_index,
+                locality,
+                owner_auth: secret_file(owner_auth_file.as_deref())?,
+                new_owner_auth: set_owner_auth_file.as_deref().map(|p| secret_file(Some(p))).transpose()?,
+                srk_handle,
+            };
             let tpm = open_tpm(&tpm)?;
-            let m = Manager::init(FileDev::open(&store, true)?, tpm, &InitConfig { pcrs, nv_index, locality })?;
+            let m = Manager::init(FileDev::open(&store, true)?, tpm, &cfg)?;
             println!("store {} created ({} hardware TPM commands)", store.display(), m.tpm_commands);
         }
-        Cmd::Recover { store, tpm, pcrs, locality } => {
-            let r = Manager::recover(FileDev::open(&store, false)?, open_tpm(&tpm)?, Some((&pcrs, locality)))
+        Cmd::Recover { store, tpm, pcrs, locality, owner_auth_file } => {
+            let owner = secret_file(owner_auth_file.as_deref())?;
+            let r = Manager::recover(FileDev::open(&store, false)?, open_tpm(&tpm)?, Some((&pcrs, locality)), &owner)
                 .with_context(|| format!("recovering the store {}", store.display()))?;
             if r.hw_counter == r.store_counter && !r.redefined {
                 println!(

@@ -34,11 +34,49 @@ pub struct InitConfig {
     pub nv_index: u32,
     /// Locality of the manager's TPM commands.
     pub locality: u8,
+    /// The TPM's owner auth, if the owner set one (TPM 2.0: its bytes; TPM 1.2: 20 bytes, or
+    /// the SHA-1 of what is given, as tpm-tools hash a password). Used at init only.
+    pub owner_auth: Vec<u8>,
+    /// TPM 2.0: set the owner's auth to this at the end of init, so that only its holder can
+    /// undefine the counter (and make primary keys under the owner hierarchy).
+    pub new_owner_auth: Option<Vec<u8>>,
+    /// TPM 2.0: keep the storage primary key at this persistent handle, so that starting needs
+    /// no owner authorization. Chosen as [`DEFAULT_SRK_HANDLE`] whenever an owner auth is
+    /// given or set.
+    pub srk_handle: Option<u32>,
 }
+
+/// The TCG's persistent handle for the storage root key, whose ECC template ours is.
+pub const DEFAULT_SRK_HANDLE: u32 = 0x8100_0001;
 
 impl Default for InitConfig {
     fn default() -> Self {
-        Self { pcrs: (0..8).collect(), nv_index: 0x0181_584D, locality: 0 }
+        Self {
+            pcrs: (0..8).collect(),
+            nv_index: 0x0181_584D,
+            locality: 0,
+            owner_auth: Vec::new(),
+            new_owner_auth: None,
+            srk_handle: None,
+        }
+    }
+}
+
+impl InitConfig {
+    /// Where the storage primary key is kept (TPM 2.0), if anywhere.
+    fn persistent_srk(&self) -> Option<u32> {
+        let owner = !self.owner_auth.is_empty() || self.new_owner_auth.is_some();
+        self.srk_handle.or(owner.then_some(DEFAULT_SRK_HANDLE))
+    }
+}
+
+/// A TPM 1.2 owner auth from what an operator gives: 20 bytes as they are, else their SHA-1
+/// (as tpm-tools hash a password), the empty one being the well-known secret.
+fn owner_auth12(given: &[u8]) -> [u8; 20] {
+    match given.len() {
+        0 => WELL_KNOWN,
+        20 => given.try_into().unwrap_or(WELL_KNOWN),
+        _ => sha1::Sha1::digest(given).into(),
     }
 }
 
@@ -129,9 +167,18 @@ impl<D: BlockDev> Manager<D> {
             Family::Tpm20 => {
                 let mut t = Tpm2::new(tpm.as_mut(), cfg.locality);
                 t.startup()?;
+                t.set_owner_auth(cfg.owner_auth.clone());
+                if let Some(h) = cfg.persistent_srk() {
+                    t.persist_primary(h)?;
+                }
                 let (private, public, creation) = t.seal(&key, &cfg.pcrs)?;
                 let (c, counter) = t.counter_create(cfg.nv_index, &store::subkey(&key, Purpose::CounterAuth))?;
                 counter2 = Some(c);
+                let (ak_private, ak_public) = t.create_attestation_key(&store::subkey(&key, Purpose::AkAuth))?;
+                if let Some(new) = &cfg.new_owner_auth {
+                    t.change_owner_auth(new)?;
+                    log::info!("the TPM's owner auth is set: only its holder can undefine the counter");
+                }
                 let s = Sealed {
                     family,
                     locality: cfg.locality,
@@ -142,21 +189,31 @@ impl<D: BlockDev> Manager<D> {
                     creation,
                     primary_name: t.primary_name().unwrap_or_default().to_vec(),
                     counter_auth: true,
-                    ak: Vec::new(),
+                    ak: Sealed::ak_from_parts(&ak_private, &ak_public),
+                    srk_handle: cfg.persistent_srk().unwrap_or(0),
                 };
                 (s, counter, t.commands)
             }
             Family::Tpm12 => {
+                if cfg.new_owner_auth.is_some() || cfg.srk_handle.is_some() {
+                    return Err(Error::Tpm(
+                        "on a TPM 1.2, the owner auth is set by taking ownership: give it with the owner auth \
+                         file on a TPM without an owner (and no SRK handle: 1.2 has one SRK)"
+                            .into(),
+                    ));
+                }
+                let owner = owner_auth12(&cfg.owner_auth);
                 let mut t = Tpm12::new(tpm.as_mut(), cfg.locality);
                 t.startup()?;
                 if !t.owned()? {
-                    log::info!("taking ownership of the TPM 1.2 (well-known owner and SRK auth)");
-                    t.take_ownership(&WELL_KNOWN, &WELL_KNOWN)?;
+                    let which = if owner == WELL_KNOWN { "well-known" } else { "given" };
+                    log::info!("taking ownership of the TPM 1.2 ({which} owner auth, well-known SRK auth)");
+                    t.take_ownership(&owner, &WELL_KNOWN)?;
                 }
                 rand::thread_rng().fill_bytes(&mut counter_auth);
-                let (id, counter) = t.counter_create(&WELL_KNOWN, &counter_auth).map_err(|e| match e {
+                let (id, counter) = t.counter_create(&owner, &counter_auth).map_err(|e| match e {
                     Error::TpmRc { rc: 1, .. } => {
-                        Error::Tpm("the TPM 1.2's owner auth is not the well-known secret".into())
+                        Error::Tpm("the TPM 1.2 refused its owner auth: give the owner's with --owner-auth-file".into())
                     }
                     e => e,
                 })?;
@@ -177,6 +234,7 @@ impl<D: BlockDev> Manager<D> {
                     primary_name: Vec::new(),
                     counter_auth: true,
                     ak,
+                    srk_handle: 0,
                 };
                 (s, counter, t.commands)
             }
@@ -242,13 +300,23 @@ impl<D: BlockDev> Manager<D> {
     /// holds. What it cannot tell is whether the store is an old copy: if it is, every update
     /// made after that copy is lost, and the vTPMs saved since then will not open (their state
     /// keys here are older); the warning says so.
-    pub fn recover(mut dev: D, mut tpm: Box<dyn HwTpm + Send>, expect: Option<(&[u8], u8)>) -> Result<Recovered> {
+    pub fn recover(
+        mut dev: D,
+        mut tpm: Box<dyn HwTpm + Send>,
+        expect: Option<(&[u8], u8)>,
+        owner_auth: &[u8],
+    ) -> Result<Recovered> {
         let (sealed, key, _, _) = Self::unseal(&mut dev, tpm.as_mut(), expect)?;
         let mut store = Store::open_verified(dev, key)?;
         let idx = sealed.nv_index;
         let (hw, redefined) = match sealed.family {
             Family::Tpm20 => {
                 let mut t = Tpm2::new(tpm.as_mut(), sealed.locality);
+                // Defining the counter again is the owner's to authorize.
+                t.set_owner_auth(owner_auth.to_vec());
+                if sealed.srk_handle != 0 {
+                    t.use_persistent_primary(sealed.srk_handle);
+                }
                 let auth = Self::counter_auth2(&sealed, &key);
                 match t.counter(idx, &auth).and_then(|c| t.counter_read(&c)) {
                     Ok(hw) => (hw, false),
@@ -323,6 +391,9 @@ impl<D: BlockDev> Manager<D> {
                     );
                 } else {
                     t.pin_primary(sealed.primary_name.clone());
+                }
+                if sealed.srk_handle != 0 {
+                    t.use_persistent_primary(sealed.srk_handle);
                 }
                 let key = t.unseal(&sealed.private, &sealed.public, &sealed.creation, &sealed.pcrs)?;
                 (key, t.commands)
@@ -914,9 +985,17 @@ impl<D: BlockDev> Manager<D> {
             .into();
         let parts = match self.sealed.family {
             Family::Tpm20 => {
-                let (unique, auth) = (self.store.subkey(Purpose::AkUnique), self.store.subkey(Purpose::AkAuth));
+                let auth = self.store.subkey(Purpose::AkAuth);
+                let ak = self.sealed.ak_parts().ok_or_else(|| {
+                    Error::Tpm(
+                        "this store has no attestation key (made by an earlier build): quotes need a new store".into(),
+                    )
+                })?;
                 let mut t = Tpm2::new(self.tpm.as_mut(), self.sealed.locality);
-                let r = t.quote(&q, pcrs, &unique, &auth);
+                if self.sealed.srk_handle != 0 {
+                    t.use_persistent_primary(self.sealed.srk_handle);
+                }
+                let r = t.quote(&q, pcrs, ak, &auth);
                 self.tpm_commands += t.commands;
                 let (public, attest, sig) = r?;
                 [public, attest, sig]
@@ -998,13 +1077,10 @@ impl<D: BlockDev> Manager<D> {
     /// the attestation key's TPMT_PUBLIC; TPM 1.2, the quote key's TPM_PUBKEY.
     pub fn attestation_public(&mut self) -> Result<Vec<u8>> {
         match self.sealed.family {
-            Family::Tpm20 => {
-                let (unique, auth) = (self.store.subkey(Purpose::AkUnique), self.store.subkey(Purpose::AkAuth));
-                let mut t = Tpm2::new(self.tpm.as_mut(), self.sealed.locality);
-                let r = t.attestation_public(&unique, &auth);
-                self.tpm_commands += t.commands;
-                r
-            }
+            Family::Tpm20 => match self.sealed.ak_parts() {
+                Some((_, public)) => Ok(public.to_vec()),
+                None => Err(Error::Tpm("this store has no attestation key (made by an earlier build)".into())),
+            },
             Family::Tpm12 if self.sealed.ak.is_empty() => Err(Error::Tpm(
                 "this store was made before TPM 1.2 stores kept a quote key: each run makes its own".into(),
             )),

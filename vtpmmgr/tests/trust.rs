@@ -139,7 +139,7 @@ fn tpm2_a_counter_replaced_under_a_running_manager_halts_it_and_recover_brings_e
     let e = Manager::open(common::dev(&path, false), hw.connect()).expect_err("restart");
     assert!(e.to_string().contains("vtpmmgr recover"), "{e}");
 
-    let r = Manager::recover(common::dev(&path, false), hw.connect(), Some((&[0, 16], 0))).expect("recover");
+    let r = Manager::recover(common::dev(&path, false), hw.connect(), Some((&[0, 16], 0)), &[]).expect("recover");
     assert!(r.redefined, "{r:?}");
     assert_eq!(r.vtpms, 3);
     let mut m = Manager::open(common::dev(&path, false), hw.connect()).expect("open after recover");
@@ -182,9 +182,9 @@ fn old_copy(family: Family) {
     let e = Manager::open(common::dev(&path, false), hw.connect()).expect_err("old copy");
     assert!(matches!(e, Error::Rollback { .. }) && e.to_string().contains("vtpmmgr recover"), "{e}");
     // Recovery needs the store's PCRs: a recover with other expectations touches nothing.
-    let e = Manager::recover(common::dev(&path, false), hw.connect(), Some((&[0], 0))).expect_err("other PCRs");
+    let e = Manager::recover(common::dev(&path, false), hw.connect(), Some((&[0], 0)), &[]).expect_err("other PCRs");
     assert!(e.to_string().contains("expects PCRs"), "{e}");
-    let r = Manager::recover(common::dev(&path, false), hw.connect(), Some((&[0, 16], 0))).expect("recover");
+    let r = Manager::recover(common::dev(&path, false), hw.connect(), Some((&[0, 16], 0)), &[]).expect("recover");
     assert!(r.hw_counter > r.store_counter && !r.redefined, "{r:?}");
     let mut m = Manager::open(common::dev(&path, false), hw.connect()).expect("open after recover");
     // What the copy held: the later save and provisioning are lost, as the warning says.
@@ -462,5 +462,49 @@ fn idle_unbound_connections_of_one_user_cannot_keep_a_vtpm_out() {
     again.set_read_timeout(Some(std::time::Duration::from_millis(200))).expect("timeout");
     let r = std::io::Read::read(&mut again, &mut [0u8; 16]);
     assert!(matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock), "served again: {r:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `vtpmmgr init` sets the owner's auth when asked: the storage primary key is then kept at a
+/// persistent handle, so the manager serves without the owner auth, and a process without it
+/// can no longer undefine the counter (which, with the owner auth empty, anyone could).
+#[test]
+fn tpm2_an_owner_auth_set_at_init_keeps_the_counter_defined() {
+    let dir = common::tmpdir("owner-auth");
+    let hw = common::HwSwtpm::start(&dir.join("tpm"));
+    let path = dir.join("store.img");
+    let owner = b"the owner's secret".to_vec();
+    let init = InitConfig { new_owner_auth: Some(owner.clone()), ..cfg() };
+    let mut m = Manager::init(common::dev(&path, true), hw.connect(), &init).expect("init");
+    m.provision([1; 16], 0, None).expect("provision");
+    m.save(&[1; 16], &blob(1)).expect("save");
+    drop(m);
+    let block = xvtpm_vtpmmgr::store::read_sealed(&mut common::dev(&path, false)).expect("read");
+    assert_eq!(Sealed::decode(&block).expect("decode").srk_handle, 0x8100_0001);
+    {
+        let mut tpm = hw.connect();
+        let mut t = Tpm2::new(tpm.as_mut(), 0);
+        let e = t.nv_undefine(INDEX).expect_err("undefine without the owner auth");
+        assert!(matches!(e, Error::TpmRc { rc: 0x9A2 | 0x98E, .. }), "{e:?}");
+    }
+    // Serving needs no owner auth: open, load, save, quote.
+    let mut m = Manager::open(common::dev(&path, false), hw.connect()).expect("open");
+    assert_eq!(m.load(&[1; 16]).expect("load"), blob(1));
+    m.save(&[1; 16], &blob(2)).expect("save");
+    m.quote(&[1; 16], None, &[3; 20], &[16]).expect("quote");
+    drop(m);
+    // The owner (with the auth) may still undefine it; recover then needs the owner auth too.
+    {
+        let mut tpm = hw.connect();
+        let mut t = Tpm2::new(tpm.as_mut(), 0);
+        t.set_owner_auth(owner.clone());
+        t.nv_undefine(INDEX).expect("the owner undefines it");
+    }
+    let e = Manager::recover(common::dev(&path, false), hw.connect(), Some((&[0, 16], 0)), &[]).expect_err("no auth");
+    assert!(e.to_string().contains("--owner-auth-file"), "{e}");
+    let r = Manager::recover(common::dev(&path, false), hw.connect(), Some((&[0, 16], 0)), &owner).expect("recover");
+    assert!(r.redefined);
+    let m = Manager::open(common::dev(&path, false), hw.connect()).expect("open after recover");
+    assert_eq!(m.load(&[1; 16]).expect("load"), blob(2));
     let _ = std::fs::remove_dir_all(&dir);
 }

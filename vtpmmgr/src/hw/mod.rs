@@ -34,9 +34,27 @@ pub struct Sealed {
     /// TPM 2.0: the counter's authValue is derived from the root key (false for stores made
     /// before counters had one: their counter's authValue is empty).
     pub counter_auth: bool,
-    /// TPM 1.2: the deep quotes' signing key, wrapped by the SRK, with a usage auth derived
-    /// from the root key (empty for stores made before it was kept: then each run makes one).
+    /// The deep quotes' signing key, with an auth derived from the root key. TPM 2.0: its
+    /// private and public parts ([`Sealed::ak_parts`]); TPM 1.2: the TPM_KEY12 wrapped by the
+    /// SRK. Empty for stores made before it was kept (TPM 1.2: each run then makes one).
     pub ak: Vec<u8>,
+    /// TPM 2.0: the persistent handle of the storage primary key (0: it is made from its
+    /// template at each start, under the owner's empty auth).
+    pub srk_handle: u32,
+}
+
+impl Sealed {
+    /// The TPM 2.0 attestation key's (private, public) parts, as `ak` keeps them.
+    pub fn ak_parts(&self) -> Option<(&[u8], &[u8])> {
+        let n = u16::from_le_bytes([*self.ak.first()?, *self.ak.get(1)?]) as usize;
+        let private = self.ak.get(2..2 + n)?;
+        Some((private, self.ak.get(2 + n..)?))
+    }
+
+    /// `ak` for a TPM 2.0 attestation key's parts.
+    pub fn ak_from_parts(private: &[u8], public: &[u8]) -> Vec<u8> {
+        [&(private.len() as u16).to_le_bytes()[..], private, public].concat()
+    }
 }
 
 /// A PCR selection as the 3-byte bitmap both TPM families use (PCRs 0-23).
@@ -75,6 +93,7 @@ impl Sealed {
             b.extend_from_slice(part);
         }
         b.push(self.counter_auth as u8);
+        b.extend_from_slice(&self.srk_handle.to_le_bytes());
         b
     }
 
@@ -108,6 +127,22 @@ impl Sealed {
         let primary_name = if format == FORMAT { part()? } else { Vec::new() };
         let ak = if format == FORMAT { part()? } else { Vec::new() };
         let counter_auth = format == FORMAT && take(1)?[0] == 1;
-        Ok(Sealed { family, locality, pcrs, nv_index, private, public, creation, primary_name, counter_auth, ak })
+        let srk_handle = match format {
+            FORMAT => u32::from_le_bytes(take(4)?.try_into().map_err(|_| bad("srk handle"))?),
+            _ => 0,
+        };
+        Ok(Sealed {
+            family,
+            locality,
+            pcrs,
+            nv_index,
+            private,
+            public,
+            creation,
+            primary_name,
+            counter_auth,
+            ak,
+            srk_handle,
+        })
     }
 }

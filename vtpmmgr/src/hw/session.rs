@@ -105,6 +105,8 @@ pub struct Use {
     nonce_caller: [u8; 16],
     /// Session attributes.
     pub attrs: u8,
+    /// The response's HMAC key, when the command changes the authValue it uses.
+    response_key: Option<Vec<u8>>,
 }
 
 impl std::fmt::Debug for Use {
@@ -124,7 +126,14 @@ impl Use {
     pub fn new(session: &Session, auth: &[u8], attrs: u8) -> Self {
         let auth = if session.policy { &[] } else { trimmed(auth) };
         let key = [&session.key[..], auth].concat();
-        Self { session: session.clone(), key, nonce_caller: rand::random(), attrs }
+        Self { session: session.clone(), key, nonce_caller: rand::random(), attrs, response_key: None }
+    }
+
+    /// For a command that changes the entity's authValue to `new` (HierarchyChangeAuth): the
+    /// TPM keys the response's HMAC with the new one.
+    pub fn answered_with(mut self, new: &[u8]) -> Self {
+        self.response_key = Some([&self.session.key[..], trimmed(new)].concat());
+        self
     }
 
     /// A policy session with an empty key: its HMACs are empty.
@@ -166,7 +175,8 @@ impl Use {
         if !self.no_hmac() {
             let rp = Sha256::new().chain_update(0u32.to_be_bytes()).chain_update(cc.to_be_bytes());
             let rp = rp.chain_update(&*params).finalize();
-            let want = hmac(&self.key, &[&rp, &nonce, &self.nonce_caller, &[attrs]]);
+            let key = self.response_key.as_ref().unwrap_or(&self.key);
+            let want = hmac(key, &[&rp, &nonce, &self.nonce_caller, &[attrs]]);
             if hmac_got[..] != want[..] {
                 return Err("the response's HMAC does not verify (the response was altered between \
                             the TPM and this manager?)"

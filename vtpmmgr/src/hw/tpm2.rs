@@ -3,12 +3,13 @@
 //!   a policy session satisfying PolicyPCR over the chosen PCRs;
 //! - an NV counter (TPM_NT_COUNTER) bound into every store root against rollback, written and
 //!   read only with its authValue (which only the manager derives, from the root key);
-//! - the attestation key of deep quotes, a primary whose `unique` and authValue come from the
-//!   root key.
+//! - the attestation key of deep quotes, an ordinary key under the storage primary whose
+//!   authValue comes from the root key.
 //!
-//! The primary key is recreated from its template at each start (same seed, same key), so
-//! nothing but the sealed object's public and private parts is kept. Its Name is recorded at
-//! init and checked at every start. Secrets cross the bus only encrypted: they travel as the
+//! The primary key is recreated from its template at each start (same seed, same key), or kept
+//! at a persistent handle when the owner's auth is set (then starting needs no owner
+//! authorization). Its Name is recorded at init and checked at every start. Owner-authorized
+//! commands use the owner's auth through HMAC sessions. Secrets cross the bus only encrypted: they travel as the
 //! first parameter of a command or response under a session salted to that primary key
 //! ([`super::session`]), and authValues are used through HMAC sessions, never as passwords.
 
@@ -218,6 +219,10 @@ pub struct Tpm2<'a> {
     /// The storage primary key's Name: recorded by the first CreatePrimary, or set by the
     /// caller from the store ([`Tpm2::pin_primary`]); a primary with another Name is refused.
     primary_name: Option<Vec<u8>>,
+    /// The persistent handle of the storage primary key, if it is kept there.
+    srk: Option<u32>,
+    /// The owner hierarchy's auth (empty: the TPM's default).
+    owner_auth: Vec<u8>,
 }
 
 /// The storage primary key, loaded.
@@ -256,7 +261,7 @@ impl std::fmt::Debug for Tpm2<'_> {
 impl<'a> Tpm2<'a> {
     /// Uses `tpm` at `locality`.
     pub fn new(tpm: &'a mut dyn HwTpm, locality: u8) -> Self {
-        Self { tpm, locality, commands: 0, live: Vec::new(), primary_name: None }
+        Self { tpm, locality, commands: 0, live: Vec::new(), primary_name: None, srk: None, owner_auth: Vec::new() }
     }
 
     /// Refuses a storage primary key whose Name is not `name` (recorded at init): another TPM,
@@ -306,6 +311,10 @@ impl<'a> Tpm2<'a> {
             (r, rc) = self.transmit(&bytes)?;
         }
         if rc != 0 {
+            // A failed command does not end its session.
+            if let Some(u) = &cmd.session {
+                self.flush(u.session.handle);
+            }
             return Err(Error::TpmRc { what: what.to_string(), rc });
         }
         // CreatePrimary, Load, LoadExternal and StartAuthSession return the new handle first.
@@ -354,12 +363,20 @@ impl<'a> Tpm2<'a> {
             held.len()
         );
         for h in held {
-            self.flush(h);
+            self.flush_any(h);
         }
         Ok(())
     }
 
+    /// Flushes what this instance loaded or started and still holds (a persistent key, or a
+    /// session its command ended, is not flushed).
     fn flush(&mut self, handle: u32) {
+        if self.live.contains(&handle) {
+            self.flush_any(handle);
+        }
+    }
+
+    fn flush_any(&mut self, handle: u32) {
         self.live.retain(|&h| h != handle);
         if let Err(e) = self.run("FlushContext", Cmd::new(0x165).u32(handle)) {
             log::warn!("flushing TPM handle {handle:#x}: {e}");
@@ -382,11 +399,25 @@ impl<'a> Tpm2<'a> {
             &[0, 0, 0, 0],
         ]
         .concat();
-        let cmd = Cmd::new(0x131).handle(RH_OWNER).pw(1).raw(&[0, 4, 0, 0, 0, 0]).b2(&public).u16(0).u32(0);
-        let r = self.run("CreatePrimary", cmd)?;
+        let (handle, r) = match self.srk {
+            Some(h) => {
+                let r = self.run("ReadPublic (storage primary key)", Cmd::new(0x173).handle(h)).map_err(|e| {
+                    Error::Tpm(format!(
+                        "the persistent storage primary key {h:#x} this store uses cannot be read ({e}): evicted, \
+                         or the owner hierarchy cleared?"
+                    ))
+                })?;
+                (h, r)
+            }
+            None => {
+                let cmd = self.as_owner(Cmd::new(0x131).handle(RH_OWNER))?;
+                let r = self.run("CreatePrimary", cmd.raw(&[0, 4, 0, 0, 0, 0]).b2(&public).u16(0).u32(0))?;
+                let h = Rsp { b: &r, at: 0 }.u32()?;
+                // After the handle: parameterSize, then outPublic.
+                (h, r[8..].to_vec())
+            }
+        };
         let mut p = Rsp { b: &r, at: 0 };
-        let handle = p.u32()?;
-        p.u32()?;
         let public = p.b2()?;
         // TPMT_PUBLIC of our template: type, nameAlg, attributes, authPolicy (empty),
         // symmetric (AES, 128, CFB), scheme (NULL), curve, kdf (NULL), then the point.
@@ -631,7 +662,8 @@ impl<'a> Tpm2<'a> {
             [&index.to_be_bytes()[..], &ALG_SHA256.to_be_bytes(), &attrs.to_be_bytes(), &[0, 0], &8u16.to_be_bytes()]
                 .concat();
         let s = self.salted_session()?;
-        let cmd = Cmd::new(0x12A).handle(RH_OWNER).with(Use::new(&s, &[], DECRYPT)).b2(auth).b2(&public);
+        let owner = self.owner_auth.clone();
+        let cmd = Cmd::new(0x12A).handle(RH_OWNER).with(Use::new(&s, &owner, DECRYPT)).b2(auth).b2(&public);
         self.run("NV_DefineSpace", cmd).map_err(|e| match e {
             // TPM_RC_NV_DEFINED
             Error::TpmRc { rc: 0x14c, .. } => Error::Tpm(format!(
@@ -640,6 +672,11 @@ impl<'a> Tpm2<'a> {
                  rollback check): give another --nv-index, or, if that store is gone for good, remove \
                  the index (tpm2_nvundefine {index:#x})"
             )),
+            Error::TpmRc { rc, .. } if rc_number(rc).is_some_and(|n| RC_AUTH_FAIL.contains(&n)) => Error::Tpm(
+                "the TPM refused the owner's authorization to define the counter: its owner auth is set; give it \
+                 with --owner-auth-file"
+                    .into(),
+            ),
             e => e,
         })?;
         let c = Counter { index, name: Vec::new(), public, auth: auth.to_vec() };
@@ -709,20 +746,27 @@ impl<'a> Tpm2<'a> {
         r.map(|(v, _)| v)
     }
 
-    /// Undefines NV index `index` with the owner's authorization (empty).
+    /// Undefines NV index `index` with the owner's authorization.
     pub fn nv_undefine(&mut self, index: u32) -> Result<()> {
-        self.run("NV_UndefineSpace", Cmd::new(0x122).handle(RH_OWNER).handle(index).pw(1)).map(drop)
+        // An HMAC covers the index's Name: NV_ReadPublic's second answer.
+        let r = self.run("NV_ReadPublic", Cmd::new(0x169).handle(index))?;
+        let mut p = Rsp { b: &r, at: 0 };
+        p.b2()?;
+        let name = p.b2()?.to_vec();
+        let cmd = self.as_owner(Cmd::new(0x122).handle(RH_OWNER).named(index, name))?;
+        self.run("NV_UndefineSpace", cmd).map(drop)
     }
 
-    /// Loads the attestation key: a restricted ECC P-256 signing key (ECDSA-SHA256), the owner
-    /// hierarchy's primary for a template whose `unique` is `unique`, with authValue `auth`.
-    /// Both come from the root key, so only this manager can make it or use it; the authValue
-    /// crosses the bus only encrypted (CreatePrimary's first parameter, under a salted session)
-    /// and is used through HMAC sessions. Its (handle, Name, TPMT_PUBLIC).
-    fn attestation_key(&mut self, unique: &[u8; 32], auth: &[u8]) -> Result<(u32, Vec<u8>, Vec<u8>)> {
+    /// Creates the attestation key under the storage primary: a restricted ECC P-256 signing
+    /// key (ECDSA-SHA256) with authValue `auth` (from the root key), which crosses the bus
+    /// only encrypted (Create's first parameter, under a salted session). Its (private,
+    /// public) parts, kept in the sealed-key block: only this manager can use it, and no
+    /// other process can make the same key.
+    pub fn create_attestation_key(&mut self, auth: &[u8]) -> Result<(Vec<u8>, Vec<u8>)> {
         let template = [
             &0x0023u16.to_be_bytes()[..],
             &ALG_SHA256.to_be_bytes(),
+            // fixedTPM | fixedParent | sensitiveDataOrigin | userWithAuth | noDA | restricted | sign
             &0x0005_0472u32.to_be_bytes(),
             &[0, 0],
             &ALG_NULL.to_be_bytes(),
@@ -730,41 +774,46 @@ impl<'a> Tpm2<'a> {
             &ALG_SHA256.to_be_bytes(),
             &0x0003u16.to_be_bytes(),
             &ALG_NULL.to_be_bytes(),
-            &32u16.to_be_bytes(),
-            unique,
-            &[0, 0],
+            &[0, 0, 0, 0],
         ]
         .concat();
         let sensitive = [&(auth.len() as u16).to_be_bytes()[..], auth, &[0, 0]].concat();
-        let s = self.salted_session()?;
-        let cmd = Cmd::new(0x131).handle(RH_OWNER).with(Use::new(&s, &[], DECRYPT));
-        let r = self.run("CreatePrimary (attestation key)", cmd.b2(&sensitive).b2(&template).u16(0).u32(0))?;
-        let mut p = Rsp { b: &r, at: 0 };
-        let ak = p.u32()?;
-        p.u32()?;
-        let public = p.b2()?.to_vec();
-        let name = [&ALG_SHA256.to_be_bytes()[..], &sha2::Sha256::digest(&public)].concat();
-        Ok((ak, name, public))
+        let parent = self.primary()?;
+        let r = self.start_session(SE_HMAC, Some(&parent)).and_then(|s| {
+            let cmd = Cmd::new(0x153).named(parent.handle, parent.name.clone()).with(Use::new(&s, &[], DECRYPT));
+            self.run("Create (attestation key)", cmd.b2(&sensitive).b2(&template).u16(0).u32(0))
+        });
+        self.flush(parent.handle);
+        let r = r?;
+        let mut p = params(&r, "Create")?;
+        Ok((p.b2()?.to_vec(), p.b2()?.to_vec()))
     }
 
-    /// The attestation key's TPMT_PUBLIC (what verifiers register).
-    pub fn attestation_public(&mut self, unique: &[u8; 32], auth: &[u8]) -> Result<Vec<u8>> {
-        let (ak, _, public) = self.attestation_key(unique, auth)?;
-        self.flush(ak);
-        Ok(public)
-    }
-
-    /// Quotes `pcrs` (sha256 bank) with the attestation key ([`Tpm2::attestation_key`]):
-    /// (the key's TPMT_PUBLIC, the TPMS_ATTEST, the TPMT_SIGNATURE).
+    /// Quotes `pcrs` (sha256 bank) with the attestation key (`private`, `public` from
+    /// [`Tpm2::create_attestation_key`], authValue `auth`): (the key's TPMT_PUBLIC, the
+    /// TPMS_ATTEST, the TPMT_SIGNATURE).
     pub fn quote(
         &mut self,
         qualifying: &[u8; 32],
         pcrs: &[u8],
-        unique: &[u8; 32],
+        (private, public): (&[u8], &[u8]),
         auth: &[u8],
     ) -> Result<(Vec<u8>, Vec<u8>, Vec<u8>)> {
-        let (ak, name, public) = self.attestation_key(unique, auth)?;
-        let q = self.start_session(SE_HMAC, None).and_then(|s| {
+        let parent = self.primary()?;
+        let loaded =
+            self.run("Load (attestation key)", Cmd::new(0x157).handle(parent.handle).pw(1).b2(private).b2(public));
+        self.flush(parent.handle);
+        let loaded = loaded?;
+        let mut p = Rsp { b: &loaded, at: 0 };
+        let ak = p.u32()?;
+        let name = (|| {
+            Ok::<_, Error>({
+                p.u32()?;
+                p.b2()?.to_vec()
+            })
+        })();
+        let q = name.and_then(|name| {
+            let s = self.start_session(SE_HMAC, None)?;
             let cmd = Cmd::new(0x158).named(ak, name).with(Use::new(&s, auth, 0));
             self.run("Quote", cmd.b2(qualifying).u16(ALG_NULL).pcrs(pcrs))
         });
@@ -773,7 +822,72 @@ impl<'a> Tpm2<'a> {
         let mut p = params(&q, "Quote")?;
         let attest = p.b2()?.to_vec();
         let signature = p.b[p.at..].to_vec();
-        Ok((public, attest, signature))
+        Ok((public.to_vec(), attest, signature))
+    }
+
+    /// Makes the storage primary key persistent at `handle` (owner-authorized), or, if a key is
+    /// there already, checks it is that same key: from then on it is used from there, and
+    /// starting needs no owner authorization (the owner's auth may be set).
+    pub fn persist_primary(&mut self, handle: u32) -> Result<()> {
+        let made = self.primary()?;
+        let there = self.run("ReadPublic", Cmd::new(0x173).handle(handle));
+        match there {
+            Ok(r) => {
+                self.flush(made.handle);
+                let public = Rsp { b: &r, at: 0 }.b2()?;
+                let name = [&ALG_SHA256.to_be_bytes()[..], &sha2::Sha256::digest(public)].concat();
+                if name != made.name {
+                    return Err(Error::Tpm(format!(
+                        "persistent handle {handle:#x} holds another key than this manager's storage primary key; \
+                         give another --srk-handle"
+                    )));
+                }
+                log::info!("the storage primary key is at {handle:#x} already");
+            }
+            Err(Error::TpmRc { rc, .. }) if rc_number(rc) == Some(RC_HANDLE) => {
+                let cmd = self.as_owner(Cmd::new(0x120).handle(RH_OWNER).named(made.handle, made.name.clone()));
+                let r = cmd.and_then(|c| self.run("EvictControl", c.u32(handle)));
+                self.flush(made.handle);
+                r?;
+                log::info!("the storage primary key made persistent at {handle:#x}");
+            }
+            Err(e) => {
+                self.flush(made.handle);
+                return Err(e);
+            }
+        }
+        self.srk = Some(handle);
+        Ok(())
+    }
+
+    /// Uses the persistent storage primary key at `handle` instead of making it each time.
+    pub fn use_persistent_primary(&mut self, handle: u32) {
+        self.srk = Some(handle);
+    }
+
+    /// Authorizes the owner hierarchy with `auth` (through HMAC sessions) from now on.
+    pub fn set_owner_auth(&mut self, auth: Vec<u8>) {
+        self.owner_auth = auth;
+    }
+
+    /// Changes the owner hierarchy's auth to `new` (sent encrypted).
+    pub fn change_owner_auth(&mut self, new: &[u8]) -> Result<()> {
+        let s = self.salted_session()?;
+        let owner = self.owner_auth.clone();
+        let cmd = Cmd::new(0x129).handle(RH_OWNER).with(Use::new(&s, &owner, DECRYPT).answered_with(new)).b2(new);
+        self.run("HierarchyChangeAuth (owner)", cmd)?;
+        self.owner_auth = new.to_vec();
+        Ok(())
+    }
+
+    /// `cmd` (its handles set, the owner's first) authorized by the owner: the empty password,
+    /// or an HMAC session with the owner's auth.
+    fn as_owner(&mut self, cmd: Cmd) -> Result<Cmd> {
+        if self.owner_auth.is_empty() {
+            return Ok(cmd.pw(1));
+        }
+        let s = self.start_session(SE_HMAC, None)?;
+        Ok(cmd.with(Use::new(&s, &self.owner_auth, 0)))
     }
 
     /// Resets `pcr` (only resettable PCRs at allowed localities).

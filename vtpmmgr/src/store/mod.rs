@@ -34,8 +34,6 @@ const SEALED_MAGIC: &[u8; 8] = b"XVTPMSEA";
 pub enum Purpose {
     /// The TPM 2.0 counter's authValue.
     CounterAuth,
-    /// The TPM 2.0 attestation key's `unique`.
-    AkUnique,
     /// The attestation key's authValue (TPM 2.0), or the TPM 1.2 quote key's usage auth.
     AkAuth,
     /// The key that signs migration bundles.
@@ -49,7 +47,6 @@ pub enum Purpose {
 pub fn subkey(root: &[u8; 32], purpose: Purpose) -> [u8; 32] {
     let info: &[u8] = match purpose {
         Purpose::CounterAuth => b"nv counter auth",
-        Purpose::AkUnique => b"attestation key unique",
         Purpose::AkAuth => b"attestation key auth",
         Purpose::MigrationSigning => b"migration signing key",
         Purpose::StoreAead => b"store aead key",
