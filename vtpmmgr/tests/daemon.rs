@@ -416,3 +416,42 @@ fn approved_boot_hashes_gate_keys_and_quotes() {
     assert_eq!(admin().approved(again).expect("list"), Vec::<[u8; 32]>::new());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The operator's commands of issue 19: `init --set-owner-auth-file` (then `serve` runs without
+/// the owner auth), and `recover`, which reports a store in step without touching it.
+#[test]
+fn init_sets_the_owner_auth_serve_runs_without_it_and_recover_reports() {
+    let dir = common::tmpdir("owner-cli");
+    let hw = common::HwSwtpm::start(&dir.join("tpm"));
+    let store = dir.join("store.img");
+    let auth = dir.join("owner.auth");
+    std::fs::write(&auth, "owner secret\n").expect("auth file");
+    let out = Command::new(BIN)
+        .args(["init", "--pcrs", "0,16", "--store"])
+        .arg(&store)
+        .args(["--tpm", &hw.arg(), "--set-owner-auth-file"])
+        .arg(&auth)
+        .output()
+        .expect("vtpmmgr init");
+    assert!(out.status.success(), "init: {}", String::from_utf8_lossy(&out.stderr));
+    let d = serve(&store, &hw, &dir, "mgr.log");
+    let uuid = provision(&dir, &[0x21; 32]);
+    let mut c = Client::connect(&dir.join("mgr.sock")).expect("connect");
+    assert_eq!(bind(&mut c, &uuid, &[0x21; 32]), status::SUCCESS);
+    assert_eq!(c.call(TAG_REQ, proto::SAVEHASHKEY, &blob(1)).expect("save").0, status::SUCCESS);
+    drop((c, d));
+    let recover = |pcrs: &str| {
+        Command::new(BIN)
+            .args(["recover", "--pcrs", pcrs, "--store"])
+            .arg(&store)
+            .args(["--tpm", &hw.arg()])
+            .output()
+            .expect("vtpmmgr recover")
+    };
+    let out = recover("0,16");
+    assert!(out.status.success(), "recover: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("nothing changed"), "{out:?}");
+    let out = recover("0");
+    assert!(!out.status.success(), "a recover expecting other PCRs touches nothing");
+    let _ = std::fs::remove_dir_all(&dir);
+}
