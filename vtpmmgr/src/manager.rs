@@ -218,7 +218,10 @@ impl<D: BlockDev> Manager<D> {
                     e => e,
                 })?;
                 let payload = [&key[..], &counter_auth].concat();
-                let private = t.seal(&WELL_KNOWN, &WELL_KNOWN, &payload, &cfg.pcrs)?;
+                // The SRK's public key, recorded: every seal and unseal of the root key runs in
+                // a transport session encrypted to it.
+                let srk_public = t.srk_public(&owner)?;
+                let private = t.seal(&WELL_KNOWN, &WELL_KNOWN, &payload, &cfg.pcrs, Some(&srk_public))?;
                 let mut ak_auth = [0u8; 20];
                 ak_auth.copy_from_slice(&store::subkey(&key, Purpose::AkAuth)[12..]);
                 log::info!("creating the deep quotes' signing key (RSA-2048, wrapped by the SRK)");
@@ -231,7 +234,7 @@ impl<D: BlockDev> Manager<D> {
                     private,
                     public: Vec::new(),
                     creation: Vec::new(),
-                    primary_name: Vec::new(),
+                    primary_name: srk_public,
                     counter_auth: true,
                     ak,
                     srk_handle: 0,
@@ -401,7 +404,14 @@ impl<D: BlockDev> Manager<D> {
             Family::Tpm12 => {
                 let mut t = Tpm12::new(tpm, sealed.locality);
                 t.startup()?;
-                let payload = t.unseal(&WELL_KNOWN, &WELL_KNOWN, &sealed.private)?;
+                let srk_public = (!sealed.primary_name.is_empty()).then_some(&sealed.primary_name[..]);
+                if srk_public.is_none() {
+                    log::warn!(
+                        "this store was made before the SRK's public key was recorded: its root key is unsealed in \
+                         the clear (no encrypted transport session)"
+                    );
+                }
+                let payload = t.unseal(&WELL_KNOWN, &WELL_KNOWN, &sealed.private, srk_public)?;
                 // The seal info is authenticated now: it must say this manager sealed it.
                 SealInfo::parse(&sealed.private)?.check(sealed.locality, &sealed.pcrs)?;
                 if payload.len() != 52 {

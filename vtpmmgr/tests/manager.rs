@@ -298,7 +298,7 @@ fn tpm12_a_substituted_store_is_refused() {
         t.pcr_extend(16, &[0x66; 20]).expect("extend");
         let key = [0x99u8; 32];
         let payload = [&key[..], &[0u8; 20]].concat();
-        let forged = t.seal_to(&[0; 20], &[0; 20], &payload, &[0, 16], Some(approved)).expect("seal");
+        let forged = t.seal_to(&[0; 20], &[0; 20], &payload, &[0, 16], Some(approved), None).expect("seal");
         t.pcr_reset(16).expect("back to the approved state");
         replace_store(&path, key, &Sealed { private: forged, ..sealed }, counter);
     }

@@ -28,8 +28,10 @@ pub struct Sealed {
     /// TPM 2.0: the creation data, creation hash and creation ticket of the sealed object, so
     /// the TPM can vouch that this manager created it. TPM 1.2: empty (the seal info serves).
     pub creation: Vec<u8>,
-    /// TPM 2.0: the storage primary key's Name at init (empty for stores made before it was
-    /// recorded: then it is not checked).
+    /// TPM 2.0: the storage primary key's Name at init. TPM 1.2: the SRK's TPM_PUBKEY at
+    /// init, which the transport sessions of the seal and unseal are encrypted to. Empty for
+    /// stores made before it was recorded (then not checked, and a TPM 1.2 unseals in the
+    /// clear).
     pub primary_name: Vec<u8>,
     /// TPM 2.0: the counter's authValue is derived from the root key (false for stores made
     /// before counters had one: their counter's authValue is empty).

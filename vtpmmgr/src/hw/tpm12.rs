@@ -2,7 +2,10 @@
 //! the TPM has none), taking ownership (owner and SRK auth encrypted with RSA-OAEP under the
 //! EK), OIAP and OSAP sessions with HMAC-SHA1 authorisation (responses verified too),
 //! TPM_Seal/TPM_Unseal under the SRK with a TPM_PCR_INFO_LONG (PCRs and a locality mask), a
-//! monotonic counter, and quotes with a signing key wrapped by the SRK.
+//! monotonic counter, and quotes with a signing key wrapped by the SRK. The seal and the
+//! unseal of the root key run inside an encrypted transport session (TPM_EstablishTransport
+//! with its secret under the SRK's public key, TPM_ExecuteTransport with MGF1 masking), so
+//! the root key never crosses the bus in the clear.
 
 use hmac::{Hmac, Mac};
 use rand::RngCore;
@@ -36,6 +39,54 @@ const RC_NOSPACE: u32 = 0x11;
 /// TPM_FlushSpecific.
 const RT_KEY: u32 = 1;
 const RT_AUTH: u32 = 2;
+
+/// TPM_TRANSPORT_PUBLIC: encrypted (TPM_TRANSPORT_ENCRYPT), with MGF1 (TPM_ALG_MGF1,
+/// TPM_ES_NONE).
+const TRANSPORT_PUBLIC: [u8; 12] = [0x00, 0x1E, 0, 0, 0, 0x01, 0, 0, 0, 0x07, 0x00, 0x01];
+
+/// An encrypted transport session.
+struct Transport {
+    handle: u32,
+    /// Its authData, which also keys its masks.
+    auth: [u8; 20],
+    /// The TPM's latest nonce.
+    nonce_even: [u8; 20],
+}
+
+/// MGF1 with SHA-1: `len` bytes from `seed`.
+fn mgf1(seed: &[u8], len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len + 20);
+    let mut counter = 0u32;
+    while out.len() < len {
+        out.extend_from_slice(&sha1(&[seed, &counter.to_be_bytes()]));
+        counter += 1;
+    }
+    out.truncate(len);
+    out
+}
+
+/// Masks (or unmasks) `data` for a transport session: `direction` is `b"in"` for a command,
+/// `b"out"` for a response.
+fn mask(data: &mut [u8], even: &[u8; 20], odd: &[u8; 20], direction: &[u8], auth: &[u8; 20]) {
+    let pad = mgf1(&[&even[..], odd, direction, auth].concat(), data.len());
+    data.iter_mut().zip(pad).for_each(|(d, p)| *d ^= p);
+}
+
+/// An RSA public key from a TPM_PUBKEY.
+pub fn rsa_of_pubkey(pubkey: &[u8]) -> Result<RsaPublicKey> {
+    let bad = || Error::Tpm("malformed TPM_PUBKEY".into());
+    let parm_size = be32(pubkey, 8)? as usize;
+    let parms = pubkey.get(12..12 + parm_size).ok_or_else(bad)?;
+    let exp_size = be32(parms, 8)? as usize;
+    let exponent = match parms.get(12..12 + exp_size) {
+        Some(e) if !e.is_empty() => BigUint::from_bytes_be(e),
+        _ => BigUint::from(65537u32),
+    };
+    let at = 12 + parm_size;
+    let n_len = be32(pubkey, at)? as usize;
+    let n = pubkey.get(at + 4..at + 4 + n_len).ok_or_else(bad)?;
+    RsaPublicKey::new(BigUint::from_bytes_be(n), exponent).map_err(|e| Error::Tpm(format!("TPM_PUBKEY: {e}")))
+}
 
 /// An authorization session.
 struct Session {
@@ -204,6 +255,15 @@ impl<'a> Tpm12<'a> {
         body: Body<'_>,
         auths: &[(&Session, &[u8; 20])],
     ) -> Result<Vec<u8>> {
+        let (c, odds) = Self::authorize(ordinal, &body, auths);
+        let tag = if auths.len() == 2 { AUTH2 } else { AUTH1 };
+        let r = self.send(what, tag, ordinal, &c)?;
+        Self::check_response(what, ordinal, &body, auths, &odds, &r)
+    }
+
+    /// The body of an authorized command (handles, parameters, authorization trailers) and
+    /// the odd nonces it uses.
+    fn authorize(ordinal: u32, body: &Body<'_>, auths: &[(&Session, &[u8; 20])]) -> (Vec<u8>, Vec<[u8; 20]>) {
         let digest = sha1(&[&ordinal.to_be_bytes(), body.params]);
         let mut c: Vec<u8> = body.handles.iter().flat_map(|h| h.to_be_bytes()).collect();
         c.extend_from_slice(body.params);
@@ -218,8 +278,18 @@ impl<'a> Tpm12<'a> {
             c.extend_from_slice(&mac);
             odds.push(odd);
         }
-        let tag = if auths.len() == 2 { AUTH2 } else { AUTH1 };
-        let r = self.send(what, tag, ordinal, &c)?;
+        (c, odds)
+    }
+
+    /// Checks the authorizations of response `r` (its header included); its output parameters.
+    fn check_response(
+        what: &str,
+        ordinal: u32,
+        body: &Body<'_>,
+        auths: &[(&Session, &[u8; 20])],
+        odds: &[[u8; 20]],
+        r: &[u8],
+    ) -> Result<Vec<u8>> {
         let trailer = 41 * auths.len();
         let out_end = r
             .len()
@@ -301,8 +371,17 @@ impl<'a> Tpm12<'a> {
 
     /// Seals `secret` under the SRK to the current values of `pcrs`, releasable only at
     /// `locality`; the TPM_STORED_DATA12 blob.
-    pub fn seal(&mut self, srk: &[u8; 20], data_auth: &[u8; 20], secret: &[u8], pcrs: &[u8]) -> Result<Vec<u8>> {
-        self.seal_to(srk, data_auth, secret, pcrs, None)
+    /// Inside an encrypted transport session to the SRK whose public key is `srk_public`, if
+    /// given.
+    pub fn seal(
+        &mut self,
+        srk: &[u8; 20],
+        data_auth: &[u8; 20],
+        secret: &[u8],
+        pcrs: &[u8],
+        srk_public: Option<&[u8]>,
+    ) -> Result<Vec<u8>> {
+        self.seal_to(srk, data_auth, secret, pcrs, None, srk_public)
     }
 
     /// Seals `secret` to `release` (a composite digest of `pcrs`), or to their current values.
@@ -313,25 +392,45 @@ impl<'a> Tpm12<'a> {
         secret: &[u8],
         pcrs: &[u8],
         release: Option<[u8; 20]>,
+        srk_public: Option<&[u8]>,
     ) -> Result<Vec<u8>> {
         let digest = self.composite(pcrs)?;
         let at_release = release.unwrap_or(digest);
         let loc = 1u8 << self.locality;
         let sel = [&3u16.to_be_bytes()[..], &select(pcrs)].concat();
         let info = [&0x0006u16.to_be_bytes()[..], &[loc, loc], &sel, &sel, &digest, &at_release].concat();
+        let transport = srk_public.map(|p| self.establish_transport(p, srk)).transpose()?;
         let (s, shared) = self.osap(ET_KEYHANDLE, KH_SRK, srk)?;
         let enc_auth = adip(&shared, &s, data_auth);
         let p =
             [&enc_auth[..], &(info.len() as u32).to_be_bytes(), &info, &(secret.len() as u32).to_be_bytes(), secret]
                 .concat();
-        self.authorized("Seal", 0x17, Body::new(&[KH_SRK], &p), &[(&s, &shared)])
+        let body = Body::new(&[KH_SRK], &p);
+        match &transport {
+            Some(t) => self.in_transport(t, "Seal", 0x17, body, &[(&s, &shared)]),
+            None => self.authorized("Seal", 0x17, body, &[(&s, &shared)]),
+        }
     }
 
-    /// Unseals a blob from [`Tpm12::seal`].
-    pub fn unseal(&mut self, srk: &[u8; 20], data_auth: &[u8; 20], sealed: &[u8]) -> Result<Vec<u8>> {
+    /// Unseals a blob from [`Tpm12::seal`]: inside an encrypted transport session to the SRK
+    /// whose public key is `srk_public` (the secret comes back masked), or, for stores made
+    /// before that key was recorded (`None`), in the clear.
+    pub fn unseal(
+        &mut self,
+        srk: &[u8; 20],
+        data_auth: &[u8; 20],
+        sealed: &[u8],
+        srk_public: Option<&[u8]>,
+    ) -> Result<Vec<u8>> {
+        let transport = srk_public.map(|p| self.establish_transport(p, srk)).transpose()?;
         let (s1, s2) = (self.oiap()?, self.oiap()?);
-        let r = self
-            .authorized("Unseal", 0x18, Body::new(&[KH_SRK], sealed), &[(&s1, srk), (&s2, data_auth)])
+        let body = Body::new(&[KH_SRK], sealed);
+        let auths = [(&s1, srk), (&s2, data_auth)];
+        let r = match &transport {
+            Some(t) => self.in_transport(t, "Unseal", 0x18, body, &auths),
+            None => self.authorized("Unseal", 0x18, body, &auths),
+        };
+        let r = r
             .map_err(|e| match e {
                 Error::TpmRc { rc: RC_WRONGPCRVAL | RC_BAD_LOCALITY, .. } => Error::Tpm(format!(
                     "the TPM refused to unseal the store's root key: the PCRs or the locality differ from those it was sealed to ({e})"
@@ -340,6 +439,88 @@ impl<'a> Tpm12<'a> {
             })?;
         let n = be32(&r, 0)? as usize;
         r.get(4..4 + n).map(<[u8]>::to_vec).ok_or_else(|| Error::Tpm("short Unseal".into()))
+    }
+
+    /// The SRK's public key (TPM_OwnerReadInternalPub with the owner's auth): a TPM_PUBKEY.
+    pub fn srk_public(&mut self, owner: &[u8; 20]) -> Result<Vec<u8>> {
+        let s = self.oiap()?;
+        // The key handle is a parameter here: the HMAC covers it.
+        self.authorized("OwnerReadInternalPub", 0x81, Body::new(&[], &KH_SRK.to_be_bytes()), &[(&s, owner)])
+    }
+
+    /// Opens an encrypted transport session: its authData travels RSA-OAEP-encrypted under
+    /// the SRK's public key `srk_public` (a TPM_PUBKEY recorded at init), so only this TPM
+    /// learns it, and a TPM answering with another SRK cannot.
+    fn establish_transport(&mut self, srk_public: &[u8], srk: &[u8; 20]) -> Result<Transport> {
+        let key = rsa_of_pubkey(srk_public)?;
+        let auth = nonce();
+        let transport_auth = [&0x001Du16.to_be_bytes()[..], &auth].concat();
+        let secret = key
+            .encrypt(&mut rand::thread_rng(), Oaep::new_with_label::<Sha1, _>("TCPA"), &transport_auth)
+            .map_err(|e| Error::Tpm(format!("RSA-OAEP under the SRK: {e}")))?;
+        let p = [&TRANSPORT_PUBLIC[..], &(secret.len() as u32).to_be_bytes(), &secret].concat();
+        let s = self.oiap()?;
+        let body = Body { out_handles: 1, ..Body::new(&[KH_SRK], &p) };
+        let r = self.authorized("EstablishTransport", 0xE6, body, &[(&s, srk)])?;
+        // transHandle, locality, TPM_CURRENT_TICKS (32 bytes), transNonceEven.
+        let handle = be32(&r, 0)?;
+        let mut nonce_even = [0u8; 20];
+        nonce_even.copy_from_slice(r.get(40..60).ok_or_else(|| Error::Tpm("short EstablishTransport".into()))?);
+        Ok(Transport { handle, auth, nonce_even })
+    }
+
+    /// An authorized command inside transport session `t`, which ends with it: its parameters
+    /// and those of its answer cross the bus masked; both the transport's and the command's
+    /// own authorizations are checked. Returns the output parameters.
+    fn in_transport(
+        &mut self,
+        t: &Transport,
+        what: &str,
+        ordinal: u32,
+        body: Body<'_>,
+        auths: &[(&Session, &[u8; 20])],
+    ) -> Result<Vec<u8>> {
+        let (inner, odds) = Self::authorize(ordinal, &body, auths);
+        let tag = if auths.len() == 2 { AUTH2 } else { AUTH1 };
+        let mut wrapped = tag.to_be_bytes().to_vec();
+        wrapped.extend_from_slice(&((10 + inner.len()) as u32).to_be_bytes());
+        wrapped.extend_from_slice(&ordinal.to_be_bytes());
+        wrapped.extend_from_slice(&inner);
+        let odd = nonce();
+        let start = 10 + 4 * body.handles.len();
+        mask(&mut wrapped[start..start + body.params.len()], &t.nonce_even, &odd, b"in", &t.auth);
+        let h1 = sha1(&[&ordinal.to_be_bytes(), body.params]);
+        let digest = sha1(&[&0xE7u32.to_be_bytes(), &(wrapped.len() as u32).to_be_bytes(), &h1]);
+        // continueTransSession = 0: the session ends with this command.
+        let mac = hmac(&t.auth, &[&digest, &t.nonce_even, &odd, &[0]]);
+        let mut c = (wrapped.len() as u32).to_be_bytes().to_vec();
+        c.extend_from_slice(&wrapped);
+        c.extend_from_slice(&t.handle.to_be_bytes());
+        c.extend_from_slice(&odd);
+        c.push(0);
+        c.extend_from_slice(&mac);
+        let r = self.send(what, AUTH1, 0xE7, &c)?;
+        let short = || Error::Tpm(format!("{what}: short ExecuteTransport response"));
+        // currentTicks (8), locality (4), wrappedRspSize, wrappedRsp, then the trailer.
+        let size = be32(&r, 22)? as usize;
+        let mut rsp = r.get(26..26 + size).ok_or_else(short)?.to_vec();
+        let trailer = r.get(26 + size..26 + size + 41).ok_or_else(short)?;
+        let mut even = [0u8; 20];
+        even.copy_from_slice(&trailer[..20]);
+        let rc = be32(&rsp, 6)?;
+        let s2 = 10 + 4 * body.out_handles;
+        let len2 = if rc == 0 { rsp.len().checked_sub(s2 + 41 * auths.len()).ok_or_else(short)? } else { 0 };
+        mask(&mut rsp[s2..s2 + len2], &even, &odd, b"out", &t.auth);
+        let h2 = sha1(&[&rc.to_be_bytes(), &ordinal.to_be_bytes(), &rsp[s2..s2 + len2]]);
+        let out_digest =
+            sha1(&[&0u32.to_be_bytes(), &0xE7u32.to_be_bytes(), &r[10..22], &(size as u32).to_be_bytes(), &h2]);
+        if hmac(&t.auth, &[&out_digest, &even, &odd, &trailer[20..21]])[..] != trailer[21..41] {
+            return Err(Error::Tpm(format!("{what}: the transport's authorization of the response does not verify")));
+        }
+        if rc != 0 {
+            return Err(Error::TpmRc { what: what.to_string(), rc });
+        }
+        Self::check_response(what, ordinal, &body, auths, &odds, &rsp)
     }
 
     /// Creates a monotonic counter with `counter_auth`; its id and value.
