@@ -290,6 +290,12 @@ fn root_slot(b: &[u8]) {
         depth: f[24],
         count: u64_at(25),
         high_water: u64_at(33),
+        // Both versions a root may carry.
+        version: if f[89] & 1 == 0 {
+            xvtpm_vtpmmgr::store::root::VERSION
+        } else {
+            xvtpm_vtpmmgr::store::root::VERSION_1
+        },
         ..Root::default()
     };
     r.tag.copy_from_slice(&f[41..57]);
