@@ -101,6 +101,7 @@ fn mgr_request() -> Vec<(String, Vec<u8>)> {
         ("migration-key", Request::MigrationKey),
         ("vtpm-export", Request::VtpmExport { uuid: u, to: vec![4; 130], force: false }),
         ("migration-trust", Request::MigrationTrust { source: vec![5; 130] }),
+        ("vtpm-set-uid", Request::VtpmSetUid { uuid: u, uid: Some(1000) }),
         ("vtpm-import", Request::VtpmImport { group: 1, bundle: vec![6; 40] }),
     ];
     let mut v: Vec<(String, Vec<u8>)> = reqs.into_iter().map(|(n, r)| (format!("req-{n}"), r.encode())).collect();

@@ -77,6 +77,9 @@ pub mod ord {
     pub const MIGRATION_TRUST: u32 = 0x0200_0409;
     /// Ours, management: unpin a source manager; replies u32 1 if it was pinned.
     pub const MIGRATION_DISTRUST: u32 = 0x0200_040A;
+    /// Ours, management: bind a vTPM's socket clients to a uid (body: uuid, u32 uid), or
+    /// clear its binding (uuid alone: the next BIND records one).
+    pub const VTPM_SET_UID: u32 = 0x0200_040B;
 }
 
 /// Status codes (TPM 1.2 values, as Xen's manager uses them).
@@ -213,6 +216,13 @@ pub enum Request {
         /// Export a vTPM exported already to another manager (its first bundle is lost).
         force: bool,
     },
+    /// VTPM_SET_UID.
+    VtpmSetUid {
+        /// The vTPM.
+        uuid: Uuid,
+        /// The uid its socket clients must run as; `None`: cleared.
+        uid: Option<u32>,
+    },
     /// MIGRATION_TRUST.
     MigrationTrust {
         /// The source manager's migration identity.
@@ -291,7 +301,7 @@ pub fn class_of(tag: u16, ordinal: u32) -> Option<Class> {
             TAG_REQ2,
             GROUP_LIST | GROUP_NEW | GROUP_DEL | GROUP_SHOW | VTPM_LIST | VTPM_SHOW | VTPM_NEW | VTPM_DEL
             | GROUP_APPROVE | GROUP_REVOKE | GROUP_APPROVED | MIGRATION_KEY | VTPM_EXPORT | VTPM_IMPORT
-            | ATTESTATION_KEY | MIGRATION_TRUST | MIGRATION_DISTRUST,
+            | ATTESTATION_KEY | MIGRATION_TRUST | MIGRATION_DISTRUST | VTPM_SET_UID,
         ) => Some(Class::Admin),
         _ => None,
     }
@@ -381,6 +391,11 @@ impl Request {
                 _ => return Err(bad("VTPM_EXPORT needs a uuid, a force flag (0 or 1) and a migration key")),
             },
             MIGRATION_TRUST => Request::MigrationTrust { source: body.to_vec() },
+            VTPM_SET_UID => match (Uuid::from_slice(body), body.len()) {
+                (Some(uuid), 16) => Request::VtpmSetUid { uuid, uid: None },
+                (Some(uuid), 20) => Request::VtpmSetUid { uuid, uid: tpm::be32(body, 16) },
+                _ => return Err(bad("VTPM_SET_UID needs a uuid and, to bind, a uid")),
+            },
             MIGRATION_DISTRUST => Request::MigrationDistrust { source: body.to_vec() },
             VTPM_IMPORT => match r.u32() {
                 Some(group) => Request::VtpmImport { group, bundle: r.rest().to_vec() },
@@ -414,6 +429,7 @@ impl Request {
             Request::AttestationKey => ATTESTATION_KEY,
             Request::VtpmExport { .. } => VTPM_EXPORT,
             Request::MigrationTrust { .. } => MIGRATION_TRUST,
+            Request::VtpmSetUid { .. } => VTPM_SET_UID,
             Request::MigrationDistrust { .. } => MIGRATION_DISTRUST,
             Request::VtpmImport { .. } => VTPM_IMPORT,
         }
@@ -474,6 +490,9 @@ impl Request {
             }
             Request::VtpmExport { uuid, to, force } => [&uuid.0[..], &[u8::from(*force)], to].concat(),
             Request::MigrationTrust { source } | Request::MigrationDistrust { source } => source.clone(),
+            Request::VtpmSetUid { uuid, uid } => {
+                [&uuid.0[..], uid.map(u32::to_be_bytes).as_ref().map_or(&[][..], |u| &u[..])].concat()
+            }
             Request::VtpmImport { group, bundle } => [&group.to_be_bytes()[..], bundle].concat(),
         }
     }
@@ -653,6 +672,8 @@ mod tests {
             Request::VtpmExport { uuid: u, to: vec![4; 130], force: true },
             Request::MigrationTrust { source: vec![5; 130] },
             Request::MigrationDistrust { source: vec![5; 130] },
+            Request::VtpmSetUid { uuid: u, uid: Some(1000) },
+            Request::VtpmSetUid { uuid: u, uid: None },
             Request::VtpmImport { group: 6, bundle: vec![8; 300] },
         ]
     }

@@ -144,6 +144,21 @@ pub enum VtpmCmd {
         /// Its uuid.
         uuid: String,
     },
+    /// Bind a vTPM to the uid its vtpm process runs as (a socket vTPM is bound to the uid of
+    /// its first BIND; this sets another, e.g. after moving the vtpm to its own user), or with
+    /// --clear let its next BIND record one. Other uids are refused its key.
+    BindUid {
+        #[command(flatten)]
+        opts: AdminOpts,
+        /// Its uuid.
+        uuid: String,
+        /// The uid.
+        #[arg(long, required_unless_present = "clear", conflicts_with = "clear")]
+        uid: Option<u32>,
+        /// Clear the binding instead.
+        #[arg(long)]
+        clear: bool,
+    },
 }
 
 /// Group commands.
@@ -366,6 +381,7 @@ pub fn vtpm(cmd: VtpmCmd) -> anyhow::Result<()> {
             }
         }
         VtpmCmd::Delete { opts, uuid } => opts.connect()?.delete(&uuid_arg(&uuid)?)?,
+        VtpmCmd::BindUid { opts, uuid, uid, clear: _ } => opts.connect()?.set_uid(&uuid_arg(&uuid)?, uid)?,
     }
     Ok(())
 }

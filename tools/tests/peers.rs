@@ -93,6 +93,14 @@ fn an_approved_vtpm_with_a_foreign_library_or_in_another_users_hands_is_refused(
         });
         assert!(refused(&o), "another user with the token got the key: {}", String::from_utf8_lossy(&o.stderr));
     }
+    // The operator's way out of a wrong binding: bind it to another uid (root's vtpm is then
+    // refused), or clear it (the next BIND records its uid again).
+    xvtpm(&admin, &["vtpm", "bind-uid", UUID, "--uid", "65534"]);
+    let o = create(&vtpm, &sock, &token, &dir.join("rebound"), |_| {});
+    assert!(refused(&o), "bound to another uid, root's vtpm got the key");
+    xvtpm(&admin, &["vtpm", "bind-uid", UUID, "--clear"]);
+    let o = create(&vtpm, &sock, &token, &dir.join("cleared"), |_| {});
+    assert!(!refused(&o), "a cleared binding still refused: {}", String::from_utf8_lossy(&o.stderr));
     drop(p);
     let _ = std::fs::remove_dir_all(&dir);
 }

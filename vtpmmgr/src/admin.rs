@@ -196,6 +196,12 @@ impl Admin {
         }
     }
 
+    /// Binds a vTPM's socket clients to `uid`, or (`None`) clears the binding so that the next
+    /// BIND records one.
+    pub fn set_uid(&mut self, uuid: &[u8; 16], uid: Option<u32>) -> Result<()> {
+        self.call(&Request::VtpmSetUid { uuid: Uuid(*uuid), uid }, &format!("vTPM {}", uuid_str(uuid))).map(drop)
+    }
+
     /// Deletes a vTPM and its key.
     pub fn delete(&mut self, uuid: &[u8; 16]) -> Result<()> {
         self.call(&Request::VtpmDel { uuid: Uuid(*uuid) }, &format!("vTPM {}", uuid_str(uuid))).map(drop)

@@ -49,6 +49,8 @@ pub trait Service {
     /// Whether socket clients running as `uid` may act for vTPM `uuid`: the uid its first BIND
     /// came from (recorded then), or the one it was bound to.
     fn bind_uid(&mut self, uuid: &[u8; 16], uid: u32) -> Result<()>;
+    /// VTPM_SET_UID: binds vTPM `uuid`'s socket clients to `uid`, or clears the binding.
+    fn set_uid(&mut self, uuid: &[u8; 16], uid: Option<u32>) -> Result<()>;
     /// Whether the SHA-256 of a token is still vTPM `uuid`'s.
     fn authorize_digest(&self, uuid: &[u8; 16], digest: &[u8; 32]) -> Result<()>;
     /// Whether vTPM `uuid` may run with `boot` (its group's approvals).
@@ -259,6 +261,7 @@ fn administer<S: Service>(svc: &mut S, r: Request) -> Result<Vec<u8>> {
             true => Ok(Vec::new()),
             false => Err(Error::UnknownVtpm(uuid.to_string())),
         },
+        Request::VtpmSetUid { uuid, uid } => svc.set_uid(&uuid.0, uid).map(|()| Vec::new()),
         Request::VtpmList { group, offset } => svc.vtpms_of(group).map(|all| Page::of(&all, offset).encode()),
         Request::GroupList { offset } => svc.groups().map(|gs| {
             let numbers: Vec<[u8; 4]> = gs.iter().map(|(n, ..)| n.to_be_bytes()).collect();

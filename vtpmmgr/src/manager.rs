@@ -692,6 +692,30 @@ impl<D: BlockDev> Manager<D> {
         Ok(found)
     }
 
+    /// Binds vTPM `uuid`'s socket clients to `uid` (the operator's choice, replacing what the
+    /// first BIND recorded), or clears the binding so the next BIND records one: the way out
+    /// for a vTPM bound to the wrong uid, which would otherwise be refused for good.
+    pub fn set_uid(&mut self, uuid: &[u8; 16], uid: Option<u32>) -> Result<()> {
+        self.vtpm(uuid)?.ok_or_else(|| Error::UnknownVtpm(uuid_str(uuid)))?;
+        let rec = Record::uid_binding(uuid, uid.unwrap_or(0));
+        let current = self.store.get(&rec.uuid)?;
+        match uid {
+            Some(u) if current.as_ref().map(|r| r.group) != Some(u) => self.commit(|s| s.put(&rec).map(Some))?,
+            Some(_) => {}
+            None if current.is_some() => self.commit(|s| s.delete(&rec.uuid))?,
+            None => {}
+        }
+        log::info!(
+            "vTPM {}: socket clients bound to {} by the operator",
+            uuid_str(uuid),
+            match uid {
+                Some(u) => format!("uid {u}"),
+                None => "the uid of the next BIND".to_string(),
+            }
+        );
+        Ok(())
+    }
+
     /// Whether socket clients running as `uid` may act for vTPM `uuid`: its first BIND
     /// records the uid it came from (one commit, once); later BINDs must come from that uid.
     /// Deleting the vTPM drops the binding.
@@ -1114,6 +1138,9 @@ impl<D: BlockDev> crate::dispatch::Service for Manager<D> {
     }
     fn bind_uid(&mut self, uuid: &[u8; 16], uid: u32) -> Result<()> {
         Manager::bind_uid(self, uuid, uid)
+    }
+    fn set_uid(&mut self, uuid: &[u8; 16], uid: Option<u32>) -> Result<()> {
+        Manager::set_uid(self, uuid, uid)
     }
     fn check_boot(&self, uuid: &[u8; 16], boot: Option<&BootHash>) -> Result<()> {
         Manager::check_boot(self, uuid, boot)

@@ -54,6 +54,14 @@ impl Service for Fake {
             _ => Err(Error::NotAuthorized("another uid".into())),
         }
     }
+    fn set_uid(&mut self, uuid: &[u8; 16], uid: Option<u32>) -> Result<()> {
+        self.known(uuid)?;
+        match uid {
+            Some(u) => self.uids.insert(*uuid, u),
+            None => self.uids.remove(uuid),
+        };
+        Ok(())
+    }
     fn authorize_digest(&self, uuid: &[u8; 16], digest: &[u8; 32]) -> Result<()> {
         match self.known(uuid)? {
             (_, _, d) if d == digest => Ok(()),
@@ -217,6 +225,17 @@ fn socket_clients_bind_with_the_token_and_lose_it_when_it_changes() {
     let mut thief = Caller::Socket { uid: 1001, bound: None };
     assert_eq!(st(&mut f, &mut thief, &bind(TOKEN)), (TAG_RSP, status::AUTHFAIL));
     assert_eq!(st(&mut f, &mut thief, &Request::LoadHashKey.encode()), (TAG_RSP, status::AUTHFAIL));
+    // The operator rebinds it (say, the vTPM now runs as its own user): the thief's uid now,
+    // for the test's sake; and clears it, so the next BIND records one again.
+    let mut admin = Caller::Admin;
+    assert!(ok(&mut f, &mut admin, Request::VtpmSetUid { uuid: Uuid(U), uid: Some(1001) }).is_empty());
+    let mut thief = Caller::Socket { uid: 1001, bound: None };
+    assert_eq!(st(&mut f, &mut thief, &bind(TOKEN)), (TAG_RSP, status::SUCCESS));
+    assert!(ok(&mut f, &mut admin, Request::VtpmSetUid { uuid: Uuid(U), uid: None }).is_empty());
+    assert!(!f.uids.contains_key(&U));
+    let unknown = Request::VtpmSetUid { uuid: Uuid(OTHER), uid: Some(1) }.encode();
+    assert_eq!(st(&mut f, &mut admin, &unknown), (TAG_RSP, status::BADINDEX));
+    f.uids.insert(U, 1000);
     // The debug form (what logs print) carries no token digest.
     let shown = format!("{c:?}");
     assert!(shown.contains("uid 1000") && !shown.contains(&format!("{:?}", &Sha256::digest(TOKEN)[..4])), "{shown}");
@@ -251,6 +270,7 @@ fn management_is_for_the_admin_socket_only() {
         Request::VtpmExport { uuid: Uuid(U), to: vec![4; 65], force: false },
         Request::MigrationTrust { source: vec![5; 130] },
         Request::MigrationDistrust { source: vec![5; 130] },
+        Request::VtpmSetUid { uuid: Uuid(U), uid: Some(7) },
         Request::VtpmImport { group: 0, bundle: b"good".to_vec() },
     ];
     let bound = Some((U, Sha256::digest(TOKEN).into()));
