@@ -15,6 +15,8 @@ if [ $PHASE = 2 ]; then
     # After a reboot (destroy + create with the same uuid): what phase 1 made is still there.
     tpm2_readpublic -c 0x81000001 >/dev/null 2>&1 && say "phase2 persistent key ok" || say "phase2 persistent key FAILED"
     say "phase2 nv $(tpm2_nvread 0x1500016 -C o -s 8 2>/dev/null)"
+    # A new guest: its PCRs start reset, whatever the last guest extended.
+    say "phase2 pcr16 $(tpm2_pcrread sha256:16 2>&1 | awk '/16:/ {print $2}')"
     say DONE2
     while true; do sleep 10; done
 fi

@@ -25,6 +25,9 @@ pub struct VtpmHandler {
     running: Arc<Mutex<Option<CancelProbe>>>,
     /// The highest locality the guest may claim.
     max_locality: u8,
+    /// The frontend domain served last: a device of another domain is another guest (a new
+    /// platform), whose TPM must start reset.
+    last_frontend: Mutex<Option<xvtpm_xen::DomId>>,
 }
 
 impl std::fmt::Debug for VtpmHandler {
@@ -51,7 +54,26 @@ impl VtpmHandler {
         if let Err(e) = spawned {
             log::warn!("no cancel watcher (commands cannot be cancelled): {e}");
         }
-        Arc::new(VtpmHandler { engine: Mutex::new(engine), running, max_locality: max_locality.min(MAX_LOCALITY - 1) })
+        Arc::new(VtpmHandler {
+            engine: Mutex::new(engine),
+            running,
+            max_locality: max_locality.min(MAX_LOCALITY - 1),
+            last_frontend: Mutex::new(None),
+        })
+    }
+}
+
+/// Power-cycles the TPM as a platform reset does: its volatile state (PCRs, sessions, loaded
+/// objects) is dropped, the permanent state kept, and it is started with Startup(CLEAR).
+fn platform_reset(engine: &mut dyn TpmEngine) -> crate::Result<()> {
+    engine.shutdown();
+    engine.init(true)?;
+    let cmd = xvtpm_proto::tpm::startup(engine.version().into(), xvtpm_proto::tpm::StartupType::Clear)
+        .ok_or_else(|| crate::Error::Config("no startup command for this TPM version".into()))?;
+    let rsp = engine.process(0, &cmd)?;
+    match xvtpm_proto::tpm::code(&rsp) {
+        Some(0) => Ok(()),
+        code => Err(crate::Error::Config(format!("TPM startup answered {code:x?}"))),
     }
 }
 
@@ -112,6 +134,22 @@ impl CommandHandler for VtpmHandler {
 
     fn connected(&self, device: &DeviceInfo) {
         log::info!("{device}: guest connected");
+        let mut last = self.last_frontend.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let before = last.replace(device.frontend);
+        // The same domain reconnecting (its tpmfront closed and opened again) keeps its TPM.
+        // Another domain is another guest: a rebooted or recreated one gets a new domain. A
+        // hardware TPM resets with its platform, so this one resets for the new guest.
+        // (A vtpm process that restarts does not know the last domain; it starts reset.)
+        if let Some(old) = before.filter(|&d| d != device.frontend) {
+            let mut engine = self.engine.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            match platform_reset(engine.as_mut()) {
+                Ok(()) => log::info!(
+                    "{device}: a new guest (domain {}, the last one was {old}): the TPM is reset, as a platform reset would",
+                    device.frontend
+                ),
+                Err(e) => log::error!("{device}: a new guest, but resetting the TPM failed: {e}"),
+            }
+        }
     }
 
     fn disconnected(&self, device: &DeviceInfo) {

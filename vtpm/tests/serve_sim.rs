@@ -192,3 +192,58 @@ fn a_guest_claims_only_the_localities_its_device_allows() {
     let refused = Command::new(VTPM).args(["serve", "--uuid", UUID, "--max-locality", "4"]).output().expect("run");
     assert!(!refused.status.success(), "locality 4 is the platform's");
 }
+
+/// PCR 16's sha256 value, read through the guest's frontend.
+fn pcr16(fe: &mut Frontend) -> Vec<u8> {
+    // TPM2_PCR_Read of PCR 16 in the sha256 bank.
+    let cmd = [0x80, 0x01, 0, 0, 0, 0x14, 0, 0, 0x01, 0x7E, 0, 0, 0, 1, 0, 0x0B, 3, 0, 0, 1];
+    let r = fe.transmit(&cmd).expect("PCR_Read");
+    assert_eq!(rc(&r), 0, "PCR_Read");
+    // update counter, the selection (4 + 2 + 1 + 3), the count, the size, the digest.
+    r[r.len() - 32..].to_vec()
+}
+
+/// A TPM's PCRs reset with its platform only. The same guest reconnecting (its tpmfront
+/// closes and opens again) keeps them; a new guest with the same vTPM (another domain: the
+/// guest was rebooted or recreated) starts with them reset, as a platform reset would.
+#[test]
+fn a_new_guest_gets_reset_pcrs_and_a_reconnecting_one_keeps_them() {
+    let host = SimHost::temp().expect("sim");
+    let xs = host.xen(0).xenstore().expect("xs");
+    let state = host.dir().join("state");
+    let key = host.dir().join("key");
+    std::fs::write(&key, [0x44u8; 32]).expect("key");
+    let created = Command::new(VTPM)
+        .arg("create")
+        .arg("--state-dir")
+        .arg(&state)
+        .arg("--key")
+        .arg(&key)
+        .output()
+        .expect("create");
+    assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
+    let vtpm = serve(host.dir(), &state, &key, 1);
+    wait_for(&vtpm, "watching");
+    toolstack::add_domain(&xs, 5, "guest").expect("domain");
+    toolstack::add_vtpm(&xs, 5, 0, 0, UUID).expect("vtpm device");
+    let cfg = FrontendConfig { command_timeout: Duration::from_secs(30), ..FrontendConfig::default() };
+    let mut fe = Frontend::connect(&host.xen(5), cfg.clone()).expect("guest connects");
+    assert_eq!(pcr16(&mut fe), [0u8; 32]);
+    let r = fe.transmit(&xvtpm_tests::tpm2::pcr_extend_sha256(16, &[0x16; 32])).expect("extend");
+    assert_eq!(rc(&r), 0, "PCR_Extend");
+    let extended = pcr16(&mut fe);
+    assert_ne!(extended, [0u8; 32]);
+    fe.close().expect("close");
+    let mut fe = Frontend::connect(&host.xen(5), cfg.clone()).expect("the same guest reconnects");
+    assert_eq!(pcr16(&mut fe), extended, "the same guest keeps its PCRs");
+    fe.close().expect("close");
+    // The guest is destroyed; a new one (domain 6) gets the same vTPM.
+    assert!(toolstack::remove_vtpm(&xs, 5, 0, 0, Duration::from_secs(10)).expect("remove"));
+    toolstack::remove_domain(&xs, 5).expect("remove domain");
+    toolstack::add_domain(&xs, 6, "guest").expect("domain");
+    toolstack::add_vtpm(&xs, 6, 0, 0, UUID).expect("vtpm device");
+    let mut fe = Frontend::connect(&host.xen(6), cfg).expect("the new guest connects");
+    assert_eq!(pcr16(&mut fe), [0u8; 32], "a new guest found the old guest's PCRs");
+    fe.close().expect("close");
+    assert!(vtpm.log().contains("a new guest"), "{}", vtpm.log());
+}

@@ -50,6 +50,12 @@ fn xen_guest_uses_our_vtpm() {
     assert!(guest("evictcontrol ok") && guest("nv ok"), "{}", ctx());
     assert!(guest("phase2 persistent key ok"), "persistent key lost across the guest reboot; {}", ctx());
     assert!(guest("phase2 nv xvtpm-nv"), "NV index lost across the guest reboot; {}", ctx());
+    // The rebooted guest is a new domain: the vtpm that served the last one resets its PCRs.
+    assert!(
+        guest(&format!("phase2 pcr16 0x{}", "0".repeat(64))),
+        "the rebooted guest found the last guest's PCR 16; {}",
+        ctx()
+    );
     assert!(guest("DONE2"), "{}", ctx());
     // The vtpm killed and restarted while the guest runs; a second vTPM attached and detached.
     assert!(console.contains("RESTART_OK"), "guest commands did not resume after the vtpm restart; {}", ctx());
