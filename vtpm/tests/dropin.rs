@@ -13,6 +13,10 @@ use xvtpm_tests::tpm2::{self, TcpTpm};
 
 const DROPIN: &str = env!("CARGO_BIN_EXE_xvtpm-swtpm");
 
+/// The tests of this file one at a time: two drop-ins started at once can be handed the same
+/// free ports, and a test would then talk to the other's server.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// `swtpm socket --tpm2 ...` through the symlink; an error (its exit status and stderr) if it
 /// exited before listening.
 fn swtpm(bin: &Path, state: &Path, port: u16, log: &Path) -> Result<Child, String> {
@@ -47,6 +51,16 @@ fn swtpm_with(bin: &Path, tpmstate: &str, port: u16, log: &Path) -> Result<Child
     panic!("swtpm did not listen: {}", std::fs::read_to_string(log).unwrap_or_default());
 }
 
+/// The permanent-state file in `state`.
+fn permall_in(state: &Path) -> std::path::PathBuf {
+    let files: Vec<_> = std::fs::read_dir(state).expect("read state").flatten().map(|e| e.path()).collect();
+    files
+        .iter()
+        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().contains("permall")))
+        .unwrap_or_else(|| panic!("no permanent state written: {files:?}"))
+        .clone()
+}
+
 fn ok(t: &mut TcpTpm, cmd: &[u8]) -> Vec<u8> {
     let rsp = t.transmit(cmd).expect("transmit");
     assert_eq!(tpm2::rc(&rsp), 0, "command {:02x?} failed", &cmd[6..10]);
@@ -55,6 +69,7 @@ fn ok(t: &mut TcpTpm, cmd: &[u8]) -> Vec<u8> {
 
 #[test]
 fn installed_as_swtpm_creates_serves_keeps_and_refuses_damage() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let dir = std::env::temp_dir().join(format!("xvtpm-dropin-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("tempdir");
@@ -76,12 +91,7 @@ fn installed_as_swtpm_creates_serves_keeps_and_refuses_damage() {
     drop(t);
     let _ = child.kill();
     let _ = child.wait();
-    let files: Vec<_> = std::fs::read_dir(&state).expect("read state").flatten().map(|e| e.path()).collect();
-    let permall = files
-        .iter()
-        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().contains("permall")))
-        .unwrap_or_else(|| panic!("no permanent state written: {files:?}"))
-        .clone();
+    let permall = permall_in(&state);
 
     // Restarted (kill -9 above): the NV index is still there.
     let port = common::free_ports();
@@ -130,6 +140,7 @@ fn readable_by(uid: u32, path: &Path) -> bool {
 /// `mode=`, swtpm's 0640.
 #[test]
 fn state_files_get_the_mode_asked_for_and_another_user_cannot_read_them() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let dir = std::env::temp_dir().join(format!("xvtpm-dropin-mode-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("tempdir");
@@ -146,12 +157,7 @@ fn state_files_get_the_mode_asked_for_and_another_user_cannot_read_them() {
     drop(t);
     let _ = child.kill();
     let _ = child.wait();
-    let files: Vec<_> = std::fs::read_dir(&state).expect("read state").flatten().map(|e| e.path()).collect();
-    let permall = files
-        .iter()
-        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().contains("permall")))
-        .unwrap_or_else(|| panic!("no permanent state: {files:?}"))
-        .clone();
+    let permall = permall_in(&state);
     assert_eq!(mode_of(&state), 0o700, "the state directory the drop-in made");
     assert_eq!(mode_of(&permall), 0o600);
     let is_root = Command::new("id").arg("-u").output().map(|o| o.stdout == b"0\n").unwrap_or(false);

@@ -53,6 +53,24 @@ fn serve_with(sim: &Path, state: &Path, key: &Path, n: u32, extra: &[&str]) -> P
     Proc(child, log)
 }
 
+/// `vtpm create` of a TPM 2.0 in the simulation's directory, with a key file of `key_byte`:
+/// (its state directory, its key file).
+fn create(host: &SimHost, key_byte: u8) -> (PathBuf, PathBuf) {
+    let state = host.dir().join("state");
+    let key = host.dir().join("key");
+    std::fs::write(&key, [key_byte; 32]).expect("key");
+    let created = Command::new(VTPM)
+        .arg("create")
+        .arg("--state-dir")
+        .arg(&state)
+        .arg("--key")
+        .arg(&key)
+        .output()
+        .expect("create");
+    assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
+    (state, key)
+}
+
 fn wait_for(p: &Proc, needle: &str) {
     let end = Instant::now() + Duration::from_secs(20);
     while Instant::now() < end {
@@ -68,18 +86,7 @@ fn wait_for(p: &Proc, needle: &str) {
 fn guest_uses_the_vtpm_and_state_survives_restarts() {
     let host = SimHost::temp().expect("sim");
     let xs = host.xen(0).xenstore().expect("xs");
-    let state = host.dir().join("state");
-    let key = host.dir().join("key");
-    std::fs::write(&key, [0x42u8; 32]).expect("key");
-    let created = Command::new(VTPM)
-        .arg("create")
-        .arg("--state-dir")
-        .arg(&state)
-        .arg("--key")
-        .arg(&key)
-        .output()
-        .expect("create");
-    assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
+    let (state, key) = create(&host, 0x42);
 
     let vtpm = serve(host.dir(), &state, &key, 1);
     wait_for(&vtpm, "watching");
@@ -148,18 +155,7 @@ fn a_guest_claims_only_the_localities_its_device_allows() {
     const RC_LOCALITY: u32 = 0x907;
     let host = SimHost::temp().expect("sim");
     let xs = host.xen(0).xenstore().expect("xs");
-    let state = host.dir().join("state");
-    let key = host.dir().join("key");
-    std::fs::write(&key, [0x43u8; 32]).expect("key");
-    let created = Command::new(VTPM)
-        .arg("create")
-        .arg("--state-dir")
-        .arg(&state)
-        .arg("--key")
-        .arg(&key)
-        .output()
-        .expect("create");
-    assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
+    let (state, key) = create(&host, 0x43);
     toolstack::add_domain(&xs, 5, "guest").expect("domain");
     toolstack::add_vtpm(&xs, 5, 0, 0, UUID).expect("vtpm device");
     let cfg = FrontendConfig { command_timeout: Duration::from_secs(30), ..FrontendConfig::default() };
@@ -210,18 +206,7 @@ fn pcr16(fe: &mut Frontend) -> Vec<u8> {
 fn a_new_guest_gets_reset_pcrs_and_a_reconnecting_one_keeps_them() {
     let host = SimHost::temp().expect("sim");
     let xs = host.xen(0).xenstore().expect("xs");
-    let state = host.dir().join("state");
-    let key = host.dir().join("key");
-    std::fs::write(&key, [0x44u8; 32]).expect("key");
-    let created = Command::new(VTPM)
-        .arg("create")
-        .arg("--state-dir")
-        .arg(&state)
-        .arg("--key")
-        .arg(&key)
-        .output()
-        .expect("create");
-    assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
+    let (state, key) = create(&host, 0x44);
     let vtpm = serve(host.dir(), &state, &key, 1);
     wait_for(&vtpm, "watching");
     toolstack::add_domain(&xs, 5, "guest").expect("domain");

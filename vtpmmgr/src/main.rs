@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use xvtpm_backend::{Backend, BackendConfig, DeviceFilter};
 use xvtpm_tis::{devmem::DevMem, devtpm::DevTpm, swtpm::Address, swtpm::Swtpm, Family, HwTpm, SystemClock, Tis};
 use xvtpm_vtpmmgr::manager::{InitConfig, Manager, QuoteLimit};
@@ -69,12 +69,8 @@ enum Cmd {
     },
     /// Open the store (the TPM unseals its key) and serve vTPMs.
     Serve {
-        /// The store.
-        #[arg(long)]
-        store: PathBuf,
-        /// The hardware TPM.
-        #[arg(long)]
-        tpm: String,
+        #[command(flatten)]
+        opened: Opened,
         /// Unix socket for vTPM processes (dom0 deployments); each must BIND with its token.
         #[arg(long)]
         socket: Option<PathBuf>,
@@ -98,12 +94,6 @@ enum Cmd {
         /// Provision unknown vTPMs that save (into group 0) instead of refusing them.
         #[arg(long)]
         auto_provision: bool,
-        /// PCRs the store must be sealed to (as given to `init`).
-        #[arg(long, default_value = "0,1,2,3,4,5,6,7", value_delimiter = ',')]
-        pcrs: Vec<u8>,
-        /// Locality the store must be sealed at (as given to `init`).
-        #[arg(long, default_value_t = 0)]
-        locality: u8,
         /// Most clients connected at once, per socket (each dom0 vTPM keeps one connection).
         #[arg(long, default_value_t = 1024)]
         max_clients: usize,
@@ -119,18 +109,8 @@ enum Cmd {
     /// Stop the manager first. Read the warning it prints: an old copy of the store loses
     /// every update made after it.
     Recover {
-        /// The store.
-        #[arg(long)]
-        store: PathBuf,
-        /// The hardware TPM.
-        #[arg(long)]
-        tpm: String,
-        /// PCRs the store must be sealed to (as given to `init`).
-        #[arg(long, default_value = "0,1,2,3,4,5,6,7", value_delimiter = ',')]
-        pcrs: Vec<u8>,
-        /// Locality the store must be sealed at (as given to `init`).
-        #[arg(long, default_value_t = 0)]
-        locality: u8,
+        #[command(flatten)]
+        opened: Opened,
         /// A file holding the TPM's owner auth, if its owner set one (needed to define the
         /// counter again).
         #[arg(long, value_name = "FILE")]
@@ -149,6 +129,23 @@ fn secret_file(path: Option<&Path>) -> anyhow::Result<Vec<u8>> {
         bail!("{}: an owner auth has 1 to 32 bytes, this file {}", p.display(), b.len());
     }
     Ok(b)
+}
+
+/// An existing store, its hardware TPM, and what the store must be sealed to.
+#[derive(Args)]
+struct Opened {
+    /// The store.
+    #[arg(long)]
+    store: PathBuf,
+    /// The hardware TPM.
+    #[arg(long)]
+    tpm: String,
+    /// PCRs the store must be sealed to (as given to `init`).
+    #[arg(long, default_value = "0,1,2,3,4,5,6,7", value_delimiter = ',')]
+    pcrs: Vec<u8>,
+    /// Locality the store must be sealed at (as given to `init`).
+    #[arg(long, default_value_t = 0)]
+    locality: u8,
 }
 
 fn parse_hex(s: &str) -> Result<u32, String> {
@@ -185,7 +182,7 @@ fn main() -> anyhow::Result<()> {
             let m = Manager::init(FileDev::open(&store, true)?, tpm, &cfg)?;
             println!("store {} created ({} hardware TPM commands)", store.display(), m.tpm_commands);
         }
-        Cmd::Recover { store, tpm, pcrs, locality, owner_auth_file } => {
+        Cmd::Recover { opened: Opened { store, tpm, pcrs, locality }, owner_auth_file } => {
             let owner = secret_file(owner_auth_file.as_deref())?;
             let r = Manager::recover(FileDev::open(&store, false)?, open_tpm(&tpm)?, Some((&pcrs, locality)), &owner)
                 .with_context(|| format!("recovering the store {}", store.display()))?;
@@ -208,8 +205,7 @@ fn main() -> anyhow::Result<()> {
             }
         }
         Cmd::Serve {
-            store,
-            tpm,
+            opened: Opened { store, tpm, pcrs, locality },
             socket,
             admin_socket,
             xen,
@@ -217,8 +213,6 @@ fn main() -> anyhow::Result<()> {
             domid,
             admin_domain,
             auto_provision,
-            pcrs,
-            locality,
             max_clients,
             quote_burst,
             quote_interval_ms,

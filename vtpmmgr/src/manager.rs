@@ -26,7 +26,7 @@ pub const MIN_BLOB: usize = 52;
 const WELL_KNOWN: [u8; 20] = [0; 20];
 
 /// How a new store binds to the hardware TPM.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct InitConfig {
     /// PCRs the root key is sealed to.
     pub pcrs: Vec<u8>,
@@ -44,6 +44,18 @@ pub struct InitConfig {
     /// no owner authorization. Chosen as [`DEFAULT_SRK_HANDLE`] whenever an owner auth is
     /// given or set.
     pub srk_handle: Option<u32>,
+}
+
+impl std::fmt::Debug for InitConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the owner auths.
+        f.debug_struct("InitConfig")
+            .field("pcrs", &self.pcrs)
+            .field("nv_index", &format_args!("{:#x}", self.nv_index))
+            .field("locality", &self.locality)
+            .field("srk_handle", &self.srk_handle)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The TCG's persistent handle for the storage root key, whose ECC template ours is.
@@ -314,12 +326,9 @@ impl<D: BlockDev> Manager<D> {
         let idx = sealed.nv_index;
         let (hw, redefined) = match sealed.family {
             Family::Tpm20 => {
-                let mut t = Tpm2::new(tpm.as_mut(), sealed.locality);
+                let mut t = sealed.tpm2(tpm.as_mut());
                 // Defining the counter again is the owner's to authorize.
                 t.set_owner_auth(owner_auth.to_vec());
-                if sealed.srk_handle != 0 {
-                    t.use_persistent_primary(sealed.srk_handle);
-                }
                 let auth = Self::counter_auth2(&sealed, &key);
                 match t.counter(idx, &auth).and_then(|c| t.counter_read(&c)) {
                     Ok(hw) => (hw, false),
@@ -385,18 +394,13 @@ impl<D: BlockDev> Manager<D> {
         let mut counter_auth = [0u8; 20];
         let (key, commands) = match sealed.family {
             Family::Tpm20 => {
-                let mut t = Tpm2::new(tpm, sealed.locality);
+                let mut t = sealed.tpm2(tpm);
                 t.startup()?;
                 if sealed.primary_name.is_empty() {
                     log::warn!(
                         "this store was made before the storage primary key's Name was recorded: the root key's \
                          unseal cannot tell the real TPM from something answering in its place"
                     );
-                } else {
-                    t.pin_primary(sealed.primary_name.clone());
-                }
-                if sealed.srk_handle != 0 {
-                    t.use_persistent_primary(sealed.srk_handle);
                 }
                 let key = t.unseal(&sealed.private, &sealed.public, &sealed.creation, &sealed.pcrs)?;
                 (key, t.commands)
@@ -445,7 +449,7 @@ impl<D: BlockDev> Manager<D> {
         let (sealed, key, counter_auth, mut commands) = Self::unseal(&mut dev, tpm.as_mut(), expect)?;
         let (counter2, hw) = match sealed.family {
             Family::Tpm20 => {
-                let mut t = Tpm2::new(tpm.as_mut(), sealed.locality);
+                let mut t = sealed.tpm2(tpm.as_mut());
                 let r = t.counter(sealed.nv_index, &Self::counter_auth2(&sealed, &key)).and_then(|c| {
                     let hw = t.counter_read(&c)?;
                     Ok((c, hw))
@@ -492,7 +496,7 @@ impl<D: BlockDev> Manager<D> {
         let (r, n) = match self.sealed.family {
             Family::Tpm20 => {
                 let mut c = self.counter2.clone().ok_or_else(|| Error::Tpm("no counter".into()))?;
-                let mut t = Tpm2::new(self.tpm.as_mut(), loc);
+                let mut t = self.sealed.tpm2(self.tpm.as_mut());
                 let r = (|| {
                     let hw = if uncertain { t.counter_read(&c)? } else { target - 1 };
                     t.counter_bump(&mut c, target.saturating_sub(hw))
@@ -570,7 +574,7 @@ impl<D: BlockDev> Manager<D> {
         let loc = self.sealed.locality;
         let (hw, n) = match (&self.counter2, self.sealed.family) {
             (Some(c), Family::Tpm20) => {
-                let mut t = Tpm2::new(self.tpm.as_mut(), loc);
+                let mut t = self.sealed.tpm2(self.tpm.as_mut());
                 (t.counter_read(c), t.commands)
             }
             _ => {
@@ -1025,10 +1029,7 @@ impl<D: BlockDev> Manager<D> {
                         "this store has no attestation key (made by an earlier build): quotes need a new store".into(),
                     )
                 })?;
-                let mut t = Tpm2::new(self.tpm.as_mut(), self.sealed.locality);
-                if self.sealed.srk_handle != 0 {
-                    t.use_persistent_primary(self.sealed.srk_handle);
-                }
+                let mut t = self.sealed.tpm2(self.tpm.as_mut());
                 let r = t.quote(&q, pcrs, ak, &auth);
                 self.tpm_commands += t.commands;
                 let (public, attest, sig) = r?;

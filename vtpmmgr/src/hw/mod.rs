@@ -46,6 +46,20 @@ pub struct Sealed {
 }
 
 impl Sealed {
+    /// The TPM 2.0 side of the manager for this store: at its locality, with its storage
+    /// primary key pinned (its recorded Name) and used from its persistent handle if it has
+    /// one.
+    pub fn tpm2<'a>(&self, tpm: &'a mut dyn xvtpm_tis::HwTpm) -> tpm2::Tpm2<'a> {
+        let mut t = tpm2::Tpm2::new(tpm, self.locality);
+        if !self.primary_name.is_empty() {
+            t.pin_primary(self.primary_name.clone());
+        }
+        if self.srk_handle != 0 {
+            t.use_persistent_primary(self.srk_handle);
+        }
+        t
+    }
+
     /// The TPM 2.0 attestation key's (private, public) parts, as `ak` keeps them.
     pub fn ak_parts(&self) -> Option<(&[u8], &[u8])> {
         let n = u16::from_le_bytes([*self.ak.first()?, *self.ak.get(1)?]) as usize;

@@ -72,7 +72,8 @@ fn mask(data: &mut [u8], even: &[u8; 20], odd: &[u8; 20], direction: &[u8], auth
     data.iter_mut().zip(pad).for_each(|(d, p)| *d ^= p);
 }
 
-/// An RSA public key from a TPM_PUBKEY.
+/// An RSA public key from a TPM_PUBKEY: TPM_KEY_PARMS (algorithm, encScheme, sigScheme,
+/// parmSize, parms), then TPM_STORE_PUBKEY (keyLength, key).
 pub fn rsa_of_pubkey(pubkey: &[u8]) -> Result<RsaPublicKey> {
     let bad = || Error::Tpm("malformed TPM_PUBKEY".into());
     let parm_size = be32(pubkey, 8)? as usize;
@@ -319,19 +320,7 @@ impl<'a> Tpm12<'a> {
             }
             r => r?,
         };
-        // TPM_PUBKEY: TPM_KEY_PARMS (algorithm, encScheme, sigScheme, parmSize, parms), then
-        // TPM_STORE_PUBKEY (keyLength, key).
-        let parm_size = be32(&r, 8)? as usize;
-        let parms = r.get(12..12 + parm_size).ok_or_else(|| Error::Tpm("short EK".into()))?;
-        let exp_size = be32(parms, 8)? as usize;
-        let exponent = match parms.get(12..12 + exp_size) {
-            Some(e) if !e.is_empty() => BigUint::from_bytes_be(e),
-            _ => BigUint::from(65537u32),
-        };
-        let at = 12 + parm_size;
-        let n_len = be32(&r, at)? as usize;
-        let n = r.get(at + 4..at + 4 + n_len).ok_or_else(|| Error::Tpm("short EK".into()))?;
-        RsaPublicKey::new(BigUint::from_bytes_be(n), exponent).map_err(|e| Error::Tpm(format!("EK: {e}")))
+        rsa_of_pubkey(&r).map_err(|e| Error::Tpm(format!("EK: {e}")))
     }
 
     /// Takes ownership with `owner` and `srk` auth values.

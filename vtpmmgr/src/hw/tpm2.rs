@@ -50,6 +50,12 @@ const SE_TRIAL: u8 = 0x03;
 /// TPMA_NV_WRITTEN.
 const NV_WRITTEN: u32 = 1 << 29;
 
+/// The Name of an object or NV index with public area `public`: nameAlg (SHA-256), then the
+/// digest of that area.
+fn name_of(public: &[u8]) -> Vec<u8> {
+    [&ALG_SHA256.to_be_bytes()[..], &sha2::Sha256::digest(public)].concat()
+}
+
 /// The format-one number of `rc` (what it says, without which handle or session it names).
 fn rc_number(rc: u32) -> Option<u32> {
     (rc & 0x80 != 0).then_some(rc & 0x3F)
@@ -142,7 +148,7 @@ impl Cmd {
 impl Counter {
     /// Its Name now: nameAlg and the digest of its public area.
     fn current_name(&self) -> Vec<u8> {
-        [&ALG_SHA256.to_be_bytes()[..], &sha2::Sha256::digest(&self.public)].concat()
+        name_of(&self.public)
     }
 
     /// After its first write, TPMA_NV_WRITTEN is set, which changes its Name.
@@ -423,7 +429,7 @@ impl<'a> Tpm2<'a> {
         // symmetric (AES, 128, CFB), scheme (NULL), curve, kdf (NULL), then the point.
         let mut q = Rsp { b: public, at: 2 + 2 + 4 + 2 + 6 + 2 + 2 + 2 };
         let point = (|| Ok::<_, Error>((q.b2()?.to_vec(), q.b2()?.to_vec())))();
-        let name = [&ALG_SHA256.to_be_bytes()[..], &sha2::Sha256::digest(public)].concat();
+        let name = name_of(public);
         let (x, y) = match point {
             Ok(p) if public.get(..2) == Some(&[0, 0x23]) => p,
             _ => {
@@ -835,7 +841,7 @@ impl<'a> Tpm2<'a> {
             Ok(r) => {
                 self.flush(made.handle);
                 let public = Rsp { b: &r, at: 0 }.b2()?;
-                let name = [&ALG_SHA256.to_be_bytes()[..], &sha2::Sha256::digest(public)].concat();
+                let name = name_of(public);
                 if name != made.name {
                     return Err(Error::Tpm(format!(
                         "persistent handle {handle:#x} holds another key than this manager's storage primary key; \
