@@ -406,21 +406,38 @@ impl Shared {
     }
 
     /// Reads and answers one message of the control connection `s`.
-    pub(super) fn ctrl_message(&self, s: &mut Stream, peer: &str) -> CtrlStep {
+    /// Serves one message of control client `peer`. Unless `may_act`, it may only ask
+    /// ([`acts`] is false for its command): another client holds the channel. The step, and
+    /// whether the message acted on the TPM (its sender then holds the channel).
+    pub(super) fn ctrl_message(&self, s: &mut Stream, peer: &str, may_act: bool) -> (CtrlStep, bool) {
         let (code, body, fd) = match self.recv_ctrl(s) {
             Ok(Some(m)) => m,
             Ok(None) => {
                 log::debug!("control client {peer} disconnected");
-                return CtrlStep::Closed;
+                return (CtrlStep::Closed, false);
             }
             Err(why) => {
                 if !self.ctl.terminating() {
                     log::warn!("control client {peer}: {why}; closing the connection");
                 }
-                return CtrlStep::Closed;
+                return (CtrlStep::Closed, false);
             }
         };
-        let CtrlAnswer { reply, then } = self.handle_ctrl(s, peer, code, &body, fd);
+        let acting = acts(code);
+        if acting && !may_act {
+            log::warn!(
+                "control client {peer}: command {code:#x} refused: another control client holds the channel \
+                 (it changed the TPM's state and is still connected)"
+            );
+            return (self.send_answer(s, peer, Self::reply_rc(rc::TPM_FAIL)), false);
+        }
+        let answer = self.handle_ctrl(s, peer, code, &body, fd);
+        (self.send_answer(s, peer, answer), acting)
+    }
+
+    /// Sends `answer`'s reply, if any; what becomes of the connection.
+    fn send_answer(&self, s: &mut Stream, peer: &str, answer: CtrlAnswer) -> CtrlStep {
+        let CtrlAnswer { reply, then } = answer;
         if let Some(r) = reply {
             if let Err(e) = s.write_all(&r) {
                 log::warn!("control client {peer}: cannot send the response: {e}");
@@ -432,6 +449,17 @@ impl Shared {
         }
         then
     }
+}
+
+/// Whether control command `code` acts on the TPM (power, locality, cancel, state, the data
+/// channel) rather than only asking about it. The first client to act holds the channel
+/// until it leaves: others may ask, not act, so a second client cannot reset or stop the TPM
+/// under QEMU.
+fn acts(code: u32) -> bool {
+    !matches!(
+        CtrlCmd::from_code(code),
+        Some(CtrlCmd::GetCapability | CtrlCmd::GetTpmEstablished | CtrlCmd::GetConfig | CtrlCmd::GetInfo) | None
+    )
 }
 
 /// The answer to a control message, and what becomes of the connection after it.

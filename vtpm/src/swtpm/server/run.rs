@@ -60,9 +60,13 @@ impl Shared {
     /// and serves every control connection, until the server is to end. Control clients are
     /// served side by side (up to [`MAX_CTRL_CLIENTS`]): one that idles, or never speaks,
     /// keeps no other out (swtpm serves one at a time, so one idle client blocks the channel),
-    /// and one that holds it for good (QEMU) is never dropped for a newcomer.
+    /// and one that holds it for good (QEMU) is never dropped for a newcomer. The first client
+    /// to act on the TPM holds the channel until it leaves; meanwhile the others may only ask.
     pub(super) fn main_loop(&self, data: Option<&Listener>, ctrl: Option<&Listener>) {
-        let mut conns: Vec<(Stream, String)> = Vec::new();
+        // (stream, peer, id)
+        let mut conns: Vec<(Stream, String, u64)> = Vec::new();
+        let mut next_id = 0u64;
+        let mut holder: Option<u64> = None;
         while !self.ctl.terminating() {
             // Accept a data client only while none waits for the data thread.
             let data = data.filter(|_| lock(&self.ctl.handoff).accepted.is_none());
@@ -71,7 +75,7 @@ impl Shared {
                     .into_iter()
                     .flatten()
                     .collect();
-            fds.extend(conns.iter().map(|(s, _)| s.as_fd()));
+            fds.extend(conns.iter().map(|(s, ..)| s.as_fd()));
             let ready = match crate::sys::poll::wait_any(&fds) {
                 Ok(r) => r,
                 Err(e) => {
@@ -96,18 +100,21 @@ impl Shared {
             let mut end = false;
             let mut lost = false;
             let mut kept = Vec::with_capacity(conns.len());
-            for ((mut stream, peer), ready) in conns.drain(..).zip(speaking) {
+            for ((mut stream, peer, id), ready) in conns.drain(..).zip(speaking) {
                 if !ready || end || self.ctl.terminating() {
-                    kept.push((stream, peer));
+                    kept.push((stream, peer, id));
                     continue;
                 }
                 if !self.ctl.track(&self.ctl.active_ctrl, &stream) {
                     break;
                 }
-                let step = self.ctrl_message(&mut stream, &peer);
+                let (step, acted) = self.ctrl_message(&mut stream, &peer, holder.is_none_or(|h| h == id));
                 *lock(&self.ctl.active_ctrl) = None;
+                if acted {
+                    holder = Some(id);
+                }
                 match step {
-                    CtrlStep::Open => kept.push((stream, peer)),
+                    CtrlStep::Open => kept.push((stream, peer, id)),
                     CtrlStep::End => end = true,
                     CtrlStep::Drop => {
                         log::warn!("control client {peer}: dropping the connection");
@@ -116,6 +123,9 @@ impl Shared {
                     }
                     CtrlStep::Closed => lost = true,
                 }
+            }
+            if holder.is_some_and(|h| !kept.iter().any(|(.., id)| *id == h)) {
+                holder = None;
             }
             conns = kept;
             if end {
@@ -141,7 +151,8 @@ impl Shared {
                     if let Err(e) = stream.set_write_timeout(Some(self.cfg.data_timeout)) {
                         log::warn!("control client {peer}: {e}");
                     }
-                    conns.push((stream, peer));
+                    conns.push((stream, peer, next_id));
+                    next_id += 1;
                 }
             }
         }

@@ -174,3 +174,32 @@ fn control_clients_beyond_the_cap_are_closed() {
     assert!(matches!(extra.read(&mut b), Ok(0) | Err(_)), "a ninth control client was served");
     assert_eq!(ctrl_cmd(&mut held[0], CtrlCmd::GetCapability, &[], 8).len(), 8, "the others still are");
 }
+
+/// Serving control clients side by side must not let a second client act on the TPM under
+/// the one that drives it (QEMU): the first to act holds the channel until it leaves, and
+/// meanwhile another may ask (capabilities, established flag, config, info) but a power, state
+/// or locality command gets TPM_FAIL and changes nothing.
+#[test]
+fn a_second_control_client_may_ask_but_not_act_while_the_first_holds_the_channel() {
+    let h = Harness::start(tcp_config(), V2);
+    let mut qemu = h.ctrl();
+    assert_eq!(ctrl_rc(&mut qemu, CtrlCmd::Init, &[0, 0, 0, 0]), 0, "the first client acts");
+    let mut other = h.ctrl();
+    assert_eq!(ctrl_cmd(&mut other, CtrlCmd::GetCapability, &[], 8).len(), 8, "asking is fine");
+    for cmd in [CtrlCmd::Init, CtrlCmd::Stop, CtrlCmd::SetLocality, CtrlCmd::Shutdown] {
+        let body: &[u8] = if cmd == CtrlCmd::SetLocality { &[1] } else { &[0, 0, 0, 0] };
+        let body = if matches!(cmd, CtrlCmd::Stop | CtrlCmd::Shutdown) { &[][..] } else { body };
+        assert_eq!(ctrl_rc(&mut other, cmd, body), rc::TPM_FAIL, "{} from a second client", cmd.name());
+    }
+    assert!(h.st().running, "the TPM was not touched");
+    let inits = h.st().inits;
+    assert_eq!(ctrl_rc(&mut qemu, CtrlCmd::Init, &[0, 0, 0, 0]), 0, "the holder still acts");
+    assert_eq!(h.st().inits, inits + 1);
+    // The holder leaves: the next client to act holds the channel.
+    drop(qemu);
+    let end = Instant::now() + Duration::from_secs(5);
+    while ctrl_rc(&mut other, CtrlCmd::Init, &[0, 0, 0, 0]) != 0 {
+        assert!(Instant::now() < end, "the channel was not released");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
