@@ -150,35 +150,60 @@ impl FileStore {
             .collect())
     }
 
-    /// Gives the directory its id, and binds the files written before ids existed to it. A
-    /// directory whose files are bound to an id it no longer has is refused: a new id would
-    /// make them unreadable for good.
+    /// Gives the directory its id, and binds the files written before ids existed to it. The
+    /// new id is kept as `.xvtpm-id.new` until every file is bound, then renamed into place,
+    /// so a crash in the middle leaves a directory the next open finishes: never unbound files
+    /// next to an id (refused), nor bound files without one. A directory whose files are bound
+    /// to an id it no longer has is refused: a new id would make them unreadable for good.
     fn make_id(&mut self, blobs: &[String]) -> Result<()> {
+        let pending = self.dir.join(format!("{ID_FILE}.new"));
+        let resumed = match fs::read(&pending) {
+            Ok(id) => Some(<[u8; ID_LEN]>::try_from(id.as_slice()).map_err(|_| Error::StateCorrupt {
+                path: pending.clone(),
+                reason: format!("holds {} bytes, a directory id has {ID_LEN}", id.len()),
+            })?),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(Error::io(format!("read {}", pending.display()), e)),
+        };
         let mut legacy = Vec::new();
         for file in blobs {
             let path = self.dir.join(file);
             let bytes = fs::read(&path).map_err(|e| Error::io(format!("read {}", path.display()), e))?;
-            if bytes.get(9).is_some_and(|f| f & BOUND != 0) {
-                return Err(Error::StateCorrupt {
-                    path: self.dir.join(ID_FILE),
-                    reason: format!(
-                        "is missing, but {file} is bound to it: restore it from where this state came from (copy the \
-                         whole directory, dot files included)"
-                    ),
-                });
+            let bound = bytes.get(9).is_some_and(|f| f & BOUND != 0);
+            match (bound, resumed) {
+                // Bound by the interrupted run that made `pending`: checked when loaded.
+                (true, Some(_)) => continue,
+                (true, None) => {
+                    return Err(Error::StateCorrupt {
+                        path: self.dir.join(ID_FILE),
+                        reason: format!(
+                            "is missing, but {file} is bound to it: restore it from where this state came from \
+                             (copy the whole directory, dot files included)"
+                        ),
+                    })
+                }
+                (false, _) => {}
             }
             let name = file.trim_end_matches(".xvtpm").to_string();
             let data = self.decode_as(&path, &name, &bytes, None)?;
             legacy.push((name, data));
         }
-        rand::rngs::OsRng.fill_bytes(&mut self.id);
-        super::write_file(&self.dir.join(ID_FILE), &self.id, self.mode)?;
-        self.sync_dir()?;
+        match resumed {
+            Some(id) => self.id = id,
+            None => {
+                rand::rngs::OsRng.fill_bytes(&mut self.id);
+                super::write_file(&pending, &self.id, self.mode)?;
+                self.sync_dir()?;
+            }
+        }
         for (name, data) in legacy {
             log::info!("{}: binding {name} to the directory's new id", self.dir.display());
             self.store(&name, &data)?;
         }
-        Ok(())
+        let id_path = self.dir.join(ID_FILE);
+        fs::rename(&pending, &id_path)
+            .map_err(|e| Error::io(format!("rename {} to {}", pending.display(), id_path.display()), e))?;
+        self.sync_dir()
     }
 
     /// The state directory.
@@ -529,5 +554,27 @@ mod tests {
         assert!(e.to_string().contains("restore it"), "{e}");
         assert!(!d.join(ID_FILE).exists(), "no new id was made");
         let _ = fs::remove_dir_all(&d);
+    }
+
+    /// A crash while binding older files: the new id is still pending, one file is bound to
+    /// it, one is not yet. The next open finishes the job, and both load.
+    #[test]
+    fn binding_interrupted_by_a_crash_is_finished_at_the_next_open() {
+        let d = tmpdir("legacy-crash");
+        fs::create_dir_all(&d).expect("dir");
+        fs::write(d.join("permall.xvtpm"), legacy_file(5, "permall", b"seeds")).expect("legacy");
+        fs::write(d.join("volatilestate.xvtpm"), legacy_file(5, "volatilestate", b"pcrs")).expect("legacy");
+        // What the interrupted run left: the pending id, and permall already bound to it.
+        let id = [0x77u8; ID_LEN];
+        fs::write(d.join(format!("{ID_FILE}.new")), id).expect("pending id");
+        let mut bound = FileStore::open(&tmpdir("legacy-crash-b"), key(5)).expect("open");
+        bound.id = id;
+        fs::write(d.join("permall.xvtpm"), bound.encode("permall", b"seeds").expect("encode")).expect("bound");
+        let mut s = FileStore::open(&d, key(5)).expect("the next open finishes the binding");
+        assert_eq!(s.load("permall").expect("load").as_deref(), Some(&b"seeds"[..]));
+        assert_eq!(s.load("volatilestate").expect("load").as_deref(), Some(&b"pcrs"[..]));
+        assert_eq!(fs::read(d.join(ID_FILE)).expect("id"), id, "the pending id is the directory's");
+        assert!(!d.join(format!("{ID_FILE}.new")).exists());
+        let _ = (fs::remove_dir_all(&d), fs::remove_dir_all(tmpdir("legacy-crash-b")));
     }
 }
