@@ -49,6 +49,8 @@ pub mod rc {
     pub const TPM2_INITIALIZE: u32 = 0x100;
     /// TPM 1.2 `TPM_FAIL`.
     pub const TPM_FAIL: u32 = 0x09;
+    /// TPM 1.2 `TPM_FAILEDSELFTEST`: the TPM is in failure mode.
+    pub const TPM_FAILEDSELFTEST: u32 = 0x1C;
     /// TPM 1.2 `TPM_INVALID_POSTINIT`: Startup already done.
     pub const TPM_INVALID_POSTINIT: u32 = 0x26;
 }

@@ -46,6 +46,15 @@ pub trait TpmEngine: Send {
     fn version(&self) -> TpmVersion;
     /// Powers on (loads state). With `delete_volatile`, the volatile state is discarded first.
     fn init(&mut self, delete_volatile: bool) -> Result<()>;
+    /// Powers on resumed from `volatile`, a volatile state taken earlier with
+    /// [`TpmEngine::get_state`] from this TPM: PCRs, sessions and loaded objects as they were
+    /// then, already started (no Startup).
+    fn resume(&mut self, volatile: &[u8]) -> Result<()>;
+    /// A key for data bound to this TPM's state (such as its volatile snapshots), derived
+    /// from the state key for `purpose`; `None` where the state has no secret key.
+    fn derive_key(&self, _purpose: &str) -> Option<[u8; 32]> {
+        None
+    }
     /// Powers off; state already stored stays stored.
     fn shutdown(&mut self);
     /// True between `init` and `shutdown`.
@@ -88,6 +97,18 @@ impl From<TpmVersion> for Family {
 /// run its command at all (powered off, state not stored).
 pub fn error_response(version: TpmVersion, rc: u32) -> Vec<u8> {
     xvtpm_proto::tpm::error_response(version.into(), rc)
+}
+
+/// Sends TPM_Startup(CLEAR), as a platform reset does (a Xen guest's kernel never sends it).
+pub fn startup_clear(engine: &mut dyn TpmEngine) -> Result<()> {
+    let version = engine.version();
+    let cmd = xvtpm_proto::tpm::startup(version.into(), xvtpm_proto::tpm::StartupType::Clear)
+        .ok_or_else(|| crate::Error::Config("no startup command for this TPM version".into()))?;
+    let rsp = engine.process(0, &cmd)?;
+    match xvtpm_proto::tpm::code(&rsp) {
+        Some(0) => Ok(()),
+        code => Err(crate::Error::Config(format!("TPM startup answered {code:x?}"))),
+    }
 }
 
 /// The generic failure code of `version`.

@@ -16,6 +16,7 @@ pub mod libtpms;
 pub mod linux_probe;
 pub mod proxy;
 pub mod proxy_info;
+pub mod snapshot;
 pub mod state;
 pub mod swtpm;
 // libc calls std does not wrap (ioctl, poll, recvmsg, mallopt, sigaction): the one place

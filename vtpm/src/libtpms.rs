@@ -26,9 +26,12 @@ struct Globals {
     locality: u8,
     /// A storage error met inside a callback, reported by the call that triggered it.
     last_error: Option<Error>,
+    /// The volatile state the next power-on loads instead of the store's (a resume).
+    resume_from: Option<Vec<u8>>,
 }
 
-static GLOBALS: Mutex<Globals> = Mutex::new(Globals { store: None, prefix: "", locality: 0, last_error: None });
+static GLOBALS: Mutex<Globals> =
+    Mutex::new(Globals { store: None, prefix: "", locality: 0, last_error: None, resume_from: None });
 
 /// The store name of libtpms' blob `name` for a TPM of `version`.
 pub fn blob_name_for(version: TpmVersion, name: &str) -> String {
@@ -137,6 +140,58 @@ impl Libtpms {
         }
     }
 
+    /// Powers on: loads the state, with the store's volatile state deleted first
+    /// (`delete_volatile`) or replaced by `resume_from`.
+    fn power_on(&mut self, delete_volatile: bool, resume_from: Option<Vec<u8>>) -> Result<()> {
+        self.require_running(false)?;
+        let version = self.version;
+        let (exists, other_exists) = self.with_store(|s| {
+            if delete_volatile {
+                s.delete(&blob_name_for(version, StateKind::Volatile.blob_name()))?;
+            }
+            // A blob that exists but cannot be read is an error here, before libtpms sees it.
+            let exists = s.load(&blob_name_for(version, StateKind::Permanent.blob_name()))?.is_some();
+            let other = match version {
+                TpmVersion::V2_0 => TpmVersion::V1_2,
+                TpmVersion::V1_2 => TpmVersion::V2_0,
+            };
+            Ok((exists, s.load(&blob_name_for(other, StateKind::Permanent.blob_name())).ok().flatten().is_some()))
+        })?;
+        if !exists && other_exists {
+            return Err(Error::Config(format!(
+                "{} holds a {} state, not a {version:?} one: choose the TPM version it was created with",
+                self.label.display(),
+                if version == TpmVersion::V2_0 { "TPM 1.2" } else { "TPM 2.0" }
+            )));
+        }
+        if !exists && !self.create {
+            return Err(Error::NoState(self.label.clone()));
+        }
+        if !exists {
+            log::info!("creating a new {:?} TPM in {}", self.version, self.label.display());
+        }
+        let resuming = resume_from.is_some();
+        {
+            let mut g = globals();
+            g.last_error = None;
+            g.resume_from = resume_from;
+        }
+        // SAFETY: the version and callbacks were set in `new`; the TPM is off.
+        let rc = unsafe { ffi::TPMLIB_MainInit() };
+        let taken = globals().resume_from.take().is_none();
+        self.check("power on (TPMLIB_MainInit)", rc)?;
+        if resuming && !taken {
+            // libtpms did not ask for the volatile state: it did not resume.
+            // SAFETY: MainInit succeeded, so the TPM runs; Terminate powers it off.
+            unsafe { ffi::TPMLIB_Terminate() };
+            return Err(Error::Config("libtpms did not load the volatile state it was given".into()));
+        }
+        self.running = true;
+        // Whatever was created is stored now: from here on the state is never created anew.
+        self.create = false;
+        Ok(())
+    }
+
     fn require_running(&self, running: bool) -> Result<()> {
         match (self.running, running) {
             (true, false) => Err(Error::PowerState("running (power it off first)")),
@@ -144,6 +199,17 @@ impl Libtpms {
             _ => Ok(()),
         }
     }
+}
+
+/// What cancels the command in progress of this process's TPM, whenever it exists (libtpms
+/// keeps one TPM per process).
+pub fn canceller() -> Canceller {
+    // SAFETY: TPMLIB_CancelCommand only sets a flag libtpms checks in long operations; it is
+    // meant to be called from another thread while a command runs, and does nothing when no
+    // command runs.
+    Arc::new(|| unsafe {
+        ffi::TPMLIB_CancelCommand();
+    })
 }
 
 /// Copies a libtpms-allocated buffer out and frees it.
@@ -175,41 +241,18 @@ impl TpmEngine for Libtpms {
     }
 
     fn init(&mut self, delete_volatile: bool) -> Result<()> {
-        self.require_running(false)?;
-        let version = self.version;
-        let (exists, other_exists) = self.with_store(|s| {
-            if delete_volatile {
-                s.delete(&blob_name_for(version, StateKind::Volatile.blob_name()))?;
-            }
-            // A blob that exists but cannot be read is an error here, before libtpms sees it.
-            let exists = s.load(&blob_name_for(version, StateKind::Permanent.blob_name()))?.is_some();
-            let other = match version {
-                TpmVersion::V2_0 => TpmVersion::V1_2,
-                TpmVersion::V1_2 => TpmVersion::V2_0,
-            };
-            Ok((exists, s.load(&blob_name_for(other, StateKind::Permanent.blob_name())).ok().flatten().is_some()))
-        })?;
-        if !exists && other_exists {
-            return Err(Error::Config(format!(
-                "{} holds a {} state, not a {version:?} one: choose the TPM version it was created with",
-                self.label.display(),
-                if version == TpmVersion::V2_0 { "TPM 1.2" } else { "TPM 2.0" }
-            )));
+        self.power_on(delete_volatile, None)
+    }
+
+    fn resume(&mut self, volatile: &[u8]) -> Result<()> {
+        if volatile.is_empty() {
+            return Err(Error::Config("an empty volatile state cannot be resumed".into()));
         }
-        if !exists && !self.create {
-            return Err(Error::NoState(self.label.clone()));
-        }
-        if !exists {
-            log::info!("creating a new {:?} TPM in {}", self.version, self.label.display());
-        }
-        globals().last_error = None;
-        // SAFETY: the version and callbacks were set in `new`; the TPM is off.
-        let rc = unsafe { ffi::TPMLIB_MainInit() };
-        self.check("power on (TPMLIB_MainInit)", rc)?;
-        self.running = true;
-        // Whatever was created is stored now: from here on the state is never created anew.
-        self.create = false;
-        Ok(())
+        self.power_on(false, Some(volatile.to_vec()))
+    }
+
+    fn derive_key(&self, purpose: &str) -> Option<[u8; 32]> {
+        globals().store.as_deref().and_then(|s| s.derive_key(purpose))
     }
 
     fn shutdown(&mut self) {
@@ -222,6 +265,10 @@ impl TpmEngine for Libtpms {
 
     fn is_running(&self) -> bool {
         self.running
+    }
+
+    fn canceller(&self) -> Canceller {
+        canceller()
     }
 
     fn process(&mut self, locality: u8, command: &[u8]) -> Result<Vec<u8>> {
@@ -246,14 +293,6 @@ impl TpmEngine for Libtpms {
             return Err(Error::Tpm { op: "process", rc });
         }
         Ok(out)
-    }
-
-    fn canceller(&self) -> Canceller {
-        // SAFETY: TPMLIB_CancelCommand only sets a flag libtpms checks in long operations; it
-        // is meant to be called from another thread while a command runs.
-        Arc::new(|| unsafe {
-            ffi::TPMLIB_CancelCommand();
-        })
     }
 
     fn store_volatile(&mut self) -> Result<()> {
@@ -380,9 +419,20 @@ unsafe extern "C" fn cb_load(data: *mut *mut u8, length: *mut u32, _tpm: u32, na
         // SAFETY: libtpms passes a NUL-terminated blob name.
         let Some(name) = (unsafe { blob_name(name) }) else { return ffi::TPM_FAIL };
         let mut g = globals();
+        let resumed = match g.resume_from.take() {
+            Some(v) if name == StateKind::Volatile.blob_name() => Some(v),
+            other => {
+                g.resume_from = other;
+                None
+            }
+        };
         let name = format!("{}{name}", g.prefix);
         let Some(store) = g.store.as_deref_mut() else { return ffi::TPM_FAIL };
-        match store.load(&name) {
+        let loaded = match resumed {
+            Some(v) => Ok(Some(v)),
+            None => store.load(&name),
+        };
+        match loaded {
             Ok(None) => ffi::TPM_RETRY,
             Ok(Some(blob)) => {
                 let Ok(len) = u32::try_from(blob.len()) else { return ffi::TPM_FAIL };

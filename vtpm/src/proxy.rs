@@ -138,6 +138,9 @@ mod tests {
         fn init(&mut self, _: bool) -> Result<()> {
             Ok(())
         }
+        fn resume(&mut self, _: &[u8]) -> Result<()> {
+            Ok(())
+        }
         fn shutdown(&mut self) {}
         fn is_running(&self) -> bool {
             true

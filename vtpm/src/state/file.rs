@@ -353,6 +353,10 @@ impl StateStore for FileStore {
             Err(e) => Err(Error::io(format!("remove {}", path.display()), e)),
         }
     }
+
+    fn derive_key(&self, purpose: &str) -> Option<[u8; 32]> {
+        self.key.as_ref().map(|k| super::hkdf(&k.0, &self.id, purpose))
+    }
 }
 
 #[cfg(test)]

@@ -51,6 +51,8 @@ pub struct ManagedStore {
     active: Option<usize>,
     /// A SAVEHASHKEY whose reply was lost: the manager may point at either slot.
     uncertain: bool,
+    /// The key of the slot the manager points at.
+    key: Option<[u8; 32]>,
     _lock: File,
 }
 
@@ -94,8 +96,15 @@ impl ManagedStore {
         let lock = super::lock_dir(dir)?;
         let slots: Vec<Option<Vec<u8>>> = SLOTS.iter().map(|s| fs::read(dir.join(s)).ok()).collect();
         let (st, body) = link.call(&Request::LoadHashKey)?;
-        let mut store =
-            Self { dir: dir.to_path_buf(), link, blobs: BTreeMap::new(), active: None, uncertain: false, _lock: lock };
+        let mut store = Self {
+            dir: dir.to_path_buf(),
+            link,
+            blobs: BTreeMap::new(),
+            active: None,
+            uncertain: false,
+            key: None,
+            _lock: lock,
+        };
         match st {
             wire::SUCCESS => {}
             wire::BAD_PARAMETER if slots.iter().all(Option::is_none) => {
@@ -135,6 +144,7 @@ impl ManagedStore {
                 .map_err(|_| corrupt("does not decrypt with the manager's key"))?;
             store.blobs = decode(&plain).ok_or_else(|| corrupt("malformed contents"))?;
             store.active = Some(i);
+            store.key = key.try_into().ok();
             log::info!("state loaded from {} (the slot the manager names)", path.display());
             return Ok(store);
         }
@@ -205,6 +215,7 @@ impl ManagedStore {
         match reply? {
             (wire::SUCCESS, _) => {
                 self.active = Some(slot);
+                self.key = Some(key);
                 Ok(())
             }
             (st, _) => Err(Error::Protocol(format!(
@@ -231,6 +242,11 @@ impl StateStore for ManagedStore {
             };
         }
         r
+    }
+
+    fn derive_key(&self, purpose: &str) -> Option<[u8; 32]> {
+        // Each save has a new key: what is derived now opens only with this save's key.
+        self.key.as_ref().map(|k| super::hkdf(k, MAGIC, purpose))
     }
 
     fn delete(&mut self, name: &str) -> Result<()> {

@@ -84,6 +84,19 @@ pub trait StateStore: Send + std::fmt::Debug {
     fn store(&mut self, name: &str, data: &[u8]) -> Result<()>;
     /// Deletes a blob (no error if absent).
     fn delete(&mut self, name: &str) -> Result<()>;
+    /// A key derived from this state's secret key for `purpose` (and, where there is one,
+    /// the state's own id), or `None` when the state has no secret key.
+    fn derive_key(&self, _purpose: &str) -> Option<[u8; 32]> {
+        None
+    }
+}
+
+/// HKDF-SHA256 of `secret` for `purpose`, salted with `salt`.
+pub(crate) fn hkdf(secret: &[u8], salt: &[u8], purpose: &str) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    // 32 bytes are always within HKDF-SHA256's limit of 255 * 32.
+    let _ = hkdf::Hkdf::<sha2::Sha256>::new(Some(salt), secret).expand(purpose.as_bytes(), &mut out);
+    out
 }
 
 /// An in-memory store, for tests.

@@ -85,6 +85,10 @@ impl TpmEngine for Fake {
         }
         Ok(())
     }
+    fn resume(&mut self, volatile: &[u8]) -> Result<()> {
+        self.st().blobs.insert(StateKind::Volatile, volatile.to_vec());
+        self.init(false)
+    }
     fn shutdown(&mut self) {
         let mut st = self.st();
         if st.running {
