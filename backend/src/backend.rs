@@ -170,6 +170,12 @@ struct Device {
     error_closed: bool,
     conn: Option<Connection>,
     generation: u64,
+    /// Found Connected by an earlier backend process, and not reconnected since.
+    adopted_connected: bool,
+    /// Watching the frontend domain's `control/shutdown` (for suspends).
+    watching_ctl: bool,
+    /// The device as its connection was made (with the frontend domain's life).
+    connected_info: Option<DeviceInfo>,
 }
 
 struct State {
@@ -212,6 +218,8 @@ impl State {
                     }
                 } else if let Some(key) = parse_fe_token(&e.token) {
                     keys.push(key);
+                } else if let Some(key) = parse_ctl_token(&e.token) {
+                    self.control_event(key);
                 }
                 ev = self.xs.next_event(Some(Duration::ZERO))?;
             }
@@ -322,6 +330,9 @@ impl State {
         if let Some(dev) = self.devices.remove(&key) {
             if dev.watching_fe {
                 let _ = self.xs.unwatch(&format!("{}/state", dev.fe_path), &fe_token(key));
+            }
+            if dev.watching_ctl {
+                let _ = self.xs.unwatch(&ctl_path(key.0), &ctl_token(key));
             }
             log::info!("vtpm {}/{}: device removed", key.0, key.1);
         }
@@ -443,6 +454,16 @@ impl State {
                 },
             };
         }
+        // A guest shutting down or rebooting closes its frontend first (Linux's xenbus does, a
+        // suspended one does not): the handler hears of it before the connection goes.
+        let closing = matches!(view.frontend, Frontend::Is(XenbusState::Closing | XenbusState::Closed));
+        if closing {
+            if let Some(info) =
+                self.devices.get(&key).filter(|d| d.conn.is_some()).and_then(|d| d.connected_info.clone())
+            {
+                self.handler.frontend_closed(&info);
+            }
+        }
         let actions = machine::step(&view);
         log::debug!("vtpm {fe}/{handle}: {view:?} -> {actions:?}");
         for action in actions {
@@ -498,6 +519,9 @@ impl State {
             error_closed: false,
             conn: None,
             generation,
+            adopted_connected: false,
+            watching_ctl: false,
+            connected_info: None,
         };
         if let Some(p) = problem {
             log::error!("vtpm {fe}/{handle}: {p}; refusing the device");
@@ -506,14 +530,17 @@ impl State {
             return true;
         }
         let uuid = uuid_ok.unwrap_or_default().to_string();
-        dev.info = Some(DeviceInfo { frontend: fe, handle, uuid });
+        dev.info = Some(DeviceInfo { frontend: fe, handle, uuid, life: None, adopted: false });
         let fe_state_path = format!("{}/state", dev.fe_path);
         match self.xs.watch(&fe_state_path, &fe_token(key)) {
             Ok(()) => dev.watching_fe = true,
             Err(e) => log::warn!("vtpm {fe}/{handle}: cannot watch {fe_state_path}: {e}"),
         }
+        // libxl suspends a guest (xl save, xl migrate) by writing "suspend" there.
+        dev.watching_ctl = self.xs.watch(&ctl_path(fe), &ctl_token(key)).is_ok();
         let current = self.read_opt(&format!("{be_path}/state")).and_then(|v| XenbusState::parse(be_path, &v).ok());
         let first_state = machine::adopt(current);
+        dev.adopted_connected = current == Some(XenbusState::Connected);
         log::info!("vtpm {fe}/{handle}: new device, uuid {}", dev.info.as_ref().map(|i| i.uuid.as_str()).unwrap_or(""));
         self.devices.insert(key, dev);
         // Linux's xen-tpmfront refuses a backend without protocol v2: announce it first.
@@ -524,7 +551,9 @@ impl State {
     fn connect(&mut self, key: (DomId, u32)) {
         let (fe, handle) = key;
         let Some(dev) = self.devices.get(&key) else { return };
-        let Some(info) = dev.info.clone() else { return };
+        let Some(mut info) = dev.info.clone() else { return };
+        info.adopted = dev.adopted_connected;
+        info.life = self.domain_life(fe);
         let fe_path = dev.fe_path.clone();
         let existing = dev.conn.as_ref().map(|c| (c.ring_ref, c.remote_port));
         let xs = self.xs.clone();
@@ -566,6 +595,7 @@ impl State {
         };
         let generation = self.next_generation;
         self.next_generation += 1;
+        let info_now = info.clone();
         let worker = Worker {
             info,
             generation,
@@ -582,9 +612,38 @@ impl State {
         if let Some(dev) = self.devices.get_mut(&key) {
             dev.conn = Some(conn);
             dev.generation = generation;
+            dev.adopted_connected = false;
+            dev.connected_info = Some(info_now);
         }
         self.write_keys(key, &[("ready", b"1")], Some(XenbusState::Connected));
         log::info!("vtpm {fe}/{handle}: connected (ring-ref {ring_ref}, event-channel {remote_port})");
+    }
+
+    /// The frontend domain's `control/shutdown` changed: tell the handler of a suspend of a
+    /// connected device's guest.
+    fn control_event(&mut self, key: (DomId, u32)) {
+        let Some(info) = self.devices.get(&key).filter(|d| d.conn.is_some()).and_then(|d| d.connected_info.clone())
+        else {
+            return;
+        };
+        let value = self.xs.try_read(TxId::NONE, &ctl_path(key.0)).ok().flatten();
+        if value.as_deref() == Some(b"suspend") {
+            log::info!("vtpm {}/{}: the toolstack is suspending domain {}", key.0, key.1, key.0);
+            self.handler.suspending(&info);
+        }
+    }
+
+    /// The frontend domain's `vm` path and its `start_time`: together they differ for every
+    /// domain libxl makes, even one reusing an old domain id. Read without logging: a backend
+    /// outside dom0 is not allowed to.
+    fn domain_life(&self, fe: DomId) -> Option<String> {
+        let read = |p: &str| self.xs.try_read(TxId::NONE, p).ok().flatten();
+        let vm = String::from_utf8(read(&format!("{}/vm", xenbus::domain_path(fe)))?).ok()?;
+        let start = read(&format!("{vm}/start_time")).map(|s| String::from_utf8_lossy(&s).into_owned());
+        Some(match start {
+            Some(s) => format!("{vm}@{s}"),
+            None => vm,
+        })
     }
 
     fn shutdown(&mut self) {
@@ -593,6 +652,20 @@ impl State {
             self.disconnect(key);
         }
     }
+}
+
+/// Where libxl asks a guest to suspend or shut down.
+fn ctl_path(fe: DomId) -> String {
+    format!("{}/control/shutdown", xenbus::domain_path(fe))
+}
+
+fn ctl_token(key: (DomId, u32)) -> String {
+    format!("vtpm-ctl/{}/{}", key.0, key.1)
+}
+
+fn parse_ctl_token(token: &str) -> Option<(DomId, u32)> {
+    let (a, b) = token.strip_prefix("vtpm-ctl/")?.split_once('/')?;
+    Some((a.parse().ok()?, b.parse().ok()?))
 }
 
 fn parse_fe_token(token: &str) -> Option<(DomId, u32)> {

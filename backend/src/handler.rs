@@ -16,6 +16,13 @@ pub struct DeviceInfo {
     pub handle: u32,
     /// The device's uuid as libxl wrote it (lower case): the vTPM's identity.
     pub uuid: String,
+    /// What tells this life of the frontend domain from another with the same id: its `vm`
+    /// path and that path's `start_time` (libxl writes both for every domain it makes), or
+    /// `None` where we cannot read them (a backend outside dom0 may not).
+    pub life: Option<String>,
+    /// This connection was found Connected by an earlier backend process: the guest was using
+    /// the TPM before this process started.
+    pub adopted: bool,
 }
 
 impl std::fmt::Display for DeviceInfo {
@@ -80,6 +87,15 @@ pub trait CommandHandler: Send + Sync {
 
     /// A device's frontend connected (the page is mapped, the event channel bound).
     fn connected(&self, _device: &DeviceInfo) {}
+
+    /// The toolstack asked the device's frontend domain to suspend (`xl save`, `xl migrate`):
+    /// what the guest has now is what its next domain resumes with. Seen only where the
+    /// backend may read the guest's `control/shutdown` (dom0).
+    fn suspending(&self, _device: &DeviceInfo) {}
+
+    /// A connected device's frontend closed: the guest shuts down or reboots, or unloaded its
+    /// driver (a suspended guest leaves it connected).
+    fn frontend_closed(&self, _device: &DeviceInfo) {}
 
     /// A device disconnected (frontend closed, device removed, or protocol error).
     fn disconnected(&self, _device: &DeviceInfo) {}

@@ -21,15 +21,33 @@ pub fn init_dom0(xs: &Xenstore) -> Result<()> {
     xs.write(TxId::NONE, "/local/domain/0/name", b"Domain-0")
 }
 
+/// The `vm` path the simulated toolstack gives domain `domid` (libxl's is `/vm/<uuid>`).
+pub fn vm_path(domid: DomId) -> String {
+    format!("/vm/sim-{domid}")
+}
+
 /// A domain's home, as libxl makes it: `/local/domain/<id>` readable by the domain, with a
-/// `device` directory the domain owns.
+/// `device` directory the domain owns, and its `vm` node naming `/vm/...`, where libxl
+/// records the domain's `start_time` (so a domain reusing an old id is told apart).
 pub fn add_domain(xs: &Xenstore, domid: DomId, name: &str) -> Result<()> {
+    add_domain_of(xs, domid, name, &vm_path(domid))
+}
+
+/// [`add_domain`] with the `vm` path `vm`: a restored or migrated domain keeps its old one
+/// (`/vm/<domain uuid>`), with a new `start_time`.
+pub fn add_domain_of(xs: &Xenstore, domid: DomId, name: &str, vm: &str) -> Result<()> {
     let home = domain_path(domid);
+    // libxl writes seconds and hundredths; nanoseconds keep two quick test domains apart.
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let start = format!("{}.{:09}", now.as_secs(), now.subsec_nanos());
     xs.transaction(|tx| {
         xs.mkdir(tx, &home)?;
         xs.set_perms(tx, &home, &perms(0, Some(domid)))?;
         xs.write(tx, &format!("{home}/domid"), domid.to_string().as_bytes())?;
         xs.write(tx, &format!("{home}/name"), name.as_bytes())?;
+        xs.write(tx, &format!("{home}/vm"), vm.as_bytes())?;
+        xs.write(tx, &format!("{vm}/name"), name.as_bytes())?;
+        xs.write(tx, &format!("{vm}/start_time"), start.as_bytes())?;
         xs.mkdir(tx, &format!("{home}/device"))?;
         xs.set_perms(tx, &format!("{home}/device"), &perms(domid, None))
     })
@@ -39,7 +57,7 @@ pub fn add_domain(xs: &Xenstore, domid: DomId, name: &str) -> Result<()> {
 /// `image/ostype`, `image/kernel`, `image/ramdisk`, `image/cmdline` (written by the toolstack
 /// only; the domain can read them).
 pub fn record_pv_image(xs: &Xenstore, domid: DomId, kernel: &str, ramdisk: Option<&str>, cmdline: &str) -> Result<()> {
-    let vm = format!("/vm/sim-{domid}");
+    let vm = vm_path(domid);
     xs.transaction(|tx| {
         xs.write(tx, &format!("{}/vm", domain_path(domid)), vm.as_bytes())?;
         xs.write(tx, &format!("{vm}/image/ostype"), b"linux")?;
@@ -51,9 +69,19 @@ pub fn record_pv_image(xs: &Xenstore, domid: DomId, kernel: &str, ramdisk: Optio
     })
 }
 
-/// Removes a domain's home (what remains after `xl destroy`).
+/// Removes a domain's home and its `vm` record (what remains after `xl destroy`).
 pub fn remove_domain(xs: &Xenstore, domid: DomId) -> Result<()> {
-    xs.rm(TxId::NONE, &domain_path(domid))
+    let vm = xs.try_read(TxId::NONE, &format!("{}/vm", domain_path(domid)))?;
+    xs.rm(TxId::NONE, &domain_path(domid))?;
+    match vm {
+        Some(vm) => xs.try_rm(TxId::NONE, &String::from_utf8_lossy(&vm)),
+        None => Ok(()),
+    }
+}
+
+/// Asks a guest to suspend, as libxl does for `xl save` and `xl migrate`.
+pub fn request_suspend(xs: &Xenstore, domid: DomId) -> Result<()> {
+    xs.write(TxId::NONE, &format!("{}/control/shutdown", domain_path(domid)), b"suspend")
 }
 
 /// A vtpm device as libxl adds it for `vtpm=["backend=<be>,uuid=<uuid>"]`: the backend
