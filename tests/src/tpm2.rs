@@ -75,6 +75,19 @@ pub fn create_primary_ecc_p256() -> Vec<u8> {
     command(TPM_ST_SESSIONS, 0x131, &[TPM_RH_OWNER], &params)
 }
 
+/// TPM2_ReadPublic(handle): succeeds only while the object is loaded.
+pub fn read_public(handle: u32) -> Vec<u8> {
+    command(TPM_ST_NO_SESSIONS, 0x173, &[handle], &[])
+}
+
+/// TPM2_PCR_Read of one PCR in the SHA-256 bank.
+pub fn pcr_read_sha256(pcr: u32) -> Vec<u8> {
+    let mut bits = [0u8; 3];
+    bits[(pcr / 8) as usize % 3] = 1 << (pcr % 8);
+    let sel = [&1u32.to_be_bytes()[..], &TPM_ALG_SHA256.to_be_bytes(), &[3], &bits].concat();
+    command(TPM_ST_NO_SESSIONS, 0x17e, &[], &sel)
+}
+
 /// TPM2_FlushContext(handle).
 pub fn flush_context(handle: u32) -> Vec<u8> {
     command(TPM_ST_NO_SESSIONS, 0x165, &[], &handle.to_be_bytes())

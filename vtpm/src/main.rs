@@ -6,21 +6,21 @@
 
 #![forbid(unsafe_code)]
 
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use xvtpm_backend::{Backend, BackendConfig, DeviceFilter};
-use xvtpm_proto::tpm;
 use xvtpm_vtpm::libtpms::{Libtpms, LibtpmsConfig};
 use xvtpm_vtpm::proxy_info::ProxyInfo;
+use xvtpm_vtpm::snapshot::SnapshotFile;
 use xvtpm_vtpm::state::file::{FileStore, KeyFormat, StateKey};
 use xvtpm_vtpm::state::link::{UnixLink, XenLink};
 use xvtpm_vtpm::state::managed::{ManagedStore, ManagerLink};
 use xvtpm_vtpm::state::StateStore;
-use xvtpm_vtpm::tpmif::VtpmHandler;
+use xvtpm_vtpm::tpmif::{HandlerConfig, VtpmHandler};
 use xvtpm_vtpm::{TpmEngine, TpmVersion};
 use xvtpm_xen::Xen;
 
@@ -158,6 +158,22 @@ enum Command {
         /// DRTM, so a higher claim is only its kernel's word, and Linux's tpmfront sends 0).
         #[arg(long, default_value_t = xvtpm_vtpm::tpmif::DEFAULT_MAX_LOCALITY, value_parser = clap::value_parser!(u8).range(0..=3))]
         max_locality: u8,
+        /// Where the TPM's volatile state (PCRs, sessions, loaded objects) is kept after every
+        /// command, encrypted like the state, so that a restart under a running guest resumes
+        /// its TPM. Memory-backed storage is enough: it only has to outlive this process. With
+        /// `none`, a restart under a running guest refuses that guest.
+        #[arg(long, value_name = "DIR|none", default_value = xvtpm_vtpm::snapshot::DEFAULT_DIR)]
+        snapshot_dir: PathBuf,
+        /// Accept a reset TPM for this running guest (domain id) if its TPM cannot be resumed
+        /// (no snapshot, or a damaged one): its PCRs start over under it. Without this the
+        /// guest gets the TPM's failure response until it reboots.
+        #[arg(long, value_name = "DOMID")]
+        reset_running_guest: Option<u16>,
+        /// The state is not here yet: a live migration brings it (state directory files, the
+        /// key at this host's manager, the snapshot). Serve the device at once, and open the
+        /// state when the guest first connects.
+        #[arg(long)]
+        incoming: bool,
     },
     /// Serve the TPM over swtpm's socket protocol (data and control channels), taking swtpm's
     /// own options, e.g. `vtpm socket --tpm2 --server type=tcp,port=2321 --ctrl
@@ -193,14 +209,15 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Create { state } => create(&state),
-        Command::Serve { state, uuid, frontend, handle, max_locality } => {
+        Command::Serve { state, uuid, frontend, handle, max_locality, snapshot_dir, reset_running_guest, incoming } => {
             let filter = match (uuid, frontend, handle) {
                 (Some(u), _, _) => DeviceFilter::Uuid(u.to_ascii_lowercase()),
                 (None, Some(f), Some(h)) => DeviceFilter::Device { frontend: f, handle: h },
                 _ => bail!("choose the device: --uuid U, or --frontend DOMID --handle N"),
             };
             let xen = state.xen()?;
-            serve(&state, xen, filter, max_locality)
+            let config = ServeConfig { filter, max_locality, snapshot_dir, reset_running_guest, incoming };
+            serve(&state, xen, config)
         }
         Command::Socket { args } => {
             let mut full = vec!["socket".to_string()];
@@ -230,24 +247,77 @@ fn create(state: &StateOpts) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// TPM_Startup(CLEAR) for the engine's version: a Xen guest's kernel never sends it.
-fn startup(engine: &mut dyn TpmEngine) -> anyhow::Result<()> {
-    let cmd = tpm::startup(engine.version().into(), tpm::StartupType::Clear).context("TPM startup command")?;
-    let rsp = engine.process(0, &cmd)?;
-    match tpm::code(&rsp) {
-        Some(0) => Ok(()),
-        other => bail!("TPM startup failed: response code {other:?}"),
-    }
+/// What `vtpm serve` was asked for, besides the state.
+struct ServeConfig {
+    filter: DeviceFilter,
+    max_locality: u8,
+    snapshot_dir: PathBuf,
+    reset_running_guest: Option<u16>,
+    incoming: bool,
 }
 
-fn serve(state: &StateOpts, xen: Arc<dyn Xen>, filter: DeviceFilter, max_locality: u8) -> anyhow::Result<()> {
-    let mut engine = state.engine(false)?;
-    engine.init(false).with_context(|| format!("cannot start the vTPM in {}", state_dir_label(&state.state_dir)))?;
-    startup(&mut engine)?;
-    log::info!("vTPM ({:?}) from {} ready; serving {filter:?}", engine.version(), state.state_dir.display());
-    let handler = VtpmHandler::with_max_locality(Box::new(engine), max_locality);
-    Backend::new(xen, handler, BackendConfig { filter }).run(&AtomicBool::new(false))?;
+fn serve(state: &StateOpts, xen: Arc<dyn Xen>, config: ServeConfig) -> anyhow::Result<()> {
+    let stop = xvtpm_vtpm::sys::signals::stop_flag().context("install the signal handlers")?;
+    let engine = if config.incoming {
+        // The directory exists from now on, for the migration to fill.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&state.state_dir)
+            .with_context(|| format!("create {}", state.state_dir.display()))?;
+        None
+    } else {
+        // Powered on now, so a bad state or key stops us before any guest is served.
+        Some(power_on(state)?)
+    };
+    let snapshots = if config.snapshot_dir.as_os_str() == "none" {
+        log::warn!("no snapshots (--snapshot-dir none): a restart under a running guest will refuse that guest");
+        None
+    } else {
+        let f = SnapshotFile::for_state_dir(&config.snapshot_dir, &state.state_dir)?;
+        log::info!("the TPM's volatile state is kept in {}", f.describe());
+        Some(f)
+    };
+    let handler_config =
+        HandlerConfig { max_locality: config.max_locality, snapshots, reset_running_guest: config.reset_running_guest };
+    let handler = match engine {
+        Some(engine) => {
+            log::info!(
+                "vTPM ({:?}) from {} ready; serving {:?}",
+                engine.version(),
+                state.state_dir.display(),
+                config.filter
+            );
+            VtpmHandler::new(Box::new(engine), handler_config)
+        }
+        None => {
+            log::info!(
+                "vTPM ({:?}) incoming into {}: serving {:?}; its state is opened when the guest connects",
+                state.version(),
+                state.state_dir.display(),
+                config.filter
+            );
+            let opts = state.clone();
+            let loader: xvtpm_vtpm::tpmif::Loader = Box::new(move || {
+                power_on(&opts).map(|e| Box::new(e) as Box<dyn TpmEngine>).map_err(|e| format!("{e:#}"))
+            });
+            VtpmHandler::incoming(state.version(), loader, xvtpm_vtpm::libtpms::canceller(), handler_config)
+        }
+    };
+    let served = Backend::new(xen, handler.clone(), BackendConfig { filter: config.filter }).run(stop);
+    // Stopped by a signal (or the backend failed): the guest's last state is kept either way.
+    handler.stop();
+    served?;
     Ok(())
+}
+
+/// Opens the state and powers the TPM on, not started: a new guest gets Startup, a running one
+/// its snapshot. A volatile state left in the state directory (by swtpm's control channel) is
+/// no guest's: dropped.
+fn power_on(state: &StateOpts) -> anyhow::Result<Libtpms> {
+    let mut engine = state.engine(false)?;
+    engine.init(true).with_context(|| format!("cannot start the vTPM in {}", state_dir_label(&state.state_dir)))?;
+    Ok(engine)
 }
 
 fn proxy(state: &StateOpts, vtpmx: &Path, info_file: Option<&Path>) -> anyhow::Result<()> {
@@ -256,7 +326,7 @@ fn proxy(state: &StateOpts, vtpmx: &Path, info_file: Option<&Path>) -> anyhow::R
     engine.init(false).with_context(|| format!("cannot start the vTPM in {}", state_dir_label(&state.state_dir)))?;
     // Started here, as at a platform reset: the kernel then finds a started TPM (its self
     // test passes) instead of logging a TPM error and sending the start-up itself.
-    startup(&mut engine)?;
+    xvtpm_vtpm::engine::startup_clear(&mut engine)?;
     let version = engine.version();
     xvtpm_vtpm::sys::signals::cancel_on_sigusr1(engine.canceller()).context("install the SIGUSR1 handler")?;
     let dev = xvtpm_vtpm::sys::vtpmx::create(vtpmx, version)?;

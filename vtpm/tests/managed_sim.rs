@@ -95,6 +95,8 @@ fn serve(host: &SimHost, state: &Path, n: u32) -> Kill {
     let child = Command::new(VTPM)
         .args(["serve", "--uuid", GUEST_UUID])
         .args(vtpm_args(host, state, 5))
+        .arg("--snapshot-dir")
+        .arg(host.dir().join("snapshots"))
         .stderr(std::fs::File::create(&log).expect("log"))
         .stdout(Stdio::null())
         .spawn()

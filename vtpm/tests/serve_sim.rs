@@ -40,6 +40,8 @@ fn serve_with(sim: &Path, state: &Path, key: &Path, n: u32, extra: &[&str]) -> P
     let child = Command::new(VTPM)
         .args(["serve", "--uuid", UUID, "--domid", "0"])
         .args(extra)
+        .arg("--snapshot-dir")
+        .arg(sim.join("snapshots"))
         .arg("--sim")
         .arg(sim)
         .arg("--state-dir")
@@ -90,10 +92,7 @@ fn guest_uses_the_vtpm_and_state_survives_restarts() {
 
     let vtpm = serve(host.dir(), &state, &key, 1);
     wait_for(&vtpm, "watching");
-    toolstack::add_domain(&xs, 5, "guest").expect("domain");
-    toolstack::add_vtpm(&xs, 5, 0, 0, UUID).expect("vtpm device");
-    let cfg = FrontendConfig { command_timeout: Duration::from_secs(30), ..FrontendConfig::default() };
-    let mut fe = Frontend::connect(&host.xen(5), cfg.clone()).expect("guest connects");
+    let mut fe = guest(&host, &xs, 5);
     // The vTPM is started (TPM2_Startup was sent by vtpm serve): GetRandom works at once.
     let r = fe.transmit(&[0x80, 0x01, 0, 0, 0, 0x0c, 0, 0, 0x01, 0x7b, 0, 0x10]).expect("getrandom");
     assert_eq!((rc(&r), r.len()), (0, 28), "{r:02x?}");
@@ -104,7 +103,7 @@ fn guest_uses_the_vtpm_and_state_survives_restarts() {
     // A new vtpm process, same state: the owner password is still set.
     let vtpm = serve(host.dir(), &state, &key, 2);
     wait_for(&vtpm, "watching");
-    let mut fe = Frontend::connect(&host.xen(5), cfg).expect("guest reconnects");
+    let mut fe = reconnect(&host, 5);
     assert_ne!(
         rc(&fe.transmit(&xvtpm_tests::tpm2::change_owner_auth(b"", b"x")).expect("cmd")),
         0,
@@ -158,12 +157,11 @@ fn a_guest_claims_only_the_localities_its_device_allows() {
     let (state, key) = create(&host, 0x43);
     toolstack::add_domain(&xs, 5, "guest").expect("domain");
     toolstack::add_vtpm(&xs, 5, 0, 0, UUID).expect("vtpm device");
-    let cfg = FrontendConfig { command_timeout: Duration::from_secs(30), ..FrontendConfig::default() };
     let getrandom = [0x80, 0x01, 0, 0, 0, 0x0c, 0, 0, 0x01, 0x7b, 0, 0x10];
 
     let vtpm = serve(host.dir(), &state, &key, 1);
     wait_for(&vtpm, "watching");
-    let mut fe = Frontend::connect(&host.xen(5), cfg.clone()).expect("guest connects");
+    let mut fe = reconnect(&host, 5);
     for locality in [1, 2, 4, 5, 255] {
         fe.set_locality(locality);
         assert_eq!(rc(&fe.transmit(&pcr_reset(20)).expect("cmd")), RC_LOCALITY, "locality {locality}");
@@ -178,7 +176,7 @@ fn a_guest_claims_only_the_localities_its_device_allows() {
     // A device that allows up to 2: PCR 20 resets at 2 (the TPM's own rule), 3 is refused.
     let vtpm = serve_with(host.dir(), &state, &key, 2, &["--max-locality", "2"]);
     wait_for(&vtpm, "watching");
-    let mut fe = Frontend::connect(&host.xen(5), cfg).expect("guest reconnects");
+    let mut fe = reconnect(&host, 5);
     fe.set_locality(2);
     assert_eq!(rc(&fe.transmit(&pcr_reset(20)).expect("cmd")), 0);
     fe.set_locality(3);
@@ -209,26 +207,380 @@ fn a_new_guest_gets_reset_pcrs_and_a_reconnecting_one_keeps_them() {
     let (state, key) = create(&host, 0x44);
     let vtpm = serve(host.dir(), &state, &key, 1);
     wait_for(&vtpm, "watching");
-    toolstack::add_domain(&xs, 5, "guest").expect("domain");
-    toolstack::add_vtpm(&xs, 5, 0, 0, UUID).expect("vtpm device");
-    let cfg = FrontendConfig { command_timeout: Duration::from_secs(30), ..FrontendConfig::default() };
-    let mut fe = Frontend::connect(&host.xen(5), cfg.clone()).expect("guest connects");
+    let mut fe = guest(&host, &xs, 5);
     assert_eq!(pcr16(&mut fe), [0u8; 32]);
     let r = fe.transmit(&xvtpm_tests::tpm2::pcr_extend_sha256(16, &[0x16; 32])).expect("extend");
     assert_eq!(rc(&r), 0, "PCR_Extend");
     let extended = pcr16(&mut fe);
     assert_ne!(extended, [0u8; 32]);
     fe.close().expect("close");
-    let mut fe = Frontend::connect(&host.xen(5), cfg.clone()).expect("the same guest reconnects");
+    let mut fe = reconnect(&host, 5);
     assert_eq!(pcr16(&mut fe), extended, "the same guest keeps its PCRs");
     fe.close().expect("close");
     // The guest is destroyed; a new one (domain 6) gets the same vTPM.
     assert!(toolstack::remove_vtpm(&xs, 5, 0, 0, Duration::from_secs(10)).expect("remove"));
     toolstack::remove_domain(&xs, 5).expect("remove domain");
-    toolstack::add_domain(&xs, 6, "guest").expect("domain");
-    toolstack::add_vtpm(&xs, 6, 0, 0, UUID).expect("vtpm device");
-    let mut fe = Frontend::connect(&host.xen(6), cfg).expect("the new guest connects");
+    let mut fe = guest(&host, &xs, 6);
     assert_eq!(pcr16(&mut fe), [0u8; 32], "a new guest found the old guest's PCRs");
     fe.close().expect("close");
     assert!(vtpm.log().contains("a new guest"), "{}", vtpm.log());
+}
+
+/// `vtpm create` of a TPM 1.2 next to [`create`]'s (its own state directory and key).
+fn create_tpm12(host: &SimHost) -> (PathBuf, PathBuf) {
+    let state = host.dir().join("state12");
+    let key = host.dir().join("key12");
+    std::fs::write(&key, [0x12; 32]).expect("key");
+    let created = Command::new(VTPM)
+        .args(["create", "--tpm1.2", "--state-dir"])
+        .arg(&state)
+        .arg("--key")
+        .arg(&key)
+        .output()
+        .expect("create");
+    assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
+    (state, key)
+}
+
+/// The snapshot slot files in a simulation's `snapshots` directory.
+fn snapshot_files(sim: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(sim.join("snapshots"))
+        .map(|d| d.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "snapshot")).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// A planned stop: SIGTERM, and the process exits by itself.
+fn terminate(mut p: Proc) -> String {
+    let pid = p.0.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().expect("kill").success());
+    let end = Instant::now() + Duration::from_secs(20);
+    while p.0.try_wait().expect("wait").is_none() {
+        assert!(Instant::now() < end, "vtpm ignored SIGTERM:\n{}", p.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    p.log()
+}
+
+/// A guest (domain `domid`) connected to a new device of the vTPM `UUID`.
+fn guest(host: &SimHost, xs: &xvtpm_xen::Xenstore, domid: u16) -> Frontend {
+    toolstack::add_domain(xs, domid, "guest").expect("domain");
+    toolstack::add_vtpm(xs, domid, 0, 0, UUID).expect("vtpm device");
+    reconnect(host, domid)
+}
+
+/// The guest of domain `domid` connects its frontend (again).
+fn reconnect(host: &SimHost, domid: u16) -> Frontend {
+    Frontend::connect(&host.xen(domid), cfg()).expect("guest connects")
+}
+
+/// A guest's frontend: commands may wait for a restarting vtpm.
+fn cfg() -> FrontendConfig {
+    FrontendConfig { command_timeout: Duration::from_secs(30), ..FrontendConfig::default() }
+}
+
+/// The guest's domain is destroyed (device and domain removed, as `xl destroy` does); with
+/// `backend_up`, the vtpm closes its end in time.
+fn destroy(xs: &xvtpm_xen::Xenstore, domid: u16, backend_up: bool) {
+    let wait = if backend_up { Duration::from_secs(10) } else { Duration::from_millis(100) };
+    assert_eq!(toolstack::remove_vtpm(xs, domid, 0, 0, wait).expect("remove"), backend_up);
+    toolstack::remove_domain(xs, domid).expect("remove domain");
+}
+
+/// PCR 16 extended and a key loaded: (PCR 16, the key's handle, its ReadPublic answer).
+fn measure_and_load(fe: &mut Frontend) -> (Vec<u8>, u32, Vec<u8>) {
+    let r = fe.transmit(&xvtpm_tests::tpm2::pcr_extend_sha256(16, &[0x16; 32])).expect("extend");
+    assert_eq!(rc(&r), 0, "PCR_Extend");
+    let r = fe.transmit(&xvtpm_tests::tpm2::create_primary_ecc_p256()).expect("create primary");
+    assert_eq!(rc(&r), 0, "CreatePrimary");
+    let handle = xvtpm_tests::tpm2::created_handle(&r).expect("handle");
+    let public = fe.transmit(&xvtpm_tests::tpm2::read_public(handle)).expect("read public");
+    assert_eq!(rc(&public), 0, "ReadPublic");
+    (pcr16(fe), handle, public)
+}
+
+/// A vtpm that stops under a running guest, by SIGTERM or by kill -9, resumes the guest's TPM
+/// when it starts again: the PCRs are as they were and a key loaded before is still loaded.
+/// The guest stays connected throughout, as a running Linux guest does.
+#[test]
+fn a_restarted_vtpm_resumes_the_running_guests_tpm() {
+    let host = SimHost::temp().expect("sim");
+    let xs = host.xen(0).xenstore().expect("xs");
+    let (state, key) = create(&host, 0x45);
+    let vtpm = serve(host.dir(), &state, &key, 1);
+    wait_for(&vtpm, "watching");
+    let mut fe = guest(&host, &xs, 5);
+    let (pcr, handle, public) = measure_and_load(&mut fe);
+    assert_ne!(pcr, [0u8; 32]);
+
+    let log = terminate(vtpm);
+    assert!(log.contains("kept in snapshot"), "{log}");
+    let vtpm = serve(host.dir(), &state, &key, 2);
+    wait_for(&vtpm, "resumed from snapshot");
+    assert_eq!(pcr16(&mut fe), pcr, "PCR 16 after SIGTERM and a restart");
+    assert_eq!(fe.transmit(&xvtpm_tests::tpm2::read_public(handle)).expect("read public"), public);
+
+    let r = fe.transmit(&xvtpm_tests::tpm2::pcr_extend_sha256(16, &[0x17; 32])).expect("extend");
+    assert_eq!(rc(&r), 0);
+    let pcr = pcr16(&mut fe);
+    drop(vtpm); // kill -9
+    let vtpm = serve(host.dir(), &state, &key, 3);
+    wait_for(&vtpm, "resumed from snapshot");
+    assert_eq!(pcr16(&mut fe), pcr, "PCR 16 after kill -9 and a restart");
+    assert_eq!(fe.transmit(&xvtpm_tests::tpm2::read_public(handle)).expect("read public"), public);
+    assert!(!vtpm.log().contains("starts reset"), "{}", vtpm.log());
+
+    // The guest reboots (a new domain): its TPM starts reset, as a platform reset would.
+    fe.close().expect("close");
+    destroy(&xs, 5, true);
+    let mut fe = guest(&host, &xs, 6);
+    assert_eq!(pcr16(&mut fe), [0u8; 32], "the rebooted guest found its old PCRs");
+    let r = fe.transmit(&xvtpm_tests::tpm2::read_public(handle)).expect("read public");
+    assert_ne!(rc(&r), 0, "the rebooted guest found the old guest's loaded key");
+}
+
+/// Where the running guest's TPM cannot be resumed, the restarted vtpm refuses that guest
+/// (TPM_RC_FAILURE, and a log line naming it and why) instead of handing it reset PCRs: no
+/// snapshot, a tampered one, or one made for another vTPM's guest. The guest's next life gets
+/// a working TPM with reset PCRs; an operator may accept a reset of the running guest.
+#[test]
+fn a_running_guest_whose_tpm_cannot_be_resumed_is_refused_until_it_reboots() {
+    let host = SimHost::temp().expect("sim");
+    let xs = host.xen(0).xenstore().expect("xs");
+    let (state, key) = create(&host, 0x46);
+    let vtpm = serve(host.dir(), &state, &key, 1);
+    wait_for(&vtpm, "watching");
+    let mut fe = guest(&host, &xs, 5);
+    measure_and_load(&mut fe);
+    let snaps = snapshot_files(host.dir());
+    assert_eq!(snaps.len(), 2, "two slots: {snaps:?}");
+    drop(vtpm);
+
+    let refused = |fe: &mut Frontend, vtpm: &Proc, what: &str| {
+        let r = fe.transmit(&xvtpm_tests::tpm2::pcr_read_sha256(16)).expect("PCR_Read");
+        assert_eq!(rc(&r), 0x101, "{what}: TPM_RC_FAILURE expected, got {r:02x?}\n{}", vtpm.log());
+        assert!(vtpm.log().contains("cannot be resumed"), "{what}: {}", vtpm.log());
+        assert!(vtpm.log().contains("vtpm 5/0"), "{what}: the log names the guest: {}", vtpm.log());
+    };
+    // Tampered snapshots (both slots).
+    for snap in &snaps {
+        let mut bad = std::fs::read(snap).expect("snapshot");
+        let last = bad.len() - 1;
+        bad[last] ^= 1;
+        std::fs::write(snap, &bad).expect("tamper");
+    }
+    let vtpm = serve(host.dir(), &state, &key, 2);
+    wait_for(&vtpm, "guest connected");
+    refused(&mut fe, &vtpm, "a tampered snapshot");
+    assert!(vtpm.log().contains("does not authenticate"), "{}", vtpm.log());
+    drop(vtpm);
+
+    // Another vTPM's snapshot of its own guest put in this one's place.
+    let other_host = SimHost::temp().expect("sim");
+    let other_xs = other_host.xen(0).xenstore().expect("xs");
+    let (other_state, other_key) = create(&other_host, 0x47);
+    let other = serve(other_host.dir(), &other_state, &other_key, 1);
+    wait_for(&other, "watching");
+    let mut other_fe = guest(&other_host, &other_xs, 5);
+    measure_and_load(&mut other_fe);
+    for (theirs, ours) in snapshot_files(other_host.dir()).iter().zip(&snaps) {
+        std::fs::copy(theirs, ours).expect("copy");
+    }
+    let vtpm = serve(host.dir(), &state, &key, 3);
+    wait_for(&vtpm, "guest connected");
+    refused(&mut fe, &vtpm, "another vTPM's snapshot");
+    drop(vtpm);
+
+    // No snapshot at all.
+    for snap in &snaps {
+        std::fs::remove_file(snap).expect("remove");
+    }
+    let vtpm = serve(host.dir(), &state, &key, 4);
+    wait_for(&vtpm, "guest connected");
+    refused(&mut fe, &vtpm, "no snapshot");
+    refused(&mut fe, &vtpm, "still");
+    // The guest reboots: its next life gets a working TPM, PCRs reset.
+    fe.close().expect("close");
+    destroy(&xs, 5, true);
+    let mut fe = guest(&host, &xs, 6);
+    assert_eq!(pcr16(&mut fe), [0u8; 32]);
+    let (pcr6, _, _) = measure_and_load(&mut fe);
+    assert_ne!(pcr6, [0u8; 32]);
+    drop(vtpm);
+
+    // The operator accepts a reset of the running guest (domain 6), whose snapshot is gone.
+    for f in snapshot_files(host.dir()) {
+        std::fs::remove_file(f).expect("remove");
+    }
+    let vtpm = serve_with(host.dir(), &state, &key, 5, &["--reset-running-guest", "6"]);
+    wait_for(&vtpm, "the operator accepted a reset");
+    assert_eq!(pcr16(&mut fe), [0u8; 32]);
+}
+
+/// A snapshot is bound to one life of the guest's domain: a domain destroyed while the vtpm
+/// was down and made again with the same id is a new guest, whose TPM starts reset.
+#[test]
+fn a_snapshot_of_an_earlier_life_of_the_same_domain_id_is_not_resumed() {
+    let host = SimHost::temp().expect("sim");
+    let xs = host.xen(0).xenstore().expect("xs");
+    let (state, key) = create(&host, 0x48);
+    let vtpm = serve(host.dir(), &state, &key, 1);
+    wait_for(&vtpm, "watching");
+    let mut fe = guest(&host, &xs, 5);
+    measure_and_load(&mut fe);
+    drop(vtpm);
+    fe.close().expect("close");
+    destroy(&xs, 5, false);
+    let vtpm = serve(host.dir(), &state, &key, 2);
+    wait_for(&vtpm, "watching");
+    let mut fe = guest(&host, &xs, 5);
+    assert_eq!(pcr16(&mut fe), [0u8; 32], "an earlier life's PCRs");
+    let log = vtpm.log();
+    assert!(log.contains("starts reset") && log.contains("belongs to domain 5"), "{log}");
+}
+
+/// TPM_Extend / TPM_PCRRead of PCR 16 for a TPM 1.2 (the response's digest).
+fn tpm12_pcr16(fe: &mut Frontend, extend: Option<[u8; 20]>) -> Vec<u8> {
+    let cmd = match extend {
+        Some(d) => [&[0x00, 0xC1, 0, 0, 0, 34, 0, 0, 0, 0x14, 0, 0, 0, 16][..], &d].concat(),
+        None => vec![0x00, 0xC1, 0, 0, 0, 14, 0, 0, 0, 0x15, 0, 0, 0, 16],
+    };
+    let r = fe.transmit(&cmd).expect("TPM 1.2 command");
+    assert_eq!((rc(&r), r.len()), (0, 30), "{r:02x?}");
+    r[10..].to_vec()
+}
+
+/// A TPM 1.2 vTPM resumes too.
+#[test]
+fn a_tpm12_vtpm_resumes_the_running_guests_pcrs() {
+    let host = SimHost::temp().expect("sim");
+    let xs = host.xen(0).xenstore().expect("xs");
+    let (state, key) = create_tpm12(&host);
+    let vtpm = serve_with(host.dir(), &state, &key, 1, &["--tpm1.2"]);
+    wait_for(&vtpm, "watching");
+    let mut fe = guest(&host, &xs, 5);
+    assert_eq!(tpm12_pcr16(&mut fe, None), [0u8; 20]);
+    let pcr = tpm12_pcr16(&mut fe, Some([0x16; 20]));
+    drop(vtpm);
+    let vtpm = serve_with(host.dir(), &state, &key, 2, &["--tpm1.2"]);
+    wait_for(&vtpm, "resumed from snapshot");
+    assert_eq!(tpm12_pcr16(&mut fe, None), pcr);
+}
+
+/// `xl save` + `xl restore`, as libxl does them: "suspend" in the guest's control/shutdown,
+/// the domain destroyed, a new domain (new id, new start_time, the same `vm` path) with the
+/// same vtpm device. The restored guest finds its TPM as it was at the save, whether or not
+/// the vtpm was restarted in between. A second restore of the same save is a new platform to
+/// the vTPM, as a reboot is; so is a later domain that was not suspended.
+#[test]
+fn a_saved_and_restored_guest_finds_its_tpm_as_it_was() {
+    let host = SimHost::temp().expect("sim");
+    let xs = host.xen(0).xenstore().expect("xs");
+    let (state, key) = create(&host, 0x49);
+    let vtpm = serve(host.dir(), &state, &key, 1);
+    wait_for(&vtpm, "watching");
+    let mut fe = guest(&host, &xs, 5);
+    let (pcr, handle, public) = measure_and_load(&mut fe);
+    let vm = toolstack::vm_path(5);
+    let restore = |domid: u16| -> Frontend {
+        toolstack::add_domain_of(&xs, domid, "guest", &vm).expect("domain");
+        toolstack::add_vtpm(&xs, domid, 0, 0, UUID).expect("vtpm device");
+        reconnect(&host, domid)
+    };
+    let save = |domid: u16, vtpm: &Proc| {
+        toolstack::request_suspend(&xs, domid).expect("suspend");
+        wait_for(vtpm, "for its next domain");
+        assert!(toolstack::remove_vtpm(&xs, domid, 0, 0, Duration::from_secs(10)).expect("remove"));
+        // Not remove_domain: it would take the vm record the restored domain keeps.
+        xs.rm(TxId::NONE, &format!("/local/domain/{domid}")).expect("rm");
+    };
+    // libxl asks; the guest still runs a command before its processes freeze; then it is saved.
+    toolstack::request_suspend(&xs, 5).expect("suspend");
+    wait_for(&vtpm, "for its next domain");
+    let r = fe.transmit(&xvtpm_tests::tpm2::pcr_extend_sha256(16, &[0x19; 32])).expect("extend");
+    assert_eq!(rc(&r), 0);
+    let late = pcr16(&mut fe);
+    assert_ne!(late, pcr);
+    assert!(toolstack::remove_vtpm(&xs, 5, 0, 0, Duration::from_secs(10)).expect("remove"));
+    xs.rm(TxId::NONE, "/local/domain/5").expect("rm");
+    drop(fe);
+    let mut fe = restore(6);
+    assert_eq!(pcr16(&mut fe), late, "PCR 16 after save and restore, with the command sent after the request");
+    assert_eq!(fe.transmit(&xvtpm_tests::tpm2::read_public(handle)).expect("read public"), public);
+    wait_for(&vtpm, "continues domain 5");
+
+    // Saved again; the vtpm restarts while the guest is on disk; restored.
+    let r = fe.transmit(&xvtpm_tests::tpm2::pcr_extend_sha256(16, &[0x18; 32])).expect("extend");
+    assert_eq!(rc(&r), 0);
+    let pcr = pcr16(&mut fe);
+    save(6, &vtpm);
+    drop(fe);
+    drop(vtpm);
+    let vtpm = serve(host.dir(), &state, &key, 2);
+    wait_for(&vtpm, "watching");
+    let mut fe = restore(7);
+    assert_eq!(pcr16(&mut fe), pcr, "PCR 16 after save, a vtpm restart and restore");
+    assert_eq!(fe.transmit(&xvtpm_tests::tpm2::read_public(handle)).expect("read public"), public);
+    wait_for(&vtpm, "resumed from snapshot");
+
+    // The same save restored a second time (domain 7 gone without a suspend): a new platform.
+    drop(fe);
+    assert!(toolstack::remove_vtpm(&xs, 7, 0, 0, Duration::from_secs(10)).expect("remove"));
+    xs.rm(TxId::NONE, "/local/domain/7").expect("rm");
+    let mut fe = restore(8);
+    assert_eq!(pcr16(&mut fe), [0u8; 32], "a second restore found the first one's TPM");
+}
+
+/// A vtpm started before its state is there (`--incoming`, the destination of a live
+/// migration) serves the device at once; a guest that connects before the state arrives is
+/// refused with the TPM's failure response and a log line; once the state is there, the next
+/// connection opens it. Its guest is a running one (it arrives with its TPM in use): with no
+/// snapshot to continue, it is refused, never handed a reset TPM.
+#[test]
+fn an_incoming_vtpm_opens_its_state_when_the_guest_connects() {
+    let host = SimHost::temp().expect("sim");
+    let xs = host.xen(0).xenstore().expect("xs");
+    let (made, key) = create(&host, 0x4a);
+    let state = host.dir().join("incoming");
+    let vtpm = serve_with(host.dir(), &state, &key, 1, &["--incoming"]);
+    wait_for(&vtpm, "watching");
+    assert!(vtpm.log().contains("incoming into"), "{}", vtpm.log());
+    let mut fe = guest(&host, &xs, 5);
+    let r = fe.transmit(&xvtpm_tests::tpm2::pcr_read_sha256(16)).expect("PCR_Read");
+    assert_eq!(rc(&r), 0x101, "no state yet: TPM_RC_FAILURE");
+    assert!(vtpm.log().contains("cannot be opened yet"), "{}", vtpm.log());
+    fe.close().expect("close");
+    for f in std::fs::read_dir(&made).expect("state").flatten() {
+        std::fs::copy(f.path(), state.join(f.file_name())).expect("copy");
+    }
+    let mut fe = reconnect(&host, 5);
+    let r = fe.transmit(&xvtpm_tests::tpm2::pcr_read_sha256(16)).expect("PCR_Read");
+    assert_eq!(rc(&r), 0x101, "an arriving guest without its snapshot: TPM_RC_FAILURE, not reset PCRs");
+    assert!(vtpm.log().contains("the vTPM's state is opened"), "{}", vtpm.log());
+    assert!(vtpm.log().contains("cannot be resumed"), "{}", vtpm.log());
+}
+
+/// A suspend that did not happen (cancelled, or a checkpoint) followed by the guest's reboot:
+/// the guest closes its frontend as it shuts down, so its next domain, with the same `vm` path,
+/// gets a reset TPM, not the suspended one.
+#[test]
+fn a_guest_that_reboots_after_a_suspend_request_gets_a_reset_tpm() {
+    let host = SimHost::temp().expect("sim");
+    let xs = host.xen(0).xenstore().expect("xs");
+    let (state, key) = create(&host, 0x4b);
+    let vtpm = serve(host.dir(), &state, &key, 1);
+    wait_for(&vtpm, "watching");
+    let mut fe = guest(&host, &xs, 5);
+    measure_and_load(&mut fe);
+    toolstack::request_suspend(&xs, 5).expect("suspend");
+    wait_for(&vtpm, "for its next domain");
+    assert_eq!(rc(&fe.transmit(&xvtpm_tests::tpm2::get_random(8)).expect("command")), 0, "it goes on");
+    fe.close().expect("the guest shuts down: its frontend closes");
+    wait_for(&vtpm, "no longer suspended");
+    destroy(&xs, 5, true);
+    toolstack::add_domain_of(&xs, 6, "guest", &toolstack::vm_path(5)).expect("domain");
+    toolstack::add_vtpm(&xs, 6, 0, 0, UUID).expect("vtpm device");
+    let mut fe = reconnect(&host, 6);
+    assert_eq!(pcr16(&mut fe), [0u8; 32], "the rebooted guest found the suspended TPM");
 }

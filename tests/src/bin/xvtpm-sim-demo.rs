@@ -35,6 +35,8 @@ fn start_vtpm(vtpm: &Path, sim: &Path, uuid: &str) -> anyhow::Result<Vtpm> {
     let child = Command::new(vtpm)
         .args(["serve", "--uuid", uuid, "--domid", "0", "--sim"])
         .arg(sim)
+        .arg("--snapshot-dir")
+        .arg(sim.join("snapshots"))
         .arg("--state-dir")
         .arg(&state)
         .arg("--key")
