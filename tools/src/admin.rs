@@ -253,7 +253,7 @@ fn unhex(t: &str) -> Option<Vec<u8>> {
 }
 
 /// A migration key given as hex digits, or as a file holding them.
-fn migration_key_arg(s: &str) -> anyhow::Result<Vec<u8>> {
+pub(crate) fn migration_key_arg(s: &str) -> anyhow::Result<Vec<u8>> {
     let text = match std::path::Path::new(s).is_file() {
         true => std::fs::read_to_string(s).with_context(|| format!("read {s}"))?,
         false => s.to_string(),

@@ -26,6 +26,7 @@ macro_rules! outln {
 mod admin;
 mod container;
 mod inspect;
+mod migrate;
 mod stubdom;
 mod xenadmin;
 
@@ -90,6 +91,26 @@ enum Command {
     /// vTPMs for Linux containers through the kernel's vTPM proxy (/dev/vtpmx): create,
     /// start, stop, destroy, list.
     Container(container::ContainerArgs),
+    /// Live-migrate a guest with its vTPM to another host: `xl migrate` with the vTPM handed to
+    /// the destination's manager between the guest's suspend here and its resume there. The
+    /// destination runs `xvtpm migrate-accept` (through `--via`, ssh by default).
+    Migrate(migrate::MigrateArgs),
+    /// The source's transport for `xl migrate` (run by `xvtpm migrate`, not by hand).
+    #[command(hide = true)]
+    MigrateRelay {
+        /// The plan `xvtpm migrate` wrote.
+        #[arg(long, value_name = "FILE")]
+        plan: PathBuf,
+        /// What xl appends: the host, then `xl migrate-receive ...`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// The destination's end of `xvtpm migrate` (run by its transport, with the source on stdin
+    /// and stdout): starts the guest's vtpm, runs `xl migrate-receive`, takes the vTPM.
+    MigrateAccept {
+        #[command(flatten)]
+        opts: migrate::accept::AcceptOpts,
+    },
     /// Show a vTPM state file's format, protection and size (never its contents).
     InspectState {
         /// The file.
@@ -153,6 +174,9 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Container(c) => container::run(c)?,
         Command::Measure { what } => outln!("{}", xvtpm_vtpmmgr::hex(&what.boot_hash()?)),
         Command::InspectState { file, json } => inspect::inspect_state(&file, json)?,
+        Command::Migrate(a) => migrate::migrate(a)?,
+        Command::MigrateRelay { plan, args } => migrate::relay::run(&plan, &args)?,
+        Command::MigrateAccept { opts } => migrate::accept::run(&opts)?,
         Command::EchoBackend { xen, uuid } => {
             let filter = uuid.map(DeviceFilter::Uuid).unwrap_or(DeviceFilter::All);
             let backend = Backend::new(xen.open()?, Arc::new(EchoHandler), BackendConfig { filter });

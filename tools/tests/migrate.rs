@@ -80,9 +80,24 @@ fn vtpm(bins: &Path, host: &SimHost, s: &Site, state: &Path, token: &Path, cmd: 
 
 /// `vtpm serve` for the guest's device; `Err(log)` if it stops before serving.
 fn serve(bins: &Path, host: &SimHost, s: &Site, state: &Path, token: &Path) -> Result<Kill, String> {
+    serve_with(bins, host, s, state, token, &[])
+}
+
+/// [`serve`] with more options.
+fn serve_with(
+    bins: &Path,
+    host: &SimHost,
+    s: &Site,
+    state: &Path,
+    token: &Path,
+    extra: &[&str],
+) -> Result<Kill, String> {
     let log = state.with_extension(format!("log{}", std::process::id()));
     let child = vtpm(bins, host, s, state, token, "serve")
         .args(["--uuid", GUEST_UUID])
+        .args(extra)
+        .arg("--snapshot-dir")
+        .arg(host.dir().join("snapshots"))
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).expect("log"))
         .spawn()
@@ -213,4 +228,144 @@ fn an_export_can_come_back_to_its_manager() {
         "not a migration key",
     );
     assert!(stdout(&xvtpm(&a, &["vtpm", "show", &u, "--json"])).ends_with("\"exported\":false}"));
+}
+
+fn guest_cfg() -> FrontendConfig {
+    FrontendConfig { command_timeout: Duration::from_secs(30), ..FrontendConfig::default() }
+}
+
+/// PCR 16 extended and a primary key loaded by the guest: (PCR_Read of 16, ReadPublic of it).
+fn measure_and_load(fe: &mut Frontend) -> (Vec<u8>, u32, Vec<u8>) {
+    use xvtpm_tests::tpm2;
+    assert_eq!(rc(&fe.transmit(&tpm2::pcr_extend_sha256(16, &[0x61; 32])).expect("extend")), 0);
+    let r = fe.transmit(&tpm2::create_primary_ecc_p256()).expect("create primary");
+    assert_eq!(rc(&r), 0, "CreatePrimary");
+    let handle = tpm2::created_handle(&r).expect("handle");
+    let public = fe.transmit(&tpm2::read_public(handle)).expect("read public");
+    assert_eq!(rc(&public), 0);
+    (fe.transmit(&tpm2::pcr_read_sha256(16)).expect("PCR_Read"), handle, public)
+}
+
+fn wait_log(k: &Kill, needle: &str) {
+    let end = Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = std::fs::read_to_string(&k.1).unwrap_or_default();
+        if text.contains(needle) {
+            return;
+        }
+        assert!(Instant::now() < end, "the vtpm never logged {needle:?}:\n{text}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A provisioned, manufactured vTPM at `s`, served for the guest (domain 7 of `host`), which
+/// extended PCR 16 and loaded a key: (the vtpm, its state directory, its token, the guest,
+/// PCR 16, the key's handle, its public area).
+#[allow(clippy::type_complexity)] // One use per test, all parts needed.
+fn running_guest(bins: &Path, host: &SimHost, s: &Site) -> (Kill, PathBuf, PathBuf, Frontend, Vec<u8>, u32, Vec<u8>) {
+    let xs = host.xen(0).xenstore().expect("xs");
+    let token = host.dir().join("token");
+    std::fs::write(&token, [6u8; 32]).expect("token");
+    let t = token.to_str().expect("utf-8");
+    assert_eq!(stdout(&xvtpm(s, &["vtpm", "provision", "--uuid", VTPM_UUID, "--token-file", t])), VTPM_UUID);
+    let state = host.dir().join("state-a");
+    let o = vtpm(bins, host, s, &state, &token, "create").output().expect("create");
+    assert!(o.status.success(), "create: {}", String::from_utf8_lossy(&o.stderr));
+    let running = serve(bins, host, s, &state, &token).expect("vtpm at A");
+    toolstack::add_domain(&xs, 7, "guest").expect("guest");
+    toolstack::add_vtpm(&xs, 7, 0, 0, GUEST_UUID).expect("guest's device");
+    let mut fe = Frontend::connect(&host.xen(7), guest_cfg()).expect("guest connects");
+    let (pcr, handle, public) = measure_and_load(&mut fe);
+    (running, state, token, fe, pcr, handle, public)
+}
+
+/// The vTPM's part of a live migration, in the order `xl migrate` drives it: the destination's
+/// vtpm serves the device before the state is there (`--incoming`); libxl suspends the guest at
+/// the source, whose vtpm keeps that moment in a suspended snapshot; the source exports the
+/// vTPM's key to the destination's manager (frozen at the source); the state directory, the
+/// snapshot and the token go across; the destination imports; the guest resumes there in a new
+/// domain with the same `vm` path: PCR 16 and a loaded key are as they were, and what it writes
+/// is saved at the destination's manager. The source's manager refuses the vTPM.
+#[test]
+fn a_running_guests_vtpm_moves_live_with_its_pcrs_and_loaded_keys() {
+    let bins = xvtpm_tests::bins::vtpm_and_vtpmmgr(XVTPM);
+    let (ha, hb) = (SimHost::temp().expect("sim"), SimHost::temp().expect("sim"));
+    let (a, b) = (site(&ha.dir().join("mgr")), site(&hb.dir().join("mgr")));
+    let (at_a, state_a, token_a, fe, pcr, handle, public) = running_guest(&bins, &ha, &a);
+
+    let (state_b, token_b) = (hb.dir().join("state-b"), hb.dir().join("token"));
+    let incoming = serve_with(&bins, &hb, &b, &state_b, &token_b, &["--incoming"]).expect("incoming vtpm at B");
+    let a_key = stdout(&xvtpm(&a, &["vtpm", "migration-key"]));
+    assert_eq!(stdout(&xvtpm(&b, &["vtpm", "trust-source", &a_key])), "pinned");
+
+    let xa = ha.xen(0).xenstore().expect("xs");
+    toolstack::request_suspend(&xa, 7).expect("suspend");
+    wait_log(&at_a, "for its next domain");
+    let bundle = ha.dir().join("vtpm.bundle");
+    let b_key = stdout(&xvtpm(&b, &["vtpm", "migration-key"]));
+    stdout(&xvtpm(&a, &["vtpm", "export", VTPM_UUID, "--to", &b_key, "--out", bundle.to_str().expect("utf-8")]));
+    for f in std::fs::read_dir(&state_a).expect("state").flatten() {
+        if f.file_name().to_string_lossy().ends_with(".xvtpm") {
+            std::fs::copy(f.path(), state_b.join(f.file_name())).expect("copy state");
+        }
+    }
+    let snaps = |h: &SimHost, st: &Path| {
+        xvtpm_vtpm::snapshot::SnapshotFile::for_state_dir(&h.dir().join("snapshots"), st)
+            .expect("snapshots")
+            .paths()
+            .clone()
+    };
+    for (from, to) in snaps(&ha, &state_a).iter().zip(snaps(&hb, &state_b).iter()) {
+        if from.exists() {
+            std::fs::copy(from, to).expect("copy snapshot");
+        }
+    }
+    std::fs::copy(&token_a, &token_b).expect("token");
+    assert_eq!(stdout(&xvtpm(&b, &["vtpm", "import", bundle.to_str().expect("utf-8")])), VTPM_UUID);
+
+    // The guest resumes at B: a new domain, the same vm path.
+    let xb = hb.xen(0).xenstore().expect("xs");
+    toolstack::add_domain_of(&xb, 9, "guest", &toolstack::vm_path(7)).expect("domain at B");
+    toolstack::add_vtpm(&xb, 9, 0, 0, GUEST_UUID).expect("device at B");
+    let mut moved = Frontend::connect(&hb.xen(9), guest_cfg()).expect("the guest connects at B");
+    use xvtpm_tests::tpm2;
+    assert_eq!(moved.transmit(&tpm2::pcr_read_sha256(16)).expect("PCR_Read"), pcr, "PCR 16 at B");
+    assert_eq!(moved.transmit(&tpm2::read_public(handle)).expect("read public"), public, "the loaded key at B");
+    assert_eq!(rc(&moved.transmit(&change_owner_auth(b"", b"at-b")).expect("owner auth")), 0, "saved at B");
+    wait_log(&incoming, "continues domain 7");
+
+    // At A the guest's domain is destroyed; A's manager refuses the vTPM from now on.
+    drop(fe);
+    drop(at_a);
+    let refused = serve(&bins, &ha, &a, &state_a, &token_a).err().expect("the vTPM must not start again at A");
+    assert!(refused.contains("the manager refused this vTPM"), "{refused}");
+}
+
+/// A live migration called off after the export (the destination died before importing): the
+/// source takes its vTPM back (exported to its own manager and imported there), the suspend is
+/// cancelled, and the same guest goes on at the source with its PCRs and loaded key; what it
+/// writes is saved again.
+#[test]
+fn a_live_move_called_off_leaves_the_guest_and_its_vtpm_at_the_source() {
+    let bins = xvtpm_tests::bins::vtpm_and_vtpmmgr(XVTPM);
+    let ha = SimHost::temp().expect("sim");
+    let (a, b) = (site(&ha.dir().join("mgr")), site(&ha.dir().join("dst")));
+    let (at_a, _state, _token, mut fe, pcr, handle, public) = running_guest(&bins, &ha, &a);
+    toolstack::request_suspend(&ha.xen(0).xenstore().expect("xs"), 7).expect("suspend");
+    wait_log(&at_a, "for its next domain");
+    let b_key = stdout(&xvtpm(&b, &["vtpm", "migration-key"]));
+    let out = ha.dir().join("to-b.bundle");
+    stdout(&xvtpm(&a, &["vtpm", "export", VTPM_UUID, "--to", &b_key, "--out", out.to_str().expect("utf-8")]));
+    let shown = stdout(&xvtpm(&a, &["vtpm", "show", VTPM_UUID, "--json"]));
+    assert!(shown.ends_with("\"exported\":true}"), "frozen at A: {shown}");
+    // Taken back (the suspended guest sent nothing meanwhile).
+    use xvtpm_tests::tpm2;
+    let a_key = stdout(&xvtpm(&a, &["vtpm", "migration-key"]));
+    let back = ha.dir().join("back.bundle");
+    let bs = back.to_str().expect("utf-8");
+    stdout(&xvtpm(&a, &["vtpm", "export", VTPM_UUID, "--to", &a_key, "--out", bs, "--force"]));
+    assert_eq!(stdout(&xvtpm(&a, &["vtpm", "import", bs])), VTPM_UUID);
+    assert_eq!(fe.transmit(&tpm2::pcr_read_sha256(16)).expect("PCR_Read"), pcr);
+    assert_eq!(fe.transmit(&tpm2::read_public(handle)).expect("read public"), public);
+    assert_eq!(rc(&fe.transmit(&change_owner_auth(b"", b"still-at-a")).expect("owner auth")), 0, "saved again");
 }

@@ -1,0 +1,280 @@
+//! The destination's end: `xvtpm migrate-accept`, run by the transport (e.g. `ssh HOST xvtpm
+//! migrate-accept`) with the source's relay on its stdin and stdout. It starts the guest's
+//! vtpm before xl builds the domain (`vtpm serve --incoming`: libxl waits for the vtpm
+//! device's backend), runs `xl migrate-receive`, and, when the source offers the vTPM, writes
+//! its state directory, snapshot and token in place and imports its key at this host's
+//! manager. If the migration then fails here, all of it is undone.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use xvtpm_vtpmmgr::admin::Admin;
+
+use super::lock;
+use super::wire::{self, Hello, Kind};
+
+/// Where the destination keeps what arrives.
+#[derive(Args, Debug, Clone)]
+pub struct AcceptOpts {
+    /// vTPM state directories live in DIR/<device uuid>, tokens in DIR/<device uuid>.token.
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/xvtpm")]
+    pub state_root: PathBuf,
+    /// Where the vtpm keeps its snapshots (its `--snapshot-dir`).
+    #[arg(long, value_name = "DIR", default_value = xvtpm_vtpm::snapshot::DEFAULT_DIR)]
+    pub snapshot_dir: PathBuf,
+    /// This host's manager: its admin socket.
+    #[arg(long, value_name = "PATH", default_value = "/run/xvtpm/admin.sock")]
+    pub admin_socket: PathBuf,
+    /// This host's manager: its vTPM socket.
+    #[arg(long, value_name = "PATH", default_value = "/run/xvtpm/mgr.sock")]
+    pub manager_socket: PathBuf,
+    /// The vtpm executable.
+    #[arg(long, value_name = "PATH", default_value = "vtpm")]
+    pub vtpm: PathBuf,
+    /// The vtpm's log goes to DIR/vtpm-<device uuid>.log.
+    #[arg(long, value_name = "DIR", default_value = "/var/log/xvtpm")]
+    pub log_dir: PathBuf,
+}
+
+/// Only `migrate-receive` and flags reach xl: the source may not run other xl commands here.
+fn xl_args_ok(args: &[String]) -> bool {
+    args.iter().filter(|a| *a == "migrate-receive").count() == 1
+        && args.iter().all(|a| {
+            a == "migrate-receive"
+                || (a.len() > 1 && a.starts_with('-') && a[1..].bytes().all(|b| b.is_ascii_alphabetic()))
+        })
+}
+
+/// What was set up here, to undo if the migration fails.
+#[derive(Debug)]
+struct Incoming {
+    state_dir: PathBuf,
+    token: PathBuf,
+    snapshots: [PathBuf; 2],
+    vtpm: Child,
+    imported: Option<[u8; 16]>,
+}
+
+impl Incoming {
+    fn undo(mut self, opts: &AcceptOpts) {
+        let _ = self.vtpm.kill();
+        let _ = self.vtpm.wait();
+        if let Some(u) = self.imported {
+            match Admin::connect(&opts.admin_socket).and_then(|mut a| a.delete(&u)) {
+                Ok(()) => log::info!("the imported vTPM is deleted again"),
+                Err(e) => log::error!("the imported vTPM could not be deleted: {e}"),
+            }
+        }
+        for p in self.snapshots.iter().chain([&self.token]) {
+            let _ = std::fs::remove_file(p);
+        }
+        let _ = std::fs::remove_dir_all(&self.state_dir);
+    }
+}
+
+fn refuse(out: &Mutex<std::io::Stdout>, why: &str) -> anyhow::Error {
+    let _ = wire::send(&mut *lock(out), Kind::Refused, why.as_bytes());
+    anyhow::anyhow!("{why}")
+}
+
+/// Runs the destination's end on stdin and stdout.
+pub fn run(opts: &AcceptOpts) -> anyhow::Result<()> {
+    let out = Arc::new(Mutex::new(std::io::stdout()));
+    let mut input = std::io::stdin().lock();
+    let hello: Hello = match wire::recv(&mut input)? {
+        Some((Kind::Hello, b)) => serde_json::from_slice(&b).context("a malformed hello")?,
+        other => return Err(refuse(&out, &format!("expected a hello, got {:?}", other.map(|(k, _)| k)))),
+    };
+    if hello.protocol != wire::PROTOCOL {
+        return Err(refuse(&out, &format!("protocol {:?}, this end speaks {:?}", hello.protocol, wire::PROTOCOL)));
+    }
+    let device =
+        xvtpm_proto::Uuid::parse(&hello.device_uuid).map_err(|e| refuse(&out, &format!("device uuid: {e}")))?;
+    let vtpm = xvtpm_proto::Uuid::parse(&hello.vtpm_uuid).map_err(|e| refuse(&out, &format!("vTPM uuid: {e}")))?;
+    if !xl_args_ok(&hello.xl_args) {
+        return Err(refuse(&out, &format!("xl arguments {:?} are not `migrate-receive` and flags", hello.xl_args)));
+    }
+    // Paths and arguments use the canonical form, never the peer's text.
+    let name = device.to_string();
+    let hello = Hello { device_uuid: name.clone(), vtpm_uuid: vtpm.to_string(), ..hello };
+    let state_dir = opts.state_root.join(&name);
+    let token = opts.state_root.join(format!("{name}.token"));
+    let occupied =
+        std::fs::read_dir(&state_dir).map(|d| d.flatten().any(|e| e.file_name() != ".lock")).unwrap_or(false);
+    if occupied || token.exists() {
+        return Err(refuse(&out, &format!("a vTPM for device {name} already lives here ({})", state_dir.display())));
+    }
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&opts.state_root)?;
+    std::fs::create_dir_all(&opts.log_dir)?;
+    let vtpm = start_vtpm(opts, &hello, &state_dir, &token).map_err(|e| refuse(&out, &format!("{e:#}")))?;
+    let snapshots = xvtpm_vtpm::snapshot::SnapshotFile::for_state_dir(&opts.snapshot_dir, &state_dir)?.paths().clone();
+    let mut incoming =
+        Some(Incoming { state_dir: state_dir.clone(), token: token.clone(), snapshots, vtpm, imported: None });
+
+    let mut xl = match Command::new("xl").args(&hello.xl_args).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            if let Some(i) = incoming.take() {
+                i.undo(opts);
+            }
+            return Err(refuse(&out, &format!("cannot run xl: {e}")));
+        }
+    };
+    let mut xl_in = xl.stdin.take();
+    let mut xl_out = xl.stdout.take().context("xl stdout")?;
+    let up = out.clone();
+    let pump = std::thread::spawn(move || {
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            let n = match xl_out.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if wire::send(&mut *lock(&up), Kind::Xl, &buf[..n]).is_err() {
+                return;
+            }
+        }
+        let _ = wire::send(&mut *lock(&up), Kind::XlEnd, &[]);
+    });
+    loop {
+        let frame = match wire::recv(&mut input) {
+            Ok(f) => f,
+            Err(e) => {
+                log::error!("the source's stream broke: {e}");
+                None
+            }
+        };
+        match frame {
+            Some((Kind::Xl, b)) => {
+                if let Some(w) = xl_in.as_mut() {
+                    if w.write_all(&b).is_err() {
+                        xl_in = None;
+                    }
+                }
+            }
+            Some((Kind::XlEnd, _)) => xl_in = None,
+            Some((Kind::Offer, b)) => {
+                let answer = match incoming.as_mut() {
+                    Some(i) => install(opts, &hello, i, &b),
+                    None => Err(anyhow::anyhow!("nothing is set up for the vTPM")),
+                };
+                match answer {
+                    Ok(()) => wire::send(&mut *lock(&out), Kind::Accepted, &[])?,
+                    Err(e) => {
+                        log::error!("the vTPM could not be taken: {e:#}");
+                        wire::send(&mut *lock(&out), Kind::Refused, format!("{e:#}").as_bytes())?;
+                    }
+                }
+            }
+            Some((other, _)) => log::warn!("ignored a {other:?} frame from the source"),
+            None => break,
+        }
+    }
+    drop(xl_in);
+    let status = xl.wait()?;
+    let _ = pump.join();
+    if status.success() {
+        log::info!("the guest runs here; its vTPM {} is served by the vtpm started for it", hello.device_uuid);
+        return Ok(());
+    }
+    if let Some(i) = incoming.take() {
+        i.undo(opts);
+    }
+    bail!("xl migrate-receive failed ({status}); what came for the vTPM is removed")
+}
+
+/// Starts `vtpm serve --incoming` for the device, in its own process group (it outlives this
+/// process: it is the guest's vtpm here from now on), and waits until it serves the device.
+fn start_vtpm(opts: &AcceptOpts, hello: &Hello, state_dir: &Path, token: &Path) -> anyhow::Result<Child> {
+    let log = opts.log_dir.join(format!("vtpm-{}.log", hello.device_uuid));
+    let file = std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(&log)?;
+    let mut cmd = Command::new(&opts.vtpm);
+    cmd.args(["serve", "--incoming", "--uuid", &hello.device_uuid, "--state-dir"])
+        .arg(state_dir)
+        .arg("--manager")
+        .arg(format!("unix:{}", opts.manager_socket.display()))
+        .args(["--vtpm-uuid", &hello.vtpm_uuid, "--token-file"])
+        .arg(token)
+        .arg("--snapshot-dir")
+        .arg(&opts.snapshot_dir);
+    if hello.tpm12 {
+        cmd.arg("--tpm1.2");
+    }
+    let start = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(file.try_clone()?)
+        .stderr(file)
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("start {}", opts.vtpm.display()))?;
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = std::fs::read(&log).unwrap_or_default();
+        if text.get(start as usize..).is_some_and(|t| t.windows(8).any(|w| w == b"watching")) {
+            return Ok(child);
+        }
+        if child.try_wait()?.is_some() || Instant::now() > end {
+            let _ = child.kill();
+            bail!("the incoming vtpm did not start; see {}", log.display());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Writes what the source offered and imports the key at this host's manager.
+fn install(opts: &AcceptOpts, hello: &Hello, incoming: &mut Incoming, offer: &[u8]) -> anyhow::Result<()> {
+    let files: BTreeMap<String, Vec<u8>> =
+        xvtpm_vtpm::state::managed::decode(offer).context("a malformed offer from the source")?;
+    let write = |path: &Path, data: &[u8]| xvtpm_vtpm::state::write_file(path, data, xvtpm_vtpm::state::PRIVATE);
+    for (name, data) in &files {
+        if let Some(file) = name.strip_prefix("state/") {
+            if file.is_empty() || file.contains('/') || file == "." || file == ".." {
+                bail!("a state file named {file:?}");
+            }
+            write(&incoming.state_dir.join(file), data)?;
+        } else if let Some(slot) = name.strip_prefix("snapshot/") {
+            let i = match slot {
+                "a" => 0,
+                "b" => 1,
+                _ => bail!("a snapshot slot named {slot:?}"),
+            };
+            write(&incoming.snapshots[i], data)?;
+        }
+    }
+    write(&incoming.token, files.get("token").context("the offer has no token")?)?;
+    let bundle = files.get("bundle").context("the offer has no key bundle")?;
+    let uuid = Admin::connect(&opts.admin_socket)?.import(bundle, 0)?;
+    let want = xvtpm_proto::Uuid::parse(&hello.vtpm_uuid)?.0;
+    incoming.imported = Some(uuid);
+    if uuid != want {
+        bail!("the bundle holds vTPM {}, not {}", xvtpm_proto::Uuid(uuid), hello.vtpm_uuid);
+    }
+    log::info!("vTPM {} taken: state, snapshot and key are here", hello.vtpm_uuid);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_migrate_receive_and_flags_reach_xl() {
+        let a = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(xl_args_ok(&a(&["migrate-receive"])));
+        assert!(xl_args_ok(&a(&["-v", "migrate-receive", "-e", "-p"])));
+        assert!(!xl_args_ok(&a(&["destroy", "1"])));
+        assert!(!xl_args_ok(&a(&["migrate-receive", "; rm"])));
+        assert!(!xl_args_ok(&a(&["migrate-receive", "migrate-receive"])));
+        assert!(!xl_args_ok(&a(&["migrate-receive", "-"])));
+        assert!(!xl_args_ok(&a(&[])));
+    }
+}
