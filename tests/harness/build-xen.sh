@@ -3,17 +3,19 @@
 #   xen       Xen 4.17 (multiboot ELF), vmlinux  the Debian kernel as ELF (dom0 and domU),
 #   dom0.cpio busybox, Xen's tools and modules, the domU kernel and initramfs, and by scenario:
 #     e2e      our `vtpm serve` in dom0 is the guest's backend (xen-dom0-init.sh);
+#     lifecycle  the guest's vTPM across vtpm stops, kills, xl save and restore
+#                (xen-lifecycle-dom0-init.sh);
 #     stubdom  the manager and the guest's vTPM in stub domains, disks on loop devices through
 #              Xen's own hotplug scripts, our `xvtpm` tool (xen-stubdom-dom0-init.sh).
 # Cached: rebuilt when an input (packages, scripts, binaries) changes.
-# Usage: build-xen.sh OUTDIR BINDIR [e2e|stubdom]   (BINDIR holds vtpm, vtpmmgr, xvtpm)
+# Usage: build-xen.sh OUTDIR BINDIR [e2e|lifecycle|stubdom]   (BINDIR holds vtpm, vtpmmgr, xvtpm)
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
-OUT=${1:?usage: build-xen.sh OUTDIR BINDIR [e2e|stubdom]}
-BIN=${2:?usage: build-xen.sh OUTDIR BINDIR [e2e|stubdom]}
+OUT=${1:?usage: build-xen.sh OUTDIR BINDIR [e2e|lifecycle|stubdom]}
+BIN=${2:?usage: build-xen.sh OUTDIR BINDIR [e2e|lifecycle|stubdom]}
 SCENARIO=${3:-e2e}
 VTPM=$BIN/vtpm
-case "$SCENARIO" in e2e) BINS=("$VTPM");; stubdom) BINS=("$VTPM" "$BIN/vtpmmgr" "$BIN/xvtpm");;
+case "$SCENARIO" in e2e|lifecycle) BINS=("$VTPM");; stubdom) BINS=("$VTPM" "$BIN/vtpmmgr" "$BIN/xvtpm");;
     *) echo "unknown scenario $SCENARIO" >&2; exit 2;; esac
 mkdir -p "$OUT/debs"
 
@@ -55,7 +57,7 @@ install -m 755 "$HERE/xen-domU-init.sh" "$S/init"
 tpm2=$(readlink -f "$(command -v tpm2)")
 cp "$tpm2" "$S/usr/bin/tpm2"
 for t in getrandom pcrextend pcrread createprimary nvdefine nvwrite nvread evictcontrol readpublic flushcontext \
-         createpolicy create load unseal; do
+         createpolicy create load unseal getcap sign verifysignature; do
     ln -sf tpm2 "$S/usr/bin/tpm2_$t"
 done
 gcc -O2 -static -o "$S/usr/bin/tpmbench" "$HERE/tpmbench.c"
@@ -74,6 +76,9 @@ mkcpio "$S" | gzip -1 > "$OUT/domU.cpio.gz"
 S="$OUT/stage-dom0"; stage "$S"
 for m in xen-evtchn xen-privcmd xenfs xen-gntdev xen-gntalloc; do cp "$(modpath $m)" "$S/lib/modules/"; done
 for b in xl xenstored xenconsoled xen-init-dom0; do cp "$R/usr/lib/xen-$XV/bin/$b" "$S/usr/sbin/$b"; copy_libs "$R/usr/lib/xen-$XV/bin/$b" "$S"; done
+# xl save / restore / migrate run libxl's helper from where the package puts it.
+mkdir -p "$S/usr/lib/xen-$XV/bin"
+cp "$R/usr/lib/xen-$XV/bin/libxl-save-helper" "$S/usr/lib/xen-$XV/bin/"; copy_libs "$R/usr/lib/xen-$XV/bin/libxl-save-helper" "$S"
 cp "$R/usr/bin/xenstore" "$S/usr/bin/xenstore"; copy_libs "$R/usr/bin/xenstore" "$S"
 for t in exists list ls read rm write; do ln -sf xenstore "$S/usr/bin/xenstore-$t"; done
 cp -L /lib/x86_64-linux-gnu/libgcc_s.so.1 "$S/lib/x86_64-linux-gnu/"   # glibc dlopen()s it (pthread_cancel)
@@ -82,10 +87,11 @@ mkdir -p "$S/etc/xen" "$S/var/lib/xen" "$S/var/log/xen"
 cp "$OUT/vmlinux" "$S/boot/vmlinux-domU"
 cp "$OUT/domU.cpio.gz" "$S/boot/domU.cpio.gz"
 install -m 644 "$HERE/xen-dom0-common.sh" "$S/lib/xen-dom0-common.sh"
-if [ "$SCENARIO" = e2e ]; then
+if [ "$SCENARIO" != stubdom ]; then
     strip -o "$S/usr/sbin/vtpm" "$VTPM"; copy_libs "$VTPM" "$S"
     cp "$HERE/xen-domU.cfg" "$S/etc/xen/domU.cfg"
-    install -m 755 "$HERE/xen-dom0-init.sh" "$S/init"
+    case "$SCENARIO" in e2e) init=xen-dom0-init.sh;; lifecycle) init=xen-lifecycle-dom0-init.sh;; esac
+    install -m 755 "$HERE/$init" "$S/init"
 else
     # The stub domains' images, as an operator installs them.
     mkdir -p "$OUT/stubdom/debs"; ln -f "$OUT"/debs/"$KPKG"_*.deb "$OUT/stubdom/debs/" 2>/dev/null || true

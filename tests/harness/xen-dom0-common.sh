@@ -10,6 +10,11 @@ finish() {
     printf "$v" | dd of=/dev/port bs=1 seek=244 count=1 2>/dev/null
     sleep 1; poweroff -f
 }
+serve() { # uuid logfile [--tpm1.2]: start `vtpm serve` for a device, wait until it watches xenstore
+    RUST_LOG=info vtpm serve --state-dir /var/lib/xvtpm/$1 --key /var/lib/xvtpm/key --uuid $1 --domid 0 $3 > $2 2>&1 &
+    SERVED=$!
+    i=0; while ! grep -q watching $2; do i=$((i+1)); [ $i -gt 200 ] && { cat $2; finish FAIL; }; usleep 50000; done
+}
 mount -t proc proc /proc; mount -t sysfs sysfs /sys; mount -t devtmpfs devtmpfs /dev
 mkdir -p /dev/pts /run /tmp /var/lib/xen /var/log/xen/console /var/lock /var/lib/xenstored /var/lib/xvtpm
 # What udev makes on a full system; Xen's hotplug scripts use /dev/stdin.

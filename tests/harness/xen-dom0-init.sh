@@ -6,11 +6,6 @@ mark "xen up"
 UUID=5e1f0a2b-7c3d-4e5f-8a9b-0c1d2e3f4a5b
 head -c 32 /dev/urandom > /var/lib/xvtpm/key
 vtpm create --state-dir /var/lib/xvtpm/$UUID --key /var/lib/xvtpm/key 2>&1 | sed 's/^/  vtpm: /' || finish FAIL
-serve() { # uuid logfile [--tpm1.2]: start `vtpm serve` for a device, wait until it watches xenstore
-    RUST_LOG=info vtpm serve --state-dir /var/lib/xvtpm/$1 --key /var/lib/xvtpm/key --uuid $1 --domid 0 $3 > $2 2>&1 &
-    SERVED=$!
-    i=0; while ! grep -q watching $2; do i=$((i+1)); [ $i -gt 200 ] && { cat $2; finish FAIL; }; usleep 50000; done
-}
 serve $UUID /var/log/vtpm.log; VTPM_PID=$SERVED
 mark "vtpm serve up"
 T0=$(cut -d' ' -f1 /proc/uptime)
@@ -33,20 +28,24 @@ wait_loop() { # wait until the guest reports a successful loop after number $1 m
         i=$((i+1)); usleep 100000
     done; return 1
 }
-# 1. kill -9 the vtpm while the guest uses its TPM, start a new one: the guest's commands resume.
+# 1. kill -9 the vtpm while the guest uses its TPM, start a new one: the guest's commands
+#    resume, on its TPM as it was (PCR 16 kept; a reset one would fail the check).
 wait_loop 1 "" || mark "guest loop did not start"
-kill -9 $VTPM_PID; N=$(last_loop); mark "vtpm killed after guest loop $N"
+P16=$(grep -o "XVTPM-DOMU: loop [0-9]* ok .*" $CON | tail -n 1 | awk '{print $NF}')
+kill -9 $VTPM_PID; N=$(last_loop); mark "vtpm killed after guest loop $N, PCR 16 $P16"
 sleep 2
 serve $UUID /var/log/vtpm-restarted.log; VTPM_PID=$SERVED
 mark "vtpm restarted"
-if wait_loop $((N + 2)) ""; then mark "RESTART_OK guest commands work again after loop $(last_loop)"; else mark "RESTART_FAILED"; fi
+if wait_loop $((N + 2)) "pcr16 $P16"; then mark "RESTART_OK guest commands work again after loop $(last_loop), PCR 16 kept"
+else mark "RESTART_FAILED: $(grep 'XVTPM-DOMU: loop' $CON | tail -n 1)"; fi
 # 2. hot-plug a second vTPM, a TPM 1.2 one, into the running guest, list it, detach it.
 UUID2=5e1f0a2b-7c3d-4e5f-8a9b-0c1d2e3f4a5c
 vtpm create --state-dir /var/lib/xvtpm/$UUID2 --key /var/lib/xvtpm/key --tpm1.2 >/dev/null 2>&1
 serve $UUID2 /var/log/vtpm2.log --tpm1.2
 xl vtpm-attach $DOMID backend=0 uuid=$UUID2 2>&1 | sed 's/^/  xl: /'
-xl vtpm-list $DOMID 2>&1 | sed 's/^/  vtpm-list: /'
 if wait_loop $(last_loop) "/dev/tpm1"; then mark "ATTACH_OK guest sees /dev/tpm1"; else mark "ATTACH_FAILED"; fi
+# Listed once the guest uses it, so both ends are Connected.
+xl vtpm-list $DOMID 2>&1 | sed 's/^/  vtpm-list: /'
 # Detach only once the guest has reported on the new device (its sysfs reads take a while).
 i=0; while ! grep -q "XVTPM-DOMU: tpm1 .* pcrs" $CON && [ $i -lt 2400 ]; do i=$((i+1)); usleep 100000; done
 xl vtpm-detach $DOMID 1 2>&1 | sed 's/^/  xl: /'

@@ -4,13 +4,48 @@
 export PATH=/bin:/usr/bin LD_LIBRARY_PATH=/lib/x86_64-linux-gnu
 mount -t proc proc /proc; mount -t sysfs sysfs /sys; mount -t devtmpfs devtmpfs /dev; mount -t tmpfs tmpfs /tmp
 say() { echo "XVTPM-DOMU: $*"; }
-PHASE=1; case "$(cat /proc/cmdline)" in *xvtpm.phase=2*) PHASE=2;; esac
+PHASE=1; case "$(cat /proc/cmdline)" in *xvtpm.phase=2*) PHASE=2;; *xvtpm.phase=lifecycle*) PHASE=lifecycle;; esac
 say "kernel $(uname -r), phase $PHASE"
+pcr16() { tpm2_pcrread sha256:16 2>&1 | awk '/16:/ {print $2}'; }
 insmod /lib/modules/xen-tpmfront.ko &
 i=0; while [ ! -e /dev/tpm0 ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
 say "devices $(ls /dev/tpm* 2>&1 | tr '\n' ' ')"
 say "tpm_version_major=$(cat /sys/class/tpm/tpm0/tpm_version_major 2>/dev/null)"
 export TPM2TOOLS_TCTI=device:/dev/tpm0
+if [ $PHASE = lifecycle ]; then
+    # PCR 16 extended once from zero and a signing key left loaded; then, while dom0 stops,
+    # kills, saves and restores our vTPM under this guest, a tick every 0.2 s: PCR 16 and
+    # whether the key loaded at the start still signs.
+    tpm2_pcrextend 16:sha256=0303030303030303030303030303030303030303030303030303030303030303 || say "lc extend FAILED"
+    tpm2_createprimary -Q -C o -G ecc -a 'fixedtpm|fixedparent|sensitivedataorigin|userwithauth|sign' -c /tmp/k.ctx \
+        || say "lc key FAILED"
+    H=$(tpm2_getcap handles-transient | awk '/0x80/ {print $2; exit}')
+    echo "signed by the guest's vTPM" > /tmp/msg
+    # A secret sealed to PCR 16 as it is now, its object left loaded too.
+    last() { tpm2_getcap handles-transient | awk '/0x80/ {h=$2} END {print h}'; }
+    tpm2_createprimary -Q -C o -G ecc -c /tmp/s.ctx; P=$(last)
+    tpm2_pcrread -Q sha256:16 -o /tmp/pcr.bin && tpm2_createpolicy -Q --policy-pcr -l sha256:16 -f /tmp/pcr.bin -L /tmp/pcr.policy
+    printf 'sealed-to-pcr16' > /tmp/secret
+    tpm2_create -Q -C "$P" -L /tmp/pcr.policy -i /tmp/secret -u /tmp/seal.pub -r /tmp/seal.priv \
+        && tpm2_load -Q -C "$P" -u /tmp/seal.pub -r /tmp/seal.priv -c /tmp/seal.ctx || say "lc seal FAILED"
+    S=$(last); tpm2_flushcontext "$P"
+    say "lc ready pcr16 $(pcr16) key $H"
+    i=0
+    while true; do
+        # The stock xen-tpmfront re-registers its chip on resume (xl restore, migration): the
+        # old number may still be taken, so the TPM comes back as the next /dev/tpmN.
+        dev=$(ls /dev/tpm[0-9]* 2>/dev/null | head -n 1)
+        export TPM2TOOLS_TCTI=device:${dev:-/dev/tpm0}
+        i=$((i+1)); p=$(pcr16)
+        if tpm2_sign -Q -c "$H" -g sha256 -o /tmp/sig /tmp/msg 2>/tmp/err \
+            && tpm2_verifysignature -Q -c "$H" -g sha256 -m /tmp/msg -s /tmp/sig 2>>/tmp/err; then s=ok
+        else s="failed $(tail -n 1 /tmp/err | cut -c1-80)"; fi
+        u=$(tpm2_unseal -c "$S" -p pcr:sha256:16 2>/dev/null); tpm2_flushcontext -s 2>/dev/null
+        say "tick $i pcr16 ${p:-none} sign $s unseal ${u:-failed} devs $(ls /dev/tpm* 2>/dev/null | tr '\n' ' ')"
+        [ "$s" = ok ] || dmesg | grep -i 'tpm' | grep -v 'command line' | tail -n 3 | sed 's/^/XVTPM-DOMU: dmesg: /'
+        sleep 0.2
+    done
+fi
 if [ $PHASE = 2 ]; then
     # After a reboot (destroy + create with the same uuid): what phase 1 made is still there.
     tpm2_readpublic -c 0x81000001 >/dev/null 2>&1 && say "phase2 persistent key ok" || say "phase2 persistent key FAILED"
@@ -74,7 +109,7 @@ while [ $i -lt 150 ]; do
         say "tpm1 $(grep -c PCR- /sys/class/tpm/tpm1/pcrs 2>/dev/null) pcrs, enabled=$(cat /sys/class/tpm/tpm1/enabled 2>&1) active=$(cat /sys/class/tpm/tpm1/active 2>&1)"
         TPM1_SEEN=1
     fi
-    if r=$(tpm2_getrandom --hex 8 2>&1); then say "loop $i ok devs $(ls /dev/tpm* | tr '\n' ' ')"
+    if r=$(tpm2_getrandom --hex 8 2>&1); then say "loop $i ok devs $(ls /dev/tpm* | tr '\n' ' ')pcr16 $(pcr16)"
     else say "loop $i err $(echo "$r" | tail -n 1 | cut -c1-100)"; fi
     sleep 1
 done

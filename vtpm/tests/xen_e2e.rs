@@ -58,7 +58,17 @@ fn xen_guest_uses_our_vtpm() {
     );
     assert!(guest("DONE2"), "{}", ctx());
     // The vtpm killed and restarted while the guest runs; a second vTPM attached and detached.
-    assert!(console.contains("RESTART_OK"), "guest commands did not resume after the vtpm restart; {}", ctx());
+    // ...on the TPM as it was: the restarted vtpm resumed it (PCR 16 kept), not reset it.
+    assert!(
+        c.report().iter().any(|l| l.contains("vtpm killed after guest loop") && l.contains("PCR 16 0x")),
+        "the guest's PCR 16 before the kill; {}",
+        ctx()
+    );
+    assert!(
+        console.contains("RESTART_OK") && console.contains("PCR 16 kept"),
+        "guest commands did not resume on its TPM as it was after the vtpm restart; {}",
+        ctx()
+    );
     assert!(console.contains("ATTACH_OK"), "vtpm-attach; {}", ctx());
     let listed = console.lines().any(|l| {
         l.contains("vtpm-list: 1")
