@@ -3,16 +3,17 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use xvtpm_xen::xenbus::{self, parse_num, parse_uuid, vtpm_backend_root};
+use xvtpm_xen::xenstore::Waker;
 use xvtpm_xen::{DomId, GrantMapper, TxId, Xen, XenbusState, Xenstore};
 
 use crate::handler::{CommandHandler, DeviceInfo};
 use crate::machine::{self, Action, Frontend, View};
-use crate::worker::{Connection, Fatal, Worker};
+use crate::worker::{Connection, Fatal, FatalTx, Worker};
 use crate::{Error, Result};
 
 /// Which devices of the domain this backend serves. Several backends may run in one domain
@@ -58,10 +59,38 @@ impl std::fmt::Debug for Backend {
     }
 }
 
+/// Tells a running [`Backend::run`] to stop: a flag, and a wake-up for its loop, which waits
+/// for xenstore events without a timeout (an idle backend never wakes).
+#[derive(Debug, Default)]
+pub struct StopSignal {
+    flag: AtomicBool,
+    waker: Mutex<Option<Waker>>,
+}
+
+impl StopSignal {
+    /// Asks the backend to stop; it does so at once, even while it waits.
+    pub fn set(&self) {
+        self.flag.store(true, Ordering::SeqCst);
+        if let Some(w) = self.waker.lock().unwrap_or_else(PoisonError::into_inner).as_ref() {
+            w.wake();
+        }
+    }
+
+    /// Whether [`StopSignal::set`] was called.
+    pub fn is_set(&self) -> bool {
+        self.flag.load(Ordering::SeqCst)
+    }
+
+    /// The loop checks the flag after this and before every wait, so a set() at any time is seen.
+    fn attach(&self, w: Waker) {
+        *self.waker.lock().unwrap_or_else(PoisonError::into_inner) = Some(w);
+    }
+}
+
 /// A backend running on its own thread; dropping it (or [`BackendHandle::stop`]) stops it.
 #[derive(Debug)]
 pub struct BackendHandle {
-    stop: Arc<AtomicBool>,
+    stop: Arc<StopSignal>,
     thread: Option<JoinHandle<Result<()>>>,
 }
 
@@ -72,7 +101,7 @@ impl BackendHandle {
     }
 
     fn stop_inner(&mut self) -> Result<()> {
-        self.stop.store(true, Ordering::SeqCst);
+        self.stop.set();
         match self.thread.take() {
             Some(t) => t.join().map_err(|_| Error::Thread("backend thread panicked".into()))?,
             None => Ok(()),
@@ -88,9 +117,6 @@ impl Drop for BackendHandle {
     }
 }
 
-/// How often the main loop wakes without events, to pick up protocol errors from device
-/// threads and to notice a stop request.
-const TICK: Duration = Duration::from_millis(50);
 const ROOT_TOKEN: &str = "vtpm-backend";
 /// In a driver domain, how long an offline device's Closed stays visible before we remove its
 /// directory, unless the toolstack shows sooner that it saw Closed. libxl in dom0 reads the
@@ -107,7 +133,7 @@ impl Backend {
     /// Runs [`Backend::run`] on a new thread. Returns once the backend watches xenstore, so a
     /// toolstack may create devices right after.
     pub fn spawn(self) -> Result<BackendHandle> {
-        let stop = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(StopSignal::default());
         let s = stop.clone();
         let (ready_tx, ready_rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
@@ -125,12 +151,13 @@ impl Backend {
     /// Serves devices until `stop` is set. Connections are dropped without touching xenstore
     /// state, so a restarted backend picks the devices up again and running guests keep
     /// their TPM.
-    pub fn run(&self, stop: &AtomicBool) -> Result<()> {
+    pub fn run(&self, stop: &StopSignal) -> Result<()> {
         self.run_with_ready(stop, None)
     }
 
-    fn run_with_ready(&self, stop: &AtomicBool, ready: Option<Sender<()>>) -> Result<()> {
+    fn run_with_ready(&self, stop: &StopSignal, ready: Option<Sender<()>>) -> Result<()> {
         let xs = self.xen.xenstore()?;
+        stop.attach(xs.waker());
         let mapper: Arc<dyn GrantMapper> = Arc::from(self.xen.grant_mapper()?);
         let root = vtpm_backend_root(self.xen.domid());
         let (fatal_tx, fatal_rx) = mpsc::channel();
@@ -143,7 +170,7 @@ impl Backend {
             root: root.clone(),
             devices: HashMap::new(),
             offline: HashMap::new(),
-            fatal_tx,
+            fatal_tx: FatalTx::new(fatal_tx, xs.waker()),
             next_generation: 1,
         };
         xs.watch(&root, ROOT_TOKEN)?;
@@ -189,7 +216,7 @@ struct State {
     /// Driver domain only: offline devices waiting for their directory's removal, with when
     /// we saw them offline and whether the frontend's directory was there then.
     offline: HashMap<(DomId, u32), (std::time::Instant, bool)>,
-    fatal_tx: Sender<Fatal>,
+    fatal_tx: FatalTx,
     next_generation: u64,
 }
 
@@ -198,13 +225,14 @@ fn fe_token(key: (DomId, u32)) -> String {
 }
 
 impl State {
-    fn event_loop(&mut self, stop: &AtomicBool, fatal_rx: &Receiver<Fatal>) -> Result<()> {
-        while !stop.load(Ordering::SeqCst) {
+    fn event_loop(&mut self, stop: &StopSignal, fatal_rx: &Receiver<Fatal>) -> Result<()> {
+        while !stop.is_set() {
             while let Ok(f) = fatal_rx.try_recv() {
                 self.on_fatal(f);
             }
             self.remove_due_offline();
-            let Some(first) = self.xs.next_event(Some(TICK))? else { continue };
+            // No timeout unless a removal is due: device threads and stop requests wake us.
+            let Some(first) = self.xs.next_event(self.next_removal_in())? else { continue };
             // Reconcile reads the current state, so a burst of events (a flapping frontend,
             // many devices at once) needs one pass per device, not one per event.
             let mut keys = Vec::new();
@@ -361,6 +389,11 @@ impl State {
         if was_present && !present {
             self.remove_offline(key, be_path);
         }
+    }
+
+    /// How long until the first offline device's grace is over.
+    fn next_removal_in(&self) -> Option<Duration> {
+        self.offline.values().map(|(since, _)| REMOVAL_GRACE.saturating_sub(since.elapsed())).min()
     }
 
     /// Removes the offline devices whose grace is over.

@@ -16,6 +16,6 @@ mod machine;
 mod stop;
 mod worker;
 
-pub use backend::{Backend, BackendConfig, BackendHandle, DeviceFilter};
+pub use backend::{Backend, BackendConfig, BackendHandle, DeviceFilter, StopSignal};
 pub use error::{Error, Result};
 pub use handler::{CancelProbe, CommandHandler, DeviceInfo, EchoHandler, Request};

@@ -2,16 +2,13 @@
 
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
-use std::time::Duration;
 
 use xvtpm_xen::tpmif::{Tpmif, TpmifState};
+use xvtpm_xen::xenstore::Waker;
 use xvtpm_xen::{EventChannel, Port, SharedPage};
 
 use crate::handler::{CancelProbe, CommandHandler, DeviceInfo, Request};
 use crate::stop::Stop;
-
-/// How often a waiting worker checks whether it should stop.
-const STOP_POLL: Duration = Duration::from_millis(50);
 
 /// A protocol violation that ends the device's connection, reported to the main loop.
 #[derive(Debug)]
@@ -19,6 +16,25 @@ pub(crate) struct Fatal {
     pub key: (u16, u32),
     pub generation: u64,
     pub reason: String,
+}
+
+/// Where device threads report a [`Fatal`]: the main loop's queue, and a wake-up for it.
+#[derive(Debug, Clone)]
+pub(crate) struct FatalTx {
+    tx: Sender<Fatal>,
+    wake: Waker,
+}
+
+impl FatalTx {
+    pub fn new(tx: Sender<Fatal>, wake: Waker) -> Self {
+        FatalTx { tx, wake }
+    }
+
+    fn send(&self, f: Fatal) {
+        if self.tx.send(f).is_ok() {
+            self.wake.wake();
+        }
+    }
 }
 
 /// A connected device: shared page, event channel, serving thread.
@@ -38,7 +54,7 @@ pub(crate) struct Worker {
     pub evtchn: Arc<dyn EventChannel>,
     pub port: Port,
     pub handler: Arc<dyn CommandHandler>,
-    pub fatal: Sender<Fatal>,
+    pub fatal: FatalTx,
 }
 
 impl Connection {
@@ -57,6 +73,8 @@ impl Connection {
     /// the page then. It never waits for the handler.
     pub fn stop(self) {
         self.stop.set();
+        // The worker waits without a timeout.
+        self.evtchn.interrupt();
         if let Err(e) = self.evtchn.unbind(self.port) {
             log::debug!("unbind port {}: {e}", self.port);
         }
@@ -73,7 +91,7 @@ impl Worker {
         // the page at once instead of waiting for a notification that may predate our bind.
         let mut ok = self.serve(&stop, &cancel, &mut buf, &mut last_bad_state);
         while ok && !stop.is_set() {
-            match self.evtchn.wait(Some(STOP_POLL)) {
+            match self.evtchn.wait(None) {
                 Ok(None) => continue,
                 Ok(Some(p)) => {
                     if let Err(e) = self.evtchn.unmask(p) {
@@ -96,8 +114,7 @@ impl Worker {
         if stop.is_set() {
             return;
         }
-        let _ =
-            self.fatal.send(Fatal { key: (self.info.frontend, self.info.handle), generation: self.generation, reason });
+        self.fatal.send(Fatal { key: (self.info.frontend, self.info.handle), generation: self.generation, reason });
     }
 
     fn notify(&self, stop: &Stop) -> bool {

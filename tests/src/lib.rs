@@ -13,6 +13,7 @@ use xvtpm_backend::{CommandHandler, Request};
 
 pub mod bins;
 pub mod clayout;
+pub mod procstat;
 pub mod swtpm;
 pub mod tpm2;
 pub mod xen_qemu;

@@ -24,6 +24,11 @@ impl Drop for SwtpmProcess {
 }
 
 impl SwtpmProcess {
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Starts a swtpm (TPM 2.0 if `tpm2`, else 1.2) with its state in `dir/state`, powered on
     /// (`not-need-init`), and waits for its sockets.
     pub fn start(dir: &Path, tpm2: bool) -> std::io::Result<Self> {

@@ -32,7 +32,6 @@ mod xenadmin;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -180,7 +179,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::EchoBackend { xen, uuid } => {
             let filter = uuid.map(DeviceFilter::Uuid).unwrap_or(DeviceFilter::All);
             let backend = Backend::new(xen.open()?, Arc::new(EchoHandler), BackendConfig { filter });
-            backend.run(&AtomicBool::new(false))?;
+            backend.run(&xvtpm_backend::StopSignal::default())?;
         }
         Command::Ping { xen, handle, count } => {
             let xen = xen.open()?;

@@ -257,7 +257,9 @@ struct ServeConfig {
 }
 
 fn serve(state: &StateOpts, xen: Arc<dyn Xen>, config: ServeConfig) -> anyhow::Result<()> {
-    let stop = xvtpm_vtpm::sys::signals::stop_flag().context("install the signal handlers")?;
+    let stop = Arc::new(xvtpm_backend::StopSignal::default());
+    let s = stop.clone();
+    xvtpm_vtpm::sys::signals::on_stop(move || s.set()).context("install the signal handlers")?;
     let engine = if config.incoming {
         // The directory exists from now on, for the migration to fill.
         std::fs::DirBuilder::new()
@@ -304,7 +306,7 @@ fn serve(state: &StateOpts, xen: Arc<dyn Xen>, config: ServeConfig) -> anyhow::R
             VtpmHandler::incoming(state.version(), loader, xvtpm_vtpm::libtpms::canceller(), handler_config)
         }
     };
-    let served = Backend::new(xen, handler.clone(), BackendConfig { filter: config.filter }).run(stop);
+    let served = Backend::new(xen, handler.clone(), BackendConfig { filter: config.filter }).run(&stop);
     // Stopped by a signal (or the backend failed): the guest's last state is kept either way.
     handler.stop();
     served?;

@@ -9,7 +9,7 @@
 //! gets the TPM's failure response until the guest's next life, or until an operator accepts
 //! a reset (`--reset-running-guest`).
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use xvtpm_backend::{CancelProbe, CommandHandler, DeviceInfo, Request};
@@ -88,7 +88,7 @@ struct Inner {
 /// The vTPM behind tpmback: one engine, commands serialized.
 pub struct VtpmHandler {
     inner: Mutex<Inner>,
-    running: Arc<Mutex<Option<CancelProbe>>>,
+    running: Arc<Running>,
     /// The highest locality the guest may claim.
     max_locality: u8,
 }
@@ -133,9 +133,9 @@ impl VtpmHandler {
         canceller: Canceller,
         config: HandlerConfig,
     ) -> Arc<Self> {
-        let running: Arc<Mutex<Option<CancelProbe>>> = Arc::default();
-        let weak = Arc::downgrade(&running);
-        let spawned = std::thread::Builder::new().name("vtpm-cancel".into()).spawn(move || watch(weak, canceller));
+        let running: Arc<Running> = Arc::default();
+        let r = running.clone();
+        let spawned = std::thread::Builder::new().name("vtpm-cancel".into()).spawn(move || watch(&r, &canceller));
         if let Err(e) = spawned {
             log::warn!("no cancel watcher (commands cannot be cancelled): {e}");
         }
@@ -383,14 +383,59 @@ impl TpmEngine for NotYet {
     }
 }
 
-fn watch(running: std::sync::Weak<Mutex<Option<CancelProbe>>>, cancel: Canceller) {
-    while let Some(slot) = running.upgrade() {
-        let cancelled = slot.lock().map(|p| p.as_ref().is_some_and(CancelProbe::is_cancelled)).unwrap_or(false);
-        drop(slot);
+/// The command in progress, for the cancel watcher: it looks at the guest's page only while
+/// one runs, and sleeps on `changed` otherwise (an idle vtpm never wakes).
+#[derive(Default)]
+struct Running {
+    slot: Mutex<RunningSlot>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct RunningSlot {
+    probe: Option<CancelProbe>,
+    /// The handler is gone: the watcher ends.
+    closed: bool,
+}
+
+impl Running {
+    fn lock(&self) -> MutexGuard<'_, RunningSlot> {
+        self.slot.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn set(&self, probe: Option<CancelProbe>) {
+        self.lock().probe = probe;
+        self.changed.notify_all();
+    }
+
+    fn close(&self) {
+        self.lock().closed = true;
+        self.changed.notify_all();
+    }
+}
+
+fn watch(running: &Running, cancel: &Canceller) {
+    let mut slot = running.lock();
+    while !slot.closed {
+        let cancelled = match &slot.probe {
+            None => {
+                slot = running.changed.wait(slot).unwrap_or_else(PoisonError::into_inner);
+                continue;
+            }
+            Some(p) => p.is_cancelled(),
+        };
         if cancelled {
+            drop(slot);
             cancel();
+            slot = running.lock();
         }
-        std::thread::sleep(CANCEL_POLL);
+        slot = running.changed.wait_timeout(slot, CANCEL_POLL).unwrap_or_else(PoisonError::into_inner).0;
+    }
+}
+
+impl Drop for VtpmHandler {
+    fn drop(&mut self) {
+        self.running.close();
     }
 }
 
@@ -429,9 +474,7 @@ impl CommandHandler for VtpmHandler {
             }
             Serving::Nobody | Serving::Stopped => return error_response(version, failure_rc(version)),
         };
-        if let Ok(mut slot) = self.running.lock() {
-            *slot = Some(req.cancel_probe());
-        }
+        self.running.set(Some(req.cancel_probe()));
         // The stock Linux guest kernel speaks TPM 1.2 to its xen-tpmfront chip on its own.
         let probe = match version {
             TpmVersion::V2_0 => crate::linux_probe::answer(inner.engine.as_mut(), req.command),
@@ -442,9 +485,7 @@ impl CommandHandler for VtpmHandler {
             Some(r) => Ok(r),
             None => inner.engine.process(req.locality, req.command),
         };
-        if let Ok(mut slot) = self.running.lock() {
-            *slot = None;
-        }
+        self.running.set(None);
         // Kept before the guest sees the response: a restart after it resumes from here.
         if !answered_by_probe {
             inner.snapshot_after_command(&instance);

@@ -584,3 +584,31 @@ fn a_guest_that_reboots_after_a_suspend_request_gets_a_reset_tpm() {
     let mut fe = reconnect(&host, 6);
     assert_eq!(pcr16(&mut fe), [0u8; 32], "the rebooted guest found the suspended TPM");
 }
+
+#[test]
+fn an_idle_vtpm_never_wakes() {
+    let host = SimHost::temp().expect("sim");
+    let xs = host.xen(0).xenstore().expect("xs");
+    let (state, key) = create(&host, 0x4a);
+    let vtpm = serve(host.dir(), &state, &key, 1);
+    wait_for(&vtpm, "watching");
+    let getrandom = [0x80, 0x01, 0, 0, 0, 0x0c, 0, 0, 0x01, 0x7b, 0, 0x10];
+    let mut fe = guest(&host, &xs, 5);
+    assert_eq!(rc(&fe.transmit(&getrandom).expect("getrandom")), 0);
+    // Settled: the connection is up, the command answered and its snapshot written.
+    std::thread::sleep(Duration::from_millis(500));
+    let pid = vtpm.0.id();
+    let (before, threads_before) = xvtpm_tests::procstat::wakeups(pid);
+    std::thread::sleep(Duration::from_secs(5));
+    let (after, threads_after) = xvtpm_tests::procstat::wakeups(pid);
+    assert_eq!(
+        after - before,
+        0,
+        "an idle vtpm serving a connected guest woke up; per thread before {threads_before:?}, after {threads_after:?}"
+    );
+    // Idle is not dead: the next command and a stop are served at once.
+    assert_eq!(rc(&fe.transmit(&getrandom).expect("getrandom after idling")), 0);
+    let t = Instant::now();
+    let log = terminate(vtpm);
+    assert!(t.elapsed() < Duration::from_secs(2), "SIGTERM took {:?}; {log}", t.elapsed());
+}

@@ -3,7 +3,6 @@
 #![forbid(unsafe_code)]
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -244,7 +243,8 @@ fn main() -> anyhow::Result<()> {
                     handler = handler.admin_from(d);
                 }
                 let handler = Arc::new(handler);
-                Backend::new(x, handler, BackendConfig { filter: DeviceFilter::All }).run(&AtomicBool::new(false))?;
+                Backend::new(x, handler, BackendConfig { filter: DeviceFilter::All })
+                    .run(&xvtpm_backend::StopSignal::default())?;
             }
             for t in threads {
                 let _ = t.join();

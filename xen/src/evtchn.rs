@@ -27,4 +27,7 @@ pub trait EventChannel: Send + Sync + std::fmt::Debug {
     fn wait(&self, timeout: Option<Duration>) -> Result<Option<Port>>;
     /// A descriptor that polls readable when a port has fired.
     fn fd(&self) -> BorrowedFd<'_>;
+    /// Makes the [`EventChannel::wait`] in progress, or else the next one, return `Ok(None)`
+    /// at once: how another thread stops a waiter that waits without a timeout.
+    fn interrupt(&self);
 }

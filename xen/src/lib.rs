@@ -27,6 +27,9 @@ pub mod platform;
 pub mod sim;
 pub mod toolstack;
 pub mod tpmif;
+// eventfd and poll(2).
+#[allow(unsafe_code)]
+pub mod wake;
 pub mod xenbus;
 pub mod xenstore;
 

@@ -11,9 +11,68 @@ use crate::engine::Canceller;
 
 static STOP: AtomicBool = AtomicBool::new(false);
 
+/// The write end of the pipe the stop signals wake [`on_stop`]'s thread through.
+static STOP_PIPE: AtomicI32 = AtomicI32::new(-1);
+
 extern "C" fn on_stop_signal(_: libc::c_int) {
-    // Only an atomic store: async-signal-safe.
+    // An atomic store and write(): async-signal-safe.
     STOP.store(true, Ordering::SeqCst);
+    wake_pipe(&STOP_PIPE);
+}
+
+/// Writes one byte to the pipe whose write end `pipe` holds, if any; from a signal handler.
+fn wake_pipe(pipe: &AtomicI32) {
+    let fd = pipe.load(Ordering::SeqCst);
+    if fd >= 0 {
+        let b = 1u8;
+        // SAFETY: __errno_location() returns this thread's errno, valid for the thread's life;
+        // saved and restored so the interrupted code never sees the handler's errno.
+        let errno = unsafe { *libc::__errno_location() };
+        // SAFETY: write() is async-signal-safe; `b` is one readable byte. The write end is
+        // non-blocking: a full pipe (wakes already pending) fails at once and loses nothing
+        // worth keeping, where a blocking write would hang the handler for good.
+        unsafe { libc::write(fd, (&b as *const u8).cast(), 1) };
+        // SAFETY: as above.
+        unsafe { *libc::__errno_location() = errno };
+    }
+}
+
+/// A pipe whose write end (non-blocking) goes to `slot`, for a signal handler; its read end.
+fn signal_pipe(slot: &AtomicI32) -> io::Result<File> {
+    let mut fds = [0i32; 2];
+    // SAFETY: `fds` has room for the two descriptors pipe2 returns.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fcntl on the write end pipe2 just made; F_SETFL takes an int.
+    if unsafe { libc::fcntl(fds[1], libc::F_SETFL, libc::O_NONBLOCK) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    slot.store(fds[1], Ordering::SeqCst);
+    // SAFETY: pipe2 just made fds[0]; nothing else owns it.
+    Ok(unsafe { File::from_raw_fd(fds[0]) })
+}
+
+/// Like [`stop_flag`], and calls `f` (on a thread of its own, blocked until then) when a stop
+/// signal arrives: for loops that wait without a timeout and must be woken to see the flag.
+pub fn on_stop(f: impl Fn() + Send + 'static) -> io::Result<&'static AtomicBool> {
+    let mut reader = signal_pipe(&STOP_PIPE)?;
+    let flag = stop_flag()?;
+    std::thread::Builder::new().name("stop-signal".into()).spawn(move || {
+        let mut b = [0u8; 16];
+        loop {
+            match reader.read(&mut b) {
+                Ok(0) => return,
+                Ok(_) => f(),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    log::error!("stop signal pipe: {e}");
+                    return;
+                }
+            }
+        }
+    })?;
+    Ok(flag)
 }
 
 /// Makes SIGTERM and SIGINT set the returned flag instead of killing the process. Without
@@ -38,37 +97,14 @@ pub fn stop_flag() -> io::Result<&'static AtomicBool> {
 static CANCEL_PIPE: AtomicI32 = AtomicI32::new(-1);
 
 extern "C" fn on_cancel_signal(_: libc::c_int) {
-    let fd = CANCEL_PIPE.load(Ordering::SeqCst);
-    if fd >= 0 {
-        let b = 1u8;
-        // SAFETY: __errno_location() returns this thread's errno, valid for the thread's life;
-        // saved and restored so the interrupted code never sees the handler's errno.
-        let errno = unsafe { *libc::__errno_location() };
-        // SAFETY: write() is async-signal-safe; `b` is one readable byte. The pipe's write end
-        // is non-blocking: a full pipe (cancels already pending) fails at once and loses
-        // nothing worth keeping, where a blocking write would hang the handler for good.
-        unsafe { libc::write(fd, (&b as *const u8).cast(), 1) };
-        // SAFETY: as above.
-        unsafe { *libc::__errno_location() = errno };
-    }
+    wake_pipe(&CANCEL_PIPE);
 }
 
 /// Makes SIGUSR1 call `cancel` (from a thread of its own, not from the handler): the command
 /// the TPM runs stops early with a cancelled response, as swtpm's CANCEL_TPM_CMD does. The
 /// kernel's vTPM proxy forwards no cancellation, so this is how one reaches the engine.
 pub fn cancel_on_sigusr1(cancel: Canceller) -> io::Result<()> {
-    let mut fds = [0i32; 2];
-    // SAFETY: `fds` has room for the two descriptors pipe2 returns.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fcntl on the write end pipe2 just made; F_SETFL takes an int.
-    if unsafe { libc::fcntl(fds[1], libc::F_SETFL, libc::O_NONBLOCK) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: pipe2 just made fds[0]; nothing else owns it.
-    let mut reader = unsafe { File::from_raw_fd(fds[0]) };
-    CANCEL_PIPE.store(fds[1], Ordering::SeqCst);
+    let mut reader = signal_pipe(&CANCEL_PIPE)?;
     // SAFETY: an all-zero sigaction is a valid value before the fields are set.
     let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
     sa.sa_sigaction = on_cancel_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;

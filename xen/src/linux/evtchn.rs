@@ -16,6 +16,7 @@ use super::ioctl::{
     IOCTL_EVTCHN_BIND_INTERDOMAIN, IOCTL_EVTCHN_BIND_UNBOUND_PORT, IOCTL_EVTCHN_NOTIFY, IOCTL_EVTCHN_RESET,
     IOCTL_EVTCHN_UNBIND,
 };
+use crate::wake::{poll_with, PollOutcome, WakeFd};
 use crate::{DomId, Error, EventChannel, Port, Result};
 
 /// The event channel device.
@@ -32,6 +33,8 @@ pub struct LinuxEvtchn {
     /// Ports read from the device but not yet returned by [`EventChannel::wait`]. Reads happen
     /// with this held so that ports come out in the order they fired.
     pending: Mutex<VecDeque<Port>>,
+    /// Set by [`EventChannel::interrupt`].
+    wake: WakeFd,
 }
 
 impl LinuxEvtchn {
@@ -45,7 +48,7 @@ impl LinuxEvtchn {
         // Non-blocking reads: another thread waiting on this handle may drain the ring between
         // our poll() and read(), and a blocking read would then outlast our timeout.
         let fd = super::open_device(path, libc::O_NONBLOCK)?;
-        Ok(LinuxEvtchn { file: File::from(fd), pending: Mutex::new(VecDeque::new()) })
+        Ok(LinuxEvtchn { file: File::from(fd), pending: Mutex::new(VecDeque::new()), wake: WakeFd::new()? })
     }
 
     fn err(op: &'static str, port: Port, source: io::Error) -> Error {
@@ -92,8 +95,8 @@ impl LinuxEvtchn {
         Ok(pending.pop_front())
     }
 
-    /// Polls the device until readable (or in error) or `deadline`; false on timeout.
-    fn poll_until(&self, deadline: Option<Instant>) -> Result<bool> {
+    /// Polls the device until readable (or in error), `deadline` or an interrupt.
+    fn poll_until(&self, deadline: Option<Instant>) -> Result<PollOutcome> {
         let timeout_ms: i32 = match deadline {
             None => -1,
             Some(d) => {
@@ -103,22 +106,7 @@ impl LinuxEvtchn {
                 i32::try_from(ms).unwrap_or(i32::MAX)
             }
         };
-        let mut pfd = libc::pollfd { fd: self.file.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-        // SAFETY: `pfd` is one valid pollfd, borrowed for the duration of the call, and the
-        // descriptor stays open because `self` is borrowed.
-        let rc = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
-        match rc {
-            0 => Ok(false),
-            n if n > 0 => Ok(true),
-            _ => {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    Ok(true) // look again; the loop re-checks the deadline
-                } else {
-                    Err(Self::err("poll", 0, e))
-                }
-            }
-        }
+        poll_with(self.file.as_raw_fd(), &self.wake, timeout_ms).map_err(|e| Self::err("poll", 0, e))
     }
 }
 
@@ -185,14 +173,19 @@ impl EventChannel for LinuxEvtchn {
                 return Ok(None);
             }
             first = false;
-            if !self.poll_until(deadline)? {
-                return Ok(None);
+            match self.poll_until(deadline)? {
+                PollOutcome::Ready | PollOutcome::Again => {}
+                PollOutcome::TimedOut | PollOutcome::Woken => return Ok(None),
             }
         }
     }
 
     fn fd(&self) -> BorrowedFd<'_> {
         self.file.as_fd()
+    }
+
+    fn interrupt(&self) {
+        self.wake.wake();
     }
 }
 

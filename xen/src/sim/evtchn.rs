@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use crate::wake::{poll_with, PollOutcome, WakeFd};
 use crate::{DomId, Error, EventChannel, Port, Result, PAGE_SIZE};
 
 /// Domains the simulation supports (domids below this).
@@ -161,6 +162,8 @@ pub struct SimEvtchn {
     ready: Mutex<VecDeque<Port>>,
     /// Connected sockets to the handles we kick, so a kick costs no path lookup.
     peers: Mutex<std::collections::HashMap<u32, UnixDatagram>>,
+    /// Set by [`EventChannel::interrupt`].
+    wake: WakeFd,
 }
 
 impl std::fmt::Debug for SimEvtchn {
@@ -194,6 +197,7 @@ impl SimEvtchn {
             sock_path,
             ready: Mutex::new(VecDeque::new()),
             peers: Mutex::default(),
+            wake: WakeFd::new()?,
         })
     }
 
@@ -373,20 +377,20 @@ impl EventChannel for SimEvtchn {
                     left.as_millis().clamp(1, i32::MAX as u128) as i32
                 }
             };
-            let mut pfd = libc::pollfd { fd: self.sock.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-            // SAFETY: one valid pollfd for the duration of the call.
-            let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
-            if rc < 0 {
-                let err = std::io::Error::last_os_error();
-                if err.kind() != std::io::ErrorKind::Interrupted {
-                    return Err(Error::Evtchn { op: "wait", port: 0, source: err });
-                }
+            match poll_with(self.sock.as_raw_fd(), &self.wake, ms) {
+                Ok(PollOutcome::Woken) => return Ok(None),
+                Ok(_) => {}
+                Err(source) => return Err(Error::Evtchn { op: "wait", port: 0, source }),
             }
         }
     }
 
     fn fd(&self) -> BorrowedFd<'_> {
         self.sock.as_fd()
+    }
+
+    fn interrupt(&self) {
+        self.wake.wake();
     }
 }
 
@@ -447,6 +451,26 @@ mod tests {
         assert_eq!(fe.wait(T).expect("wait"), Some(fp));
         // Someone else's port cannot be used.
         assert!(other.notify(fp).is_err());
+        let _ = std::fs::remove_dir_all(&r);
+    }
+
+    #[test]
+    fn an_interrupt_ends_a_wait_without_timeout_and_events_still_arrive() {
+        let r = root("interrupt");
+        let fe = SimEvtchn::open(&r, 3).expect("fe");
+        let be = std::sync::Arc::new(SimEvtchn::open(&r, 0).expect("be"));
+        let fp = fe.alloc_unbound(0).expect("alloc");
+        let bp = be.bind_interdomain(3, fp).expect("bind");
+        assert_eq!(be.wait(T).expect("wait"), Some(bp), "the fresh bind's delivery");
+        be.unmask(bp).expect("unmask");
+        let b = be.clone();
+        let waiting = std::thread::spawn(move || b.wait(None));
+        std::thread::sleep(SHORT.unwrap_or_default());
+        be.interrupt();
+        assert_eq!(waiting.join().expect("thread").expect("wait"), None);
+        // Taken: the next wait sees the port that fires, not the old interrupt.
+        fe.notify(fp).expect("notify");
+        assert_eq!(be.wait(T).expect("wait"), Some(bp));
         let _ = std::fs::remove_dir_all(&r);
     }
 

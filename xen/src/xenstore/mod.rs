@@ -8,7 +8,7 @@ pub mod wire;
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -86,12 +86,46 @@ pub struct WatchEvent {
 
 type Reply = Result<Message>;
 
+/// What the event queue carries: watch events, wake-ups from a [`Waker`], and the reader's
+/// end (a waker's sender keeps the queue open, so its end is said, not inferred).
+enum Queued {
+    Watch(WatchEvent),
+    Wake,
+    Closed,
+}
+
+/// Makes a [`Xenstore::next_event`] in progress (or the next one) return `Ok(None)`, so a loop
+/// can wait for events without a timeout and still be told to look at something else.
+#[derive(Debug, Clone)]
+pub struct Waker {
+    tx: Sender<Queued>,
+}
+
+impl Waker {
+    /// Wakes the event waiter.
+    pub fn wake(&self) {
+        let _ = self.tx.send(Queued::Wake);
+    }
+}
+
+impl std::fmt::Debug for Queued {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Queued::Watch(e) => e.fmt(f),
+            Queued::Wake => f.write_str("Wake"),
+            Queued::Closed => f.write_str("Closed"),
+        }
+    }
+}
+
 struct Inner {
     writer: Mutex<Box<dyn Write + Send>>,
     pending: Mutex<HashMap<u32, SyncSender<Reply>>>,
     next_req: AtomicU32,
     closed: AtomicBool,
-    events: Mutex<Receiver<WatchEvent>>,
+    events: Mutex<Receiver<Queued>>,
+    /// For [`Xenstore::waker`].
+    wake_tx: Mutex<Sender<Queued>>,
     shutdown: Mutex<Option<Box<dyn FnOnce() + Send>>>,
 }
 
@@ -131,6 +165,7 @@ impl Xenstore {
             next_req: AtomicU32::new(1),
             closed: AtomicBool::new(false),
             events: Mutex::new(ev_rx),
+            wake_tx: Mutex::new(ev_tx.clone()),
             shutdown: Mutex::new(shutdown),
         });
         let weak = Arc::downgrade(&inner);
@@ -296,14 +331,31 @@ impl Xenstore {
     /// The next watch event, waiting up to `timeout` (forever if `None`); `Ok(None)` on timeout.
     pub fn next_event(&self, timeout: Option<Duration>) -> Result<Option<WatchEvent>> {
         let rx = self.inner.events.lock().map_err(|_| Error::XsClosed)?;
-        match timeout {
-            None => rx.recv().map(Some).map_err(|_| Error::XsClosed),
-            Some(t) => match rx.recv_timeout(t) {
-                Ok(ev) => Ok(Some(ev)),
-                Err(RecvTimeoutError::Timeout) => Ok(None),
-                Err(RecvTimeoutError::Disconnected) => Err(Error::XsClosed),
+        let queued = match rx.try_recv() {
+            Ok(q) => q,
+            Err(TryRecvError::Disconnected) => return Err(Error::XsClosed),
+            // The reader said Closed to an earlier call.
+            Err(TryRecvError::Empty) if self.inner.closed.load(Ordering::Acquire) => return Err(Error::XsClosed),
+            Err(TryRecvError::Empty) => match timeout {
+                None => rx.recv().map_err(|_| Error::XsClosed)?,
+                Some(t) => match rx.recv_timeout(t) {
+                    Ok(q) => q,
+                    Err(RecvTimeoutError::Timeout) => return Ok(None),
+                    Err(RecvTimeoutError::Disconnected) => return Err(Error::XsClosed),
+                },
             },
+        };
+        match queued {
+            Queued::Watch(ev) => Ok(Some(ev)),
+            Queued::Wake => Ok(None),
+            Queued::Closed => Err(Error::XsClosed),
         }
+    }
+
+    /// A handle that interrupts [`Xenstore::next_event`] from another thread.
+    pub fn waker(&self) -> Waker {
+        let tx = self.inner.wake_tx.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        Waker { tx: tx.clone() }
     }
 
     /// Starts a transaction.
@@ -358,7 +410,7 @@ impl Xenstore {
     }
 }
 
-fn reader_loop(mut reader: Box<dyn Read + Send>, inner: std::sync::Weak<Inner>, events: Sender<WatchEvent>) {
+fn reader_loop(mut reader: Box<dyn Read + Send>, inner: std::sync::Weak<Inner>, events: Sender<Queued>) {
     let end = |inner: &std::sync::Weak<Inner>, why: Option<Error>| {
         if let Some(i) = inner.upgrade() {
             i.closed.store(true, Ordering::Release);
@@ -370,6 +422,8 @@ fn reader_loop(mut reader: Box<dyn Read + Send>, inner: std::sync::Weak<Inner>, 
                 p.clear();
             }
         }
+        // After `closed` is set: a waiter that finds the queue empty then sees it.
+        let _ = events.send(Queued::Closed);
     };
     loop {
         let msg = match Message::read_from(&mut reader) {
@@ -388,7 +442,7 @@ fn reader_loop(mut reader: Box<dyn Read + Send>, inner: std::sync::Weak<Inner>, 
                 token: String::from_utf8_lossy(parts[1]).into_owned(),
             };
             // No receiver left only means nobody listens for events any more.
-            let _ = events.send(ev);
+            let _ = events.send(Queued::Watch(ev));
             continue;
         }
         let Some(inner) = inner.upgrade() else { return };
@@ -475,5 +529,26 @@ mod tests {
         drop(b);
         let err = xs.read(TxId::NONE, "/a").expect_err("closed");
         assert!(matches!(err, Error::XsClosed | Error::Io { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_waker_interrupts_a_wait_without_timeout_and_the_end_is_still_seen() {
+        use std::os::unix::net::UnixStream;
+        let (a, b) = UnixStream::pair().expect("pair");
+        let xs = Xenstore::from_unix(a).expect("client");
+        let waker = xs.waker();
+        let xs2 = xs.clone();
+        let waiting = std::thread::spawn(move || xs2.next_event(None));
+        std::thread::sleep(Duration::from_millis(50));
+        waker.wake();
+        assert!(matches!(waiting.join().expect("thread"), Ok(None)), "a wake returns no event");
+        // The peer goes away while a waker (a sender of the queue) is alive: still an error,
+        // now and on every later call, not a wait forever.
+        let xs2 = xs.clone();
+        let waiting = std::thread::spawn(move || xs2.next_event(None));
+        drop(b);
+        assert!(matches!(waiting.join().expect("thread"), Err(Error::XsClosed)));
+        assert!(matches!(xs.next_event(None), Err(Error::XsClosed)));
+        drop(waker);
     }
 }

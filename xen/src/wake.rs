@@ -1,0 +1,102 @@
+//! An eventfd that interrupts a blocking wait from another thread, so waiters can block
+//! without a timeout (an idle daemon then never wakes).
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+use crate::{Error, Result};
+
+/// A level-triggered wake-up: [`WakeFd::wake`] makes it poll readable until [`WakeFd::take`].
+#[derive(Debug)]
+pub struct WakeFd {
+    fd: OwnedFd,
+}
+
+impl WakeFd {
+    /// A new, unset wake-up.
+    pub fn new() -> Result<Self> {
+        // SAFETY: eventfd takes plain integers and returns a new descriptor or -1.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(Error::io("eventfd", std::io::Error::last_os_error()));
+        }
+        // SAFETY: eventfd just returned this descriptor; nothing else owns it.
+        Ok(WakeFd { fd: unsafe { OwnedFd::from_raw_fd(fd) } })
+    }
+
+    /// Sets it (idempotent until taken).
+    pub fn wake(&self) {
+        let one = 1u64;
+        // SAFETY: writes 8 readable bytes to our own eventfd. A full counter (EAGAIN) means
+        // it is set already, which is all a wake needs.
+        unsafe { libc::write(self.fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+
+    /// Clears it; whether it was set.
+    pub fn take(&self) -> bool {
+        let mut v = 0u64;
+        // SAFETY: reads at most 8 bytes into `v`; non-blocking, so an unset fd fails at once.
+        let n = unsafe { libc::read(self.fd.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+        n == 8
+    }
+
+    /// The descriptor to poll (readable while set).
+    pub fn raw(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+/// Polls `fd` and `wake` for input up to `timeout_ms` (-1: forever). Ok(true) when `fd` is
+/// readable, Ok(false) on timeout, on a wake (taken here) or on EINTR: callers look again.
+pub fn poll_with(fd: RawFd, wake: &WakeFd, timeout_ms: i32) -> std::io::Result<PollOutcome> {
+    let mut pfd = [
+        libc::pollfd { fd, events: libc::POLLIN, revents: 0 },
+        libc::pollfd { fd: wake.raw(), events: libc::POLLIN, revents: 0 },
+    ];
+    // SAFETY: two valid pollfds for the duration of the call; the descriptors stay open
+    // because their owners are borrowed.
+    let rc = unsafe { libc::poll(pfd.as_mut_ptr(), 2, timeout_ms) };
+    if rc < 0 {
+        let e = std::io::Error::last_os_error();
+        return if e.kind() == std::io::ErrorKind::Interrupted { Ok(PollOutcome::Again) } else { Err(e) };
+    }
+    if pfd[1].revents != 0 && wake.take() {
+        return Ok(PollOutcome::Woken);
+    }
+    Ok(match rc {
+        0 => PollOutcome::TimedOut,
+        _ => PollOutcome::Ready,
+    })
+}
+
+/// What [`poll_with`] saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PollOutcome {
+    /// The descriptor is readable.
+    Ready,
+    /// The timeout passed.
+    TimedOut,
+    /// The wake-up was set (and is now clear).
+    Woken,
+    /// Interrupted by a signal: look again.
+    Again,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wake_interrupts_a_blocking_poll_once() {
+        let w = std::sync::Arc::new(WakeFd::new().expect("eventfd"));
+        let never = WakeFd::new().expect("eventfd");
+        let w2 = w.clone();
+        let t = std::thread::spawn(move || poll_with(never.raw(), &w2, -1).expect("poll"));
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        w.wake();
+        w.wake();
+        assert_eq!(t.join().expect("thread"), PollOutcome::Woken);
+        // Taken: the next poll times out instead of seeing the old wakes.
+        let never = WakeFd::new().expect("eventfd");
+        assert_eq!(poll_with(never.raw(), &w, 10).expect("poll"), PollOutcome::TimedOut);
+    }
+}
