@@ -3,7 +3,8 @@
 //! peer), each with a connected, idle client, in the same run.
 //!
 //! Run: `cargo bench -p xvtpm-vtpm --bench idle` (env `N` vTPMs of each kind, default 10;
-//! `SECS` measured, default 20).
+//! `SECS` measured, default 20; `VTPM_BIN` another build of `vtpm` to measure, e.g. an older
+//! one).
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -30,15 +31,19 @@ impl Drop for Killed {
     }
 }
 
+fn vtpm_bin() -> String {
+    std::env::var("VTPM_BIN").unwrap_or_else(|_| VTPM.to_string())
+}
+
 fn vtpm(sim: &Path, i: usize) -> anyhow::Result<(Killed, String)> {
     let state = sim.join(format!("vtpm{i}"));
     let key = state.with_extension("key");
     std::fs::write(&key, [0x5a; 32])?;
-    let out = Command::new(VTPM).arg("create").arg("--state-dir").arg(&state).arg("--key").arg(&key).output()?;
+    let out = Command::new(vtpm_bin()).arg("create").arg("--state-dir").arg(&state).arg("--key").arg(&key).output()?;
     ensure!(out.status.success(), "vtpm create: {}", String::from_utf8_lossy(&out.stderr));
     let uuid = format!("1d1e0000-0000-4000-8000-{i:012}");
     let log = state.with_extension("log");
-    let child = Command::new(VTPM)
+    let child = Command::new(vtpm_bin())
         .args(["serve", "--uuid", &uuid, "--domid", "0", "--sim"])
         .arg(sim)
         .arg("--snapshot-dir")
@@ -130,6 +135,7 @@ fn main() -> anyhow::Result<()> {
     let (wa, ca) = per(a1.wakeups - a0.wakeups, a1.cpu - a0.cpu);
     let (wb, cb) = per(b1.wakeups - b0.wakeups, b1.cpu - b0.cpu);
     println!("{:<44} {wa:>18.2} {ca:>22.2}", "vtpm serve (simulated Xen, a connected guest)");
+    println!("  ({})", vtpm_bin());
     println!("{:<44} {wb:>18.2} {cb:>22.2}", "swtpm socket (a connected client)");
     drop((guests, clients));
     Ok(())

@@ -323,7 +323,9 @@ fn power_on(state: &StateOpts) -> anyhow::Result<Libtpms> {
 }
 
 fn proxy(state: &StateOpts, vtpmx: &Path, info_file: Option<&Path>) -> anyhow::Result<()> {
-    let stop = xvtpm_vtpm::sys::signals::stop_flag().context("install the signal handlers")?;
+    let wake = Arc::new(xvtpm_xen::wake::WakeFd::new()?);
+    let w = wake.clone();
+    let stop = xvtpm_vtpm::sys::signals::on_stop(move || w.wake()).context("install the signal handlers")?;
     let mut engine = state.engine(false)?;
     engine.init(false).with_context(|| format!("cannot start the vTPM in {}", state_dir_label(&state.state_dir)))?;
     // Started here, as at a platform reset: the kernel then finds a started TPM (its self
@@ -340,8 +342,9 @@ fn proxy(state: &StateOpts, vtpmx: &Path, info_file: Option<&Path>) -> anyhow::R
         dev.minor
     );
     let mut chan = dev.file;
+    let w = wake.clone();
     let server = std::thread::spawn(move || {
-        let end = xvtpm_vtpm::proxy::serve(&mut engine, &mut chan, stop);
+        let end = xvtpm_vtpm::proxy::serve(&mut engine, &mut chan, stop, &w);
         // Closing the descriptor deletes the device before the engine powers off.
         drop(chan);
         engine.shutdown();
@@ -365,6 +368,7 @@ fn proxy(state: &StateOpts, vtpmx: &Path, info_file: Option<&Path>) -> anyhow::R
         .to_json(),
         Err(e) => {
             stop.store(true, std::sync::atomic::Ordering::SeqCst);
+            wake.wake();
             let _ = server.join();
             return Err(e);
         }

@@ -14,7 +14,8 @@
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+
+use xvtpm_xen::wake::WakeFd;
 
 use crate::engine::error_response;
 use crate::{Error, Result, TpmEngine, TpmVersion};
@@ -23,14 +24,12 @@ use crate::{Error, Result, TpmEngine, TpmVersion};
 pub const SET_LOCALITY: u32 = 0x2000_1000;
 /// The kernel's TPM_BUFSIZE: no command or response through the proxy is larger.
 pub const MAX_MESSAGE: usize = 4096;
-/// How long a wait for a command lasts before the stop flag is looked at again.
-const POLL: Duration = Duration::from_millis(500);
 
 /// The emulator's side of a proxy device: whole commands in, whole responses out.
 pub trait ProxyChannel {
-    /// Waits up to `wait` for one command; `Ok(None)` when none came in time or a signal
-    /// interrupted the wait.
-    fn recv_command(&mut self, buf: &mut [u8], wait: Duration) -> io::Result<Option<usize>>;
+    /// Waits, without a timeout, for one command; `Ok(None)` when `wake` was set (and is now
+    /// taken) or a signal interrupted the wait.
+    fn recv_command(&mut self, buf: &mut [u8], wake: &WakeFd) -> io::Result<Option<usize>>;
     /// Gives the response to the command last read.
     fn send_response(&mut self, rsp: &[u8]) -> io::Result<()>;
 }
@@ -44,13 +43,19 @@ pub enum ProxyEnd {
     DeviceGone,
 }
 
-/// Serves commands from `chan` with `engine` until `stop` is set or the device goes away.
-/// The engine must be powered on (and started, or the kernel starts it while registering).
-pub fn serve(engine: &mut dyn TpmEngine, chan: &mut dyn ProxyChannel, stop: &AtomicBool) -> Result<ProxyEnd> {
+/// Serves commands from `chan` with `engine` until `stop` is set (whoever sets it sets `wake`
+/// too: the wait for a command has no timeout, so an idle vTPM never wakes) or the device goes
+/// away. The engine must be powered on (and started, or the kernel starts it while registering).
+pub fn serve(
+    engine: &mut dyn TpmEngine,
+    chan: &mut dyn ProxyChannel,
+    stop: &AtomicBool,
+    wake: &WakeFd,
+) -> Result<ProxyEnd> {
     let mut buf = vec![0u8; MAX_MESSAGE];
     let mut locality = 0u8;
     while !stop.load(Ordering::SeqCst) {
-        let n = match chan.recv_command(&mut buf, POLL) {
+        let n = match chan.recv_command(&mut buf, wake) {
             Ok(None) => continue,
             Ok(Some(n)) => n,
             Err(e) if gone(&e) => return Ok(ProxyEnd::DeviceGone),
@@ -192,7 +197,7 @@ mod tests {
     }
 
     impl ProxyChannel for Script {
-        fn recv_command(&mut self, buf: &mut [u8], _: Duration) -> io::Result<Option<usize>> {
+        fn recv_command(&mut self, buf: &mut [u8], _: &WakeFd) -> io::Result<Option<usize>> {
             match self.reads.pop_front() {
                 Some(Ok(Some(c))) => {
                     buf[..c.len()].copy_from_slice(&c);
@@ -231,7 +236,7 @@ mod tests {
     ) -> (Fake, Script, Result<ProxyEnd>) {
         let mut engine = Fake { version, seen: Vec::new() };
         let mut chan = Script { reads: reads.into(), write_errors: write_errors.into(), written: Vec::new() };
-        let end = serve(&mut engine, &mut chan, &AtomicBool::new(false));
+        let end = serve(&mut engine, &mut chan, &AtomicBool::new(false), &WakeFd::new().expect("eventfd"));
         (engine, chan, end)
     }
 
@@ -322,6 +327,7 @@ mod tests {
     fn the_stop_flag_ends_serving() {
         let mut engine = Fake { version: TpmVersion::V2_0, seen: Vec::new() };
         let mut chan = Script { reads: VecDeque::new(), write_errors: VecDeque::new(), written: Vec::new() };
-        assert_eq!(serve(&mut engine, &mut chan, &AtomicBool::new(true)).expect("stops"), ProxyEnd::Stopped);
+        let wake = WakeFd::new().expect("eventfd");
+        assert_eq!(serve(&mut engine, &mut chan, &AtomicBool::new(true), &wake).expect("stops"), ProxyEnd::Stopped);
     }
 }

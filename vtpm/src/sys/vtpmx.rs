@@ -15,7 +15,8 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::Path;
-use std::time::Duration;
+
+use xvtpm_xen::wake::{poll_with, PollOutcome, WakeFd};
 
 use crate::proxy::ProxyChannel;
 use crate::{Error, Result, TpmVersion};
@@ -75,8 +76,8 @@ pub fn create(vtpmx: &Path, version: TpmVersion) -> Result<ProxyDevice> {
 }
 
 impl ProxyChannel for File {
-    fn recv_command(&mut self, buf: &mut [u8], wait: Duration) -> io::Result<Option<usize>> {
-        if !crate::sys::poll::readable(self, wait)? {
+    fn recv_command(&mut self, buf: &mut [u8], wake: &WakeFd) -> io::Result<Option<usize>> {
+        if poll_with(self.as_raw_fd(), wake, -1)? != PollOutcome::Ready {
             return Ok(None);
         }
         match self.read(buf) {
@@ -99,8 +100,8 @@ impl ProxyChannel for File {
 }
 
 impl ProxyChannel for std::os::unix::net::UnixDatagram {
-    fn recv_command(&mut self, buf: &mut [u8], wait: Duration) -> io::Result<Option<usize>> {
-        if !crate::sys::poll::readable(self, wait)? {
+    fn recv_command(&mut self, buf: &mut [u8], wake: &WakeFd) -> io::Result<Option<usize>> {
+        if poll_with(self.as_raw_fd(), wake, -1)? != PollOutcome::Ready {
             return Ok(None);
         }
         match self.recv(buf) {
