@@ -106,14 +106,23 @@ pub(super) fn be32(b: &[u8], at: usize) -> u32 {
 }
 
 impl Shared {
-    pub(super) fn read_frame(&self, s: &mut Stream) -> Result<Option<Frame>, FrameError> {
+    /// Reads the next command, first polling up to `spin` for it without sleeping; `spun_in`
+    /// says whether it came while polling.
+    pub(super) fn read_frame(
+        &self,
+        s: &mut Stream,
+        spin: Duration,
+        spun_in: &mut bool,
+    ) -> Result<Option<Frame>, FrameError> {
+        *spun_in = false;
         let max = self.buffer_size.load(Ordering::SeqCst) as usize;
         // Room for the largest command, its TCG prefix and one more byte, so a single read
         // normally brings the whole command and shows any excess: the fast path is one
         // blocking read, no timeout syscalls.
         let mut buf = vec![0u8; max.max(TPM_HEADER_SIZE) + TCG_PREFIX_SIZE + 1];
         let mut got = loop {
-            if let Some(n) = s.poll_read(&mut buf, self.cfg.poll) {
+            if let Some(n) = s.poll_read(&mut buf, spin) {
+                *spun_in = true;
                 break n;
             }
             // An idle client may wait as long as it likes before a command.
