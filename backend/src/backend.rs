@@ -570,7 +570,7 @@ impl State {
             Err(e) => log::warn!("vtpm {fe}/{handle}: cannot watch {fe_state_path}: {e}"),
         }
         // libxl suspends a guest (xl save, xl migrate) by writing "suspend" there.
-        dev.watching_ctl = self.xs.watch(&ctl_path(fe), &ctl_token(key)).is_ok();
+        dev.watching_ctl = self.handler.follows_suspends() && self.xs.watch(&ctl_path(fe), &ctl_token(key)).is_ok();
         let current = self.read_opt(&format!("{be_path}/state")).and_then(|v| XenbusState::parse(be_path, &v).ok());
         let first_state = machine::adopt(current);
         dev.adopted_connected = current == Some(XenbusState::Connected);

@@ -88,9 +88,17 @@ pub trait CommandHandler: Send + Sync {
     /// A device's frontend connected (the page is mapped, the event channel bound).
     fn connected(&self, _device: &DeviceInfo) {}
 
+    /// Whether [`CommandHandler::suspending`] matters to this handler. Only then does the
+    /// backend watch each frontend domain's `control/shutdown`: a second xenstore watch per
+    /// device, which counts against xenstored's watch quota (128 per connection).
+    fn follows_suspends(&self) -> bool {
+        false
+    }
+
     /// The toolstack asked the device's frontend domain to suspend (`xl save`, `xl migrate`):
     /// what the guest has now is what its next domain resumes with. Seen only where the
-    /// backend may read the guest's `control/shutdown` (dom0).
+    /// backend may read the guest's `control/shutdown` (dom0), by a handler that
+    /// [`CommandHandler::follows_suspends`].
     fn suspending(&self, _device: &DeviceInfo) {}
 
     /// A connected device's frontend closed: the guest shuts down or reboots, or unloaded its

@@ -108,6 +108,24 @@ fn frontend_close_and_reopen_reconnects() {
 }
 
 #[test]
+fn a_backend_serves_as_many_devices_as_the_watch_quota_allows() {
+    // xenstored allows 128 watches per connection: the backend's own plus one per device
+    // (the frontend's state). A handler that does not follow suspends costs no second watch
+    // per device (it used to, which halved how many devices a manager domain could serve).
+    let env = Env::new();
+    const N: u16 = 120;
+    for d in 1..=N {
+        env.guest(d);
+    }
+    let be = env.backend();
+    for d in [1, N / 2, N] {
+        assert!(env.wait_be_state(d, XenbusState::InitWait), "device {d} not announced; {}", be.log());
+    }
+    env.assert_frontend_ok(N, &["echo", "--count", "5"], "OK echoed 5");
+    assert!(!be.log().contains("cannot watch"), "{}", be.log());
+}
+
+#[test]
 fn two_frontends_at_once_see_only_their_own_data() {
     let env = Env::new();
     env.guest(1);

@@ -499,6 +499,10 @@ impl CommandHandler for VtpmHandler {
         }
     }
 
+    fn follows_suspends(&self) -> bool {
+        true
+    }
+
     fn suspending(&self, device: &DeviceInfo) {
         self.lock().suspending(&instance_of(device));
     }
