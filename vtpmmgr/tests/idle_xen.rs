@@ -1,0 +1,82 @@
+//! The manager's Xen transport at rest: `vtpmmgr serve --xen` on the simulated Xen with 100
+//! connected vTPM devices (as 100 vTPM domains would hold) never wakes while no request comes.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use xvtpm_frontend::{Frontend, FrontendConfig};
+use xvtpm_proto::mgr::{ord, TAG_REQ};
+use xvtpm_xen::sim::{toolstack, SimHost};
+use xvtpm_xen::Xen;
+
+const BIN: &str = env!("CARGO_BIN_EXE_vtpmmgr");
+/// Within xenstored's 128 watches per connection: the backend's own and one per device.
+const DEVICES: u16 = 100;
+
+struct Daemon(Child);
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn vtpmmgr(args: &[&str], store: &Path, hw: &common::HwSwtpm) -> Command {
+    let mut c = Command::new(BIN);
+    c.args(args).arg("--store").arg(store).args(["--tpm", &hw.arg()]);
+    c
+}
+
+#[test]
+fn a_manager_with_100_connected_devices_never_wakes_at_rest() {
+    let dir = common::tmpdir("idle-xen");
+    let hw = common::HwSwtpm::start(&dir.join("tpm"));
+    let store = dir.join("store.img");
+    let out = vtpmmgr(&["init", "--pcrs", "0"], &store, &hw).output().expect("vtpmmgr init");
+    assert!(out.status.success(), "init: {}", String::from_utf8_lossy(&out.stderr));
+    let host = SimHost::temp().expect("sim");
+    let log = dir.join("mgr.log");
+    let sim = host.dir().to_string_lossy().into_owned();
+    let child = vtpmmgr(&["serve", "--pcrs", "0", "--xen", "--domid", "0", "--sim", &sim], &store, &hw)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("vtpmmgr serve");
+    let mgr = Daemon(child);
+    let end = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(&log).unwrap_or_default().contains("watching") {
+        assert!(Instant::now() < end, "manager did not start: {}", std::fs::read_to_string(&log).unwrap_or_default());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let xs = host.xen(0).xenstore().expect("xs");
+    let mut request = TAG_REQ.to_be_bytes().to_vec();
+    request.extend_from_slice(&10u32.to_be_bytes());
+    request.extend_from_slice(&ord::GET_BOOT_HASH.to_be_bytes());
+    let mut devices = Vec::new();
+    for d in 10..10 + DEVICES {
+        toolstack::add_domain(&xs, d, &format!("vtpm-{d}")).expect("domain");
+        toolstack::add_vtpm(&xs, d, 0, 0, &format!("1d1e0000-0000-4000-8000-{d:012}")).expect("device");
+        let mut fe = Frontend::connect(&host.xen(d), FrontendConfig::default()).expect("device connects");
+        let rsp = fe.transmit(&request).expect("an answer");
+        assert!(rsp.len() >= 10, "{rsp:02x?}");
+        devices.push(fe);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let pid = mgr.0.id();
+    let (before, threads_before) = xvtpm_tests::procstat::wakeups(pid);
+    std::thread::sleep(Duration::from_secs(5));
+    let (after, threads_after) = xvtpm_tests::procstat::wakeups(pid);
+    assert_eq!(
+        after - before,
+        0,
+        "the idle manager woke up; per thread before {threads_before:?}, after {threads_after:?}"
+    );
+    // Idle is not dead: the last device is still answered.
+    let last = devices.last_mut().expect("devices");
+    assert!(last.transmit(&request).expect("answer after idling").len() >= 10);
+    assert!(!std::fs::read_to_string(&log).unwrap_or_default().contains("cannot watch"));
+}
