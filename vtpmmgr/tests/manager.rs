@@ -446,3 +446,55 @@ fn get_quote_is_rate_limited_per_vtpm() {
     assert_eq!(status_of(&mut m, a), status::SUCCESS, "one more after the interval");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The hardware TPM, answering TPM_RC_NV_RATE (it throttles NV writes) to the next `left`
+/// NV_Increment commands without running them, as a chip protecting its flash does.
+struct Throttled {
+    inner: Box<dyn xvtpm_tis::HwTpm + Send>,
+    left: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl xvtpm_tis::HwTpm for Throttled {
+    fn transmit(&mut self, locality: u8, command: &[u8]) -> xvtpm_tis::Result<Vec<u8>> {
+        use std::sync::atomic::Ordering::SeqCst;
+        const CC_NV_INCREMENT: [u8; 4] = [0, 0, 0x01, 0x34];
+        if command.get(6..10) == Some(&CC_NV_INCREMENT[..])
+            && self.left.fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1)).is_ok()
+        {
+            return Ok(vec![0x80, 0x01, 0, 0, 0, 10, 0, 0, 0x09, 0x20]);
+        }
+        self.inner.transmit(locality, command)
+    }
+    fn family(&self) -> Family {
+        self.inner.family()
+    }
+    fn describe(&self) -> String {
+        format!("{} (throttled)", self.inner.describe())
+    }
+    fn owns_tpm(&self) -> bool {
+        self.inner.owns_tpm()
+    }
+}
+
+#[test]
+fn tpm2_a_rate_limited_counter_is_waited_for_not_fatal() {
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    let dir = common::tmpdir("nv-rate");
+    let hw = common::HwSwtpm::start(&dir.join("tpm"));
+    let path = dir.join("store.img");
+    let left = std::sync::Arc::new(AtomicUsize::new(0));
+    let throttled = || Box::new(Throttled { inner: hw.connect(), left: left.clone() });
+    let u = [7u8; 16];
+    {
+        let mut m = Manager::init(common::dev(&path, true), throttled(), &cfg()).expect("init");
+        m.provision(u, 0, None).expect("provision");
+        left.store(3, SeqCst);
+        m.save(&u, &blob(1)).expect("a save whose counter increment the TPM throttled three times");
+        assert_eq!(left.load(SeqCst), 0, "the TPM was asked again after each NV_RATE");
+        assert!(m.halted().is_none());
+        assert_eq!(m.load(&u).expect("load"), blob(1));
+    }
+    // The counter is where the store says: the store opens, the save is there.
+    let m = Manager::open(common::dev(&path, false), throttled()).expect("reopen");
+    assert_eq!(m.load(&u).expect("load after reopen"), blob(1));
+}

@@ -1,6 +1,7 @@
 //! What the manager keeps about its hardware TPM binding (the sealed-key block's content),
 //! and the TPM 2.0 operations behind it.
 
+mod busy;
 pub mod session;
 pub mod tpm12;
 pub mod tpm2;

@@ -170,8 +170,14 @@ impl<'a> Tpm12<'a> {
         c.extend_from_slice(&((10 + body.len()) as u32).to_be_bytes());
         c.extend_from_slice(&ordinal.to_be_bytes());
         c.extend_from_slice(body);
-        self.commands += 1;
-        let r = self.tpm.transmit(self.locality, &c)?;
+        let r = super::busy::transmit(
+            self.tpm,
+            self.locality,
+            &c,
+            &super::busy::TPM12,
+            super::busy::Backoff::default(),
+            &mut self.commands,
+        )?;
         let rc = be32(&r, 6)?;
         if rc != 0 {
             return Err(Error::TpmRc { what: what.to_string(), rc });

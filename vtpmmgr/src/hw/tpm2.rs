@@ -284,8 +284,14 @@ impl<'a> Tpm2<'a> {
 
     /// One command; the whole response and its code.
     fn transmit(&mut self, cmd: &[u8]) -> Result<(Vec<u8>, u32)> {
-        self.commands += 1;
-        let r = self.tpm.transmit(self.locality, cmd)?;
+        let r = super::busy::transmit(
+            self.tpm,
+            self.locality,
+            cmd,
+            &super::busy::TPM2,
+            super::busy::Backoff::default(),
+            &mut self.commands,
+        )?;
         let rc = r.get(6..10).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]])).unwrap_or(u32::MAX);
         Ok((r, rc))
     }
