@@ -433,6 +433,23 @@ fn watch(running: &Running, cancel: &Canceller) {
     }
 }
 
+/// The command in progress, as the cancel watcher sees it; cleared when dropped, also by a
+/// panic in the engine (else the watcher would poll a finished command's page forever).
+struct RunningCommand<'a>(&'a Running);
+
+impl<'a> RunningCommand<'a> {
+    fn start(running: &'a Running, probe: CancelProbe) -> Self {
+        running.set(Some(probe));
+        RunningCommand(running)
+    }
+}
+
+impl Drop for RunningCommand<'_> {
+    fn drop(&mut self) {
+        self.0.set(None);
+    }
+}
+
 impl Drop for VtpmHandler {
     fn drop(&mut self) {
         self.running.close();
@@ -474,7 +491,7 @@ impl CommandHandler for VtpmHandler {
             }
             Serving::Nobody | Serving::Stopped => return error_response(version, failure_rc(version)),
         };
-        self.running.set(Some(req.cancel_probe()));
+        let running = RunningCommand::start(&self.running, req.cancel_probe());
         // The stock Linux guest kernel speaks TPM 1.2 to its xen-tpmfront chip on its own.
         let probe = match version {
             TpmVersion::V2_0 => crate::linux_probe::answer(inner.engine.as_mut(), req.command),
@@ -485,7 +502,7 @@ impl CommandHandler for VtpmHandler {
             Some(r) => Ok(r),
             None => inner.engine.process(req.locality, req.command),
         };
-        self.running.set(None);
+        drop(running);
         // Kept before the guest sees the response: a restart after it resumes from here.
         if !answered_by_probe {
             inner.snapshot_after_command(&instance);

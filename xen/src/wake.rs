@@ -1,7 +1,7 @@
 //! An eventfd that interrupts a blocking wait from another thread, so waiters can block
 //! without a timeout (an idle daemon then never wakes).
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use crate::{Error, Result};
 
@@ -43,17 +43,23 @@ impl WakeFd {
     pub fn raw(&self) -> RawFd {
         self.fd.as_raw_fd()
     }
+
+    /// The descriptor, borrowed.
+    pub fn borrow(&self) -> BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.fd.as_fd()
+    }
 }
 
-/// Polls `fd` and `wake` for input up to `timeout_ms` (-1: forever). Ok(true) when `fd` is
-/// readable, Ok(false) on timeout, on a wake (taken here) or on EINTR: callers look again.
-pub fn poll_with(fd: RawFd, wake: &WakeFd, timeout_ms: i32) -> std::io::Result<PollOutcome> {
+/// Polls `fd` and `wake` for input up to `timeout_ms` (-1: forever): what it saw. A wake is
+/// taken (cleared) here.
+pub fn poll_with(fd: BorrowedFd<'_>, wake: &WakeFd, timeout_ms: i32) -> std::io::Result<PollOutcome> {
     let mut pfd = [
-        libc::pollfd { fd, events: libc::POLLIN, revents: 0 },
+        libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
         libc::pollfd { fd: wake.raw(), events: libc::POLLIN, revents: 0 },
     ];
-    // SAFETY: two valid pollfds for the duration of the call; the descriptors stay open
-    // because their owners are borrowed.
+    // SAFETY: two valid pollfds for the duration of the call; both descriptors stay open:
+    // `fd` is borrowed and `wake` owns the other.
     let rc = unsafe { libc::poll(pfd.as_mut_ptr(), 2, timeout_ms) };
     if rc < 0 {
         let e = std::io::Error::last_os_error();
@@ -64,7 +70,9 @@ pub fn poll_with(fd: RawFd, wake: &WakeFd, timeout_ms: i32) -> std::io::Result<P
     }
     Ok(match rc {
         0 => PollOutcome::TimedOut,
-        _ => PollOutcome::Ready,
+        _ if pfd[0].revents != 0 => PollOutcome::Ready,
+        // Only the wake fired, and another waiter took it: look again.
+        _ => PollOutcome::Again,
     })
 }
 
@@ -90,13 +98,13 @@ mod tests {
         let w = std::sync::Arc::new(WakeFd::new().expect("eventfd"));
         let never = WakeFd::new().expect("eventfd");
         let w2 = w.clone();
-        let t = std::thread::spawn(move || poll_with(never.raw(), &w2, -1).expect("poll"));
+        let t = std::thread::spawn(move || poll_with(never.borrow(), &w2, -1).expect("poll"));
         std::thread::sleep(std::time::Duration::from_millis(50));
         w.wake();
         w.wake();
         assert_eq!(t.join().expect("thread"), PollOutcome::Woken);
         // Taken: the next poll times out instead of seeing the old wakes.
         let never = WakeFd::new().expect("eventfd");
-        assert_eq!(poll_with(never.raw(), &w, 10).expect("poll"), PollOutcome::TimedOut);
+        assert_eq!(poll_with(never.borrow(), &w, 10).expect("poll"), PollOutcome::TimedOut);
     }
 }

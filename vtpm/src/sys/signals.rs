@@ -4,7 +4,7 @@
 
 use std::fs::File;
 use std::io::{self, Read};
-use std::os::fd::FromRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
 use crate::engine::Canceller;
@@ -44,18 +44,25 @@ fn signal_pipe(slot: &AtomicI32) -> io::Result<File> {
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
         return Err(io::Error::last_os_error());
     }
+    // SAFETY: pipe2 just made both descriptors; nothing else owns them. Owned from here, so an
+    // error below closes them.
+    let (reader, writer) = unsafe { (File::from_raw_fd(fds[0]), std::os::fd::OwnedFd::from_raw_fd(fds[1])) };
     // SAFETY: fcntl on the write end pipe2 just made; F_SETFL takes an int.
-    if unsafe { libc::fcntl(fds[1], libc::F_SETFL, libc::O_NONBLOCK) } != 0 {
+    if unsafe { libc::fcntl(writer.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    slot.store(fds[1], Ordering::SeqCst);
-    // SAFETY: pipe2 just made fds[0]; nothing else owns it.
-    Ok(unsafe { File::from_raw_fd(fds[0]) })
+    // The handler writes to it for the rest of the process's life.
+    slot.store(std::os::fd::IntoRawFd::into_raw_fd(writer), Ordering::SeqCst);
+    Ok(reader)
 }
 
 /// Like [`stop_flag`], and calls `f` (on a thread of its own, blocked until then) when a stop
 /// signal arrives: for loops that wait without a timeout and must be woken to see the flag.
+/// Once per process.
 pub fn on_stop(f: impl Fn() + Send + 'static) -> io::Result<&'static AtomicBool> {
+    if STOP_PIPE.load(Ordering::SeqCst) >= 0 {
+        return Err(io::Error::new(io::ErrorKind::AlreadyExists, "on_stop was already called"));
+    }
     let mut reader = signal_pipe(&STOP_PIPE)?;
     let flag = stop_flag()?;
     std::thread::Builder::new().name("stop-signal".into()).spawn(move || {
@@ -83,8 +90,9 @@ pub fn stop_flag() -> io::Result<&'static AtomicBool> {
         // fields are set.
         let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
         sa.sa_sigaction = on_stop_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
-        // SAFETY: `sa` is a valid sigaction whose handler only stores to an atomic; the old
-        // action is not asked for.
+        // SAFETY: `sa` is a valid sigaction whose handler stores to an atomic and may write()
+        // one byte (saving and restoring errno): all async-signal-safe. The old action is not
+        // asked for.
         let rc = unsafe { libc::sigaction(sig, &sa, std::ptr::null_mut()) };
         if rc != 0 {
             return Err(io::Error::last_os_error());

@@ -13,7 +13,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd};
 use std::path::Path;
 
 use xvtpm_xen::wake::{poll_with, PollOutcome, WakeFd};
@@ -77,7 +77,7 @@ pub fn create(vtpmx: &Path, version: TpmVersion) -> Result<ProxyDevice> {
 
 impl ProxyChannel for File {
     fn recv_command(&mut self, buf: &mut [u8], wake: &WakeFd) -> io::Result<Option<usize>> {
-        if poll_with(self.as_raw_fd(), wake, -1)? != PollOutcome::Ready {
+        if poll_with(self.as_fd(), wake, -1)? != PollOutcome::Ready {
             return Ok(None);
         }
         match self.read(buf) {
@@ -101,7 +101,7 @@ impl ProxyChannel for File {
 
 impl ProxyChannel for std::os::unix::net::UnixDatagram {
     fn recv_command(&mut self, buf: &mut [u8], wake: &WakeFd) -> io::Result<Option<usize>> {
-        if poll_with(self.as_raw_fd(), wake, -1)? != PollOutcome::Ready {
+        if poll_with(self.as_fd(), wake, -1)? != PollOutcome::Ready {
             return Ok(None);
         }
         match self.recv(buf) {

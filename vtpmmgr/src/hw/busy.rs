@@ -1,9 +1,11 @@
 //! A hardware TPM that answers "not now" has not run the command: TPM 2.0's TPM_RC_RETRY,
 //! TPM_RC_YIELDED, TPM_RC_TESTING, TPM_RC_NV_RATE (it throttles NV writes to protect its
 //! flash) and TPM_RC_NV_UNAVAILABLE; TPM 1.2's TPM_RETRY and TPM_DOING_SELFTEST. The command is
-//! sent again, unchanged (its authorizations stay valid: the TPM did not act on it), after a
-//! pause that doubles up to a bound, for a bounded time; after that its code reaches the caller
-//! as any other error.
+//! sent again, unchanged, after a pause that doubles up to a bound, for a bounded time; after
+//! that its code reaches the caller as any other error. TPM 2.0 sessions survive a failed
+//! command (nonceTPM changes only on success), so an authorized command may be resent as it
+//! is; a TPM 1.2 error ends the command's OIAP/OSAP session, so there only unauthorized
+//! commands are retried (the caller passes no codes for the others).
 
 use std::time::{Duration, Instant};
 

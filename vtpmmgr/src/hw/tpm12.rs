@@ -174,7 +174,9 @@ impl<'a> Tpm12<'a> {
             self.tpm,
             self.locality,
             &c,
-            &super::busy::TPM12,
+            // An authorized command's error ends its OIAP/OSAP session on TPM 1.2: resending
+            // it would only fail on the dead session. Only unauthorized ones are retried.
+            if tag == RQU { &super::busy::TPM12 } else { &[] },
             super::busy::Backoff::default(),
             &mut self.commands,
         )?;

@@ -6,7 +6,7 @@
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -106,7 +106,7 @@ impl LinuxEvtchn {
                 i32::try_from(ms).unwrap_or(i32::MAX)
             }
         };
-        poll_with(self.file.as_raw_fd(), &self.wake, timeout_ms).map_err(|e| Self::err("poll", 0, e))
+        poll_with(self.file.as_fd(), &self.wake, timeout_ms).map_err(|e| Self::err("poll", 0, e))
     }
 }
 
@@ -192,6 +192,7 @@ impl EventChannel for LinuxEvtchn {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsRawFd;
 
     /// `/dev/null` accepts the open and rejects every ioctl: errors carry the operation and
     /// port.

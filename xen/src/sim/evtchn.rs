@@ -377,7 +377,7 @@ impl EventChannel for SimEvtchn {
                     left.as_millis().clamp(1, i32::MAX as u128) as i32
                 }
             };
-            match poll_with(self.sock.as_raw_fd(), &self.wake, ms) {
+            match poll_with(self.sock.as_fd(), &self.wake, ms) {
                 Ok(PollOutcome::Woken) => return Ok(None),
                 Ok(_) => {}
                 Err(source) => return Err(Error::Evtchn { op: "wait", port: 0, source }),
