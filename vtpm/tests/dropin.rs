@@ -176,3 +176,33 @@ fn state_files_get_the_mode_asked_for_and_another_user_cannot_read_them() {
     assert_eq!(mode_of(&permall), 0o640);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn an_idle_socket_vtpm_with_a_connected_client_never_wakes() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let dir = std::env::temp_dir().join(format!("xvtpm-dropin-idle-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("tempdir");
+    let bin = dir.join("swtpm");
+    symlink(DROPIN, &bin).expect("symlink");
+    let port = common::free_ports();
+    let mut child = swtpm(&bin, &dir.join("state"), port, &dir.join("log")).expect("start");
+    let mut t = TcpTpm::connect(port).expect("connect");
+    // Back to back first, so the data channel is polling for the next command when we stop.
+    for _ in 0..50 {
+        ok(&mut t, &tpm2::get_random(16));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let (before, threads_before) = xvtpm_tests::procstat::wakeups(child.id());
+    std::thread::sleep(Duration::from_secs(5));
+    let (after, threads_after) = xvtpm_tests::procstat::wakeups(child.id());
+    ok(&mut t, &tpm2::get_random(16));
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(
+        after - before,
+        0,
+        "the idle server woke; per thread before {threads_before:?}, after {threads_after:?}"
+    );
+}
