@@ -6,8 +6,6 @@
 //! `SECS` measured, default 20; `VTPM_BIN` another build of `vtpm` to measure, e.g. an older
 //! one).
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -17,6 +15,8 @@ use xvtpm_frontend::{Frontend, FrontendConfig};
 use xvtpm_tests::procstat;
 use xvtpm_tests::swtpm::SwtpmProcess;
 use xvtpm_tests::tpm2;
+use xvtpm_tis::swtpm::Swtpm;
+use xvtpm_tis::{Family, HwTpm};
 use xvtpm_xen::sim::{toolstack, SimHost};
 use xvtpm_xen::Xen;
 
@@ -75,16 +75,11 @@ fn guest(host: &SimHost, domid: u16, uuid: &str) -> anyhow::Result<Frontend> {
     Ok(fe)
 }
 
-/// A client on swtpm's data socket that started the TPM and got one answer.
-fn swtpm_client(p: &SwtpmProcess) -> anyhow::Result<UnixStream> {
-    let mut s = UnixStream::connect(&p.data)?;
+/// A client of swtpm that started the TPM and got one answer.
+fn swtpm_client(p: &SwtpmProcess) -> anyhow::Result<Swtpm> {
+    let mut s = Swtpm::connect_unix(&p.data, &p.ctrl, Family::Tpm20)?;
     for cmd in [tpm2::startup_clear(), tpm2::get_random(16)] {
-        s.write_all(&cmd)?;
-        let mut hdr = [0u8; 10];
-        s.read_exact(&mut hdr)?;
-        let len = u32::from_be_bytes([hdr[2], hdr[3], hdr[4], hdr[5]]) as usize;
-        let mut rest = vec![0u8; len.saturating_sub(10)];
-        s.read_exact(&mut rest)?;
+        s.transmit(0, &cmd)?;
     }
     Ok(s)
 }
@@ -117,7 +112,7 @@ fn main() -> anyhow::Result<()> {
     let dirs: Vec<PathBuf> = (0..n).map(|i| host.dir().join(format!("swtpm{i}"))).collect();
     let peers: Vec<SwtpmProcess> =
         dirs.iter().map(|d| SwtpmProcess::start(d, true)).collect::<std::io::Result<_>>().context("swtpm")?;
-    let clients: Vec<UnixStream> = peers.iter().map(swtpm_client).collect::<anyhow::Result<_>>()?;
+    let clients: Vec<Swtpm> = peers.iter().map(swtpm_client).collect::<anyhow::Result<_>>()?;
     let our_pids: Vec<u32> = ours.iter().map(|p| p.0.id()).collect();
     let peer_pids: Vec<u32> = peers.iter().map(SwtpmProcess::pid).collect();
     // Settled: connections made, first answers given, snapshots written.

@@ -53,15 +53,9 @@ impl Vtpm {
         Ok(Vtpm { child, log })
     }
 
-    /// CPU time so far of all the process's threads, in nanoseconds (the first field of
-    /// each thread's /proc/PID/task/TID/schedstat), not clock ticks.
+    /// CPU time so far of all the process's threads.
     fn cpu(&self) -> anyhow::Result<Duration> {
-        let mut ns = 0u64;
-        for task in std::fs::read_dir(format!("/proc/{}/task", self.child.id()))?.flatten() {
-            let s = std::fs::read_to_string(task.path().join("schedstat")).unwrap_or_default();
-            ns += s.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-        }
-        Ok(Duration::from_nanos(ns))
+        Ok(xvtpm_tests::procstat::cpu(self.child.id()))
     }
 
     fn stop(mut self, signal: &str) -> anyhow::Result<()> {

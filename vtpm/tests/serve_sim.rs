@@ -592,7 +592,7 @@ fn an_idle_vtpm_never_wakes() {
     let (state, key) = create(&host, 0x4a);
     let vtpm = serve(host.dir(), &state, &key, 1);
     wait_for(&vtpm, "watching");
-    let getrandom = [0x80, 0x01, 0, 0, 0, 0x0c, 0, 0, 0x01, 0x7b, 0, 0x10];
+    let getrandom = xvtpm_tests::tpm2::get_random(16);
     let mut fe = guest(&host, &xs, 5);
     assert_eq!(rc(&fe.transmit(&getrandom).expect("getrandom")), 0);
     // Settled: the connection is up, the command answered and its snapshot written.

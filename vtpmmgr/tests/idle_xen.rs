@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use xvtpm_frontend::{Frontend, FrontendConfig};
-use xvtpm_proto::mgr::{ord, TAG_REQ};
+use xvtpm_proto::mgr::Request;
 use xvtpm_xen::sim::{toolstack, SimHost};
 use xvtpm_xen::Xen;
 
@@ -53,9 +53,7 @@ fn a_manager_with_100_connected_devices_never_wakes_at_rest() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let xs = host.xen(0).xenstore().expect("xs");
-    let mut request = TAG_REQ.to_be_bytes().to_vec();
-    request.extend_from_slice(&10u32.to_be_bytes());
-    request.extend_from_slice(&ord::GET_BOOT_HASH.to_be_bytes());
+    let request = Request::GetBootHash.encode();
     let mut devices = Vec::new();
     for d in 10..10 + DEVICES {
         toolstack::add_domain(&xs, d, &format!("vtpm-{d}")).expect("domain");

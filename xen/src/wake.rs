@@ -1,7 +1,7 @@
 //! An eventfd that interrupts a blocking wait from another thread, so waiters can block
 //! without a timeout (an idle daemon then never wakes).
 
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 use crate::{Error, Result};
 
@@ -39,12 +39,7 @@ impl WakeFd {
         n == 8
     }
 
-    /// The descriptor to poll (readable while set).
-    pub fn raw(&self) -> RawFd {
-        self.fd.as_raw_fd()
-    }
-
-    /// The descriptor, borrowed.
+    /// The descriptor (readable while set), borrowed.
     pub fn borrow(&self) -> BorrowedFd<'_> {
         use std::os::fd::AsFd;
         self.fd.as_fd()
@@ -56,7 +51,7 @@ impl WakeFd {
 pub fn poll_with(fd: BorrowedFd<'_>, wake: &WakeFd, timeout_ms: i32) -> std::io::Result<PollOutcome> {
     let mut pfd = [
         libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
-        libc::pollfd { fd: wake.raw(), events: libc::POLLIN, revents: 0 },
+        libc::pollfd { fd: wake.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 },
     ];
     // SAFETY: two valid pollfds for the duration of the call; both descriptors stay open:
     // `fd` is borrowed and `wake` owns the other.
