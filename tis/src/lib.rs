@@ -24,6 +24,8 @@ pub mod hwtpm;
 pub mod mmio;
 #[cfg(feature = "test-utils")]
 pub mod model;
+#[cfg(feature = "test-utils")]
+pub mod nvcount;
 pub mod regs;
 pub mod selftest;
 pub mod swtpm;

@@ -58,6 +58,16 @@ fn hw(p: &SwtpmProcess) -> Box<dyn HwTpm + Send> {
 
 /// The manager serving tpmback in domain 0 (in this process; dropping it stops it).
 fn manager(host: &SimHost, store: &Path, tpm: Box<dyn HwTpm + Send>) -> BackendHandle {
+    manager_with(host, store, tpm, |_| {})
+}
+
+/// [`manager`], set up by `configure` first.
+fn manager_with(
+    host: &SimHost,
+    store: &Path,
+    tpm: Box<dyn HwTpm + Send>,
+    configure: impl FnOnce(&mut Manager<FileDev>),
+) -> BackendHandle {
     // The previous manager's device threads let go of the store within moments of its stop.
     let end = Instant::now() + Duration::from_secs(10);
     let dev = loop {
@@ -69,7 +79,8 @@ fn manager(host: &SimHost, store: &Path, tpm: Box<dyn HwTpm + Send>) -> BackendH
             Err(e) => panic!("store: {e}"),
         }
     };
-    let m = Manager::open(dev, tpm).expect("manager opens");
+    let mut m = Manager::open(dev, tpm).expect("manager opens");
+    configure(&mut m);
     // Measures vTPM domains the way `vtpmmgr serve --xen` does: from libxl's image record.
     let xs = host.xen(0).xenstore().expect("xenstore");
     let measure = move |domid| xvtpm_vtpmmgr::peer::measure_domain(&xs, domid);
@@ -190,6 +201,60 @@ fn state_survives_restarts_of_vtpm_and_manager() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("the manager has no key"), "{err}");
+}
+
+/// A guest writing an NV index 1,000 times through the whole stack (tpmfront, the vtpm's
+/// libtpms, its state saved through the manager): the hardware TPM behind the manager, counted
+/// by a proxy, sees at most 10 NV writes with the daemon's counter window. The manager's save
+/// rate is set tight here so that the vtpm is told to retry many times: the guest still sees
+/// every write succeed.
+#[test]
+fn a_guest_writing_nv_a_thousand_times_costs_the_hardware_at_most_ten_nv_writes() {
+    use xvtpm_tests::tpm2::{nv_define, nv_read, nv_read_data, nv_write};
+    use xvtpm_tis::nvcount::NvWriteCounter;
+    use xvtpm_vtpmmgr::pace::{Rate, COUNTER_WINDOW};
+    let host = SimHost::temp().expect("sim");
+    let xs = host.xen(0).xenstore().expect("xs");
+    let tpm = swtpm(&host.dir().join("hwtpm"));
+    let store = host.dir().join("mgr.img");
+    {
+        let cfg = InitConfig { pcrs: vec![0], ..InitConfig::default() };
+        let mut m = Manager::init(FileDev::open(&store, true).expect("store"), hw(&tpm), &cfg).expect("init");
+        m.provision(uuid(VTPM_UUID), 0, None).expect("provision");
+    }
+    let counting = NvWriteCounter::new(hw(&tpm));
+    let writes = counting.counter();
+    let _mgr = manager_with(&host, &store, Box::new(counting), |m| {
+        m.set_counter_window(COUNTER_WINDOW);
+        m.saves.rate = Rate { burst: 4, interval: Duration::from_millis(5) };
+    });
+    toolstack::add_domain(&xs, 5, "vtpm-guest").expect("vtpm domain");
+    toolstack::add_vtpm(&xs, 5, 0, 0, VTPM_UUID).expect("the vtpm's device to the manager");
+    toolstack::add_domain(&xs, 7, "guest").expect("guest domain");
+    toolstack::add_vtpm(&xs, 7, 5, 0, GUEST_UUID).expect("the guest's device to the vtpm");
+    let state = host.dir().join("vtpm-state");
+    let out = Command::new(VTPM).arg("create").args(vtpm_args(&host, &state, 5)).output().expect("create");
+    assert!(out.status.success(), "create: {}", String::from_utf8_lossy(&out.stderr));
+    let vtpm = serve(&host, &state, 1);
+    let cfg = FrontendConfig { command_timeout: Duration::from_secs(30), ..FrontendConfig::default() };
+    let mut fe = Frontend::connect(&host.xen(7), cfg).expect("guest connects");
+    const INDEX: u32 = 0x0150_0016;
+    assert_eq!(rc(&fe.transmit(&nv_define(INDEX, 4)).expect("define")), 0, "{}", vtpm.log());
+    let before = writes.load(std::sync::atomic::Ordering::SeqCst);
+    let start = Instant::now();
+    for i in 0..1000u32 {
+        let r = fe.transmit(&nv_write(INDEX, &i.to_be_bytes())).expect("write");
+        assert_eq!(rc(&r), 0, "NV_Write {i}: {}", vtpm.log());
+    }
+    let took = start.elapsed();
+    let r = fe.transmit(&nv_read(INDEX, 4)).expect("read");
+    assert_eq!(nv_read_data(&r), Some(&999u32.to_be_bytes()[..]));
+    let hw_writes = writes.load(std::sync::atomic::Ordering::SeqCst) - before;
+    eprintln!("1000 guest NV_Writes in {took:?}: {hw_writes} hardware NV writes");
+    assert!(hw_writes <= 10, "{hw_writes} hardware NV writes for 1000 guest NV writes");
+    // Over a tight save rate the vtpm waits; it never fails a command.
+    assert!(took >= Duration::from_millis(5 * (1000 - 4)), "the save rate held the guest back ({took:?})");
+    fe.close().expect("close");
 }
 
 /// A vTPM domain's boot hash is its image as libxl recorded it (kernel, ramdisk, command

@@ -9,6 +9,7 @@ pub mod error;
 pub mod hw;
 pub mod manager;
 pub mod migrate;
+pub mod pace;
 pub mod peer;
 pub mod server;
 pub mod store;

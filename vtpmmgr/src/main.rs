@@ -10,7 +10,8 @@ use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use xvtpm_backend::{Backend, BackendConfig, DeviceFilter};
 use xvtpm_tis::{devmem::DevMem, devtpm::DevTpm, swtpm::Address, swtpm::Swtpm, Family, HwTpm, SystemClock, Tis};
-use xvtpm_vtpmmgr::manager::{InitConfig, Manager, QuoteLimit};
+use xvtpm_vtpmmgr::manager::{InitConfig, Manager};
+use xvtpm_vtpmmgr::pace::{self, Rate};
 use xvtpm_vtpmmgr::server::{self, XenHandler};
 use xvtpm_vtpmmgr::store::dev::FileDev;
 use xvtpm_xen::platform::Xen;
@@ -102,6 +103,19 @@ enum Cmd {
         /// ...then one per this many milliseconds (0: no limit).
         #[arg(long, default_value_t = 1000)]
         quote_interval_ms: u64,
+        /// State saves (SAVEHASHKEY) a vTPM may make back to back...
+        #[arg(long, default_value_t = pace::SAVE_RATE.burst)]
+        save_burst: u32,
+        /// ...then one per this many milliseconds (0: no limit). A vTPM over its rate is told
+        /// to retry, and waits; the manager's disk and the hardware are not touched.
+        #[arg(long, default_value_t = pace::SAVE_RATE.interval.as_millis() as u64)]
+        save_interval_ms: u64,
+        /// vTPM state saves share one hardware counter increment per this many seconds (0:
+        /// one increment per save). Someone who can rewrite the store's file can bring back
+        /// saves of the last two windows, never older ones; management updates increment at
+        /// once (docs/dom0.md, "Hardware NV writes").
+        #[arg(long, default_value_t = pace::COUNTER_WINDOW.as_secs())]
+        counter_window_secs: u64,
     },
     /// After the manager refused its store over the hardware counter: accept the TPM's
     /// counter value (defining the counter again if it is gone) and rewrite the store's roots.
@@ -185,11 +199,12 @@ fn main() -> anyhow::Result<()> {
             let owner = secret_file(owner_auth_file.as_deref())?;
             let r = Manager::recover(FileDev::open(&store, false)?, open_tpm(&tpm)?, Some((&pcrs, locality)), &owner)
                 .with_context(|| format!("recovering the store {}", store.display()))?;
-            if r.hw_counter == r.store_counter && !r.redefined {
+            if !r.rebased {
                 println!(
-                    "store {}: in step with the hardware counter ({}); nothing changed",
+                    "store {}: in step with the hardware counter ({}, the store at {}); nothing changed",
                     store.display(),
-                    r.hw_counter
+                    r.hw_counter,
+                    r.store_counter
                 );
             } else {
                 println!(
@@ -215,6 +230,9 @@ fn main() -> anyhow::Result<()> {
             max_clients,
             quote_burst,
             quote_interval_ms,
+            save_burst,
+            save_interval_ms,
+            counter_window_secs,
         } => {
             if socket.is_none() && admin_socket.is_none() && !xen {
                 bail!("nothing to serve: give --socket, --admin-socket or --xen");
@@ -222,10 +240,12 @@ fn main() -> anyhow::Result<()> {
             let mut m = Manager::open_expecting(FileDev::open(&store, false)?, open_tpm(&tpm)?, &pcrs, locality)
                 .with_context(|| format!("opening the store {}", store.display()))?;
             m.auto_provision = auto_provision;
-            m.quote_limit = QuoteLimit { burst: quote_burst, interval: Duration::from_millis(quote_interval_ms) };
+            m.quotes.rate = Rate { burst: quote_burst, interval: Duration::from_millis(quote_interval_ms) };
+            m.saves.rate = Rate { burst: save_burst, interval: Duration::from_millis(save_interval_ms) };
+            m.set_counter_window(Duration::from_secs(counter_window_secs));
             log::info!("manager ready ({} hardware TPM commands to open the store)", m.tpm_commands);
             let mgr = Arc::new(Mutex::new(m));
-            let mut threads = Vec::new();
+            let mut threads = vec![server::spawn_counter_flusher(mgr.clone())?];
             if let Some(p) = &socket {
                 threads.push(server::serve_unix(mgr.clone(), p, false, max_clients)?);
             }

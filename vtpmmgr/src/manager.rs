@@ -1,6 +1,9 @@
 //! The manager: the store opened with the root key the hardware TPM unsealed, kept in step
 //! with the hardware counter. Starting a vTPM (LOADHASHKEY) reads memory only; saving one
-//! (SAVEHASHKEY) commits the store and then increments the counter.
+//! (SAVEHASHKEY) commits the store, and the counter follows within its window
+//! ([`CounterSchedule`]); every other update increments the counter at once.
+
+use std::time::{Duration, Instant};
 
 use rand::RngCore;
 use sha2::{Digest, Sha256};
@@ -10,6 +13,7 @@ use crate::hw::tpm12::{SealInfo, Tpm12};
 use crate::hw::tpm2::{Counter, Tpm2};
 use crate::hw::Sealed;
 use crate::migrate::{self, MigrationKey};
+use crate::pace::{Anchor, Buckets, Clock, CounterSchedule, Rate};
 use crate::store::dev::BlockDev;
 use crate::store::record::{EXPORTED, HAS_KEY, IS_GROUP};
 use crate::store::{self, CounterState, Purpose, Record, Store};
@@ -92,22 +96,9 @@ fn owner_auth12(given: &[u8]) -> [u8; 20] {
     }
 }
 
-/// How many GET_QUOTEs a vTPM may ask for: `burst` at once, then one per `interval`.
-/// A zero interval means no limit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct QuoteLimit {
-    /// Quotes a vTPM may ask for back to back.
-    pub burst: u32,
-    /// Time to earn one more.
-    pub interval: std::time::Duration,
-}
-
-impl Default for QuoteLimit {
-    /// 4 at once, then one a second: plenty for attestation, too little to starve others.
-    fn default() -> Self {
-        Self { burst: 4, interval: std::time::Duration::from_secs(1) }
-    }
-}
+/// Each vTPM's GET_QUOTE allowance by default: 4 at once, then one a second: plenty for
+/// attestation, too little to starve others.
+pub const QUOTE_RATE: Rate = Rate { burst: 4, interval: Duration::from_secs(1) };
 
 /// What [`Manager::recover`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -118,6 +109,8 @@ pub struct Recovered {
     pub hw_counter: u64,
     /// The counter was gone or not the store's, and was defined again.
     pub redefined: bool,
+    /// The store's roots were rewritten with the hardware counter's value.
+    pub rebased: bool,
     /// vTPMs in the store (every node verified).
     pub vtpms: usize,
 }
@@ -127,8 +120,14 @@ pub struct Manager<D> {
     store: Store<D>,
     tpm: Box<dyn HwTpm + Send>,
     sealed: Sealed,
-    /// The counter must be incremented before the next commit.
+    /// The newest root is one ahead of the hardware counter: its increment is deferred (see
+    /// `schedule`), or failed (`counter_uncertain`).
     counter_behind: bool,
+    /// When the counter is incremented.
+    schedule: CounterSchedule,
+    /// Woken when an increment becomes owed (the thread that makes deferred increments).
+    flusher: Option<std::thread::Thread>,
+    clock: Clock,
     /// TPM 1.2: the counter's auth (sealed together with the root key).
     counter_auth: [u8; 20],
     /// TPM 2.0: the counter, with its Name and authValue.
@@ -149,9 +148,10 @@ pub struct Manager<D> {
     quote_key12: Option<Vec<u8>>,
     /// Each vTPM's GET_QUOTE allowance: a quote holds the hardware TPM (and every other
     /// vTPM's command) for milliseconds to a second, so one vTPM must not loop on it.
-    pub quote_limit: QuoteLimit,
-    /// Per vTPM: quotes left and when that was counted.
-    quote_tokens: std::collections::HashMap<[u8; 16], (f64, std::time::Instant)>,
+    pub quotes: Buckets,
+    /// Each vTPM's SAVEHASHKEY allowance (unlimited unless set): every save is a store commit,
+    /// so one guest looping on NV writes must not own the manager's disk and time.
+    pub saves: Buckets,
     /// Unknown vTPMs that save are provisioned into group 0 (Xen's behaviour; off by default).
     pub auto_provision: bool,
     /// Hardware TPM commands sent since the store was opened.
@@ -279,6 +279,9 @@ impl<D: BlockDev> Manager<D> {
             tpm,
             sealed,
             counter_behind,
+            schedule: CounterSchedule::new(Duration::ZERO),
+            flusher: None,
+            clock: crate::pace::system_clock(),
             counter_auth,
             counter2: None,
             counter_uncertain: false,
@@ -286,8 +289,8 @@ impl<D: BlockDev> Manager<D> {
             group_numbers: [0].into(),
             approved: Default::default(),
             quote_key12: None,
-            quote_limit: QuoteLimit::default(),
-            quote_tokens: Default::default(),
+            quotes: Buckets::new(QUOTE_RATE),
+            saves: Buckets::new(Rate::UNLIMITED),
             auto_provision: false,
             tpm_commands,
         }
@@ -345,8 +348,11 @@ impl<D: BlockDev> Manager<D> {
             Family::Tpm12 => (Tpm12::new(tpm.as_mut(), sealed.locality).counter_read(idx)?, false),
         };
         let found = store.root().counter;
-        if hw == found && !redefined {
-            log::info!("the store and the hardware counter are in step ({hw}): nothing to recover");
+        // One ahead is a store whose last increment was still owed at the stop: the next start
+        // makes it.
+        let rebased = !(hw == found || found == hw + 1) || redefined;
+        if !rebased {
+            log::info!("the store ({found}) and the hardware counter ({hw}) are in step: nothing to recover");
         } else {
             log::warn!(
                 "RECOVERY: the store's newest root was committed at counter {found}, the hardware counter {idx:#x} \
@@ -359,7 +365,7 @@ impl<D: BlockDev> Manager<D> {
             store.rebase_counter(hw)?;
         }
         let vtpms = store.list()?.iter().filter(|r| r.is_vtpm()).count();
-        Ok(Recovered { store_counter: found, hw_counter: hw, redefined, vtpms })
+        Ok(Recovered { store_counter: found, hw_counter: hw, redefined, rebased, vtpms })
     }
 
     /// Unseals the store's root key: (the sealed-key block, the root key, the TPM 1.2
@@ -518,10 +524,13 @@ impl<D: BlockDev> Manager<D> {
             }
         };
         self.tpm_commands += n;
+        let now = (self.clock)();
         match r {
             Ok(hw) if hw == target => {
                 self.counter_behind = false;
                 self.counter_uncertain = false;
+                self.store.set_counter_pending(false);
+                self.schedule.incremented(now);
                 Ok(())
             }
             Ok(hw) => {
@@ -534,6 +543,7 @@ impl<D: BlockDev> Manager<D> {
             }
             Err(e) => {
                 self.counter_uncertain = true;
+                self.schedule.failed(now);
                 Err(e)
             }
         }
@@ -556,6 +566,7 @@ impl<D: BlockDev> Manager<D> {
         );
         log::error!("{why}");
         self.halted = Some(why.clone());
+        self.schedule.clear();
         Error::Halted(why)
     }
 
@@ -569,8 +580,10 @@ impl<D: BlockDev> Manager<D> {
         self.halted.as_ref().map_or(Ok(()), |why| Err(Error::Halted(why.clone())))
     }
 
-    /// Reads the hardware counter before a commit: it must be where this manager left it.
+    /// Reads the hardware counter before a commit: it must be where this manager left it (one
+    /// below the newest root while an increment is deferred).
     fn check_counter(&mut self) -> Result<()> {
+        let expected = self.store.root().counter - u64::from(self.counter_behind);
         let loc = self.sealed.locality;
         let (hw, n) = match (&self.counter2, self.sealed.family) {
             (Some(c), Family::Tpm20) => {
@@ -584,19 +597,32 @@ impl<D: BlockDev> Manager<D> {
         };
         self.tpm_commands += n;
         match hw {
-            Ok(hw) if hw == self.store.root().counter => Ok(()),
+            Ok(hw) if hw == expected => Ok(()),
             Ok(hw) => Err(self.halt(hw)),
             Err(Error::CounterLost(why)) => Err(self.halt_because(why)),
             Err(e) => Err(e),
         }
     }
 
-    /// Commits through `f`, keeping the hardware counter in step: the counter is read first
-    /// (it must be where this manager left it), a counter left behind by a failed increment is
-    /// caught up first, or nothing is written.
+    /// Commits through `f`, its counter increment made at once.
     fn commit(&mut self, f: impl FnOnce(&mut Store<D>) -> Result<Option<store::Commit>>) -> Result<()> {
+        self.commit_anchored(Anchor::Now, f)
+    }
+
+    /// Commits through `f`, keeping the hardware counter in step: the counter is read first
+    /// (it must be where this manager left it), a counter left uncertain by a failed increment
+    /// is caught up first, or nothing is written. The increment follows at once, or, for
+    /// [`Anchor::Batched`] within the counter's window, when [`Manager::flush_counter`] finds
+    /// it due (or the next [`Anchor::Now`] commit makes it).
+    fn commit_anchored(
+        &mut self,
+        anchor: Anchor,
+        f: impl FnOnce(&mut Store<D>) -> Result<Option<store::Commit>>,
+    ) -> Result<()> {
         self.serving()?;
-        if self.counter_behind {
+        // An update that must not be undone by a copy of the store is never made under the
+        // counter value deferred saves share: that value goes into the hardware first.
+        if self.counter_uncertain || (anchor == Anchor::Now && self.counter_behind) {
             self.catch_up()?;
         } else {
             self.check_counter()?;
@@ -604,6 +630,14 @@ impl<D: BlockDev> Manager<D> {
         if f(&mut self.store)?.is_some() {
             // Durable now; the counter follows. If that fails, the next commit retries first.
             self.counter_behind = true;
+            if self.schedule.defer(anchor, (self.clock)()) {
+                // Until the increment, commits keep this root's counter value.
+                self.store.set_counter_pending(true);
+                if let Some(t) = &self.flusher {
+                    t.unpark();
+                }
+                return Ok(());
+            }
             match self.catch_up() {
                 Err(e @ Error::Halted(_)) => return Err(e),
                 Err(e) => {
@@ -982,7 +1016,12 @@ impl<D: BlockDev> Manager<D> {
         rec.hash.copy_from_slice(&full[..32]);
         rec.key.copy_from_slice(&full[32..]);
         rec.flags = HAS_KEY | (blob.len() as u32) << 8;
-        self.commit(|s| s.put(&rec).map(Some))
+        if !self.saves.take(uuid, (self.clock)()) {
+            let Rate { burst, interval } = self.saves.rate;
+            log::warn!("vTPM {}: SAVEHASHKEY refused, over its rate ({burst} at once, one per {interval:?})", uuid_str(uuid));
+            return Err(Error::Busy(format!("SAVEHASHKEY: over the rate of one per {interval:?}")));
+        }
+        self.commit_anchored(Anchor::Batched, |s| s.put(&rec).map(Some))
     }
 
     /// LOADHASHKEY: the hash and key last saved for the vTPM. No hardware TPM command.
@@ -1013,7 +1052,11 @@ impl<D: BlockDev> Manager<D> {
     ) -> Result<Vec<u8>> {
         self.serving()?;
         self.live_vtpm(uuid)?;
-        self.take_quote_token(uuid)?;
+        if !self.quotes.take(uuid, (self.clock)()) {
+            let Rate { burst, interval } = self.quotes.rate;
+            log::warn!("vTPM {}: GET_QUOTE refused, over its rate ({burst} at once, one per {interval:?})", uuid_str(uuid));
+            return Err(Error::Busy(format!("GET_QUOTE: over the rate of one per {interval:?}")));
+        }
         let q: [u8; 32] = Sha256::new()
             .chain_update(b"xvtpm-deep-quote")
             .chain_update(uuid)
@@ -1043,29 +1086,6 @@ impl<D: BlockDev> Manager<D> {
             out.extend_from_slice(part);
         }
         Ok(out)
-    }
-
-    /// Spends one of the vTPM's quotes, or refuses with [`Error::Busy`].
-    fn take_quote_token(&mut self, uuid: &[u8; 16]) -> Result<()> {
-        let QuoteLimit { burst, interval } = self.quote_limit;
-        if interval.is_zero() {
-            return Ok(());
-        }
-        let now = std::time::Instant::now();
-        let burst = f64::from(burst.max(1));
-        let (tokens, at) = self.quote_tokens.entry(*uuid).or_insert((burst, now));
-        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() / interval.as_secs_f64()).min(burst);
-        *at = now;
-        if *tokens < 1.0 {
-            log::warn!(
-                "vTPM {}: GET_QUOTE refused, over its rate ({} at once, one per {interval:?})",
-                uuid_str(uuid),
-                burst
-            );
-            return Err(Error::Busy(format!("GET_QUOTE: over the rate of one per {interval:?}")));
-        }
-        *tokens -= 1.0;
-        Ok(())
     }
 
     /// TPM 1.2 quote: loads the quote key (made on first use), quotes, unloads it.
@@ -1126,6 +1146,42 @@ impl<D: BlockDev> Manager<D> {
     /// The store (benchmarks read its root).
     pub fn store(&self) -> &Store<D> {
         &self.store
+    }
+
+    /// Lets vTPM state saves share one counter increment per `window` (zero, the default: one
+    /// increment per save). Every other update still increments at once.
+    pub fn set_counter_window(&mut self, window: Duration) {
+        self.schedule.window = window;
+    }
+
+    /// Replaces the clock the rates and the counter's window are measured with.
+    pub fn set_clock(&mut self, clock: Clock) {
+        self.clock = clock;
+    }
+
+    /// The thread to wake when an increment becomes owed (it calls
+    /// [`Manager::flush_counter`] at [`Manager::counter_due`]).
+    pub fn wake_on_owed_increment(&mut self, thread: std::thread::Thread) {
+        self.flusher = Some(thread);
+    }
+
+    /// When a deferred counter increment is due, if one is owed.
+    pub fn counter_due(&self) -> Option<Instant> {
+        self.schedule.due()
+    }
+
+    /// Makes the owed counter increment if it is due (or at once with `now`, as before a
+    /// stop). Nothing happens when none is owed.
+    pub fn flush_counter(&mut self, now: bool) -> Result<()> {
+        if self.halted.is_some() || !self.counter_behind {
+            self.schedule.clear();
+            return Ok(());
+        }
+        match self.schedule.due() {
+            Some(due) if now || (self.clock)() >= due => self.catch_up(),
+            None if now => self.catch_up(),
+            _ => Ok(()),
+        }
     }
 }
 

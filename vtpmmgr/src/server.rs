@@ -27,6 +27,32 @@ fn run<D: BlockDev>(mgr: &Shared<D>, caller: &mut Caller, boot: Option<&BootHash
     dispatch::handle(&mut *m, caller, boot, msg)
 }
 
+/// Starts the thread that makes the manager's deferred counter increments when they fall due
+/// ([`Manager::flush_counter`]). It sleeps while none is owed: an idle manager never wakes.
+pub fn spawn_counter_flusher<D: BlockDev + Send + 'static>(mgr: Shared<D>) -> Result<std::thread::JoinHandle<()>> {
+    let m2 = mgr.clone();
+    let t = std::thread::Builder::new()
+        .name("counter".into())
+        .spawn(move || loop {
+            let wait = {
+                let mut m = m2.lock().unwrap_or_else(PoisonError::into_inner);
+                if let Err(e) = m.flush_counter(false) {
+                    log::error!("the deferred anti-rollback counter increment failed: {e}; retrying");
+                }
+                m.counter_due().map(|due| due.saturating_duration_since(std::time::Instant::now()))
+            };
+            // A commit that makes an increment owed unparks this thread (an unpark before the
+            // park is kept, so none is missed).
+            match wait {
+                Some(d) => std::thread::park_timeout(d),
+                None => std::thread::park(),
+            }
+        })
+        .map_err(|e| Error::io("start the counter thread", e))?;
+    mgr.lock().unwrap_or_else(PoisonError::into_inner).wake_on_owed_increment(t.thread().clone());
+    Ok(t)
+}
+
 /// How many clients a socket serves, and how long a client may stay unbound.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {

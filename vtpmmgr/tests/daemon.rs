@@ -221,6 +221,8 @@ fn kill9(family: Family) {
                     acked = Some(next);
                     next += 1;
                 }
+                // Over the vTPM's save rate: wait and retry, as a vTPM does.
+                Ok((status::RETRY, _)) => std::thread::sleep(Duration::from_millis(20)),
                 Ok((st, _)) => panic!("round {round}: save refused with {st}"),
                 Err(_) => break,
             }

@@ -418,7 +418,7 @@ fn tpm12_deep_quote_binds_the_vtpm_and_its_nonce() {
 fn get_quote_is_rate_limited_per_vtpm() {
     use xvtpm_proto::mgr::{ord::GET_QUOTE, status, TAG_REQ};
     use xvtpm_vtpmmgr::dispatch::{self, Caller};
-    use xvtpm_vtpmmgr::manager::QuoteLimit;
+    use xvtpm_vtpmmgr::pace::Rate;
     let dir = common::tmpdir("quote-rate");
     let hw = common::HwSwtpm::start(&dir.join("tpm"));
     let mut m =
@@ -427,7 +427,7 @@ fn get_quote_is_rate_limited_per_vtpm() {
     m.provision(a, 0, None).expect("provision a");
     m.provision(b, 0, None).expect("provision b");
     // Long enough that no quote is earned back while the test runs, however loaded the machine.
-    m.quote_limit = QuoteLimit { burst: 2, interval: std::time::Duration::from_secs(30) };
+    m.quotes.rate = Rate { burst: 2, interval: std::time::Duration::from_secs(30) };
     let msg = xvtpm_proto::tpm::frame(TAG_REQ, GET_QUOTE, &[&[5u8; 20][..], &[0, 3, 0, 0, 1]].concat());
     let status_of = |m: &mut Manager<FileDev>, u: [u8; 16]| {
         let rsp = dispatch::handle(m, &mut Caller::Vtpm(u), None, &msg);
@@ -441,7 +441,7 @@ fn get_quote_is_rate_limited_per_vtpm() {
     assert!(matches!(m.quote(&a, None, &[0; 20], &[16]), Err(Error::Busy(_))));
     assert_eq!(status_of(&mut m, b), status::SUCCESS, "another vTPM is not held back");
     // Time earns quotes back (the allowance counts time since the last request).
-    m.quote_limit.interval = std::time::Duration::from_millis(100);
+    m.quotes.rate.interval = std::time::Duration::from_millis(100);
     std::thread::sleep(std::time::Duration::from_millis(150));
     assert_eq!(status_of(&mut m, a), status::SUCCESS, "one more after the interval");
     let _ = std::fs::remove_dir_all(&dir);

@@ -24,8 +24,13 @@ const SLOTS: [&str; 2] = ["managed-a.xvtpm", "managed-b.xvtpm"];
 
 /// The manager protocol's status codes this store acts on.
 mod wire {
-    pub use xvtpm_proto::mgr::status::{AUTHFAIL, BAD_PARAMETER, SUCCESS};
+    pub use xvtpm_proto::mgr::status::{AUTHFAIL, BAD_PARAMETER, RETRY, SUCCESS};
 }
+
+/// How long a save waits for the manager to accept it while the vTPM is over its save rate
+/// (the manager answers RETRY without committing); the guest's command waits with it, as it
+/// would for a hardware TPM's slow NV write.
+const SAVE_RETRY_BUDGET: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// A connection to the manager: one request, one reply (status and body).
 pub trait ManagerLink: Send + std::fmt::Debug {
@@ -208,10 +213,11 @@ impl ManagedStore {
         File::open(&self.dir).and_then(|d| d.sync_all()).map_err(|e| io("sync the directory of", e))?;
         // The slot is durable: now the manager may point at it.
         let blob = [&Sha256::digest(&file)[..], &key[..]].concat();
-        let reply = self.link.call(&Request::SaveHashKey(Secret(blob.to_vec())));
+        let reply = self.call_until_accepted(&Request::SaveHashKey(Secret(blob.to_vec())));
         // Unless the manager answered success or refused the request outright, it may have
         // committed: never overwrite the slot it might point at without asking first.
-        self.uncertain = !matches!(reply, Ok((wire::SUCCESS | wire::BAD_PARAMETER | wire::AUTHFAIL, _)));
+        self.uncertain =
+            !matches!(reply, Ok((wire::SUCCESS | wire::BAD_PARAMETER | wire::AUTHFAIL | wire::RETRY, _)));
         match reply? {
             (wire::SUCCESS, _) => {
                 self.active = Some(slot);
@@ -222,6 +228,25 @@ impl ManagedStore {
                 "the manager refused SAVEHASHKEY with status {st}: the new state in {} is not committed",
                 path.display()
             ))),
+        }
+    }
+}
+
+impl ManagedStore {
+    /// Sends `request` again while the manager answers RETRY (nothing committed: this vTPM is
+    /// over its save rate), pausing longer each time, for at most [`SAVE_RETRY_BUDGET`].
+    fn call_until_accepted(&mut self, request: &Request) -> Result<(u32, Vec<u8>)> {
+        let start = std::time::Instant::now();
+        let mut pause = std::time::Duration::from_millis(5);
+        loop {
+            match self.link.call(request) {
+                Ok((wire::RETRY, _)) if start.elapsed() + pause < SAVE_RETRY_BUDGET => {
+                    log::debug!("the manager asks this vTPM to save later (its save rate); waiting {pause:?}");
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(std::time::Duration::from_millis(200));
+                }
+                other => return other,
+            }
         }
     }
 }
@@ -272,6 +297,8 @@ mod tests {
     struct FakeManager {
         record: Option<Vec<u8>>,
         lose_next_reply: bool,
+        /// SAVEHASHKEYs to refuse with RETRY (over the rate) before accepting one.
+        busy: u32,
         /// Set when a save found the slot the manager pointed at overwritten.
         clobbered: bool,
     }
@@ -287,6 +314,10 @@ mod tests {
                     Some(r) => (wire::SUCCESS, r.clone()),
                     None => (wire::BAD_PARAMETER, Vec::new()),
                 }),
+                Request::SaveHashKey(_) if m.busy > 0 => {
+                    m.busy -= 1;
+                    Ok((wire::RETRY, Vec::new()))
+                }
                 Request::SaveHashKey(body) => {
                     // The slot the manager points at must still be there, intact.
                     if let Some(r) = &m.record {
@@ -319,6 +350,12 @@ mod tests {
         // The manager committed B; the next save must ask before choosing a slot.
         s.store("permall", b"C").expect("C");
         assert!(!mgr.lock().expect("lock").clobbered, "the slot the manager pointed at was overwritten");
+        // Over the save rate: the save waits until the manager takes it.
+        mgr.lock().expect("lock").busy = 3;
+        s.store("permall", b"C2").expect("a save the manager asked to retry three times");
+        assert_eq!(mgr.lock().expect("lock").busy, 0, "asked again after each RETRY");
+        s.store("permall", b"C").expect("C again");
+        assert!(!mgr.lock().expect("lock").clobbered);
         drop(s);
         let mut s = ManagedStore::open(&dir, Box::new(FakeLink(mgr.clone(), dir.clone()))).expect("reopen");
         assert_eq!(s.load("permall").expect("load"), Some(b"C".to_vec()));

@@ -119,6 +119,9 @@ pub struct Store<D> {
     /// A commit failed after writing: the device's state is unknown until the store is
     /// reopened, so no further commit may reuse its blocks or slot.
     poisoned: bool,
+    /// The newest root's counter value is not in the hardware counter yet (its increment was
+    /// deferred): commits keep that value instead of taking the next one.
+    counter_pending: bool,
 }
 
 impl<D> std::fmt::Debug for Store<D> {
@@ -161,7 +164,16 @@ impl<D: BlockDev> Store<D> {
         dev.sync()?;
         dev.write(root.slot(), &root.seal(&key))?;
         dev.sync()?;
-        Ok(Self { dev, root_key, key, root, cache: HashMap::new(), free: BTreeSet::new(), poisoned: false })
+        Ok(Self {
+            dev,
+            root_key,
+            key,
+            root,
+            cache: HashMap::new(),
+            free: BTreeSet::new(),
+            poisoned: false,
+            counter_pending: false,
+        })
     }
 
     /// Opens the store with its root key: picks the newest root that authenticates, checks it
@@ -229,8 +241,16 @@ impl<D: BlockDev> Store<D> {
         if <[u8; 32]>::from(Sha256::digest(sb)) != root.sealed_digest {
             return Err(corrupt("the sealed-key block is not the one the root was written with".into()));
         }
-        let mut store =
-            Self { dev, root_key, key, root, cache: HashMap::new(), free: BTreeSet::new(), poisoned: false };
+        let mut store = Self {
+            dev,
+            root_key,
+            key,
+            root,
+            cache: HashMap::new(),
+            free: BTreeSet::new(),
+            poisoned: false,
+            counter_pending: false,
+        };
         store.load_tree()?;
         Ok(store)
     }
@@ -246,7 +266,15 @@ impl<D: BlockDev> Store<D> {
             self.dev.sync()?;
             self.root = root;
         }
+        self.counter_pending = false;
         Ok(())
+    }
+
+    /// Whether commits keep the newest root's counter value (`true`: its increment is
+    /// deferred, so the hardware counter is one behind and the next increment covers them
+    /// too) or take the next one (`false`, the default: the counter holds the newest value).
+    pub fn set_counter_pending(&mut self, pending: bool) {
+        self.counter_pending = pending;
     }
 
     fn corrupt(&self, why: String) -> Error {
@@ -502,7 +530,9 @@ impl<D: BlockDev> Store<D> {
         self.dev.sync()?;
         let mut root = self.root;
         root.seq += 1;
-        root.counter += 1;
+        if !self.counter_pending {
+            root.counter += 1;
+        }
         root.count = count;
         root.high_water = txn.high_water;
         match top {
