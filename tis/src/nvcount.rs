@@ -50,6 +50,12 @@ impl<T: HwTpm> NvWriteCounter<T> {
     }
 }
 
+impl<T> std::fmt::Debug for NvWriteCounter<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NvWriteCounter").field("count", &self.count.load(Ordering::SeqCst)).finish_non_exhaustive()
+    }
+}
+
 impl<T: HwTpm> HwTpm for NvWriteCounter<T> {
     fn transmit(&mut self, locality: u8, command: &[u8]) -> Result<Vec<u8>> {
         let rsp = self.inner.transmit(locality, command)?;

@@ -1018,7 +1018,10 @@ impl<D: BlockDev> Manager<D> {
         rec.flags = HAS_KEY | (blob.len() as u32) << 8;
         if !self.saves.take(uuid, (self.clock)()) {
             let Rate { burst, interval } = self.saves.rate;
-            log::warn!("vTPM {}: SAVEHASHKEY refused, over its rate ({burst} at once, one per {interval:?})", uuid_str(uuid));
+            log::warn!(
+                "vTPM {}: SAVEHASHKEY refused, over its rate ({burst} at once, one per {interval:?})",
+                uuid_str(uuid)
+            );
             return Err(Error::Busy(format!("SAVEHASHKEY: over the rate of one per {interval:?}")));
         }
         self.commit_anchored(Anchor::Batched, |s| s.put(&rec).map(Some))
@@ -1054,7 +1057,10 @@ impl<D: BlockDev> Manager<D> {
         self.live_vtpm(uuid)?;
         if !self.quotes.take(uuid, (self.clock)()) {
             let Rate { burst, interval } = self.quotes.rate;
-            log::warn!("vTPM {}: GET_QUOTE refused, over its rate ({burst} at once, one per {interval:?})", uuid_str(uuid));
+            log::warn!(
+                "vTPM {}: GET_QUOTE refused, over its rate ({burst} at once, one per {interval:?})",
+                uuid_str(uuid)
+            );
             return Err(Error::Busy(format!("GET_QUOTE: over the rate of one per {interval:?}")));
         }
         let q: [u8; 32] = Sha256::new()

@@ -216,8 +216,7 @@ impl ManagedStore {
         let reply = self.call_until_accepted(&Request::SaveHashKey(Secret(blob.to_vec())));
         // Unless the manager answered success or refused the request outright, it may have
         // committed: never overwrite the slot it might point at without asking first.
-        self.uncertain =
-            !matches!(reply, Ok((wire::SUCCESS | wire::BAD_PARAMETER | wire::AUTHFAIL | wire::RETRY, _)));
+        self.uncertain = !matches!(reply, Ok((wire::SUCCESS | wire::BAD_PARAMETER | wire::AUTHFAIL | wire::RETRY, _)));
         match reply? {
             (wire::SUCCESS, _) => {
                 self.active = Some(slot);
