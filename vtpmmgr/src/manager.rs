@@ -127,6 +127,10 @@ pub struct Manager<D> {
     schedule: CounterSchedule,
     /// Woken when an increment becomes owed (the thread that makes deferred increments).
     flusher: Option<std::thread::Thread>,
+    /// The least counter value an [`Anchor::Now`] commit may carry: values below it may be
+    /// carried by another copy of this store too (one a commit ahead of the counter when this
+    /// store was opened), and restoring that copy would undo the update.
+    now_floor: u64,
     clock: Clock,
     /// TPM 1.2: the counter's auth (sealed together with the root key).
     counter_auth: [u8; 20],
@@ -281,6 +285,7 @@ impl<D: BlockDev> Manager<D> {
             counter_behind,
             schedule: CounterSchedule::new(Duration::ZERO),
             flusher: None,
+            now_floor: 0,
             clock: crate::pace::system_clock(),
             counter_auth,
             counter2: None,
@@ -474,6 +479,9 @@ impl<D: BlockDev> Manager<D> {
         let (store, state) = Store::open(dev, key, hw)?;
         let mut m = Self::assemble(store, tpm, sealed, counter_auth, state == CounterState::Behind, commands);
         m.counter2 = counter2;
+        // A copy of this store one commit ahead of `hw` may exist (taken while an increment was
+        // owed); this store's own next value may equal it.
+        m.now_floor = hw + 2;
         for r in m.store.list()? {
             if r.is_group() {
                 m.group_numbers.insert(r.group);
@@ -544,6 +552,7 @@ impl<D: BlockDev> Manager<D> {
             Err(e) => {
                 self.counter_uncertain = true;
                 self.schedule.failed(now);
+                self.wake_flusher();
                 Err(e)
             }
         }
@@ -627,15 +636,21 @@ impl<D: BlockDev> Manager<D> {
         } else {
             self.check_counter()?;
         }
+        if anchor == Anchor::Now && self.store.root().counter + 1 < self.now_floor {
+            // Step past the value another copy may carry: an unchanged root under it, then its
+            // increment (each step leaves a store one ahead of the counter at most).
+            self.store.rebase_counter(self.store.root().counter + 1)?;
+            self.counter_behind = true;
+            self.catch_up()?;
+        }
         if f(&mut self.store)?.is_some() {
-            // Durable now; the counter follows. If that fails, the next commit retries first.
+            // Durable now; the counter follows. If that fails, the next commit (or the flusher)
+            // retries first.
             self.counter_behind = true;
             if self.schedule.defer(anchor, (self.clock)()) {
                 // Until the increment, commits keep this root's counter value.
                 self.store.set_counter_pending(true);
-                if let Some(t) = &self.flusher {
-                    t.unpark();
-                }
+                self.wake_flusher();
                 return Ok(());
             }
             match self.catch_up() {
@@ -1002,12 +1017,13 @@ impl<D: BlockDev> Manager<D> {
         if !(MIN_BLOB..=MAX_BLOB).contains(&blob.len()) {
             return Err(Error::Protocol(format!("SAVEHASHKEY of {} bytes (52 to 64 expected)", blob.len())));
         }
-        let mut rec = match self.vtpm(uuid)? {
-            Some(r) => Self::live(r)?,
+        // An auto-provisioning save is a provisioning: anchored at once.
+        let (mut rec, anchor) = match self.vtpm(uuid)? {
+            Some(r) => (Self::live(r)?, Anchor::Batched),
             // A group's uuid is never a vTPM, not even an auto-provisioned one.
             None if self.auto_provision && self.store.get(uuid)?.is_none() => {
                 log::info!("auto-provisioning vTPM {} in group 0", uuid_str(uuid));
-                Record::new(*uuid, 0)
+                (Record::new(*uuid, 0), Anchor::Now)
             }
             None => return Err(Error::UnknownVtpm(uuid_str(uuid))),
         };
@@ -1024,7 +1040,7 @@ impl<D: BlockDev> Manager<D> {
             );
             return Err(Error::Busy(format!("SAVEHASHKEY: over the rate of one per {interval:?}")));
         }
-        self.commit_anchored(Anchor::Batched, |s| s.put(&rec).map(Some))
+        self.commit_anchored(anchor, |s| s.put(&rec).map(Some))
     }
 
     /// LOADHASHKEY: the hash and key last saved for the vTPM. No hardware TPM command.
@@ -1176,8 +1192,19 @@ impl<D: BlockDev> Manager<D> {
         self.schedule.due()
     }
 
-    /// Makes the owed counter increment if it is due (or at once with `now`, as before a
-    /// stop). Nothing happens when none is owed.
+    /// How long until the owed counter increment is due, on this manager's clock.
+    pub fn counter_wait(&self) -> Option<Duration> {
+        self.schedule.due().map(|due| due.saturating_duration_since((self.clock)()))
+    }
+
+    fn wake_flusher(&self) {
+        if let Some(t) = &self.flusher {
+            t.unpark();
+        }
+    }
+
+    /// Makes the owed counter increment if it is due, or at once with `now`. Nothing happens
+    /// when none is owed.
     pub fn flush_counter(&mut self, now: bool) -> Result<()> {
         if self.halted.is_some() || !self.counter_behind {
             self.schedule.clear();

@@ -78,6 +78,8 @@ pub struct CounterSchedule {
     pub window: Duration,
     last: Option<Instant>,
     due: Option<Instant>,
+    /// Failed increments in a row (each waits twice as long before the next try).
+    failures: u32,
 }
 
 /// How soon a commit must be anchored in the hardware counter.
@@ -90,14 +92,15 @@ pub enum Anchor {
     Batched,
 }
 
-/// How long a failed increment waits before the next try (the commit that needed it is
-/// durable already; the next commit retries too).
+/// How long a failed increment waits before the next try, doubling to [`RETRY_MAX`] (the
+/// commit that needed it is durable already; the next commit retries too).
 const RETRY: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(64);
 
 impl CounterSchedule {
     /// One increment per `window` at most.
     pub fn new(window: Duration) -> Self {
-        Self { window, last: None, due: None }
+        Self { window, last: None, due: None, failures: 0 }
     }
 
     /// After a commit: whether its increment may wait (then it is due at the window's end),
@@ -115,11 +118,13 @@ impl CounterSchedule {
     pub fn incremented(&mut self, now: Instant) {
         self.last = Some(now);
         self.due = None;
+        self.failures = 0;
     }
 
-    /// An increment failed: try again a little later.
+    /// An increment failed: try again later, later still after each failure in a row.
     pub fn failed(&mut self, now: Instant) {
-        self.due = Some(now + RETRY);
+        self.due = Some(now + RETRY.saturating_mul(1 << self.failures.min(6)).min(RETRY_MAX));
+        self.failures += 1;
     }
 
     /// Nothing is owed any more (the manager halted, or the store was rebased).
@@ -173,5 +178,12 @@ mod tests {
         assert!(!off.defer(Anchor::Batched, t0), "window 0: every commit increments");
         s.failed(t0 + w);
         assert_eq!(s.due(), Some(t0 + w + RETRY));
+        s.failed(t0 + w);
+        assert_eq!(s.due(), Some(t0 + w + 2 * RETRY), "the next try waits longer");
+        (0..10).for_each(|_| s.failed(t0));
+        assert_eq!(s.due(), Some(t0 + RETRY_MAX));
+        s.incremented(t0 + w);
+        s.failed(t0 + w);
+        assert_eq!(s.due(), Some(t0 + w + RETRY), "a success starts over");
     }
 }

@@ -39,7 +39,7 @@ pub fn spawn_counter_flusher<D: BlockDev + Send + 'static>(mgr: Shared<D>) -> Re
                 if let Err(e) = m.flush_counter(false) {
                     log::error!("the deferred anti-rollback counter increment failed: {e}; retrying");
                 }
-                m.counter_due().map(|due| due.saturating_duration_since(std::time::Instant::now()))
+                m.counter_wait()
             };
             // A commit that makes an increment owed unparks this thread (an unpark before the
             // park is kept, so none is missed).

@@ -214,3 +214,69 @@ fn a_store_copy_brings_back_at_most_the_saves_of_the_last_two_windows() {
     assert!(m.record(&other).expect("record").is_none());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Someone who can replace the store's file keeps a copy taken while an increment was owed
+/// (one ahead of the counter), puts back an older copy, and lets the operator make a
+/// management update on it. The kept copy must not open afterwards: it lacks the update.
+#[test]
+fn a_management_update_on_a_restored_copy_cannot_be_undone_by_a_kept_newer_copy() {
+    let dir = common::tmpdir("nv-wear-branch");
+    let hw = common::HwSwtpm::start(&dir.join("tpm"));
+    let clock = TestClock::new();
+    let path = dir.join("store.img");
+    let (mut m, _, u) = manager(&hw, common::dev(&path, true), &clock, COUNTER_WINDOW);
+    clock.advance(COUNTER_WINDOW);
+    m.save(&u, &blob(1)).expect("save 1, incremented at once");
+    let older = dir.join("older.img");
+    std::fs::copy(&path, &older).expect("copy");
+    clock.advance(Duration::from_secs(1));
+    m.save(&u, &blob(2)).expect("save 2, deferred");
+    drop(m);
+    let kept = dir.join("kept.img");
+    std::fs::copy(&path, &kept).expect("copy");
+    // The older copy goes back in place, and opens: it is in step with the counter.
+    std::fs::copy(&older, &path).expect("put the older copy back");
+    let mut m = Manager::open(common::dev(&path, false), hw.connect()).expect("the older copy");
+    let other = [0x66; 16];
+    m.provision(other, 0, None).expect("a management update");
+    drop(m);
+    assert!(
+        matches!(Manager::open(common::dev(&kept, false), hw.connect()), Err(Error::Rollback { .. })),
+        "the kept copy, without the provisioning, must be refused"
+    );
+    let m = Manager::open(common::dev(&path, false), hw.connect()).expect("the store with the update");
+    assert!(m.record(&other).expect("record").is_some());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The daemon's counter thread makes the owed increment when the window ends, on its own.
+#[test]
+fn the_counter_thread_makes_the_owed_increment_at_the_end_of_the_window() {
+    let dir = common::tmpdir("nv-wear-flusher");
+    let hw = common::HwSwtpm::start(&dir.join("tpm"));
+    let window = Duration::from_millis(300);
+    let tpm = NvWriteCounter::new(hw.connect());
+    let writes = tpm.counter();
+    let cfg = InitConfig { pcrs: vec![0, 16], ..InitConfig::default() };
+    let mut m = Manager::init(MemDev::default(), Box::new(tpm), &cfg).expect("init");
+    m.set_counter_window(window);
+    let u = [0x44; 16];
+    m.provision(u, 0, None).expect("provision");
+    let shared = Arc::new(Mutex::new(m));
+    let _flusher = xvtpm_vtpmmgr::server::spawn_counter_flusher(shared.clone()).expect("counter thread");
+    let start = writes.load(SeqCst);
+    {
+        let mut m = shared.lock().expect("manager");
+        m.save(&u, &blob(1)).expect("save 1: deferred, the provisioning just incremented");
+        m.save(&u, &blob(2)).expect("save 2: deferred");
+        assert!(m.counter_due().is_some());
+    }
+    assert_eq!(writes.load(SeqCst), start, "nothing written yet");
+    let end = Instant::now() + Duration::from_secs(10);
+    while shared.lock().expect("manager").counter_due().is_some() {
+        assert!(Instant::now() < end, "the owed increment was never made");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(writes.load(SeqCst), start + 1, "one increment for both saves");
+    let _ = std::fs::remove_dir_all(&dir);
+}

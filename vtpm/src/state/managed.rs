@@ -242,7 +242,8 @@ impl ManagedStore {
                 Ok((wire::RETRY, _)) if start.elapsed() + pause < SAVE_RETRY_BUDGET => {
                     log::debug!("the manager asks this vTPM to save later (its save rate); waiting {pause:?}");
                     std::thread::sleep(pause);
-                    pause = (pause * 2).min(std::time::Duration::from_millis(200));
+                    // No longer than the manager's default interval between two saves.
+                    pause = (pause * 2).min(std::time::Duration::from_millis(100));
                 }
                 other => return other,
             }
