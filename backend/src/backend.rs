@@ -13,6 +13,7 @@ use xvtpm_xen::{DomId, GrantMapper, TxId, Xen, XenbusState, Xenstore};
 
 use crate::handler::{CommandHandler, DeviceInfo};
 use crate::machine::{self, Action, Frontend, View};
+use crate::pool::{Dispatcher, WORKERS};
 use crate::worker::{Connection, Fatal, FatalTx, Worker};
 use crate::{Error, Result};
 
@@ -118,6 +119,11 @@ impl Drop for BackendHandle {
 }
 
 const ROOT_TOKEN: &str = "vtpm-backend";
+/// A backend of every device of its domain watches all frontends with one watch on this path
+/// (xenstored tells a domain only of nodes it may read: its frontends' device directories),
+/// not one per device: an unprivileged domain may hold 128 watches.
+const FRONTENDS: &str = "/local/domain";
+const FRONTENDS_TOKEN: &str = "vtpm-frontends";
 /// In a driver domain, how long an offline device's Closed stays visible before we remove its
 /// directory, unless the toolstack shows sooner that it saw Closed. libxl in dom0 reads the
 /// state when its watch fires; a directory removed before that is an error to it ("unable to
@@ -172,8 +178,13 @@ impl Backend {
             offline: HashMap::new(),
             fatal_tx: FatalTx::new(fatal_tx, xs.waker()),
             next_generation: 1,
+            dispatcher: None,
+            frontends: (self.config.filter == DeviceFilter::All).then(HashMap::new),
         };
         xs.watch(&root, ROOT_TOKEN)?;
+        if st.frontends.is_some() {
+            xs.watch(FRONTENDS, FRONTENDS_TOKEN)?;
+        }
         log::info!("tpmback: domain {} watching {root}", self.xen.domid());
         if let Some(r) = ready {
             let _ = r.send(());
@@ -181,6 +192,9 @@ impl Backend {
         let result = st.event_loop(stop, &fatal_rx);
         st.shutdown();
         let _ = xs.unwatch(&root, ROOT_TOKEN);
+        if st.frontends.is_some() {
+            let _ = xs.unwatch(FRONTENDS, FRONTENDS_TOKEN);
+        }
         result
     }
 }
@@ -218,6 +232,11 @@ struct State {
     offline: HashMap<(DomId, u32), (std::time::Instant, bool)>,
     fatal_tx: FatalTx,
     next_generation: u64,
+    /// Serves the connected devices (made at the first connection).
+    dispatcher: Option<Arc<Dispatcher>>,
+    /// With the one watch on [`FRONTENDS`]: each device's frontend directory, to the device.
+    /// `None`: a watch per device.
+    frontends: Option<HashMap<String, (DomId, u32)>>,
 }
 
 fn fe_token(key: (DomId, u32)) -> String {
@@ -244,6 +263,8 @@ impl State {
                         Some(key) => keys.push(key),
                         None => rescan = true,
                     }
+                } else if e.token == FRONTENDS_TOKEN {
+                    self.frontend_event(&e.path, &mut keys);
                 } else if let Some(key) = parse_fe_token(&e.token) {
                     keys.push(key);
                 } else if let Some(key) = parse_ctl_token(&e.token) {
@@ -261,6 +282,22 @@ impl State {
             }
         }
         Ok(())
+    }
+
+    /// The devices a change under [`FRONTENDS`] concerns: the one whose frontend `state` it
+    /// is, or, for the removal of a directory above frontends, each device below it.
+    fn frontend_event(&self, path: &str, keys: &mut Vec<(DomId, u32)>) {
+        let Some(index) = &self.frontends else { return };
+        if let Some(key) = path.strip_suffix("/state").and_then(|dir| index.get(dir)) {
+            keys.push(*key);
+            return;
+        }
+        // `/local/domain/<fe>[/device[/vtpm[/<handle>]]]`: what a removal reports.
+        let depth = path.split('/').count();
+        if path != FRONTENDS && (4..=7).contains(&depth) {
+            let below = |fe_path: &String| fe_path.strip_prefix(path).is_some_and(|r| r.starts_with('/'));
+            keys.extend(index.iter().filter(|(p, _)| below(p)).map(|(_, k)| *k));
+        }
     }
 
     /// `<root>/<fe>/<handle>[/...]` -> (fe, handle).
@@ -356,6 +393,12 @@ impl State {
         self.offline.remove(&key);
         self.disconnect(key);
         if let Some(dev) = self.devices.remove(&key) {
+            if let Some(index) = self.frontends.as_mut() {
+                // Only its own entry: a misconfigured device may name another's frontend.
+                if index.get(&dev.fe_path) == Some(&key) {
+                    index.remove(&dev.fe_path);
+                }
+            }
             if dev.watching_fe {
                 let _ = self.xs.unwatch(&format!("{}/state", dev.fe_path), &fe_token(key));
             }
@@ -565,9 +608,13 @@ impl State {
         let uuid = uuid_ok.unwrap_or_default().to_string();
         dev.info = Some(DeviceInfo { frontend: fe, handle, uuid, life: None, adopted: false });
         let fe_state_path = format!("{}/state", dev.fe_path);
-        match self.xs.watch(&fe_state_path, &fe_token(key)) {
-            Ok(()) => dev.watching_fe = true,
-            Err(e) => log::warn!("vtpm {fe}/{handle}: cannot watch {fe_state_path}: {e}"),
+        if let Some(index) = self.frontends.as_mut() {
+            index.insert(dev.fe_path.clone(), key);
+        } else {
+            match self.xs.watch(&fe_state_path, &fe_token(key)) {
+                Ok(()) => dev.watching_fe = true,
+                Err(e) => log::warn!("vtpm {fe}/{handle}: cannot watch {fe_state_path}: {e}"),
+            }
         }
         // libxl suspends a guest (xl save, xl migrate) by writing "suspend" there.
         dev.watching_ctl = self.handler.follows_suspends() && self.xs.watch(&ctl_path(fe), &ctl_token(key)).is_ok();
@@ -618,10 +665,11 @@ impl State {
             Ok(p) => Arc::new(p),
             Err(e) => return self.close_with_error(key, &format!("cannot map ring-ref {ring_ref}: {e}")),
         };
-        let evtchn = match self.xen.evtchn() {
-            Ok(e) => e,
-            Err(e) => return self.close_with_error(key, &format!("cannot open an event channel handle: {e}")),
+        let dispatcher = match self.dispatcher() {
+            Ok(d) => d,
+            Err(e) => return self.close_with_error(key, &e),
         };
+        let evtchn = dispatcher.evtchn().clone();
         let port = match evtchn.bind_interdomain(fe, remote_port) {
             Ok(p) => p,
             Err(e) => return self.close_with_error(key, &format!("cannot bind event-channel {remote_port}: {e}")),
@@ -633,15 +681,12 @@ impl State {
             info,
             generation,
             page,
-            evtchn: Arc::from(evtchn),
+            evtchn,
             port,
             handler: self.handler.clone(),
             fatal: self.fatal_tx.clone(),
         };
-        let conn = match Connection::start(worker, ring_ref, remote_port) {
-            Ok(c) => c,
-            Err(e) => return self.close_with_error(key, &format!("cannot start the device thread: {e}")),
-        };
+        let conn = Connection::start(&dispatcher, worker, ring_ref, remote_port);
         if let Some(dev) = self.devices.get_mut(&key) {
             dev.conn = Some(conn);
             dev.generation = generation;
@@ -684,6 +729,24 @@ impl State {
         for key in keys {
             self.disconnect(key);
         }
+        if let Some(d) = self.dispatcher.take() {
+            d.stop();
+        }
+    }
+
+    /// The dispatcher, started at the first connection: one event channel handle for every
+    /// device; a backend of every device serves on [`WORKERS`] threads, one of a single device
+    /// on the thread that waits for its events.
+    fn dispatcher(&mut self) -> std::result::Result<Arc<Dispatcher>, String> {
+        if let Some(d) = &self.dispatcher {
+            return Ok(d.clone());
+        }
+        let evtchn = self.xen.evtchn().map_err(|e| format!("cannot open an event channel handle: {e}"))?;
+        let workers = if self.filter == DeviceFilter::All { WORKERS } else { 0 };
+        let d = Dispatcher::start(Arc::from(evtchn), workers)
+            .map_err(|e| format!("cannot start the threads that serve devices: {e}"))?;
+        self.dispatcher = Some(d.clone());
+        Ok(d)
     }
 }
 

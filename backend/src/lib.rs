@@ -3,8 +3,9 @@
 //! A [`Backend`] watches `backend/vtpm` of its own domain in xenstore and serves any number of
 //! `(frontend domid, handle)` devices, each identified by the `uuid` libxl wrote. It performs
 //! the xenbus handshake the stock Linux `xen-tpmfront` expects, maps the shared page, binds the
-//! event channel, and hands every command to a [`CommandHandler`] on a thread of its own per
-//! device, so a slow or hostile guest never stalls another.
+//! event channel, and hands every command to a [`CommandHandler`]. A backend of every device of
+//! its domain serves them on a few threads, in turn (a device that never stops firing waits
+//! behind the others); one of a single device serves it on the thread that waits for it.
 
 #![warn(missing_docs)]
 #![forbid(unsafe_code)]
@@ -13,6 +14,7 @@ mod backend;
 mod error;
 mod handler;
 mod machine;
+mod pool;
 mod stop;
 mod worker;
 

@@ -1,13 +1,15 @@
-//! The per-device thread: waits on the device's event channel and serves its shared page.
+//! Serving one device's shared page: a turn reads what the frontend submitted, hands it to the
+//! handler and writes the response. [`crate::pool::Dispatcher`] decides which thread runs it.
 
 use std::sync::mpsc::Sender;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use xvtpm_xen::tpmif::{Tpmif, TpmifState};
 use xvtpm_xen::xenstore::Waker;
 use xvtpm_xen::{EventChannel, Port, SharedPage};
 
 use crate::handler::{CancelProbe, CommandHandler, DeviceInfo, Request};
+use crate::pool::Dispatcher;
 use crate::stop::Stop;
 
 /// A protocol violation that ends the device's connection, reported to the main loop.
@@ -37,14 +39,14 @@ impl FatalTx {
     }
 }
 
-/// A connected device: shared page, event channel, serving thread.
+/// A connected device as the main loop holds it: its ring and port, and its slot in the
+/// dispatcher.
 #[derive(Debug)]
 pub(crate) struct Connection {
     pub ring_ref: u32,
     pub remote_port: u32,
-    stop: Arc<Stop>,
-    evtchn: Arc<dyn EventChannel>,
-    port: Port,
+    slot: Arc<Slot>,
+    dispatcher: Arc<Dispatcher>,
 }
 
 pub(crate) struct Worker {
@@ -57,58 +59,116 @@ pub(crate) struct Worker {
     pub fatal: FatalTx,
 }
 
+/// A device the dispatcher serves: its worker, stop signal, and what its serving keeps from
+/// one turn to the next.
+pub(crate) struct Slot {
+    worker: Worker,
+    stop: Arc<Stop>,
+    cancel: CancelProbe,
+    /// Queued or being served, and whether it fired again meanwhile.
+    sched: Mutex<Sched>,
+    /// Held by the one thread serving it.
+    turn: Mutex<Turn>,
+}
+
+#[derive(Debug, Default)]
+struct Sched {
+    pending: bool,
+    again: bool,
+}
+
+#[derive(Debug, Default)]
+struct Turn {
+    buf: Vec<u8>,
+    last_bad_state: Option<u8>,
+    connected: bool,
+    /// The connection ended (a protocol error, or stopped): nothing more is served.
+    over: bool,
+    disconnected: bool,
+}
+
+impl std::fmt::Debug for Slot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Slot").field("device", &self.worker.info).field("port", &self.worker.port).finish()
+    }
+}
+
 impl Connection {
-    pub fn start(worker: Worker, ring_ref: u32, remote_port: u32) -> std::io::Result<Connection> {
+    /// Serves the device through `dispatcher` from now on; its port must be bound to the
+    /// dispatcher's handle.
+    pub fn start(dispatcher: &Arc<Dispatcher>, worker: Worker, ring_ref: u32, remote_port: u32) -> Connection {
         let stop = Arc::new(Stop::default());
-        let s = stop.clone();
-        let (evtchn, port) = (worker.evtchn.clone(), worker.port);
-        let name = format!("vtpm-{}-{}", worker.info.frontend, worker.info.handle);
-        // Detached: stopping a device never waits for a command in progress.
-        std::thread::Builder::new().name(name).spawn(move || worker.run(s))?;
-        Ok(Connection { ring_ref, remote_port, stop, evtchn, port })
+        let cancel = CancelProbe::new(worker.page.clone(), stop.clone());
+        let slot = Arc::new(Slot { worker, stop, cancel, sched: Mutex::default(), turn: Mutex::default() });
+        dispatcher.add(slot.clone());
+        Connection { ring_ref, remote_port, slot, dispatcher: dispatcher.clone() }
     }
 
     /// Stops serving at once: the port is closed now (so a new connection can bind the
-    /// frontend's port again), the thread ends when its current command returns and unmaps
-    /// the page then. It never waits for the handler.
+    /// frontend's port again); a command in progress finishes but its response is never
+    /// written, and the page is unmapped once nothing holds it. It never waits for the
+    /// handler.
     pub fn stop(self) {
-        self.stop.set();
-        // The worker waits without a timeout.
-        self.evtchn.interrupt();
-        if let Err(e) = self.evtchn.unbind(self.port) {
-            log::debug!("unbind port {}: {e}", self.port);
+        self.slot.stop.set();
+        self.dispatcher.remove(&self.slot);
+    }
+}
+
+impl Slot {
+    pub fn port(&self) -> Port {
+        self.worker.port
+    }
+
+    /// Marks it to be served; `false` if it is queued or being served already (it is served
+    /// once more after that).
+    pub fn mark_runnable(&self) -> bool {
+        let mut s = self.sched.lock().unwrap_or_else(PoisonError::into_inner);
+        if s.pending {
+            s.again = true;
+            return false;
         }
+        s.pending = true;
+        true
+    }
+
+    /// One turn: serves what the page holds, again while it fired meanwhile. The first turn
+    /// tells the handler of the connection, the first after the end that it is gone.
+    pub fn run(&self) {
+        loop {
+            {
+                let mut turn = self.turn.lock().unwrap_or_else(PoisonError::into_inner);
+                let t = &mut *turn;
+                if !t.connected {
+                    t.connected = true;
+                    self.worker.handler.connected(&self.worker.info);
+                }
+                if self.stop.is_set() {
+                    t.over = true;
+                    if !t.disconnected {
+                        t.disconnected = true;
+                        self.worker.handler.disconnected(&self.worker.info);
+                    }
+                } else if !t.over {
+                    t.over = !self.worker.serve(&self.stop, &self.cancel, &mut t.buf, &mut t.last_bad_state);
+                }
+            }
+            let mut s = self.sched.lock().unwrap_or_else(PoisonError::into_inner);
+            if s.again {
+                s.again = false;
+            } else {
+                s.pending = false;
+                return;
+            }
+        }
+    }
+
+    /// The device broke the protocol, or its port did: the main loop closes it.
+    pub fn fail(&self, reason: String) {
+        self.worker.fail(&self.stop, reason);
     }
 }
 
 impl Worker {
-    fn run(self, stop: Arc<Stop>) {
-        self.handler.connected(&self.info);
-        let cancel = CancelProbe::new(self.page.clone(), stop.clone());
-        let mut buf = Vec::with_capacity(xvtpm_xen::tpmif::MAX_PACKET);
-        let mut last_bad_state = None;
-        // The stock Linux frontend submits its first command before we are Connected: look at
-        // the page at once instead of waiting for a notification that may predate our bind.
-        let mut ok = self.serve(&stop, &cancel, &mut buf, &mut last_bad_state);
-        while ok && !stop.is_set() {
-            match self.evtchn.wait(None) {
-                Ok(None) => continue,
-                Ok(Some(p)) => {
-                    if let Err(e) = self.evtchn.unmask(p) {
-                        self.fail(&stop, format!("cannot unmask event channel port {p}: {e}"));
-                        break;
-                    }
-                    ok = self.serve(&stop, &cancel, &mut buf, &mut last_bad_state);
-                }
-                Err(e) => {
-                    self.fail(&stop, format!("event channel wait failed: {e}"));
-                    break;
-                }
-            }
-        }
-        self.handler.disconnected(&self.info);
-    }
-
     fn fail(&self, stop: &Stop, reason: String) {
         // After a stop, errors (e.g. of the port the main loop closed) are expected.
         if stop.is_set() {

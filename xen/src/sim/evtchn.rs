@@ -22,8 +22,11 @@ use crate::{DomId, Error, EventChannel, Port, Result, PAGE_SIZE};
 
 /// Domains the simulation supports (domids below this).
 pub const MAX_DOMAINS: usize = 256;
-/// Ports per domain (port 0 is never used, as in Xen).
-pub const MAX_PORTS: usize = 1024;
+/// Ports per domain (port 0 is never used, as in Xen). Xen's FIFO ABI allows 131072; a
+/// manager serving thousands of vTPM domains needs that many more than the 2-level ABI's 4096.
+pub const MAX_PORTS: usize = 16384;
+/// Connected sockets to peer handles kept per handle.
+const PEERS_KEPT: usize = 64;
 const ENTRY_WORDS: usize = 8;
 const TABLE_OFFSET: usize = PAGE_SIZE;
 const TABLE_LEN: usize = TABLE_OFFSET + MAX_DOMAINS * MAX_PORTS * ENTRY_WORDS * 4;
@@ -160,7 +163,8 @@ pub struct SimEvtchn {
     sock: UnixDatagram,
     sock_path: PathBuf,
     ready: Mutex<VecDeque<Port>>,
-    /// Connected sockets to the handles we kick, so a kick costs no path lookup.
+    /// Connected sockets to the handles we kick, so a kick costs no path lookup (at most
+    /// [`PEERS_KEPT`]: a backend of thousands of devices must not hold a descriptor for each).
     peers: Mutex<std::collections::HashMap<u32, UnixDatagram>>,
     /// Set by [`EventChannel::interrupt`].
     wake: WakeFd,
@@ -220,6 +224,9 @@ impl SimEvtchn {
         // Exactly one kick is in flight per pending unmasked port, so the receiver's queue
         // cannot fill up; a dead receiver (refused, missing) just means nobody listens.
         let Ok(mut peers) = self.peers.lock() else { return };
+        if peers.len() >= PEERS_KEPT && !peers.contains_key(&handle) {
+            peers.clear();
+        }
         if let std::collections::hash_map::Entry::Vacant(slot) = peers.entry(handle) {
             match UnixDatagram::unbound().and_then(|s| s.connect(handle_sock(&self.root, handle)).map(|_| s)) {
                 Ok(s) => {
