@@ -13,7 +13,7 @@ use xvtpm_xen::sim::{toolstack, SimHost};
 use xvtpm_xen::Xen;
 
 const BIN: &str = env!("CARGO_BIN_EXE_vtpmmgr");
-/// Within xenstored's 128 watches per connection: the backend's own and one per device.
+/// (`many_devices.rs` runs 1,000, in an unprivileged domain.)
 const DEVICES: u16 = 100;
 
 struct Daemon(Child);
