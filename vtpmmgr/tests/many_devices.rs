@@ -35,8 +35,14 @@ fn vtpmmgr(args: &[&str], store: &Path, hw: &common::HwSwtpm) -> Command {
     c
 }
 
-fn threads(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/task")).map(|d| d.count()).unwrap_or(0)
+/// The names of the process's threads.
+fn threads(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|t| std::fs::read_to_string(t.path().join("comm")).unwrap_or_default().trim().to_string())
+        .collect()
 }
 
 #[test]
@@ -81,13 +87,14 @@ fn a_manager_in_its_own_domain_serves_1000_devices_on_few_threads_and_sleeps_at_
         }
     }
     let pid = mgr.0.id();
-    let n = threads(pid);
+    let names = threads(pid);
+    let n = names.len();
     eprintln!(
-        "{} devices connected and answered in {:?}; the manager runs {n} threads",
+        "{} devices connected and answered in {:?}; the manager's threads: {names:?}",
         devices.len(),
         start.elapsed()
     );
-    assert!(n <= 12, "{n} threads for {} devices", devices.len());
+    assert!(n <= 12, "{n} threads for {} devices: {names:?}", devices.len());
     assert!(!log_text().contains("cannot watch"), "{}", log_text());
 
     std::thread::sleep(Duration::from_millis(500));
