@@ -234,9 +234,9 @@ struct State {
     next_generation: u64,
     /// Serves the connected devices (made at the first connection).
     dispatcher: Option<Arc<Dispatcher>>,
-    /// With the one watch on [`FRONTENDS`]: each device's frontend directory, to the device.
-    /// `None`: a watch per device.
-    frontends: Option<HashMap<String, (DomId, u32)>>,
+    /// With the one watch on [`FRONTENDS`]: per frontend domain, each device's frontend
+    /// directory to its handle. `None`: a watch per device.
+    frontends: Option<HashMap<DomId, HashMap<String, u32>>>,
 }
 
 fn fe_token(key: (DomId, u32)) -> String {
@@ -286,18 +286,25 @@ impl State {
 
     /// The devices a change under [`FRONTENDS`] concerns: the one whose frontend `state` it
     /// is, or, for the removal of a directory above frontends, each device below it.
+    /// Cheap for the events of other domains (a privileged backend sees every write).
     fn frontend_event(&self, path: &str, keys: &mut Vec<(DomId, u32)>) {
         let Some(index) = &self.frontends else { return };
-        if let Some(key) = path.strip_suffix("/state").and_then(|dir| index.get(dir)) {
-            keys.push(*key);
+        // `/local/domain/<fe>/...`: only the devices of domain `fe` can be concerned.
+        let fe = path.strip_prefix(FRONTENDS).and_then(|r| r.strip_prefix('/')).and_then(|r| r.split('/').next());
+        let Some((fe, devices)) = fe.and_then(|d| d.parse::<DomId>().ok()).and_then(|d| Some((d, index.get(&d)?)))
+        else {
+            return;
+        };
+        if let Some(handle) = path.strip_suffix("/state").and_then(|dir| devices.get(dir)) {
+            keys.push((fe, *handle));
             return;
         }
-        // `/local/domain/<fe>[/device[/vtpm[/<handle>]]]`: what a removal reports.
-        let depth = path.split('/').count();
-        if path != FRONTENDS && (4..=7).contains(&depth) {
-            let below = |fe_path: &String| fe_path.strip_prefix(path).is_some_and(|r| r.starts_with('/'));
-            keys.extend(index.iter().filter(|(p, _)| below(p)).map(|(_, k)| *k));
-        }
+        // A removal: xenstored reports only the top of what it removed (the device's
+        // directory itself when the toolstack removes it), so a directory at or above a
+        // device's concerns that device.
+        let at_or_below =
+            |fe_path: &String| fe_path.strip_prefix(path).is_some_and(|r| r.is_empty() || r.starts_with('/'));
+        keys.extend(devices.iter().filter(|(p, _)| at_or_below(p)).map(|(_, h)| (fe, *h)));
     }
 
     /// `<root>/<fe>/<handle>[/...]` -> (fe, handle).
@@ -394,9 +401,14 @@ impl State {
         self.disconnect(key);
         if let Some(dev) = self.devices.remove(&key) {
             if let Some(index) = self.frontends.as_mut() {
-                // Only its own entry: a misconfigured device may name another's frontend.
-                if index.get(&dev.fe_path) == Some(&key) {
-                    index.remove(&dev.fe_path);
+                if let Some(devices) = index.get_mut(&key.0) {
+                    // Only its own entry: a misconfigured device may name another's frontend.
+                    if devices.get(&dev.fe_path) == Some(&key.1) {
+                        devices.remove(&dev.fe_path);
+                    }
+                    if devices.is_empty() {
+                        index.remove(&key.0);
+                    }
                 }
             }
             if dev.watching_fe {
@@ -609,7 +621,7 @@ impl State {
         dev.info = Some(DeviceInfo { frontend: fe, handle, uuid, life: None, adopted: false });
         let fe_state_path = format!("{}/state", dev.fe_path);
         if let Some(index) = self.frontends.as_mut() {
-            index.insert(dev.fe_path.clone(), key);
+            index.entry(fe).or_default().insert(dev.fe_path.clone(), handle);
         } else {
             match self.xs.watch(&fe_state_path, &fe_token(key)) {
                 Ok(()) => dev.watching_fe = true,
@@ -617,7 +629,9 @@ impl State {
             }
         }
         // libxl suspends a guest (xl save, xl migrate) by writing "suspend" there.
-        dev.watching_ctl = self.handler.follows_suspends() && self.xs.watch(&ctl_path(fe), &ctl_token(key)).is_ok();
+        dev.watching_ctl = self.frontends.is_none()
+            && self.handler.follows_suspends()
+            && self.xs.watch(&ctl_path(fe), &ctl_token(key)).is_ok();
         let current = self.read_opt(&format!("{be_path}/state")).and_then(|v| XenbusState::parse(be_path, &v).ok());
         let first_state = machine::adopt(current);
         dev.adopted_connected = current == Some(XenbusState::Connected);

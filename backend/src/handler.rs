@@ -79,7 +79,10 @@ impl Request<'_> {
     }
 }
 
-/// Handles the commands of every device a backend serves. Called from one thread per device.
+/// Handles the commands of every device a backend serves: from several threads at once (one
+/// device's calls never overlap, and come in order: `connected`, commands, `disconnected`),
+/// never from the thread that follows xenstore; `suspending` and `frontend_closed` come from
+/// that thread, so keep them short.
 pub trait CommandHandler: Send + Sync {
     /// Executes a command and returns the response. A response longer than
     /// [`Request::max_response`] is not delivered (the frontend sees the command cancelled).
@@ -88,9 +91,9 @@ pub trait CommandHandler: Send + Sync {
     /// A device's frontend connected (the page is mapped, the event channel bound).
     fn connected(&self, _device: &DeviceInfo) {}
 
-    /// Whether [`CommandHandler::suspending`] matters to this handler. Only then does the
-    /// backend watch each frontend domain's `control/shutdown`: a second xenstore watch per
-    /// device, which counts against xenstored's watch quota (128 per connection).
+    /// Whether [`CommandHandler::suspending`] matters to this handler. Only then does a backend
+    /// of one device watch its frontend domain's `control/shutdown` (a backend of every device
+    /// never does: it keeps its watches few, under xenstored's 128 per connection).
     fn follows_suspends(&self) -> bool {
         false
     }

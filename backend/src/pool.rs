@@ -22,7 +22,9 @@ pub(crate) struct Dispatcher {
     ports: Mutex<HashMap<Port, Arc<Slot>>>,
     queue: Mutex<VecDeque<Arc<Slot>>>,
     ready: Condvar,
-    /// No workers: the waiting thread serves (one device, one thread, as before).
+    /// No workers: the waiting thread serves (one device, one thread, as before). Other
+    /// threads queue the device and interrupt the wait, so the caller (the xenstore loop)
+    /// never runs a handler.
     inline: bool,
     stopping: AtomicBool,
 }
@@ -74,7 +76,8 @@ impl Dispatcher {
         self.schedule(slot);
     }
 
-    /// Ends the threads (a device being served finishes its command first).
+    /// Ends the threads once the devices queued (those just stopped among them) have had their
+    /// turn; a device being served finishes its command first.
     pub fn stop(&self) {
         self.stopping.store(true, Ordering::SeqCst);
         self.evtchn.interrupt();
@@ -82,25 +85,43 @@ impl Dispatcher {
         self.ready.notify_all();
     }
 
+    /// Queues `slot` for its turn, from any thread.
     fn schedule(&self, slot: &Arc<Slot>) {
         if !slot.mark_runnable() {
             return;
         }
-        if self.inline {
-            slot.run();
-            return;
-        }
         self.queue.lock().unwrap_or_else(PoisonError::into_inner).push_back(slot.clone());
-        self.ready.notify_one();
+        if self.inline {
+            self.evtchn.interrupt();
+        } else {
+            self.ready.notify_one();
+        }
+    }
+
+    fn pop(&self) -> Option<Arc<Slot>> {
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner).pop_front()
     }
 
     fn wait_loop(&self) {
-        while !self.stopping.load(Ordering::SeqCst) {
+        loop {
+            if self.inline {
+                while let Some(s) = self.pop() {
+                    s.run();
+                }
+            }
+            if self.stopping.load(Ordering::SeqCst) {
+                return;
+            }
             match self.evtchn.wait(None) {
                 Ok(None) => {}
                 Ok(Some(port)) => {
                     let slot = self.ports.lock().unwrap_or_else(PoisonError::into_inner).get(&port).cloned();
                     match (self.evtchn.unmask(port), slot) {
+                        (Ok(()), Some(s)) if self.inline => {
+                            if s.mark_runnable() {
+                                s.run();
+                            }
+                        }
                         (Ok(()), Some(s)) => self.schedule(&s),
                         (Err(e), Some(s)) => s.fail(format!("cannot unmask event channel port {port}: {e}")),
                         // A port closed a moment ago.
@@ -108,8 +129,17 @@ impl Dispatcher {
                     }
                 }
                 Err(e) => {
-                    // Every device shares this handle: say so, and do not spin on the error.
-                    log::error!("event channel wait failed: {e}; every device waits");
+                    // Every device shares this handle. Firings may have been dropped with the
+                    // error (Linux resets an overflowing queue): re-enable every port and look
+                    // at every page once (harmless when nothing is there), then wait a moment
+                    // so a lasting error does not spin.
+                    log::error!("event channel wait failed: {e}; looking at every device again");
+                    let slots: Vec<_> =
+                        self.ports.lock().unwrap_or_else(PoisonError::into_inner).values().cloned().collect();
+                    for s in slots {
+                        let _ = self.evtchn.unmask(s.port());
+                        self.schedule(&s);
+                    }
                     std::thread::sleep(std::time::Duration::from_secs(1));
                 }
             }
@@ -121,13 +151,15 @@ impl Dispatcher {
             let slot = {
                 let mut q = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
                 loop {
+                    // What was queued before the stop still gets its turn (a stopped device's
+                    // handler hears it is gone).
+                    if let Some(s) = q.pop_front() {
+                        break s;
+                    }
                     if self.stopping.load(Ordering::SeqCst) {
                         return;
                     }
-                    match q.pop_front() {
-                        Some(s) => break s,
-                        None => q = self.ready.wait(q).unwrap_or_else(PoisonError::into_inner),
-                    }
+                    q = self.ready.wait(q).unwrap_or_else(PoisonError::into_inner);
                 }
             };
             slot.run();
