@@ -25,6 +25,9 @@ macro_rules! outln {
 
 mod admin;
 mod container;
+// What xvtpmd writes for `xvtpm status`: one definition for both binaries.
+#[path = "daemon/status.rs"]
+mod daemon_status;
 mod inspect;
 mod migrate;
 mod stubdom;
@@ -127,6 +130,15 @@ enum Command {
         #[arg(long)]
         uuid: Option<String>,
     },
+    /// The vTPMs `xvtpmd` serves: guest, uuid, state, pid, uptime, restarts, last error.
+    Status {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+        /// The file `xvtpmd` writes.
+        #[arg(long, value_name = "FILE", default_value = daemon_status::DEFAULT_PATH)]
+        status_file: PathBuf,
+    },
     /// Connect this domain's vtpm device (a user-space tpmfront) and time round trips of a
     /// small command. The backend must echo or answer it.
     Ping {
@@ -180,6 +192,38 @@ fn run(command: Command) -> anyhow::Result<()> {
             let filter = uuid.map(DeviceFilter::Uuid).unwrap_or(DeviceFilter::All);
             let backend = Backend::new(xen.open()?, Arc::new(EchoHandler), BackendConfig { filter });
             backend.run(&xvtpm_backend::StopSignal::default())?;
+        }
+        Command::Status { json, status_file } => {
+            let all = daemon_status::read(&status_file)
+                .with_context(|| format!("read {} (is xvtpmd running?)", status_file.display()))?;
+            if json {
+                outln!("{}", serde_json::to_string(&all)?);
+            } else {
+                outln!(
+                    "{:<6} {:<6} {:<36} {:<10} {:>8} {:>8} {:>8}  LAST ERROR",
+                    "GUEST",
+                    "HANDLE",
+                    "UUID",
+                    "STATE",
+                    "PID",
+                    "UPTIME",
+                    "RESTARTS"
+                );
+                for s in all {
+                    let pid = s.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
+                    outln!(
+                        "{:<6} {:<6} {:<36} {:<10} {:>8} {:>7}s {:>8}  {}",
+                        s.guest,
+                        s.handle,
+                        s.uuid,
+                        s.state,
+                        pid,
+                        s.uptime_secs,
+                        s.restarts,
+                        s.last_error.unwrap_or_default()
+                    );
+                }
+            }
         }
         Command::Ping { xen, handle, count } => {
             let xen = xen.open()?;

@@ -1,0 +1,115 @@
+//! `xvtpmd`: serves every vtpm device of its domain (dom0, or a driver domain) with no
+//! per-guest command: a `vtpm serve` per vTPM, started when its device appears, restarted when
+//! it dies, stopped when its device goes.
+
+mod devices;
+mod status;
+mod supervisor;
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use xvtpm_xen::xenbus::vtpm_backend_root;
+use xvtpm_xen::Xen;
+
+use supervisor::{Spec, Supervisor};
+
+const TOKEN: &str = "xvtpmd";
+
+/// Serve every vtpm device of this domain.
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    /// The vtpm executable.
+    #[arg(long, value_name = "PATH", default_value = "/usr/bin/vtpm")]
+    vtpm: PathBuf,
+    /// Each vTPM's state lives in `<DIR>/<uuid>`.
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/xvtpm/vtpms")]
+    state_root: PathBuf,
+    /// Where the vtpms keep the volatile snapshots that let a restarted vtpm resume its guest's
+    /// TPM (memory-backed storage is enough).
+    #[arg(long, value_name = "DIR", default_value = xvtpm_vtpm::snapshot::DEFAULT_DIR)]
+    snapshot_dir: PathBuf,
+    /// Create a vTPM the first time its device appears, instead of refusing the device.
+    #[arg(long)]
+    auto_create: bool,
+    /// Serve vTPMs whose state has no key: integrity-checked, not encrypted. Required for now:
+    /// keeping their keys at the manager is not wired into xvtpmd yet.
+    #[arg(long)]
+    insecure_keyless: bool,
+    /// vTPMs created are TPM 1.2 (default TPM 2.0).
+    #[arg(long = "tpm1.2")]
+    tpm12: bool,
+    /// Where to write what `xvtpm status` shows (JSON).
+    #[arg(long, value_name = "FILE", default_value = status::DEFAULT_PATH)]
+    status_file: PathBuf,
+    /// Use the simulated Xen in this directory instead of /dev/xen and xenstored.
+    #[arg(long, value_name = "DIR", requires = "domid")]
+    sim: Option<PathBuf>,
+    /// Our domain id (default: from xenstore).
+    #[arg(long)]
+    domid: Option<u16>,
+}
+
+fn main() -> anyhow::Result<()> {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = Cli::parse();
+    if !cli.insecure_keyless {
+        anyhow::bail!(
+            "xvtpmd cannot keep vTPM keys at the manager yet; --insecure-keyless serves vTPMs whose state is \
+             integrity-checked but not encrypted (hand-started `vtpm serve --manager` keeps them encrypted)"
+        );
+    }
+    log::warn!("serving vTPMs without keys: their state is integrity-checked, not encrypted");
+    let xen: Arc<dyn Xen> = xvtpm_xen::open(cli.sim.as_deref(), cli.domid).context("cannot reach Xen")?;
+    let me = xen.domid();
+    let xs = xen.xenstore().context("xenstore")?;
+    for dir in [&cli.state_root, &cli.snapshot_dir] {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    }
+    if let Some(parent) = cli.status_file.parent() {
+        std::fs::create_dir_all(parent).with_context(|| format!("create {}", parent.display()))?;
+    }
+    let spec = Spec {
+        vtpm: cli.vtpm,
+        state_root: cli.state_root,
+        snapshot_dir: cli.snapshot_dir,
+        auto_create: cli.auto_create,
+        tpm12: cli.tpm12,
+        sim: cli.sim.map(|d| (d, me)),
+    };
+    let waker = xs.waker();
+    let stop = xvtpm_vtpm::sys::signals::on_stop(move || waker.wake()).context("signal handling")?;
+    let root = vtpm_backend_root(me);
+    xs.watch(&root, TOKEN).with_context(|| format!("watch {root}"))?;
+    log::info!("xvtpmd: domain {me} watching {root}");
+    let mut sup = Supervisor::new(spec, xs.clone(), xs.waker());
+    let mut rescan = true;
+    loop {
+        while let Ok(exit) = sup.exits.try_recv() {
+            sup.exited(exit);
+        }
+        sup.restart_due();
+        if rescan {
+            sup.reconcile(&devices::list(&xs, me));
+        }
+        status::write(&cli.status_file, &sup.status());
+        if stop.load(Ordering::SeqCst) {
+            break;
+        }
+        // No timeout unless a restart is due: device changes, exits and stop wake us. A burst
+        // of changes needs one rescan.
+        rescan = xs.next_event(sup.next_due())?.is_some();
+        while xs.next_event(Some(Duration::ZERO))?.is_some() {
+            rescan = true;
+        }
+    }
+    log::info!("xvtpmd: stopping every vtpm");
+    sup.stop_all(Duration::from_secs(10));
+    let _ = xs.unwatch(&root, TOKEN);
+    Ok(())
+}

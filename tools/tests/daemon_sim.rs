@@ -1,0 +1,187 @@
+//! `xvtpmd` on the simulated Xen: a guest's device is all it takes to get a vTPM; the vtpm it
+//! starts is restarted when it dies (the running guest keeps its PCRs) and stopped when the
+//! device goes; a vTPM the host does not have is refused with the command that creates it.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use xvtpm_frontend::{Frontend, FrontendConfig};
+use xvtpm_tests::tpm2::{pcr_extend_sha256, pcr_read_sha256, rc};
+use xvtpm_xen::sim::{toolstack, SimHost};
+use xvtpm_xen::{TxId, Xen};
+
+const XVTPM: &str = env!("CARGO_BIN_EXE_xvtpm");
+const XVTPMD: &str = env!("CARGO_BIN_EXE_xvtpmd");
+const UUID: &str = "5a5b5c5d-5e5f-4061-8263-646566676869";
+const GUEST: u16 = 5;
+
+struct Daemon {
+    child: Child,
+    log: PathBuf,
+    status: PathBuf,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // As systemd stops it: SIGTERM, so it stops its vtpms.
+        let _ = xvtpm_vtpm::sys::signals::terminate(self.child.id());
+        let end = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < end && matches!(self.child.try_wait(), Ok(None)) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Daemon {
+    fn start(host: &SimHost, dir: &Path, auto_create: bool) -> Daemon {
+        let bins = xvtpm_tests::bins::vtpm_and_vtpmmgr(XVTPM);
+        let log = dir.join("xvtpmd.log");
+        let status = dir.join("status.json");
+        let mut cmd = Command::new(XVTPMD);
+        cmd.arg("--vtpm")
+            .arg(bins.join("vtpm"))
+            .arg("--state-root")
+            .arg(dir.join("vtpms"))
+            .arg("--snapshot-dir")
+            .arg(dir.join("snapshots"))
+            .arg("--status-file")
+            .arg(&status)
+            .arg("--sim")
+            .arg(host.dir())
+            .args(["--domid", "0", "--insecure-keyless"]);
+        if auto_create {
+            cmd.arg("--auto-create");
+        }
+        let child = cmd
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log"))
+            .spawn()
+            .expect("xvtpmd");
+        let d = Daemon { child, log, status };
+        d.wait_for("watching", |l| l.contains("watching"));
+        d
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn status(&self) -> serde_json::Value {
+        std::fs::read(&self.status).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
+    }
+
+    fn wait_for(&self, what: &str, ok: impl Fn(&str) -> bool) {
+        let end = Instant::now() + Duration::from_secs(30);
+        while !ok(&self.log()) {
+            assert!(Instant::now() < end, "xvtpmd: no {what}:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits until the status shows the vTPM running, with a pid other than `not`.
+    fn running_pid(&self, not: Option<u64>) -> u64 {
+        let end = Instant::now() + Duration::from_secs(30);
+        loop {
+            let s = self.status();
+            let entry = s.as_array().and_then(|a| a.iter().find(|e| e["uuid"] == UUID)).cloned();
+            if let Some(e) = entry {
+                if e["state"] == "running" && e["pid"].as_u64().is_some() && e["pid"].as_u64() != not {
+                    return e["pid"].as_u64().unwrap_or_default();
+                }
+            }
+            assert!(Instant::now() < end, "vTPM not running: {s}\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+fn guest(host: &SimHost) {
+    let xs = host.xen(0).xenstore().expect("xs");
+    toolstack::init_dom0(&xs).expect("dom0");
+    toolstack::add_domain(&xs, GUEST, "guest").expect("guest");
+    toolstack::add_vtpm(&xs, GUEST, 0, 0, UUID).expect("the guest's vtpm= line");
+}
+
+fn pcr16(fe: &mut Frontend) -> Vec<u8> {
+    let r = fe.transmit(&pcr_read_sha256(16)).expect("PCR_Read");
+    assert_eq!(rc(&r), 0);
+    r[r.len() - 32..].to_vec()
+}
+
+#[test]
+fn a_guest_device_gets_a_vtpm_restarted_when_it_dies_and_stopped_when_the_device_goes() {
+    let host = SimHost::temp().expect("sim");
+    let dir = host.dir().join("host");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let d = Daemon::start(&host, &dir, true);
+    guest(&host);
+    let pid = d.running_pid(None);
+    assert!(dir.join("vtpms").join(UUID).is_dir(), "the vTPM was created on first use");
+
+    let cfg = FrontendConfig { command_timeout: Duration::from_secs(30), ..FrontendConfig::default() };
+    let mut fe =
+        Frontend::connect(&host.xen(GUEST), cfg).unwrap_or_else(|e| panic!("guest connects: {e}\n{}", d.log()));
+    assert_eq!(rc(&fe.transmit(&pcr_extend_sha256(16, &[0x16; 32])).expect("extend")), 0);
+    let measured = pcr16(&mut fe);
+    assert_ne!(measured, vec![0u8; 32]);
+
+    // The vtpm dies under the running guest: restarted, and the guest's PCRs are still there.
+    let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+    let pid2 = d.running_pid(Some(pid));
+    assert_eq!(pcr16(&mut fe), measured, "PCR 16 after the restart; {}", d.log());
+    let out = Command::new(XVTPM).args(["status", "--json", "--status-file"]).arg(&d.status).output().expect("xvtpm");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).expect("xvtpm status --json");
+    assert_eq!((s[0]["uuid"].as_str(), s[0]["guest"].as_u64()), (Some(UUID), Some(u64::from(GUEST))), "{s}");
+    assert_eq!(
+        (s[0]["state"].as_str(), s[0]["pid"].as_u64(), s[0]["restarts"].as_u64()),
+        (Some("running"), Some(pid2), Some(1))
+    );
+    assert!(s[0]["last_error"].as_str().is_some_and(|e| e.contains("signal: 9")), "{s}");
+    let table = Command::new(XVTPM).args(["status", "--status-file"]).arg(&d.status).output().expect("xvtpm");
+    assert!(String::from_utf8_lossy(&table.stdout)
+        .lines()
+        .nth(1)
+        .is_some_and(|l| l.contains(UUID) && l.contains("running")));
+    assert!(d.log().contains(&format!("guest {GUEST} vtpm 0: vtpm for {UUID}")), "the log names the guest");
+
+    // The device goes (the guest is destroyed): its vtpm stops.
+    fe.close().expect("close");
+    let xs = host.xen(0).xenstore().expect("xs");
+    toolstack::remove_vtpm(&xs, GUEST, 0, 0, Duration::from_secs(10)).expect("remove the device");
+    let end = Instant::now() + Duration::from_secs(15);
+    while Path::new(&format!("/proc/{pid2}")).exists() {
+        assert!(Instant::now() < end, "the vtpm outlived its device:\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let end = Instant::now() + Duration::from_secs(5);
+    while d.status().as_array().is_none_or(|a| !a.is_empty()) {
+        assert!(Instant::now() < end, "status still lists the vTPM: {}", d.status());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_vtpm_this_host_does_not_have_is_refused_with_the_command_that_creates_it() {
+    let host = SimHost::temp().expect("sim");
+    let dir = host.dir().join("host");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let d = Daemon::start(&host, &dir, false);
+    guest(&host);
+    let xs = host.xen(0).xenstore().expect("xs");
+    let be = format!("/local/domain/0/backend/vtpm/{GUEST}/0");
+    let end = Instant::now() + Duration::from_secs(15);
+    while xs.try_read(TxId::NONE, &format!("{be}/state")).expect("read").as_deref() != Some(b"6") {
+        assert!(Instant::now() < end, "device not closed:\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let error = String::from_utf8(xs.read(TxId::NONE, &format!("{be}/error")).expect("error")).expect("utf-8");
+    assert!(error.contains(UUID) && error.contains("vtpm create --state-dir"), "{error}");
+    assert!(d.log().contains(&format!("guest {GUEST} vtpm 0: no vTPM {UUID}")), "{}", d.log());
+    assert_eq!(d.status()[0]["state"], "refused", "{}", d.status());
+    assert!(!dir.join("vtpms").join(UUID).exists(), "nothing was created");
+}
