@@ -1,6 +1,7 @@
 //! `xvtpmd` on the simulated Xen: a guest's device is all it takes to get a vTPM; the vtpm it
 //! starts is restarted when it dies (the running guest keeps its PCRs) and stopped when the
-//! device goes; a vTPM the host does not have is refused with the command that creates it.
+//! device goes; a vTPM the host does not have is refused, saying how to have it created; with
+//! the manager, the vTPM is provisioned there and no key is left on disk.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -37,6 +38,10 @@ impl Drop for Daemon {
 
 impl Daemon {
     fn start(host: &SimHost, dir: &Path, auto_create: bool) -> Daemon {
+        Self::start_with(host, dir, auto_create, &["--insecure-keyless"])
+    }
+
+    fn start_with(host: &SimHost, dir: &Path, auto_create: bool, keys: &[&str]) -> Daemon {
         let bins = xvtpm_tests::bins::vtpm_and_vtpmmgr(XVTPM);
         let log = dir.join("xvtpmd.log");
         let status = dir.join("status.json");
@@ -51,7 +56,8 @@ impl Daemon {
             .arg(&status)
             .arg("--sim")
             .arg(host.dir())
-            .args(["--domid", "0", "--insecure-keyless"]);
+            .args(["--domid", "0"])
+            .args(keys);
         if auto_create {
             cmd.arg("--auto-create");
         }
@@ -166,7 +172,7 @@ fn a_guest_device_gets_a_vtpm_restarted_when_it_dies_and_stopped_when_the_device
 }
 
 #[test]
-fn a_vtpm_this_host_does_not_have_is_refused_with_the_command_that_creates_it() {
+fn a_vtpm_this_host_does_not_have_is_refused_saying_how_to_create_it() {
     let host = SimHost::temp().expect("sim");
     let dir = host.dir().join("host");
     std::fs::create_dir_all(&dir).expect("dir");
@@ -180,8 +186,56 @@ fn a_vtpm_this_host_does_not_have_is_refused_with_the_command_that_creates_it() 
         std::thread::sleep(Duration::from_millis(20));
     }
     let error = String::from_utf8(xs.read(TxId::NONE, &format!("{be}/error")).expect("error")).expect("utf-8");
-    assert!(error.contains(UUID) && error.contains("vtpm create --state-dir"), "{error}");
+    assert!(error.contains(UUID) && error.contains("--auto-create"), "{error}");
     assert!(d.log().contains(&format!("guest {GUEST} vtpm 0: no vTPM {UUID}")), "{}", d.log());
     assert_eq!(d.status()[0]["state"], "refused", "{}", d.status());
     assert!(!dir.join("vtpms").join(UUID).exists(), "nothing was created");
+}
+
+/// A manager serving its vTPM socket and its admin socket (in this process, on swtpm).
+fn manager(dir: &Path) -> (xvtpm_tests::swtpm::SwtpmProcess, PathBuf, PathBuf) {
+    use std::sync::{Arc, Mutex};
+    use xvtpm_tis::swtpm::{Address, Swtpm};
+    use xvtpm_vtpmmgr::manager::{InitConfig, Manager};
+    let p = xvtpm_tests::swtpm::SwtpmProcess::start(&dir.join("tpm"), true).expect("swtpm");
+    let tpm = Swtpm::connect(&Address::Unix(p.data.clone()), &Address::Unix(p.ctrl.clone()), xvtpm_tis::Family::Tpm20)
+        .expect("connect");
+    let dev = xvtpm_vtpmmgr::store::dev::FileDev::open(&dir.join("mgr.img"), true).expect("store");
+    let m = Manager::init(dev, Box::new(tpm), &InitConfig { pcrs: vec![0], ..InitConfig::default() }).expect("init");
+    let m = Arc::new(Mutex::new(m));
+    let (vtpm_sock, admin_sock) = (dir.join("mgr.sock"), dir.join("admin.sock"));
+    xvtpm_vtpmmgr::server::serve_unix(m.clone(), &vtpm_sock, false, 16).expect("vTPM socket");
+    xvtpm_vtpmmgr::server::serve_unix(m, &admin_sock, true, 16).expect("admin socket");
+    (p, vtpm_sock, admin_sock)
+}
+
+#[test]
+fn with_the_manager_a_vtpm_is_provisioned_there_and_keeps_no_key_on_disk() {
+    let host = SimHost::temp().expect("sim");
+    let dir = host.dir().join("host");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let (_tpm, vtpm_sock, admin_sock) = manager(&dir);
+    let (vs, asock) = (vtpm_sock.to_str().expect("utf-8"), admin_sock.to_str().expect("utf-8"));
+    let d = Daemon::start_with(&host, &dir, true, &["--manager-socket", vs, "--admin-socket", asock]);
+    guest(&host);
+    let pid = d.running_pid(None);
+    let v = dir.join("vtpms").join(UUID);
+    assert!(v.join("token").exists() && !v.join("key").exists(), "a token, no key file");
+    let show = || {
+        let o = Command::new(XVTPM)
+            .args(["vtpm", "show", UUID, "--json", "--admin-socket", asock])
+            .output()
+            .expect("xvtpm");
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    assert!(show().contains("\"has_key\":true"), "provisioned, its first state saved: {}", show());
+    let cfg = FrontendConfig { command_timeout: Duration::from_secs(30), ..FrontendConfig::default() };
+    let mut fe =
+        Frontend::connect(&host.xen(GUEST), cfg).unwrap_or_else(|e| panic!("guest connects: {e}\n{}", d.log()));
+    assert_eq!(rc(&fe.transmit(&pcr_extend_sha256(16, &[0x61; 32])).expect("extend")), 0);
+    let measured = pcr16(&mut fe);
+    let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+    d.running_pid(Some(pid));
+    assert_eq!(pcr16(&mut fe), measured, "PCR 16 after the restart; {}", d.log());
+    fe.close().expect("close");
 }

@@ -16,7 +16,7 @@ use clap::Parser;
 use xvtpm_xen::xenbus::vtpm_backend_root;
 use xvtpm_xen::Xen;
 
-use supervisor::{Spec, Supervisor};
+use supervisor::{Keys, Spec, Supervisor};
 
 const TOKEN: &str = "xvtpmd";
 
@@ -37,9 +37,19 @@ struct Cli {
     /// Create a vTPM the first time its device appears, instead of refusing the device.
     #[arg(long)]
     auto_create: bool,
-    /// Serve vTPMs whose state has no key: integrity-checked, not encrypted. Required for now:
-    /// keeping their keys at the manager is not wired into xvtpmd yet.
-    #[arg(long)]
+    /// The manager's vTPM socket: every vTPM's key is kept there (each vtpm binds with its own
+    /// token, in `<state-root>/<uuid>/token`).
+    #[arg(long, value_name = "PATH", requires = "admin_socket")]
+    manager_socket: Option<PathBuf>,
+    /// The manager's admin socket: where vTPMs created here are provisioned.
+    #[arg(long, value_name = "PATH", requires = "manager_socket")]
+    admin_socket: Option<PathBuf>,
+    /// The manager's group that vTPMs created here go into.
+    #[arg(long, default_value_t = 0, requires = "manager_socket")]
+    group: u32,
+    /// Serve vTPMs without keys (no manager): their state is integrity-checked, not
+    /// encrypted.
+    #[arg(long, conflicts_with = "manager_socket")]
     insecure_keyless: bool,
     /// vTPMs created are TPM 1.2 (default TPM 2.0).
     #[arg(long = "tpm1.2")]
@@ -58,13 +68,19 @@ struct Cli {
 fn main() -> anyhow::Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
-    if !cli.insecure_keyless {
-        anyhow::bail!(
-            "xvtpmd cannot keep vTPM keys at the manager yet; --insecure-keyless serves vTPMs whose state is \
-             integrity-checked but not encrypted (hand-started `vtpm serve --manager` keeps them encrypted)"
-        );
-    }
-    log::warn!("serving vTPMs without keys: their state is integrity-checked, not encrypted");
+    let keys = match (cli.manager_socket, cli.admin_socket) {
+        (Some(socket), Some(admin)) => Keys::Manager { socket, admin, group: cli.group },
+        _ if cli.insecure_keyless => {
+            log::warn!(
+                "serving vTPMs without keys (--insecure-keyless): their state is integrity-checked, not encrypted"
+            );
+            Keys::None
+        }
+        _ => anyhow::bail!(
+            "where are the vTPMs' keys? Give the manager (--manager-socket and --admin-socket), or \
+             --insecure-keyless for vTPMs whose state is integrity-checked but not encrypted"
+        ),
+    };
     let xen: Arc<dyn Xen> = xvtpm_xen::open(cli.sim.as_deref(), cli.domid).context("cannot reach Xen")?;
     let me = xen.domid();
     let xs = xen.xenstore().context("xenstore")?;
@@ -77,6 +93,7 @@ fn main() -> anyhow::Result<()> {
     let spec = Spec {
         vtpm: cli.vtpm,
         state_root: cli.state_root,
+        keys,
         snapshot_dir: cli.snapshot_dir,
         auto_create: cli.auto_create,
         tpm12: cli.tpm12,

@@ -4,13 +4,15 @@
 //! failure response): never reset PCRs.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::mpsc::{Receiver, Sender};
 use std::time::{Duration, Instant};
 
 use xvtpm_xen::xenstore::Waker;
 use xvtpm_xen::{DomId, Xenstore};
+
+use xvtpm_vtpmmgr::admin::Admin;
 
 use super::devices::Device;
 use super::status::Status;
@@ -21,13 +23,33 @@ const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 const STABLE: Duration = Duration::from_secs(60);
 
+/// Where the vTPMs' keys are.
+#[derive(Debug, Clone)]
+pub enum Keys {
+    /// At the manager: its vTPM socket, its admin socket (to provision a vTPM created here)
+    /// and the group new vTPMs go into. Each vTPM's token is in `<root>/<uuid>/token`.
+    Manager {
+        /// The manager's vTPM socket.
+        socket: PathBuf,
+        /// The manager's admin socket.
+        admin: PathBuf,
+        /// The group of the vTPMs created here.
+        group: u32,
+    },
+    /// None: the state is integrity-checked, not encrypted.
+    None,
+}
+
 /// How every vtpm is run.
 #[derive(Debug, Clone)]
 pub struct Spec {
     /// The vtpm executable.
     pub vtpm: PathBuf,
-    /// Each vTPM's state in `<root>/<uuid>`.
+    /// Each vTPM in `<root>/<uuid>`: `state/`, `token` (keys at the manager), and `made`,
+    /// written last by a create that completed.
     pub state_root: PathBuf,
+    /// Where the keys are.
+    pub keys: Keys,
     /// Where the vtpms keep their volatile snapshots.
     pub snapshot_dir: PathBuf,
     /// A vTPM with no state here is created (`vtpm create`) rather than refused.
@@ -39,12 +61,17 @@ pub struct Spec {
 }
 
 impl Spec {
-    fn state_dir(&self, uuid: &str) -> PathBuf {
+    fn vtpm_dir(&self, uuid: &str) -> PathBuf {
         self.state_root.join(uuid)
     }
 
     fn common_args(&self, cmd: &mut Command, uuid: &str) {
-        cmd.arg("--state-dir").arg(self.state_dir(uuid));
+        let dir = self.vtpm_dir(uuid);
+        cmd.arg("--state-dir").arg(dir.join("state"));
+        if let Keys::Manager { socket, .. } = &self.keys {
+            cmd.arg("--manager").arg(format!("unix:{}", socket.display()));
+            cmd.args(["--vtpm-uuid", uuid]).arg("--token-file").arg(dir.join("token"));
+        }
         if let Some((dir, domid)) = &self.sim {
             cmd.arg("--sim").arg(dir).args(["--domid", &domid.to_string()]);
         }
@@ -135,30 +162,24 @@ impl Supervisor {
         self.entries.insert(uuid.to_string(), e);
     }
 
-    /// The vTPM's state is there, or made now if allowed.
+    /// The vTPM is there, or made now if allowed.
     fn prepare(&self, uuid: &str, d: &Device) -> Result<(), String> {
-        let dir = self.spec.state_dir(uuid);
-        if dir.is_dir() {
+        let dir = self.spec.vtpm_dir(uuid);
+        if dir.join(MADE).exists() {
             return Ok(());
         }
         if !self.spec.auto_create {
             return Err(format!(
-                "no vTPM {uuid} on this host (no {}): create it with `vtpm create --state-dir {}`, or let xvtpmd \
-                 create vTPMs it does not know (auto-create)",
-                dir.display(),
+                "no vTPM {uuid} on this host (no {}): restart xvtpmd with --auto-create to have it created \
+                 (and provisioned at the manager), or move the vTPM here (`xvtpm migrate`)",
                 dir.display()
             ));
         }
-        let mut cmd = Command::new(&self.spec.vtpm);
-        cmd.arg("create");
-        self.spec.common_args(&mut cmd, uuid);
-        if self.spec.tpm12 {
-            cmd.arg("--tpm1.2");
-        }
-        let out = cmd.stdin(Stdio::null()).output().map_err(|e| format!("run {}: {e}", self.spec.vtpm.display()))?;
-        if !out.status.success() {
-            return Err(format!("vtpm create failed: {}", String::from_utf8_lossy(&out.stderr).trim()));
-        }
+        // A create cut short earlier left a directory without MADE: start over.
+        let _ = std::fs::remove_dir_all(&dir);
+        create(&self.spec, uuid, &dir).inspect_err(|_| {
+            let _ = std::fs::remove_dir_all(&dir);
+        })?;
         log::info!("{}: created vTPM {uuid} in {}", d.name(), dir.display());
         Ok(())
     }
@@ -296,6 +317,58 @@ impl Supervisor {
         out.sort_by_key(|s| (s.guest, s.handle));
         out
     }
+}
+
+/// Written last into a vTPM's directory by a create that completed.
+const MADE: &str = "made";
+
+/// Creates vTPM `uuid` in `dir`: its token provisioned at the manager (keys at the manager),
+/// then its state (`vtpm create`), then [`MADE`]. A failure after provisioning deletes the
+/// vTPM at the manager again.
+fn create(spec: &Spec, uuid: &str, dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .recursive(true)
+        .create(dir.join("state"))
+        .map_err(|e| format!("create {}: {e}", dir.display()))?;
+    let mut provisioned = None;
+    if let Keys::Manager { admin, group, .. } = &spec.keys {
+        let token: [u8; 32] = rand::random();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(dir.join("token"))
+            .and_then(|mut f| std::io::Write::write_all(&mut f, &token))
+            .map_err(|e| format!("write the token: {e}"))?;
+        let id = xvtpm_proto::Uuid::parse(uuid).map_err(|e| e.to_string())?.0;
+        let mut a =
+            Admin::connect(admin).map_err(|e| format!("the manager's admin socket {}: {e}", admin.display()))?;
+        a.provision(Some(id), *group, Some(&token)).map_err(|e| format!("provisioning at the manager: {e}"))?;
+        provisioned = Some((id, admin.clone()));
+    }
+    let made = (|| {
+        let mut cmd = Command::new(&spec.vtpm);
+        cmd.arg("create");
+        spec.common_args(&mut cmd, uuid);
+        if spec.tpm12 {
+            cmd.arg("--tpm1.2");
+        }
+        let out = cmd.stdin(Stdio::null()).output().map_err(|e| format!("run {}: {e}", spec.vtpm.display()))?;
+        if !out.status.success() {
+            return Err(format!("vtpm create failed: {}", String::from_utf8_lossy(&out.stderr).trim()));
+        }
+        std::fs::write(dir.join(MADE), b"").map_err(|e| format!("write {MADE}: {e}"))
+    })();
+    if made.is_err() {
+        if let Some((id, admin)) = provisioned {
+            if let Err(e) = Admin::connect(&admin).and_then(|mut a| a.delete(&id)) {
+                log::warn!("vTPM {uuid}: could not delete it at the manager again: {e}");
+            }
+        }
+    }
+    made
 }
 
 fn schedule_restart(e: &mut Entry) {
