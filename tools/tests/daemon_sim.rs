@@ -135,6 +135,13 @@ fn a_guest_device_gets_a_vtpm_restarted_when_it_dies_and_stopped_when_the_device
     let measured = pcr16(&mut fe);
     assert_ne!(measured, vec![0u8; 32]);
 
+    // At rest the daemon never wakes (its vtpm neither: serve_sim.rs).
+    std::thread::sleep(Duration::from_millis(300));
+    let (before, _) = xvtpm_tests::procstat::wakeups(d.child.id());
+    std::thread::sleep(Duration::from_secs(5));
+    let (after, threads) = xvtpm_tests::procstat::wakeups(d.child.id());
+    assert_eq!(after - before, 0, "xvtpmd woke at rest: {threads:?}");
+
     // The vtpm dies under the running guest: restarted, and the guest's PCRs are still there.
     let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
     let pid2 = d.running_pid(Some(pid));
