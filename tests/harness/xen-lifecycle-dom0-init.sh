@@ -64,7 +64,7 @@ xl destroy tpmguest 2>&1 | sed 's/^/  xl: /'
 xl create /etc/xen/domU.cfg 'extra="console=hvc0 loglevel=4 xvtpm.phase=lifecycle"' 2>&1 | sed 's/^/  xl: /'
 i=0; while ! grep -q "XVTPM-DOMU: tick 1 " $CON 2>/dev/null; do i=$((i+1)); [ $i -gt 3000 ] && break; usleep 100000; done
 mark "LC rebooted: $(grep -o 'XVTPM-DOMU: tick 1 .*' $CON | head -n 1 | sed 's/XVTPM-DOMU: //')"
-mark "vtpm logs:"; tail -n 4 /var/log/vtpm-*.log | cut -c1-220 | sed 's/^/  /'
+mark "vtpm logs:"; tail -n 40 /var/log/vtpm-*.log | cut -c1-260 | sed 's/^/  /'
 mark "the guest's last ticks before its reboot:"; cat /tmp/ticks
 xl destroy tpmguest 2>&1 | sed 's/^/  xl: /'
 finish PASS

@@ -209,8 +209,13 @@ fn run(command: Command) -> anyhow::Result<()> {
                     "UPTIME",
                     "RESTARTS"
                 );
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0);
                 for s in all {
                     let pid = s.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into());
+                    let uptime = s.started_unix.map(|t| now.saturating_sub(t)).unwrap_or(0);
                     outln!(
                         "{:<6} {:<6} {:<36} {:<10} {:>8} {:>7}s {:>8}  {}",
                         s.guest,
@@ -218,7 +223,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                         s.uuid,
                         s.state,
                         pid,
-                        s.uptime_secs,
+                        uptime,
                         s.restarts,
                         s.last_error.unwrap_or_default()
                     );

@@ -165,7 +165,13 @@ fn a_guest_device_gets_a_vtpm_restarted_when_it_dies_and_stopped_when_the_device
     // The device goes (the guest is destroyed): its vtpm stops.
     fe.close().expect("close");
     let xs = host.xen(0).xenstore().expect("xs");
-    toolstack::remove_vtpm(&xs, GUEST, 0, 0, Duration::from_secs(10)).expect("remove the device");
+    let t = Instant::now();
+    let closed = toolstack::remove_vtpm(&xs, GUEST, 0, 0, Duration::from_secs(10)).expect("remove the device");
+    assert!(
+        closed && t.elapsed() < Duration::from_secs(5),
+        "the vtpm answered the removal (Closed) at once:\n{}",
+        d.log()
+    );
     let end = Instant::now() + Duration::from_secs(15);
     while Path::new(&format!("/proc/{pid2}")).exists() {
         assert!(Instant::now() < end, "the vtpm outlived its device:\n{}", d.log());
@@ -194,9 +200,39 @@ fn a_vtpm_this_host_does_not_have_is_refused_saying_how_to_create_it() {
     }
     let error = String::from_utf8(xs.read(TxId::NONE, &format!("{be}/error")).expect("error")).expect("utf-8");
     assert!(error.contains(UUID) && error.contains("--auto-create"), "{error}");
-    assert!(d.log().contains(&format!("guest {GUEST} vtpm 0: no vTPM {UUID}")), "{}", d.log());
+    assert!(d.log().contains(&format!("guest {GUEST} vtpm 0: vTPM {UUID}: no vTPM here")), "{}", d.log());
     assert_eq!(d.status()[0]["state"], "refused", "{}", d.status());
     assert!(!dir.join("vtpms").join(UUID).exists(), "nothing was created");
+}
+
+/// Two guests whose devices name the same vTPM: the second is closed, never served by the
+/// first one's vtpm (which serves its own device only).
+#[test]
+fn a_second_device_naming_the_same_vtpm_is_refused() {
+    let host = SimHost::temp().expect("sim");
+    let dir = host.dir().join("host");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let d = Daemon::start(&host, &dir, true);
+    guest(&host);
+    d.running_pid(None);
+    let xs = host.xen(0).xenstore().expect("xs");
+    toolstack::add_domain(&xs, 6, "copycat").expect("guest");
+    toolstack::add_vtpm(&xs, 6, 0, 0, UUID).expect("the same uuid");
+    let be = "/local/domain/0/backend/vtpm/6/0";
+    let end = Instant::now() + Duration::from_secs(15);
+    while xs.try_read(TxId::NONE, &format!("{be}/state")).expect("read").as_deref() != Some(b"6") {
+        assert!(Instant::now() < end, "second device not closed:\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let error = String::from_utf8(xs.read(TxId::NONE, &format!("{be}/error")).expect("error")).expect("utf-8");
+    assert!(error.contains("another device names this vTPM"), "{error}");
+    let s = d.status();
+    assert_eq!(s.as_array().map(Vec::len), Some(1), "{s}");
+    assert_eq!((s[0]["guest"].as_u64(), s[0]["state"].as_str()), (Some(u64::from(GUEST)), Some("running")));
+    // The first guest still has its TPM.
+    let mut fe = Frontend::connect(&host.xen(GUEST), FrontendConfig::default()).expect("first guest connects");
+    assert_eq!(rc(&fe.transmit(&pcr_read_sha256(16)).expect("read")), 0);
+    fe.close().expect("close");
 }
 
 /// A manager serving its vTPM socket and its admin socket (in this process, on swtpm).

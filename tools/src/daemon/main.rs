@@ -3,6 +3,7 @@
 //! it dies, stopped when its device goes.
 
 mod devices;
+mod provision;
 mod status;
 mod supervisor;
 
@@ -11,12 +12,15 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::os::unix::fs::DirBuilderExt;
+
 use anyhow::Context;
 use clap::Parser;
 use xvtpm_xen::xenbus::vtpm_backend_root;
 use xvtpm_xen::Xen;
 
-use supervisor::{Keys, Spec, Supervisor};
+use provision::{Keys, Spec};
+use supervisor::Supervisor;
 
 const TOKEN: &str = "xvtpmd";
 
@@ -84,8 +88,13 @@ fn main() -> anyhow::Result<()> {
     let xen: Arc<dyn Xen> = xvtpm_xen::open(cli.sim.as_deref(), cli.domid).context("cannot reach Xen")?;
     let me = xen.domid();
     let xs = xen.xenstore().context("xenstore")?;
+    // Private: vTPM state and snapshots (the vtpm makes its own directories 0700 too).
     for dir in [&cli.state_root, &cli.snapshot_dir] {
-        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("create {}", dir.display()))?;
     }
     if let Some(parent) = cli.status_file.parent() {
         std::fs::create_dir_all(parent).with_context(|| format!("create {}", parent.display()))?;
@@ -104,7 +113,23 @@ fn main() -> anyhow::Result<()> {
     let root = vtpm_backend_root(me);
     xs.watch(&root, TOKEN).with_context(|| format!("watch {root}"))?;
     log::info!("xvtpmd: domain {me} watching {root}");
-    let mut sup = Supervisor::new(spec, xs.clone(), xs.waker());
+    let mut sup = Supervisor::new(spec, xs.clone(), me, xs.waker());
+    let served = serve(&xs, me, &mut sup, &cli.status_file, stop);
+    log::info!("xvtpmd: stopping every vtpm");
+    sup.stop_all(Duration::from_secs(10));
+    let _ = std::fs::remove_file(&cli.status_file);
+    let _ = xs.unwatch(&root, TOKEN);
+    served
+}
+
+/// The main loop, until a stop signal or a xenstore failure.
+fn serve(
+    xs: &xvtpm_xen::Xenstore,
+    me: u16,
+    sup: &mut Supervisor,
+    status_file: &std::path::Path,
+    stop: &std::sync::atomic::AtomicBool,
+) -> anyhow::Result<()> {
     let mut rescan = true;
     loop {
         while let Ok(exit) = sup.exits.try_recv() {
@@ -112,11 +137,15 @@ fn main() -> anyhow::Result<()> {
         }
         sup.restart_due();
         if rescan {
-            sup.reconcile(&devices::list(&xs, me));
+            // A failed read is never taken for "no devices": the next event rescans.
+            match devices::list(xs, me) {
+                Ok(devices) => sup.reconcile(&devices),
+                Err(e) => log::warn!("cannot list the vtpm devices: {e}; will look again"),
+            }
         }
-        status::write(&cli.status_file, &sup.status());
+        status::write(status_file, &sup.status());
         if stop.load(Ordering::SeqCst) {
-            break;
+            return Ok(());
         }
         // No timeout unless a restart is due: device changes, exits and stop wake us. A burst
         // of changes needs one rescan.
@@ -125,8 +154,4 @@ fn main() -> anyhow::Result<()> {
             rescan = true;
         }
     }
-    log::info!("xvtpmd: stopping every vtpm");
-    sup.stop_all(Duration::from_secs(10));
-    let _ = xs.unwatch(&root, TOKEN);
-    Ok(())
 }

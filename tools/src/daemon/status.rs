@@ -22,8 +22,8 @@ pub struct Status {
     pub state: String,
     /// The vtpm's pid while it runs.
     pub pid: Option<u32>,
-    /// Seconds since it was (re)started.
-    pub uptime_secs: u64,
+    /// When it was last (re)started (seconds since the Unix epoch), while it runs.
+    pub started_unix: Option<u64>,
     /// How often it was restarted.
     pub restarts: u32,
     /// The last thing that went wrong.

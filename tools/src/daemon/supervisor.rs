@@ -1,20 +1,21 @@
-//! One `vtpm serve` per vTPM: started when its device appears, restarted when it dies (after
-//! a pause that doubles while it keeps dying), stopped when its device goes. The vtpm's own
-//! rules decide what a restart under a running guest gets (its snapshot resumed, or the TPM's
-//! failure response): never reset PCRs.
+//! One `vtpm serve` per device: started when its device appears, restarted when it dies (after
+//! a pause that doubles while it keeps dying), stopped when its device's directory goes. The
+//! vtpm's own rules decide what a restart under a running guest gets (its snapshot resumed, or
+//! the TPM's failure response): never reset PCRs.
+//!
+//! Each child is watched by a thread that waits for its end without reaping it, so its pid
+//! stays its own until this (main-loop) side has forgotten it and reaps it.
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
+use std::collections::{HashMap, HashSet};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{Receiver, Sender};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use xvtpm_xen::xenstore::Waker;
 use xvtpm_xen::{DomId, Xenstore};
 
-use xvtpm_vtpmmgr::admin::Admin;
-
-use super::devices::Device;
+use super::devices::{self, Device};
+use super::provision::Spec;
 use super::status::Status;
 
 /// First pause before a restart; it doubles up to [`MAX_BACKOFF`], and starts over once a vtpm
@@ -23,82 +24,46 @@ const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 const STABLE: Duration = Duration::from_secs(60);
 
-/// Where the vTPMs' keys are.
-#[derive(Debug, Clone)]
-pub enum Keys {
-    /// At the manager: its vTPM socket, its admin socket (to provision a vTPM created here)
-    /// and the group new vTPMs go into. Each vTPM's token is in `<root>/<uuid>/token`.
-    Manager {
-        /// The manager's vTPM socket.
-        socket: PathBuf,
-        /// The manager's admin socket.
-        admin: PathBuf,
-        /// The group of the vTPMs created here.
-        group: u32,
+/// A vtpm process ended: its uuid and its start's number.
+pub type Exit = (String, u64);
+
+enum Run {
+    Running {
+        child: Child,
+        since: Instant,
     },
-    /// None: the state is integrity-checked, not encrypted.
-    None,
+    /// To be restarted at `at`.
+    Waiting {
+        at: Instant,
+    },
+    /// SIGTERMed: reaped when its end is reported; started again then if `again`.
+    Stopping {
+        child: Child,
+        again: bool,
+    },
+    /// Closed; retried only if its device goes and comes back.
+    Refused,
 }
-
-/// How every vtpm is run.
-#[derive(Debug, Clone)]
-pub struct Spec {
-    /// The vtpm executable.
-    pub vtpm: PathBuf,
-    /// Each vTPM in `<root>/<uuid>`: `state/`, `token` (keys at the manager), and `made`,
-    /// written last by a create that completed.
-    pub state_root: PathBuf,
-    /// Where the keys are.
-    pub keys: Keys,
-    /// Where the vtpms keep their volatile snapshots.
-    pub snapshot_dir: PathBuf,
-    /// A vTPM with no state here is created (`vtpm create`) rather than refused.
-    pub auto_create: bool,
-    /// Created vTPMs are TPM 1.2.
-    pub tpm12: bool,
-    /// The simulated Xen (its directory) and our domain id there, for tests.
-    pub sim: Option<(PathBuf, DomId)>,
-}
-
-impl Spec {
-    fn vtpm_dir(&self, uuid: &str) -> PathBuf {
-        self.state_root.join(uuid)
-    }
-
-    fn common_args(&self, cmd: &mut Command, uuid: &str) {
-        let dir = self.vtpm_dir(uuid);
-        cmd.arg("--state-dir").arg(dir.join("state"));
-        if let Keys::Manager { socket, .. } = &self.keys {
-            cmd.arg("--manager").arg(format!("unix:{}", socket.display()));
-            cmd.args(["--vtpm-uuid", uuid]).arg("--token-file").arg(dir.join("token"));
-        }
-        if let Some((dir, domid)) = &self.sim {
-            cmd.arg("--sim").arg(dir).args(["--domid", &domid.to_string()]);
-        }
-    }
-}
-
-/// A vtpm process ended: its uuid, its start's number, how it ended.
-pub type Exit = (String, u64, std::io::Result<ExitStatus>);
 
 struct Entry {
     device: Device,
-    pid: Option<u32>,
+    run: Run,
     /// Counts starts: an exit report of an earlier start is stale.
     generation: u64,
-    started: Instant,
+    started_unix: u64,
     restarts: u32,
     backoff: Duration,
-    restart_at: Option<Instant>,
     last_error: Option<String>,
-    refused: bool,
 }
 
 /// The vtpm processes.
 pub struct Supervisor {
     spec: Spec,
     xs: Xenstore,
+    me: DomId,
     entries: HashMap<String, Entry>,
+    /// Devices refused for their own sake (bad or duplicate uuid), so they are closed once.
+    refused_devices: HashSet<(DomId, u32)>,
     exits_tx: Sender<Exit>,
     /// Where exit reports arrive (the main loop drains it).
     pub exits: Receiver<Exit>,
@@ -107,144 +72,209 @@ pub struct Supervisor {
 }
 
 impl Supervisor {
-    /// A supervisor that reports exits through its channel and wakes `wake` for each.
-    pub fn new(spec: Spec, xs: Xenstore, wake: Waker) -> Self {
+    /// A supervisor for domain `me` that reports exits through its channel and wakes `wake`.
+    pub fn new(spec: Spec, xs: Xenstore, me: DomId, wake: Waker) -> Self {
         let (exits_tx, exits) = std::sync::mpsc::channel();
-        Self { spec, xs, entries: HashMap::new(), exits_tx, exits, wake, next_generation: 1 }
+        Self {
+            spec,
+            xs,
+            me,
+            entries: HashMap::new(),
+            refused_devices: HashSet::new(),
+            exits_tx,
+            exits,
+            wake,
+            next_generation: 1,
+        }
     }
 
     /// Brings the processes in line with `devices`: a vtpm for each, none for a device gone.
     pub fn reconcile(&mut self, devices: &[Device]) {
         let mut wanted: HashMap<String, &Device> = HashMap::new();
+        let present: HashSet<(DomId, u32)> = devices.iter().map(Device::key).collect();
+        self.refused_devices.retain(|k| present.contains(k));
         for d in devices {
-            match &d.uuid {
-                Err(why) => log::error!("{}: {why}; not served", d.name()),
-                Ok(u) => {
-                    if let Some(other) = wanted.insert(u.clone(), d) {
-                        log::error!("{} and {} name the same vTPM {u}; serving only the first", other.name(), d.name());
-                        wanted.insert(u.clone(), other);
+            let uuid = match &d.uuid {
+                Ok(u) => u,
+                Err(why) => {
+                    self.refuse_device(d, &format!("{why}; not served"), "the device has no usable uuid");
+                    continue;
+                }
+            };
+            match wanted.get(uuid) {
+                Some(first) if first.key() != d.key() => {
+                    let why = format!(
+                        "{} names the vTPM {uuid} of {} too; two guests never share one",
+                        d.name(),
+                        first.name()
+                    );
+                    self.refuse_device(d, &why, "another device names this vTPM");
+                }
+                _ => {
+                    wanted.insert(uuid.clone(), d);
+                }
+            }
+        }
+        let uuids: Vec<String> = self.entries.keys().cloned().collect();
+        for u in uuids {
+            let moved = match wanted.get(&u) {
+                None => true,
+                Some(d) => self.entries.get(&u).is_some_and(|e| e.device.key() != d.key()),
+            };
+            if moved {
+                self.stop(&u);
+            }
+        }
+        for (u, d) in wanted {
+            match self.entries.get_mut(&u) {
+                None => self.add(&u, d.clone()),
+                Some(e) => {
+                    if let Run::Stopping { again, .. } = &mut e.run {
+                        // Back (or moved) while its old vtpm ends: start once that is reaped.
+                        *again = true;
+                        e.device = d.clone();
+                    } else if matches!(e.run, Run::Refused) {
+                        devices::answer_removal(&self.xs, d, self.me);
                     }
                 }
             }
         }
-        let gone: Vec<String> = self.entries.keys().filter(|u| !wanted.contains_key(*u)).cloned().collect();
-        for u in gone {
-            self.stop(&u);
+        for d in devices.iter().filter(|d| self.refused_devices.contains(&d.key())) {
+            devices::answer_removal(&self.xs, d, self.me);
         }
-        for (u, d) in wanted {
-            if !self.entries.contains_key(&u) {
-                self.add(&u, d.clone());
-            }
+    }
+
+    fn refuse_device(&mut self, d: &Device, why: &str, guest_why: &str) {
+        if self.refused_devices.insert(d.key()) {
+            log::error!("{}: {why}", d.name());
+            devices::refuse(&self.xs, d, guest_why);
         }
     }
 
     fn add(&mut self, uuid: &str, device: Device) {
         let mut e = Entry {
             device,
-            pid: None,
+            run: Run::Refused,
             generation: 0,
-            started: Instant::now(),
+            started_unix: 0,
             restarts: 0,
             backoff: FIRST_BACKOFF,
-            restart_at: None,
             last_error: None,
-            refused: false,
         };
-        match self.prepare(uuid, &e.device) {
-            Ok(()) => self.start(uuid, &mut e),
+        match self.spec.prepare(uuid) {
+            Ok(created) => {
+                if created {
+                    log::info!("{}: created vTPM {uuid}", e.device.name());
+                }
+                self.start(uuid, &mut e);
+            }
             Err(why) => {
-                log::error!("{}: {why}", e.device.name());
-                refuse(&self.xs, &e.device, &why);
-                e.refused = true;
+                log::error!("{}: vTPM {uuid}: {why}", e.device.name());
+                // What the guest may read too: no host paths (the log has them).
+                let guest_why =
+                    format!("no vTPM {uuid} on this host; the administrator can let xvtpmd create it (--auto-create)");
+                devices::refuse(&self.xs, &e.device, &guest_why);
                 e.last_error = Some(why);
             }
         }
         self.entries.insert(uuid.to_string(), e);
     }
 
-    /// The vTPM is there, or made now if allowed.
-    fn prepare(&self, uuid: &str, d: &Device) -> Result<(), String> {
-        let dir = self.spec.vtpm_dir(uuid);
-        if dir.join(MADE).exists() {
-            return Ok(());
-        }
-        if !self.spec.auto_create {
-            return Err(format!(
-                "no vTPM {uuid} on this host (no {}): restart xvtpmd with --auto-create to have it created \
-                 (and provisioned at the manager), or move the vTPM here (`xvtpm migrate`)",
-                dir.display()
-            ));
-        }
-        // A create cut short earlier left a directory without MADE: start over.
-        let _ = std::fs::remove_dir_all(&dir);
-        create(&self.spec, uuid, &dir).inspect_err(|_| {
-            let _ = std::fs::remove_dir_all(&dir);
-        })?;
-        log::info!("{}: created vTPM {uuid} in {}", d.name(), dir.display());
-        Ok(())
-    }
-
     fn start(&mut self, uuid: &str, e: &mut Entry) {
         let mut cmd = Command::new(&self.spec.vtpm);
-        cmd.args(["serve", "--uuid", uuid]);
-        self.spec.common_args(&mut cmd, uuid);
+        // This device only: a second device naming the same uuid is never served by it.
+        cmd.args(["serve", "--frontend", &e.device.frontend.to_string(), "--handle", &e.device.handle.to_string()]);
+        self.spec.state_args(&mut cmd, uuid);
         cmd.arg("--snapshot-dir").arg(&self.spec.snapshot_dir).stdin(Stdio::null());
         let generation = self.next_generation;
         self.next_generation += 1;
         e.generation = generation;
-        e.started = Instant::now();
-        e.restart_at = None;
         match cmd.spawn() {
-            Ok(mut child) => {
-                e.pid = Some(child.id());
-                log::info!("{}: vtpm for {uuid} started (pid {})", e.device.name(), child.id());
+            Ok(child) => {
+                let pid = child.id();
+                log::info!("{}: vtpm for {uuid} started (pid {pid})", e.device.name());
+                e.started_unix =
+                    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+                e.run = Run::Running { child, since: Instant::now() };
                 let (tx, wake, u) = (self.exits_tx.clone(), self.wake.clone(), uuid.to_string());
-                // The thread owns the child and reaps it; the main loop hears of it at once.
-                let spawned = std::thread::Builder::new().name("vtpm-reaper".into()).spawn(move || {
-                    let status = child.wait();
-                    if tx.send((u, generation, status)).is_ok() {
+                let watched = std::thread::Builder::new().name("vtpm-watch".into()).spawn(move || {
+                    if let Err(err) = xvtpm_vtpm::sys::child::wait_exited(pid) {
+                        log::error!("cannot wait for vtpm pid {pid}: {err}");
+                    }
+                    if tx.send((u, generation)).is_ok() {
                         wake.wake();
                     }
                 });
-                if let Err(err) = spawned {
+                if let Err(err) = watched {
+                    // Unwatched, its end would go unseen: end it now and retry later.
                     log::error!("{}: cannot watch the vtpm process: {err}", e.device.name());
+                    if let Run::Running { mut child, .. } = std::mem::replace(&mut e.run, Run::Refused) {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                    }
+                    self.schedule_restart(e, format!("cannot watch the vtpm: {err}"));
                 }
             }
             Err(err) => {
                 let why = format!("cannot start {}: {err}", self.spec.vtpm.display());
                 log::error!("{}: {why}", e.device.name());
-                e.last_error = Some(why);
-                e.pid = None;
-                schedule_restart(e);
+                self.schedule_restart(e, why);
             }
         }
     }
 
-    /// A vtpm ended: restart it later if its device is still there.
-    pub fn exited(&mut self, (uuid, generation, status): Exit) {
-        let Some(e) = self.entries.get_mut(&uuid).filter(|e| e.generation == generation) else { return };
-        let how = match status {
-            Ok(s) => s.to_string(),
-            Err(err) => format!("cannot be waited for: {err}"),
-        };
-        if e.started.elapsed() >= STABLE {
-            e.backoff = FIRST_BACKOFF;
+    fn schedule_restart(&self, e: &mut Entry, why: String) {
+        e.last_error = Some(why);
+        e.run = Run::Waiting { at: Instant::now() + e.backoff };
+        e.backoff = (e.backoff * 2).min(MAX_BACKOFF);
+    }
+
+    /// A vtpm ended: reap it, then restart it later (its device is still there) or start it
+    /// anew (it was stopped for a device that came back).
+    pub fn exited(&mut self, (uuid, generation): Exit) {
+        let Some(mut e) = self.entries.remove(&uuid) else { return };
+        if e.generation != generation {
+            self.entries.insert(uuid, e);
+            return;
         }
-        log::warn!(
-            "{}: vtpm for {uuid} (pid {:?}) ended ({how}); restarting in {:?}",
-            e.device.name(),
-            e.pid,
-            e.backoff
-        );
-        e.last_error = Some(format!("vtpm ended: {how}"));
-        e.pid = None;
-        e.restarts += 1;
-        schedule_restart(e);
+        match std::mem::replace(&mut e.run, Run::Refused) {
+            Run::Running { mut child, since } => {
+                let how = describe(child.wait());
+                if since.elapsed() >= STABLE {
+                    e.backoff = FIRST_BACKOFF;
+                }
+                log::warn!(
+                    "{}: vtpm for {uuid} (pid {}) ended ({how}); restarting in {:?}",
+                    e.device.name(),
+                    child.id(),
+                    e.backoff
+                );
+                e.restarts += 1;
+                self.schedule_restart(&mut e, format!("vtpm ended: {how}"));
+                self.entries.insert(uuid, e);
+            }
+            Run::Stopping { mut child, again } => {
+                let how = describe(child.wait());
+                log::info!("{}: vtpm for {uuid} stopped ({how})", e.device.name());
+                if again {
+                    self.start(&uuid, &mut e);
+                    self.entries.insert(uuid, e);
+                }
+            }
+            other => {
+                e.run = other;
+                self.entries.insert(uuid, e);
+            }
+        }
     }
 
     /// How long until the next restart is due.
     pub fn next_due(&self) -> Option<Duration> {
-        self.entries.values().filter_map(|e| e.restart_at).min().map(|t| t.saturating_duration_since(Instant::now()))
+        let at = self.entries.values().filter_map(|e| match e.run {
+            Run::Waiting { at } => Some(at),
+            _ => None,
+        });
+        at.min().map(|t| t.saturating_duration_since(Instant::now()))
     }
 
     /// Restarts the vtpms whose pause is over.
@@ -253,7 +283,7 @@ impl Supervisor {
         let due: Vec<String> = self
             .entries
             .iter()
-            .filter(|(_, e)| e.restart_at.is_some_and(|t| t <= now))
+            .filter(|(_, e)| matches!(e.run, Run::Waiting { at } if at <= now))
             .map(|(u, _)| u.clone())
             .collect();
         for u in due {
@@ -264,31 +294,49 @@ impl Supervisor {
         }
     }
 
+    /// Its device is gone (or moved): SIGTERM its vtpm (reaped when its end is reported).
     fn stop(&mut self, uuid: &str) {
-        if let Some(e) = self.entries.remove(uuid) {
-            if let Some(pid) = e.pid {
-                log::info!("{}: device gone; stopping the vtpm for {uuid} (pid {pid})", e.device.name());
-                terminate(pid);
+        let Some(mut e) = self.entries.remove(uuid) else { return };
+        match std::mem::replace(&mut e.run, Run::Refused) {
+            Run::Running { child, .. } => {
+                log::info!("{}: device gone; stopping the vtpm for {uuid} (pid {})", e.device.name(), child.id());
+                terminate(&child);
+                e.run = Run::Stopping { child, again: false };
+                self.entries.insert(uuid.to_string(), e);
             }
+            Run::Stopping { child, .. } => {
+                e.run = Run::Stopping { child, again: false };
+                self.entries.insert(uuid.to_string(), e);
+            }
+            // Nothing runs: forget it.
+            Run::Waiting { .. } | Run::Refused => {}
         }
     }
 
     /// Stops every vtpm (the daemon is stopping): SIGTERM, which lets each save its snapshot,
-    /// and up to `grace` for them to end.
+    /// up to `grace` for them to end, then SIGKILL.
     pub fn stop_all(&mut self, grace: Duration) {
-        let pids: Vec<u32> = self.entries.values().filter_map(|e| e.pid).collect();
-        for pid in &pids {
-            terminate(*pid);
+        let uuids: Vec<String> = self.entries.keys().cloned().collect();
+        for u in &uuids {
+            self.stop(u);
+            if let Some(Run::Stopping { again, .. }) = self.entries.get_mut(u).map(|e| &mut e.run) {
+                *again = false;
+            }
         }
         let end = Instant::now() + grace;
-        let mut left = pids.len();
-        while left > 0 {
+        while self.entries.values().any(|e| matches!(e.run, Run::Stopping { .. })) {
             match self.exits.recv_timeout(end.saturating_duration_since(Instant::now())) {
-                Ok(_) => left -= 1,
+                Ok(exit) => self.exited(exit),
                 Err(_) => break,
             }
         }
-        self.entries.clear();
+        for (u, e) in self.entries.drain() {
+            if let Run::Stopping { mut child, .. } = e.run {
+                log::warn!("{}: vtpm for {u} did not stop in {grace:?}; killing it", e.device.name());
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
     }
 
     /// Every vTPM served, for `xvtpm status`.
@@ -296,22 +344,23 @@ impl Supervisor {
         let mut out: Vec<Status> = self
             .entries
             .iter()
-            .map(|(u, e)| Status {
-                uuid: u.clone(),
-                guest: e.device.frontend,
-                handle: e.device.handle,
-                state: if e.refused {
-                    "refused"
-                } else if e.pid.is_some() {
-                    "running"
-                } else {
-                    "restarting"
+            .map(|(u, e)| {
+                let (state, pid) = match &e.run {
+                    Run::Running { child, .. } => ("running", Some(child.id())),
+                    Run::Waiting { .. } => ("restarting", None),
+                    Run::Stopping { child, .. } => ("stopping", Some(child.id())),
+                    Run::Refused => ("refused", None),
+                };
+                Status {
+                    uuid: u.clone(),
+                    guest: e.device.frontend,
+                    handle: e.device.handle,
+                    state: state.into(),
+                    pid,
+                    started_unix: pid.map(|_| e.started_unix),
+                    restarts: e.restarts,
+                    last_error: e.last_error.clone(),
                 }
-                .into(),
-                pid: e.pid,
-                uptime_secs: e.pid.map(|_| e.started.elapsed().as_secs()).unwrap_or(0),
-                restarts: e.restarts,
-                last_error: e.last_error.clone(),
             })
             .collect();
         out.sort_by_key(|s| (s.guest, s.handle));
@@ -319,83 +368,16 @@ impl Supervisor {
     }
 }
 
-/// Written last into a vTPM's directory by a create that completed.
-const MADE: &str = "made";
-
-/// Creates vTPM `uuid` in `dir`: its token provisioned at the manager (keys at the manager),
-/// then its state (`vtpm create`), then [`MADE`]. A failure after provisioning deletes the
-/// vTPM at the manager again.
-fn create(spec: &Spec, uuid: &str, dir: &Path) -> Result<(), String> {
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-    std::fs::DirBuilder::new()
-        .mode(0o700)
-        .recursive(true)
-        .create(dir.join("state"))
-        .map_err(|e| format!("create {}: {e}", dir.display()))?;
-    let mut provisioned = None;
-    if let Keys::Manager { admin, group, .. } = &spec.keys {
-        let token: [u8; 32] = rand::random();
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(dir.join("token"))
-            .and_then(|mut f| std::io::Write::write_all(&mut f, &token))
-            .map_err(|e| format!("write the token: {e}"))?;
-        let id = xvtpm_proto::Uuid::parse(uuid).map_err(|e| e.to_string())?.0;
-        let mut a =
-            Admin::connect(admin).map_err(|e| format!("the manager's admin socket {}: {e}", admin.display()))?;
-        a.provision(Some(id), *group, Some(&token)).map_err(|e| format!("provisioning at the manager: {e}"))?;
-        provisioned = Some((id, admin.clone()));
-    }
-    let made = (|| {
-        let mut cmd = Command::new(&spec.vtpm);
-        cmd.arg("create");
-        spec.common_args(&mut cmd, uuid);
-        if spec.tpm12 {
-            cmd.arg("--tpm1.2");
-        }
-        let out = cmd.stdin(Stdio::null()).output().map_err(|e| format!("run {}: {e}", spec.vtpm.display()))?;
-        if !out.status.success() {
-            return Err(format!("vtpm create failed: {}", String::from_utf8_lossy(&out.stderr).trim()));
-        }
-        std::fs::write(dir.join(MADE), b"").map_err(|e| format!("write {MADE}: {e}"))
-    })();
-    if made.is_err() {
-        if let Some((id, admin)) = provisioned {
-            if let Err(e) = Admin::connect(&admin).and_then(|mut a| a.delete(&id)) {
-                log::warn!("vTPM {uuid}: could not delete it at the manager again: {e}");
-            }
-        }
-    }
-    made
-}
-
-fn schedule_restart(e: &mut Entry) {
-    e.restart_at = Some(Instant::now() + e.backoff);
-    e.backoff = (e.backoff * 2).min(MAX_BACKOFF);
-}
-
-/// SIGTERM to a vtpm we started. Its pid is forgotten as soon as its exit is reported, so only
-/// an exit not yet reported (a moment's window) could leave the pid to be reused.
-fn terminate(pid: u32) {
-    if let Err(e) = xvtpm_vtpm::sys::signals::terminate(pid) {
-        log::debug!("SIGTERM to {pid}: {e}");
+fn describe(status: std::io::Result<ExitStatus>) -> String {
+    match status {
+        Ok(s) => s.to_string(),
+        Err(err) => format!("cannot be reaped: {err}"),
     }
 }
 
-/// Closes a device we will not serve, with the reason where the toolstack and the guest can
-/// see it (as a backend that refuses a device does).
-fn refuse(xs: &Xenstore, d: &Device, why: &str) {
-    let be = &d.be_path;
-    let r = xs.transaction(|tx| {
-        if xs.try_read(tx, &format!("{be}/state"))?.is_none() {
-            return Ok(());
-        }
-        xs.write(tx, &format!("{be}/error"), why.as_bytes())?;
-        xs.write(tx, &format!("{be}/state"), b"6")
-    });
-    if let Err(e) = r {
-        log::warn!("{}: cannot write the error to {be}: {e}", d.name());
+/// SIGTERM to a vtpm we have not reaped: its pid is still its own.
+fn terminate(child: &Child) {
+    if let Err(e) = xvtpm_vtpm::sys::signals::terminate(child.id()) {
+        log::debug!("SIGTERM to {}: {e}", child.id());
     }
 }

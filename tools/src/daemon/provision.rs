@@ -1,0 +1,158 @@
+//! Where each vTPM lives (`<state-root>/<uuid>`: `state/`, `token` when its key is at the
+//! manager, and `made`, written last by a create that completed) and making one on first use.
+//! A create cut short (the daemon killed, the manager unreachable) leaves `creating`, so the
+//! next try knows the directory is its own to undo; a directory without either marker is not
+//! xvtpmd's and is never touched.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use xvtpm_vtpmmgr::admin::Admin;
+
+/// Where the vTPMs' keys are.
+#[derive(Debug, Clone)]
+pub enum Keys {
+    /// At the manager: its vTPM socket, its admin socket (to provision a vTPM created here)
+    /// and the group new vTPMs go into. Each vTPM's token is in `<root>/<uuid>/token`.
+    Manager {
+        /// The manager's vTPM socket.
+        socket: PathBuf,
+        /// The manager's admin socket.
+        admin: PathBuf,
+        /// The group of the vTPMs created here.
+        group: u32,
+    },
+    /// None: the state is integrity-checked, not encrypted.
+    None,
+}
+
+/// How every vtpm is made and run.
+#[derive(Debug, Clone)]
+pub struct Spec {
+    /// The vtpm executable.
+    pub vtpm: PathBuf,
+    /// Each vTPM in `<root>/<uuid>`.
+    pub state_root: PathBuf,
+    /// Where the keys are.
+    pub keys: Keys,
+    /// Where the vtpms keep their volatile snapshots.
+    pub snapshot_dir: PathBuf,
+    /// A vTPM with no state here is created rather than refused.
+    pub auto_create: bool,
+    /// Created vTPMs are TPM 1.2.
+    pub tpm12: bool,
+    /// The simulated Xen (its directory) and our domain id there, for tests.
+    pub sim: Option<(PathBuf, u16)>,
+}
+
+const MADE: &str = "made";
+const CREATING: &str = "creating";
+
+impl Spec {
+    /// The vTPM's directory.
+    pub fn vtpm_dir(&self, uuid: &str) -> PathBuf {
+        self.state_root.join(uuid)
+    }
+
+    /// The arguments that name the vTPM's state and key, for `vtpm create` and `vtpm serve`.
+    pub fn state_args(&self, cmd: &mut Command, uuid: &str) {
+        let dir = self.vtpm_dir(uuid);
+        cmd.arg("--state-dir").arg(dir.join("state"));
+        if let Keys::Manager { socket, .. } = &self.keys {
+            cmd.arg("--manager").arg(format!("unix:{}", socket.display()));
+            cmd.args(["--vtpm-uuid", uuid]).arg("--token-file").arg(dir.join("token"));
+        }
+        if let Some((dir, domid)) = &self.sim {
+            cmd.arg("--sim").arg(dir).args(["--domid", &domid.to_string()]);
+        }
+    }
+
+    /// The vTPM is here, or made now if allowed. `Err`: for the log (host paths included).
+    pub fn prepare(&self, uuid: &str) -> Result<bool, String> {
+        let dir = self.vtpm_dir(uuid);
+        if dir.join(MADE).exists() {
+            return Ok(false);
+        }
+        if dir.exists() && !dir.join(CREATING).exists() {
+            return Err(format!("{} exists but xvtpmd did not make it (no {MADE}); not touching it", dir.display()));
+        }
+        if !self.auto_create {
+            return Err(format!("no vTPM here ({} does not exist) and --auto-create is off", dir.display()));
+        }
+        if dir.exists() {
+            log::warn!("vTPM {uuid}: an earlier create was cut short; undoing it");
+            self.undo(uuid, &dir)?;
+        }
+        self.create(uuid, &dir).map(|()| true)
+    }
+
+    /// Creates vTPM `uuid` in `dir`: the marker, its token provisioned at the manager (keys
+    /// at the manager), its state (`vtpm create`), then [`MADE`]. A failure undoes it all.
+    fn create(&self, uuid: &str, dir: &Path) -> Result<(), String> {
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .recursive(true)
+            .create(dir.join("state"))
+            .map_err(|e| format!("create {}: {e}", dir.display()))?;
+        durable_file(&dir.join(CREATING), b"")?;
+        let made = self.create_inside(uuid, dir);
+        if made.is_err() {
+            if let Err(e) = self.undo(uuid, dir) {
+                log::error!("vTPM {uuid}: {e}");
+            }
+        }
+        made
+    }
+
+    fn create_inside(&self, uuid: &str, dir: &Path) -> Result<(), String> {
+        if let Keys::Manager { admin, group, .. } = &self.keys {
+            let token: [u8; 32] = rand::random();
+            durable_file(&dir.join("token"), &token)?;
+            let id = xvtpm_proto::Uuid::parse(uuid).map_err(|e| e.to_string())?.0;
+            let mut a =
+                Admin::connect(admin).map_err(|e| format!("the manager's admin socket {}: {e}", admin.display()))?;
+            a.provision(Some(id), *group, Some(&token)).map_err(|e| format!("provisioning at the manager: {e}"))?;
+        }
+        let mut cmd = Command::new(&self.vtpm);
+        cmd.arg("create");
+        self.state_args(&mut cmd, uuid);
+        if self.tpm12 {
+            cmd.arg("--tpm1.2");
+        }
+        let out = cmd.stdin(Stdio::null()).output().map_err(|e| format!("run {}: {e}", self.vtpm.display()))?;
+        if !out.status.success() {
+            return Err(format!("vtpm create failed: {}", String::from_utf8_lossy(&out.stderr).trim()));
+        }
+        durable_file(&dir.join(MADE), b"")?;
+        let _ = fs::remove_file(dir.join(CREATING));
+        Ok(())
+    }
+
+    /// Removes what a create made: the vTPM at the manager (if it was provisioned; its token
+    /// is the proof), then the directory. If the manager cannot be told, the directory stays
+    /// (with its token) for the next try.
+    fn undo(&self, uuid: &str, dir: &Path) -> Result<(), String> {
+        if let (Keys::Manager { admin, .. }, true) = (&self.keys, dir.join("token").exists()) {
+            let id = xvtpm_proto::Uuid::parse(uuid).map_err(|e| e.to_string())?.0;
+            match Admin::connect(admin).and_then(|mut a| a.delete(&id)) {
+                Ok(()) | Err(xvtpm_vtpmmgr::Error::UnknownVtpm(_) | xvtpm_vtpmmgr::Error::NotFound(_)) => {}
+                Err(e) => {
+                    return Err(format!("could not delete it at the manager again ({e}); {} kept", dir.display()))
+                }
+            }
+        }
+        fs::remove_dir_all(dir).map_err(|e| format!("remove {}: {e}", dir.display()))
+    }
+}
+
+/// Writes a file (mode 0600) and makes it and its name durable.
+fn durable_file(path: &Path, data: &[u8]) -> Result<(), String> {
+    let err = |e: std::io::Error| format!("write {}: {e}", path.display());
+    let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(err)?;
+    f.write_all(data).and_then(|()| f.sync_all()).map_err(err)?;
+    let parent = path.parent().unwrap_or(Path::new("."));
+    fs::File::open(parent).and_then(|d| d.sync_all()).map_err(|e| format!("sync {}: {e}", parent.display()))
+}
