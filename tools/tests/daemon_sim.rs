@@ -253,13 +253,17 @@ fn manager(dir: &Path) -> (xvtpm_tests::swtpm::SwtpmProcess, PathBuf, PathBuf) {
 }
 
 #[test]
-fn with_the_manager_a_vtpm_is_provisioned_there_and_keeps_no_key_on_disk() {
+fn with_the_manager_from_the_configuration_a_vtpm_is_provisioned_there_and_keeps_no_key_on_disk() {
     let host = SimHost::temp().expect("sim");
     let dir = host.dir().join("host");
     std::fs::create_dir_all(&dir).expect("dir");
     let (_tpm, vtpm_sock, admin_sock) = manager(&dir);
     let (vs, asock) = (vtpm_sock.to_str().expect("utf-8"), admin_sock.to_str().expect("utf-8"));
-    let d = Daemon::start_with(&host, &dir, true, &["--manager-socket", vs, "--admin-socket", asock]);
+    // Set up through the configuration file, as a packaged service is.
+    let config = dir.join("xvtpmd.toml");
+    std::fs::write(&config, format!("auto-create = true\nmanager-socket = {vs:?}\nadmin-socket = {asock:?}\n"))
+        .expect("config");
+    let d = Daemon::start_with(&host, &dir, false, &["--config", config.to_str().expect("utf-8")]);
     guest(&host);
     let pid = d.running_pid(None);
     let v = dir.join("vtpms").join(UUID);

@@ -2,6 +2,7 @@
 //! per-guest command: a `vtpm serve` per vTPM, started when its device appears, restarted when
 //! it dies, stopped when its device goes.
 
+mod config;
 mod devices;
 mod provision;
 mod status;
@@ -24,43 +25,47 @@ use supervisor::Supervisor;
 
 const TOKEN: &str = "xvtpmd";
 
-/// Serve every vtpm device of this domain.
+/// Serve every vtpm device of this domain. Options given here override the configuration file.
 #[derive(Parser)]
 #[command(version)]
 struct Cli {
-    /// The vtpm executable.
-    #[arg(long, value_name = "PATH", default_value = "/usr/bin/vtpm")]
-    vtpm: PathBuf,
-    /// Each vTPM's state lives in `<DIR>/<uuid>`.
-    #[arg(long, value_name = "DIR", default_value = "/var/lib/xvtpm/vtpms")]
-    state_root: PathBuf,
+    /// The configuration file (TOML; its keys are these options' names). Default:
+    /// /etc/xvtpm/xvtpmd.toml if it exists.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// The vtpm executable [default: /usr/bin/vtpm].
+    #[arg(long, value_name = "PATH")]
+    vtpm: Option<PathBuf>,
+    /// Each vTPM's state lives in `<DIR>/<uuid>` [default: /var/lib/xvtpm/vtpms].
+    #[arg(long, value_name = "DIR")]
+    state_root: Option<PathBuf>,
     /// Where the vtpms keep the volatile snapshots that let a restarted vtpm resume its guest's
-    /// TPM (memory-backed storage is enough).
-    #[arg(long, value_name = "DIR", default_value = xvtpm_vtpm::snapshot::DEFAULT_DIR)]
-    snapshot_dir: PathBuf,
+    /// TPM (memory-backed storage is enough) [default: /run/xvtpm/snapshots].
+    #[arg(long, value_name = "DIR")]
+    snapshot_dir: Option<PathBuf>,
     /// Create a vTPM the first time its device appears, instead of refusing the device.
     #[arg(long)]
     auto_create: bool,
     /// The manager's vTPM socket: every vTPM's key is kept there (each vtpm binds with its own
-    /// token, in `<state-root>/<uuid>/token`).
-    #[arg(long, value_name = "PATH", requires = "admin_socket")]
+    /// token, in `<state-root>/<uuid>/token`). Needs --admin-socket.
+    #[arg(long, value_name = "PATH")]
     manager_socket: Option<PathBuf>,
     /// The manager's admin socket: where vTPMs created here are provisioned.
-    #[arg(long, value_name = "PATH", requires = "manager_socket")]
+    #[arg(long, value_name = "PATH")]
     admin_socket: Option<PathBuf>,
-    /// The manager's group that vTPMs created here go into.
-    #[arg(long, default_value_t = 0, requires = "manager_socket")]
-    group: u32,
+    /// The manager's group that vTPMs created here go into [default: 0].
+    #[arg(long)]
+    group: Option<u32>,
     /// Serve vTPMs without keys (no manager): their state is integrity-checked, not
     /// encrypted.
-    #[arg(long, conflicts_with = "manager_socket")]
+    #[arg(long)]
     insecure_keyless: bool,
-    /// vTPMs created are TPM 1.2 (default TPM 2.0).
+    /// vTPMs created are TPM 1.2 (default TPM 2.0; `tpm-version` in the file).
     #[arg(long = "tpm1.2")]
     tpm12: bool,
-    /// Where to write what `xvtpm status` shows (JSON).
-    #[arg(long, value_name = "FILE", default_value = status::DEFAULT_PATH)]
-    status_file: PathBuf,
+    /// Where to write what `xvtpm status` shows (JSON) [default: /run/xvtpm/xvtpmd.json].
+    #[arg(long, value_name = "FILE")]
+    status_file: Option<PathBuf>,
     /// Use the simulated Xen in this directory instead of /dev/xen and xenstored.
     #[arg(long, value_name = "DIR", requires = "domid")]
     sim: Option<PathBuf>,
@@ -72,40 +77,51 @@ struct Cli {
 fn main() -> anyhow::Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
-    let keys = match (cli.manager_socket, cli.admin_socket) {
-        (Some(socket), Some(admin)) => Keys::Manager { socket, admin, group: cli.group },
-        _ if cli.insecure_keyless => {
+    let file = config::File::load(cli.config.as_deref())?;
+    let manager = (cli.manager_socket.or(file.manager_socket), cli.admin_socket.or(file.admin_socket));
+    let keyless = cli.insecure_keyless || file.insecure_keyless.unwrap_or(false);
+    let keys = match manager {
+        (Some(_), Some(_)) if keyless => anyhow::bail!("a manager and insecure-keyless: choose one"),
+        (Some(socket), Some(admin)) => Keys::Manager { socket, admin, group: cli.group.or(file.group).unwrap_or(0) },
+        (Some(_), None) | (None, Some(_)) => {
+            anyhow::bail!("the manager needs both its sockets (manager-socket, admin-socket)")
+        }
+        (None, None) if keyless => {
             log::warn!(
-                "serving vTPMs without keys (--insecure-keyless): their state is integrity-checked, not encrypted"
+                "serving vTPMs without keys (insecure-keyless): their state is integrity-checked, not encrypted"
             );
             Keys::None
         }
-        _ => anyhow::bail!(
-            "where are the vTPMs' keys? Give the manager (--manager-socket and --admin-socket), or \
-             --insecure-keyless for vTPMs whose state is integrity-checked but not encrypted"
+        (None, None) => anyhow::bail!(
+            "where are the vTPMs' keys? Give the manager (manager-socket and admin-socket), or \
+             insecure-keyless for vTPMs whose state is integrity-checked but not encrypted"
         ),
     };
+    let state_root = cli.state_root.or(file.state_root).unwrap_or_else(|| PathBuf::from("/var/lib/xvtpm/vtpms"));
+    let snapshot_dir =
+        cli.snapshot_dir.or(file.snapshot_dir).unwrap_or_else(|| PathBuf::from(xvtpm_vtpm::snapshot::DEFAULT_DIR));
+    let status_file = cli.status_file.or(file.status_file).unwrap_or_else(|| PathBuf::from(status::DEFAULT_PATH));
     let xen: Arc<dyn Xen> = xvtpm_xen::open(cli.sim.as_deref(), cli.domid).context("cannot reach Xen")?;
     let me = xen.domid();
     let xs = xen.xenstore().context("xenstore")?;
     // Private: vTPM state and snapshots (the vtpm makes its own directories 0700 too).
-    for dir in [&cli.state_root, &cli.snapshot_dir] {
+    for dir in [&state_root, &snapshot_dir] {
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(dir)
             .with_context(|| format!("create {}", dir.display()))?;
     }
-    if let Some(parent) = cli.status_file.parent() {
+    if let Some(parent) = status_file.parent() {
         std::fs::create_dir_all(parent).with_context(|| format!("create {}", parent.display()))?;
     }
     let spec = Spec {
-        vtpm: cli.vtpm,
-        state_root: cli.state_root,
+        vtpm: cli.vtpm.or(file.vtpm).unwrap_or_else(|| PathBuf::from("/usr/bin/vtpm")),
+        state_root,
         keys,
-        snapshot_dir: cli.snapshot_dir,
-        auto_create: cli.auto_create,
-        tpm12: cli.tpm12,
+        snapshot_dir,
+        auto_create: cli.auto_create || file.auto_create.unwrap_or(false),
+        tpm12: cli.tpm12 || file.tpm_version == Some(config::TpmVersion::V12),
         sim: cli.sim.map(|d| (d, me)),
     };
     let waker = xs.waker();
@@ -114,10 +130,10 @@ fn main() -> anyhow::Result<()> {
     xs.watch(&root, TOKEN).with_context(|| format!("watch {root}"))?;
     log::info!("xvtpmd: domain {me} watching {root}");
     let mut sup = Supervisor::new(spec, xs.clone(), me, xs.waker());
-    let served = serve(&xs, me, &mut sup, &cli.status_file, stop);
+    let served = serve(&xs, me, &mut sup, &status_file, stop);
     log::info!("xvtpmd: stopping every vtpm");
     sup.stop_all(Duration::from_secs(10));
-    let _ = std::fs::remove_file(&cli.status_file);
+    let _ = std::fs::remove_file(&status_file);
     let _ = xs.unwatch(&root, TOKEN);
     served
 }
