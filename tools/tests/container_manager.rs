@@ -3,32 +3,14 @@
 //! manager and leaves no key file; destroying deletes it there; a failed create leaves
 //! nothing behind at either end. (Serving needs /dev/vtpmx: `container_vm.rs`.)
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use std::sync::{Arc, Mutex};
+mod common;
 
-use xvtpm_tests::swtpm::SwtpmProcess;
-use xvtpm_tis::swtpm::{Address, Swtpm};
-use xvtpm_tis::Family;
-use xvtpm_vtpmmgr::manager::{InitConfig, Manager};
-use xvtpm_vtpmmgr::server;
-use xvtpm_vtpmmgr::store::dev::FileDev;
+use std::path::Path;
+use std::process::{Command, Output};
+
+use common::manager;
 
 const XVTPM: &str = env!("CARGO_BIN_EXE_xvtpm");
-
-/// A manager serving its vTPM socket and its admin socket.
-fn manager(dir: &Path) -> (SwtpmProcess, PathBuf, PathBuf) {
-    let p = SwtpmProcess::start(&dir.join("tpm"), true).expect("swtpm (apt-get install swtpm)");
-    let tpm =
-        Swtpm::connect(&Address::Unix(p.data.clone()), &Address::Unix(p.ctrl.clone()), Family::Tpm20).expect("connect");
-    let dev = FileDev::open(&dir.join("mgr.img"), true).expect("store");
-    let m = Manager::init(dev, Box::new(tpm), &InitConfig { pcrs: vec![0], ..InitConfig::default() }).expect("init");
-    let m = Arc::new(Mutex::new(m));
-    let (vtpm_sock, admin_sock) = (dir.join("mgr.sock"), dir.join("admin.sock"));
-    server::serve_unix(m.clone(), &vtpm_sock, false, 16).expect("vTPM socket");
-    server::serve_unix(m, &admin_sock, true, 16).expect("admin socket");
-    (p, vtpm_sock, admin_sock)
-}
 
 fn run(root: &Path, args: &[&str]) -> Output {
     run_with(root, &xvtpm_tests::bins::vtpm_and_vtpmmgr(XVTPM).join("vtpm"), args)

@@ -3,6 +3,8 @@
 //! device goes; a vTPM the host does not have is refused, saying how to have it created; with
 //! the manager, the vTPM is provisioned there and no key is left on disk.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -10,7 +12,7 @@ use std::time::{Duration, Instant};
 use xvtpm_frontend::{Frontend, FrontendConfig};
 use xvtpm_tests::tpm2::{pcr_extend_sha256, pcr_read_sha256, rc};
 use xvtpm_xen::sim::{toolstack, SimHost};
-use xvtpm_xen::{TxId, Xen};
+use xvtpm_xen::{TxId, Xen, XenbusState};
 
 const XVTPM: &str = env!("CARGO_BIN_EXE_xvtpm");
 const XVTPMD: &str = env!("CARGO_BIN_EXE_xvtpmd");
@@ -193,11 +195,8 @@ fn a_vtpm_this_host_does_not_have_is_refused_saying_how_to_create_it() {
     guest(&host);
     let xs = host.xen(0).xenstore().expect("xs");
     let be = format!("/local/domain/0/backend/vtpm/{GUEST}/0");
-    let end = Instant::now() + Duration::from_secs(15);
-    while xs.try_read(TxId::NONE, &format!("{be}/state")).expect("read").as_deref() != Some(b"6") {
-        assert!(Instant::now() < end, "device not closed:\n{}", d.log());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let closed = toolstack::wait_for_state(&xs, &format!("{be}/state"), XenbusState::Closed, Duration::from_secs(15));
+    assert!(closed, "device not closed:\n{}", d.log());
     let error = String::from_utf8(xs.read(TxId::NONE, &format!("{be}/error")).expect("error")).expect("utf-8");
     assert!(error.contains(UUID) && error.contains("--auto-create"), "{error}");
     assert!(d.log().contains(&format!("guest {GUEST} vtpm 0: vTPM {UUID}: no vTPM here")), "{}", d.log());
@@ -219,11 +218,8 @@ fn a_second_device_naming_the_same_vtpm_is_refused() {
     toolstack::add_domain(&xs, 6, "copycat").expect("guest");
     toolstack::add_vtpm(&xs, 6, 0, 0, UUID).expect("the same uuid");
     let be = "/local/domain/0/backend/vtpm/6/0";
-    let end = Instant::now() + Duration::from_secs(15);
-    while xs.try_read(TxId::NONE, &format!("{be}/state")).expect("read").as_deref() != Some(b"6") {
-        assert!(Instant::now() < end, "second device not closed:\n{}", d.log());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let closed = toolstack::wait_for_state(&xs, &format!("{be}/state"), XenbusState::Closed, Duration::from_secs(15));
+    assert!(closed, "second device not closed:\n{}", d.log());
     let error = String::from_utf8(xs.read(TxId::NONE, &format!("{be}/error")).expect("error")).expect("utf-8");
     assert!(error.contains("another device names this vTPM"), "{error}");
     let s = d.status();
@@ -235,29 +231,12 @@ fn a_second_device_naming_the_same_vtpm_is_refused() {
     fe.close().expect("close");
 }
 
-/// A manager serving its vTPM socket and its admin socket (in this process, on swtpm).
-fn manager(dir: &Path) -> (xvtpm_tests::swtpm::SwtpmProcess, PathBuf, PathBuf) {
-    use std::sync::{Arc, Mutex};
-    use xvtpm_tis::swtpm::{Address, Swtpm};
-    use xvtpm_vtpmmgr::manager::{InitConfig, Manager};
-    let p = xvtpm_tests::swtpm::SwtpmProcess::start(&dir.join("tpm"), true).expect("swtpm");
-    let tpm = Swtpm::connect(&Address::Unix(p.data.clone()), &Address::Unix(p.ctrl.clone()), xvtpm_tis::Family::Tpm20)
-        .expect("connect");
-    let dev = xvtpm_vtpmmgr::store::dev::FileDev::open(&dir.join("mgr.img"), true).expect("store");
-    let m = Manager::init(dev, Box::new(tpm), &InitConfig { pcrs: vec![0], ..InitConfig::default() }).expect("init");
-    let m = Arc::new(Mutex::new(m));
-    let (vtpm_sock, admin_sock) = (dir.join("mgr.sock"), dir.join("admin.sock"));
-    xvtpm_vtpmmgr::server::serve_unix(m.clone(), &vtpm_sock, false, 16).expect("vTPM socket");
-    xvtpm_vtpmmgr::server::serve_unix(m, &admin_sock, true, 16).expect("admin socket");
-    (p, vtpm_sock, admin_sock)
-}
-
 #[test]
 fn with_the_manager_from_the_configuration_a_vtpm_is_provisioned_there_and_keeps_no_key_on_disk() {
     let host = SimHost::temp().expect("sim");
     let dir = host.dir().join("host");
     std::fs::create_dir_all(&dir).expect("dir");
-    let (_tpm, vtpm_sock, admin_sock) = manager(&dir);
+    let (_tpm, vtpm_sock, admin_sock) = common::manager(&dir);
     let (vs, asock) = (vtpm_sock.to_str().expect("utf-8"), admin_sock.to_str().expect("utf-8"));
     // Set up through the configuration file, as a packaged service is.
     let config = dir.join("xvtpmd.toml");

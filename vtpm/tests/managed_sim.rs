@@ -121,22 +121,32 @@ fn serve(host: &SimHost, state: &Path, n: u32) -> Kill {
     k
 }
 
+/// A manager store on `tpm` that knows the vTPM domain's vTPM.
+fn provisioned_store(host: &SimHost, tpm: &SwtpmProcess) -> PathBuf {
+    let store = host.dir().join("mgr.img");
+    let cfg = InitConfig { pcrs: vec![0], ..InitConfig::default() };
+    let mut m = Manager::init(FileDev::open(&store, true).expect("store"), hw(tpm), &cfg).expect("init");
+    m.provision(uuid(VTPM_UUID), 0, None).expect("provision");
+    store
+}
+
+/// The vTPM domain (5), whose device goes to the manager in domain 0, and the guest (7),
+/// whose device goes to the vTPM domain.
+fn vtpm_domain_and_guest(xs: &xvtpm_xen::Xenstore) {
+    toolstack::add_domain(xs, 5, "vtpm-guest").expect("vtpm domain");
+    toolstack::add_vtpm(xs, 5, 0, 0, VTPM_UUID).expect("the vtpm's device to the manager");
+    toolstack::add_domain(xs, 7, "guest").expect("guest domain");
+    toolstack::add_vtpm(xs, 7, 5, 0, GUEST_UUID).expect("the guest's device to the vtpm");
+}
+
 #[test]
 fn state_survives_restarts_of_vtpm_and_manager() {
     let host = SimHost::temp().expect("sim");
     let xs = host.xen(0).xenstore().expect("xs");
     let tpm = swtpm(&host.dir().join("hwtpm"));
-    let store = host.dir().join("mgr.img");
-    {
-        let cfg = InitConfig { pcrs: vec![0], ..InitConfig::default() };
-        let mut m = Manager::init(FileDev::open(&store, true).expect("store"), hw(&tpm), &cfg).expect("init");
-        m.provision(uuid(VTPM_UUID), 0, None).expect("provision");
-    }
+    let store = provisioned_store(&host, &tpm);
     let mgr = manager(&host, &store, hw(&tpm));
-    toolstack::add_domain(&xs, 5, "vtpm-guest").expect("vtpm domain");
-    toolstack::add_vtpm(&xs, 5, 0, 0, VTPM_UUID).expect("the vtpm's device to the manager");
-    toolstack::add_domain(&xs, 7, "guest").expect("guest domain");
-    toolstack::add_vtpm(&xs, 7, 5, 0, GUEST_UUID).expect("the guest's device to the vtpm");
+    vtpm_domain_and_guest(&xs);
 
     let state = host.dir().join("vtpm-state");
     let out = Command::new(VTPM).arg("create").args(vtpm_args(&host, &state, 5)).output().expect("create");
@@ -216,22 +226,14 @@ fn a_guest_writing_nv_a_thousand_times_costs_the_hardware_at_most_ten_nv_writes(
     let host = SimHost::temp().expect("sim");
     let xs = host.xen(0).xenstore().expect("xs");
     let tpm = swtpm(&host.dir().join("hwtpm"));
-    let store = host.dir().join("mgr.img");
-    {
-        let cfg = InitConfig { pcrs: vec![0], ..InitConfig::default() };
-        let mut m = Manager::init(FileDev::open(&store, true).expect("store"), hw(&tpm), &cfg).expect("init");
-        m.provision(uuid(VTPM_UUID), 0, None).expect("provision");
-    }
+    let store = provisioned_store(&host, &tpm);
     let counting = NvWriteCounter::new(hw(&tpm));
     let writes = counting.counter();
     let _mgr = manager_with(&host, &store, Box::new(counting), |m| {
         m.set_counter_window(COUNTER_WINDOW);
         m.saves.rate = Rate { burst: 4, interval: Duration::from_millis(5) };
     });
-    toolstack::add_domain(&xs, 5, "vtpm-guest").expect("vtpm domain");
-    toolstack::add_vtpm(&xs, 5, 0, 0, VTPM_UUID).expect("the vtpm's device to the manager");
-    toolstack::add_domain(&xs, 7, "guest").expect("guest domain");
-    toolstack::add_vtpm(&xs, 7, 5, 0, GUEST_UUID).expect("the guest's device to the vtpm");
+    vtpm_domain_and_guest(&xs);
     let state = host.dir().join("vtpm-state");
     let out = Command::new(VTPM).arg("create").args(vtpm_args(&host, &state, 5)).output().expect("create");
     assert!(out.status.success(), "create: {}", String::from_utf8_lossy(&out.stderr));

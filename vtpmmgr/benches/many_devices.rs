@@ -11,7 +11,6 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use xvtpm_proto::mgr::{status, Request};
@@ -22,16 +21,7 @@ use xvtpm_xen::sim::{toolstack, SimHost};
 use xvtpm_xen::tpmif::{Tpmif, TpmifState};
 use xvtpm_xen::{EventChannel, Port, SharedPage, TxId, Xen, XenbusState};
 
-const BIN: &str = env!("CARGO_BIN_EXE_vtpmmgr");
 const MGR: u16 = 1;
-
-struct Daemon(Child);
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn uuid(d: u16, h: u32) -> [u8; 16] {
     let mut u = [0x1d; 16];
@@ -128,22 +118,8 @@ fn main() -> anyhow::Result<()> {
     toolstack::init_dom0(&xs)?;
     toolstack::add_domain(&xs, MGR, "vtpmmgr")?;
     let log = dir.join("mgr.log");
-    let sim = host.dir().to_string_lossy().into_owned();
-    let child = Command::new(BIN)
-        .args(["serve", "--pcrs", "0", "--xen", "--domid", &MGR.to_string(), "--sim", &sim, "--store"])
-        .arg(&store)
-        .args(["--tpm", &hw.arg()])
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log)?)
-        .spawn()?;
-    let mgr = Daemon(child);
+    let mgr = common::serve_xen(&store, &hw, host.dir(), MGR, &log);
     let pid = mgr.0.id();
-    let end = Instant::now() + Duration::from_secs(60);
-    while !std::fs::read_to_string(&log).unwrap_or_default().contains("watching") {
-        anyhow::ensure!(Instant::now() < end, "manager did not start: {}", std::fs::read_to_string(&log)?);
-        std::thread::sleep(Duration::from_millis(50));
-    }
 
     // The devices: per frontend domain one grant allocator and one event channel handle.
     let t = Instant::now();

@@ -1032,14 +1032,7 @@ impl<D: BlockDev> Manager<D> {
         rec.hash.copy_from_slice(&full[..32]);
         rec.key.copy_from_slice(&full[32..]);
         rec.flags = HAS_KEY | (blob.len() as u32) << 8;
-        if !self.saves.take(uuid, (self.clock)()) {
-            let Rate { burst, interval } = self.saves.rate;
-            log::warn!(
-                "vTPM {}: SAVEHASHKEY refused, over its rate ({burst} at once, one per {interval:?})",
-                uuid_str(uuid)
-            );
-            return Err(Error::Busy(format!("SAVEHASHKEY: over the rate of one per {interval:?}")));
-        }
+        self.saves.spend(uuid, (self.clock)(), "SAVEHASHKEY")?;
         self.commit_anchored(anchor, |s| s.put(&rec).map(Some))
     }
 
@@ -1071,14 +1064,7 @@ impl<D: BlockDev> Manager<D> {
     ) -> Result<Vec<u8>> {
         self.serving()?;
         self.live_vtpm(uuid)?;
-        if !self.quotes.take(uuid, (self.clock)()) {
-            let Rate { burst, interval } = self.quotes.rate;
-            log::warn!(
-                "vTPM {}: GET_QUOTE refused, over its rate ({burst} at once, one per {interval:?})",
-                uuid_str(uuid)
-            );
-            return Err(Error::Busy(format!("GET_QUOTE: over the rate of one per {interval:?}")));
-        }
+        self.quotes.spend(uuid, (self.clock)(), "GET_QUOTE")?;
         let q: [u8; 32] = Sha256::new()
             .chain_update(b"xvtpm-deep-quote")
             .chain_update(uuid)

@@ -6,6 +6,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::{uuid_str, Error, Result};
+
 /// The manager's clock (tests substitute one that they move by hand).
 pub type Clock = Arc<dyn Fn() -> Instant + Send + Sync>;
 
@@ -50,8 +52,18 @@ impl Buckets {
         Self { rate, tokens: HashMap::new() }
     }
 
-    /// Spends one of `uuid`'s tokens; `false`: none left now.
-    pub fn take(&mut self, uuid: &[u8; 16], now: Instant) -> bool {
+    /// Spends one of `uuid`'s tokens for request `what`, or refuses it with [`Error::Busy`]
+    /// (logged, naming the vTPM).
+    pub fn spend(&mut self, uuid: &[u8; 16], now: Instant, what: &str) -> Result<()> {
+        if self.take(uuid, now) {
+            return Ok(());
+        }
+        let Rate { burst, interval } = self.rate;
+        log::warn!("vTPM {}: {what} refused, over its rate ({burst} at once, one per {interval:?})", uuid_str(uuid));
+        Err(Error::Busy(format!("{what}: over the rate of one per {interval:?}")))
+    }
+
+    fn take(&mut self, uuid: &[u8; 16], now: Instant) -> bool {
         let Rate { burst, interval } = self.rate;
         if interval.is_zero() {
             return true;

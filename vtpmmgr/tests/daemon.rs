@@ -5,7 +5,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rand::Rng;
@@ -17,22 +17,10 @@ use xvtpm_vtpmmgr::Error;
 
 const BIN: &str = env!("CARGO_BIN_EXE_vtpmmgr");
 
-struct Daemon(Child);
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use common::Daemon;
 
 fn init(store: &Path, hw: &common::HwSwtpm) {
-    let out = Command::new(BIN)
-        .args(["init", "--pcrs", "0,16", "--store"])
-        .arg(store)
-        .args(["--tpm", &hw.arg()])
-        .output()
-        .expect("vtpmmgr init");
-    assert!(out.status.success(), "init: {}", String::from_utf8_lossy(&out.stderr));
+    common::init_store(store, hw, "0,16");
 }
 
 fn serve(store: &Path, hw: &common::HwSwtpm, dir: &Path, log: &str) -> Daemon {

@@ -3,55 +3,25 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use xvtpm_frontend::{Frontend, FrontendConfig};
 use xvtpm_proto::mgr::Request;
 use xvtpm_xen::sim::{toolstack, SimHost};
 use xvtpm_xen::Xen;
 
-const BIN: &str = env!("CARGO_BIN_EXE_vtpmmgr");
 /// (`many_devices.rs` runs 1,000, in an unprivileged domain.)
 const DEVICES: u16 = 100;
-
-struct Daemon(Child);
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn vtpmmgr(args: &[&str], store: &Path, hw: &common::HwSwtpm) -> Command {
-    let mut c = Command::new(BIN);
-    c.args(args).arg("--store").arg(store).args(["--tpm", &hw.arg()]);
-    c
-}
 
 #[test]
 fn a_manager_with_100_connected_devices_never_wakes_at_rest() {
     let dir = common::tmpdir("idle-xen");
     let hw = common::HwSwtpm::start(&dir.join("tpm"));
     let store = dir.join("store.img");
-    let out = vtpmmgr(&["init", "--pcrs", "0"], &store, &hw).output().expect("vtpmmgr init");
-    assert!(out.status.success(), "init: {}", String::from_utf8_lossy(&out.stderr));
+    common::init_store(&store, &hw, "0");
     let host = SimHost::temp().expect("sim");
     let log = dir.join("mgr.log");
-    let sim = host.dir().to_string_lossy().into_owned();
-    let child = vtpmmgr(&["serve", "--pcrs", "0", "--xen", "--domid", "0", "--sim", &sim], &store, &hw)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).expect("log"))
-        .spawn()
-        .expect("vtpmmgr serve");
-    let mgr = Daemon(child);
-    let end = Instant::now() + Duration::from_secs(30);
-    while !std::fs::read_to_string(&log).unwrap_or_default().contains("watching") {
-        assert!(Instant::now() < end, "manager did not start: {}", std::fs::read_to_string(&log).unwrap_or_default());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mgr = common::serve_xen(&store, &hw, host.dir(), 0, &log);
     let xs = host.xen(0).xenstore().expect("xs");
     let request = Request::GetBootHash.encode();
     let mut devices = Vec::new();

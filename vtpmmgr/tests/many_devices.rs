@@ -5,8 +5,6 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use xvtpm_frontend::{Frontend, FrontendConfig};
@@ -14,26 +12,11 @@ use xvtpm_proto::mgr::Request;
 use xvtpm_xen::sim::{toolstack, SimHost};
 use xvtpm_xen::Xen;
 
-const BIN: &str = env!("CARGO_BIN_EXE_vtpmmgr");
 /// The manager's domain.
 const MGR: u16 = 1;
 /// Domains 2..2+DOMAINS, each with HANDLES devices.
 const DOMAINS: u16 = 250;
 const HANDLES: u32 = 4;
-
-struct Daemon(Child);
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn vtpmmgr(args: &[&str], store: &Path, hw: &common::HwSwtpm) -> Command {
-    let mut c = Command::new(BIN);
-    c.args(args).arg("--store").arg(store).args(["--tpm", &hw.arg()]);
-    c
-}
 
 /// The names of the process's threads.
 fn threads(pid: u32) -> Vec<String> {
@@ -50,27 +33,14 @@ fn a_manager_in_its_own_domain_serves_1000_devices_on_few_threads_and_sleeps_at_
     let dir = common::tmpdir("many-devices");
     let hw = common::HwSwtpm::start(&dir.join("tpm"));
     let store = dir.join("store.img");
-    let out = vtpmmgr(&["init", "--pcrs", "0"], &store, &hw).output().expect("vtpmmgr init");
-    assert!(out.status.success(), "init: {}", String::from_utf8_lossy(&out.stderr));
+    common::init_store(&store, &hw, "0");
     let host = SimHost::temp().expect("sim");
     let xs = host.xen(0).xenstore().expect("xs");
     toolstack::init_dom0(&xs).expect("dom0");
     toolstack::add_domain(&xs, MGR, "vtpmmgr").expect("manager domain");
     let log = dir.join("mgr.log");
-    let sim = host.dir().to_string_lossy().into_owned();
-    let child = vtpmmgr(&["serve", "--pcrs", "0", "--xen", "--domid", &MGR.to_string(), "--sim", &sim], &store, &hw)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).expect("log"))
-        .spawn()
-        .expect("vtpmmgr serve");
-    let mgr = Daemon(child);
+    let mgr = common::serve_xen(&store, &hw, host.dir(), MGR, &log);
     let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
-    let end = Instant::now() + Duration::from_secs(30);
-    while !log_text().contains("watching") {
-        assert!(Instant::now() < end, "manager did not start: {}", log_text());
-        std::thread::sleep(Duration::from_millis(20));
-    }
     let request = Request::GetBootHash.encode();
     let start = Instant::now();
     let mut devices = Vec::new();

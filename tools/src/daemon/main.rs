@@ -147,6 +147,7 @@ fn serve(
     stop: &std::sync::atomic::AtomicBool,
 ) -> anyhow::Result<()> {
     let mut rescan = true;
+    let mut written = None;
     loop {
         while let Ok(exit) = sup.exits.try_recv() {
             sup.exited(exit);
@@ -159,7 +160,12 @@ fn serve(
                 Err(e) => log::warn!("cannot list the vtpm devices: {e}; will look again"),
             }
         }
-        status::write(status_file, &sup.status());
+        // Rewritten only when it changed: every vtpm's own xenstore writes wake this loop too.
+        let now = sup.status();
+        if written.as_ref() != Some(&now) {
+            status::write(status_file, &now);
+            written = Some(now);
+        }
         if stop.load(Ordering::SeqCst) {
             return Ok(());
         }

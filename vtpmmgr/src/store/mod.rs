@@ -164,7 +164,12 @@ impl<D: BlockDev> Store<D> {
         dev.sync()?;
         dev.write(root.slot(), &root.seal(&key))?;
         dev.sync()?;
-        Ok(Self {
+        Ok(Self::with_root(dev, root_key, key, root))
+    }
+
+    /// A store on `dev` whose newest root is `root`, with nothing cached yet.
+    fn with_root(dev: D, root_key: [u8; 32], key: [u8; 32], root: Root) -> Self {
+        Self {
             dev,
             root_key,
             key,
@@ -173,7 +178,7 @@ impl<D: BlockDev> Store<D> {
             free: BTreeSet::new(),
             poisoned: false,
             counter_pending: false,
-        })
+        }
     }
 
     /// Opens the store with its root key: picks the newest root that authenticates, checks it
@@ -241,16 +246,7 @@ impl<D: BlockDev> Store<D> {
         if <[u8; 32]>::from(Sha256::digest(sb)) != root.sealed_digest {
             return Err(corrupt("the sealed-key block is not the one the root was written with".into()));
         }
-        let mut store = Self {
-            dev,
-            root_key,
-            key,
-            root,
-            cache: HashMap::new(),
-            free: BTreeSet::new(),
-            poisoned: false,
-            counter_pending: false,
-        };
+        let mut store = Self::with_root(dev, root_key, key, root);
         store.load_tree()?;
         Ok(store)
     }

@@ -67,3 +67,51 @@ pub fn dev(path: &Path, create: bool) -> xvtpm_vtpmmgr::store::dev::FileDev {
         }
     }
 }
+
+/// The vtpmmgr binary of this build.
+pub const VTPMMGR: &str = env!("CARGO_BIN_EXE_vtpmmgr");
+
+/// A process killed (and reaped) when dropped.
+pub struct Daemon(pub std::process::Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `vtpmmgr init` of a new store at `store` on `hw`, sealed to `pcrs` (e.g. "0,16").
+pub fn init_store(store: &Path, hw: &HwSwtpm, pcrs: &str) {
+    let out = std::process::Command::new(VTPMMGR)
+        .args(["init", "--pcrs", pcrs, "--store"])
+        .arg(store)
+        .args(["--tpm", &hw.arg()])
+        .output()
+        .expect("vtpmmgr init");
+    assert!(out.status.success(), "init: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// `vtpmmgr serve --xen` of a store sealed to PCR 0, as domain `domid` of the simulated Xen in
+/// `sim`, logging to `log`: returns once it watches xenstore.
+pub fn serve_xen(store: &Path, hw: &HwSwtpm, sim: &Path, domid: u16, log: &Path) -> Daemon {
+    let child = std::process::Command::new(VTPMMGR)
+        .args(["serve", "--pcrs", "0", "--xen", "--domid", &domid.to_string(), "--sim"])
+        .arg(sim)
+        .arg("--store")
+        .arg(store)
+        .args(["--tpm", &hw.arg()])
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(log).expect("log"))
+        .spawn()
+        .expect("vtpmmgr serve");
+    let d = Daemon(child);
+    let text = || std::fs::read_to_string(log).unwrap_or_default();
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !text().contains("watching") {
+        assert!(std::time::Instant::now() < end, "manager did not start: {}", text());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    d
+}
