@@ -7,6 +7,7 @@ need gcc
 need g++               # libFuzzer, built by the fuzz targets (scripts/fuzz.sh)
 need libc6-dev
 need linux-libc-dev   # Xen ioctl headers, checked by the xen crate's tests
+need libxen-dev       # Xen's public headers: the domctl layout, checked by the xen crate's tests
 need libtpms-dev      # the vTPM engine
 need swtpm            # the reference peer in benchmarks and tests
 need swtpm-dev        # tpm_ioctl.h, checked by the swtpm protocol tests

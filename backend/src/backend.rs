@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use xvtpm_xen::xenbus::{self, parse_num, parse_uuid, vtpm_backend_root};
 use xvtpm_xen::xenstore::Waker;
-use xvtpm_xen::{DomId, GrantMapper, TxId, Xen, XenbusState, Xenstore};
+use xvtpm_xen::{DomId, GrantMapper, ShutdownReason, TxId, Xen, XenbusState, Xenstore};
 
 use crate::handler::{CommandHandler, DeviceInfo};
 use crate::machine::{self, Action, Frontend, View};
@@ -124,6 +124,10 @@ const ROOT_TOKEN: &str = "vtpm-backend";
 /// not one per device: an unprivileged domain may hold 128 watches.
 const FRONTENDS: &str = "/local/domain";
 const FRONTENDS_TOKEN: &str = "vtpm-frontends";
+/// xenstored fires this when a domain shuts down (suspends included) or goes: then the
+/// hypervisor says why (what the guest told Xen, which no xenstore node can fake).
+const RELEASE: &str = "@releaseDomain";
+const RELEASE_TOKEN: &str = "vtpm-release";
 /// In a driver domain, how long an offline device's Closed stays visible before we remove its
 /// directory, unless the toolstack shows sooner that it saw Closed. libxl in dom0 reads the
 /// state when its watch fires; a directory removed before that is an error to it ("unable to
@@ -180,10 +184,14 @@ impl Backend {
             next_generation: 1,
             dispatcher: None,
             frontends: (self.config.filter == DeviceFilter::All).then(HashMap::new),
+            follows_domains: false,
         };
         xs.watch(&root, ROOT_TOKEN)?;
         if st.frontends.is_some() {
             xs.watch(FRONTENDS, FRONTENDS_TOKEN)?;
+        }
+        if self.handler.follows_suspends() {
+            st.follows_domains = st.may_ask_about_domains() && xs.watch(RELEASE, RELEASE_TOKEN).is_ok();
         }
         log::info!("tpmback: domain {} watching {root}", self.xen.domid());
         if let Some(r) = ready {
@@ -194,6 +202,9 @@ impl Backend {
         let _ = xs.unwatch(&root, ROOT_TOKEN);
         if st.frontends.is_some() {
             let _ = xs.unwatch(FRONTENDS, FRONTENDS_TOKEN);
+        }
+        if st.follows_domains {
+            let _ = xs.unwatch(RELEASE, RELEASE_TOKEN);
         }
         result
     }
@@ -213,8 +224,9 @@ struct Device {
     generation: u64,
     /// Found Connected by an earlier backend process, and not reconnected since.
     adopted_connected: bool,
-    /// Watching the frontend domain's `control/shutdown` (for suspends).
-    watching_ctl: bool,
+    /// What the hypervisor last said the connected frontend domain shut down for (logged
+    /// when it changes).
+    shutdown_seen: Option<ShutdownReason>,
     /// The device as its connection was made (with the frontend domain's life).
     connected_info: Option<DeviceInfo>,
 }
@@ -237,6 +249,9 @@ struct State {
     /// With the one watch on [`FRONTENDS`]: per frontend domain, each device's frontend
     /// directory to its handle. `None`: a watch per device.
     frontends: Option<HashMap<DomId, HashMap<String, u32>>>,
+    /// Watching `@releaseDomain` and asking the hypervisor why a frontend domain shut down,
+    /// for a handler that [`CommandHandler::follows_suspends`].
+    follows_domains: bool,
 }
 
 fn fe_token(key: (DomId, u32)) -> String {
@@ -267,8 +282,10 @@ impl State {
                     self.frontend_event(&e.path, &mut keys);
                 } else if let Some(key) = parse_fe_token(&e.token) {
                     keys.push(key);
-                } else if let Some(key) = parse_ctl_token(&e.token) {
-                    self.control_event(key);
+                } else if e.token == RELEASE_TOKEN {
+                    // At once, before this batch's reconciles: the mapped ring keeps the old
+                    // domain (and its shutdown reason) there until the device disconnects.
+                    self.domains_changed();
                 }
                 ev = self.xs.next_event(Some(Duration::ZERO))?;
             }
@@ -413,9 +430,6 @@ impl State {
             }
             if dev.watching_fe {
                 let _ = self.xs.unwatch(&format!("{}/state", dev.fe_path), &fe_token(key));
-            }
-            if dev.watching_ctl {
-                let _ = self.xs.unwatch(&ctl_path(key.0), &ctl_token(key));
             }
             log::info!("vtpm {}/{}: device removed", key.0, key.1);
         }
@@ -608,7 +622,7 @@ impl State {
             conn: None,
             generation,
             adopted_connected: false,
-            watching_ctl: false,
+            shutdown_seen: None,
             connected_info: None,
         };
         if let Some(p) = problem {
@@ -628,10 +642,6 @@ impl State {
                 Err(e) => log::warn!("vtpm {fe}/{handle}: cannot watch {fe_state_path}: {e}"),
             }
         }
-        // libxl suspends a guest (xl save, xl migrate) by writing "suspend" there.
-        dev.watching_ctl = self.frontends.is_none()
-            && self.handler.follows_suspends()
-            && self.xs.watch(&ctl_path(fe), &ctl_token(key)).is_ok();
         let current = self.read_opt(&format!("{be_path}/state")).and_then(|v| XenbusState::parse(be_path, &v).ok());
         let first_state = machine::adopt(current);
         dev.adopted_connected = current == Some(XenbusState::Connected);
@@ -706,22 +716,64 @@ impl State {
             dev.generation = generation;
             dev.adopted_connected = false;
             dev.connected_info = Some(info_now);
+            dev.shutdown_seen = None;
         }
         self.write_keys(key, &[("ready", b"1")], Some(XenbusState::Connected));
         log::info!("vtpm {fe}/{handle}: connected (ring-ref {ring_ref}, event-channel {remote_port})");
+        // A process started while its guest was suspended (being saved) hears of it here.
+        if self.follows_domains {
+            self.check_domain(key);
+        }
     }
 
-    /// The frontend domain's `control/shutdown` changed: tell the handler of a suspend of a
-    /// connected device's guest.
-    fn control_event(&mut self, key: (DomId, u32)) {
-        let Some(info) = self.devices.get(&key).filter(|d| d.conn.is_some()).and_then(|d| d.connected_info.clone())
-        else {
-            return;
+    /// Whether the hypervisor answers our questions about domains (dom0 only, by default):
+    /// else suspends cannot be told from reboots, and are not followed.
+    fn may_ask_about_domains(&self) -> bool {
+        match self.xen.domain_info(self.xen.domid()) {
+            Ok(_) => true,
+            Err(e) => {
+                log::warn!(
+                    "this domain cannot ask Xen about other domains ({e}): guests' suspends are not followed, so a \
+                     saved and restored guest gets a reset TPM"
+                );
+                false
+            }
+        }
+    }
+
+    /// A domain shut down or went (`@releaseDomain`): ask the hypervisor about each connected
+    /// device's guest.
+    fn domains_changed(&mut self) {
+        let keys: Vec<_> = self.devices.iter().filter(|(_, d)| d.conn.is_some()).map(|(k, _)| *k).collect();
+        for key in keys {
+            self.check_domain(key);
+        }
+    }
+
+    /// Tells the handler that a connected device's guest shut down and why: a suspend (`xl
+    /// save`, `xl migrate`, a checkpoint) or the end of its platform. Told at every event while
+    /// the domain is shut down (the handler ignores what it knows): a domain resumed in place
+    /// and suspended again looks the same to us, since xenstored fires nothing at a resume.
+    fn check_domain(&mut self, key: (DomId, u32)) {
+        let Some(dev) = self.devices.get_mut(&key) else { return };
+        let Some(info) = dev.connected_info.clone().filter(|_| dev.conn.is_some()) else { return };
+        let reason = match self.xen.domain_info(key.0) {
+            Ok(Some(d)) => d.shutdown,
+            // Gone: whatever it did, its ring is no longer ours to serve.
+            Ok(None) => return,
+            Err(e) => {
+                log::warn!("vtpm {}/{}: cannot ask Xen about domain {}: {e}", key.0, key.1, key.0);
+                return;
+            }
         };
-        let value = self.xs.try_read(TxId::NONE, &ctl_path(key.0)).ok().flatten();
-        if value.as_deref() == Some(b"suspend") {
-            log::info!("vtpm {}/{}: the toolstack is suspending domain {}", key.0, key.1, key.0);
-            self.handler.suspending(&info);
+        if dev.shutdown_seen != reason {
+            dev.shutdown_seen = reason;
+            if let Some(reason) = reason {
+                log::info!("vtpm {}/{}: domain {} shut down ({reason})", key.0, key.1, key.0);
+            }
+        }
+        if let Some(reason) = reason {
+            self.handler.domain_shut_down(&info, reason);
         }
     }
 
@@ -762,20 +814,6 @@ impl State {
         self.dispatcher = Some(d.clone());
         Ok(d)
     }
-}
-
-/// Where libxl asks a guest to suspend or shut down.
-fn ctl_path(fe: DomId) -> String {
-    format!("{}/control/shutdown", xenbus::domain_path(fe))
-}
-
-fn ctl_token(key: (DomId, u32)) -> String {
-    format!("vtpm-ctl/{}/{}", key.0, key.1)
-}
-
-fn parse_ctl_token(token: &str) -> Option<(DomId, u32)> {
-    let (a, b) = token.strip_prefix("vtpm-ctl/")?.split_once('/')?;
-    Some((a.parse().ok()?, b.parse().ok()?))
 }
 
 fn parse_fe_token(token: &str) -> Option<(DomId, u32)> {

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use xvtpm_xen::tpmif::{Tpmif, TpmifState};
-use xvtpm_xen::{DomId, SharedPage};
+use xvtpm_xen::{DomId, SharedPage, ShutdownReason};
 
 use crate::stop::Stop;
 
@@ -81,8 +81,8 @@ impl Request<'_> {
 
 /// Handles the commands of every device a backend serves: from several threads at once (one
 /// device's calls never overlap, and come in order: `connected`, commands, `disconnected`),
-/// never from the thread that follows xenstore; `suspending` and `frontend_closed` come from
-/// that thread, so keep them short.
+/// never from the thread that follows xenstore; `domain_shut_down` and `frontend_closed` come
+/// from that thread, so keep them short.
 pub trait CommandHandler: Send + Sync {
     /// Executes a command and returns the response. A response longer than
     /// [`Request::max_response`] is not delivered (the frontend sees the command cancelled).
@@ -91,18 +91,18 @@ pub trait CommandHandler: Send + Sync {
     /// A device's frontend connected (the page is mapped, the event channel bound).
     fn connected(&self, _device: &DeviceInfo) {}
 
-    /// Whether [`CommandHandler::suspending`] matters to this handler. Only then does a backend
-    /// of one device watch its frontend domain's `control/shutdown` (a backend of every device
-    /// never does: it keeps its watches few, under xenstored's 128 per connection).
+    /// Whether [`CommandHandler::domain_shut_down`] matters to this handler. Only then does a
+    /// backend watch `@releaseDomain` and ask the hypervisor about its guests' domains.
     fn follows_suspends(&self) -> bool {
         false
     }
 
-    /// The toolstack asked the device's frontend domain to suspend (`xl save`, `xl migrate`):
-    /// what the guest has now is what its next domain resumes with. Seen only where the
-    /// backend may read the guest's `control/shutdown` (dom0), by a handler that
-    /// [`CommandHandler::follows_suspends`].
-    fn suspending(&self, _device: &DeviceInfo) {}
+    /// A connected device's frontend domain shut down, and the hypervisor says why: for a
+    /// suspend (`xl save`, `xl migrate`, `xl save -c`), what the guest has now is what its
+    /// next domain resumes with; for any other reason (poweroff, reboot, crash) its next
+    /// domain is a new platform. Told once per shutdown, only where the backend may ask the
+    /// hypervisor (dom0), to a handler that [`CommandHandler::follows_suspends`].
+    fn domain_shut_down(&self, _device: &DeviceInfo, _reason: ShutdownReason) {}
 
     /// A connected device's frontend closed: the guest shuts down or reboots, or unloaded its
     /// driver (a suspended guest leaves it connected).

@@ -20,7 +20,7 @@ use xvtpm_vtpmmgr::manager::{InitConfig, Manager};
 use xvtpm_vtpmmgr::server;
 use xvtpm_vtpmmgr::store::dev::FileDev;
 use xvtpm_xen::sim::{toolstack, SimHost};
-use xvtpm_xen::Xen;
+use xvtpm_xen::{ShutdownReason, Xen};
 
 const XVTPM: &str = env!("CARGO_BIN_EXE_xvtpm");
 const VTPM_UUID: &str = "3c4d5e6f-7081-4293-a4b5-c6d7e8f90a1b";
@@ -300,6 +300,7 @@ fn a_running_guests_vtpm_moves_live_with_its_pcrs_and_loaded_keys() {
 
     let xa = ha.xen(0).xenstore().expect("xs");
     toolstack::request_suspend(&xa, 7).expect("suspend");
+    ha.shut_down(7, ShutdownReason::Suspend).expect("the guest suspends");
     wait_log(&at_a, "for its next domain");
     let bundle = ha.dir().join("vtpm.bundle");
     let b_key = stdout(&xvtpm(&b, &["vtpm", "migration-key"]));
@@ -352,6 +353,7 @@ fn a_live_move_called_off_leaves_the_guest_and_its_vtpm_at_the_source() {
     let (a, b) = (site(&ha.dir().join("mgr")), site(&ha.dir().join("dst")));
     let (at_a, _state, _token, mut fe, pcr, handle, public) = running_guest(&bins, &ha, &a);
     toolstack::request_suspend(&ha.xen(0).xenstore().expect("xs"), 7).expect("suspend");
+    ha.shut_down(7, ShutdownReason::Suspend).expect("the guest suspends");
     wait_log(&at_a, "for its next domain");
     let b_key = stdout(&xvtpm(&b, &["vtpm", "migration-key"]));
     let out = ha.dir().join("to-b.bundle");
@@ -365,6 +367,7 @@ fn a_live_move_called_off_leaves_the_guest_and_its_vtpm_at_the_source() {
     let bs = back.to_str().expect("utf-8");
     stdout(&xvtpm(&a, &["vtpm", "export", VTPM_UUID, "--to", &a_key, "--out", bs, "--force"]));
     assert_eq!(stdout(&xvtpm(&a, &["vtpm", "import", bs])), VTPM_UUID);
+    ha.resume_domain(7).expect("libxl resumes the guest at the source");
     assert_eq!(fe.transmit(&tpm2::pcr_read_sha256(16)).expect("PCR_Read"), pcr);
     assert_eq!(fe.transmit(&tpm2::read_public(handle)).expect("read public"), public);
     assert_eq!(rc(&fe.transmit(&change_owner_auth(b"", b"still-at-a")).expect("owner auth")), 0, "saved again");

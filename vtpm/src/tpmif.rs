@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use xvtpm_backend::{CancelProbe, CommandHandler, DeviceInfo, Request};
 use xvtpm_proto::tpm::rc;
-use xvtpm_xen::DomId;
+use xvtpm_xen::{DomId, ShutdownReason};
 
 use crate::engine::{error_response, failure_rc, Canceller, TpmEngine};
 use crate::snapshot::{Instance, SnapshotFile, KEY_PURPOSE};
@@ -73,11 +73,11 @@ struct Inner {
     /// Whether the TPM got its Startup (or was resumed) since it was powered on.
     started: bool,
     snapshots: Option<SnapshotFile>,
-    /// The toolstack is suspending the guest (`xl save`, `xl migrate`): its snapshots are
-    /// marked so, and its next domain (the restored or migrated guest) continues from the last
-    /// one. It stays set through the commands the guest still sends before it stops, until the
-    /// guest closes its frontend (a shutdown or reboot: its next domain starts reset) or
-    /// another domain takes the TPM.
+    /// The hypervisor says the guest suspended (`xl save`, `xl migrate`): its snapshot is
+    /// marked so, and its next domain (the restored or migrated guest) continues from it.
+    /// Cleared when the same domain runs again (its next command: a checkpoint, or a suspend
+    /// called off), when it shuts down for another reason or closes its frontend (its next
+    /// domain starts reset), or when another domain takes the TPM.
     suspended: bool,
     reset_running_guest: Option<DomId>,
     /// Commands refused, and snapshots that could not be written (each logged sparingly).
@@ -271,11 +271,12 @@ impl Inner {
         Ok(snap.seq)
     }
 
-    /// The toolstack is suspending `instance` (`xl save`, `xl migrate`): its state now is what
-    /// its next domain continues from.
+    /// The hypervisor says `instance` suspended (`xl save`, `xl migrate`): its state now is
+    /// what its next domain continues from. Told again at every domain's shutdown while it
+    /// stays suspended: nothing changed since.
     fn suspending(&mut self, instance: &Instance) {
         match &self.serving {
-            Serving::Guest(i) if i == instance => match self.snapshot_as(instance, true) {
+            Serving::Guest(i) if i == instance && !self.suspended => match self.snapshot_as(instance, true) {
                 Some(seq) => {
                     log::info!("{instance} is being suspended: its TPM is kept in snapshot {seq} for its next domain")
                 }
@@ -491,6 +492,12 @@ impl CommandHandler for VtpmHandler {
             }
             Serving::Nobody | Serving::Stopped => return error_response(version, failure_rc(version)),
         };
+        if inner.suspended {
+            // A suspended domain runs nothing: this one was resumed in place. Its TPM goes on
+            // here, and no longer waits for a next domain.
+            let seq = inner.snapshot(&instance);
+            log::info!("{}: the guest runs again after its suspend (a checkpoint, or a suspend called off): no longer suspended ({seq:?})", req.device);
+        }
         let running = RunningCommand::start(&self.running, req.cancel_probe());
         // The stock Linux guest kernel speaks TPM 1.2 to its xen-tpmfront chip on its own.
         let probe = match version {
@@ -520,8 +527,19 @@ impl CommandHandler for VtpmHandler {
         true
     }
 
-    fn suspending(&self, device: &DeviceInfo) {
-        self.lock().suspending(&instance_of(device));
+    fn domain_shut_down(&self, device: &DeviceInfo, reason: ShutdownReason) {
+        let mut inner = self.lock();
+        let instance = instance_of(device);
+        if reason == ShutdownReason::Suspend {
+            inner.suspending(&instance);
+        } else if inner.suspended && matches!(&inner.serving, Serving::Guest(i) if *i == instance) {
+            // Resumed in place after a suspend, then stopped for good before a command: its
+            // next domain is a new platform.
+            let seq = inner.snapshot(&instance);
+            log::info!(
+                "{device}: the guest's domain shut down ({reason}) after a suspend: no longer suspended ({seq:?})"
+            );
+        }
     }
 
     fn frontend_closed(&self, device: &DeviceInfo) {
@@ -531,7 +549,7 @@ impl CommandHandler for VtpmHandler {
             // Not suspended after all: it shuts down or reboots, so its next domain is a new
             // platform.
             let seq = inner.snapshot(&instance);
-            log::info!("{device}: the guest closed its TPM after a suspend request: no longer suspended ({seq:?})");
+            log::info!("{device}: the guest closed its TPM after a suspend: no longer suspended ({seq:?})");
         }
     }
 

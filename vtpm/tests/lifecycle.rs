@@ -35,6 +35,9 @@ fn the_guests_tpm_survives_vtpm_restarts_and_save_restore() {
             ctx()
         );
     }
+    // The suspend came from the hypervisor (the guest's shutdown reason, through privcmd), not
+    // from a xenstore node the guest writes.
+    assert!(c.text.contains("domain 1 shut down (suspend)"), "the vtpm heard of the suspend from Xen; {}", ctx());
     let refused = event("refused");
     assert!(refused.contains("pcr16 none sign failed"), "the refused guest: {refused}; {}", ctx());
     assert!(c.text.contains("cannot be resumed"), "the vtpm's log names the refusal; {}", ctx());

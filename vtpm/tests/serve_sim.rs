@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use xvtpm_frontend::{Frontend, FrontendConfig};
 use xvtpm_xen::sim::{toolstack, SimHost};
-use xvtpm_xen::{TxId, Xen, XenbusState};
+use xvtpm_xen::{ShutdownReason, TxId, Xen, XenbusState};
 
 const VTPM: &str = env!("CARGO_BIN_EXE_vtpm");
 const UUID: &str = "7a6b5c4d-3e2f-4a1b-8c0d-000000000007";
@@ -74,14 +74,19 @@ fn create(host: &SimHost, key_byte: u8) -> (PathBuf, PathBuf) {
 }
 
 fn wait_for(p: &Proc, needle: &str) {
+    wait_for_nth(p, needle, 1);
+}
+
+/// Waits until `p` logged `needle` `n` times.
+fn wait_for_nth(p: &Proc, needle: &str, n: usize) {
     let end = Instant::now() + Duration::from_secs(20);
     while Instant::now() < end {
-        if p.log().contains(needle) {
+        if p.log().matches(needle).count() >= n {
             return;
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    panic!("vtpm never logged {needle:?}:\n{}", p.log());
+    panic!("vtpm never logged {needle:?} {n} times:\n{}", p.log());
 }
 
 #[test]
@@ -469,8 +474,9 @@ fn a_tpm12_vtpm_resumes_the_running_guests_pcrs() {
 }
 
 /// `xl save` + `xl restore`, as libxl does them: "suspend" in the guest's control/shutdown,
-/// the domain destroyed, a new domain (new id, new start_time, the same `vm` path) with the
-/// same vtpm device. The restored guest finds its TPM as it was at the save, whether or not
+/// the guest's suspend (the hypervisor records its shutdown for a suspend), the domain
+/// destroyed, a new domain (new id, new start_time, the same `vm` path) with the same vtpm
+/// device. The restored guest finds its TPM as it was at the save, whether or not
 /// the vtpm was restarted in between. A second restore of the same save is a new platform to
 /// the vTPM, as a reboot is; so is a later domain that was not suspended.
 #[test]
@@ -490,18 +496,22 @@ fn a_saved_and_restored_guest_finds_its_tpm_as_it_was() {
     };
     let save = |domid: u16, vtpm: &Proc| {
         toolstack::request_suspend(&xs, domid).expect("suspend");
+        host.shut_down(domid, ShutdownReason::Suspend).expect("the guest suspends");
         wait_for(vtpm, "for its next domain");
         assert!(toolstack::remove_vtpm(&xs, domid, 0, 0, Duration::from_secs(10)).expect("remove"));
         // Not remove_domain: it would take the vm record the restored domain keeps.
         xs.rm(TxId::NONE, &format!("/local/domain/{domid}")).expect("rm");
     };
-    // libxl asks; the guest still runs a command before its processes freeze; then it is saved.
+    // libxl asks; the guest still runs a command before its processes freeze; it suspends
+    // (at once: a guest may clear the request before the vtpm could read it); it is saved.
     toolstack::request_suspend(&xs, 5).expect("suspend");
-    wait_for(&vtpm, "for its next domain");
     let r = fe.transmit(&xvtpm_tests::tpm2::pcr_extend_sha256(16, &[0x19; 32])).expect("extend");
     assert_eq!(rc(&r), 0);
     let late = pcr16(&mut fe);
     assert_ne!(late, pcr);
+    xs.write(TxId::NONE, "/local/domain/5/control/shutdown", b"").expect("the guest acknowledges");
+    host.shut_down(5, ShutdownReason::Suspend).expect("the guest suspends");
+    wait_for(&vtpm, "for its next domain");
     assert!(toolstack::remove_vtpm(&xs, 5, 0, 0, Duration::from_secs(10)).expect("remove"));
     xs.rm(TxId::NONE, "/local/domain/5").expect("rm");
     drop(fe);
@@ -561,11 +571,13 @@ fn an_incoming_vtpm_opens_its_state_when_the_guest_connects() {
     assert!(vtpm.log().contains("cannot be resumed"), "{}", vtpm.log());
 }
 
-/// A suspend that did not happen (cancelled, or a checkpoint) followed by the guest's reboot:
-/// the guest closes its frontend as it shuts down, so its next domain, with the same `vm` path,
-/// gets a reset TPM, not the suspended one.
+/// The attack of a guest's root on its own boot measurements: it writes "suspend" in its
+/// `control/shutdown` (its own node), then reboots at once without closing its TPM device
+/// (sysrq-b, or a crash with `on_crash = "restart"`), hoping that its next boot, in a domain
+/// with the same `vm` path, inherits the PCRs of this one. The hypervisor says the domain
+/// shut down for a reboot, not a suspend: the next boot gets a reset TPM.
 #[test]
-fn a_guest_that_reboots_after_a_suspend_request_gets_a_reset_tpm() {
+fn a_guest_that_writes_suspend_itself_and_reboots_gets_a_reset_tpm() {
     let host = SimHost::temp().expect("sim");
     let xs = host.xen(0).xenstore().expect("xs");
     let (state, key) = create(&host, 0x4b);
@@ -573,16 +585,64 @@ fn a_guest_that_reboots_after_a_suspend_request_gets_a_reset_tpm() {
     wait_for(&vtpm, "watching");
     let mut fe = guest(&host, &xs, 5);
     measure_and_load(&mut fe);
+    // The node is the guest's to write (it acknowledges requests there); the vtpm cannot
+    // tell who wrote it, so dom0 writes it here for the guest.
     toolstack::request_suspend(&xs, 5).expect("suspend");
-    wait_for(&vtpm, "for its next domain");
     assert_eq!(rc(&fe.transmit(&xvtpm_tests::tpm2::get_random(8)).expect("command")), 0, "it goes on");
-    fe.close().expect("the guest shuts down: its frontend closes");
-    wait_for(&vtpm, "no longer suspended");
+    host.shut_down(5, ShutdownReason::Reboot).expect("the guest reboots");
+    wait_for(&vtpm, "shut down (reboot)");
     destroy(&xs, 5, true);
     toolstack::add_domain_of(&xs, 6, "guest", &toolstack::vm_path(5)).expect("domain");
     toolstack::add_vtpm(&xs, 6, 0, 0, UUID).expect("vtpm device");
     let mut fe = reconnect(&host, 6);
-    assert_eq!(pcr16(&mut fe), [0u8; 32], "the rebooted guest found the suspended TPM");
+    assert_eq!(pcr16(&mut fe), [0u8; 32], "the rebooted guest kept its PCRs");
+    assert!(!vtpm.log().contains("is being suspended"), "{}", vtpm.log());
+}
+
+/// `xl save -c` (a checkpoint): the guest suspends and is resumed in place. Its next command
+/// shows it runs again: if it later reboots (even without closing its TPM device), its next
+/// domain gets a reset TPM; if it is saved again, its restored domain continues the TPM.
+#[test]
+fn a_checkpointed_guest_goes_on_and_its_next_boot_is_reset() {
+    let host = SimHost::temp().expect("sim");
+    let xs = host.xen(0).xenstore().expect("xs");
+    let (state, key) = create(&host, 0x4c);
+    let vtpm = serve(host.dir(), &state, &key, 1);
+    wait_for(&vtpm, "watching");
+    let mut fe = guest(&host, &xs, 5);
+    let (pcr, _, _) = measure_and_load(&mut fe);
+    let vm = toolstack::vm_path(5);
+    host.shut_down(5, ShutdownReason::Suspend).expect("the guest suspends");
+    wait_for(&vtpm, "for its next domain");
+    host.resume_domain(5).expect("resumed in place");
+    assert_eq!(pcr16(&mut fe), pcr, "the checkpointed guest's PCRs");
+    wait_for(&vtpm, "runs again after its suspend");
+
+    // Suspended again and restored: the restored domain continues.
+    host.shut_down(5, ShutdownReason::Suspend).expect("the guest suspends again");
+    wait_for_nth(&vtpm, "for its next domain", 2);
+    // A suspended guest never closes its device: it is removed under it.
+    assert!(toolstack::remove_vtpm(&xs, 5, 0, 0, Duration::from_secs(10)).expect("remove"));
+    drop(fe);
+    xs.rm(TxId::NONE, "/local/domain/5").expect("rm");
+    toolstack::add_domain_of(&xs, 6, "guest", &vm).expect("domain");
+    toolstack::add_vtpm(&xs, 6, 0, 0, UUID).expect("vtpm device");
+    let mut fe = reconnect(&host, 6);
+    assert_eq!(pcr16(&mut fe), pcr, "the restored guest's PCRs");
+
+    // Checkpointed, resumed, then it reboots without closing its device: a new platform.
+    host.shut_down(6, ShutdownReason::Suspend).expect("the guest suspends");
+    wait_for_nth(&vtpm, "for its next domain", 3);
+    host.resume_domain(6).expect("resumed in place");
+    assert_eq!(pcr16(&mut fe), pcr);
+    host.shut_down(6, ShutdownReason::Reboot).expect("the guest reboots");
+    wait_for(&vtpm, "domain 6 shut down (reboot)");
+    destroy(&xs, 6, true);
+    drop(fe);
+    toolstack::add_domain_of(&xs, 7, "guest", &vm).expect("domain");
+    toolstack::add_vtpm(&xs, 7, 0, 0, UUID).expect("vtpm device");
+    let mut fe = reconnect(&host, 7);
+    assert_eq!(pcr16(&mut fe), [0u8; 32], "the rebooted guest kept its PCRs");
 }
 
 #[test]

@@ -11,6 +11,7 @@
 
 #![warn(missing_docs)]
 
+pub mod domain;
 pub mod error;
 pub mod evtchn;
 pub mod grant;
@@ -33,6 +34,7 @@ pub mod wake;
 pub mod xenbus;
 pub mod xenstore;
 
+pub use domain::{DomainInfo, ShutdownReason};
 pub use error::{Error, Result, XsErrno};
 pub use evtchn::{EventChannel, Port};
 pub use grant::{GrantAllocator, GrantMapper, GrantRef};

@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::{DomId, Error, EventChannel, GrantAllocator, GrantMapper, Result, Xenstore};
+use crate::{DomId, DomainInfo, Error, EventChannel, GrantAllocator, GrantMapper, Result, Xenstore};
 
 /// Everything a driver domain needs from Xen. [`crate::linux::LinuxXen`] is the real one,
 /// `sim::SimXen` the simulation.
@@ -18,6 +18,9 @@ pub trait Xen: Send + Sync + std::fmt::Debug {
     fn grant_mapper(&self) -> Result<Box<dyn GrantMapper>>;
     /// Grants our pages to others.
     fn grant_allocator(&self) -> Result<Box<dyn GrantAllocator>>;
+    /// What the hypervisor says of domain `domid` (whether it shut down, and why); `None`
+    /// if there is no such domain. Only a privileged domain may ask.
+    fn domain_info(&self, domid: DomId) -> Result<Option<DomainInfo>>;
 }
 
 /// The Xen a daemon's `--sim DIR --domid N` options name: the simulated one in `sim` (only in

@@ -1,6 +1,7 @@
 //! The ioctl interface of Linux's Xen devices: request numbers and argument layouts of
-//! `<xen/evtchn.h>`, `<xen/gntdev.h>` and `<xen/gntalloc.h>` (Linux uapi), checked against the C
-//! headers by the tests.
+//! `<xen/evtchn.h>`, `<xen/gntdev.h>`, `<xen/gntalloc.h>` and `<xen/privcmd.h>` (Linux uapi),
+//! and the one hypercall argument we pass through privcmd (`struct xen_domctl` of Xen's
+//! `public/domctl.h`), checked against the C headers by the tests.
 
 use std::ffi::{c_int, c_uint};
 use std::io;
@@ -217,6 +218,59 @@ pub const IOCTL_GNTALLOC_DEALLOC_GREF: u32 = ioc(IOC_NONE, b'G', 6, size_of::<Io
 /// Like [`IOCTL_GNTDEV_SET_UNMAP_NOTIFY`], for allocated pages.
 pub const IOCTL_GNTALLOC_SET_UNMAP_NOTIFY: u32 = ioc(IOC_NONE, b'G', 7, size_of::<IoctlGntallocUnmapNotify>());
 
+// ---- /dev/xen/privcmd ------------------------------------------------------------------
+
+/// `struct privcmd_hypercall`: a hypercall number and its arguments.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PrivcmdHypercall {
+    /// `__HYPERVISOR_*`.
+    pub op: u64,
+    /// The arguments; pointers are user addresses of memory the hypervisor can reach.
+    pub arg: [u64; 5],
+}
+
+/// Makes a hypercall; returns what the hypervisor returned (negative: errno).
+pub const IOCTL_PRIVCMD_HYPERCALL: u32 = ioc(IOC_NONE, b'P', 0, size_of::<PrivcmdHypercall>());
+
+/// `__HYPERVISOR_domctl`.
+pub const HYPERVISOR_DOMCTL: u64 = 36;
+/// `XEN_DOMCTL_getdomaininfo`.
+pub const XEN_DOMCTL_GETDOMAININFO: u32 = 5;
+
+/// `struct xen_domctl_getdomaininfo`: only what we read is named; the rest of the union
+/// member (`pad[128]`) is kept as bytes.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct XenDomctlGetDomainInfo {
+    /// The domain reported (Xen 4.17 reports the first domain at or above the one asked for).
+    pub domain: u16,
+    /// Padding.
+    pub pad1: u16,
+    /// `XEN_DOMINF_*`, with the shutdown code in bits 16..24.
+    pub flags: u32,
+    /// The other fields, unread.
+    pub rest: [u64; 15],
+}
+
+/// `struct xen_domctl` with its `getdomaininfo` member: the header is the same for every
+/// domctl and every interface version since Xen 4.x; `interface_version` must be the
+/// hypervisor's own (`XEN_DOMCTL_INTERFACE_VERSION`), or it answers EACCES.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct XenDomctl {
+    /// `XEN_DOMCTL_*`.
+    pub cmd: u32,
+    /// `XEN_DOMCTL_INTERFACE_VERSION`.
+    pub interface_version: u32,
+    /// The domain asked about.
+    pub domain: u16,
+    /// Padding.
+    pub pad: [u16; 3],
+    /// The union `u`, as `getdomaininfo`.
+    pub getdomaininfo: XenDomctlGetDomainInfo,
+}
+
 /// Issues `request` on `fd` with argument `arg`; returns the driver's non-negative result.
 ///
 /// # Safety
@@ -274,6 +328,10 @@ mod tests {
         assert_eq!(IOCTL_GNTALLOC_DEALLOC_GREF, 0x0010_4706);
         assert_eq!(IOCTL_GNTALLOC_SET_UNMAP_NOTIFY, 0x0010_4707);
         assert_eq!(GNTALLOC_FLAG_WRITABLE, 1);
+
+        // op and five arguments, all u64: 48.
+        assert_eq!(size_of::<PrivcmdHypercall>(), 48);
+        assert_eq!(IOCTL_PRIVCMD_HYPERCALL, 0x0030_5000);
     }
 
     #[test]
@@ -371,6 +429,41 @@ mod tests {
              int main(void) {\n",
             &values,
             "install linux-libc-dev",
+        );
+    }
+
+    /// The domctl layout and numbers against Xen's own public headers (libxen-dev; `<xen/
+    /// privcmd.h>` of Linux cannot be compiled alone, so its one struct is checked by hand
+    /// above). Xen 4.17's interface version is the first we try.
+    #[test]
+    fn matches_xens_domctl_header() {
+        let values: Vec<(&str, u64)> = vec![
+            ("sizeof(struct xen_domctl)", size_of::<XenDomctl>() as u64),
+            ("_Alignof(struct xen_domctl)", align_of::<XenDomctl>() as u64),
+            ("offsetof(struct xen_domctl, cmd)", offset_of!(XenDomctl, cmd) as u64),
+            ("offsetof(struct xen_domctl, interface_version)", offset_of!(XenDomctl, interface_version) as u64),
+            ("offsetof(struct xen_domctl, domain)", offset_of!(XenDomctl, domain) as u64),
+            ("offsetof(struct xen_domctl, u.getdomaininfo)", offset_of!(XenDomctl, getdomaininfo) as u64),
+            ("sizeof(((struct xen_domctl *)0)->u)", size_of::<XenDomctlGetDomainInfo>() as u64),
+            ("offsetof(struct xen_domctl_getdomaininfo, domain)", offset_of!(XenDomctlGetDomainInfo, domain) as u64),
+            ("offsetof(struct xen_domctl_getdomaininfo, flags)", offset_of!(XenDomctlGetDomainInfo, flags) as u64),
+            ("XEN_DOMCTL_getdomaininfo", u64::from(XEN_DOMCTL_GETDOMAININFO)),
+            ("__HYPERVISOR_domctl", HYPERVISOR_DOMCTL),
+            ("XEN_DOMCTL_INTERFACE_VERSION", u64::from(super::super::privcmd::DOMCTL_VERSIONS[0])),
+            ("SHUTDOWN_suspend", u64::from(crate::ShutdownReason::Suspend.code())),
+            ("SHUTDOWN_reboot", u64::from(crate::ShutdownReason::Reboot.code())),
+            ("SHUTDOWN_soft_reset", u64::from(crate::ShutdownReason::SoftReset.code())),
+            (
+                "XEN_DOMINF_dying | XEN_DOMINF_shutdown | (SHUTDOWN_crash << XEN_DOMINF_shutdownshift)",
+                u64::from(crate::DomainInfo { shutdown: Some(crate::ShutdownReason::Crash), dying: true }.to_flags()),
+            ),
+        ];
+        xvtpm_tests::clayout::check(
+            "#define __XEN_TOOLS__ 1\n#include <stddef.h>\n#include <stdint.h>\n#include <stdio.h>\n\
+             #include <xen/domctl.h>\n#include <xen/sched.h>\n\
+             int main(void) {\n",
+            &values,
+            "install libxen-dev",
         );
     }
 }

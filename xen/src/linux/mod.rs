@@ -1,10 +1,11 @@
 //! The real Xen interfaces of a Linux domain: `/dev/xen/evtchn`, `/dev/xen/gntdev`,
-//! `/dev/xen/gntalloc` and xenstored.
+//! `/dev/xen/gntalloc`, `/dev/xen/privcmd` and xenstored.
 
 pub mod evtchn;
 pub mod gntalloc;
 pub mod gntdev;
 pub mod ioctl;
+pub mod privcmd;
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -15,7 +16,9 @@ use std::path::Path;
 use std::ptr::NonNull;
 
 use crate::xenstore::wire::{self, Message, MsgType};
-use crate::{DomId, Error, EventChannel, GrantAllocator, GrantMapper, Result, TxId, Xen, Xenstore, PAGE_SIZE};
+use crate::{
+    DomId, DomainInfo, Error, EventChannel, GrantAllocator, GrantMapper, Result, TxId, Xen, Xenstore, PAGE_SIZE,
+};
 
 pub use evtchn::LinuxEvtchn;
 pub use gntalloc::LinuxGntalloc;
@@ -76,6 +79,10 @@ impl Xen for LinuxXen {
 
     fn grant_allocator(&self) -> Result<Box<dyn GrantAllocator>> {
         Ok(Box::new(LinuxGntalloc::open()?))
+    }
+
+    fn domain_info(&self, domid: DomId) -> Result<Option<DomainInfo>> {
+        privcmd::domain_info(domid)
     }
 }
 

@@ -14,11 +14,20 @@ pub mod xenstored;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use crate::{DomId, Error, EventChannel, GrantAllocator, GrantMapper, Result, Xen, Xenstore};
+use crate::{
+    xenbus, DomId, DomainInfo, Error, EventChannel, GrantAllocator, GrantMapper, Result, ShutdownReason, TxId, Xen,
+    Xenstore,
+};
 
 /// The xenstored socket of a simulation directory.
 pub fn xenstored_socket(dir: &Path) -> PathBuf {
     dir.join("xenstored.sock")
+}
+
+/// Where the simulated hypervisor keeps what it says of domain `domid` when it is not simply
+/// running: `XEN_DOMINF_*` flags, in decimal.
+fn domain_file(dir: &Path, domid: DomId) -> PathBuf {
+    dir.join("domains").join(domid.to_string())
 }
 
 /// One domain's view of a simulated Xen.
@@ -59,6 +68,26 @@ impl Xen for SimXen {
 
     fn grant_allocator(&self) -> Result<Box<dyn GrantAllocator>> {
         Ok(Box::new(grant::SimGntalloc::new(&self.dir, self.domid)))
+    }
+
+    /// As the real one, only dom0 may ask. A domain the simulated hypervisor has no record of
+    /// runs if xenstore has its home, and is gone otherwise.
+    fn domain_info(&self, domid: DomId) -> Result<Option<DomainInfo>> {
+        if self.domid != 0 {
+            return Err(Error::Sim(format!("domain {} may not ask about domain {domid} (EPERM)", self.domid)));
+        }
+        let path = domain_file(&self.dir, domid);
+        match std::fs::read_to_string(&path) {
+            Ok(s) => {
+                let flags = s.trim().parse().map_err(|_| Error::Sim(format!("{}: bad flags {s:?}", path.display())))?;
+                Ok(Some(DomainInfo::from_flags(flags)))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let home = self.xenstore()?.try_read(TxId::NONE, &format!("{}/domid", xenbus::domain_path(domid)))?;
+                Ok(home.map(|_| DomainInfo::RUNNING))
+            }
+            Err(e) => Err(Error::io(format!("read {}", path.display()), e)),
+        }
     }
 }
 
@@ -103,6 +132,38 @@ impl SimHost {
     /// Domain `domid`'s view of this simulation.
     pub fn xen(&self, domid: DomId) -> SimXen {
         SimXen::new(&self.dir, domid)
+    }
+
+    /// Domain `domid` shuts down for `reason`, as its kernel's `SCHEDOP_shutdown` does (for
+    /// an `xl save`, `reason` is a suspend): the hypervisor records it, and xenstored fires
+    /// `@releaseDomain`.
+    pub fn shut_down(&self, domid: DomId, reason: ShutdownReason) -> Result<()> {
+        self.set_domain(domid, Some(DomainInfo { shutdown: Some(reason), dying: false }))
+    }
+
+    /// Domain `domid` runs again after a suspend (a checkpoint, `xl save -c`, or a cancelled
+    /// suspend); or a new domain takes a released domain's id.
+    pub fn resume_domain(&self, domid: DomId) -> Result<()> {
+        self.set_domain(domid, None)
+    }
+
+    fn set_domain(&self, domid: DomId, info: Option<DomainInfo>) -> Result<()> {
+        let path = domain_file(&self.dir, domid);
+        let done = match info {
+            Some(info) => std::fs::create_dir_all(self.dir.join("domains"))
+                .and_then(|()| std::fs::write(&path, info.to_flags().to_string())),
+            None => std::fs::remove_file(&path).or_else(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => Ok(()),
+                _ => Err(e),
+            }),
+        };
+        done.map_err(|e| Error::io(format!("write {}", path.display()), e))?;
+        // A shutdown is news to xenstored's watchers (it hears of it from the hypervisor's
+        // VIRQ_DOM_EXC); a resume is not.
+        if info.is_some() {
+            self.xen(0).xenstore()?.release_domain(domid)?;
+        }
+        Ok(())
     }
 }
 

@@ -396,6 +396,14 @@ impl Xenstore {
         }
     }
 
+    /// Tells xenstored that domain `domid` is gone (`XS_RELEASE`, a toolstack's call; dom0
+    /// only): it fires `@releaseDomain`.
+    pub fn release_domain(&self, domid: DomId) -> Result<()> {
+        let d = domid.to_string();
+        self.request(MsgType::Release, TxId::NONE, wire::nul_terminated(&[d.as_bytes()]), "release", "")?;
+        Ok(())
+    }
+
     /// The home path of a domain, as xenstored reports it.
     pub fn get_domain_path(&self, domid: DomId) -> Result<String> {
         let d = domid.to_string();

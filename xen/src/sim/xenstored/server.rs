@@ -311,6 +311,18 @@ fn dispatch(st: &mut ServerState, id: ConnId, h: &Header, payload: &[u8]) -> XsR
             conn.watches.remove(conn.domid, payload)?;
             return Ok(RequestOutcome::ok());
         }
+        // The toolstack says a domain is gone (the simulated hypervisor says it shut down).
+        Release => {
+            if conn.domid != 0 {
+                return Err(XsErrno::EACCES);
+            }
+            std::str::from_utf8(onearg(payload)?).ok().and_then(|s| s.parse::<DomId>().ok()).ok_or(XsErrno::EINVAL)?;
+            return Ok(RequestOutcome {
+                reply: wire::OK.to_vec(),
+                triggers: vec![WatchTrigger::special("@releaseDomain")],
+                initial: None,
+            });
+        }
         Read | Write | Mkdir | Rm | Directory | GetPerms | SetPerms | TransactionStart | TransactionEnd
         | GetDomainPath | ResetWatches => {}
         _ => return Err(XsErrno::ENOSYS),

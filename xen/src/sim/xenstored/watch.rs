@@ -39,6 +39,13 @@ impl WatchTrigger {
         WatchTrigger { path: path.to_owned(), exact, perms, parent_perms, old_perms }
     }
 
+    /// The trigger of special watch `name` ("@releaseDomain"): dom0's alone, as C xenstored's
+    /// special nodes are by default.
+    pub(super) fn special(name: &str) -> Self {
+        let perms = vec![Perm { domid: 0, access: crate::PermAccess::None }];
+        WatchTrigger { path: name.to_owned(), exact: true, perms, parent_perms: None, old_perms: None }
+    }
+
     /// C xenstored's `watch_permitted`: the watcher may read the node (before or after a
     /// permission change) or its parent.
     fn permitted(&self, domid: DomId) -> bool {
@@ -187,6 +194,27 @@ mod tests {
         assert_eq!(event(&w), ev("/", "root"));
         xs.write(NONE, "/z", b"1").expect("write");
         assert_eq!(event(&w), ev("/z", "root"));
+    }
+
+    /// `XS_RELEASE` from dom0 fires `@releaseDomain` for dom0's watchers only; another domain
+    /// may neither release nor hear of it.
+    #[test]
+    fn release_fires_release_domain_for_dom0_only() {
+        let sim = server("release");
+        let dom0 = client(&sim, 0);
+        make_home(&dom0, 5);
+        let domu = client(&sim, 5);
+        dom0.watch("@releaseDomain", "rel").expect("watch");
+        assert_eq!(event(&dom0), ev("@releaseDomain", "rel"));
+        domu.watch("@releaseDomain", "rel").expect("watch");
+        assert_eq!(event(&domu), ev("@releaseDomain", "rel"));
+        domu.watch("mark", "m").expect("watch");
+        assert_eq!(event(&domu), ev("mark", "m"));
+        assert_eq!(errno(domu.release_domain(7)), XsErrno::EACCES);
+        dom0.release_domain(7).expect("release");
+        assert_eq!(event(&dom0), ev("@releaseDomain", "rel"));
+        dom0.write(NONE, &format!("{}/mark", home(5)), b"1").expect("write");
+        assert_eq!(event(&domu), ev("mark", "m"), "domain 5 heard of the release");
     }
 
     #[test]
