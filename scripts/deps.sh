@@ -21,6 +21,8 @@ need tpm-tools
 need qemu-system-x86  # QEMU as a vTPM client (and, later, the Xen-in-QEMU harness)
 need busybox-static   # VM images
 need cpio
+need lintian          # the package's check (scripts/package.sh, tools/tests/package.rs)
+need mmdebstrap       # a clean Debian root the package is installed into
 need e2fsprogs         # mkfs.ext4 and debugfs: the vTPM stub domains' disks
 if [ ${#pkgs[@]} -gt 0 ]; then
     echo "== installing ${pkgs[*]}"

@@ -151,6 +151,12 @@ enum Command {
         #[arg(long, default_value_t = 1000)]
         count: usize,
     },
+    /// Writes this tool's man pages and shell completions under DIR (for packaging).
+    #[command(hide = true)]
+    GenerateDocs {
+        /// Where `man1/` and `completions/` go.
+        dir: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -183,6 +189,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Group(c) => admin::group(c)?,
         Command::Stubdom(c) => stubdom::run(c)?,
         Command::Container(c) => container::run(c)?,
+        Command::GenerateDocs { dir } => xvtpm_cli::docs::generate(<Cli as clap::CommandFactory>::command(), &dir)?,
         Command::Measure { what } => outln!("{}", xvtpm_vtpmmgr::hex(&what.boot_hash()?)),
         Command::InspectState { file, json } => inspect::inspect_state(&file, json)?,
         Command::Migrate(a) => migrate::migrate(a)?,

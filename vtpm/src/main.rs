@@ -201,6 +201,12 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         info_file: Option<PathBuf>,
     },
+    /// Writes this tool's man pages and shell completions under DIR (for packaging).
+    #[command(hide = true)]
+    GenerateDocs {
+        /// Where `man1/` and `completions/` go.
+        dir: PathBuf,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -226,6 +232,7 @@ fn main() -> anyhow::Result<()> {
             Ok(xvtpm_vtpm::swtpm::launch::run(&full, false)?)
         }
         Command::Proxy { state, vtpmx, info_file } => proxy(&state, &vtpmx, info_file.as_deref()),
+        Command::GenerateDocs { dir } => Ok(xvtpm_cli::docs::generate(<Cli as clap::CommandFactory>::command(), &dir)?),
     }
 }
 

@@ -129,6 +129,12 @@ enum Cmd {
         #[arg(long, value_name = "FILE")]
         owner_auth_file: Option<PathBuf>,
     },
+    /// Writes this tool's man pages and shell completions under DIR (for packaging).
+    #[command(hide = true)]
+    GenerateDocs {
+        /// Where `man1/` and `completions/` go.
+        dir: PathBuf,
+    },
 }
 
 /// A secret's bytes from a file (a final newline dropped), or none.
@@ -252,6 +258,10 @@ fn main() -> anyhow::Result<()> {
             if let Some(p) = &admin_socket {
                 threads.push(server::serve_unix(mgr.clone(), p, true, max_clients)?);
             }
+            // The sockets listen: units ordered after this one (xvtpmd) may connect.
+            if let Err(e) = xvtpm_cli::notify::ready("the store is open; serving") {
+                log::warn!("cannot tell systemd that the manager is ready: {e}");
+            }
             if xen {
                 let x: Arc<dyn Xen> =
                     xvtpm_xen::open(sim.as_deref(), domid).context("cannot reach Xen (is this a Xen domain?)")?;
@@ -270,6 +280,7 @@ fn main() -> anyhow::Result<()> {
                 let _ = t.join();
             }
         }
+        Cmd::GenerateDocs { dir } => xvtpm_cli::docs::generate(<Cli as clap::CommandFactory>::command(), &dir)?,
     }
     Ok(())
 }

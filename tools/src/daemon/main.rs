@@ -27,12 +27,15 @@ const TOKEN: &str = "xvtpmd";
 
 /// Serve every vtpm device of this domain. Options given here override the configuration file.
 #[derive(Parser)]
-#[command(version)]
+#[command(name = "xvtpmd", version)]
 struct Cli {
     /// The configuration file (TOML; its keys are these options' names). Default:
     /// /etc/xvtpm/xvtpmd.toml if it exists.
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// Writes the man page and shell completions under DIR and exits (for packaging).
+    #[arg(long, value_name = "DIR", hide = true)]
+    generate_docs: Option<PathBuf>,
     /// The vtpm executable [default: /usr/bin/vtpm].
     #[arg(long, value_name = "PATH")]
     vtpm: Option<PathBuf>,
@@ -77,6 +80,9 @@ struct Cli {
 fn main() -> anyhow::Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
+    if let Some(dir) = &cli.generate_docs {
+        return Ok(xvtpm_cli::docs::generate(<Cli as clap::CommandFactory>::command(), dir)?);
+    }
     let file = config::File::load(cli.config.as_deref())?;
     let manager = (cli.manager_socket.or(file.manager_socket), cli.admin_socket.or(file.admin_socket));
     let keyless = cli.insecure_keyless || file.insecure_keyless.unwrap_or(false);
@@ -148,6 +154,7 @@ fn serve(
 ) -> anyhow::Result<()> {
     let mut rescan = true;
     let mut written = None;
+    let mut announced = false;
     loop {
         while let Ok(exit) = sup.exits.try_recv() {
             sup.exited(exit);
@@ -165,6 +172,14 @@ fn serve(
         if written.as_ref() != Some(&now) {
             status::write(status_file, &now);
             written = Some(now);
+        }
+        if !announced {
+            // Every device there at the start has its vtpm: guests started after us (by
+            // xendomains, ordered after this service) find the service ready.
+            announced = true;
+            if let Err(e) = xvtpm_cli::notify::ready("serving the vtpm devices of this domain") {
+                log::warn!("cannot tell systemd that xvtpmd is ready: {e}");
+            }
         }
         if stop.load(Ordering::SeqCst) {
             return Ok(());

@@ -186,6 +186,8 @@ impl Supervisor {
         cmd.args(["serve", "--frontend", &e.device.frontend.to_string(), "--handle", &e.device.handle.to_string()]);
         self.spec.state_args(&mut cmd, uuid);
         cmd.arg("--snapshot-dir").arg(&self.spec.snapshot_dir).stdin(Stdio::null());
+        // systemd's readiness is the daemon's to tell, not its children's.
+        cmd.env_remove(xvtpm_cli::notify::NOTIFY_SOCKET);
         let generation = self.next_generation;
         self.next_generation += 1;
         e.generation = generation;

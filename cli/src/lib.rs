@@ -1,0 +1,7 @@
+//! What the xvtpm binaries share as programs rather than as parts of the TPM stack: their man
+//! pages and shell completions ([`docs`]) and telling systemd they are ready ([`notify`]).
+
+#![forbid(unsafe_code)]
+
+pub mod docs;
+pub mod notify;
