@@ -23,6 +23,8 @@ if [ -z "$BIN" ]; then
     cargo build --release --locked -p xvtpm-vtpm -p xvtpm-vtpmmgr -p xvtpm-tools >&2
     BIN=target/release
 fi
+# Reproducible: the same binaries give the same .deb (file times from the changelog's date).
+export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(date -d "$(sed -n 's/^ -- .*>  //p' packaging/deb/changelog | head -n 1)" +%s)}
 VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n 1)
 ARCH=$(dpkg --print-architecture)
 WORK=$(mktemp -d); trap 'rm -rf "$WORK"' EXIT
@@ -64,6 +66,7 @@ sed -e "s/@VERSION@/$VERSION/" -e "s/@ARCH@/$ARCH/" -e "s/@SIZE@/$SIZE/" -e "s/@
 (cd "$ROOT" && find . -path ./DEBIAN -prune -o -type f -printf '%P\0' | sort -z | xargs -0 md5sum) \
     > "$ROOT/DEBIAN/md5sums"
 chmod -R go-w "$ROOT"
+find "$ROOT" -exec touch -h -d "@$SOURCE_DATE_EPOCH" {} +
 mkdir -p "$OUT"
 DEB=$OUT/xvtpm_${VERSION}_${ARCH}.deb
 dpkg-deb --root-owner-group -Zxz --build "$ROOT" "$DEB" >&2

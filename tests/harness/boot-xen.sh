@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Boots Xen + dom0 (+ the guests) from build-xen.sh's images under QEMU (TCG), serial log to
-# LOGFILE. Exits 0 when dom0 reports PASS.   Usage: boot-xen.sh IMGDIR LOGFILE [TIMEOUT [tpm]]
+# LOGFILE. Exits 0 when dom0 reports PASS.   Usage: boot-xen.sh IMGDIR LOGFILE [TIMEOUT [tpm|tpm-dom0]]
 # With `tpm`, the machine has a TPM 2.0 (QEMU's tpm-tis backed by a fresh Debian swtpm) that
-# dom0's kernel leaves alone, for the manager's stub domain.
+# dom0's kernel leaves alone, for the manager's stub domain; with `tpm-dom0`, dom0's kernel
+# drives it (/dev/tpmrm0, for a manager in dom0).
 set -uo pipefail
 IMG=${1:?usage: boot-xen.sh IMGDIR LOGFILE [TIMEOUT [tpm]]}; LOG=${2:?}; TMO=${3:-600}; TPM=${4:-}
 XEN_CMD="dom0_mem=1024M,max:1024M dom0_max_vcpus=2 console=com1 com1=115200,8n1 loglvl=warning guest_loglvl=warning"
 DOM0_CMD="console=hvc0 earlyprintk=xen loglevel=4"
 EXTRA=()
-if [ "$TPM" = tpm ]; then
+if [ "$TPM" = tpm ] || [ "$TPM" = tpm-dom0 ]; then
     T=$(mktemp -d); trap 'kill $SWTPM 2>/dev/null; rm -rf "$T"' EXIT
     mkdir "$T/state"
     swtpm socket --tpm2 --tpmstate dir="$T/state" --ctrl type=unixio,path="$T/ctrl" >/dev/null 2>&1 &
@@ -17,7 +18,7 @@ if [ "$TPM" = tpm ]; then
     ready() { perl -MIO::Socket::UNIX -e 'IO::Socket::UNIX->new(Peer => $ARGV[0]) or exit 1' "$1"; }
     i=0; while ! ready "$T/ctrl"; do i=$((i+1)); [ $i -gt 200 ] && { echo "swtpm did not start" >&2; exit 1; }; sleep 0.05; done
     EXTRA=(-chardev "socket,id=chrtpm,path=$T/ctrl" -tpmdev emulator,id=tpm0,chardev=chrtpm -device tpm-tis,tpmdev=tpm0)
-    DOM0_CMD="$DOM0_CMD initcall_blacklist=init_tis,crb_acpi_driver_init"
+    [ "$TPM" = tpm ] && DOM0_CMD="$DOM0_CMD initcall_blacklist=init_tis,crb_acpi_driver_init"
 fi
 timeout --foreground -k 5 "$TMO" qemu-system-x86_64 -machine pc -accel tcg,thread=multi -cpu qemu64 -m 2048 -smp 2 \
     -display none -monitor none -serial stdio -no-reboot -device isa-debug-exit,iobase=0xf4,iosize=0x04 "${EXTRA[@]}" \

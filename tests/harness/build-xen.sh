@@ -6,16 +6,20 @@
 #     lifecycle  the guest's vTPM across vtpm stops, kills, xl save and restore
 #                (xen-lifecycle-dom0-init.sh);
 #     stubdom  the manager and the guest's vTPM in stub domains, disks on loop devices through
-#              Xen's own hotplug scripts, our `xvtpm` tool (xen-stubdom-dom0-init.sh).
+#              Xen's own hotplug scripts, our `xvtpm` tool (xen-stubdom-dom0-init.sh);
+#     service  our Debian package (OUTDIR/xvtpm.deb, built by the test) installed with dpkg,
+#              the manager and xvtpmd run as their units run them (xen-service-dom0-init.sh).
 # Cached: rebuilt when an input (packages, scripts, binaries) changes.
-# Usage: build-xen.sh OUTDIR BINDIR [e2e|lifecycle|stubdom]   (BINDIR holds vtpm, vtpmmgr, xvtpm)
+# Usage: build-xen.sh OUTDIR BINDIR [e2e|lifecycle|stubdom|service]   (BINDIR holds vtpm, vtpmmgr, xvtpm)
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
-OUT=${1:?usage: build-xen.sh OUTDIR BINDIR [e2e|lifecycle|stubdom]}
-BIN=${2:?usage: build-xen.sh OUTDIR BINDIR [e2e|lifecycle|stubdom]}
+OUT=${1:?usage: build-xen.sh OUTDIR BINDIR [e2e|lifecycle|stubdom|service]}
+BIN=${2:?usage: build-xen.sh OUTDIR BINDIR [e2e|lifecycle|stubdom|service]}
 SCENARIO=${3:-e2e}
 VTPM=$BIN/vtpm
 case "$SCENARIO" in e2e|lifecycle) BINS=("$VTPM");; stubdom) BINS=("$VTPM" "$BIN/vtpmmgr" "$BIN/xvtpm");;
+    # The package the test built from BINDIR's binaries (scripts/package.sh), in OUTDIR.
+    service) BINS=("$OUT/xvtpm.deb");;
     *) echo "unknown scenario $SCENARIO" >&2; exit 2;; esac
 mkdir -p "$OUT/debs"
 
@@ -87,7 +91,23 @@ mkdir -p "$S/etc/xen" "$S/var/lib/xen" "$S/var/log/xen"
 cp "$OUT/vmlinux" "$S/boot/vmlinux-domU"
 cp "$OUT/domU.cpio.gz" "$S/boot/domU.cpio.gz"
 install -m 644 "$HERE/xen-dom0-common.sh" "$S/lib/xen-dom0-common.sh"
-if [ "$SCENARIO" != stubdom ]; then
+if [ "$SCENARIO" = service ]; then
+    # The package, and dpkg to install it (its database empty: the libraries the package
+    # depends on are files here, copied from this machine's Debian 12).
+    mkdir -p "$S/root"; cp "$OUT/xvtpm.deb" "$S/root/xvtpm.deb"
+    for b in /usr/bin/dpkg /usr/bin/dpkg-deb /usr/bin/dpkg-query /usr/sbin/start-stop-daemon; do
+        cp "$b" "$S/usr/bin/"; copy_libs "$b" "$S"
+    done
+    mkdir -p "$S/sbin"; cp /sbin/ldconfig "$S/sbin/ldconfig"
+    X=$(mktemp -d); dpkg-deb -x "$OUT/xvtpm.deb" "$X"
+    for b in "$X"/usr/bin/*; do copy_libs "$b" "$S"; done; rm -rf "$X"
+    # busybox has no getent, and its adduser takes other options: the account the postinst
+    # would add is there already (tools/tests/package.rs covers adduser in a Debian root).
+    printf '#!/bin/sh\ngrep -q "^$2:" /etc/$1\n' > "$S/usr/bin/getent"; chmod 755 "$S/usr/bin/getent"
+    printf 'root:x:0:0:root:/root:/bin/sh\nxvtpm:x:100:101::/nonexistent:/bin/false\n' > "$S/etc/passwd"
+    printf 'root:x:0:\nxvtpm:x:101:\n' > "$S/etc/group"
+    install -m 755 "$HERE/xen-service-dom0-init.sh" "$S/init"
+elif [ "$SCENARIO" != stubdom ]; then
     strip -o "$S/usr/sbin/vtpm" "$VTPM"; copy_libs "$VTPM" "$S"
     cp "$HERE/xen-domU.cfg" "$S/etc/xen/domU.cfg"
     case "$SCENARIO" in e2e) init=xen-dom0-init.sh;; lifecycle) init=xen-lifecycle-dom0-init.sh;; esac

@@ -4,7 +4,8 @@
 export PATH=/bin:/usr/bin LD_LIBRARY_PATH=/lib/x86_64-linux-gnu
 mount -t proc proc /proc; mount -t sysfs sysfs /sys; mount -t devtmpfs devtmpfs /dev; mount -t tmpfs tmpfs /tmp
 say() { echo "XVTPM-DOMU: $*"; }
-PHASE=1; case "$(cat /proc/cmdline)" in *xvtpm.phase=2*) PHASE=2;; *xvtpm.phase=lifecycle*) PHASE=lifecycle;; esac
+PHASE=1; case "$(cat /proc/cmdline)" in *xvtpm.phase=2*) PHASE=2;; *xvtpm.phase=lifecycle*) PHASE=lifecycle;;
+    *xvtpm.phase=service*) PHASE=service;; esac
 say "kernel $(uname -r), phase $PHASE"
 pcr16() { tpm2_pcrread sha256:16 2>&1 | awk '/16:/ {print $2}'; }
 insmod /lib/modules/xen-tpmfront.ko &
@@ -12,6 +13,21 @@ i=0; while [ ! -e /dev/tpm0 ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
 say "devices $(ls /dev/tpm* 2>&1 | tr '\n' ' ')"
 say "tpm_version_major=$(cat /sys/class/tpm/tpm0/tpm_version_major 2>/dev/null)"
 export TPM2TOOLS_TCTI=device:/dev/tpm0
+if [ $PHASE = service ]; then
+    # One of several guests served by xvtpmd: PCR 16 extended N times (xvtpm.n=N, so each
+    # guest's value is its own), then a tick every second with PCR 16, while dom0 kills and
+    # restarts vtpms and the daemon.
+    n=$(sed -n 's/.*xvtpm\.n=\([0-9]*\).*/\1/p' /proc/cmdline); k=0
+    while [ $k -lt "${n:-1}" ]; do
+        tpm2_pcrextend 16:sha256=0303030303030303030303030303030303030303030303030303030303030303 || say "svc extend FAILED"
+        k=$((k+1))
+    done
+    say "svc ready pcr16 $(pcr16)"
+    i=0
+    while true; do
+        i=$((i+1)); say "svc tick $i pcr16 $(pcr16 | cut -c1-18)"; sleep 1
+    done
+fi
 if [ $PHASE = lifecycle ]; then
     # PCR 16 extended once from zero and a signing key left loaded; then, while dom0 stops,
     # kills, saves and restores our vTPM under this guest, a tick every 0.2 s: PCR 16 and

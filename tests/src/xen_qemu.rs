@@ -18,9 +18,20 @@ fn harness() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("harness")
 }
 
+/// The machine's TPM (QEMU's tpm-tis behind a fresh swtpm).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tpm {
+    /// None.
+    None,
+    /// One dom0's kernel leaves alone: for the manager's stub domain (`iomem=`).
+    ForStubdom,
+    /// One dom0's kernel drives: `/dev/tpmrm0` for a manager in dom0.
+    ForDom0,
+}
+
 /// Builds `scenario`'s images into `img` (cached) from the binaries in `bin_dir`, boots them
-/// (with a TPM behind QEMU's tpm-tis if `tpm`) and returns the console.
-pub fn run(img: &Path, bin_dir: &Path, scenario: &str, tpm: bool, timeout_s: u32) -> Console {
+/// with `tpm` and returns the console.
+pub fn run(img: &Path, bin_dir: &Path, scenario: &str, tpm: Tpm, timeout_s: u32) -> Console {
     let built = Command::new("bash")
         .arg(harness().join("build-xen.sh"))
         .arg(img)
@@ -32,8 +43,14 @@ pub fn run(img: &Path, bin_dir: &Path, scenario: &str, tpm: bool, timeout_s: u32
     let log = img.join("boot.log");
     let mut boot = Command::new("bash");
     boot.arg(harness().join("boot-xen.sh")).arg(img).arg(&log).arg(timeout_s.to_string());
-    if tpm {
-        boot.arg("tpm");
+    match tpm {
+        Tpm::None => {}
+        Tpm::ForStubdom => {
+            boot.arg("tpm");
+        }
+        Tpm::ForDom0 => {
+            boot.arg("tpm-dom0");
+        }
     }
     let passed = boot.status().expect("boot-xen.sh").success();
     let text = String::from_utf8_lossy(&std::fs::read(&log).unwrap_or_default()).replace('\r', "");

@@ -15,7 +15,8 @@ const XVTPM: &str = env!("CARGO_BIN_EXE_xvtpm");
 #[test]
 fn guest_with_vtpm_and_manager_in_stub_domains() {
     let img = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("xen-stubdom");
-    let c = xen_qemu::run(&img, &xvtpm_tests::bins::vtpm_and_vtpmmgr(XVTPM), "stubdom", true, 1500);
+    let c =
+        xen_qemu::run(&img, &xvtpm_tests::bins::vtpm_and_vtpmmgr(XVTPM), "stubdom", xen_qemu::Tpm::ForStubdom, 1500);
     let has = |s: &str| c.text.contains(s);
     assert!(has("manager domain serving"), "the manager's domain did not come up; {}", c.ctx());
     assert!(has("vtpmmgr: store /dev/xvda created"), "no store made on the manager's disk; {}", c.ctx());

@@ -14,7 +14,7 @@ const VTPM: &str = env!("CARGO_BIN_EXE_vtpm");
 #[test]
 fn the_guests_tpm_survives_vtpm_restarts_and_save_restore() {
     let img = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("xen-lifecycle");
-    let c = xen_qemu::run(&img, Path::new(VTPM).parent().expect("bin dir"), "lifecycle", false, 1500);
+    let c = xen_qemu::run(&img, Path::new(VTPM).parent().expect("bin dir"), "lifecycle", xen_qemu::Tpm::None, 1500);
     let ctx = || c.ctx();
     let ready = c.value("lc ready");
     assert!(ready.starts_with("pcr16 0x") && ready.contains(" key 0x80"), "the guest's start: {ready:?}; {}", ctx());

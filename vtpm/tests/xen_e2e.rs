@@ -12,7 +12,7 @@ const VTPM: &str = env!("CARGO_BIN_EXE_vtpm");
 #[test]
 fn xen_guest_uses_our_vtpm() {
     let img = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("xen-e2e");
-    let c = xen_qemu::run(&img, Path::new(VTPM).parent().expect("bin dir"), "e2e", false, 1200);
+    let c = xen_qemu::run(&img, Path::new(VTPM).parent().expect("bin dir"), "e2e", xen_qemu::Tpm::None, 1200);
     let console = &c.text;
     let ctx = || c.ctx();
     let guest = |p: &str| c.guest(p);

@@ -80,7 +80,11 @@ impl Spec {
             return Err(format!("{} exists but xvtpmd did not make it (no {MADE}); not touching it", dir.display()));
         }
         if !self.auto_create {
-            return Err(format!("no vTPM here ({} does not exist) and --auto-create is off", dir.display()));
+            return Err(format!(
+                "no vTPM here ({} does not exist) and auto-create is off: set `auto-create = true` in the \
+                 configuration (or --auto-create), and the guest's next start creates it",
+                dir.display()
+            ));
         }
         if dir.exists() {
             log::warn!("vTPM {uuid}: an earlier create was cut short; undoing it");

@@ -122,7 +122,7 @@ impl Supervisor {
                 Some(d) => self.entries.get(&u).is_some_and(|e| e.device.key() != d.key()),
             };
             if moved {
-                self.stop(&u);
+                self.stop(&u, "device gone");
             }
         }
         for (u, d) in wanted {
@@ -171,8 +171,9 @@ impl Supervisor {
             Err(why) => {
                 log::error!("{}: vTPM {uuid}: {why}", e.device.name());
                 // What the guest may read too: no host paths (the log has them).
-                let guest_why =
-                    format!("no vTPM {uuid} on this host; the administrator can let xvtpmd create it (--auto-create)");
+                let guest_why = format!(
+                    "no vTPM {uuid} on this host; the administrator can let xvtpmd create it (auto-create = true, or --auto-create)"
+                );
                 devices::refuse(&self.xs, &e.device, &guest_why);
                 e.last_error = Some(why);
             }
@@ -296,12 +297,13 @@ impl Supervisor {
         }
     }
 
-    /// Its device is gone (or moved): SIGTERM its vtpm (reaped when its end is reported).
-    fn stop(&mut self, uuid: &str) {
+    /// Its device is gone (or moved), or the daemon stops (`why`): SIGTERM its vtpm (reaped
+    /// when its end is reported).
+    fn stop(&mut self, uuid: &str, why: &str) {
         let Some(mut e) = self.entries.remove(uuid) else { return };
         match std::mem::replace(&mut e.run, Run::Refused) {
             Run::Running { child, .. } => {
-                log::info!("{}: device gone; stopping the vtpm for {uuid} (pid {})", e.device.name(), child.id());
+                log::info!("{}: {why}; stopping the vtpm for {uuid} (pid {})", e.device.name(), child.id());
                 terminate(&child);
                 e.run = Run::Stopping { child, again: false };
                 self.entries.insert(uuid.to_string(), e);
@@ -320,7 +322,7 @@ impl Supervisor {
     pub fn stop_all(&mut self, grace: Duration) {
         let uuids: Vec<String> = self.entries.keys().cloned().collect();
         for u in &uuids {
-            self.stop(u);
+            self.stop(u, "xvtpmd is stopping");
             if let Some(Run::Stopping { again, .. }) = self.entries.get_mut(u).map(|e| &mut e.run) {
                 *again = false;
             }

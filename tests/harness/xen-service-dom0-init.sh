@@ -1,0 +1,85 @@
+#!/bin/busybox sh
+# dom0 /init of the service scenario: the xvtpm package installed with dpkg, the manager and
+# xvtpmd started as their units start them (ExecStart, the tmpfiles directories), the manager
+# on dom0's TPM (QEMU's tpm-tis behind swtpm) through /dev/tpmrm0. Three guests from plain
+# domain files (a vtpm= line each) get TPMs; one guest's vtpm is killed and the daemon
+# restarts it; xvtpmd itself is restarted under the running guests; one guest is destroyed and
+# its vtpm stops; a guest with an unknown uuid is refused with auto-create off. QEMU exits 3
+# when all ran.
+. /lib/xen-dom0-common.sh
+mark "xen up"
+CON=/var/log/xen/console
+# dpkg's database, empty: the libraries the package depends on are files of this image.
+mkdir -p /var/lib/dpkg/info /var/lib/dpkg/updates /var/lib/dpkg/triggers /var/lib/dpkg/alternatives
+: > /var/lib/dpkg/status; : > /var/lib/dpkg/available
+mark "dpkg: $(dpkg -i --force-depends /root/xvtpm.deb 2>&1 | grep -v '^(Reading' | tr '\n' ' ' | cut -c1-400)"
+mark "installed: $(dpkg-query -W -f='${Package} ${Version} ${Status}' xvtpm 2>&1)"
+# What systemd would do: tmpfiles, then each unit's ExecStart.
+awk '$1 == "d" {print $2, $3}' /usr/lib/tmpfiles.d/xvtpm.conf | while read -r d m; do mkdir -p "$d"; chmod "$m" "$d"; done
+execstart() { sed -n 's/^ExecStart=//p' /lib/systemd/system/$1.service; }
+[ -e /dev/tpmrm0 ] || { mark "no /dev/tpmrm0 in dom0"; ls -l /dev/tpm* | sed 's/^/  /'; finish FAIL; }
+vtpmmgr init --store /var/lib/xvtpm/mgr.img --tpm tpmrm:/dev/tpmrm0 --pcrs 0,1,2,3,4,5,6,7 2>&1 | tail -n 2 | sed 's/^/  vtpmmgr: /'
+MGR_CMD=$(execstart vtpmmgr); mark "vtpmmgr.service: $MGR_CMD"
+$MGR_CMD > /var/log/vtpmmgr.log 2>&1 &
+i=0; while [ ! -S /run/xvtpm/admin.sock ]; do i=$((i+1)); [ $i -gt 200 ] && { cat /var/log/vtpmmgr.log; finish FAIL; }; usleep 50000; done
+D_CMD=$(execstart xvtpmd); mark "xvtpmd.service: $D_CMD"
+start_daemon() { n0=$(grep -c watching /var/log/xvtpmd.log 2>/dev/null); $D_CMD >> /var/log/xvtpmd.log 2>&1 & DAEMON=$!
+    i=0; while [ "$(grep -c watching /var/log/xvtpmd.log)" -le "${n0:-0}" ]; do
+        i=$((i+1)); [ $i -gt 200 ] && { cat /var/log/xvtpmd.log; finish FAIL; }; usleep 50000; done; }
+start_daemon
+status() { xvtpm status --json 2>&1; }
+guest() { # name n uuid: a plain domain file with one vtpm= line
+    cat > /etc/xen/$1.cfg <<EOF
+name = "$1"
+type = "pv"
+kernel = "/boot/vmlinux-domU"
+ramdisk = "/boot/domU.cpio.gz"
+extra = "console=hvc0 loglevel=4 xvtpm.phase=service xvtpm.n=$2"
+memory = 192
+vtpm = [ "backend=0,uuid=$3" ]
+EOF
+    xl create /etc/xen/$1.cfg 2>&1 | sed 's/^/  xl: /'
+}
+ready() { i=0; while ! grep -q "svc ready" $CON/guest-$1.log 2>/dev/null; do i=$((i+1)); [ $i -gt 1200 ] && break; usleep 100000; done
+    mark "SVC $1 $(grep -o 'svc ready.*' $CON/guest-$1.log | head -n 1)"; }
+U1=11111111-1111-4111-8111-111111111111; U2=22222222-2222-4222-8222-222222222222
+U3=33333333-3333-4333-8333-333333333333; U4=44444444-4444-4444-8444-444444444444
+# One after another: each vTPM is created on first use while libxl waits (10 s) for its
+# backend, which under TCG with other guests booting is not always enough.
+guest g1 1 $U1; ready g1; guest g2 2 $U2; ready g2; guest g3 3 $U3; ready g3
+mark "SVCSTATUS1 $(status)"
+pid_of() { status | tr '{' '\n' | grep "\"uuid\":\"$1\"" | sed -n 's/.*"pid":\([0-9]*\).*/\1/p'; }
+last_tick() { grep -o "svc tick [0-9]* pcr16 [0-9a-fA-Fx]*" $CON/guest-$1.log | tail -n 1; }
+tick_after() { # guest tick-number: the first tick after it (waits)
+    i=0; while [ $i -lt 600 ]; do
+        l=$(grep -o "svc tick [0-9]* pcr16 [0-9a-fA-Fx]*" $CON/guest-$1.log | awk -v n=$2 '$3 > n + 1' | head -n 1)
+        [ -n "$l" ] && { echo "$l"; return 0; }; i=$((i+1)); usleep 100000
+    done; echo "no tick after $2"; }
+# 1. g2's vtpm killed: the daemon restarts it; g2's PCR 16 is as it was.
+P2=$(pid_of $U2); N=$(last_tick g2 | awk '{print $3}')
+kill -9 $P2
+i=0; while [ "$(pid_of $U2)" = "$P2" ] || [ -z "$(pid_of $U2)" ]; do i=$((i+1)); [ $i -gt 200 ] && break; usleep 100000; done
+mark "SVC killed g2 vtpm $P2, now $(pid_of $U2): $(tick_after g2 $N)"
+mark "SVCSTATUSK $(status)"
+# 2. xvtpmd restarted under the running guests (as systemctl restart: SIGTERM, start again).
+N1=$(last_tick g1 | awk '{print $3}'); N2=$(last_tick g2 | awk '{print $3}')
+kill -TERM $DAEMON; i=0; while kill -0 $DAEMON 2>/dev/null; do i=$((i+1)); [ $i -gt 400 ] && break; usleep 50000; done
+start_daemon
+mark "SVC daemon restarted: g1 $(tick_after g1 $N1); g2 $(tick_after g2 $N2)"
+# 3. g3 destroyed: its vtpm stops.
+P3=$(pid_of $U3)
+xl destroy g3 2>&1 | sed 's/^/  xl: /'
+i=0; while kill -0 $P3 2>/dev/null; do i=$((i+1)); [ $i -gt 200 ] && break; usleep 100000; done
+kill -0 $P3 2>/dev/null && mark "SVC g3 vtpm $P3 still running" || mark "SVC g3 vtpm $P3 stopped"
+# 4. auto-create off: a guest whose uuid the manager does not know is refused, by name.
+sed -i 's/^auto-create = true/auto-create = false/' /etc/xvtpm/xvtpmd.toml
+kill -TERM $DAEMON; i=0; while kill -0 $DAEMON 2>/dev/null; do i=$((i+1)); [ $i -gt 400 ] && break; usleep 50000; done
+start_daemon
+# xl gives up on a device its backend closes, and destroys the domain: the refusal is in
+# xvtpmd's log (the journal, under systemd), naming the guest, the uuid and the remedy.
+guest g4 4 $U4 > /tmp/g4.xl 2>&1; cat /tmp/g4.xl
+mark "SVC g4 xl: $(grep -c 'unable to add vtpm devices' /tmp/g4.xl) failed; domid $(xl domid g4 2>&1 | tail -n 1)"
+mark "SVC g4 refused: $(grep '44444444-4444-4444-8444-444444444444' /var/log/xvtpmd.log | grep ERROR | tail -n 1 | cut -d']' -f2-)"
+mark "SVCSTATUS2 $(status)"
+mark "xvtpmd log:"; tail -n 40 /var/log/xvtpmd.log | cut -c1-220 | sed 's/^/  /'
+finish PASS
