@@ -393,6 +393,21 @@ impl State {
         if let Some(conn) = self.devices.get_mut(&key).and_then(|d| d.conn.take()) {
             conn.stop();
             log::info!("vtpm {}/{}: disconnected", key.0, key.1);
+            if self.follows_domains {
+                self.disconnected_while_running(key);
+            }
+        }
+    }
+
+    /// A running guest let go of its device (whatever state it wrote: its root may write any,
+    /// or remove its frontend directory): whatever it does next, it was not suspended, so the
+    /// handler hears it as a close. A suspended or dying domain's device goes without that.
+    fn disconnected_while_running(&mut self, key: (DomId, u32)) {
+        let Some(info) = self.devices.get(&key).and_then(|d| d.connected_info.clone()) else { return };
+        match self.xen.domain_info(key.0) {
+            Ok(Some(d)) if d.shutdown.is_none() && !d.dying => self.handler.frontend_closed(&info),
+            Ok(_) => {}
+            Err(e) => log::warn!("vtpm {}/{}: cannot ask Xen about domain {}: {e}", key.0, key.1, key.0),
         }
     }
 
@@ -741,10 +756,11 @@ impl State {
         }
     }
 
-    /// A domain shut down or went (`@releaseDomain`): ask the hypervisor about each connected
-    /// device's guest.
+    /// A domain shut down or went (`@releaseDomain`): ask the hypervisor about the guest of
+    /// each device that was connected, connected still or not (a guest may let go of its
+    /// device before it reboots).
     fn domains_changed(&mut self) {
-        let keys: Vec<_> = self.devices.iter().filter(|(_, d)| d.conn.is_some()).map(|(k, _)| *k).collect();
+        let keys: Vec<_> = self.devices.iter().filter(|(_, d)| d.connected_info.is_some()).map(|(k, _)| *k).collect();
         for key in keys {
             self.check_domain(key);
         }
@@ -756,7 +772,7 @@ impl State {
     /// and suspended again looks the same to us, since xenstored fires nothing at a resume.
     fn check_domain(&mut self, key: (DomId, u32)) {
         let Some(dev) = self.devices.get_mut(&key) else { return };
-        let Some(info) = dev.connected_info.clone().filter(|_| dev.conn.is_some()) else { return };
+        let Some(info) = dev.connected_info.clone() else { return };
         let reason = match self.xen.domain_info(key.0) {
             Ok(Some(d)) => d.shutdown,
             // Gone: whatever it did, its ring is no longer ours to serve.

@@ -105,7 +105,8 @@ pub trait CommandHandler: Send + Sync {
     fn domain_shut_down(&self, _device: &DeviceInfo, _reason: ShutdownReason) {}
 
     /// A connected device's frontend closed: the guest shuts down or reboots, or unloaded its
-    /// driver (a suspended guest leaves it connected).
+    /// driver; or (for a handler that follows suspends) a guest the hypervisor says runs let
+    /// go of its device in any way. A suspended guest leaves it connected.
     fn frontend_closed(&self, _device: &DeviceInfo) {}
 
     /// A device disconnected (frontend closed, device removed, or protocol error).

@@ -25,6 +25,8 @@ if [ $PHASE = service ]; then
     say "svc ready pcr16 $(pcr16)"
     i=0
     while true; do
+        # After a restore the stock xen-tpmfront may come back as the next /dev/tpmN.
+        dev=$(ls /dev/tpm[0-9]* 2>/dev/null | head -n 1); export TPM2TOOLS_TCTI=device:${dev:-/dev/tpm0}
         i=$((i+1)); say "svc tick $i pcr16 $(pcr16 | cut -c1-18)"; sleep 1
     done
 fi

@@ -1,10 +1,10 @@
 #!/bin/busybox sh
 # dom0 /init of the service scenario: the xvtpm package installed with dpkg, the manager and
-# xvtpmd started as their units start them (ExecStart, the tmpfiles directories), the manager
+# xvtpmd started with their units' ExecStart lines and tmpfiles (no systemd here), the manager
 # on dom0's TPM (QEMU's tpm-tis behind swtpm) through /dev/tpmrm0. Three guests from plain
 # domain files (a vtpm= line each) get TPMs; one guest's vtpm is killed and the daemon
-# restarts it; xvtpmd itself is restarted under the running guests; one guest is destroyed and
-# its vtpm stops; a guest with an unknown uuid is refused with auto-create off. QEMU exits 3
+# restarts it; xvtpmd itself is restarted under the running guests; one guest is saved and
+# restored; one guest is destroyed and its vtpm stops; a guest with an unknown uuid is refused with auto-create off. QEMU exits 3
 # when all ran.
 . /lib/xen-dom0-common.sh
 mark "xen up"
@@ -66,12 +66,20 @@ N1=$(last_tick g1 | awk '{print $3}'); N2=$(last_tick g2 | awk '{print $3}')
 kill -TERM $DAEMON; i=0; while kill -0 $DAEMON 2>/dev/null; do i=$((i+1)); [ $i -gt 400 ] && break; usleep 50000; done
 start_daemon
 mark "SVC daemon restarted: g1 $(tick_after g1 $N1); g2 $(tick_after g2 $N2)"
-# 3. g3 destroyed: its vtpm stops.
+# 3. g1 saved and restored: its device goes (xvtpmd stops its vtpm, which keeps the suspended
+# TPM), the restored domain's device comes (a new vtpm continues it).
+xl save g1 /tmp/g1.save 2>&1 | sed 's/^/  xl: /'
+N1=$(last_tick g1 | awk '{print $3}')   # the saved guest ticks no more
+xl restore /tmp/g1.save 2>&1 | sed 's/^/  xl: /'; rm -f /tmp/g1.save
+mark "SVC g1 restored: $(tick_after g1 $N1)"
+# 4. g3 destroyed: its vtpm stops.
 P3=$(pid_of $U3)
 xl destroy g3 2>&1 | sed 's/^/  xl: /'
-i=0; while kill -0 $P3 2>/dev/null; do i=$((i+1)); [ $i -gt 200 ] && break; usleep 100000; done
-kill -0 $P3 2>/dev/null && mark "SVC g3 vtpm $P3 still running" || mark "SVC g3 vtpm $P3 stopped"
-# 4. auto-create off: a guest whose uuid the manager does not know is refused, by name.
+if [ -z "$P3" ]; then mark "SVC g3 vtpm had no pid"; else
+    i=0; while kill -0 $P3 2>/dev/null; do i=$((i+1)); [ $i -gt 200 ] && break; usleep 100000; done
+    kill -0 $P3 2>/dev/null && mark "SVC g3 vtpm $P3 still running" || mark "SVC g3 vtpm $P3 stopped"
+fi
+# 5. auto-create off: a guest whose uuid the manager does not know is refused, by name.
 sed -i 's/^auto-create = true/auto-create = false/' /etc/xvtpm/xvtpmd.toml
 kill -TERM $DAEMON; i=0; while kill -0 $DAEMON 2>/dev/null; do i=$((i+1)); [ $i -gt 400 ] && break; usleep 50000; done
 start_daemon

@@ -1,9 +1,10 @@
 //! The packaged dom0 service under QEMU-emulated Xen (Xen 4.17, xl, stock guest kernels): the
 //! .deb built from this build's binaries is installed with dpkg in dom0; the manager (on dom0's
-//! TPM through /dev/tpmrm0) and xvtpmd start as their units start them. Three PV guests from
-//! plain domain files (one `vtpm=` line each, created on first use) get their own TPMs; a
-//! killed vtpm is restarted by the daemon and its guest keeps PCR 16; xvtpmd restarted under
-//! running guests keeps theirs; `xl destroy` stops that guest's vtpm; with `auto-create =
+//! TPM through /dev/tpmrm0) and xvtpmd start with their units' ExecStart lines (that dom0 has no
+//! systemd). Three PV guests from plain domain files (one `vtpm=` line each, created on first
+//! use) get their own TPMs; a killed vtpm is restarted by the daemon and its guest keeps PCR 16;
+//! xvtpmd restarted under running guests keeps theirs; a guest saved and restored with xl keeps
+//! its PCR 16 (its vtpm stopped with the device, a new one continues it); `xl destroy` stops that guest's vtpm; with `auto-create =
 //! false` an unknown uuid is refused by name; `xvtpm status --json` shows it all.
 //! Scenario: tests/harness/xen-service-dom0-init.sh.
 
@@ -72,12 +73,19 @@ fn the_packaged_service_serves_guests_from_plain_domain_files() {
         "after xvtpmd's restart: {restarted}; {}",
         ctx()
     );
-    assert!(line(&c, "SVC g3 vtpm ").ends_with("stopped"), "xl destroy: {}; {}", line(&c, "SVC g3 vtpm "), ctx());
+    let restored = line(&c, "SVC g1 restored: ");
+    assert!(
+        restored.contains(&format!("pcr16 {}", short(&pcrs[0]))),
+        "after xl save and restore: {restored}; {}",
+        ctx()
+    );
+    let g3 = line(&c, "SVC g3 vtpm ");
+    assert!(g3.starts_with("SVC g3 vtpm ") && g3.ends_with(" stopped"), "xl destroy: {g3}; {}", ctx());
     // The unknown uuid: xl create fails (the backend closed the device), the log says why.
     assert!(line(&c, "SVC g4 xl: ").starts_with("SVC g4 xl: 1 failed"), "{}; {}", line(&c, "SVC g4 xl: "), ctx());
     let refused = line(&c, "SVC g4 refused: ");
     assert!(
-        refused.contains("guest 4 vtpm 0: vTPM 44444444-4444-4444-8444-444444444444")
+        refused.contains("vtpm 0: vTPM 44444444-4444-4444-8444-444444444444: no vTPM here")
             && refused.contains("auto-create = true"),
         "the unknown uuid: {refused}; {}",
         ctx()

@@ -166,10 +166,17 @@ impl VtpmHandler {
     pub fn stop(&self) {
         let mut inner = self.lock();
         match std::mem::replace(&mut inner.serving, Serving::Stopped) {
-            Serving::Guest(i) => match inner.snapshot(&i) {
-                Some(seq) => log::info!("stopping: the TPM of {i} is kept in snapshot {seq}"),
-                None => log::error!("stopping: the TPM of {i} could not be kept; a restart will refuse that guest"),
-            },
+            // A suspended guest's mark stays: its next domain (restored after this process
+            // stopped) continues from it.
+            Serving::Guest(i) => {
+                let suspended = inner.suspended;
+                match inner.snapshot_as(&i, suspended) {
+                    Some(seq) => log::info!("stopping: the TPM of {i} is kept in snapshot {seq}"),
+                    None => {
+                        log::error!("stopping: the TPM of {i} could not be kept; a restart will refuse that guest")
+                    }
+                }
+            }
             Serving::Refusing(i, _) => log::info!("stopping; {i} was refused, its snapshot is left as it was"),
             Serving::Nobody | Serving::Stopped => log::info!("stopping; no guest was served"),
         }

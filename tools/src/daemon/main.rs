@@ -155,6 +155,7 @@ fn serve(
     let mut rescan = true;
     let mut written = None;
     let mut announced = false;
+    let mut listed = false;
     loop {
         while let Ok(exit) = sup.exits.try_recv() {
             sup.exited(exit);
@@ -163,7 +164,10 @@ fn serve(
         if rescan {
             // A failed read is never taken for "no devices": the next event rescans.
             match devices::list(xs, me) {
-                Ok(devices) => sup.reconcile(&devices),
+                Ok(devices) => {
+                    sup.reconcile(&devices);
+                    listed = true;
+                }
                 Err(e) => log::warn!("cannot list the vtpm devices: {e}; will look again"),
             }
         }
@@ -173,9 +177,9 @@ fn serve(
             status::write(status_file, &now);
             written = Some(now);
         }
-        if !announced {
-            // Every device there at the start has its vtpm: guests started after us (by
-            // xendomains, ordered after this service) find the service ready.
+        if !announced && listed {
+            // Every device there at the start has its vtpm (or its refusal): guests started
+            // after us (by xendomains, ordered after this service) find the service ready.
             announced = true;
             if let Err(e) = xvtpm_cli::notify::ready("serving the vtpm devices of this domain") {
                 log::warn!("cannot tell systemd that xvtpmd is ready: {e}");

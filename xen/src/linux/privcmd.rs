@@ -54,7 +54,9 @@ impl HypercallPage {
             return Err(io::Error::last_os_error());
         }
         let page = HypercallPage { ptr: NonNull::new(p.cast::<u8>()).ok_or_else(|| io::Error::other("mmap gave 0"))? };
-        // Xen cannot take a page fault on our behalf: the page must be present throughout.
+        // Xen cannot take a page fault on our behalf: the page must be present. mlock keeps it
+        // resident; the kernel could still migrate it during the call (compaction), which Xen
+        // reports as EFAULT, an error, never a wrong answer. /dev/xen/hypercall has no such gap.
         // SAFETY: the range is the page just mapped, owned by `page`.
         if unsafe { libc::mlock(p, PAGE_SIZE) } != 0 {
             return Err(io::Error::last_os_error());
@@ -110,7 +112,7 @@ pub fn domain_info(domid: DomId) -> Result<Option<DomainInfo>> {
     }
     Err(Error::io(
         format!(
-            "XEN_DOMCTL_getdomaininfo of domain {domid}: the hypervisor accepts none of the domctl interface versions {DOMCTL_VERSIONS:#x?}"
+            "XEN_DOMCTL_getdomaininfo of domain {domid}: refused with EACCES for each of the domctl interface versions {DOMCTL_VERSIONS:#x?} (a Xen this build does not know, or an XSM policy that denies it)"
         ),
         io::Error::from_raw_os_error(libc::EACCES),
     ))
