@@ -293,6 +293,14 @@ fn destroy(xs: &xvtpm_xen::Xenstore, domid: u16, backend_up: bool) {
     toolstack::remove_domain(xs, domid).expect("remove domain");
 }
 
+/// The guest's next domain `domid` (restored, migrated or rebooted: the same `vm` path `vm`)
+/// with the same vtpm device, connected.
+fn next_domain(host: &SimHost, xs: &xvtpm_xen::Xenstore, domid: u16, vm: &str) -> Frontend {
+    toolstack::add_domain_of(xs, domid, "guest", vm).expect("domain");
+    toolstack::add_vtpm(xs, domid, 0, 0, UUID).expect("vtpm device");
+    reconnect(host, domid)
+}
+
 /// PCR 16 extended and a key loaded: (PCR 16, the key's handle, its ReadPublic answer).
 fn measure_and_load(fe: &mut Frontend) -> (Vec<u8>, u32, Vec<u8>) {
     let r = fe.transmit(&xvtpm_tests::tpm2::pcr_extend_sha256(16, &[0x16; 32])).expect("extend");
@@ -489,11 +497,7 @@ fn a_saved_and_restored_guest_finds_its_tpm_as_it_was() {
     let mut fe = guest(&host, &xs, 5);
     let (pcr, handle, public) = measure_and_load(&mut fe);
     let vm = toolstack::vm_path(5);
-    let restore = |domid: u16| -> Frontend {
-        toolstack::add_domain_of(&xs, domid, "guest", &vm).expect("domain");
-        toolstack::add_vtpm(&xs, domid, 0, 0, UUID).expect("vtpm device");
-        reconnect(&host, domid)
-    };
+    let restore = |domid: u16| -> Frontend { next_domain(&host, &xs, domid, &vm) };
     let save = |domid: u16, vtpm: &Proc| {
         toolstack::request_suspend(&xs, domid).expect("suspend");
         host.shut_down(domid, ShutdownReason::Suspend).expect("the guest suspends");
@@ -595,9 +599,7 @@ fn a_guest_that_writes_suspend_itself_and_reboots_gets_a_reset_tpm() {
     host.shut_down(5, ShutdownReason::Reboot).expect("the guest reboots");
     wait_for(&vtpm, "shut down (reboot)");
     destroy(&xs, 5, true);
-    toolstack::add_domain_of(&xs, 6, "guest", &toolstack::vm_path(5)).expect("domain");
-    toolstack::add_vtpm(&xs, 6, 0, 0, UUID).expect("vtpm device");
-    let mut fe = reconnect(&host, 6);
+    let mut fe = next_domain(&host, &xs, 6, &toolstack::vm_path(5));
     assert_eq!(pcr16(&mut fe), [0u8; 32], "the rebooted guest kept its PCRs");
     assert!(!vtpm.log().contains("is being suspended"), "{}", vtpm.log());
 }
@@ -628,9 +630,7 @@ fn a_checkpointed_guest_goes_on_and_its_next_boot_is_reset() {
     assert!(toolstack::remove_vtpm(&xs, 5, 0, 0, Duration::from_secs(10)).expect("remove"));
     drop(fe);
     xs.rm(TxId::NONE, "/local/domain/5").expect("rm");
-    toolstack::add_domain_of(&xs, 6, "guest", &vm).expect("domain");
-    toolstack::add_vtpm(&xs, 6, 0, 0, UUID).expect("vtpm device");
-    let mut fe = reconnect(&host, 6);
+    let mut fe = next_domain(&host, &xs, 6, &vm);
     assert_eq!(pcr16(&mut fe), pcr, "the restored guest's PCRs");
 
     // Checkpointed, resumed, then it reboots without closing its device: a new platform.
@@ -642,9 +642,7 @@ fn a_checkpointed_guest_goes_on_and_its_next_boot_is_reset() {
     wait_for(&vtpm, "shut down (reboot) after a suspend: no longer suspended");
     destroy(&xs, 6, true);
     drop(fe);
-    toolstack::add_domain_of(&xs, 7, "guest", &vm).expect("domain");
-    toolstack::add_vtpm(&xs, 7, 0, 0, UUID).expect("vtpm device");
-    let mut fe = reconnect(&host, 7);
+    let mut fe = next_domain(&host, &xs, 7, &vm);
     assert_eq!(pcr16(&mut fe), [0u8; 32], "the rebooted guest kept its PCRs");
 }
 
@@ -672,9 +670,7 @@ fn a_checkpointed_guest_that_drops_its_device_and_reboots_gets_a_reset_tpm() {
     host.shut_down(5, ShutdownReason::Reboot).expect("the guest reboots");
     wait_for(&vtpm, "domain 5 shut down (reboot)");
     destroy(&xs, 5, true);
-    toolstack::add_domain_of(&xs, 6, "guest", &toolstack::vm_path(5)).expect("domain");
-    toolstack::add_vtpm(&xs, 6, 0, 0, UUID).expect("vtpm device");
-    let mut next = reconnect(&host, 6);
+    let mut next = next_domain(&host, &xs, 6, &toolstack::vm_path(5));
     assert_eq!(pcr16(&mut next), [0u8; 32], "the rebooted guest kept its PCRs");
     // Held until here: its drop closes the old device, which would end the mark anyway.
     drop(fe);
