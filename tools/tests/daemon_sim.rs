@@ -204,6 +204,51 @@ fn a_vtpm_this_host_does_not_have_is_refused_saying_how_to_create_it() {
     assert!(!dir.join("vtpms").join(UUID).exists(), "nothing was created");
 }
 
+/// A manager that accepts connections and never answers: the create is given up after
+/// `--create-timeout-secs`, undone on disk, the device refused with the reason in the log,
+/// and the daemon goes on (it answers the device's removal).
+#[test]
+fn a_manager_that_never_answers_costs_one_create_timeout_not_the_daemon() {
+    let host = SimHost::temp().expect("sim");
+    let dir = host.dir().join("host");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let (vs, asock) = (dir.join("mgr.sock"), dir.join("admin.sock"));
+    let mut held = Vec::new();
+    for path in [&vs, &asock] {
+        let l = std::os::unix::net::UnixListener::bind(path).expect("bind");
+        held.push(std::thread::spawn(move || {
+            // Keep every connection open, read nothing, answer nothing.
+            let kept: Vec<_> = l.incoming().take(8).collect();
+            drop(kept);
+        }));
+    }
+    let (vs, asock) = (vs.to_string_lossy().into_owned(), asock.to_string_lossy().into_owned());
+    let keys = ["--manager-socket", &vs, "--admin-socket", &asock, "--create-timeout-secs", "1"];
+    let d = Daemon::start_with(&host, &dir, true, &keys);
+    let t = Instant::now();
+    guest(&host);
+    let xs = host.xen(0).xenstore().expect("xs");
+    let be = format!("/local/domain/0/backend/vtpm/{GUEST}/0");
+    let closed = toolstack::wait_for_state(&xs, &format!("{be}/state"), XenbusState::Closed, Duration::from_secs(15));
+    assert!(closed, "device not closed:\n{}", d.log());
+    assert!(t.elapsed() < Duration::from_secs(10), "took {:?}:\n{}", t.elapsed(), d.log());
+    d.wait_for("the reason", |l| l.contains("provisioning at the manager"));
+    assert_eq!(d.status()[0]["state"], "refused", "{}", d.status());
+    // Not made: the manager could not be told to forget it either, so the directory stays,
+    // marked as a create cut short, for the next try to undo.
+    let vtpm_dir = dir.join("vtpms").join(UUID);
+    assert!(!vtpm_dir.join("made").exists(), "a vTPM that was never made is marked made");
+    assert!(d.log().contains("did not answer within 1s"), "{}", d.log());
+    // Still serving: the device's removal is seen at once.
+    assert!(toolstack::remove_vtpm(&xs, GUEST, 0, 0, Duration::from_secs(10)).expect("remove"), "{}", d.log());
+    let end = Instant::now() + Duration::from_secs(10);
+    while d.status().as_array().is_none_or(|a| !a.is_empty()) {
+        assert!(Instant::now() < end, "the removed device is still listed: {}\n{}", d.status(), d.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(d);
+}
+
 /// Two guests whose devices name the same vTPM: the second is closed, never served by the
 /// first one's vtpm (which serves its own device only).
 #[test]

@@ -65,6 +65,11 @@ impl Admin {
         Ok(Self::over(Box::new(Client::connect(path)?)))
     }
 
+    /// [`Admin::connect`], each exchange waiting at most `timeout` for the manager.
+    pub fn connect_with_timeout(path: &Path, timeout: std::time::Duration) -> Result<Self> {
+        Ok(Self::over(Box::new(Client::connect_with_timeout(path, Some(timeout))?)))
+    }
+
     /// Management commands over `link`.
     pub fn over(link: Box<dyn AdminLink>) -> Self {
         Self { link }

@@ -344,13 +344,22 @@ impl<D: BlockDev + Send> CommandHandler for XenHandler<D> {
 #[derive(Debug)]
 pub struct Client {
     s: UnixStream,
+    /// How long a reply may take (none: forever).
+    timeout: Option<Duration>,
 }
 
 impl Client {
     /// Connects to `path`.
     pub fn connect(path: &Path) -> Result<Self> {
+        Self::connect_with_timeout(path, None)
+    }
+
+    /// Connects to `path`; each send and each reply then waits at most `timeout` (a manager
+    /// that stops answering is an error, not a hang).
+    pub fn connect_with_timeout(path: &Path, timeout: Option<Duration>) -> Result<Self> {
         let s = UnixStream::connect(path).map_err(|e| Error::io(format!("connect to {}", path.display()), e))?;
-        Ok(Self { s })
+        s.set_write_timeout(timeout).map_err(|e| Error::io(format!("set a timeout on {}", path.display()), e))?;
+        Ok(Self { s, timeout })
     }
 
     /// Sends a request; the reply's status and body.
@@ -363,8 +372,13 @@ impl Client {
     /// Sends a framed request; the whole reply (at least a header).
     pub fn exchange(&mut self, request: &[u8]) -> Result<Vec<u8>> {
         self.s.write_all(request).map_err(|e| Error::io("send to the manager", e))?;
-        read_message(&mut self.s, None)
-            .map_err(|e| Error::io("read from the manager", e))?
+        read_message(&mut self.s, self.timeout)
+            .map_err(|e| match (e.kind(), self.timeout) {
+                (std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut, Some(t)) => {
+                    Error::io(format!("the manager did not answer within {t:?}"), e)
+                }
+                _ => Error::io("read from the manager", e),
+            })?
             .ok_or_else(|| Error::Protocol("the manager closed the connection".into()))
     }
 }

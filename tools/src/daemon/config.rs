@@ -44,6 +44,8 @@ pub struct File {
     pub insecure_keyless: Option<bool>,
     /// What `xvtpm status` reads.
     pub status_file: Option<PathBuf>,
+    /// How long creating one vTPM may take.
+    pub create_timeout_secs: Option<u64>,
 }
 
 impl File {

@@ -69,6 +69,11 @@ struct Cli {
     /// Where to write what `xvtpm status` shows (JSON) [default: /run/xvtpm/xvtpmd.json].
     #[arg(long, value_name = "FILE")]
     status_file: Option<PathBuf>,
+    /// How long creating one vTPM may take (the manager's provisioning, each of its answers,
+    /// and `vtpm create`) before it is given up and undone; meanwhile no other device is
+    /// looked at [default: 60].
+    #[arg(long, value_name = "SECONDS")]
+    create_timeout_secs: Option<u64>,
     /// Use the simulated Xen in this directory instead of /dev/xen and xenstored.
     #[arg(long, value_name = "DIR", requires = "domid")]
     sim: Option<PathBuf>,
@@ -128,6 +133,7 @@ fn main() -> anyhow::Result<()> {
         snapshot_dir,
         auto_create: cli.auto_create || file.auto_create.unwrap_or(false),
         tpm12: cli.tpm12 || file.tpm_version == Some(config::TpmVersion::V12),
+        create_timeout: Duration::from_secs(cli.create_timeout_secs.or(file.create_timeout_secs).unwrap_or(60).max(1)),
         sim: cli.sim.map(|d| (d, me)),
     };
     let waker = xs.waker();

@@ -9,6 +9,7 @@ use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use xvtpm_vtpmmgr::admin::Admin;
 
@@ -44,6 +45,8 @@ pub struct Spec {
     pub auto_create: bool,
     /// Created vTPMs are TPM 1.2.
     pub tpm12: bool,
+    /// How long creating one may take: each exchange with the manager, and `vtpm create`.
+    pub create_timeout: Duration,
     /// The simulated Xen (its directory) and our domain id there, for tests.
     pub sim: Option<(PathBuf, u16)>,
 }
@@ -116,8 +119,8 @@ impl Spec {
             let token: [u8; 32] = rand::random();
             durable_file(&dir.join("token"), &token)?;
             let id = xvtpm_proto::Uuid::parse(uuid).map_err(|e| e.to_string())?.0;
-            let mut a =
-                Admin::connect(admin).map_err(|e| format!("the manager's admin socket {}: {e}", admin.display()))?;
+            let mut a = Admin::connect_with_timeout(admin, self.create_timeout)
+                .map_err(|e| format!("the manager's admin socket {}: {e}", admin.display()))?;
             a.provision(Some(id), *group, Some(&token)).map_err(|e| format!("provisioning at the manager: {e}"))?;
         }
         let mut cmd = Command::new(&self.vtpm);
@@ -126,9 +129,9 @@ impl Spec {
         if self.tpm12 {
             cmd.arg("--tpm1.2");
         }
-        let out = cmd.stdin(Stdio::null()).output().map_err(|e| format!("run {}: {e}", self.vtpm.display()))?;
-        if !out.status.success() {
-            return Err(format!("vtpm create failed: {}", String::from_utf8_lossy(&out.stderr).trim()));
+        let stderr = run_for(&mut cmd, self.create_timeout).map_err(|e| format!("{}: {e}", self.vtpm.display()))?;
+        if let Some(stderr) = stderr {
+            return Err(format!("vtpm create failed: {}", stderr.trim()));
         }
         durable_file(&dir.join(MADE), b"")?;
         let _ = fs::remove_file(dir.join(CREATING));
@@ -141,7 +144,7 @@ impl Spec {
     fn undo(&self, uuid: &str, dir: &Path) -> Result<(), String> {
         if let (Keys::Manager { admin, .. }, true) = (&self.keys, dir.join("token").exists()) {
             let id = xvtpm_proto::Uuid::parse(uuid).map_err(|e| e.to_string())?.0;
-            match Admin::connect(admin).and_then(|mut a| a.delete(&id)) {
+            match Admin::connect_with_timeout(admin, self.create_timeout).and_then(|mut a| a.delete(&id)) {
                 Ok(()) | Err(xvtpm_vtpmmgr::Error::UnknownVtpm(_) | xvtpm_vtpmmgr::Error::NotFound(_)) => {}
                 Err(e) => {
                     return Err(format!("could not delete it at the manager again ({e}); {} kept", dir.display()))
@@ -150,6 +153,37 @@ impl Spec {
         }
         fs::remove_dir_all(dir).map_err(|e| format!("remove {}: {e}", dir.display()))
     }
+}
+
+/// Runs `cmd` for at most `timeout` (then kills it): `None` if it succeeded, else what it
+/// wrote to stderr.
+fn run_for(cmd: &mut Command, timeout: Duration) -> Result<Option<String>, String> {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run it: {e}"))?;
+    // Polled only while a create runs: nothing wakes at rest.
+    let end = Instant::now() + timeout;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(s)) => break s,
+            Ok(None) if Instant::now() < end => std::thread::sleep(Duration::from_millis(10)),
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("create did not finish in {timeout:?}; killed"));
+            }
+            Err(e) => return Err(format!("cannot wait for it: {e}")),
+        }
+    };
+    let mut stderr = String::new();
+    if let Some(mut s) = child.stderr.take() {
+        use std::io::Read;
+        let _ = s.read_to_string(&mut stderr);
+    }
+    Ok((!status.success()).then_some(stderr))
 }
 
 /// Writes a file (mode 0600) and makes it and its name durable.
