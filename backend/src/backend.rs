@@ -404,11 +404,18 @@ impl State {
     /// handler hears it as a close. A suspended or dying domain's device goes without that.
     fn disconnected_while_running(&mut self, key: (DomId, u32)) {
         let Some(info) = self.devices.get(&key).and_then(|d| d.connected_info.clone()) else { return };
-        match self.xen.domain_info(key.0) {
-            Ok(Some(d)) if d.shutdown.is_none() && !d.dying => self.handler.frontend_closed(&info),
-            Ok(_) => {}
-            Err(e) => log::warn!("vtpm {}/{}: cannot ask Xen about domain {}: {e}", key.0, key.1, key.0),
+        if self.domain_of(key).is_some_and(|d| d.shutdown.is_none() && !d.dying) {
+            self.handler.frontend_closed(&info);
         }
+    }
+
+    /// What Xen says of `key`'s frontend domain; `None` if it is gone or Xen cannot say
+    /// (logged).
+    fn domain_of(&self, key: (DomId, u32)) -> Option<xvtpm_xen::DomainInfo> {
+        self.xen.domain_info(key.0).unwrap_or_else(|e| {
+            log::warn!("vtpm {}/{}: cannot ask Xen about domain {}: {e}", key.0, key.1, key.0);
+            None
+        })
     }
 
     /// The device broke the protocol: close it, say why where the toolstack can see it.
@@ -771,17 +778,10 @@ impl State {
     /// the domain is shut down (the handler ignores what it knows): a domain resumed in place
     /// and suspended again looks the same to us, since xenstored fires nothing at a resume.
     fn check_domain(&mut self, key: (DomId, u32)) {
+        // Gone: whatever it did, its ring is no longer ours to serve.
+        let Some(reason) = self.domain_of(key).map(|d| d.shutdown) else { return };
         let Some(dev) = self.devices.get_mut(&key) else { return };
         let Some(info) = dev.connected_info.clone() else { return };
-        let reason = match self.xen.domain_info(key.0) {
-            Ok(Some(d)) => d.shutdown,
-            // Gone: whatever it did, its ring is no longer ours to serve.
-            Ok(None) => return,
-            Err(e) => {
-                log::warn!("vtpm {}/{}: cannot ask Xen about domain {}: {e}", key.0, key.1, key.0);
-                return;
-            }
-        };
         if dev.shutdown_seen != reason {
             dev.shutdown_seen = reason;
             if let Some(reason) = reason {

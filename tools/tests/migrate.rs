@@ -6,19 +6,15 @@
 //! B has not pinned, a second import and a replayed one are refused, and a second export to
 //! another manager needs --force.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use xvtpm_frontend::{Frontend, FrontendConfig};
 use xvtpm_tests::swtpm::SwtpmProcess;
 use xvtpm_tests::tpm2::change_owner_auth;
-use xvtpm_tis::swtpm::{Address, Swtpm};
-use xvtpm_tis::Family;
-use xvtpm_vtpmmgr::manager::{InitConfig, Manager};
-use xvtpm_vtpmmgr::server;
-use xvtpm_vtpmmgr::store::dev::FileDev;
 use xvtpm_xen::sim::{toolstack, SimHost};
 use xvtpm_xen::{ShutdownReason, Xen};
 
@@ -35,15 +31,7 @@ struct Site {
 
 fn site(dir: &Path) -> Site {
     std::fs::create_dir_all(dir).expect("dir");
-    let p = SwtpmProcess::start(&dir.join("tpm"), true).expect("swtpm (apt-get install swtpm)");
-    let tpm =
-        Swtpm::connect(&Address::Unix(p.data.clone()), &Address::Unix(p.ctrl.clone()), Family::Tpm20).expect("connect");
-    let dev = FileDev::open(&dir.join("mgr.img"), true).expect("store");
-    let m = Manager::init(dev, Box::new(tpm), &InitConfig { pcrs: vec![0], ..InitConfig::default() }).expect("init");
-    let m = Arc::new(Mutex::new(m));
-    let (admin, vtpms) = (dir.join("admin.sock"), dir.join("vtpm.sock"));
-    server::serve_unix(m.clone(), &admin, true, 16).expect("admin socket");
-    server::serve_unix(m, &vtpms, false, 16).expect("vTPM socket");
+    let (p, vtpms, admin) = common::manager(dir);
     Site { _tpm: p, admin, vtpms }
 }
 

@@ -3,19 +3,14 @@
 //! (`LD_PRELOAD`), which used to pass as the approved executable; and another local user who
 //! holds the vTPM's token.
 
+mod common;
+
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Output};
-use std::sync::{Arc, Mutex};
 
 use sha2::{Digest, Sha256};
-use xvtpm_tests::swtpm::SwtpmProcess;
-use xvtpm_tis::swtpm::{Address, Swtpm};
-use xvtpm_tis::Family;
-use xvtpm_vtpmmgr::manager::{InitConfig, Manager};
-use xvtpm_vtpmmgr::server;
-use xvtpm_vtpmmgr::store::dev::FileDev;
 
 const XVTPM: &str = env!("CARGO_BIN_EXE_xvtpm");
 const UUID: &str = "5e6f7081-92a3-44b5-86c7-d8e9f0a1b2c3";
@@ -46,15 +41,7 @@ fn an_approved_vtpm_with_a_foreign_library_or_in_another_users_hands_is_refused(
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("dir");
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    let p = SwtpmProcess::start(&dir.join("tpm"), true).expect("swtpm (apt-get install swtpm)");
-    let tpm =
-        Swtpm::connect(&Address::Unix(p.data.clone()), &Address::Unix(p.ctrl.clone()), Family::Tpm20).expect("connect");
-    let dev = FileDev::open(&dir.join("mgr.img"), true).expect("store");
-    let m = Manager::init(dev, Box::new(tpm), &InitConfig { pcrs: vec![0], ..InitConfig::default() }).expect("init");
-    let m = Arc::new(Mutex::new(m));
-    let (admin, sock) = (dir.join("admin.sock"), dir.join("vtpm.sock"));
-    server::serve_unix(m.clone(), &admin, true, 16).expect("admin socket");
-    server::serve_unix(m, &sock, false, 16).expect("vTPM socket");
+    let (p, sock, admin) = common::manager(&dir);
 
     // The vtpm executable, where any user can run it; its group approves exactly it.
     let vtpm = dir.join("vtpm");
