@@ -20,6 +20,7 @@ use xvtpm_vtpm::state::file::{FileStore, KeyFormat, StateKey};
 use xvtpm_vtpm::state::link::{UnixLink, XenLink};
 use xvtpm_vtpm::state::managed::{ManagedStore, ManagerLink};
 use xvtpm_vtpm::state::StateStore;
+use xvtpm_vtpm::sys::sandbox::{Sandbox, Visible};
 use xvtpm_vtpm::tpmif::{HandlerConfig, VtpmHandler};
 use xvtpm_vtpm::{TpmEngine, TpmVersion};
 use xvtpm_xen::Xen;
@@ -73,6 +74,25 @@ struct StateOpts {
     /// Our domain id (default: from xenstore).
     #[arg(long)]
     domid: Option<u16>,
+}
+
+/// `vtpm serve`'s sandbox (xvtpmd gives every vtpm one).
+#[derive(Args, Debug, Clone)]
+struct SandboxOpts {
+    /// Serve from a sandbox, as this user id: no capabilities, a root holding only the state
+    /// directory, the snapshot directory and the directory of the manager's socket, resource
+    /// limits and a system-call filter (a forbidden call kills the process). Entered after
+    /// Xen's devices, xenstore, the state and the manager are open and before the guest's first
+    /// byte is read. Needs root to start.
+    #[arg(long, value_name = "UID", requires = "sandbox_gid", conflicts_with_all = ["incoming", "sim"])]
+    sandbox_uid: Option<u32>,
+    /// The sandbox's group id.
+    #[arg(long, value_name = "GID", requires = "sandbox_uid")]
+    sandbox_gid: Option<u32>,
+    /// The sandbox's supplementary groups (comma-separated), e.g. the group of the manager's
+    /// socket.
+    #[arg(long, value_name = "GID,...", value_delimiter = ',', requires = "sandbox_uid")]
+    sandbox_groups: Vec<u32>,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy)]
@@ -174,6 +194,8 @@ enum Command {
         /// state when the guest first connects.
         #[arg(long)]
         incoming: bool,
+        #[command(flatten)]
+        sandbox: SandboxOpts,
     },
     /// Serve the TPM over swtpm's socket protocol (data and control channels), taking swtpm's
     /// own options, e.g. `vtpm socket --tpm2 --server type=tcp,port=2321 --ctrl
@@ -215,14 +237,34 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Create { state } => create(&state),
-        Command::Serve { state, uuid, frontend, handle, max_locality, snapshot_dir, reset_running_guest, incoming } => {
+        Command::Serve {
+            state,
+            uuid,
+            frontend,
+            handle,
+            max_locality,
+            snapshot_dir,
+            reset_running_guest,
+            incoming,
+            sandbox,
+        } => {
             let filter = match (uuid, frontend, handle) {
                 (Some(u), _, _) => DeviceFilter::Uuid(u.to_ascii_lowercase()),
                 (None, Some(f), Some(h)) => DeviceFilter::Device { frontend: f, handle: h },
                 _ => bail!("choose the device: --uuid U, or --frontend DOMID --handle N"),
             };
-            let xen = state.xen()?;
-            let config = ServeConfig { filter, max_locality, snapshot_dir, reset_running_guest, incoming };
+            let sandbox = sandbox.prepare(&state, &snapshot_dir)?;
+            let xen: Arc<dyn Xen> = if sandbox.is_some() {
+                // Held open: the sandbox has no /dev/xen, and no right to open it.
+                let domid = match state.domid {
+                    Some(d) => d,
+                    None => xvtpm_xen::linux::LinuxXen::open().context("cannot reach Xen")?.domid(),
+                };
+                Arc::new(xvtpm_xen::linux::HeldXen::open(domid).context("cannot open Xen's devices")?)
+            } else {
+                state.xen()?
+            };
+            let config = ServeConfig { filter, max_locality, snapshot_dir, reset_running_guest, incoming, sandbox };
             serve(&state, xen, config)
         }
         Command::Socket { args } => {
@@ -261,6 +303,32 @@ struct ServeConfig {
     snapshot_dir: PathBuf,
     reset_running_guest: Option<u16>,
     incoming: bool,
+    sandbox: Option<Sandbox>,
+}
+
+impl SandboxOpts {
+    /// The sandbox asked for, with its private mount namespace made now: while the process
+    /// still has one thread, so that every thread it starts shares it.
+    fn prepare(&self, state: &StateOpts, snapshot_dir: &Path) -> anyhow::Result<Option<Sandbox>> {
+        let (Some(uid), Some(gid)) = (self.sandbox_uid, self.sandbox_gid) else { return Ok(None) };
+        let mut visible = vec![Visible { path: state.state_dir.clone(), writable: true }];
+        if snapshot_dir.as_os_str() != "none" {
+            // Made here (it is the sandbox's to write in), so it can be shown.
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(snapshot_dir)
+                .with_context(|| format!("create {}", snapshot_dir.display()))?;
+            visible.push(Visible { path: snapshot_dir.to_path_buf(), writable: true });
+        }
+        if let Some(path) = state.manager.as_deref().and_then(|m| m.strip_prefix("unix:")) {
+            // The vtpm reconnects by path after the manager restarts: its directory, read-only.
+            let dir = Path::new(path).parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("/"));
+            visible.push(Visible { path: dir.to_path_buf(), writable: false });
+        }
+        xvtpm_vtpm::sys::sandbox::unshare().context("cannot prepare the sandbox")?;
+        Ok(Some(Sandbox { uid, gid, groups: self.sandbox_groups.clone(), visible }))
+    }
 }
 
 fn serve(state: &StateOpts, xen: Arc<dyn Xen>, config: ServeConfig) -> anyhow::Result<()> {
@@ -313,6 +381,11 @@ fn serve(state: &StateOpts, xen: Arc<dyn Xen>, config: ServeConfig) -> anyhow::R
             VtpmHandler::incoming(state.version(), loader, xvtpm_vtpm::libtpms::canceller(), handler_config)
         }
     };
+    if let Some(sandbox) = &config.sandbox {
+        sandbox.enter().context("cannot enter the sandbox")?;
+        let shown: Vec<String> = sandbox.visible.iter().map(|v| v.path.display().to_string()).collect();
+        log::info!("sandboxed: uid {}, gid {}, seeing only {}", sandbox.uid, sandbox.gid, shown.join(", "));
+    }
     let served = Backend::new(xen, handler.clone(), BackendConfig { filter: config.filter }).run(&stop);
     // Stopped by a signal (or the backend failed): the guest's last state is kept either way.
     handler.stop();

@@ -10,5 +10,7 @@ pub mod fdpass;
 pub mod malloc;
 pub mod nowait;
 pub mod poll;
+pub mod sandbox;
+pub mod seccomp;
 pub mod signals;
 pub mod vtpmx;

@@ -4,6 +4,7 @@
 pub mod evtchn;
 pub mod gntalloc;
 pub mod gntdev;
+pub mod held;
 pub mod ioctl;
 pub mod privcmd;
 
@@ -23,6 +24,7 @@ use crate::{
 pub use evtchn::LinuxEvtchn;
 pub use gntalloc::LinuxGntalloc;
 pub use gntdev::LinuxGntdev;
+pub use held::HeldXen;
 
 /// xenstored's socket, present where xenstored runs in this domain (usually dom0).
 pub const XENSTORED_SOCKET: &str = "/run/xenstored/socket";

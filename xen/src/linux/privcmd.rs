@@ -4,7 +4,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -35,14 +35,13 @@ struct HypercallPage {
 }
 
 impl HypercallPage {
-    fn new() -> io::Result<Self> {
+    /// A page of `buffers` (an open [`HYPERCALL_BUFFERS`]), else of locked anonymous memory.
+    fn new(buffers: Option<BorrowedFd<'_>>) -> io::Result<Self> {
         let prot = libc::PROT_READ | libc::PROT_WRITE;
-        if let Ok(file) = File::options().read(true).write(true).open(HYPERCALL_BUFFERS) {
+        if let Some(fd) = buffers {
             // SAFETY: a new shared mapping of one page at an address of the kernel's choosing;
-            // no existing memory is affected and `file` is open for the call.
-            let p = unsafe {
-                libc::mmap(std::ptr::null_mut(), PAGE_SIZE, prot, libc::MAP_SHARED, file.as_fd().as_raw_fd(), 0)
-            };
+            // no existing memory is affected and `fd` is open for the call.
+            let p = unsafe { libc::mmap(std::ptr::null_mut(), PAGE_SIZE, prot, libc::MAP_SHARED, fd.as_raw_fd(), 0) };
             if let Some(ptr) = NonNull::new(p.cast::<u8>()).filter(|_| p != libc::MAP_FAILED) {
                 return Ok(HypercallPage { ptr });
             }
@@ -72,10 +71,36 @@ impl Drop for HypercallPage {
     }
 }
 
-/// Domain `domid` as the hypervisor reports it; `None` if there is no such domain.
+/// The privileged-command device and (where the kernel has it) the hypercall buffer device,
+/// held open: a process that gives up the right to open them (a sandboxed vtpm) keeps asking.
+#[derive(Debug)]
+pub struct Privcmd {
+    privcmd: OwnedFd,
+    buffers: Option<File>,
+}
+
+impl Privcmd {
+    /// Opens both devices.
+    pub fn open() -> Result<Self> {
+        let privcmd = open_device(std::path::Path::new(PRIVCMD), 0)?;
+        let buffers = File::options().read(true).write(true).open(HYPERCALL_BUFFERS).ok();
+        Ok(Privcmd { privcmd, buffers })
+    }
+
+    /// Domain `domid` as the hypervisor reports it; `None` if there is no such domain.
+    pub fn domain_info(&self, domid: DomId) -> Result<Option<DomainInfo>> {
+        let page =
+            HypercallPage::new(self.buffers.as_ref().map(File::as_fd)).map_err(|e| Error::io("a hypercall buffer", e))?;
+        ask(self.privcmd.as_fd(), &page, domid)
+    }
+}
+
+/// Domain `domid` as the hypervisor reports it (the devices opened for this one question).
 pub fn domain_info(domid: DomId) -> Result<Option<DomainInfo>> {
-    let privcmd = open_device(std::path::Path::new(PRIVCMD), 0)?;
-    let page = HypercallPage::new().map_err(|e| Error::io("a hypercall buffer", e))?;
+    Privcmd::open()?.domain_info(domid)
+}
+
+fn ask(privcmd: BorrowedFd<'_>, page: &HypercallPage, domid: DomId) -> Result<Option<DomainInfo>> {
     let domctl = page.ptr.as_ptr().cast::<XenDomctl>();
     let known = KNOWN_VERSION.load(Ordering::Relaxed);
     let versions =
@@ -94,7 +119,7 @@ pub fn domain_info(domid: DomId) -> Result<Option<DomainInfo>> {
         let mut call = PrivcmdHypercall { op: HYPERVISOR_DOMCTL, arg: [domctl as u64, 0, 0, 0, 0] };
         // SAFETY: `call` is a live privcmd_hypercall whose one argument points to a
         // xen_domctl in memory that stays mapped and locked until `page` drops, after this.
-        let rc = unsafe { ioctl(privcmd.as_fd(), IOCTL_PRIVCMD_HYPERCALL, &mut call) };
+        let rc = unsafe { ioctl(privcmd, IOCTL_PRIVCMD_HYPERCALL, &mut call) };
         match rc {
             Ok(_) => {
                 KNOWN_VERSION.store(version, Ordering::Relaxed);
