@@ -94,6 +94,10 @@ enum Cmd {
         /// Provision unknown vTPMs that save (into group 0) instead of refusing them.
         #[arg(long)]
         auto_provision: bool,
+        /// The group (name or number) of the vTPM socket (mode 0660): the sandboxed vtpms'
+        /// (xvtpmd's `sandbox-group`). Default: the manager's own group.
+        #[arg(long, value_name = "GROUP", requires = "socket")]
+        socket_group: Option<String>,
         /// Most clients connected at once, per socket (each dom0 vTPM keeps one connection).
         #[arg(long, default_value_t = 1024)]
         max_clients: usize,
@@ -233,6 +237,7 @@ fn main() -> anyhow::Result<()> {
             domid,
             admin_domain,
             auto_provision,
+            socket_group,
             max_clients,
             quote_burst,
             quote_interval_ms,
@@ -243,6 +248,10 @@ fn main() -> anyhow::Result<()> {
             if socket.is_none() && admin_socket.is_none() && !xen {
                 bail!("nothing to serve: give --socket, --admin-socket or --xen");
             }
+            let socket_group = match socket_group.as_deref() {
+                Some(g) => Some(xvtpm_cli::users::group_id(g).with_context(|| format!("no group {g:?}"))?),
+                None => None,
+            };
             let mut m = Manager::open_expecting(FileDev::open(&store, false)?, open_tpm(&tpm)?, &pcrs, locality)
                 .with_context(|| format!("opening the store {}", store.display()))?;
             m.auto_provision = auto_provision;
@@ -253,7 +262,7 @@ fn main() -> anyhow::Result<()> {
             let mgr = Arc::new(Mutex::new(m));
             let mut threads = vec![server::spawn_counter_flusher(mgr.clone())?];
             if let Some(p) = &socket {
-                threads.push(server::serve_unix(mgr.clone(), p, false, max_clients)?);
+                threads.push(server::serve_unix_group(mgr.clone(), p, max_clients, socket_group)?);
             }
             if let Some(p) = &admin_socket {
                 threads.push(server::serve_unix(mgr.clone(), p, true, max_clients)?);

@@ -63,11 +63,14 @@ pub struct Limits {
     pub unbound_per_uid: usize,
     /// How long an unbound client may wait before its next message: an idle one is closed.
     pub unbound_timeout: Duration,
+    /// The group a vTPM socket belongs to (mode 0660): the one the sandboxed vtpms are in.
+    /// `None`: the manager's own group.
+    pub group: Option<u32>,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Self { max_clients: 1024, unbound_per_uid: 8, unbound_timeout: Duration::from_secs(10) }
+        Self { max_clients: 1024, unbound_per_uid: 8, unbound_timeout: Duration::from_secs(10), group: None }
     }
 }
 
@@ -177,6 +180,16 @@ pub fn serve_unix<D: BlockDev + Send + 'static>(
     serve_unix_with(mgr, path, admin, Limits { max_clients, ..Limits::default() })
 }
 
+/// [`serve_unix`] for the vTPM socket, with its group (mode 0660).
+pub fn serve_unix_group<D: BlockDev + Send + 'static>(
+    mgr: Shared<D>,
+    path: &Path,
+    max_clients: usize,
+    group: Option<u32>,
+) -> Result<std::thread::JoinHandle<()>> {
+    serve_unix_with(mgr, path, false, Limits { max_clients, group, ..Limits::default() })
+}
+
 /// [`serve_unix`] with all of its [`Limits`]: beyond `max_clients`, and beyond
 /// `unbound_per_uid` unbound clients of one uid, a new client is closed at once; an unbound
 /// client idle for `unbound_timeout` is closed.
@@ -207,6 +220,10 @@ pub fn serve_unix_with<D: BlockDev + Send + 'static>(
     let bound =
         UnixListener::bind(&tmp).map_err(|e| Error::io(format!("listen on {}", path.display()), e)).and_then(|l| {
             std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
+                .and_then(|()| match limits.group.filter(|_| !admin) {
+                    Some(g) => std::os::unix::fs::chown(&tmp, None, Some(g)),
+                    None => Ok(()),
+                })
                 .and_then(|()| std::fs::rename(&tmp, path))
                 .map(|()| l)
                 .map_err(|e| Error::io(format!("put the socket at {}", path.display()), e))

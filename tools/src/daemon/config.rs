@@ -46,6 +46,14 @@ pub struct File {
     pub status_file: Option<PathBuf>,
     /// How long creating one vTPM may take.
     pub create_timeout_secs: Option<u64>,
+    /// Run each vtpm in its sandbox (default true).
+    pub sandbox: Option<bool>,
+    /// The first of the vTPMs' uids.
+    pub sandbox_uid_base: Option<u32>,
+    /// How many uids the vTPMs have.
+    pub sandbox_uid_count: Option<u32>,
+    /// The group (name or number) every vtpm is in: the manager's socket's.
+    pub sandbox_group: Option<String>,
 }
 
 impl File {
@@ -74,11 +82,12 @@ mod tests {
     #[test]
     fn keys_are_read_and_mistakes_refused() {
         let f = File::parse(
-            "auto-create = true\ntpm-version = \"1.2\"\nmanager-socket = \"/run/m.sock\"\nadmin-socket = \"/run/a.sock\"\ngroup = 3\n",
+            "auto-create = true\ntpm-version = \"1.2\"\nmanager-socket = \"/run/m.sock\"\nadmin-socket = \"/run/a.sock\"\ngroup = 3\nsandbox = false\nsandbox-group = \"xvtpm\"\nsandbox-uid-base = 100\n",
         )
         .expect("valid");
         assert_eq!((f.auto_create, f.tpm_version, f.group), (Some(true), Some(TpmVersion::V12), Some(3)));
         assert_eq!(f.manager_socket.as_deref(), Some(Path::new("/run/m.sock")));
+        assert_eq!((f.sandbox, f.sandbox_group.as_deref(), f.sandbox_uid_base), (Some(false), Some("xvtpm"), Some(100)));
         assert!(File::parse("auto_create = true").is_err(), "a misspelt key is an error, not ignored");
         assert!(File::parse("tpm-version = \"2\"").is_err());
         assert!(File::parse("").expect("empty").vtpm.is_none());

@@ -5,6 +5,7 @@
 mod config;
 mod devices;
 mod provision;
+mod sandbox;
 mod status;
 mod supervisor;
 
@@ -74,6 +75,20 @@ struct Cli {
     /// looked at [default: 60].
     #[arg(long, value_name = "SECONDS")]
     create_timeout_secs: Option<u64>,
+    /// Run the vtpms as root, without their sandboxes (uid of their own, no capabilities, a
+    /// root holding only their own directories, a system-call filter). Logged as a warning.
+    #[arg(long)]
+    no_sandbox: bool,
+    /// The first of the uids the vTPMs run as, one each [default: 1879048192 (0x70000000)].
+    #[arg(long, value_name = "UID")]
+    sandbox_uid_base: Option<u32>,
+    /// How many uids there are for vTPMs [default: 65536].
+    #[arg(long, value_name = "N")]
+    sandbox_uid_count: Option<u32>,
+    /// The group (name or number) every vtpm is also in: the group the manager's socket
+    /// belongs to (`vtpmmgr serve --socket-group`) [default: xvtpm].
+    #[arg(long, value_name = "GROUP")]
+    sandbox_group: Option<String>,
     /// Use the simulated Xen in this directory instead of /dev/xen and xenstored.
     #[arg(long, value_name = "DIR", requires = "domid")]
     sim: Option<PathBuf>,
@@ -89,6 +104,12 @@ fn main() -> anyhow::Result<()> {
         return Ok(xvtpm_cli::docs::generate(<Cli as clap::CommandFactory>::command(), dir)?);
     }
     let file = config::File::load(cli.config.as_deref())?;
+    let cli_sandbox = (cli.no_sandbox, cli.sandbox_uid_base, cli.sandbox_uid_count, cli.sandbox_group.clone());
+    let sandbox = sandboxing(&cli_sandbox, &file, cli.sim.is_some())?;
+    if sandbox.is_some() {
+        // Before any thread: each has its own capability sets.
+        xvtpm_vtpm::sys::caps::keep_only(sandbox::KEPT_CAPABILITIES).context("drop capabilities")?;
+    }
     let manager = (cli.manager_socket.or(file.manager_socket), cli.admin_socket.or(file.admin_socket));
     let keyless = cli.insecure_keyless || file.insecure_keyless.unwrap_or(false);
     let keys = match manager {
@@ -135,6 +156,7 @@ fn main() -> anyhow::Result<()> {
         tpm12: cli.tpm12 || file.tpm_version == Some(config::TpmVersion::V12),
         create_timeout: Duration::from_secs(cli.create_timeout_secs.or(file.create_timeout_secs).unwrap_or(60).max(1)),
         sim: cli.sim.map(|d| (d, me)),
+        sandbox,
     };
     let waker = xs.waker();
     let stop = xvtpm_vtpm::sys::signals::on_stop(move || waker.wake()).context("signal handling")?;
@@ -148,6 +170,51 @@ fn main() -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&status_file);
     let _ = xs.unwatch(&root, TOKEN);
     served
+}
+
+/// The vtpms' sandbox from the command line (`no_sandbox`, uid base and count, group) over the
+/// file. The simulated Xen (tests) has none: its devices are files a sandbox could not open.
+fn sandboxing(
+    cli: &(bool, Option<u32>, Option<u32>, Option<String>),
+    file: &config::File,
+    sim: bool,
+) -> anyhow::Result<Option<sandbox::Sandboxing>> {
+    let (no_sandbox, base, count, group) = cli;
+    if *no_sandbox || !file.sandbox.unwrap_or(true) {
+        log::warn!("the vtpms run as root without a sandbox (sandbox = false): a guest that takes over its vtpm has the host");
+        return Ok(None);
+    }
+    if sim {
+        log::info!("the simulated Xen: vtpms run without a sandbox");
+        return Ok(None);
+    }
+    if !sandbox::is_root() {
+        anyhow::bail!("sandboxing the vtpms needs root: run xvtpmd as root, or set sandbox = false (the vtpms then run as this user)");
+    }
+    let name = group.clone().or_else(|| file.sandbox_group.clone());
+    let group = match name.as_deref() {
+        Some(g) => Some(xvtpm_cli::users::group_id(g).with_context(|| format!("no group {g:?}"))?),
+        None => {
+            let g = xvtpm_cli::users::group_id(sandbox::DEFAULT_GROUP);
+            if g.is_none() {
+                log::warn!(
+                    "no group {:?}: the vtpms reach the manager's socket only if it lets every user connect",
+                    sandbox::DEFAULT_GROUP
+                );
+            }
+            g
+        }
+    };
+    let s = sandbox::Sandboxing {
+        uid_base: base.or(file.sandbox_uid_base).unwrap_or(sandbox::DEFAULT_UID_BASE),
+        uid_count: count.or(file.sandbox_uid_count).unwrap_or(sandbox::DEFAULT_UID_COUNT).max(1),
+        group,
+    };
+    if s.uid_base == 0 {
+        anyhow::bail!("sandbox-uid-base 0 is root's");
+    }
+    log::info!("each vtpm runs in its sandbox, as a uid of its own from {} ({} of them)", s.uid_base, s.uid_count);
+    Ok(Some(s))
 }
 
 /// The main loop, until a stop signal or a xenstore failure.

@@ -49,6 +49,8 @@ pub struct Spec {
     pub create_timeout: Duration,
     /// The simulated Xen (its directory) and our domain id there, for tests.
     pub sim: Option<(PathBuf, u16)>,
+    /// Each vtpm's sandbox (`None`: they run as the daemon does).
+    pub sandbox: Option<super::sandbox::Sandboxing>,
 }
 
 const MADE: &str = "made";
@@ -71,6 +73,29 @@ impl Spec {
         if let Some((dir, domid)) = &self.sim {
             cmd.arg("--sim").arg(dir).args(["--domid", &domid.to_string()]);
         }
+    }
+
+    /// vTPM `uuid`'s own snapshot directory, `<snapshot-dir>/<uuid>` (the only one its
+    /// sandbox shows). Snapshots a vtpm of an earlier release left in `<snapshot-dir>` itself
+    /// are moved in first, so that its guest's TPM is resumed across the upgrade.
+    pub fn snapshot_dir_of(&self, uuid: &str) -> Result<PathBuf, String> {
+        let dir = self.snapshot_dir.join(uuid);
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .recursive(true)
+            .create(&dir)
+            .map_err(|e| format!("create {}: {e}", dir.display()))?;
+        let state = self.vtpm_dir(uuid).join("state");
+        if let Ok(old) = xvtpm_vtpm::snapshot::SnapshotFile::for_state_dir(&self.snapshot_dir, &state) {
+            for path in old.paths() {
+                let Some(name) = path.file_name() else { continue };
+                if path.exists() && !dir.join(name).exists() {
+                    fs::rename(path, dir.join(name)).map_err(|e| format!("move {} into {}: {e}", path.display(), dir.display()))?;
+                    log::info!("vTPM {uuid}: snapshot {} moved into {}", path.display(), dir.display());
+                }
+            }
+        }
+        Ok(dir)
     }
 
     /// The vTPM is here, or made now if allowed. `Err`: for the log (host paths included).

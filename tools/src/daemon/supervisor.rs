@@ -15,7 +15,7 @@ use xvtpm_xen::xenstore::Waker;
 use xvtpm_xen::{DomId, Xenstore};
 
 use super::devices::{self, Device};
-use super::provision::Spec;
+use super::provision::{Keys, Spec};
 use super::status::Status;
 
 /// First pause before a restart; it doubles up to [`MAX_BACKOFF`], and starts over once a vtpm
@@ -186,7 +186,12 @@ impl Supervisor {
         // This device only: a second device naming the same uuid is never served by it.
         cmd.args(["serve", "--frontend", &e.device.frontend.to_string(), "--handle", &e.device.handle.to_string()]);
         self.spec.state_args(&mut cmd, uuid);
-        cmd.arg("--snapshot-dir").arg(&self.spec.snapshot_dir).stdin(Stdio::null());
+        if let Err(why) = self.sandbox_args(&mut cmd, uuid) {
+            log::error!("{}: vTPM {uuid}: {why}", e.device.name());
+            self.schedule_restart(e, why);
+            return;
+        }
+        cmd.stdin(Stdio::null());
         // systemd's readiness is the daemon's to tell, not its children's.
         cmd.env_remove(xvtpm_cli::notify::NOTIFY_SOCKET);
         let generation = self.next_generation;
@@ -224,6 +229,22 @@ impl Supervisor {
                 self.schedule_restart(e, why);
             }
         }
+    }
+
+    /// Its snapshot directory, and its sandbox: its uid, group and the manager's socket group.
+    fn sandbox_args(&self, cmd: &mut Command, uuid: &str) -> Result<(), String> {
+        cmd.arg("--snapshot-dir").arg(self.spec.snapshot_dir_of(uuid)?);
+        let Some(sb) = &self.spec.sandbox else { return Ok(()) };
+        let admin = match &self.spec.keys {
+            Keys::Manager { admin, .. } => Some((admin.as_path(), self.spec.create_timeout)),
+            Keys::None => None,
+        };
+        let uid = sb.uid_for(&self.spec.state_root, uuid, admin)?.to_string();
+        cmd.args(["--sandbox-uid", &uid, "--sandbox-gid", &uid, "--domid", &self.me.to_string()]);
+        if let Some(g) = sb.group {
+            cmd.args(["--sandbox-groups", &g.to_string()]);
+        }
+        Ok(())
     }
 
     fn schedule_restart(&self, e: &mut Entry, why: String) {
@@ -373,7 +394,13 @@ impl Supervisor {
 }
 
 fn describe(status: std::io::Result<ExitStatus>) -> String {
+    use std::os::unix::process::ExitStatusExt;
     match status {
+        // What the sandbox's filter does to a vtpm that makes a call it forbids (or a vtpm
+        // hijacked into trying): named, since that is worth an administrator's look.
+        Ok(s) if s.signal() == Some(libc::SIGSYS) => {
+            format!("{s}: killed by its sandbox for a forbidden system call")
+        }
         Ok(s) => s.to_string(),
         Err(err) => format!("cannot be reaped: {err}"),
     }

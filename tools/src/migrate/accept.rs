@@ -34,7 +34,7 @@ pub struct AcceptOpts {
     #[arg(long, value_name = "PATH", default_value = "/run/xvtpm/admin.sock")]
     pub admin_socket: PathBuf,
     /// This host's manager: its vTPM socket.
-    #[arg(long, value_name = "PATH", default_value = "/run/xvtpm/mgr.sock")]
+    #[arg(long, value_name = "PATH", default_value = "/run/xvtpm/mgr/vtpm.sock")]
     pub manager_socket: PathBuf,
     /// The vtpm executable.
     #[arg(long, value_name = "PATH", default_value = "vtpm")]
