@@ -41,7 +41,8 @@ EOF
     xl create /etc/xen/$1.cfg 2>&1 | sed 's/^/  xl: /'
 }
 ready() { i=0; while ! grep -q "svc ready" $CON/guest-$1.log 2>/dev/null; do i=$((i+1)); [ $i -gt 1200 ] && break; usleep 100000; done
-    mark "SVC $1 $(grep -o 'svc ready.*' $CON/guest-$1.log | head -n 1)"; }
+    mark "SVC $1 $(grep -o 'svc ready.*' $CON/guest-$1.log | head -n 1)"
+    grep -q "svc ready" $CON/guest-$1.log 2>/dev/null || { mark "$1 not ready; xvtpmd log:"; tail -n 30 /var/log/xvtpmd.log | cut -c1-300 | sed 's/^/  /'; }; }
 U1=11111111-1111-4111-8111-111111111111; U2=22222222-2222-4222-8222-222222222222
 U3=33333333-3333-4333-8333-333333333333; U4=44444444-4444-4444-8444-444444444444
 # One after another: each vTPM is created on first use while libxl waits (10 s) for its
@@ -49,17 +50,29 @@ U3=33333333-3333-4333-8333-333333333333; U4=44444444-4444-4444-8444-444444444444
 guest g1 1 $U1; ready g1; guest g2 2 $U2; ready g2; guest g3 3 $U3; ready g3
 mark "SVCSTATUS1 $(status)"
 pid_of() { status | tr '{' '\n' | grep "\"uuid\":\"$1\"" | sed -n 's/.*"pid":\([0-9]*\).*/\1/p'; }
+# What /proc says of a vtpm's sandbox, and what its state directory looks like from outside.
+field() { awk -v f="$2:" '$1 == f {print $2}' /proc/$1/status; }
+sandbox_of() { p=$(pid_of $2)
+    echo "$1 uid=$(field $p Uid) gid=$(field $p Gid) groups=$(field $p Groups) capeff=$(field $p CapEff) capprm=$(field $p CapPrm) nnp=$(field $p NoNewPrivs) seccomp=$(field $p Seccomp)" \
+        "mounts=$(awk '{print $5}' /proc/$p/mountinfo | sort | tr '\n' ,) vtpms=$(ls /proc/$p/root/var/lib/xvtpm/vtpms | tr '\n' ,)" \
+        "etc=$(ls /proc/$p/root/etc 2>&1 | wc -l) state=$(ls -ldn /var/lib/xvtpm/vtpms/$2/state | awk '{print $1 "/" $3}')" \
+        "core=$(awk '/^Max core file size/ {print $5}' /proc/$p/limits)"; }
+for g in "g1 $U1" "g2 $U2" "g3 $U3"; do mark "SVCSANDBOX $(sandbox_of $g)"; done
+mark "SVCDAEMONCAPS eff=$(field $DAEMON CapEff) bnd=$(field $DAEMON CapBnd)"
 last_tick() { grep -o "svc tick [0-9]* pcr16 [0-9a-fA-Fx]*" $CON/guest-$1.log | tail -n 1; }
 tick_after() { # guest tick-number: the first tick after it (waits)
     i=0; while [ $i -lt 600 ]; do
         l=$(grep -o "svc tick [0-9]* pcr16 [0-9a-fA-Fx]*" $CON/guest-$1.log | awk -v n=$2 '$3 > n + 1' | head -n 1)
         [ -n "$l" ] && { echo "$l"; return 0; }; i=$((i+1)); usleep 100000
     done; echo "no tick after $2"; }
-# 1. g2's vtpm killed: the daemon restarts it; g2's PCR 16 is as it was.
-P2=$(pid_of $U2); N=$(last_tick g2 | awk '{print $3}')
-kill -9 $P2
+# 1. g2's vtpm killed as its system-call filter kills it (SIGSYS): the daemon logs it and
+# restarts it; g2's PCR 16 is as it was; g1 goes on meanwhile.
+P2=$(pid_of $U2); N=$(last_tick g2 | awk '{print $3}'); N1=$(last_tick g1 | awk '{print $3}')
+kill -SYS $P2
 i=0; while [ "$(pid_of $U2)" = "$P2" ] || [ -z "$(pid_of $U2)" ]; do i=$((i+1)); [ $i -gt 200 ] && break; usleep 100000; done
 mark "SVC killed g2 vtpm $P2, now $(pid_of $U2): $(tick_after g2 $N)"
+mark "SVC meanwhile g1: $(tick_after g1 $N1)"
+mark "SVC sigsys log: $(grep 'forbidden system call' /var/log/xvtpmd.log | tail -n 1 | cut -d']' -f2-)"
 mark "SVCSTATUSK $(status)"
 # 2. xvtpmd restarted under the running guests (as systemctl restart: SIGTERM, start again).
 N1=$(last_tick g1 | awk '{print $3}'); N2=$(last_tick g2 | awk '{print $3}')

@@ -78,7 +78,10 @@ fn the_package_passes_lintian_installs_into_a_clean_debian_root_and_keeps_state_
         "xvtpm",
         "/usr/share/bash-completion/completions/xvtpm",
     ] {
-        assert!(seen.lines().any(|l| l.trim() == want), "{want:?} missing from what the installed package shows:\n{seen}");
+        assert!(
+            seen.lines().any(|l| l.trim() == want),
+            "{want:?} missing from what the installed package shows:\n{seen}"
+        );
     }
     assert_eq!(mode(&root.join("var/lib/xvtpm")), 0o700);
     assert_eq!(mode(&root.join("var/lib/xvtpm/vtpms")), 0o700);

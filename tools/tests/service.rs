@@ -59,10 +59,56 @@ fn the_packaged_service_serves_guests_from_plain_domain_files() {
     }
     assert_eq!(status1.matches("\"state\":\"running\"").count(), 3, "{status1}");
 
+    // Each vtpm in its sandbox: a uid of its own from the range (its state directory's owner,
+    // mode 0700), its gid, the manager socket's group (101 in this image), no capabilities,
+    // no_new_privs, the filter, no core files, and a root with only its own directories.
+    let mut uids = Vec::new();
+    for (g, u) in [
+        ("g1", "11111111-1111-4111-8111-111111111111"),
+        ("g2", "22222222-2222-4222-8222-222222222222"),
+        ("g3", "33333333-3333-4333-8333-333333333333"),
+    ] {
+        let sb = line(&c, &format!("SVCSANDBOX {g} "));
+        let get =
+            |k: &str| sb.split_whitespace().find_map(|w| w.strip_prefix(&format!("{k}="))).unwrap_or("").to_string();
+        let uid: u32 = get("uid").parse().unwrap_or_else(|_| panic!("{g}: no uid in {sb:?}; {}", ctx()));
+        assert!((0x7000_0000..0x7001_0000).contains(&uid), "{g} runs as uid {uid}: {sb}; {}", ctx());
+        assert_eq!(get("gid"), uid.to_string(), "{sb}");
+        assert_eq!(get("groups"), "101", "the manager socket's group: {sb}");
+        for k in ["capeff", "capprm"] {
+            assert_eq!(get(k), "0000000000000000", "{g} {k}: {sb}");
+        }
+        assert_eq!((get("nnp").as_str(), get("seccomp").as_str(), get("core").as_str()), ("1", "2", "0"), "{sb}");
+        let want = format!("/,/run/xvtpm/mgr,/run/xvtpm/snapshots/{u},/var/lib/xvtpm/vtpms/{u}/state,");
+        assert_eq!(get("mounts"), want, "{g}'s root shows its own directories and nothing else: {sb}");
+        assert_eq!(get("vtpms"), format!("{u},"), "{g} sees no other vTPM: {sb}");
+        assert_eq!(get("etc"), "1", "no /etc in its root (one line: the error): {sb}");
+        assert_eq!(get("state"), format!("drwx------/{uid}"), "{g}'s state directory is its own: {sb}");
+        uids.push(uid);
+    }
+    uids.dedup();
+    assert_eq!(uids.len(), 3, "one uid per vTPM: {uids:?}");
+    // xvtpmd kept CHOWN, DAC_OVERRIDE, DAC_READ_SEARCH, FOWNER, KILL, SETGID, SETUID, IPC_LOCK,
+    // SYS_CHROOT and SYS_ADMIN: nothing else, for itself or any vtpm it starts.
+    assert_eq!(line(&c, "SVCDAEMONCAPS "), "SVCDAEMONCAPS eff=00000000002440ef bnd=00000000002440ef", "{}", ctx());
+
     // The killed vtpm came back, with g2's PCR 16.
     let killed = line(&c, "SVC killed g2 vtpm ");
     let short = |p: &str| p[..18].to_string();
     assert!(killed.contains(&format!("pcr16 {}", short(&pcrs[1]))), "after the kill: {killed}; {}", ctx());
+    let meanwhile = line(&c, "SVC meanwhile g1: ");
+    assert!(
+        meanwhile.contains(&format!("pcr16 {}", short(&pcrs[0]))),
+        "g1 while g2's vtpm died: {meanwhile}; {}",
+        ctx()
+    );
+    let sigsys = line(&c, "SVC sigsys log: ");
+    assert!(
+        sigsys.contains("vtpm for 22222222-2222-4222-8222-222222222222")
+            && sigsys.contains("killed by its sandbox for a forbidden system call"),
+        "the daemon names the guest and the cause: {sigsys}; {}",
+        ctx()
+    );
     let counted = line(&c, "SVCSTATUSK ");
     assert!(counted.contains("\"restarts\":1"), "the killed vtpm's restart is counted: {counted}; {}", ctx());
     let restarted = line(&c, "SVC daemon restarted: ");

@@ -68,6 +68,9 @@ struct StateOpts {
     /// With --manager unix:PATH: the file holding this vTPM's 32-byte token.
     #[arg(long, value_name = "FILE")]
     token_file: Option<PathBuf>,
+    /// The token, read before the sandbox hides its file.
+    #[arg(skip)]
+    token: Option<Vec<u8>>,
     /// Use the simulated Xen in this directory instead of /dev/xen and xenstored.
     #[arg(long, value_name = "DIR", requires = "domid")]
     sim: Option<PathBuf>,
@@ -84,7 +87,9 @@ struct SandboxOpts {
     /// limits and a system-call filter (a forbidden call kills the process). Entered after
     /// Xen's devices, xenstore, the state and the manager are open and before the guest's first
     /// byte is read. Needs root to start.
-    #[arg(long, value_name = "UID", requires = "sandbox_gid", conflicts_with_all = ["incoming", "sim"])]
+    /// privcmd stays outside, in a helper process that answers only about this guest's domain;
+    /// with --frontend the event channel handle binds to that domain only. Needs --domid.
+    #[arg(long, value_name = "UID", requires_all = ["sandbox_gid", "domid"], conflicts_with_all = ["incoming", "sim"])]
     sandbox_uid: Option<u32>,
     /// The sandbox's group id.
     #[arg(long, value_name = "GID", requires = "sandbox_uid")]
@@ -120,8 +125,10 @@ impl StateOpts {
             Some(("unix", path)) => {
                 let u = self.vtpm_uuid.as_deref().context("--manager unix:PATH needs --vtpm-uuid")?;
                 let uuid = uuid_bytes(u).with_context(|| format!("malformed uuid {u:?}"))?;
-                let tf = self.token_file.as_ref().context("--manager unix:PATH needs --token-file")?;
-                let token = std::fs::read(tf).with_context(|| format!("read {}", tf.display()))?;
+                let token = match &self.token {
+                    Some(t) => t.clone(),
+                    None => self.read_token()?,
+                };
                 Box::new(UnixLink::connect(Path::new(path), &uuid, &token)?)
             }
             Some(("xen", handle)) => {
@@ -131,6 +138,11 @@ impl StateOpts {
             _ => bail!("--manager: unix:PATH or xen:HANDLE"),
         };
         Ok(Box::new(ManagedStore::open(&self.state_dir, link)?))
+    }
+
+    fn read_token(&self) -> anyhow::Result<Vec<u8>> {
+        let tf = self.token_file.as_ref().context("--manager unix:PATH needs --token-file")?;
+        std::fs::read(tf).with_context(|| format!("read {}", tf.display()))
     }
 
     fn file_store(&self) -> anyhow::Result<FileStore> {
@@ -253,16 +265,24 @@ fn main() -> anyhow::Result<()> {
                 (None, Some(f), Some(h)) => DeviceFilter::Device { frontend: f, handle: h },
                 _ => bail!("choose the device: --uuid U, or --frontend DOMID --handle N"),
             };
-            let sandbox = sandbox.prepare(&state, &snapshot_dir)?;
-            let xen: Arc<dyn Xen> = if sandbox.is_some() {
-                // Held open: the sandbox has no /dev/xen, and no right to open it.
-                let domid = match state.domid {
-                    Some(d) => d,
-                    None => xvtpm_xen::linux::LinuxXen::open().context("cannot reach Xen")?.domid(),
-                };
-                Arc::new(xvtpm_xen::linux::HeldXen::open(domid).context("cannot open Xen's devices")?)
-            } else {
-                state.xen()?
+            let mut state = state;
+            let sandbox = sandbox.prepare(&mut state, &snapshot_dir)?;
+            let xen: Arc<dyn Xen> = match &sandbox {
+                Some(sb) => {
+                    // `--domid` is required with the sandbox: looking it up would start a thread.
+                    let domid = state.domid.context("--sandbox-uid needs --domid")?;
+                    // Only about its guest (any guest with --uuid) and its own domain.
+                    let allowed = frontend.map(|f| vec![f, domid]);
+                    // Forked now, while this process has one thread.
+                    let helper = xvtpm_xen::linux::helper::DomainHelper::spawn(allowed, &|| sb.confine_helper())
+                        .context("cannot start the domain helper")?;
+                    // Held open: the sandbox has no /dev/xen, and no right to open it.
+                    Arc::new(
+                        xvtpm_xen::linux::HeldXen::open(domid, frontend, helper)
+                            .context("cannot open Xen's devices")?,
+                    )
+                }
+                None => state.xen()?,
             };
             let config = ServeConfig { filter, max_locality, snapshot_dir, reset_running_guest, incoming, sandbox };
             serve(&state, xen, config)
@@ -309,8 +329,15 @@ struct ServeConfig {
 impl SandboxOpts {
     /// The sandbox asked for, with its private mount namespace made now: while the process
     /// still has one thread, so that every thread it starts shares it.
-    fn prepare(&self, state: &StateOpts, snapshot_dir: &Path) -> anyhow::Result<Option<Sandbox>> {
+    /// The token is read now: the sandbox will not show its file.
+    fn prepare(&self, state: &mut StateOpts, snapshot_dir: &Path) -> anyhow::Result<Option<Sandbox>> {
         let (Some(uid), Some(gid)) = (self.sandbox_uid, self.sandbox_gid) else { return Ok(None) };
+        if state.manager.as_deref().is_some_and(|m| m.starts_with("unix:")) {
+            state.token = Some(state.read_token()?);
+        }
+        if state.key.is_some() {
+            bail!("--sandbox-uid with a key file: keep the key at the manager (--manager), which the sandbox reaches");
+        }
         let mut visible = vec![Visible { path: state.state_dir.clone(), writable: true }];
         if snapshot_dir.as_os_str() != "none" {
             // Made here (it is the sandbox's to write in), so it can be shown.
@@ -335,6 +362,13 @@ fn serve(state: &StateOpts, xen: Arc<dyn Xen>, config: ServeConfig) -> anyhow::R
     let stop = Arc::new(xvtpm_backend::StopSignal::default());
     let s = stop.clone();
     xvtpm_vtpm::sys::signals::on_stop(move || s.set()).context("install the signal handlers")?;
+    if let Some(sandbox) = &config.sandbox {
+        // Before the state is opened: the vTPM's files are read, and the manager is reached
+        // (its BIND checked against our uid), as the sandbox's user.
+        sandbox.enter().context("cannot enter the sandbox")?;
+        let shown: Vec<String> = sandbox.visible.iter().map(|v| v.path.display().to_string()).collect();
+        log::info!("sandboxed: uid {}, gid {}, seeing only {}", sandbox.uid, sandbox.gid, shown.join(", "));
+    }
     let engine = if config.incoming {
         // The directory exists from now on, for the migration to fill.
         std::fs::DirBuilder::new()
@@ -381,11 +415,6 @@ fn serve(state: &StateOpts, xen: Arc<dyn Xen>, config: ServeConfig) -> anyhow::R
             VtpmHandler::incoming(state.version(), loader, xvtpm_vtpm::libtpms::canceller(), handler_config)
         }
     };
-    if let Some(sandbox) = &config.sandbox {
-        sandbox.enter().context("cannot enter the sandbox")?;
-        let shown: Vec<String> = sandbox.visible.iter().map(|v| v.path.display().to_string()).collect();
-        log::info!("sandboxed: uid {}, gid {}, seeing only {}", sandbox.uid, sandbox.gid, shown.join(", "));
-    }
     let served = Backend::new(xen, handler.clone(), BackendConfig { filter: config.filter }).run(&stop);
     // Stopped by a signal (or the backend failed): the guest's last state is kept either way.
     handler.stop();

@@ -33,7 +33,8 @@ fn fresh(name: &str) -> PathBuf {
 /// forbidden call its mode names.
 fn child(dirs: &str, mode: &str) {
     let mut parts = dirs.split('|').map(PathBuf::from);
-    let (own, shown, hidden) = (parts.next().expect("own"), parts.next().expect("shown"), parts.next().expect("hidden"));
+    let (own, shown, hidden) =
+        (parts.next().expect("own"), parts.next().expect("shown"), parts.next().expect("hidden"));
     sandbox::unshare().expect("unshare");
     // A thread started before the sandbox is entered is in it too.
     let (tx, rx) = std::sync::mpsc::channel::<()>();
@@ -136,7 +137,10 @@ fn run(mode: &str) {
     assert_eq!(status_field(pid, "NoNewPrivs"), "1");
     assert_eq!(status_field(pid, "Seccomp"), "2");
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).expect("limits");
-    assert!(limits.lines().any(|l| l.starts_with("Max core file size") && l.split_whitespace().nth(4) == Some("0")), "{limits}");
+    assert!(
+        limits.lines().any(|l| l.starts_with("Max core file size") && l.split_whitespace().nth(4) == Some("0")),
+        "{limits}"
+    );
     // Its root is what it was shown and nothing else: one directory at the top (the temp dir).
     let top: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/root"))
         .expect("its root")

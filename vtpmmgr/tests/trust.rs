@@ -424,6 +424,30 @@ fn connect_as(uid: u32, path: &std::path::Path) -> std::io::Result<std::os::unix
     .unwrap_or_else(|_| Err(std::io::Error::other("thread panicked")))
 }
 
+/// The vTPM socket of `--socket-group`: mode 0660 in that group, so the sandboxed vtpms (in the
+/// group, each its own uid) connect and other local users do not; the admin socket stays
+/// root's (0600) whatever the group.
+#[test]
+fn the_vtpm_socket_belongs_to_its_group_and_the_admin_socket_to_root_alone() {
+    use std::os::unix::fs::MetadataExt;
+    use xvtpm_vtpmmgr::server;
+    let dir = common::tmpdir("group");
+    let hw = common::HwSwtpm::start(&dir.join("tpm"));
+    let m = Arc::new(Mutex::new(
+        Manager::init(common::dev(&dir.join("store.img"), true), hw.connect(), &cfg()).expect("init"),
+    ));
+    // As root any group (one the socket would not have by itself); else our own, which
+    // needs no privilege (and proves less).
+    let mine = std::fs::metadata(&dir).expect("dir").gid();
+    let gid = if std::fs::metadata("/proc/self").expect("proc").uid() == 0 { 4242 } else { mine };
+    let (vtpm, admin) = (dir.join("vtpm.sock"), dir.join("admin.sock"));
+    server::serve_unix_group(m.clone(), &vtpm, 8, Some(gid)).expect("vtpm socket");
+    server::serve_unix(m, &admin, true, 8).expect("admin socket");
+    let v = std::fs::metadata(&vtpm).expect("vtpm socket");
+    assert_eq!((v.mode() & 0o777, v.gid()), (0o660, gid));
+    assert_eq!(std::fs::metadata(&admin).expect("admin socket").mode() & 0o777, 0o600);
+}
+
 /// Whether the manager closed `s` (within two seconds).
 fn closed(s: &mut std::os::unix::net::UnixStream) -> bool {
     use std::io::Read;
@@ -444,7 +468,12 @@ fn idle_unbound_connections_of_one_user_cannot_keep_a_vtpm_out() {
     let token = [0x5Au8; 32];
     m.provision([1; 16], 0, Some(&token)).expect("provision");
     let sock = dir.join("vtpm.sock");
-    let limits = Limits { max_clients: 64, unbound_per_uid: 4, unbound_timeout: std::time::Duration::from_millis(500) };
+    let limits = Limits {
+        max_clients: 64,
+        unbound_per_uid: 4,
+        unbound_timeout: std::time::Duration::from_millis(500),
+        ..Limits::default()
+    };
     server::serve_unix_with(Arc::new(Mutex::new(m)), &sock, false, limits).expect("serve");
     let root = std::fs::read_to_string("/proc/self/status")
         .ok()

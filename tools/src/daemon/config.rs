@@ -87,7 +87,10 @@ mod tests {
         .expect("valid");
         assert_eq!((f.auto_create, f.tpm_version, f.group), (Some(true), Some(TpmVersion::V12), Some(3)));
         assert_eq!(f.manager_socket.as_deref(), Some(Path::new("/run/m.sock")));
-        assert_eq!((f.sandbox, f.sandbox_group.as_deref(), f.sandbox_uid_base), (Some(false), Some("xvtpm"), Some(100)));
+        assert_eq!(
+            (f.sandbox, f.sandbox_group.as_deref(), f.sandbox_uid_base),
+            (Some(false), Some("xvtpm"), Some(100))
+        );
         assert!(File::parse("auto_create = true").is_err(), "a misspelt key is an error, not ignored");
         assert!(File::parse("tpm-version = \"2\"").is_err());
         assert!(File::parse("").expect("empty").vtpm.is_none());

@@ -181,7 +181,9 @@ fn sandboxing(
 ) -> anyhow::Result<Option<sandbox::Sandboxing>> {
     let (no_sandbox, base, count, group) = cli;
     if *no_sandbox || !file.sandbox.unwrap_or(true) {
-        log::warn!("the vtpms run as root without a sandbox (sandbox = false): a guest that takes over its vtpm has the host");
+        log::warn!(
+            "the vtpms run as root without a sandbox (sandbox = false): a guest that takes over its vtpm has the host"
+        );
         return Ok(None);
     }
     if sim {

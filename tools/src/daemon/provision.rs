@@ -90,7 +90,8 @@ impl Spec {
             for path in old.paths() {
                 let Some(name) = path.file_name() else { continue };
                 if path.exists() && !dir.join(name).exists() {
-                    fs::rename(path, dir.join(name)).map_err(|e| format!("move {} into {}: {e}", path.display(), dir.display()))?;
+                    fs::rename(path, dir.join(name))
+                        .map_err(|e| format!("move {} into {}: {e}", path.display(), dir.display()))?;
                     log::info!("vTPM {uuid}: snapshot {} moved into {}", path.display(), dir.display());
                 }
             }

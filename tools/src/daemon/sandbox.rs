@@ -32,6 +32,7 @@ pub const KEPT_CAPABILITIES: &[u32] = {
         cap::SETGID,
         cap::SETUID,
         cap::IPC_LOCK,
+        cap::SYS_CHROOT,
         cap::SYS_ADMIN,
     ]
 };
@@ -55,12 +56,7 @@ impl Sandboxing {
     /// vTPM `uuid`'s uid: the owner of its state directory when that is one of ours and no
     /// other vTPM's, else the lowest free one, recorded now (the directory given to it) and,
     /// with `admin`, at the manager. `Err`: for the log.
-    pub fn uid_for(
-        &self,
-        state_root: &Path,
-        uuid: &str,
-        admin: Option<(&Path, Duration)>,
-    ) -> Result<u32, String> {
+    pub fn uid_for(&self, state_root: &Path, uuid: &str, admin: Option<(&Path, Duration)>) -> Result<u32, String> {
         let state = state_root.join(uuid).join("state");
         let mine = std::fs::symlink_metadata(&state).map_err(|e| format!("{}: {e}", state.display()))?.uid();
         let mut taken = HashSet::new();
@@ -121,8 +117,11 @@ mod tests {
         }
         let r = root("alloc");
         let s = Sandboxing { uid_base: 0x7000_1000, uid_count: 2, group: None };
-        let (a, b, c) =
-            ("00000000-0000-4000-8000-00000000000a", "00000000-0000-4000-8000-00000000000b", "00000000-0000-4000-8000-00000000000c");
+        let (a, b, c) = (
+            "00000000-0000-4000-8000-00000000000a",
+            "00000000-0000-4000-8000-00000000000b",
+            "00000000-0000-4000-8000-00000000000c",
+        );
         for u in [a, b, c] {
             vtpm(&r, u);
         }

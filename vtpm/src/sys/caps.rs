@@ -23,6 +23,8 @@ pub mod cap {
     pub const SETPCAP: u32 = 8;
     /// Lock memory (a hypercall buffer without /dev/xen/hypercall).
     pub const IPC_LOCK: u32 = 14;
+    /// chroot (a sandbox's root where the host runs from its initramfs).
+    pub const SYS_CHROOT: u32 = 18;
     /// Mount namespaces, mounts and pivot_root (a vtpm building its sandbox).
     pub const SYS_ADMIN: u32 = 21;
 }

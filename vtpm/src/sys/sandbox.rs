@@ -57,7 +57,13 @@ fn c_path(p: &Path) -> io::Result<CString> {
     CString::new(p.as_os_str().as_bytes()).map_err(|_| io::Error::other(format!("{} has a NUL byte", p.display())))
 }
 
-fn mount(src: Option<&Path>, target: &Path, fstype: Option<&str>, flags: libc::c_ulong, data: Option<&str>) -> io::Result<()> {
+fn mount(
+    src: Option<&Path>,
+    target: &Path,
+    fstype: Option<&str>,
+    flags: libc::c_ulong,
+    data: Option<&str>,
+) -> io::Result<()> {
     let src = src.map(c_path).transpose()?;
     let target_c = c_path(target)?;
     let fstype = fstype.map(|s| CString::new(s).map_err(io::Error::other)).transpose()?;
@@ -79,7 +85,9 @@ fn threads() -> io::Result<usize> {
 pub fn unshare() -> io::Result<()> {
     let n = threads()?;
     if n != 1 {
-        return Err(io::Error::other(format!("the process already has {n} threads; the sandbox must be prepared first")));
+        return Err(io::Error::other(format!(
+            "the process already has {n} threads; the sandbox must be prepared first"
+        )));
     }
     // SAFETY: unshare() takes flags only; the process is single-threaded, as it requires.
     check(unsafe { libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWIPC) }, "unshare the mount namespace")?;
@@ -106,6 +114,19 @@ impl Sandbox {
         // SAFETY: as above. No execve can give the process privileges back.
         check(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) }, "PR_SET_NO_NEW_PRIVS")?;
         super::seccomp::apply()
+    }
+
+    /// The domain helper's confinement (see `xvtpm_xen::linux::helper`): the sandbox's identity,
+    /// limits and a filter narrower than the vtpm's; no root of its own is needed, it opens
+    /// nothing (and the vtpm's `pivot_root` moves it too).
+    pub fn confine_helper(&self) -> io::Result<()> {
+        limits()?;
+        // SAFETY: prctl with integer arguments only: no core file, no ptrace by its own uid.
+        check(unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) }, "PR_SET_DUMPABLE")?;
+        self.become_user()?;
+        // SAFETY: as above.
+        check(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) }, "PR_SET_NO_NEW_PRIVS")?;
+        super::seccomp::apply_helper()
     }
 
     /// A tmpfs root holding only the visible directories, bind-mounted at their own paths.
@@ -165,12 +186,18 @@ impl Sandbox {
         // SAFETY: chdir with a NUL-terminated path.
         check(unsafe { libc::chdir(base_c.as_ptr()) }, "chdir to the new root")?;
         let dot = c"."; // pivot_root(".", "."): the old root ends up stacked under the new one
-        // SAFETY: the pivot_root system call with two NUL-terminated paths; it changes the
-        // root and working directory of every thread of this mount namespace, all ours.
+                        // SAFETY: the pivot_root system call with two NUL-terminated paths; it changes the
+                        // root and working directory of every thread of this mount namespace, all ours.
         let rc = unsafe { libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()) };
-        check(if rc == 0 { 0 } else { -1 }, "pivot_root")?;
-        // SAFETY: umount2 with a NUL-terminated path: detaches the old root, above us.
-        check(unsafe { libc::umount2(dot.as_ptr(), libc::MNT_DETACH) }, "detach the host's root")?;
+        if rc == 0 {
+            // SAFETY: umount2 with a NUL-terminated path: detaches the old root, above us.
+            check(unsafe { libc::umount2(dot.as_ptr(), libc::MNT_DETACH) }, "detach the host's root")?;
+        } else if io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
+            // The host runs from its initramfs (rootfs), which cannot be pivoted away from.
+            move_root(base)?;
+        } else {
+            check(-1, "pivot_root")?;
+        }
         // SAFETY: as for chdir above.
         check(unsafe { libc::chdir(c"/".as_ptr()) }, "chdir to /")?;
         // Nothing but the writable directories can be written.
@@ -192,6 +219,31 @@ impl Sandbox {
         }
         Ok(())
     }
+}
+
+/// The new root where `pivot_root` cannot be used (the host's root is its initramfs): every
+/// other mount of the namespace detached, the new root moved over `/` and made the root of
+/// every thread (chroot; the threads share the process's file-system context). What stays
+/// below is unreachable without the capabilities the sandbox drops next.
+fn move_root(base: &Path) -> io::Result<()> {
+    let info = fs::read_to_string("/proc/self/mountinfo")?;
+    let mut points: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| PathBuf::from(p.replace("\\040", " ")))
+        .filter(|p| p != Path::new("/") && !p.starts_with(base))
+        .collect();
+    // Deepest first.
+    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    for p in points {
+        let c = c_path(&p)?;
+        // SAFETY: umount2 with a NUL-terminated path; a mount already gone with its parent
+        // fails harmlessly.
+        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    }
+    mount(Some(Path::new(".")), Path::new("/"), None, libc::MS_MOVE, None)?;
+    // SAFETY: chroot with a NUL-terminated path.
+    check(unsafe { libc::chroot(c".".as_ptr()) }, "chroot into the new root")
 }
 
 /// Gives `dir` and everything in it to `uid`:`gid` (what an earlier run as root, or a tool

@@ -7,8 +7,7 @@ use std::collections::BTreeMap;
 use std::io;
 
 use seccompiler::{
-    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule,
-    TargetArch,
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule, TargetArch,
 };
 
 /// Calls allowed with any arguments.
@@ -135,10 +134,45 @@ fn filter(pid: u32) -> io::Result<BpfProgram> {
     build(rules, SeccompAction::KillProcess, SeccompAction::Allow)
 }
 
-fn build(rules: BTreeMap<i64, Vec<SeccompRule>>, mismatch: SeccompAction, matched: SeccompAction) -> io::Result<BpfProgram> {
+fn build(
+    rules: BTreeMap<i64, Vec<SeccompRule>>,
+    mismatch: SeccompAction,
+    matched: SeccompAction,
+) -> io::Result<BpfProgram> {
     let arch = TargetArch::try_from(std::env::consts::ARCH).map_err(io::Error::other)?;
     let f = SeccompFilter::new(rules, mismatch, matched, arch).map_err(io::Error::other)?;
     f.try_into().map_err(io::Error::other)
+}
+
+/// What the domain helper (`xvtpm_xen::linux::helper`) may call: its socket, the hypercall
+/// ioctl on the privcmd handle it holds, the page that carries the hypercall's argument, and
+/// its log line. It is single-threaded and opens nothing.
+const HELPER: &[libc::c_long] = &[
+    libc::SYS_read,
+    libc::SYS_write,
+    // std reads and writes a socket with recv and send.
+    libc::SYS_recvfrom,
+    libc::SYS_sendto,
+    libc::SYS_writev,
+    libc::SYS_ioctl,
+    libc::SYS_mmap,
+    libc::SYS_munmap,
+    libc::SYS_mlock,
+    libc::SYS_munlock,
+    libc::SYS_brk,
+    libc::SYS_madvise,
+    libc::SYS_futex,
+    libc::SYS_clock_gettime,
+    libc::SYS_close,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_exit,
+    libc::SYS_exit_group,
+];
+
+/// Installs the domain helper's filter (single-threaded: this thread is the process).
+pub fn apply_helper() -> io::Result<()> {
+    let prog = build(HELPER.iter().map(|&n| (n, vec![])).collect(), SeccompAction::KillProcess, SeccompAction::Allow)?;
+    seccompiler::apply_filter(&prog).map_err(|e| io::Error::other(format!("seccomp: {e}")))
 }
 
 /// Installs the filter on every thread of the process.

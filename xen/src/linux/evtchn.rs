@@ -110,6 +110,18 @@ impl LinuxEvtchn {
     }
 }
 
+impl LinuxEvtchn {
+    /// From now on this handle binds only to channels of domain `domid`: no other domain's,
+    /// no VIRQs, no unbound ports. For good: a process handed the handle cannot undo it.
+    pub fn restrict_to(&self, domid: DomId) -> Result<()> {
+        let mut arg = ioctl::IoctlEvtchnRestrictDomid { domid };
+        // SAFETY: `arg` is the struct RESTRICT_DOMID reads.
+        unsafe { ioctl::ioctl(self.file.as_fd(), ioctl::IOCTL_EVTCHN_RESTRICT_DOMID, &mut arg) }
+            .map(drop)
+            .map_err(|e| Self::err("restrict_domid", 0, e))
+    }
+}
+
 impl EventChannel for LinuxEvtchn {
     fn bind_interdomain(&self, remote: DomId, remote_port: Port) -> Result<Port> {
         let mut arg = IoctlEvtchnBindInterdomain { remote_domain: remote.into(), remote_port };

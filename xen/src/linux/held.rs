@@ -1,11 +1,12 @@
 //! Xen's devices opened up front, for a process about to lose the right to open them (a
 //! sandboxed vtpm: another uid, and a root where `/dev/xen` and xenstored's socket are not).
 //! Each held device goes to the first caller that asks for it; a later caller gets a new one
-//! opened as [`LinuxXen`] would, which in the sandbox fails with the device named.
+//! opened as [`LinuxXen`] would, which in the sandbox fails with the device named. privcmd is
+//! not held here: questions about domains go to a [`DomainHelper`].
 
 use std::sync::Mutex;
 
-use super::privcmd::Privcmd;
+use super::helper::DomainHelper;
 use super::{LinuxEvtchn, LinuxGntdev, LinuxXen};
 use crate::{DomId, DomainInfo, EventChannel, GrantAllocator, GrantMapper, Result, Xen, Xenstore};
 
@@ -16,19 +17,24 @@ pub struct HeldXen {
     xenstore: Xenstore,
     evtchn: Mutex<Option<LinuxEvtchn>>,
     gntdev: Mutex<Option<LinuxGntdev>>,
-    privcmd: Privcmd,
+    helper: DomainHelper,
 }
 
 impl HeldXen {
-    /// Opens a xenstore connection, an event channel handle, the grant mapper and the
-    /// privileged-command device, as domain `domid`.
-    pub fn open(domid: DomId) -> Result<Self> {
+    /// Opens a xenstore connection, an event channel handle (restricted to domain `frontend`
+    /// when given: the one guest served) and the grant mapper, as domain `domid`; questions
+    /// about domains go to `helper`.
+    pub fn open(domid: DomId, frontend: Option<DomId>, helper: DomainHelper) -> Result<Self> {
+        let evtchn = LinuxEvtchn::open()?;
+        if let Some(f) = frontend {
+            evtchn.restrict_to(f)?;
+        }
         Ok(HeldXen {
             linux: LinuxXen::with_domid(domid),
             xenstore: super::open_xenstore()?,
-            evtchn: Mutex::new(Some(LinuxEvtchn::open()?)),
+            evtchn: Mutex::new(Some(evtchn)),
             gntdev: Mutex::new(Some(LinuxGntdev::open()?)),
-            privcmd: Privcmd::open()?,
+            helper,
         })
     }
 }
@@ -63,6 +69,6 @@ impl Xen for HeldXen {
     }
 
     fn domain_info(&self, domid: DomId) -> Result<Option<DomainInfo>> {
-        self.privcmd.domain_info(domid)
+        self.helper.domain_info(domid)
     }
 }

@@ -113,6 +113,17 @@ pub const IOCTL_EVTCHN_NOTIFY: u32 = ioc(IOC_NONE, b'E', 4, size_of::<IoctlEvtch
 /// Empties the ring of fired ports and clears its overflow condition.
 pub const IOCTL_EVTCHN_RESET: u32 = ioc(IOC_NONE, b'E', 5, 0);
 
+/// `struct ioctl_evtchn_restrict_domid`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IoctlEvtchnRestrictDomid {
+    /// The one domain the handle may bind to from now on.
+    pub domid: u16,
+}
+
+/// Restricts the handle, for good, to interdomain channels with one domain (Linux 4.12+).
+pub const IOCTL_EVTCHN_RESTRICT_DOMID: u32 = ioc(IOC_NONE, b'E', 6, size_of::<IoctlEvtchnRestrictDomid>());
+
 // ---- /dev/xen/gntdev -------------------------------------------------------------------
 
 /// `struct ioctl_gntdev_grant_ref`.

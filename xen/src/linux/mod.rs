@@ -5,6 +5,7 @@ pub mod evtchn;
 pub mod gntalloc;
 pub mod gntdev;
 pub mod held;
+pub mod helper;
 pub mod ioctl;
 pub mod privcmd;
 

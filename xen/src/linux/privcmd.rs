@@ -89,8 +89,8 @@ impl Privcmd {
 
     /// Domain `domid` as the hypervisor reports it; `None` if there is no such domain.
     pub fn domain_info(&self, domid: DomId) -> Result<Option<DomainInfo>> {
-        let page =
-            HypercallPage::new(self.buffers.as_ref().map(File::as_fd)).map_err(|e| Error::io("a hypercall buffer", e))?;
+        let page = HypercallPage::new(self.buffers.as_ref().map(File::as_fd))
+            .map_err(|e| Error::io("a hypercall buffer", e))?;
         ask(self.privcmd.as_fd(), &page, domid)
     }
 }
