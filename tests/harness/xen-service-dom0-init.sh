@@ -56,7 +56,7 @@ sandbox_of() { p=$(pid_of $2)
     echo "$1 uid=$(field $p Uid) gid=$(field $p Gid) groups=$(field $p Groups) capeff=$(field $p CapEff) capprm=$(field $p CapPrm) nnp=$(field $p NoNewPrivs) seccomp=$(field $p Seccomp)" \
         "mounts=$(awk '{print $5}' /proc/$p/mountinfo | sort | tr '\n' ,) vtpms=$(ls /proc/$p/root/var/lib/xvtpm/vtpms | tr '\n' ,)" \
         "etc=$(ls /proc/$p/root/etc 2>&1 | wc -l) state=$(ls -ldn /var/lib/xvtpm/vtpms/$2/state | awk '{print $1 "/" $3}')" \
-        "core=$(awk '/^Max core file size/ {print $5}' /proc/$p/limits)"; }
+        "core=$(awk '/^Max core file size/ {print $5}' /proc/$p/limits) xendevs=$(ls -l /proc/$p/fd | grep -o -E 'evtchn|gntdev|gntalloc|privcmd|hypercall|xenbus' | sort | tr '\n' ,)"; }
 for g in "g1 $U1" "g2 $U2" "g3 $U3"; do mark "SVCSANDBOX $(sandbox_of $g)"; done
 mark "SVCDAEMONCAPS eff=$(field $DAEMON CapEff) bnd=$(field $DAEMON CapBnd)"
 last_tick() { grep -o "svc tick [0-9]* pcr16 [0-9a-fA-Fx]*" $CON/guest-$1.log | tail -n 1; }

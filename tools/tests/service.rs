@@ -84,6 +84,9 @@ fn the_packaged_service_serves_guests_from_plain_domain_files() {
         assert_eq!(get("vtpms"), format!("{u},"), "{g} sees no other vTPM: {sb}");
         assert_eq!(get("etc"), "1", "no /etc in its root (one line: the error): {sb}");
         assert_eq!(get("state"), format!("drwx------/{uid}"), "{g}'s state directory is its own: {sb}");
+        // Grant mapping and its event channel handle, no privcmd and no xenstore device (the
+        // domain helper holds them).
+        assert_eq!(get("xendevs"), "evtchn,gntdev,", "{g}'s Xen devices: {sb}");
         uids.push(uid);
     }
     uids.dedup();

@@ -84,11 +84,13 @@ struct StateOpts {
 struct SandboxOpts {
     /// Serve from a sandbox, as this user id: no capabilities, a root holding only the state
     /// directory, the snapshot directory and the directory of the manager's socket, resource
-    /// limits and a system-call filter (a forbidden call kills the process). Entered after
-    /// Xen's devices, xenstore, the state and the manager are open and before the guest's first
-    /// byte is read. Needs root to start.
-    /// privcmd stays outside, in a helper process that answers only about this guest's domain;
-    /// with --frontend the event channel handle binds to that domain only. Needs --domid.
+    /// limits and a system-call filter (a forbidden call kills the process). Entered once
+    /// Xen's devices are open and the token read, before the state is read and the manager
+    /// reached (as this uid) and before the guest's first byte. Needs root to start; a key
+    /// file is refused (keep the key at the manager).
+    /// privcmd and xenstore stay outside, in a helper process that answers only about this
+    /// guest's domain and relays only this device's xenstore requests; with --frontend the
+    /// event channel handle binds to that domain only. Needs --domid.
     #[arg(long, value_name = "UID", requires_all = ["sandbox_gid", "domid"], conflicts_with_all = ["incoming", "sim"])]
     sandbox_uid: Option<u32>,
     /// The sandbox's group id.
@@ -274,11 +276,14 @@ fn main() -> anyhow::Result<()> {
                     // Only about its guest (any guest with --uuid) and its own domain.
                     let allowed = frontend.map(|f| vec![f, domid]);
                     // Forked now, while this process has one thread.
-                    let helper = xvtpm_xen::linux::helper::DomainHelper::spawn(allowed, &|| sb.confine_helper())
-                        .context("cannot start the domain helper")?;
+                    // Its xenstore requests go through the helper too, limited to its device.
+                    let policy = xvtpm_xen::xenstore::guard::Policy::new(domid, frontend, handle);
+                    let (helper, xs) =
+                        xvtpm_xen::linux::helper::DomainHelper::spawn(allowed, Some(policy), &|| sb.confine_helper())
+                            .context("cannot start the domain helper")?;
                     // Held open: the sandbox has no /dev/xen, and no right to open it.
                     Arc::new(
-                        xvtpm_xen::linux::HeldXen::open(domid, frontend, helper)
+                        xvtpm_xen::linux::HeldXen::open(domid, frontend, helper, xs)
                             .context("cannot open Xen's devices")?,
                     )
                 }
@@ -346,6 +351,20 @@ impl SandboxOpts {
                 .mode(0o700)
                 .create(snapshot_dir)
                 .with_context(|| format!("create {}", snapshot_dir.display()))?;
+            // Given to the sandbox's uid whole: only this vTPM's snapshots may be in it.
+            let own = SnapshotFile::for_state_dir(snapshot_dir, &state.state_dir)?;
+            let names: Vec<_> = own.paths().iter().filter_map(|p| p.file_name()).collect();
+            let entries =
+                std::fs::read_dir(snapshot_dir).with_context(|| format!("read {}", snapshot_dir.display()))?;
+            for entry in entries {
+                let name = entry?.file_name();
+                if !names.contains(&name.as_os_str()) {
+                    bail!(
+                        "{} holds {name:?}, which is not this vTPM's: a sandboxed vtpm needs a snapshot directory of its own (xvtpmd gives each <snapshot-dir>/<uuid>)",
+                        snapshot_dir.display()
+                    );
+                }
+            }
             visible.push(Visible { path: snapshot_dir.to_path_buf(), writable: true });
         }
         if let Some(path) = state.manager.as_deref().and_then(|m| m.strip_prefix("unix:")) {

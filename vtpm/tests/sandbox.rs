@@ -77,6 +77,11 @@ fn child(dirs: &str, mode: &str) {
             let r = Command::new("/bin/true").status();
             println!("SURVIVED spawn {r:?}");
         }
+        "tty" => {
+            // A terminal's ioctl (TCGETS): none is allowed, so TIOCSTI cannot type into one.
+            let r = std::io::IsTerminal::is_terminal(&std::io::stdin());
+            println!("SURVIVED tty {r:?}");
+        }
         _ => println!("SURVIVED nothing asked"),
     }
     std::process::exit(0);
@@ -179,6 +184,8 @@ fn main() {
         return;
     }
     if !is_root() {
+        // The project's test command runs as root and says so: there, this is a failure.
+        assert!(std::env::var_os("XVTPM_TESTS_AS_ROOT").is_none(), "XVTPM_TESTS_AS_ROOT is set but this is not root");
         eprintln!("sandbox: not root, so the sandbox cannot be entered; nothing checked");
         return;
     }
@@ -186,6 +193,7 @@ fn main() {
         ("none", "a sandboxed process sees only its directories, as its own user, and may still serve"),
         ("inet", "a network socket kills the sandboxed process"),
         ("spawn", "starting a program kills the sandboxed process"),
+        ("tty", "a terminal's ioctl kills the sandboxed process"),
     ] {
         run(mode);
         println!("test {what} ... ok");

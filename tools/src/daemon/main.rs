@@ -106,10 +106,7 @@ fn main() -> anyhow::Result<()> {
     let file = config::File::load(cli.config.as_deref())?;
     let cli_sandbox = (cli.no_sandbox, cli.sandbox_uid_base, cli.sandbox_uid_count, cli.sandbox_group.clone());
     let sandbox = sandboxing(&cli_sandbox, &file, cli.sim.is_some())?;
-    if sandbox.is_some() {
-        // Before any thread: each has its own capability sets.
-        xvtpm_vtpm::sys::caps::keep_only(sandbox::KEPT_CAPABILITIES).context("drop capabilities")?;
-    }
+
     let manager = (cli.manager_socket.or(file.manager_socket), cli.admin_socket.or(file.admin_socket));
     let keyless = cli.insecure_keyless || file.insecure_keyless.unwrap_or(false);
     let keys = match manager {
@@ -133,6 +130,13 @@ fn main() -> anyhow::Result<()> {
     let snapshot_dir =
         cli.snapshot_dir.or(file.snapshot_dir).unwrap_or_else(|| PathBuf::from(xvtpm_vtpm::snapshot::DEFAULT_DIR));
     let status_file = cli.status_file.or(file.status_file).unwrap_or_else(|| PathBuf::from(status::DEFAULT_PATH));
+    if let (Some(_), Keys::Manager { socket, .. }) = (&sandbox, &keys) {
+        sandbox::check_socket_dir(socket, &state_root, &snapshot_dir).map_err(anyhow::Error::msg)?;
+    }
+    if sandbox.is_some() {
+        // Before any thread: each has its own capability sets.
+        xvtpm_vtpm::sys::caps::keep_only(sandbox::KEPT_CAPABILITIES).context("drop capabilities")?;
+    }
     let xen: Arc<dyn Xen> = xvtpm_xen::open(cli.sim.as_deref(), cli.domid).context("cannot reach Xen")?;
     let me = xen.domid();
     let xs = xen.xenstore().context("xenstore")?;

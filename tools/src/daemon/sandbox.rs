@@ -54,8 +54,9 @@ impl Sandboxing {
     }
 
     /// vTPM `uuid`'s uid: the owner of its state directory when that is one of ours and no
-    /// other vTPM's, else the lowest free one, recorded now (the directory given to it) and,
-    /// with `admin`, at the manager. `Err`: for the log.
+    /// other vTPM's, else the lowest free one, recorded now (the directory given to it); with
+    /// `admin`, told to the manager every time (idempotent there), so that a record that went
+    /// astray heals at the next start. `Err`: for the log.
     pub fn uid_for(&self, state_root: &Path, uuid: &str, admin: Option<(&Path, Duration)>) -> Result<u32, String> {
         let state = state_root.join(uuid).join("state");
         let mine = std::fs::symlink_metadata(&state).map_err(|e| format!("{}: {e}", state.display()))?.uid();
@@ -69,24 +70,58 @@ impl Sandboxing {
                 taken.insert(m.uid());
             }
         }
-        if self.owns(mine) && !taken.contains(&mine) {
-            return Ok(mine);
-        }
-        let uid = (self.uid_base..self.uid_base.saturating_add(self.uid_count))
-            .find(|u| !taken.contains(u))
-            .ok_or_else(|| format!("all {} vTPM uids from {} are in use", self.uid_count, self.uid_base))?;
+        let kept = self.owns(mine) && !taken.contains(&mine);
+        let uid = if kept {
+            mine
+        } else {
+            (self.uid_base..self.uid_base.saturating_add(self.uid_count))
+                .find(|u| !taken.contains(u))
+                .ok_or_else(|| format!("all {} vTPM uids from {} are in use", self.uid_count, self.uid_base))?
+        };
         if let Some((socket, timeout)) = admin {
             // The manager first: a vTPM it still knows by another uid could not get its key.
-            let id = xvtpm_proto::Uuid::parse(uuid).map_err(|e| e.to_string())?.0;
-            Admin::connect_with_timeout(socket, timeout)
-                .and_then(|mut a| a.set_uid(&id, Some(uid)))
-                .map_err(|e| format!("cannot tell the manager that vTPM {uuid} runs as uid {uid}: {e}"))?;
+            bind_at_manager(socket, timeout, uuid, uid)?;
         }
-        std::os::unix::fs::lchown(&state, Some(uid), Some(uid))
-            .map_err(|e| format!("give {} to uid {uid}: {e}", state.display()))?;
-        log::info!("vTPM {uuid}: runs as uid {uid} from now on");
+        if !kept {
+            std::os::unix::fs::lchown(&state, Some(uid), Some(uid))
+                .map_err(|e| format!("give {} to uid {uid}: {e}", state.display()))?;
+            log::info!("vTPM {uuid}: runs as uid {uid} from now on");
+        }
         Ok(uid)
     }
+}
+
+/// Tells the manager that vTPM `uuid`'s clients run as `uid` (it then hands its key to that
+/// uid alone).
+pub fn bind_at_manager(socket: &Path, timeout: Duration, uuid: &str, uid: u32) -> Result<(), String> {
+    let id = xvtpm_proto::Uuid::parse(uuid).map_err(|e| e.to_string())?.0;
+    Admin::connect_with_timeout(socket, timeout)
+        .and_then(|mut a| a.set_uid(&id, Some(uid)))
+        .map_err(|e| format!("cannot tell the manager that vTPM {uuid} runs as uid {uid}: {e}"))
+}
+
+/// This process's uid (the owner of its /proc entry), which unsandboxed vtpms run as.
+pub fn own_uid() -> u32 {
+    std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(0)
+}
+
+/// Refuses a manager socket whose directory would show a sandboxed vtpm more than the socket:
+/// the directory of every vTPM's state, the snapshots, or (with the socket beside them) the
+/// admin socket and the status file.
+pub fn check_socket_dir(socket: &Path, state_root: &Path, snapshot_dir: &Path) -> Result<(), String> {
+    let dir = socket.parent().unwrap_or(Path::new("/"));
+    for (what, other) in [("state-root", state_root), ("snapshot-dir", snapshot_dir)] {
+        if other.starts_with(dir) || dir.starts_with(other) {
+            return Err(format!(
+                "the manager's vTPM socket {} shares its directory tree with {what} {}: every sandboxed vtpm sees the socket's \
+                 directory, so it must hold the socket alone (the package's default is /run/xvtpm/mgr/vtpm.sock; \
+                 set manager-socket and vtpmmgr's --socket to match)",
+                socket.display(),
+                other.display()
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Whether this process runs as root (the owner of its /proc entry is its effective uid).
@@ -107,6 +142,15 @@ mod tests {
 
     fn vtpm(root: &Path, uuid: &str) {
         std::fs::create_dir_all(root.join(uuid).join("state")).expect("dir");
+    }
+
+    #[test]
+    fn a_socket_directory_that_would_show_more_than_the_socket_is_refused() {
+        let (state, snaps) = (Path::new("/var/lib/xvtpm/vtpms"), Path::new("/run/xvtpm/snapshots"));
+        assert_eq!(check_socket_dir(Path::new("/run/xvtpm/mgr/vtpm.sock"), state, snaps), Ok(()));
+        let old = check_socket_dir(Path::new("/run/xvtpm/mgr.sock"), state, snaps).expect_err("beside the snapshots");
+        assert!(old.contains("snapshot-dir") && old.contains("/run/xvtpm/mgr/vtpm.sock"), "{old}");
+        assert!(check_socket_dir(Path::new("/var/lib/xvtpm/vtpms/mgr.sock"), state, snaps).is_err());
     }
 
     #[test]

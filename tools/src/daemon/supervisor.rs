@@ -234,10 +234,17 @@ impl Supervisor {
     /// Its snapshot directory, and its sandbox: its uid, group and the manager's socket group.
     fn sandbox_args(&self, cmd: &mut Command, uuid: &str) -> Result<(), String> {
         cmd.arg("--snapshot-dir").arg(self.spec.snapshot_dir_of(uuid)?);
-        let Some(sb) = &self.spec.sandbox else { return Ok(()) };
         let admin = match &self.spec.keys {
             Keys::Manager { admin, .. } => Some((admin.as_path(), self.spec.create_timeout)),
             Keys::None => None,
+        };
+        let Some(sb) = &self.spec.sandbox else {
+            // Unsandboxed, the vtpm binds as this process's uid: say so, in case a sandboxed
+            // run bound the vTPM to another.
+            if let Some((socket, timeout)) = admin {
+                super::sandbox::bind_at_manager(socket, timeout, uuid, super::sandbox::own_uid())?;
+            }
+            return Ok(());
         };
         let uid = sb.uid_for(&self.spec.state_root, uuid, admin)?.to_string();
         cmd.args(["--sandbox-uid", &uid, "--sandbox-gid", &uid, "--domid", &self.me.to_string()]);

@@ -79,9 +79,10 @@ fn threads() -> io::Result<usize> {
     Ok(fs::read_dir("/proc/self/task")?.count())
 }
 
-/// Step one: a mount namespace (and an IPC namespace) of the process's own, whose mounts never
-/// reach the host's. Must be called while the process has one thread: every thread started
-/// after it shares the new namespace.
+/// Step one: a mount namespace of the process's own, whose mounts never reach the host's, and
+/// empty IPC and network namespaces (no network, and no abstract Unix socket of the host's;
+/// sockets with a path, xenstored's and the manager's, still connect). Must be called while the
+/// process has one thread: every thread started after it shares the new namespaces.
 pub fn unshare() -> io::Result<()> {
     let n = threads()?;
     if n != 1 {
@@ -89,8 +90,9 @@ pub fn unshare() -> io::Result<()> {
             "the process already has {n} threads; the sandbox must be prepared first"
         )));
     }
+    let flags = libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWNET;
     // SAFETY: unshare() takes flags only; the process is single-threaded, as it requires.
-    check(unsafe { libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWIPC) }, "unshare the mount namespace")?;
+    check(unsafe { libc::unshare(flags) }, "unshare the mount, IPC and network namespaces")?;
     mount(None, Path::new("/"), None, libc::MS_REC | libc::MS_PRIVATE, None)
 }
 
@@ -107,23 +109,20 @@ impl Sandbox {
         }
         self.new_root()?;
         limits()?;
-        // SAFETY: prctl with integer arguments only. Not dumpable: no core file of a process
-        // that holds state keys, and no ptrace or /proc access by another process of its uid.
-        check(unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) }, "PR_SET_DUMPABLE")?;
         self.become_user()?;
+        not_dumpable()?;
         // SAFETY: as above. No execve can give the process privileges back.
         check(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) }, "PR_SET_NO_NEW_PRIVS")?;
         super::seccomp::apply()
     }
 
     /// The domain helper's confinement (see `xvtpm_xen::linux::helper`): the sandbox's identity,
-    /// limits and a filter narrower than the vtpm's; no root of its own is needed, it opens
-    /// nothing (and the vtpm's `pivot_root` moves it too).
+    /// limits and a filter narrower than the vtpm's, which has no call that opens a file, so
+    /// it needs no root of its own.
     pub fn confine_helper(&self) -> io::Result<()> {
         limits()?;
-        // SAFETY: prctl with integer arguments only: no core file, no ptrace by its own uid.
-        check(unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) }, "PR_SET_DUMPABLE")?;
         self.become_user()?;
+        not_dumpable()?;
         // SAFETY: as above.
         check(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) }, "PR_SET_NO_NEW_PRIVS")?;
         super::seccomp::apply_helper()
@@ -185,9 +184,10 @@ impl Sandbox {
         let base_c = c_path(base)?;
         // SAFETY: chdir with a NUL-terminated path.
         check(unsafe { libc::chdir(base_c.as_ptr()) }, "chdir to the new root")?;
-        let dot = c"."; // pivot_root(".", "."): the old root ends up stacked under the new one
-                        // SAFETY: the pivot_root system call with two NUL-terminated paths; it changes the
-                        // root and working directory of every thread of this mount namespace, all ours.
+        // pivot_root(".", "."): the old root ends up stacked under the new one.
+        let dot = c".";
+        // SAFETY: the pivot_root system call with two NUL-terminated paths; it changes the
+        // root and working directory of every thread of this mount namespace, all ours.
         let rc = unsafe { libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()) };
         if rc == 0 {
             // SAFETY: umount2 with a NUL-terminated path: detaches the old root, above us.
@@ -262,6 +262,13 @@ fn give(dir: &Path, uid: u32, gid: u32) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Not dumpable: no core file of a process that holds state keys, and no ptrace or /proc access
+/// by another process of its uid. Set after the ids change, which resets the flag.
+fn not_dumpable() -> io::Result<()> {
+    // SAFETY: prctl with integer arguments only.
+    check(unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) }, "PR_SET_DUMPABLE")
 }
 
 /// Limits of its own: no core files, few descriptors, threads and bytes per file.

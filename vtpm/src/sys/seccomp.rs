@@ -75,8 +75,6 @@ const PLAIN: &[libc::c_long] = &[
     libc::SYS_eventfd2,
     libc::SYS_ppoll,
     libc::SYS_readlinkat,
-    // Xen's devices (event channels, grant mapping, privcmd), on descriptors opened before.
-    libc::SYS_ioctl,
     // Sockets of the kind `socket` allows: xenstored and the manager.
     libc::SYS_connect,
     libc::SYS_sendto,
@@ -87,6 +85,29 @@ const PLAIN: &[libc::c_long] = &[
     libc::SYS_getsockopt,
     libc::SYS_setsockopt,
 ];
+
+/// The ioctls the vtpm makes once it serves: event channels and grant mapping on the handles it
+/// holds, and std's non-blocking and close-on-exec switches. Not a terminal's (TIOCSTI would
+/// type into a root shell whose terminal a hand-started vtpm inherited).
+fn vtpm_ioctls() -> Vec<u32> {
+    use xvtpm_xen::linux::ioctl as x;
+    vec![
+        x::IOCTL_EVTCHN_BIND_INTERDOMAIN,
+        x::IOCTL_EVTCHN_UNBIND,
+        x::IOCTL_EVTCHN_NOTIFY,
+        x::IOCTL_EVTCHN_RESET,
+        x::IOCTL_GNTDEV_MAP_GRANT_REF,
+        x::IOCTL_GNTDEV_UNMAP_GRANT_REF,
+        x::IOCTL_GNTDEV_SET_UNMAP_NOTIFY,
+        libc::FIONBIO as u32,
+        libc::FIOCLEX as u32,
+    ]
+}
+
+/// `ioctl` with one of `requests` (its second argument).
+fn ioctl_rules(requests: &[u32]) -> io::Result<Vec<SeccompRule>> {
+    requests.iter().map(|&r| SeccompRule::new(vec![arg_eq(1, u64::from(r))?]).map_err(io::Error::other)).collect()
+}
 
 /// The x86-64 names of calls that other architectures only have in their `*at` forms.
 #[cfg(target_arch = "x86_64")]
@@ -122,6 +143,7 @@ fn filter(pid: u32) -> io::Result<BpfProgram> {
         vec![rule(vec![SeccompCondition::new(0, SeccompCmpArgLen::Qword, SeccompCmpOp::MaskedEq(thread), thread)
             .map_err(io::Error::other)?])?],
     );
+    rules.insert(libc::SYS_ioctl, ioctl_rules(&vtpm_ioctls())?);
     // Unix sockets only.
     rules.insert(libc::SYS_socket, vec![rule(vec![arg_eq(0, libc::AF_UNIX as u64)?])?]);
     // Naming a thread, nothing else of prctl.
@@ -153,8 +175,11 @@ const HELPER: &[libc::c_long] = &[
     // std reads and writes a socket with recv and send.
     libc::SYS_recvfrom,
     libc::SYS_sendto,
+    // Waiting for the vtpm or xenstored.
+    #[cfg(target_arch = "x86_64")]
+    libc::SYS_poll,
+    libc::SYS_ppoll,
     libc::SYS_writev,
-    libc::SYS_ioctl,
     libc::SYS_mmap,
     libc::SYS_munmap,
     libc::SYS_mlock,
@@ -171,7 +196,10 @@ const HELPER: &[libc::c_long] = &[
 
 /// Installs the domain helper's filter (single-threaded: this thread is the process).
 pub fn apply_helper() -> io::Result<()> {
-    let prog = build(HELPER.iter().map(|&n| (n, vec![])).collect(), SeccompAction::KillProcess, SeccompAction::Allow)?;
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = HELPER.iter().map(|&n| (n, vec![])).collect();
+    // The hypercall ioctl on privcmd, nothing else.
+    rules.insert(libc::SYS_ioctl, ioctl_rules(&[xvtpm_xen::linux::ioctl::IOCTL_PRIVCMD_HYPERCALL])?);
+    let prog = build(rules, SeccompAction::KillProcess, SeccompAction::Allow)?;
     seccompiler::apply_filter(&prog).map_err(|e| io::Error::other(format!("seccomp: {e}")))
 }
 

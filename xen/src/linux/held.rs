@@ -21,17 +21,26 @@ pub struct HeldXen {
 }
 
 impl HeldXen {
-    /// Opens a xenstore connection, an event channel handle (restricted to domain `frontend`
-    /// when given: the one guest served) and the grant mapper, as domain `domid`; questions
-    /// about domains go to `helper`.
-    pub fn open(domid: DomId, frontend: Option<DomId>, helper: DomainHelper) -> Result<Self> {
+    /// Opens an event channel handle (restricted to domain `frontend` when given: the one
+    /// guest served) and the grant mapper, as domain `domid`; questions about domains go to
+    /// `helper`, and xenstore requests over `xenstore` (the helper's relay; `None`: a direct
+    /// connection).
+    pub fn open(
+        domid: DomId,
+        frontend: Option<DomId>,
+        helper: DomainHelper,
+        xenstore: Option<std::os::unix::net::UnixStream>,
+    ) -> Result<Self> {
         let evtchn = LinuxEvtchn::open()?;
         if let Some(f) = frontend {
             evtchn.restrict_to(f)?;
         }
         Ok(HeldXen {
             linux: LinuxXen::with_domid(domid),
-            xenstore: super::open_xenstore()?,
+            xenstore: match xenstore {
+                Some(s) => Xenstore::from_unix(s)?,
+                None => super::open_xenstore()?,
+            },
             evtchn: Mutex::new(Some(evtchn)),
             gntdev: Mutex::new(Some(LinuxGntdev::open()?)),
             helper,

@@ -3,6 +3,7 @@
 //! thread demultiplexes replies (by request id) from watch events, so any number of threads
 //! can share one connection while events keep flowing.
 
+pub mod guard;
 pub mod wire;
 
 use std::collections::HashMap;
