@@ -58,6 +58,13 @@ sandbox_of() { p=$(pid_of $2)
         "etc=$(ls /proc/$p/root/etc 2>&1 | wc -l) state=$(ls -ldn /var/lib/xvtpm/vtpms/$2/state | awk '{print $1 "/" $3}')" \
         "core=$(awk '/^Max core file size/ {print $5}' /proc/$p/limits) xendevs=$(ls -l /proc/$p/fd | grep -o -E 'evtchn|gntdev|gntalloc|privcmd|hypercall|xenbus' | sort | tr '\n' ,)"; }
 for g in "g1 $U1" "g2 $U2" "g3 $U3"; do mark "SVCSANDBOX $(sandbox_of $g)"; done
+# Each vtpm's domain helper (its child): who it runs as, its filter, and what each costs in PSS.
+pss() { awk '/^Pss:/ {print $2}' /proc/$1/smaps_rollup; }
+priv() { awk '/^Private_(Clean|Dirty):/ {s += $2} END {print s}' /proc/$1/smaps_rollup; }
+for g in "g1 $U1" "g2 $U2" "g3 $U3"; do set -- $g; p=$(pid_of $2); h=""
+    for d in /proc/[0-9]*; do [ "$(awk '/^PPid:/ {print $2}' $d/status 2>/dev/null)" = "$p" ] && h=${d#/proc/}; done
+    mark "SVCHELPER $1 helper=${h:-none} uid=$(field $h Uid) seccomp=$(field $h Seccomp) nnp=$(field $h NoNewPrivs) capeff=$(field $h CapEff) xendevs=$(ls -l /proc/$h/fd | grep -o -E 'evtchn|gntdev|privcmd|hypercall|xenbus' | sort | tr '\n' ,) pss_vtpm=$(pss $p) pss_helper=$(pss $h) private_vtpm=$(priv $p) private_helper=$(priv $h)"
+done
 mark "SVCDAEMONCAPS eff=$(field $DAEMON CapEff) bnd=$(field $DAEMON CapBnd)"
 last_tick() { grep -o "svc tick [0-9]* pcr16 [0-9a-fA-Fx]*" $CON/guest-$1.log | tail -n 1; }
 tick_after() { # guest tick-number: the first tick after it (waits)
@@ -65,10 +72,11 @@ tick_after() { # guest tick-number: the first tick after it (waits)
         l=$(grep -o "svc tick [0-9]* pcr16 [0-9a-fA-Fx]*" $CON/guest-$1.log | awk -v n=$2 '$3 > n + 1' | head -n 1)
         [ -n "$l" ] && { echo "$l"; return 0; }; i=$((i+1)); usleep 100000
     done; echo "no tick after $2"; }
-# 1. g2's vtpm killed as its system-call filter kills it (SIGSYS): the daemon logs it and
-# restarts it; g2's PCR 16 is as it was; g1 goes on meanwhile.
+# 1. g2's vtpm made to call what its filter forbids (a thread's next system call turned into
+# socket(AF_INET) with ptrace): the filter kills it, the daemon logs it and restarts it; g2's
+# PCR 16 is as it was; g1 goes on meanwhile.
 P2=$(pid_of $U2); N=$(last_tick g2 | awk '{print $3}'); N1=$(last_tick g1 | awk '{print $3}')
-kill -SYS $P2
+mark "SVC inject: $(syscall-inject $P2 2>&1 | tr '\n' ' ')"
 i=0; while [ "$(pid_of $U2)" = "$P2" ] || [ -z "$(pid_of $U2)" ]; do i=$((i+1)); [ $i -gt 200 ] && break; usleep 100000; done
 mark "SVC killed g2 vtpm $P2, now $(pid_of $U2): $(tick_after g2 $N)"
 mark "SVC meanwhile g1: $(tick_after g1 $N1)"

@@ -5,7 +5,10 @@
 //! use) get their own TPMs; a killed vtpm is restarted by the daemon and its guest keeps PCR 16;
 //! xvtpmd restarted under running guests keeps theirs; a guest saved and restored with xl keeps
 //! its PCR 16 (its vtpm stopped with the device, a new one continues it); `xl destroy` stops that guest's vtpm; with `auto-create =
-//! false` an unknown uuid is refused by name; `xvtpm status --json` shows it all.
+//! false` an unknown uuid is refused by name; `xvtpm status --json` shows it all. Every vtpm
+//! runs in its sandbox (checked from /proc: uid, groups, capabilities, filter, mounts, the Xen
+//! devices it holds, its domain helper), and one made to call what its filter forbids (with
+//! ptrace, tests/harness/syscall-inject.c) is killed, logged and resumed while the others go on.
 //! Scenario: tests/harness/xen-service-dom0-init.sh.
 
 use std::path::{Path, PathBuf};
@@ -89,6 +92,22 @@ fn the_packaged_service_serves_guests_from_plain_domain_files() {
         assert_eq!(get("xendevs"), "evtchn,gntdev,", "{g}'s Xen devices: {sb}");
         uids.push(uid);
     }
+    // Its domain helper: the same uid, its own filter, no capabilities; it, not the vtpm,
+    // holds privcmd (and its hypercall page's device).
+    for (g, uid) in ["g1", "g2", "g3"].iter().zip(&uids) {
+        let h = line(&c, &format!("SVCHELPER {g} "));
+        let get =
+            |k: &str| h.split_whitespace().find_map(|w| w.strip_prefix(&format!("{k}="))).unwrap_or("").to_string();
+        assert!(get("helper").parse::<u32>().is_ok(), "{g} has no domain helper: {h}; {}", ctx());
+        assert_eq!(get("uid"), uid.to_string(), "{h}");
+        assert_eq!(
+            (get("seccomp").as_str(), get("nnp").as_str(), get("capeff").as_str()),
+            ("2", "1", "0000000000000000"),
+            "{h}"
+        );
+        assert!(get("xendevs").contains("privcmd"), "the helper holds privcmd: {h}");
+        eprintln!("memory: {h}");
+    }
     uids.dedup();
     assert_eq!(uids.len(), 3, "one uid per vTPM: {uids:?}");
     // xvtpmd kept CHOWN, DAC_OVERRIDE, DAC_READ_SEARCH, FOWNER, KILL, SETGID, SETUID, IPC_LOCK,
@@ -99,6 +118,12 @@ fn the_packaged_service_serves_guests_from_plain_domain_files() {
     let killed = line(&c, "SVC killed g2 vtpm ");
     let short = |p: &str| p[..18].to_string();
     assert!(killed.contains(&format!("pcr16 {}", short(&pcrs[1]))), "after the kill: {killed}; {}", ctx());
+    let inject = line(&c, "SVC inject: ");
+    assert!(
+        inject.contains("made socket(AF_INET)") && inject.contains("killed by signal 31"),
+        "g2's vtpm, made to open a network socket, is killed by its filter: {inject}; {}",
+        ctx()
+    );
     let meanwhile = line(&c, "SVC meanwhile g1: ");
     assert!(
         meanwhile.contains(&format!("pcr16 {}", short(&pcrs[0]))),

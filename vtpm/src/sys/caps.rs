@@ -3,6 +3,8 @@
 
 use std::io;
 
+use super::sandbox::check;
+
 /// Capability numbers (linux/capability.h).
 pub mod cap {
     /// Change file owners (a vTPM's state given to its uid).
@@ -45,15 +47,6 @@ struct Data {
 
 const VERSION_3: u32 = 0x2008_0522;
 
-fn check(rc: libc::c_long, what: &str) -> io::Result<()> {
-    if rc == 0 {
-        Ok(())
-    } else {
-        let e = io::Error::last_os_error();
-        Err(io::Error::new(e.kind(), format!("{what}: {e}")))
-    }
-}
-
 /// Keeps only `keep` of this thread's capabilities, in its bounding, permitted and effective
 /// sets; none inheritable or ambient. Call it before starting threads: each thread has its own
 /// sets, and a thread started later copies the caller's.
@@ -70,7 +63,7 @@ pub fn keep_only(keep: &[u32]) -> io::Result<()> {
         if present && !keep.contains(&c) {
             // SAFETY: prctl with integer arguments only.
             let rc = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(c), 0, 0, 0) };
-            check(rc.into(), &format!("drop capability {c} from the bounding set"))?;
+            check(rc, &format!("drop capability {c} from the bounding set"))?;
         }
     }
     let mut data = [Data::default(); 2];
@@ -87,5 +80,5 @@ pub fn keep_only(keep: &[u32]) -> io::Result<()> {
     check(rc, "capset")?;
     // SAFETY: prctl with integer arguments only.
     let rc = unsafe { libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) };
-    check(rc.into(), "clear the ambient capabilities")
+    check(rc, "clear the ambient capabilities")
 }

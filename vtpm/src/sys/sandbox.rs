@@ -44,8 +44,9 @@ const MAX_FILE_SIZE: u64 = 64 << 20;
 /// Its threads (the limit counts every process and thread of its uid, which is its own).
 const MAX_THREADS: u64 = 64;
 
-fn check(rc: libc::c_int, what: &str) -> io::Result<()> {
-    if rc == 0 {
+/// A libc call's result: 0, or the error (errno) named with `what`.
+pub(super) fn check(rc: impl Into<i64>, what: &str) -> io::Result<()> {
+    if rc.into() == 0 {
         Ok(())
     } else {
         let e = io::Error::last_os_error();
