@@ -23,9 +23,9 @@ fn swtpm(bin: &Path, state: &Path, port: u16, log: &Path) -> Result<Child, Strin
     swtpm_with(bin, &format!("dir={}", state.display()), port, log)
 }
 
-/// [`swtpm`] with `--tpmstate` `tpmstate`.
-fn swtpm_with(bin: &Path, tpmstate: &str, port: u16, log: &Path) -> Result<Child, String> {
-    let mut child = Command::new(bin)
+/// The drop-in in socket mode on `port` (data) and `port + 1` (control), stderr to `log`.
+fn spawn(bin: &Path, tpmstate: &str, port: u16, log: &Path) -> Child {
+    Command::new(bin)
         .arg("socket")
         .arg("--tpm2")
         .args(["--server", &format!("type=tcp,port={port}")])
@@ -35,7 +35,12 @@ fn swtpm_with(bin: &Path, tpmstate: &str, port: u16, log: &Path) -> Result<Child
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(log).expect("log"))
         .spawn()
-        .expect("spawn swtpm");
+        .expect("spawn swtpm")
+}
+
+/// [`swtpm`] with `--tpmstate` `tpmstate`.
+fn swtpm_with(bin: &Path, tpmstate: &str, port: u16, log: &Path) -> Result<Child, String> {
+    let mut child = spawn(bin, tpmstate, port, log);
     let end = Instant::now() + Duration::from_secs(20);
     while Instant::now() < end {
         if let Some(st) = child.try_wait().expect("wait") {
@@ -55,17 +60,7 @@ fn swtpm_with(bin: &Path, tpmstate: &str, port: u16, log: &Path) -> Result<Child
 /// (Waiting for the port to open instead would race with other tests, whose servers may take
 /// that port meanwhile.) Panics if it is still running after 20 s.
 fn refused(bin: &Path, state: &Path, port: u16, log: &Path) -> String {
-    let mut child = Command::new(bin)
-        .arg("socket")
-        .arg("--tpm2")
-        .args(["--server", &format!("type=tcp,port={port}")])
-        .args(["--ctrl", &format!("type=tcp,port={}", port + 1)])
-        .args(["--tpmstate", &format!("dir={}", state.display())])
-        .args(["--flags", "not-need-init,startup-clear"])
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).expect("log"))
-        .spawn()
-        .expect("spawn swtpm");
+    let mut child = spawn(bin, &format!("dir={}", state.display()), port, log);
     let end = Instant::now() + Duration::from_secs(20);
     while Instant::now() < end {
         if let Some(st) = child.try_wait().expect("wait") {

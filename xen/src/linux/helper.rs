@@ -12,7 +12,7 @@
 //! `XEN_DOMINF_*` flags (LE). The xenstore exchange is xenstored's own wire protocol, on a
 //! second socket pair.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -130,7 +130,7 @@ fn serve(
             server: xenstored().map_err(io::Error::other)?,
             policy,
             listings: BTreeMap::new(),
-            vm_reads: BTreeMap::new(),
+            vm_reads: BTreeSet::new(),
         }),
         None => None,
     };
@@ -186,7 +186,7 @@ struct Relay {
     /// Listings in flight (request id to path), whose replies are filtered.
     listings: BTreeMap<u32, String>,
     /// Reads of the guest's `vm` node in flight, whose answers the policy learns.
-    vm_reads: BTreeMap<u32, ()>,
+    vm_reads: BTreeSet<u32>,
 }
 
 impl Relay {
@@ -195,7 +195,7 @@ impl Relay {
         let Some(msg) = Message::read_from(&mut self.client).map_err(io::Error::other)? else { return Ok(false) };
         let id = msg.header.req_id;
         // A request id already in flight would make its answer ambiguous (which one to filter).
-        let checked = if self.listings.contains_key(&id) || self.vm_reads.contains_key(&id) {
+        let checked = if self.listings.contains_key(&id) || self.vm_reads.contains(&id) {
             Err(format!("request id {id} already in flight"))
         } else {
             self.policy.allows(&msg)
@@ -208,7 +208,7 @@ impl Relay {
                         self.listings.insert(id, path);
                     }
                     Some(MsgType::Read) if self.policy.is_vm_node(&path) => {
-                        self.vm_reads.insert(id, ());
+                        self.vm_reads.insert(id);
                     }
                     _ => {}
                 }
@@ -238,7 +238,7 @@ impl Relay {
             }
         } else if let Some(path) = self.listings.remove(&id) {
             self.policy.filter_listing(&path, &mut msg);
-        } else if self.vm_reads.remove(&id).is_some() && msg.msg_type() == Some(MsgType::Read) {
+        } else if self.vm_reads.remove(&id) && msg.msg_type() == Some(MsgType::Read) {
             self.policy.learn_vm(&msg.payload);
         }
         msg.write_to(&mut self.client).map_err(io::Error::other)
@@ -296,7 +296,7 @@ mod tests {
             server: File::from(OwnedFd::from(server)),
             policy: Policy::new(0, Some(5), Some(0)),
             listings: BTreeMap::new(),
-            vm_reads: BTreeMap::new(),
+            vm_reads: BTreeSet::new(),
         };
         // Another guest's device: refused, nothing sent on.
         msg(MsgType::Write, 7, &["/local/domain/0/backend/vtpm/6/0/state", "6"]).write_to(&mut vtpm).expect("send");
