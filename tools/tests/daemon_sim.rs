@@ -90,6 +90,16 @@ impl Daemon {
         }
     }
 
+    /// Waits until the first status entry is in `state`: the file is written after the log line
+    /// and the xenstore refusal, so it is awaited, not read once.
+    fn wait_state(&self, state: &str) {
+        let end = Instant::now() + Duration::from_secs(15);
+        while self.status()[0]["state"] != state {
+            assert!(Instant::now() < end, "status never {state}: {}\n{}", self.status(), self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Waits until the status shows the vTPM running, with a pid other than `not`.
     fn running_pid(&self, not: Option<u64>) -> u64 {
         let end = Instant::now() + Duration::from_secs(30);
@@ -200,7 +210,7 @@ fn a_vtpm_this_host_does_not_have_is_refused_saying_how_to_create_it() {
     let error = String::from_utf8(xs.read(TxId::NONE, &format!("{be}/error")).expect("error")).expect("utf-8");
     assert!(error.contains(UUID) && error.contains("--auto-create"), "{error}");
     assert!(d.log().contains(&format!("guest {GUEST} vtpm 0: vTPM {UUID}: no vTPM here")), "{}", d.log());
-    assert_eq!(d.status()[0]["state"], "refused", "{}", d.status());
+    d.wait_state("refused");
     assert!(!dir.join("vtpms").join(UUID).exists(), "nothing was created");
 }
 
@@ -233,7 +243,7 @@ fn a_manager_that_never_answers_costs_one_create_timeout_not_the_daemon() {
     assert!(closed, "device not closed:\n{}", d.log());
     assert!(t.elapsed() < Duration::from_secs(10), "took {:?}:\n{}", t.elapsed(), d.log());
     d.wait_for("the reason", |l| l.contains("provisioning at the manager"));
-    assert_eq!(d.status()[0]["state"], "refused", "{}", d.status());
+    d.wait_state("refused");
     // Not made: the manager could not be told to forget it either, so the directory stays,
     // marked as a create cut short, for the next try to undo.
     let vtpm_dir = dir.join("vtpms").join(UUID);
