@@ -150,15 +150,35 @@ pub fn run_frontend(
     ))
 }
 
-/// Two consecutive free TCP ports on 127.0.0.1 (swtpm's data and control channels), as the
-/// kernel hands them out now.
+/// Two consecutive free TCP ports on 127.0.0.1 (swtpm's data and control channels).
+///
+/// Taken below the kernel's ephemeral range: a port the kernel handed out for `bind(0)` and
+/// that was closed again is the next one another test's `bind(0)` or `connect` may get before
+/// the server under test binds it (seen failing full runs). Below that range only other
+/// callers of this function compete, and each process and call starts at a different place.
 pub fn free_port_pair() -> std::io::Result<u16> {
-    for _ in 0..100 {
-        let l = std::net::TcpListener::bind(("127.0.0.1", 0))?;
-        let p = l.local_addr()?.port();
-        if p < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static CALLS: AtomicU32 = AtomicU32::new(0);
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|p| p.parse::<u32>().ok()))
+        .unwrap_or(32768);
+    let (first, last) = (10_000u32, low.saturating_sub(2));
+    if last <= first {
+        return Err(std::io::Error::other("no ports below the ephemeral range"));
+    }
+    let span = last - first;
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    let call = CALLS.fetch_add(1, Ordering::Relaxed);
+    let mut at = (std::process::id().wrapping_mul(7919) ^ nanos).wrapping_add(call.wrapping_mul(2 * 977)) % span;
+    for _ in 0..200 {
+        let p = u16::try_from(first + at).map_err(std::io::Error::other)?;
+        let free = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
+        if free(p) && free(p + 1) {
             return Ok(p);
         }
+        at = (at + 2 * 131) % span;
     }
     Err(std::io::Error::other("no two free consecutive ports on 127.0.0.1"))
 }
