@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use xvtpm_xen::xenbus::{self, parse_num, parse_uuid, vtpm_backend_root};
+use xvtpm_xen::xenbus::{self, parse_num, parse_uuid, vtpm_backend_root, GUEST_LIFE_KEY};
 use xvtpm_xen::xenstore::Waker;
 use xvtpm_xen::{DomId, GrantMapper, ShutdownReason, TxId, Xen, XenbusState, Xenstore};
 
@@ -39,11 +39,22 @@ pub enum DeviceFilter {
 pub struct BackendConfig {
     /// Devices to serve.
     pub filter: DeviceFilter,
+    /// A backend that may not read its frontend domain's `vm` path (one in a domain of its
+    /// own) takes the domain's life from the device's [`GUEST_LIFE_KEY`], which dom0's
+    /// `xvtpmd` writes: a connection waits this long for it to appear (zero: not at all).
+    pub guest_life_wait: Duration,
 }
 
 impl Default for BackendConfig {
     fn default() -> Self {
-        BackendConfig { filter: DeviceFilter::All }
+        BackendConfig { filter: DeviceFilter::All, guest_life_wait: Duration::ZERO }
+    }
+}
+
+impl BackendConfig {
+    /// Serving `filter`'s devices, with the defaults otherwise.
+    pub fn serving(filter: DeviceFilter) -> Self {
+        BackendConfig { filter, ..Self::default() }
     }
 }
 
@@ -185,6 +196,7 @@ impl Backend {
             dispatcher: None,
             frontends: (self.config.filter == DeviceFilter::All).then(HashMap::new),
             follows_domains: false,
+            guest_life_wait: self.config.guest_life_wait,
         };
         xs.watch(&root, ROOT_TOKEN)?;
         if st.frontends.is_some() {
@@ -252,6 +264,8 @@ struct State {
     /// Watching `@releaseDomain` and asking the hypervisor why a frontend domain shut down,
     /// for a handler that [`CommandHandler::follows_suspends`].
     follows_domains: bool,
+    /// [`BackendConfig::guest_life_wait`].
+    guest_life_wait: Duration,
 }
 
 fn fe_token(key: (DomId, u32)) -> String {
@@ -679,8 +693,9 @@ impl State {
         let Some(dev) = self.devices.get(&key) else { return };
         let Some(mut info) = dev.info.clone() else { return };
         info.adopted = dev.adopted_connected;
-        info.life = self.domain_life(fe);
+        let be_path = dev.be_path.clone();
         let fe_path = dev.fe_path.clone();
+        info.life = self.domain_life(key, &be_path);
         let existing = dev.conn.as_ref().map(|c| (c.ring_ref, c.remote_port));
         let xs = self.xs.clone();
         let read_num = |name: &str| -> std::result::Result<u32, String> {
@@ -795,15 +810,39 @@ impl State {
 
     /// The frontend domain's `vm` path and its `start_time`: together they differ for every
     /// domain libxl makes, even one reusing an old domain id. Read without logging: a backend
-    /// outside dom0 is not allowed to.
-    fn domain_life(&self, fe: DomId) -> Option<String> {
+    /// outside dom0 is not allowed to, and takes them from what dom0's `xvtpmd` wrote into the
+    /// device's directory, waiting for it up to [`BackendConfig::guest_life_wait`] (polled:
+    /// only while a connection is made).
+    fn domain_life(&self, key: (DomId, u32), be_path: &str) -> Option<String> {
         let read = |p: &str| self.xs.try_read(TxId::NONE, p).ok().flatten();
-        let vm = String::from_utf8(read(&format!("{}/vm", xenbus::domain_path(fe)))?).ok()?;
-        let start = read(&format!("{vm}/start_time")).map(|s| String::from_utf8_lossy(&s).into_owned());
-        Some(match start {
-            Some(s) => format!("{vm}@{s}"),
-            None => vm,
-        })
+        if let Some(vm) = read(&format!("{}/vm", xenbus::domain_path(key.0))).and_then(|v| String::from_utf8(v).ok()) {
+            let start = read(&format!("{vm}/start_time")).map(|s| String::from_utf8_lossy(&s).into_owned());
+            return Some(match start {
+                Some(s) => format!("{vm}@{s}"),
+                None => vm,
+            });
+        }
+        let given = format!("{be_path}/{GUEST_LIFE_KEY}");
+        let end = std::time::Instant::now() + self.guest_life_wait;
+        loop {
+            if let Some(life) = read(&given).and_then(|v| String::from_utf8(v).ok()).filter(|l| !l.is_empty()) {
+                return Some(life);
+            }
+            if std::time::Instant::now() >= end {
+                if !self.guest_life_wait.is_zero() {
+                    log::warn!(
+                        "vtpm {}/{}: no life of domain {} in {given} after {:?} (is xvtpmd running in dom0?): \
+                         its TPM cannot be matched to a snapshot",
+                        key.0,
+                        key.1,
+                        key.0,
+                        self.guest_life_wait
+                    );
+                }
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     fn shutdown(&mut self) {

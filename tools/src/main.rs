@@ -197,7 +197,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::MigrateAccept { opts } => migrate::accept::run(&opts)?,
         Command::EchoBackend { xen, uuid } => {
             let filter = uuid.map(DeviceFilter::Uuid).unwrap_or(DeviceFilter::All);
-            let backend = Backend::new(xen.open()?, Arc::new(EchoHandler), BackendConfig { filter });
+            let backend = Backend::new(xen.open()?, Arc::new(EchoHandler), BackendConfig::serving(filter));
             backend.run(&xvtpm_backend::StopSignal::default())?;
         }
         Command::Status { json, status_file } => {

@@ -29,7 +29,7 @@ fn manager(host: &SimHost, admin: u16) -> (SwtpmProcess, BackendHandle) {
     let dev = FileDev::open(&host.dir().join("mgr.img"), true).expect("store");
     let m = Manager::init(dev, Box::new(tpm), &InitConfig { pcrs: vec![0], ..InitConfig::default() }).expect("init");
     let handler = Arc::new(XenHandler::new(Arc::new(Mutex::new(m))).admin_from(admin));
-    let be = Backend::new(Arc::new(host.xen(MGR)), handler, BackendConfig { filter: DeviceFilter::All })
+    let be = Backend::new(Arc::new(host.xen(MGR)), handler, BackendConfig::serving(DeviceFilter::All))
         .spawn()
         .expect("backend");
     (p, be)

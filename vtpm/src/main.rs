@@ -203,6 +203,12 @@ enum Command {
         /// guest gets the TPM's failure response until it reboots.
         #[arg(long, value_name = "DOMID")]
         reset_running_guest: Option<u16>,
+        /// In a domain of its own (a vTPM stub domain), which may not read its guest's `vm`
+        /// path: how long a connection waits for dom0's `xvtpmd` to write the guest's life
+        /// into the device's directory. Without it the guest's TPM is never matched to a
+        /// snapshot: it starts reset.
+        #[arg(long, value_name = "SECONDS", default_value_t = 0)]
+        guest_life_wait_secs: u64,
         /// The state is not here yet: a live migration brings it (state directory files, the
         /// key at this host's manager, the snapshot). Serve the device at once, and open the
         /// state when the guest first connects.
@@ -259,6 +265,7 @@ fn main() -> anyhow::Result<()> {
             max_locality,
             snapshot_dir,
             reset_running_guest,
+            guest_life_wait_secs,
             incoming,
             sandbox,
         } => {
@@ -289,7 +296,15 @@ fn main() -> anyhow::Result<()> {
                 }
                 None => state.xen()?,
             };
-            let config = ServeConfig { filter, max_locality, snapshot_dir, reset_running_guest, incoming, sandbox };
+            let config = ServeConfig {
+                filter,
+                max_locality,
+                snapshot_dir,
+                reset_running_guest,
+                guest_life_wait: std::time::Duration::from_secs(guest_life_wait_secs),
+                incoming,
+                sandbox,
+            };
             serve(&state, xen, config)
         }
         Command::Socket { args } => {
@@ -327,6 +342,7 @@ struct ServeConfig {
     max_locality: u8,
     snapshot_dir: PathBuf,
     reset_running_guest: Option<u16>,
+    guest_life_wait: std::time::Duration,
     incoming: bool,
     sandbox: Option<Sandbox>,
 }
@@ -434,7 +450,12 @@ fn serve(state: &StateOpts, xen: Arc<dyn Xen>, config: ServeConfig) -> anyhow::R
             VtpmHandler::incoming(state.version(), loader, xvtpm_vtpm::libtpms::canceller(), handler_config)
         }
     };
-    let served = Backend::new(xen, handler.clone(), BackendConfig { filter: config.filter }).run(&stop);
+    let served = Backend::new(
+        xen,
+        handler.clone(),
+        BackendConfig { filter: config.filter, guest_life_wait: config.guest_life_wait },
+    )
+    .run(&stop);
     // Stopped by a signal (or the backend failed): the guest's last state is kept either way.
     handler.stop();
     served?;

@@ -247,6 +247,11 @@ impl Inner {
         let Some(snaps) = self.snapshots.as_mut() else {
             return Err("this vtpm keeps no snapshots (--snapshot-dir none)".into());
         };
+        if instance.life.is_none() {
+            // Domain ids repeat (after a host reboot, for a snapshot on a stub domain's disk):
+            // without the domain's life a snapshot cannot be shown to be this guest's.
+            return Err(format!("the life of domain {} is unknown, so no snapshot can be its own", instance.frontend));
+        }
         let path = snaps.describe();
         let snap = match snaps.read(key.as_ref()) {
             Ok(Some(s)) => s,
@@ -300,7 +305,9 @@ impl Inner {
     fn first_guest(&mut self, device: &DeviceInfo, instance: Instance) {
         let why = match self.resume(&instance) {
             Ok(seq) => {
-                log::info!("{device}: the TPM of the running guest is resumed from snapshot {seq}; PCRs as they were");
+                log::info!(
+                    "{device}: the TPM of the running guest, {instance}, is resumed from snapshot {seq}; PCRs as they were"
+                );
                 return;
             }
             Err(why) => why,

@@ -85,7 +85,7 @@ fn manager_with(
     let xs = host.xen(0).xenstore().expect("xenstore");
     let measure = move |domid| xvtpm_vtpmmgr::peer::measure_domain(&xs, domid);
     let handler = Arc::new(XenHandler::new(Arc::new(Mutex::new(m))).measuring(Box::new(measure)));
-    Backend::new(Arc::new(host.xen(0)), handler, BackendConfig { filter: DeviceFilter::All }).spawn().expect("backend")
+    Backend::new(Arc::new(host.xen(0)), handler, BackendConfig::serving(DeviceFilter::All)).spawn().expect("backend")
 }
 
 fn vtpm_args(host: &SimHost, state: &Path, domid: u16) -> Vec<String> {

@@ -282,7 +282,7 @@ fn main() -> anyhow::Result<()> {
                     handler = handler.admin_from(d);
                 }
                 let handler = Arc::new(handler);
-                Backend::new(x, handler, BackendConfig { filter: DeviceFilter::All })
+                Backend::new(x, handler, BackendConfig::serving(DeviceFilter::All))
                     .run(&xvtpm_backend::StopSignal::default())?;
             }
             for t in threads {

@@ -71,6 +71,12 @@ pub fn vtpm_backend_path(backend: DomId, frontend: DomId, handle: u32) -> String
     format!("/local/domain/{backend}/backend/vtpm/{frontend}/{handle}")
 }
 
+/// The key of a vtpm device's backend directory where dom0's `xvtpmd` writes the frontend
+/// domain's life (its `vm` path `@` that path's `start_time`) for a backend in another domain,
+/// which may not read them itself. Only the toolstack's domain and the backend's may write
+/// there (libxl makes the backend domain the directory's owner, the guest a reader).
+pub const GUEST_LIFE_KEY: &str = "xvtpm-guest-life";
+
 /// The frontend directory of one device: `/local/domain/<fe>/device/vtpm/<handle>`.
 pub fn vtpm_frontend_path(frontend: DomId, handle: u32) -> String {
     format!("/local/domain/{frontend}/device/vtpm/{handle}")

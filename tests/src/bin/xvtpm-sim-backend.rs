@@ -30,7 +30,7 @@ fn main() -> anyhow::Result<()> {
         None => DeviceFilter::All,
     };
     let xen = Arc::new(SimXen::new(&args.dir, args.domid));
-    let backend = Backend::new(xen, Arc::new(xvtpm_tests::TestHandler), BackendConfig { filter });
+    let backend = Backend::new(xen, Arc::new(xvtpm_tests::TestHandler), BackendConfig::serving(filter));
     let handle = backend.spawn()?;
     println!("READY");
     // Serve until killed; a closed stdout is no reason to stop.

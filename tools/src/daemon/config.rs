@@ -54,6 +54,8 @@ pub struct File {
     pub sandbox_uid_count: Option<u32>,
     /// The group (name or number) every vtpm is in: the manager's socket's.
     pub sandbox_group: Option<String>,
+    /// Serve no vTPM here: only tell vTPMs in other domains their guests' lives.
+    pub stub_domains_only: Option<bool>,
 }
 
 impl File {

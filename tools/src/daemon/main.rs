@@ -1,9 +1,11 @@
 //! `xvtpmd`: serves every vtpm device of its domain (dom0, or a driver domain) with no
 //! per-guest command: a `vtpm serve` per vTPM, started when its device appears, restarted when
-//! it dies, stopped when its device goes.
+//! it dies, stopped when its device goes. In dom0 it also tells vTPMs served by other domains
+//! (stub domains) their guests' lives.
 
 mod config;
 mod devices;
+mod lives;
 mod provision;
 mod sandbox;
 mod status;
@@ -25,6 +27,7 @@ use provision::{Keys, Spec};
 use supervisor::Supervisor;
 
 const TOKEN: &str = "xvtpmd";
+const LIVES_TOKEN: &str = "xvtpmd-lives";
 
 /// Serve every vtpm device of this domain. Options given here override the configuration file.
 #[derive(Parser)]
@@ -95,6 +98,11 @@ struct Cli {
     /// Our domain id (default: from xenstore).
     #[arg(long)]
     domid: Option<u16>,
+    /// Serve no vTPM in this domain: only tell the vTPMs that other domains serve (vTPM stub
+    /// domains) their guests' lives, which lets them resume a running guest's TPM. Needs no
+    /// keys or state. (Done in dom0 in any case.)
+    #[arg(long)]
+    stub_domains_only: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -104,6 +112,10 @@ fn main() -> anyhow::Result<()> {
         return Ok(xvtpm_cli::docs::generate(<Cli as clap::CommandFactory>::command(), dir)?);
     }
     let file = config::File::load(cli.config.as_deref())?;
+    if cli.stub_domains_only || file.stub_domains_only.unwrap_or(false) {
+        let xen: Arc<dyn Xen> = xvtpm_xen::open(cli.sim.as_deref(), cli.domid).context("cannot reach Xen")?;
+        return serve_lives_only(&*xen);
+    }
     let cli_sandbox = (cli.no_sandbox, cli.sandbox_uid_base, cli.sandbox_uid_count, cli.sandbox_group.clone());
     let sandbox = sandboxing(&cli_sandbox, &file, cli.sim.is_some())?;
 
@@ -167,13 +179,55 @@ fn main() -> anyhow::Result<()> {
     let root = vtpm_backend_root(me);
     xs.watch(&root, TOKEN).with_context(|| format!("watch {root}"))?;
     log::info!("xvtpmd: domain {me} watching {root}");
+    let lives = watch_lives(&xs, me)?;
     let mut sup = Supervisor::new(spec, xs.clone(), me, xs.waker());
-    let served = serve(&xs, me, &mut sup, &status_file, stop);
+    let served = serve(&xs, me, &mut sup, &status_file, lives, stop);
     log::info!("xvtpmd: stopping every vtpm");
     sup.stop_all(Duration::from_secs(10));
     let _ = std::fs::remove_file(&status_file);
     let _ = xs.unwatch(&root, TOKEN);
     served
+}
+
+/// In dom0 (which alone may read every guest's life): the watch for [`lives`]; elsewhere none.
+fn watch_lives(xs: &xvtpm_xen::Xenstore, me: u16) -> anyhow::Result<Option<lives::Lives>> {
+    if me != 0 {
+        return Ok(None);
+    }
+    xs.watch(lives::WATCH, LIVES_TOKEN).with_context(|| format!("watch {}", lives::WATCH))?;
+    log::info!("xvtpmd: telling vTPMs served by other domains their guests' lives");
+    Ok(Some(lives::Lives::default()))
+}
+
+/// `--stub-domains-only`: the guests' lives, until a stop signal.
+fn serve_lives_only(xen: &dyn Xen) -> anyhow::Result<()> {
+    let me = xen.domid();
+    if me != 0 {
+        anyhow::bail!("--stub-domains-only in domain {me}: only dom0 may read the guests' lives");
+    }
+    let xs = xen.xenstore().context("xenstore")?;
+    let waker = xs.waker();
+    let stop = xvtpm_vtpm::sys::signals::on_stop(move || waker.wake()).context("signal handling")?;
+    let mut lives = watch_lives(&xs, me)?.unwrap_or_default();
+    if let Err(e) = xvtpm_cli::notify::ready("telling vTPM stub domains their guests' lives") {
+        log::warn!("cannot tell systemd that xvtpmd is ready: {e}");
+    }
+    let mut dirty = true;
+    while !stop.load(Ordering::SeqCst) {
+        if dirty {
+            if let Err(e) = lives.sync(&xs, me) {
+                log::warn!("cannot pass the guests' lives: {e}; will try at the next change");
+            }
+        }
+        dirty = false;
+        let mut ev = xs.next_event(None)?;
+        while let Some(e) = ev {
+            dirty |= e.token == LIVES_TOKEN && lives::Lives::concerns(&e.path, me);
+            ev = xs.next_event(Some(Duration::ZERO))?;
+        }
+    }
+    let _ = xs.unwatch(lives::WATCH, LIVES_TOKEN);
+    Ok(())
 }
 
 /// The vtpms' sandbox from the command line (`no_sandbox`, uid base and count, group) over the
@@ -229,9 +283,11 @@ fn serve(
     me: u16,
     sup: &mut Supervisor,
     status_file: &std::path::Path,
+    mut lives: Option<lives::Lives>,
     stop: &std::sync::atomic::AtomicBool,
 ) -> anyhow::Result<()> {
     let mut rescan = true;
+    let mut lives_dirty = true;
     let mut written = None;
     let mut announced = false;
     let mut listed = false;
@@ -248,6 +304,11 @@ fn serve(
                     listed = true;
                 }
                 Err(e) => log::warn!("cannot list the vtpm devices: {e}; will look again"),
+            }
+        }
+        if let Some(l) = lives.as_mut().filter(|_| lives_dirty) {
+            if let Err(e) = l.sync(xs, me) {
+                log::warn!("cannot pass the guests' lives: {e}; will try at the next change");
             }
         }
         // Rewritten only when it changed: every vtpm's own xenstore writes wake this loop too.
@@ -268,10 +329,17 @@ fn serve(
             return Ok(());
         }
         // No timeout unless a restart is due: device changes, exits and stop wake us. A burst
-        // of changes needs one rescan.
-        rescan = xs.next_event(sup.next_due())?.is_some();
-        while xs.next_event(Some(Duration::ZERO))?.is_some() {
-            rescan = true;
+        // of changes needs one rescan. Of the changes anywhere in xenstore (the lives' watch),
+        // only those that may change a life are looked at.
+        (rescan, lives_dirty) = (false, false);
+        let mut ev = xs.next_event(sup.next_due())?;
+        while let Some(e) = ev {
+            if e.token == LIVES_TOKEN {
+                lives_dirty |= lives::Lives::concerns(&e.path, me);
+            } else {
+                rescan = true;
+            }
+            ev = xs.next_event(Some(Duration::ZERO))?;
         }
     }
 }
