@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use xvtpm_xen::xenbus::{self, parse_num, parse_uuid, vtpm_backend_root, GUEST_LIFE_KEY};
+use xvtpm_xen::xenbus::{self, parse_num, parse_uuid, vtpm_backend_root, GUEST_DOMAIN_KEY, GUEST_LIFE_KEY};
 use xvtpm_xen::xenstore::Waker;
 use xvtpm_xen::{DomId, GrantMapper, ShutdownReason, TxId, Xen, XenbusState, Xenstore};
 
@@ -196,6 +196,7 @@ impl Backend {
             dispatcher: None,
             frontends: (self.config.filter == DeviceFilter::All).then(HashMap::new),
             follows_domains: false,
+            dom0_notes: false,
             guest_life_wait: self.config.guest_life_wait,
         };
         xs.watch(&root, ROOT_TOKEN)?;
@@ -203,7 +204,18 @@ impl Backend {
             xs.watch(FRONTENDS, FRONTENDS_TOKEN)?;
         }
         if self.handler.follows_suspends() {
-            st.follows_domains = st.may_ask_about_domains() && xs.watch(RELEASE, RELEASE_TOKEN).is_ok();
+            if st.may_ask_about_domains() {
+                st.follows_domains = xs.watch(RELEASE, RELEASE_TOKEN).is_ok();
+            } else if !st.guest_life_wait.is_zero() {
+                // Told by dom0's xvtpmd in each device's directory, which the root watch covers.
+                log::info!("guests' suspends are followed through what dom0's xvtpmd writes ({GUEST_DOMAIN_KEY})");
+                (st.follows_domains, st.dom0_notes) = (true, true);
+            } else {
+                log::warn!(
+                    "this domain cannot ask Xen about other domains: guests' suspends are not followed, so a \
+                     saved and restored guest gets a reset TPM"
+                );
+            }
         }
         log::info!("tpmback: domain {} watching {root}", self.xen.domid());
         if let Some(r) = ready {
@@ -264,6 +276,9 @@ struct State {
     /// Watching `@releaseDomain` and asking the hypervisor why a frontend domain shut down,
     /// for a handler that [`CommandHandler::follows_suspends`].
     follows_domains: bool,
+    /// The hypervisor's word on frontend domains comes from dom0's xvtpmd, in each device's
+    /// [`GUEST_DOMAIN_KEY`] (a backend in a domain that may not ask Xen itself).
+    dom0_notes: bool,
     /// [`BackendConfig::guest_life_wait`].
     guest_life_wait: Duration,
 }
@@ -284,12 +299,18 @@ impl State {
             // Reconcile reads the current state, so a burst of events (a flapping frontend,
             // many devices at once) needs one pass per device, not one per event.
             let mut keys = Vec::new();
+            let mut noted = Vec::new();
             let mut rescan = false;
             let mut ev = Some(first);
             while let Some(e) = ev {
                 if e.token == ROOT_TOKEN {
                     match self.key_of(&e.path) {
-                        Some(key) => keys.push(key),
+                        Some(key) => {
+                            if self.dom0_notes && e.path.ends_with(&format!("/{GUEST_DOMAIN_KEY}")) {
+                                noted.push(key);
+                            }
+                            keys.push(key);
+                        }
                         None => rescan = true,
                     }
                 } else if e.token == FRONTENDS_TOKEN {
@@ -302,6 +323,12 @@ impl State {
                     self.domains_changed();
                 }
                 ev = self.xs.next_event(Some(Duration::ZERO))?;
+            }
+            // As a `@releaseDomain` in dom0: before this batch's reconciles.
+            noted.sort_unstable();
+            noted.dedup();
+            for key in noted {
+                self.check_domain(key);
             }
             if rescan {
                 self.scan();
@@ -426,6 +453,17 @@ impl State {
     /// What Xen says of `key`'s frontend domain; `None` if it is gone or Xen cannot say
     /// (logged).
     fn domain_of(&self, key: (DomId, u32)) -> Option<xvtpm_xen::DomainInfo> {
+        if self.dom0_notes {
+            let path = format!("{}/{GUEST_DOMAIN_KEY}", self.devices.get(&key)?.be_path);
+            let raw = self.xs.try_read(TxId::NONE, &path).ok().flatten()?;
+            return match parse_num::<u32>(&path, &raw) {
+                Ok(flags) => Some(xvtpm_xen::DomainInfo::from_flags(flags)),
+                Err(e) => {
+                    log::warn!("vtpm {}/{}: {e}", key.0, key.1);
+                    None
+                }
+            };
+        }
         self.xen.domain_info(key.0).unwrap_or_else(|e| {
             log::warn!("vtpm {}/{}: cannot ask Xen about domain {}: {e}", key.0, key.1, key.0);
             None
@@ -769,10 +807,7 @@ impl State {
         match self.xen.domain_info(self.xen.domid()) {
             Ok(_) => true,
             Err(e) => {
-                log::warn!(
-                    "this domain cannot ask Xen about other domains ({e}): guests' suspends are not followed, so a \
-                     saved and restored guest gets a reset TPM"
-                );
+                log::info!("this domain cannot ask Xen about other domains ({e})");
                 false
             }
         }

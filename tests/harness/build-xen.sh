@@ -17,7 +17,7 @@ OUT=${1:?usage: build-xen.sh OUTDIR BINDIR [e2e|lifecycle|stubdom|service]}
 BIN=${2:?usage: build-xen.sh OUTDIR BINDIR [e2e|lifecycle|stubdom|service]}
 SCENARIO=${3:-e2e}
 VTPM=$BIN/vtpm
-case "$SCENARIO" in e2e|lifecycle) BINS=("$VTPM");; stubdom) BINS=("$VTPM" "$BIN/vtpmmgr" "$BIN/xvtpm");;
+case "$SCENARIO" in e2e|lifecycle) BINS=("$VTPM");; stubdom) BINS=("$VTPM" "$BIN/vtpmmgr" "$BIN/xvtpm" "$BIN/xvtpmd");;
     # The package the test built from BINDIR's binaries (scripts/package.sh), in OUTDIR.
     service) BINS=("$OUT/xvtpm.deb");;
     *) echo "unknown scenario $SCENARIO" >&2; exit 2;; esac
@@ -121,6 +121,7 @@ else
     mkdir -p "$S/usr/lib/xvtpm"
     cp "$OUT/stubdom/vmlinux" "$OUT"/stubdom/*.cpio.xz "$S/usr/lib/xvtpm/"
     strip -o "$S/usr/sbin/xvtpm" "$BIN/xvtpm"; copy_libs "$BIN/xvtpm" "$S"
+    strip -o "$S/usr/sbin/xvtpmd" "$BIN/xvtpmd"; copy_libs "$BIN/xvtpmd" "$S"
     for m in xen-blkback loop; do cp "$(modpath $m)" "$S/lib/modules/"; done
     # Xen's block hotplug script puts file-backed disks on loop devices; it needs bash,
     # util-linux's losetup and flock. mkfs.ext4 formats the vTPM domains' disks.

@@ -127,7 +127,14 @@ while [ $i -lt 150 ]; do
         say "tpm1 $(grep -c PCR- /sys/class/tpm/tpm1/pcrs 2>/dev/null) pcrs, enabled=$(cat /sys/class/tpm/tpm1/enabled 2>&1) active=$(cat /sys/class/tpm/tpm1/active 2>&1)"
         TPM1_SEEN=1
     fi
-    if r=$(tpm2_getrandom --hex 8 2>&1); then say "loop $i ok devs $(ls /dev/tpm* | tr '\n' ' ')pcr16 $(pcr16)"
+    # A device detached and attached again (a vTPM domain made again) may come back as the
+    # next /dev/tpmN while the old number is still taken: the first that answers.
+    ok=; r="no /dev/tpmN"
+    for dev in $(ls /dev/tpm[0-9]* 2>/dev/null); do
+        export TPM2TOOLS_TCTI=device:$dev
+        if r=$(tpm2_getrandom --hex 8 2>&1); then ok=1; break; fi
+    done
+    if [ -n "$ok" ]; then say "loop $i ok devs $(ls /dev/tpm* | tr '\n' ' ')pcr16 $(pcr16)"
     else say "loop $i err $(echo "$r" | tail -n 1 | cut -c1-100)"; fi
     sleep 1
 done

@@ -5,6 +5,8 @@
 EXTRA_MODULES="xen-blkback loop"
 . /lib/xen-dom0-common.sh
 mark "xen up; dom0 TPM devices: $(ls /sys/class/tpm 2>/dev/null | tr '\n' ' ')"
+# dom0's part for vTPM stub domains: telling each its guests' lives (no vTPM served here).
+RUST_LOG=info xvtpmd --stub-domains-only > /var/log/xvtpmd.log 2>&1 &
 CON=/var/log/xen/console
 wait_for() { # file pattern seconds [domain that must stay alive]
     i=0; while ! grep -q "$2" "$1" 2>/dev/null; do
@@ -67,6 +69,9 @@ last_loop() { grep -o "XVTPM-DOMU: loop [0-9]* ok" $GCON | tail -n 1 | awk '{pri
 # 1. The vTPM domain is destroyed while the guest uses its TPM: the guest's next command fails,
 #    and the guest goes on running.
 i=0; while [ -z "$(last_loop)" ] && [ $i -lt 600 ]; do i=$((i+1)); usleep 100000; done
+pcr_of_loop() { grep -o "XVTPM-DOMU: loop $1 ok.*" $GCON | head -n 1 | sed 's/.*pcr16 //'; }
+mark "guest's life as dom0's xvtpmd told the vTPM domain: $(xenstore-read /local/domain/$(xl domid vtpm-tpmguest)/backend/vtpm/$(xl domid tpmguest)/0/xvtpm-guest-life 2>&1)"
+P=$(pcr_of_loop "$(last_loop)")
 xl destroy vtpm-tpmguest 2>&1 | sed 's/^/  xl: /'
 N=$(last_loop); T0=$(cut -d' ' -f1 /proc/uptime)
 mark "vTPM domain destroyed after guest loop $N"
@@ -80,17 +85,41 @@ i=0; while ! grep "XVTPM-DOMU: loop [0-9]* err" $GCON | awk -v n=$N '$3 > n' | s
 done
 mark "guest after the destroy: $(grep 'XVTPM-DOMU: loop' $GCON | tail -n 1)"
 xl list | sed 's/^/  xl list: /'
-# 2. The guest is shut down; the vTPM domain starts again from its disk; the guest boots
-#    again and finds what it made before.
+# 2. The vTPM domain is made again under the running guest, from its disk, and the guest's
+#    device is moved to it (xl vtpm-detach, which gives up on the dead backend after libxl's
+#    timeout, then vtpm-attach): the guest's TPM resumes, PCRs as they were.
+E=$(grep -o "XVTPM-DOMU: loop [0-9]* err" $GCON | tail -n 1 | awk '{print $3}')
 T0=$(cut -d' ' -f1 /proc/uptime)
-xl destroy tpmguest 2>&1 | sed 's/^/  xl: /'
-mark "guest destroyed in $(awk -v t0=$T0 '{print $1 - t0}' /proc/uptime) s"
 n=$(grep -c watching $CON/guest-vtpm-tpmguest.log)
 xl create /etc/xen/vtpm-tpmguest.cfg 2>&1 | sed 's/^/  xl: /'
 i=0; while [ "$(grep -c watching $CON/guest-vtpm-tpmguest.log)" = "$n" ]; do
     i=$((i+1)); [ $i -gt 1800 ] && { mark "VTPM_RESTART_FAILED"; sed 's/^/  vtpm-dom: /' $CON/guest-vtpm-tpmguest.log | tail -n 20; finish FAIL; }; usleep 100000
 done
-mark "vTPM domain restarted:"; sed 's/^/  vtpm-dom: /' $CON/guest-vtpm-tpmguest.log | tail -n 5
+mark "vTPM domain restarted after $(awk -v t0=$T0 '{print $1 - t0}' /proc/uptime) s:"; sed 's/^/  vtpm-dom: /' $CON/guest-vtpm-tpmguest.log | tail -n 5
+T0=$(cut -d' ' -f1 /proc/uptime)
+xl vtpm-detach tpmguest 0 2>&1 | sed 's/^/  xl: /'
+mark "detached in $(awk -v t0=$T0 '{print $1 - t0}' /proc/uptime) s"
+xenstore-ls -f /local/domain/$(xl domid tpmguest)/device 2>&1 | grep vtpm | sed 's/^/  DIAG fe: /'
+xenstore-ls -f /libxl/$(xl domid tpmguest)/device 2>&1 | grep vtpm | sed 's/^/  DIAG libxl: /'
+xl -vvv vtpm-attach tpmguest backend=vtpm-tpmguest,uuid=$GUUID 2>&1 | sed 's/^/  xl: /'
+xenstore-ls -f /local/domain/$(xl domid vtpm-tpmguest)/backend 2>&1 | sed 's/^/  DIAG be: /'
+xenstore-ls -f /local/domain/$(xl domid tpmguest)/device 2>&1 | grep vtpm | sed 's/^/  DIAG fe: /'
+sed 's/^/  vtpm-dom: /' $CON/guest-vtpm-tpmguest.log | tail -n 8
+i=0; while ! grep -o "XVTPM-DOMU: loop [0-9]* ok" $GCON | awk -v e=$E '$3 > e' | grep -q ok; do
+    i=$((i+1)); [ $i -gt 3000 ] && break; usleep 100000
+done
+M=$(grep -o "XVTPM-DOMU: loop [0-9]* ok" $GCON | awk -v e=$E '$3 > e {print $3; exit}')
+mark "guest's TPM back after $(awk -v t0=$T0 '{print $1 - t0}' /proc/uptime) s: loop ${M:-none}"
+mark "REATTACHED pcr16 before $P after $(pcr_of_loop "${M:-none}")"
+grep "XVTPM-DOMU: loop" $GCON | tail -n 3 | sed 's/^/  /'
+sed 's/^/  vtpm-dom: /' $CON/guest-vtpm-tpmguest.log | grep -i "resumed\|reset\|life\|refus\|snapshot" | tail -n 6
+sed 's/^/  xvtpmd: /' /var/log/xvtpmd.log | tail -n 4
+xl list | sed 's/^/  xl list: /'
+# 3. The guest is shut down and boots again: a new guest, a reset TPM; what it made before
+#    (a persistent key, an NV index) is still there.
+T0=$(cut -d' ' -f1 /proc/uptime)
+xl destroy tpmguest 2>&1 | sed 's/^/  xl: /'
+mark "guest destroyed in $(awk -v t0=$T0 '{print $1 - t0}' /proc/uptime) s"
 xl create /etc/xen/tpmguest.cfg 'extra="console=hvc0 loglevel=4 xvtpm.phase=2"' 2>&1 | sed 's/^/  xl: /'
 wait_for $GCON "XVTPM-DOMU: DONE2" 400
 grep "XVTPM-DOMU: .*phase2\|XVTPM-DOMU: DONE2" $GCON | sed 's/^/  /'

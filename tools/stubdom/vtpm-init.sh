@@ -19,5 +19,8 @@ if [ -e /mnt/create ]; then
     rm -f /mnt/create; sync
 fi
 say "serving $UUID"
-RUST_LOG=${RUST_LOG:-info} vtpm serve --state-dir /mnt/state --manager xen:0 --uuid "$UUID" $V
+# Snapshots on the disk: a vTPM domain made again under its running guest resumes the guest's
+# TPM from them, once dom0's xvtpmd has told it the guest's life (a domU may not read it).
+RUST_LOG=${RUST_LOG:-info} vtpm serve --state-dir /mnt/state --manager xen:0 --uuid "$UUID" $V \
+    --snapshot-dir /mnt/snapshots --guest-life-wait-secs 30
 stop "vtpm exited with status $?"

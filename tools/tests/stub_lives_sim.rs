@@ -189,3 +189,80 @@ fn a_stub_domain_made_again_under_its_running_guest_resumes_the_guests_tpm() {
     vtpm.wait_for("is xvtpmd running in dom0?");
     vtpm.wait_for("no snapshot can be its own");
 }
+
+/// `xl save` and `xl restore` of a guest whose vTPM is in a stub domain: the guest's suspend,
+/// which only dom0 may ask Xen about, reaches the vTPM domain through xvtpmd's note in the
+/// device's directory; the restored guest (a new domain, the same `vm` path) continues its
+/// TPM. A guest that reboots instead (Xen says reboot) gets a reset one.
+#[test]
+fn a_saved_and_restored_guest_of_a_stub_domain_finds_its_tpm_as_it_was() {
+    let host = SimHost::temp().expect("sim");
+    let xs = host.xen(0).xenstore().expect("xs");
+    toolstack::init_dom0(&xs).expect("dom0");
+    let bins = xvtpm_tests::bins::vtpm_and_vtpmmgr(XVTPM);
+    let disk = host.dir().join("disk");
+    std::fs::create_dir_all(&disk).expect("disk");
+    std::fs::write(disk.join("key"), [0x5b; 32]).expect("key");
+    let made = Command::new(bins.join("vtpm"))
+        .arg("create")
+        .arg("--state-dir")
+        .arg(disk.join("state"))
+        .arg("--key")
+        .arg(disk.join("key"))
+        .output()
+        .expect("create");
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let mut cmd = Command::new(XVTPMD);
+    cmd.args(["--stub-domains-only", "--domid", "0", "--sim"]).arg(host.dir());
+    let d = spawn(&mut cmd, host.dir().join("xvtpmd.log"));
+    d.wait_for("guests' lives");
+    toolstack::add_domain(&xs, 3, "vtpm-stub").expect("stub domain");
+    let vtpm = stub_vtpm(&bins, &host, 3, &disk, 10);
+    vtpm.wait_for("through what dom0's xvtpmd writes");
+    toolstack::add_domain(&xs, GUEST, "guest").expect("guest");
+    toolstack::add_vtpm(&xs, GUEST, 3, 0, UUID).expect("vtpm= line");
+    let mut fe = connect(&host, GUEST);
+    let r = fe.transmit(&pcr_extend_sha256(16, &[0x26; 32])).expect("extend");
+    assert_eq!(rc(&r), 0);
+    let pcr = pcr16(&mut fe);
+
+    // xl save: the guest suspends (Xen's shutdown reason), then its domain is destroyed.
+    host.shut_down(GUEST, xvtpm_xen::ShutdownReason::Suspend).expect("suspend");
+    let be = vtpm_backend_path(3, GUEST, 0);
+    let suspended = xvtpm_xen::DomainInfo { shutdown: Some(xvtpm_xen::ShutdownReason::Suspend), dying: false };
+    wait_note(&xs, &be, &suspended.to_flags().to_string(), &d);
+    vtpm.wait_for("is being suspended");
+    // A suspended guest does not close its frontend: the device goes with the domain.
+    assert!(toolstack::remove_vtpm(&xs, GUEST, 3, 0, Duration::from_secs(10)).expect("remove"), "{}", vtpm.log());
+    // Not remove_domain: it would take the vm record the restored domain keeps.
+    xs.rm(TxId::NONE, &format!("/local/domain/{GUEST}")).expect("destroy");
+    drop(fe);
+    // xl restore: a new domain with the guest's `vm` path.
+    toolstack::add_domain_of(&xs, 7, "guest", &toolstack::vm_path(GUEST)).expect("restored domain");
+    toolstack::add_vtpm(&xs, 7, 3, 0, UUID).expect("its device");
+    let mut fe = connect(&host, 7);
+    assert_eq!(pcr16(&mut fe), pcr, "PCR 16 after save and restore:\n{}", vtpm.log());
+    vtpm.wait_for("continues");
+
+    // The restored guest reboots: to Xen a reboot, so its next domain starts reset even with
+    // the same `vm` path.
+    host.shut_down(7, xvtpm_xen::ShutdownReason::Reboot).expect("reboot");
+    let rebooted = xvtpm_xen::DomainInfo { shutdown: Some(xvtpm_xen::ShutdownReason::Reboot), dying: false };
+    wait_note(&xs, &vtpm_backend_path(3, 7, 0), &rebooted.to_flags().to_string(), &d);
+    assert!(toolstack::remove_vtpm(&xs, 7, 3, 0, Duration::from_secs(10)).expect("remove"), "{}", vtpm.log());
+    xs.rm(TxId::NONE, "/local/domain/7").expect("destroy");
+    drop(fe);
+    toolstack::add_domain_of(&xs, 8, "guest", &toolstack::vm_path(GUEST)).expect("rebooted domain");
+    toolstack::add_vtpm(&xs, 8, 3, 0, UUID).expect("its device");
+    let mut fe = connect(&host, 8);
+    assert_eq!(pcr16(&mut fe), [0u8; 32], "the rebooted guest found its old PCRs:\n{}", vtpm.log());
+}
+
+fn wait_note(xs: &Xenstore, be: &str, want: &str, d: &Proc) {
+    let end = Instant::now() + Duration::from_secs(15);
+    let key = format!("{be}/{}", xvtpm_xen::xenbus::GUEST_DOMAIN_KEY);
+    while xs.try_read(TxId::NONE, &key).expect("read").as_deref() != Some(want.as_bytes()) {
+        assert!(Instant::now() < end, "no {want} in {key}:\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -3,7 +3,10 @@
 //! (tpm-tis backed by Debian's swtpm) through `iomem=` and our `tis` driver, of a vTPM domain
 //! with its state on its own disk, and of a guest with an ordinary `vtpm=` line. The guest runs
 //! its tpm2-tools checks; the vTPM domain is destroyed under it (the guest gets an error, not a
-//! hang), restarted from its disk, and the rebooted guest finds its key and NV index.
+//! hang), made again from its disk and the guest's device moved to it (`xl vtpm-detach` and
+//! `vtpm-attach`): the running guest's TPM resumes with its PCRs as they were, dom0's
+//! `xvtpmd --stub-domains-only` having told the new domain the guest's life. The rebooted
+//! guest finds its key and NV index, and reset PCRs.
 //! Images: tools/stubdom/build-images.sh via tests/harness/build-xen.sh (cached).
 
 use std::path::PathBuf;
@@ -46,11 +49,27 @@ fn guest_with_vtpm_and_manager_in_stub_domains() {
     // The vTPM domain destroyed under the guest: an error in the guest, which keeps running.
     assert!(has("DESTROYED_ERROR") && !has("DESTROYED_HANG"), "{}", c.ctx());
     assert!(has("guest after the destroy: XVTPM-DOMU: loop"), "{}", c.ctx());
-    // Restarted from its disk, with its key from the manager: the rebooted guest finds its
-    // persistent key and NV index.
+    // Made again from its disk, with its key from the manager, under the running guest: the
+    // guest's TPM resumes from the snapshot on the disk, PCR 16 as before the destroy.
     assert!(has("state loaded from /mnt/state/managed-"), "the vTPM domain's restart; {}", c.ctx());
+    assert!(has("guest's life as dom0's xvtpmd told the vTPM domain: /vm/"), "{}", c.ctx());
+    let line = c.text.lines().find(|l| l.contains("REATTACHED pcr16 before")).unwrap_or_default();
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let (before, after) = match words.iter().position(|w| *w == "before") {
+        Some(i) => (words.get(i + 1).copied().unwrap_or(""), words.get(i + 3).copied().unwrap_or("")),
+        None => ("", ""),
+    };
+    assert!(before.starts_with("0x") && before.len() == 66, "PCR 16 before the destroy: {line:?}; {}", c.ctx());
+    assert_eq!(after, before, "PCR 16 of the running guest after its vTPM domain was made again; {}", c.ctx());
+    assert!(has("is resumed from snapshot"), "{}", c.ctx());
+    // The rebooted guest: a new platform, reset PCRs, and what it made before is still there.
     assert!(c.guest("phase2 persistent key ok"), "persistent key lost; {}", c.ctx());
     assert!(c.guest("phase2 nv xvtpm-nv"), "NV index lost; {}", c.ctx());
+    assert!(
+        c.guest("phase2 pcr16 0x0000000000000000000000000000000000000000000000000000000000000000"),
+        "the rebooted guest's PCR 16; {}",
+        c.ctx()
+    );
     // Every device removal completed without libxl's timeouts (driver domains remove their
     // backend directories).
     assert!(!has("timed out while waiting"), "libxl waited for a backend; {}", c.ctx());

@@ -77,6 +77,12 @@ pub fn vtpm_backend_path(backend: DomId, frontend: DomId, handle: u32) -> String
 /// there (libxl makes the backend domain the directory's owner, the guest a reader).
 pub const GUEST_LIFE_KEY: &str = "xvtpm-guest-life";
 
+/// Beside [`GUEST_LIFE_KEY`]: what the hypervisor last said of the frontend domain, as
+/// `XEN_DOMCTL_getdomaininfo`'s flags in decimal (`XEN_DOMINF_*`: shut down, why, dying),
+/// written by dom0's `xvtpmd` at each `@releaseDomain`, so that a backend in another domain
+/// can tell a guest's suspend (`xl save`) from its reboot.
+pub const GUEST_DOMAIN_KEY: &str = "xvtpm-guest-domain";
+
 /// The frontend directory of one device: `/local/domain/<fe>/device/vtpm/<handle>`.
 pub fn vtpm_frontend_path(frontend: DomId, handle: u32) -> String {
     format!("/local/domain/{frontend}/device/vtpm/{handle}")

@@ -4,20 +4,26 @@
 //! path and `start_time`, which xenstore lets only dom0 and the guest read. For a device whose
 //! backend is another domain, dom0's xvtpmd writes them into the device's backend directory
 //! ([`GUEST_LIFE_KEY`]), which libxl gives the backend domain to own and the guest to read
-//! only: the guest cannot write its own life there, another guest cannot reach it.
+//! only: the guest cannot write its own life there, another guest cannot reach it. Beside it
+//! goes what the hypervisor says of the guest's domain ([`GUEST_DOMAIN_KEY`]), renewed at each
+//! `@releaseDomain`, so that the backend tells a suspend (`xl save`) from a reboot as a vtpm in
+//! dom0 does by asking Xen.
 
 use std::collections::HashMap;
 
-use xvtpm_xen::xenbus::{domain_path, vtpm_frontend_path, GUEST_LIFE_KEY};
-use xvtpm_xen::{DomId, TxId, Xenstore};
+use xvtpm_xen::xenbus::{domain_path, vtpm_frontend_path, GUEST_DOMAIN_KEY, GUEST_LIFE_KEY};
+use xvtpm_xen::{DomId, TxId, Xen, Xenstore};
 
-/// The watch: every domain's home. Events are filtered by [`Lives::concerns`] before any read.
+/// The watches: every domain's home, and domains' shutdowns. Events are filtered by
+/// [`Lives::concerns`] before any read.
 pub const WATCH: &str = "/local/domain";
+/// xenstored's event for a domain that shut down or went.
+pub const RELEASE: &str = "@releaseDomain";
 
-/// What was written, so an unchanged life is not written again (each write wakes the watch).
+/// What was written, so an unchanged value is not written again (each write wakes the watch).
 #[derive(Debug, Default)]
 pub struct Lives {
-    written: HashMap<String, String>,
+    written: HashMap<String, (String, Option<u32>)>,
 }
 
 impl Lives {
@@ -25,6 +31,9 @@ impl Lives {
     /// `vm` node, or a vtpm device's directory on either side. Our own domain's backends read
     /// the lives themselves.
     pub fn concerns(path: &str, me: DomId) -> bool {
+        if path == RELEASE {
+            return true;
+        }
         let Some(rest) = path.strip_prefix(WATCH) else { return false };
         if rest.is_empty() {
             return true;
@@ -44,7 +53,7 @@ impl Lives {
     /// into that device's backend directory, where it changed. A device whose two sides do not
     /// name each other is skipped: the guest writes one, the backend domain the other, and
     /// neither alone may have a life written somewhere else.
-    pub fn sync(&mut self, xs: &Xenstore, me: DomId) -> xvtpm_xen::Result<()> {
+    pub fn sync(&mut self, xs: &Xenstore, xen: &dyn Xen, me: DomId) -> xvtpm_xen::Result<()> {
         let dir = |p: &str| match xs.directory(TxId::NONE, p) {
             Err(e) if e.is_enoent() => Ok(Vec::new()),
             r => r,
@@ -71,12 +80,25 @@ impl Lives {
                         continue;
                     }
                     let Some(life) = life_of(xs, fe_id)? else { continue };
-                    if self.written.get(&be) != Some(&life) {
-                        if write_life(xs, &be, &life)? {
-                            log::info!("guest {fe_id} vtpm {handle} (served by domain {be_id}): its life is {life}");
+                    let domain = match xen.domain_info(fe_id) {
+                        Ok(d) => d.map(|d| d.to_flags()),
+                        Err(e) => {
+                            log::warn!("cannot ask Xen about domain {fe_id}: {e}");
+                            None
+                        }
+                    };
+                    let now = (life, domain);
+                    if self.written.get(&be) != Some(&now) {
+                        let (life, domain) = &now;
+                        if write_notes(xs, &be, life, *domain)? {
+                            let said = domain.map(xvtpm_xen::DomainInfo::from_flags);
+                            log::info!(
+                                "guest {fe_id} vtpm {handle} (served by domain {be_id}): its life is {life}, {}",
+                                said.map_or("gone".to_string(), |d| d.to_string())
+                            );
                         }
                     }
-                    seen.insert(be, life);
+                    seen.insert(be, now);
                 }
             }
         }
@@ -95,19 +117,29 @@ fn life_of(xs: &Xenstore, domid: DomId) -> xvtpm_xen::Result<Option<String>> {
     }))
 }
 
-/// Writes `life` into the backend directory `be` if the directory is still there (a write
-/// would make a removed one again) and the value differs. Whether it wrote.
-fn write_life(xs: &Xenstore, be: &str, life: &str) -> xvtpm_xen::Result<bool> {
-    let key = format!("{be}/{GUEST_LIFE_KEY}");
+/// Writes `life` and the domain's flags (if Xen knows the domain) into the backend directory
+/// `be` if the directory is still there (a write would make a removed one again) and a value
+/// differs. Whether it wrote.
+fn write_notes(xs: &Xenstore, be: &str, life: &str, domain: Option<u32>) -> xvtpm_xen::Result<bool> {
+    let life_key = format!("{be}/{GUEST_LIFE_KEY}");
+    let domain_key = format!("{be}/{GUEST_DOMAIN_KEY}");
+    let flags = domain.map(|f| f.to_string());
     xs.transaction(|tx| {
         if xs.try_read(tx, &format!("{be}/frontend"))?.is_none() {
             return Ok(false);
         }
-        if xs.try_read(tx, &key)?.as_deref() == Some(life.as_bytes()) {
-            return Ok(false);
+        let mut wrote = false;
+        if xs.try_read(tx, &life_key)?.as_deref() != Some(life.as_bytes()) {
+            xs.write(tx, &life_key, life.as_bytes())?;
+            wrote = true;
         }
-        xs.write(tx, &key, life.as_bytes())?;
-        Ok(true)
+        if let Some(f) = &flags {
+            if xs.try_read(tx, &domain_key)?.as_deref() != Some(f.as_bytes()) {
+                xs.write(tx, &domain_key, f.as_bytes())?;
+                wrote = true;
+            }
+        }
+        Ok(wrote)
     })
 }
 
@@ -118,6 +150,7 @@ mod tests {
     #[test]
     fn only_paths_that_can_change_a_life_concern_it() {
         for p in [
+            "@releaseDomain",
             "/local/domain",
             "/local/domain/7",
             "/local/domain/7/vm",

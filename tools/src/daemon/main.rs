@@ -181,11 +181,16 @@ fn main() -> anyhow::Result<()> {
     log::info!("xvtpmd: domain {me} watching {root}");
     let lives = watch_lives(&xs, me)?;
     let mut sup = Supervisor::new(spec, xs.clone(), me, xs.waker());
-    let served = serve(&xs, me, &mut sup, &status_file, lives, stop);
+    let served = serve(&xs, &*xen, &mut sup, &status_file, lives, stop);
     log::info!("xvtpmd: stopping every vtpm");
     sup.stop_all(Duration::from_secs(10));
     let _ = std::fs::remove_file(&status_file);
     let _ = xs.unwatch(&root, TOKEN);
+    if me == 0 {
+        for path in [lives::WATCH, lives::RELEASE] {
+            let _ = xs.unwatch(path, LIVES_TOKEN);
+        }
+    }
     served
 }
 
@@ -194,7 +199,9 @@ fn watch_lives(xs: &xvtpm_xen::Xenstore, me: u16) -> anyhow::Result<Option<lives
     if me != 0 {
         return Ok(None);
     }
-    xs.watch(lives::WATCH, LIVES_TOKEN).with_context(|| format!("watch {}", lives::WATCH))?;
+    for path in [lives::WATCH, lives::RELEASE] {
+        xs.watch(path, LIVES_TOKEN).with_context(|| format!("watch {path}"))?;
+    }
     log::info!("xvtpmd: telling vTPMs served by other domains their guests' lives");
     Ok(Some(lives::Lives::default()))
 }
@@ -215,7 +222,7 @@ fn serve_lives_only(xen: &dyn Xen) -> anyhow::Result<()> {
     let mut dirty = true;
     while !stop.load(Ordering::SeqCst) {
         if dirty {
-            if let Err(e) = lives.sync(&xs, me) {
+            if let Err(e) = lives.sync(&xs, xen, me) {
                 log::warn!("cannot pass the guests' lives: {e}; will try at the next change");
             }
         }
@@ -226,7 +233,9 @@ fn serve_lives_only(xen: &dyn Xen) -> anyhow::Result<()> {
             ev = xs.next_event(Some(Duration::ZERO))?;
         }
     }
-    let _ = xs.unwatch(lives::WATCH, LIVES_TOKEN);
+    for path in [lives::WATCH, lives::RELEASE] {
+        let _ = xs.unwatch(path, LIVES_TOKEN);
+    }
     Ok(())
 }
 
@@ -280,12 +289,13 @@ fn sandboxing(
 /// The main loop, until a stop signal or a xenstore failure.
 fn serve(
     xs: &xvtpm_xen::Xenstore,
-    me: u16,
+    xen: &dyn Xen,
     sup: &mut Supervisor,
     status_file: &std::path::Path,
     mut lives: Option<lives::Lives>,
     stop: &std::sync::atomic::AtomicBool,
 ) -> anyhow::Result<()> {
+    let me = xen.domid();
     let mut rescan = true;
     let mut lives_dirty = true;
     let mut written = None;
@@ -307,7 +317,7 @@ fn serve(
             }
         }
         if let Some(l) = lives.as_mut().filter(|_| lives_dirty) {
-            if let Err(e) = l.sync(xs, me) {
+            if let Err(e) = l.sync(xs, xen, me) {
                 log::warn!("cannot pass the guests' lives: {e}; will try at the next change");
             }
         }
