@@ -858,12 +858,12 @@ impl State {
             });
         }
         let given = format!("{be_path}/{GUEST_LIFE_KEY}");
-        let end = std::time::Instant::now() + self.guest_life_wait;
+        let start = std::time::Instant::now();
         loop {
             if let Some(life) = read(&given).and_then(|v| String::from_utf8(v).ok()).filter(|l| !l.is_empty()) {
                 return Some(life);
             }
-            if std::time::Instant::now() >= end {
+            if start.elapsed() >= self.guest_life_wait {
                 if !self.guest_life_wait.is_zero() {
                     log::warn!(
                         "vtpm {}/{}: no life of domain {} in {given} after {:?} (is xvtpmd running in dom0?): \

@@ -27,9 +27,13 @@ impl Proc {
     }
 
     fn wait_for(&self, needle: &str) {
+        self.wait_for_n(needle, 1);
+    }
+
+    fn wait_for_n(&self, needle: &str, n: usize) {
         let end = Instant::now() + Duration::from_secs(30);
-        while !self.log().contains(needle) {
-            assert!(Instant::now() < end, "never logged {needle:?}:\n{}", self.log());
+        while self.log().matches(needle).count() < n {
+            assert!(Instant::now() < end, "never logged {needle:?} {n} times:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -97,32 +101,49 @@ fn connect(host: &SimHost, domid: u16) -> Frontend {
     Frontend::connect(&host.xen(domid), cfg).expect("guest connects")
 }
 
-#[test]
-fn a_stub_domain_made_again_under_its_running_guest_resumes_the_guests_tpm() {
-    let host = SimHost::temp().expect("sim");
-    let xs = host.xen(0).xenstore().expect("xs");
-    toolstack::init_dom0(&xs).expect("dom0");
-    let bins = xvtpm_tests::bins::vtpm_and_vtpmmgr(XVTPM);
-    // The vTPM domain's disk: its state (key file here; the manager in real stub domains)
-    // and its snapshots.
-    let disk = host.dir().join("disk");
-    std::fs::create_dir_all(&disk).expect("disk");
-    std::fs::write(disk.join("key"), [0x5a; 32]).expect("key");
-    let made = Command::new(bins.join("vtpm"))
-        .arg("create")
-        .arg("--state-dir")
-        .arg(disk.join("state"))
-        .arg("--key")
-        .arg(disk.join("key"))
-        .output()
-        .expect("create");
-    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+/// The simulated host and a vTPM domain's disk (its state, with a key file here where real
+/// stub domains use the manager, and its snapshots).
+struct Host {
+    host: SimHost,
+    xs: Xenstore,
+    bins: PathBuf,
+    disk: PathBuf,
+}
 
+/// dom0's `xvtpmd --stub-domains-only`.
+fn xvtpmd(host: &SimHost) -> Proc {
     let mut cmd = Command::new(XVTPMD);
     cmd.args(["--stub-domains-only", "--domid", "0", "--sim"]).arg(host.dir());
     let d = spawn(&mut cmd, host.dir().join("xvtpmd.log"));
     d.wait_for("guests' lives");
+    d
+}
 
+impl Host {
+    fn start() -> Host {
+        let host = SimHost::temp().expect("sim");
+        let xs = host.xen(0).xenstore().expect("xs");
+        toolstack::init_dom0(&xs).expect("dom0");
+        let bins = xvtpm_tests::bins::vtpm_and_vtpmmgr(XVTPM);
+        let disk = host.dir().join("disk");
+        std::fs::create_dir_all(&disk).expect("disk");
+        std::fs::write(disk.join("key"), [0x5a; 32]).expect("key");
+        let made = Command::new(bins.join("vtpm"))
+            .arg("create")
+            .arg("--state-dir")
+            .arg(disk.join("state"))
+            .arg("--key")
+            .arg(disk.join("key"))
+            .output()
+            .expect("create");
+        assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+        Host { host, xs, bins, disk }
+    }
+}
+
+#[test]
+fn a_stub_domain_made_again_under_its_running_guest_resumes_the_guests_tpm() {
+    let Host { host, xs, bins, disk } = Host::start();
     toolstack::add_domain(&xs, 3, "vtpm-stub").expect("stub domain");
     toolstack::add_domain(&xs, 8, "other").expect("another guest");
     toolstack::add_domain(&xs, GUEST, "guest").expect("guest");
@@ -134,6 +155,7 @@ fn a_stub_domain_made_again_under_its_running_guest_resumes_the_guests_tpm() {
         .write(TxId::NONE, "/local/domain/8/device/vtpm/0/backend", b"/local/domain/0/backend/vtpm/8/0")
         .expect("forge");
     let fake = vtpm_backend_path(3, 8, 0);
+    let d = xvtpmd(&host);
     let vtpm = stub_vtpm(&bins, &host, 3, &disk, 10);
     toolstack::add_vtpm(&xs, GUEST, 3, 0, UUID).expect("the guest's vtpm= line");
     let be = vtpm_backend_path(3, GUEST, 0);
@@ -175,19 +197,32 @@ fn a_stub_domain_made_again_under_its_running_guest_resumes_the_guests_tpm() {
     toolstack::add_vtpm(&xs, 6, 4, 0, UUID).expect("its vtpm= line");
     let mut fe = connect(&host, 6);
     assert_eq!(pcr16(&mut fe), [0u8; 32], "the rebooted guest found its old PCRs:\n{}", vtpm.log());
-    drop(fe);
 
-    // Without xvtpmd the vtpm cannot know a guest's life: it says so, and never matches the
-    // guest to a snapshot (a domain id repeats after a host reboot; the disk outlives it).
+    // The vTPM domain made again while dom0's xvtpmd is not running: the vtpm cannot know the
+    // guest's life, so it never matches the guest to a snapshot (a domain id repeats after a
+    // host reboot, which the disk outlives); as the snapshot names this domain id, the guest
+    // may be the running one, and is refused rather than handed a reset TPM.
     drop(d);
-    assert!(toolstack::remove_vtpm(&xs, 6, 4, 0, Duration::from_secs(10)).expect("remove"), "{}", vtpm.log());
+    let r = fe.transmit(&pcr_extend_sha256(16, &[0x61; 32])).expect("extend");
+    assert_eq!(rc(&r), 0);
     drop(vtpm);
+    drop(fe);
+    toolstack::remove_vtpm(&xs, 6, 4, 0, Duration::from_millis(200)).expect("detach");
     let vtpm = stub_vtpm(&bins, &host, 4, &disk, 1);
     toolstack::add_vtpm(&xs, 6, 4, 0, UUID).expect("attach again");
     let mut fe = connect(&host, 6);
-    assert_eq!(pcr16(&mut fe), [0u8; 32]);
+    let r = fe.transmit(&pcr_read_sha256(16)).expect("PCR_Read");
+    assert_eq!(rc(&r), 0x101, "TPM_RC_FAILURE for a guest whose life is unknown:\n{}", vtpm.log());
     vtpm.wait_for("is xvtpmd running in dom0?");
     vtpm.wait_for("no snapshot can be its own");
+    // Its next life (a new domain id) has no snapshot: a reset TPM, as at power-on.
+    drop(fe);
+    assert!(toolstack::remove_vtpm(&xs, 6, 4, 0, Duration::from_secs(10)).expect("remove"), "{}", vtpm.log());
+    toolstack::remove_domain(&xs, 6).expect("destroy the guest");
+    toolstack::add_domain(&xs, 9, "guest").expect("rebooted guest");
+    toolstack::add_vtpm(&xs, 9, 4, 0, UUID).expect("its vtpm= line");
+    let mut fe = connect(&host, 9);
+    assert_eq!(pcr16(&mut fe), [0u8; 32], "{}", vtpm.log());
 }
 
 /// `xl save` and `xl restore` of a guest whose vTPM is in a stub domain: the guest's suspend,
@@ -196,26 +231,8 @@ fn a_stub_domain_made_again_under_its_running_guest_resumes_the_guests_tpm() {
 /// TPM. A guest that reboots instead (Xen says reboot) gets a reset one.
 #[test]
 fn a_saved_and_restored_guest_of_a_stub_domain_finds_its_tpm_as_it_was() {
-    let host = SimHost::temp().expect("sim");
-    let xs = host.xen(0).xenstore().expect("xs");
-    toolstack::init_dom0(&xs).expect("dom0");
-    let bins = xvtpm_tests::bins::vtpm_and_vtpmmgr(XVTPM);
-    let disk = host.dir().join("disk");
-    std::fs::create_dir_all(&disk).expect("disk");
-    std::fs::write(disk.join("key"), [0x5b; 32]).expect("key");
-    let made = Command::new(bins.join("vtpm"))
-        .arg("create")
-        .arg("--state-dir")
-        .arg(disk.join("state"))
-        .arg("--key")
-        .arg(disk.join("key"))
-        .output()
-        .expect("create");
-    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
-    let mut cmd = Command::new(XVTPMD);
-    cmd.args(["--stub-domains-only", "--domid", "0", "--sim"]).arg(host.dir());
-    let d = spawn(&mut cmd, host.dir().join("xvtpmd.log"));
-    d.wait_for("guests' lives");
+    let Host { host, xs, bins, disk } = Host::start();
+    let d = xvtpmd(&host);
     toolstack::add_domain(&xs, 3, "vtpm-stub").expect("stub domain");
     let vtpm = stub_vtpm(&bins, &host, 3, &disk, 10);
     vtpm.wait_for("through what dom0's xvtpmd writes");
@@ -244,13 +261,34 @@ fn a_saved_and_restored_guest_of_a_stub_domain_finds_its_tpm_as_it_was() {
     assert_eq!(pcr16(&mut fe), pcr, "PCR 16 after save and restore:\n{}", vtpm.log());
     vtpm.wait_for("continues");
 
-    // The restored guest reboots: to Xen a reboot, so its next domain starts reset even with
-    // the same `vm` path.
-    host.shut_down(7, xvtpm_xen::ShutdownReason::Reboot).expect("reboot");
-    let rebooted = xvtpm_xen::DomainInfo { shutdown: Some(xvtpm_xen::ShutdownReason::Reboot), dying: false };
-    wait_note(&xs, &vtpm_backend_path(3, 7, 0), &rebooted.to_flags().to_string(), &d);
+    // `xl save -c` (a checkpoint): suspended, resumed in place (which xenstored does not
+    // announce, so the note still says suspended), a command run; then a real save. The note
+    // is the same as before, and written again, so the vTPM domain hears of this suspend too.
+    let be = vtpm_backend_path(3, 7, 0);
+    host.shut_down(7, xvtpm_xen::ShutdownReason::Suspend).expect("checkpoint");
+    wait_note(&xs, &be, &suspended.to_flags().to_string(), &d);
+    vtpm.wait_for_n("is being suspended", 2);
+    host.resume_domain(7).expect("resumed in place");
+    let r = fe.transmit(&pcr_extend_sha256(16, &[0x27; 32])).expect("extend after the checkpoint");
+    assert_eq!(rc(&r), 0);
+    let pcr = pcr16(&mut fe);
+    host.shut_down(7, xvtpm_xen::ShutdownReason::Suspend).expect("save");
+    vtpm.wait_for_n("is being suspended", 3);
     assert!(toolstack::remove_vtpm(&xs, 7, 3, 0, Duration::from_secs(10)).expect("remove"), "{}", vtpm.log());
     xs.rm(TxId::NONE, "/local/domain/7").expect("destroy");
+    drop(fe);
+    toolstack::add_domain_of(&xs, 10, "guest", &toolstack::vm_path(GUEST)).expect("restored again");
+    toolstack::add_vtpm(&xs, 10, 3, 0, UUID).expect("its device");
+    let mut fe = connect(&host, 10);
+    assert_eq!(pcr16(&mut fe), pcr, "PCR 16 after a checkpoint, a command, a save and a restore:\n{}", vtpm.log());
+
+    // The restored guest reboots: to Xen a reboot, so its next domain starts reset even with
+    // the same `vm` path.
+    host.shut_down(10, xvtpm_xen::ShutdownReason::Reboot).expect("reboot");
+    let rebooted = xvtpm_xen::DomainInfo { shutdown: Some(xvtpm_xen::ShutdownReason::Reboot), dying: false };
+    wait_note(&xs, &vtpm_backend_path(3, 10, 0), &rebooted.to_flags().to_string(), &d);
+    assert!(toolstack::remove_vtpm(&xs, 10, 3, 0, Duration::from_secs(10)).expect("remove"), "{}", vtpm.log());
+    xs.rm(TxId::NONE, "/local/domain/10").expect("destroy");
     drop(fe);
     toolstack::add_domain_of(&xs, 8, "guest", &toolstack::vm_path(GUEST)).expect("rebooted domain");
     toolstack::add_vtpm(&xs, 8, 3, 0, UUID).expect("its device");

@@ -74,6 +74,13 @@ impl Instance {
     pub fn continued_by(&self, next: &Instance) -> bool {
         self.uuid == next.uuid && self.vm().is_some() && self.vm() == next.vm()
     }
+
+    /// Whether `other` may be this same domain's use of the device with its life learnt on
+    /// one side only (told late by dom0): the same vTPM and domain id, and one life unknown.
+    /// Within one process a domain id is not given to another domain.
+    pub fn same_domain_life_unknown(&self, other: &Instance) -> bool {
+        self.uuid == other.uuid && self.frontend == other.frontend && (self.life.is_none() || other.life.is_none())
+    }
 }
 
 impl std::fmt::Display for Instance {

@@ -283,6 +283,16 @@ impl Inner {
         Ok(snap.seq)
     }
 
+    /// With `instance`'s life unknown: whether the snapshot names its vTPM and domain id.
+    fn snapshot_may_be_of(&mut self, instance: &Instance) -> bool {
+        if instance.life.is_some() {
+            return false;
+        }
+        let key = self.engine.derive_key(KEY_PURPOSE);
+        let Some(snaps) = self.snapshots.as_mut() else { return false };
+        matches!(snaps.read(key.as_ref()), Ok(Some(s)) if s.instance.uuid == instance.uuid && s.instance.frontend == instance.frontend)
+    }
+
     /// The hypervisor says `instance` suspended (`xl save`, `xl migrate`): its state now is
     /// what its next domain continues from. Told again at every domain's shutdown while it
     /// stays suspended: nothing changed since.
@@ -313,8 +323,10 @@ impl Inner {
             Err(why) => why,
         };
         // A guest that was not connected when we started may be a new life whose snapshot
-        // names an older one, or the first guest ever: a new platform either way.
-        let running_guest = device.adopted || self.first_is_running;
+        // names an older one, or the first guest ever: a new platform either way. Unless its
+        // life is unknown and the snapshot names its domain id: then it may be that guest,
+        // running (a vTPM domain made again under it, dom0 not telling lives).
+        let running_guest = device.adopted || self.first_is_running || self.snapshot_may_be_of(&instance);
         if running_guest && self.reset_running_guest != Some(device.frontend) {
             log::error!(
                 "{device}: the running guest's TPM cannot be resumed: {why}. Every command of {instance} is \
@@ -590,6 +602,26 @@ impl CommandHandler for VtpmHandler {
                     return;
                 }
             }
+        }
+        let learnt = match &inner.serving {
+            Serving::Guest(i) | Serving::Refusing(i, _) => *i != instance && i.same_domain_life_unknown(&instance),
+            _ => false,
+        };
+        if learnt {
+            // Its life known now (or no longer told): the same domain, which keeps its TPM (or
+            // stays refused); a known life is kept.
+            if let Serving::Guest(i) | Serving::Refusing(i, _) = &mut inner.serving {
+                if i.life.is_none() {
+                    *i = instance.clone();
+                }
+                log::info!("{device}: {i} connects again");
+            }
+            if let Serving::Guest(i) = &inner.serving {
+                // Bound to the life now known; a suspend mark stays as it was.
+                let (i, suspended) = (i.clone(), inner.suspended);
+                inner.snapshot_as(&i, suspended);
+            }
+            return;
         }
         match &inner.serving {
             // The same life reconnecting (its tpmfront closed and opened again) keeps its TPM,

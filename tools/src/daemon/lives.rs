@@ -9,102 +9,134 @@
 //! `@releaseDomain`, so that the backend tells a suspend (`xl save`) from a reboot as a vtpm in
 //! dom0 does by asking Xen.
 
-use std::collections::HashMap;
-
 use xvtpm_xen::xenbus::{domain_path, vtpm_frontend_path, GUEST_DOMAIN_KEY, GUEST_LIFE_KEY};
 use xvtpm_xen::{DomId, TxId, Xen, Xenstore};
 
 /// The watches: every domain's home, and domains' shutdowns. Events are filtered by
-/// [`Lives::concerns`] before any read.
+/// [`concerns`] before any read.
 pub const WATCH: &str = "/local/domain";
 /// xenstored's event for a domain that shut down or went.
 pub const RELEASE: &str = "@releaseDomain";
 
-/// What was written, so an unchanged value is not written again (each write wakes the watch).
-#[derive(Debug, Default)]
-pub struct Lives {
-    written: HashMap<String, (String, Option<u32>)>,
+/// Whether a change at `path` may change what a device's backend should be told: a domain's
+/// coming or going, its `vm` node, a vtpm backend directory of another domain than `me`
+/// (ours read the lives themselves), or a domain's shutdown. Nothing a guest writes (its
+/// `device` directory is its own) concerns it, so a guest cannot make dom0 rescan.
+pub fn concerns(path: &str, me: DomId) -> bool {
+    if path == RELEASE {
+        return true;
+    }
+    let Some(rest) = path.strip_prefix(WATCH) else { return false };
+    if rest.is_empty() {
+        return true;
+    }
+    let Some(rest) = rest.strip_prefix('/') else { return false };
+    let mut parts = rest.split('/');
+    let Some(dom) = parts.next() else { return true };
+    match (parts.next(), parts.next()) {
+        (None, _) | (Some("vm"), None) => true,
+        (Some("backend"), Some("vtpm")) => dom.parse::<DomId>().is_ok_and(|d| d != me),
+        _ => false,
+    }
 }
 
-impl Lives {
-    /// Whether a change at `path` may change a device's life: a domain's coming or going, its
-    /// `vm` node, or a vtpm device's directory on either side. Our own domain's backends read
-    /// the lives themselves.
-    pub fn concerns(path: &str, me: DomId) -> bool {
-        if path == RELEASE {
-            return true;
-        }
-        let Some(rest) = path.strip_prefix(WATCH) else { return false };
-        if rest.is_empty() {
-            return true;
-        }
-        let Some(rest) = rest.strip_prefix('/') else { return false };
-        let mut parts = rest.split('/');
-        let Some(dom) = parts.next() else { return true };
-        match (parts.next(), parts.next()) {
-            (None, _) | (Some("vm"), None) => true,
-            (Some("backend"), Some("vtpm")) => dom.parse::<DomId>().is_ok_and(|d| d != me),
-            (Some("device"), Some("vtpm")) => true,
-            _ => false,
+/// What the watch events since the last pass ask for.
+#[derive(Debug, Default)]
+pub struct Pending {
+    dirty: bool,
+    released: bool,
+}
+
+impl Pending {
+    /// A first pass: everything, as after a `@releaseDomain`.
+    pub fn all() -> Self {
+        Pending { dirty: true, released: true }
+    }
+
+    /// Takes note of a watch event at `path`.
+    pub fn note(&mut self, path: &str, me: DomId) {
+        if concerns(path, me) {
+            self.dirty = true;
+            self.released |= path == RELEASE;
         }
     }
 
-    /// Writes the life of every guest whose vtpm device is served by a domain other than `me`
-    /// into that device's backend directory, where it changed. A device whose two sides do not
-    /// name each other is skipped: the guest writes one, the backend domain the other, and
-    /// neither alone may have a life written somewhere else.
-    pub fn sync(&mut self, xs: &Xenstore, xen: &dyn Xen, me: DomId) -> xvtpm_xen::Result<()> {
-        let dir = |p: &str| match xs.directory(TxId::NONE, p) {
-            Err(e) if e.is_enoent() => Ok(Vec::new()),
-            r => r,
-        };
-        let read = |p: &str| -> xvtpm_xen::Result<Option<String>> {
-            Ok(xs.try_read(TxId::NONE, p)?.map(|v| String::from_utf8_lossy(&v).into_owned()))
-        };
-        let mut seen = HashMap::new();
-        for be_dom in dir(WATCH)? {
-            let Ok(be_id) = be_dom.parse::<DomId>() else { continue };
-            if be_id == me {
+    /// The pass asked for, if any. A failure waits for the next event (logged).
+    pub fn run(&mut self, xs: &Xenstore, xen: &dyn Xen, me: DomId) {
+        if self.dirty {
+            if let Err(e) = sync(xs, xen, me, self.released) {
+                log::warn!("cannot pass the guests' lives: {e}; will try at the next change");
+            }
+        }
+        *self = Pending::default();
+    }
+}
+
+/// Writes the life of every guest whose vtpm device is served by a domain other than `me`
+/// into that device's backend directory, with what Xen says of the guest's domain, where
+/// either changed; after a `@releaseDomain` (`released`) the latter is written again for a
+/// domain that is shut down even if unchanged: a guest resumed in place (a checkpoint, which
+/// xenstored does not announce) and suspended again looks the same, and its backend must hear
+/// of each suspend. A device whose two sides do not name each other is skipped: the guest
+/// writes one, the backend domain the other, and neither alone may have a life written
+/// somewhere else. So is one whose guest serves vtpm devices itself (a vTPM domain, whose own
+/// device leads to the manager, which has no use for it). One device's failure is logged and
+/// the others are done.
+pub fn sync(xs: &Xenstore, xen: &dyn Xen, me: DomId, released: bool) -> xvtpm_xen::Result<()> {
+    let dir = |p: &str| match xs.directory(TxId::NONE, p) {
+        Err(e) if e.is_enoent() => Ok(Vec::new()),
+        r => r,
+    };
+    for be_dom in dir(WATCH)? {
+        let Ok(be_id) = be_dom.parse::<DomId>() else { continue };
+        if be_id == me {
+            continue;
+        }
+        let root = format!("{}/backend/vtpm", domain_path(be_id));
+        for fe in dir(&root)? {
+            let Ok(fe_id) = fe.parse::<DomId>() else { continue };
+            if !dir(&format!("{}/backend/vtpm", domain_path(fe_id)))?.is_empty() {
                 continue;
             }
-            let root = format!("{}/backend/vtpm", domain_path(be_id));
-            for fe in dir(&root)? {
-                let Ok(fe_id) = fe.parse::<DomId>() else { continue };
-                for h in dir(&format!("{root}/{fe}"))? {
-                    let Ok(handle) = h.parse::<u32>() else { continue };
-                    let be = format!("{root}/{fe}/{h}");
-                    let fe_path = vtpm_frontend_path(fe_id, handle);
-                    let agreed = read(&format!("{be}/frontend"))?.as_deref() == Some(fe_path.as_str())
-                        && read(&format!("{fe_path}/backend"))?.as_deref() == Some(be.as_str());
-                    if !agreed {
-                        continue;
-                    }
-                    let Some(life) = life_of(xs, fe_id)? else { continue };
-                    let domain = match xen.domain_info(fe_id) {
-                        Ok(d) => d.map(|d| d.to_flags()),
-                        Err(e) => {
-                            log::warn!("cannot ask Xen about domain {fe_id}: {e}");
-                            None
-                        }
-                    };
-                    let now = (life, domain);
-                    if self.written.get(&be) != Some(&now) {
-                        let (life, domain) = &now;
-                        if write_notes(xs, &be, life, *domain)? {
-                            let said = domain.map(xvtpm_xen::DomainInfo::from_flags);
-                            log::info!(
-                                "guest {fe_id} vtpm {handle} (served by domain {be_id}): its life is {life}, {}",
-                                said.map_or("gone".to_string(), |d| d.to_string())
-                            );
-                        }
-                    }
-                    seen.insert(be, now);
+            for h in dir(&format!("{root}/{fe}"))? {
+                let Ok(handle) = h.parse::<u32>() else { continue };
+                if let Err(e) = tell(xs, xen, (be_id, fe_id, handle), released) {
+                    log::warn!("guest {fe_id} vtpm {handle} (served by domain {be_id}): cannot tell its life: {e}");
                 }
             }
         }
-        self.written = seen;
-        Ok(())
     }
+    Ok(())
+}
+
+/// [`sync`] of one device: (backend domain, frontend domain, handle).
+fn tell(xs: &Xenstore, xen: &dyn Xen, (be_id, fe_id, handle): (DomId, DomId, u32), released: bool) -> xvtpm_xen::Result<()> {
+    let read = |p: &str| -> xvtpm_xen::Result<Option<String>> {
+        Ok(xs.try_read(TxId::NONE, p)?.map(|v| String::from_utf8_lossy(&v).into_owned()))
+    };
+    let be = format!("{}/backend/vtpm/{fe_id}/{handle}", domain_path(be_id));
+    let fe_path = vtpm_frontend_path(fe_id, handle);
+    let agreed = read(&format!("{be}/frontend"))?.as_deref() == Some(fe_path.as_str())
+        && read(&format!("{fe_path}/backend"))?.as_deref() == Some(be.as_str());
+    if !agreed {
+        return Ok(());
+    }
+    let Some(life) = life_of(xs, fe_id)? else { return Ok(()) };
+    let domain = match xen.domain_info(fe_id) {
+        Ok(d) => d,
+        Err(e) => {
+            log::warn!("cannot ask Xen about domain {fe_id}: {e}");
+            None
+        }
+    };
+    let again = released && domain.is_some_and(|d| d.shutdown.is_some());
+    if write_notes(xs, &be, &life, domain.map(xvtpm_xen::DomainInfo::to_flags), again)? {
+        log::info!(
+            "guest {fe_id} vtpm {handle} (served by domain {be_id}): its life is {life}, {}",
+            domain.map_or("gone".to_string(), |d| d.to_string())
+        );
+    }
+    Ok(())
 }
 
 /// A domain's life as a backend in dom0 reads it: `<vm>@<start_time>`.
@@ -119,8 +151,8 @@ fn life_of(xs: &Xenstore, domid: DomId) -> xvtpm_xen::Result<Option<String>> {
 
 /// Writes `life` and the domain's flags (if Xen knows the domain) into the backend directory
 /// `be` if the directory is still there (a write would make a removed one again) and a value
-/// differs. Whether it wrote.
-fn write_notes(xs: &Xenstore, be: &str, life: &str, domain: Option<u32>) -> xvtpm_xen::Result<bool> {
+/// differs (the flags also if `again`). Whether it wrote.
+fn write_notes(xs: &Xenstore, be: &str, life: &str, domain: Option<u32>, again: bool) -> xvtpm_xen::Result<bool> {
     let life_key = format!("{be}/{GUEST_LIFE_KEY}");
     let domain_key = format!("{be}/{GUEST_DOMAIN_KEY}");
     let flags = domain.map(|f| f.to_string());
@@ -134,7 +166,7 @@ fn write_notes(xs: &Xenstore, be: &str, life: &str, domain: Option<u32>) -> xvtp
             wrote = true;
         }
         if let Some(f) = &flags {
-            if xs.try_read(tx, &domain_key)?.as_deref() != Some(f.as_bytes()) {
+            if again || xs.try_read(tx, &domain_key)?.as_deref() != Some(f.as_bytes()) {
                 xs.write(tx, &domain_key, f.as_bytes())?;
                 wrote = true;
             }
@@ -156,19 +188,20 @@ mod tests {
             "/local/domain/7/vm",
             "/local/domain/3/backend/vtpm/7/0",
             "/local/domain/3/backend/vtpm/7/0/state",
-            "/local/domain/7/device/vtpm/0/state",
         ] {
-            assert!(Lives::concerns(p, 0), "{p}");
+            assert!(concerns(p, 0), "{p}");
         }
         for p in [
             "/local/domain/0/backend/vtpm/7/0/state",
             "/local/domain/7/memory/target",
             "/local/domain/3/backend/vbd/7/51712/state",
             "/local/domain/7/device/vif/0/state",
+            "/local/domain/7/device/vtpm/0/state",
+            "/local/domain/7/device/vtpm/0/backend",
             "/local/domainx/7",
             "/vm/abc/start_time",
         ] {
-            assert!(!Lives::concerns(p, 0), "{p}");
+            assert!(!concerns(p, 0), "{p}");
         }
     }
 }

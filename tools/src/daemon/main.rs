@@ -113,6 +113,10 @@ fn main() -> anyhow::Result<()> {
     }
     let file = config::File::load(cli.config.as_deref())?;
     if cli.stub_domains_only || file.stub_domains_only.unwrap_or(false) {
+        if sandbox::is_root() {
+            // Reading xenstore and asking Xen about domains needs no capability as root.
+            xvtpm_vtpm::sys::caps::keep_only(&[]).context("drop capabilities")?;
+        }
         let xen: Arc<dyn Xen> = xvtpm_xen::open(cli.sim.as_deref(), cli.domid).context("cannot reach Xen")?;
         return serve_lives_only(&*xen);
     }
@@ -194,8 +198,9 @@ fn main() -> anyhow::Result<()> {
     served
 }
 
-/// In dom0 (which alone may read every guest's life): the watch for [`lives`]; elsewhere none.
-fn watch_lives(xs: &xvtpm_xen::Xenstore, me: u16) -> anyhow::Result<Option<lives::Lives>> {
+/// In dom0 (which alone may read every guest's life): the watches for [`lives`] and a first
+/// pass to make; elsewhere none.
+fn watch_lives(xs: &xvtpm_xen::Xenstore, me: u16) -> anyhow::Result<Option<lives::Pending>> {
     if me != 0 {
         return Ok(None);
     }
@@ -203,7 +208,7 @@ fn watch_lives(xs: &xvtpm_xen::Xenstore, me: u16) -> anyhow::Result<Option<lives
         xs.watch(path, LIVES_TOKEN).with_context(|| format!("watch {path}"))?;
     }
     log::info!("xvtpmd: telling vTPMs served by other domains their guests' lives");
-    Ok(Some(lives::Lives::default()))
+    Ok(Some(lives::Pending::all()))
 }
 
 /// `--stub-domains-only`: the guests' lives, until a stop signal.
@@ -215,21 +220,17 @@ fn serve_lives_only(xen: &dyn Xen) -> anyhow::Result<()> {
     let xs = xen.xenstore().context("xenstore")?;
     let waker = xs.waker();
     let stop = xvtpm_vtpm::sys::signals::on_stop(move || waker.wake()).context("signal handling")?;
-    let mut lives = watch_lives(&xs, me)?.unwrap_or_default();
+    let mut pending = watch_lives(&xs, me)?.unwrap_or_default();
     if let Err(e) = xvtpm_cli::notify::ready("telling vTPM stub domains their guests' lives") {
         log::warn!("cannot tell systemd that xvtpmd is ready: {e}");
     }
-    let mut dirty = true;
     while !stop.load(Ordering::SeqCst) {
-        if dirty {
-            if let Err(e) = lives.sync(&xs, xen, me) {
-                log::warn!("cannot pass the guests' lives: {e}; will try at the next change");
-            }
-        }
-        dirty = false;
+        pending.run(&xs, xen, me);
         let mut ev = xs.next_event(None)?;
         while let Some(e) = ev {
-            dirty |= e.token == LIVES_TOKEN && lives::Lives::concerns(&e.path, me);
+            if e.token == LIVES_TOKEN {
+                pending.note(&e.path, me);
+            }
             ev = xs.next_event(Some(Duration::ZERO))?;
         }
     }
@@ -292,12 +293,11 @@ fn serve(
     xen: &dyn Xen,
     sup: &mut Supervisor,
     status_file: &std::path::Path,
-    mut lives: Option<lives::Lives>,
+    mut lives: Option<lives::Pending>,
     stop: &std::sync::atomic::AtomicBool,
 ) -> anyhow::Result<()> {
     let me = xen.domid();
     let mut rescan = true;
-    let mut lives_dirty = true;
     let mut written = None;
     let mut announced = false;
     let mut listed = false;
@@ -316,10 +316,8 @@ fn serve(
                 Err(e) => log::warn!("cannot list the vtpm devices: {e}; will look again"),
             }
         }
-        if let Some(l) = lives.as_mut().filter(|_| lives_dirty) {
-            if let Err(e) = l.sync(xs, xen, me) {
-                log::warn!("cannot pass the guests' lives: {e}; will try at the next change");
-            }
+        if let Some(pending) = lives.as_mut() {
+            pending.run(xs, xen, me);
         }
         // Rewritten only when it changed: every vtpm's own xenstore writes wake this loop too.
         let now = sup.status();
@@ -341,11 +339,13 @@ fn serve(
         // No timeout unless a restart is due: device changes, exits and stop wake us. A burst
         // of changes needs one rescan. Of the changes anywhere in xenstore (the lives' watch),
         // only those that may change a life are looked at.
-        (rescan, lives_dirty) = (false, false);
+        rescan = false;
         let mut ev = xs.next_event(sup.next_due())?;
         while let Some(e) = ev {
             if e.token == LIVES_TOKEN {
-                lives_dirty |= lives::Lives::concerns(&e.path, me);
+                if let Some(pending) = lives.as_mut() {
+                    pending.note(&e.path, me);
+                }
             } else {
                 rescan = true;
             }

@@ -186,6 +186,11 @@ impl Supervisor {
         // This device only: a second device naming the same uuid is never served by it.
         cmd.args(["serve", "--frontend", &e.device.frontend.to_string(), "--handle", &e.device.handle.to_string()]);
         self.spec.state_args(&mut cmd, uuid);
+        if self.me != 0 {
+            // A driver domain may not read its guests' lives: dom0's xvtpmd writes them into
+            // each device's directory, and the vtpm waits for that at each connection.
+            cmd.args(["--guest-life-wait-secs", "30"]);
+        }
         if let Err(why) = self.sandbox_args(&mut cmd, uuid) {
             log::error!("{}: vTPM {uuid}: {why}", e.device.name());
             self.schedule_restart(e, why);
