@@ -108,6 +108,7 @@ fn serve(host: &SimHost, state: &Path, n: u32) -> Kill {
         .args(vtpm_args(host, state, 5))
         .arg("--snapshot-dir")
         .arg(host.dir().join("snapshots"))
+        .args(["--guest-life-wait-secs", "10"])
         .stderr(std::fs::File::create(&log).expect("log"))
         .stdout(Stdio::null())
         .spawn()
@@ -137,6 +138,12 @@ fn vtpm_domain_and_guest(xs: &xvtpm_xen::Xenstore) {
     toolstack::add_vtpm(xs, 5, 0, 0, VTPM_UUID).expect("the vtpm's device to the manager");
     toolstack::add_domain(xs, 7, "guest").expect("guest domain");
     toolstack::add_vtpm(xs, 7, 5, 0, GUEST_UUID).expect("the guest's device to the vtpm");
+    // The guest's life, which the vTPM domain may not read, told as dom0's xvtpmd tells it.
+    let vm = toolstack::vm_path(7);
+    let start = xs.read(xvtpm_xen::TxId::NONE, &format!("{vm}/start_time")).expect("start_time");
+    let life = format!("{vm}@{}", String::from_utf8_lossy(&start));
+    let key = format!("/local/domain/5/backend/vtpm/7/0/{}", xvtpm_xen::xenbus::GUEST_LIFE_KEY);
+    xs.write(xvtpm_xen::TxId::NONE, &key, life.as_bytes()).expect("the guest's life");
 }
 
 #[test]

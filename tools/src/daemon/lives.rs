@@ -110,7 +110,12 @@ pub fn sync(xs: &Xenstore, xen: &dyn Xen, me: DomId, released: bool) -> xvtpm_xe
 }
 
 /// [`sync`] of one device: (backend domain, frontend domain, handle).
-fn tell(xs: &Xenstore, xen: &dyn Xen, (be_id, fe_id, handle): (DomId, DomId, u32), released: bool) -> xvtpm_xen::Result<()> {
+fn tell(
+    xs: &Xenstore,
+    xen: &dyn Xen,
+    (be_id, fe_id, handle): (DomId, DomId, u32),
+    released: bool,
+) -> xvtpm_xen::Result<()> {
     let read = |p: &str| -> xvtpm_xen::Result<Option<String>> {
         Ok(xs.try_read(TxId::NONE, p)?.map(|v| String::from_utf8_lossy(&v).into_owned()))
     };
