@@ -112,7 +112,22 @@ grep "XVTPM-DOMU: loop" $GCON | tail -n 3 | sed 's/^/  /'
 sed 's/^/  vtpm-dom: /' $CON/guest-vtpm-tpmguest.log | grep -i "resumed\|reset\|life\|refus\|snapshot" | tail -n 6
 sed 's/^/  xvtpmd: /' /var/log/xvtpmd.log | tail -n 4
 xl list | sed 's/^/  xl list: /'
-# 3. The guest is shut down and boots again: a new guest, a reset TPM; what it made before
+# 3. xl save and xl restore of the guest: the vTPM domain hears of the suspend from dom0's
+#    xvtpmd (xvtpm-guest-domain), and the restored guest continues its TPM.
+P=$(pcr_of_loop "$(last_loop)"); T0=$(cut -d' ' -f1 /proc/uptime)
+xl save tpmguest /tmp/guest.save 2>&1 | sed 's/^/  xl: /'
+mark "saved after $(awk -v t0=$T0 '{print $1 - t0}' /proc/uptime) s"
+# The guest ran on while the save began: what it printed then is before the suspend.
+L=$(grep -o "XVTPM-DOMU: loop [0-9]*" $GCON | tail -n 1 | awk '{print $3}')
+xl restore /tmp/guest.save 2>&1 | sed 's/^/  xl: /'
+rm -f /tmp/guest.save
+ok_after() { grep -o "XVTPM-DOMU: loop [0-9]* ok.*pcr16 0x" $GCON | awk -v e=$1 '$3 > e {print $3; exit}'; }
+i=0; while [ -z "$(ok_after $L)" ]; do i=$((i+1)); [ $i -gt 3000 ] && break; usleep 100000; done
+M=$(ok_after $L)
+mark "guest's TPM back after save and restore: $(awk -v t0=$T0 '{print $1 - t0}' /proc/uptime) s after the save began, loop ${M:-none}"
+mark "RESTORED pcr16 before $P after $(pcr_of_loop "${M:-none}")"
+sed 's/^/  vtpm-dom: /' $CON/guest-vtpm-tpmguest.log | grep -i "suspend\|continues\|reset" | tail -n 4
+# 4. The guest is shut down and boots again: a new guest, a reset TPM; what it made before
 #    (a persistent key, an NV index) is still there.
 T0=$(cut -d' ' -f1 /proc/uptime)
 xl destroy tpmguest 2>&1 | sed 's/^/  xl: /'

@@ -5,8 +5,10 @@
 //! its tpm2-tools checks; the vTPM domain is destroyed under it (the guest gets an error, not a
 //! hang), made again from its disk and the guest's device moved to it (`xl vtpm-detach` and
 //! `vtpm-attach`): the running guest's TPM resumes with its PCRs as they were, dom0's
-//! `xvtpmd --stub-domains-only` having told the new domain the guest's life. The rebooted
-//! guest finds its key and NV index, and reset PCRs.
+//! `xvtpmd --stub-domains-only` having told the new domain the guest's life. `xl save` and
+//! `xl restore` of the guest: the restored guest's PCRs are as they were (the suspend reaches
+//! the vTPM domain through xvtpmd). The rebooted guest finds its key and NV index, and reset
+//! PCRs.
 //! Images: tools/stubdom/build-images.sh via tests/harness/build-xen.sh (cached).
 
 use std::path::PathBuf;
@@ -62,6 +64,13 @@ fn guest_with_vtpm_and_manager_in_stub_domains() {
     assert!(before.starts_with("0x") && before.len() == 66, "PCR 16 before the destroy: {line:?}; {}", c.ctx());
     assert_eq!(after, before, "PCR 16 of the running guest after its vTPM domain was made again; {}", c.ctx());
     assert!(has("is resumed from snapshot"), "{}", c.ctx());
+    // xl save and xl restore: the vTPM domain hears of the suspend from dom0's xvtpmd, and the
+    // restored guest (a new domain) continues its TPM.
+    let line = c.text.lines().find(|l| l.contains("RESTORED pcr16 before")).unwrap_or_default();
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let restored = words.iter().position(|w| *w == "before").and_then(|i| words.get(i + 3)).copied().unwrap_or("");
+    assert_eq!(restored, before, "PCR 16 after xl save and xl restore: {line:?}; {}", c.ctx());
+    assert!(has("is being suspended") && has("continues"), "the vTPM domain followed the suspend; {}", c.ctx());
     // The rebooted guest: a new platform, reset PCRs, and what it made before is still there.
     assert!(c.guest("phase2 persistent key ok"), "persistent key lost; {}", c.ctx());
     assert!(c.guest("phase2 nv xvtpm-nv"), "NV index lost; {}", c.ctx());
