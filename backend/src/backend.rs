@@ -849,14 +849,10 @@ impl State {
     /// device's directory, waiting for it up to [`BackendConfig::guest_life_wait`] (polled:
     /// only while a connection is made).
     fn domain_life(&self, key: (DomId, u32), be_path: &str) -> Option<String> {
-        let read = |p: &str| self.xs.try_read(TxId::NONE, p).ok().flatten();
-        if let Some(vm) = read(&format!("{}/vm", xenbus::domain_path(key.0))).and_then(|v| String::from_utf8(v).ok()) {
-            let start = read(&format!("{vm}/start_time")).map(|s| String::from_utf8_lossy(&s).into_owned());
-            return Some(match start {
-                Some(s) => format!("{vm}@{s}"),
-                None => vm,
-            });
+        if let Ok(Some(life)) = xvtpm_xen::toolstack::domain_life(&self.xs, key.0) {
+            return Some(life);
         }
+        let read = |p: &str| self.xs.try_read(TxId::NONE, p).ok().flatten();
         let given = format!("{be_path}/{GUEST_LIFE_KEY}");
         let start = std::time::Instant::now();
         loop {

@@ -15,6 +15,19 @@ fn perms(owner: DomId, reader: Option<DomId>) -> Vec<Perm> {
     p
 }
 
+/// One life of domain `domid` as libxl records it: its `vm` path and that path's `start_time`
+/// (`<vm>@<start_time>`; the `vm` path alone if it has none). Together they differ for every
+/// domain libxl makes, even one reusing an old id. `None` where the domain has no `vm` node;
+/// an error where xenstore refuses the read (only dom0 and the domain itself may).
+pub fn domain_life(xs: &Xenstore, domid: DomId) -> Result<Option<String>> {
+    let Some(vm) = xs.try_read(TxId::NONE, &format!("{}/vm", domain_path(domid)))? else { return Ok(None) };
+    let vm = String::from_utf8_lossy(&vm).into_owned();
+    Ok(Some(match xs.try_read(TxId::NONE, &format!("{vm}/start_time"))? {
+        Some(s) => format!("{vm}@{}", String::from_utf8_lossy(&s)),
+        None => vm,
+    }))
+}
+
 /// dom0's own nodes, as `xen-init-dom0` writes them.
 pub fn init_dom0(xs: &Xenstore) -> Result<()> {
     xs.write(TxId::NONE, "/local/domain/0/domid", b"0")?;
