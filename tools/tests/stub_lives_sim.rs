@@ -75,10 +75,14 @@ fn stub_vtpm(bins: &Path, host: &SimHost, domid: u16, disk: &Path, wait_secs: u3
     p
 }
 
+/// The host boot the tests' xvtpmd tells, unless one plays a host reboot.
+const BOOT: &str = "boot-1";
+
+/// A guest's life as xvtpmd tells it: its `vm` path in this host boot, its `start_time`.
 fn life_of(xs: &Xenstore, domid: u16) -> String {
     let read = |p: &str| String::from_utf8(xs.read(TxId::NONE, p).expect(p)).expect("utf-8");
     let vm = read(&format!("/local/domain/{domid}/vm"));
-    format!("{vm}@{}", read(&format!("{vm}/start_time")))
+    format!("{vm}#{BOOT}@{}", read(&format!("{vm}/start_time")))
 }
 
 fn wait_life(xs: &Xenstore, be: &str, want: &str, d: &Proc) {
@@ -112,8 +116,13 @@ struct Host {
 
 /// dom0's `xvtpmd --stub-domains-only`.
 fn xvtpmd(host: &SimHost) -> Proc {
+    xvtpmd_in(host, BOOT)
+}
+
+/// [`xvtpmd`] in host boot `boot`.
+fn xvtpmd_in(host: &SimHost, boot: &str) -> Proc {
     let mut cmd = Command::new(XVTPMD);
-    cmd.args(["--stub-domains-only", "--domid", "0", "--sim"]).arg(host.dir());
+    cmd.args(["--stub-domains-only", "--domid", "0", "--host-boot-id", boot, "--sim"]).arg(host.dir());
     let d = spawn(&mut cmd, host.dir().join("xvtpmd.log"));
     d.wait_for("guests' lives");
     d
@@ -303,4 +312,35 @@ fn wait_note(xs: &Xenstore, be: &str, want: &str, d: &Proc) {
         assert!(Instant::now() < end, "no {want} in {key}:\n{}", d.log());
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// A vTPM domain's snapshots are on its disk, which outlives the host: a guest suspended
+/// before a host reboot and booted afresh after it, in a domain with the same `vm` path (its
+/// domain file fixes `uuid=`), is a new platform and gets a reset TPM, not the saved one.
+#[test]
+fn a_guest_suspended_before_a_host_reboot_and_booted_afresh_gets_a_reset_tpm() {
+    let Host { host, xs, bins, disk } = Host::start();
+    let d = xvtpmd(&host);
+    toolstack::add_domain(&xs, 3, "vtpm-stub").expect("stub domain");
+    let vtpm = stub_vtpm(&bins, &host, 3, &disk, 10);
+    toolstack::add_domain(&xs, GUEST, "guest").expect("guest");
+    toolstack::add_vtpm(&xs, GUEST, 3, 0, UUID).expect("vtpm= line");
+    let mut fe = connect(&host, GUEST);
+    let r = fe.transmit(&pcr_extend_sha256(16, &[0x28; 32])).expect("extend");
+    assert_eq!(rc(&r), 0);
+    host.shut_down(GUEST, xvtpm_xen::ShutdownReason::Suspend).expect("suspend");
+    vtpm.wait_for("is being suspended");
+    // The host goes down with the guest saved; its save file is not restored after the reboot.
+    drop((fe, vtpm, d));
+    toolstack::remove_vtpm(&xs, GUEST, 3, 0, Duration::from_millis(200)).expect("remove");
+    xs.rm(TxId::NONE, &format!("/local/domain/{GUEST}")).expect("destroy");
+    xs.rm(TxId::NONE, "/local/domain/3").expect("the vTPM domain");
+    let d = xvtpmd_in(&host, "boot-2");
+    toolstack::add_domain(&xs, 4, "vtpm-stub").expect("stub domain after the reboot");
+    let vtpm = stub_vtpm(&bins, &host, 4, &disk, 10);
+    toolstack::add_domain_of(&xs, 6, "guest", &toolstack::vm_path(GUEST)).expect("booted afresh");
+    toolstack::add_vtpm(&xs, 6, 4, 0, UUID).expect("its device");
+    let mut fe = connect(&host, 6);
+    assert_eq!(pcr16(&mut fe), [0u8; 32], "the guest booted after a host reboot found its saved PCRs:\n{}", vtpm.log());
+    assert!(!vtpm.log().contains("continues"), "{}\n{}", vtpm.log(), d.log());
 }

@@ -40,17 +40,21 @@ pub fn concerns(path: &str, me: DomId) -> bool {
     }
 }
 
-/// What the watch events since the last pass ask for.
-#[derive(Debug, Default)]
+/// Where Linux says which boot of the host this is.
+pub const BOOT_ID: &str = "/proc/sys/kernel/random/boot_id";
+
+/// What the watch events since the last pass ask for, in host boot `boot`.
+#[derive(Debug)]
 pub struct Pending {
     dirty: bool,
     released: bool,
+    boot: String,
 }
 
 impl Pending {
     /// A first pass: everything, as after a `@releaseDomain`.
-    pub fn all() -> Self {
-        Pending { dirty: true, released: true }
+    pub fn all(boot: String) -> Self {
+        Pending { dirty: true, released: true, boot }
     }
 
     /// Takes note of a watch event at `path`.
@@ -64,11 +68,11 @@ impl Pending {
     /// The pass asked for, if any. A failure waits for the next event (logged).
     pub fn run(&mut self, xs: &Xenstore, xen: &dyn Xen, me: DomId) {
         if self.dirty {
-            if let Err(e) = sync(xs, xen, me, self.released) {
+            if let Err(e) = sync(xs, xen, me, &self.boot, self.released) {
                 log::warn!("cannot pass the guests' lives: {e}; will try at the next change");
             }
         }
-        *self = Pending::default();
+        (self.dirty, self.released) = (false, false);
     }
 }
 
@@ -82,7 +86,7 @@ impl Pending {
 /// somewhere else. So is one whose guest serves vtpm devices itself (a vTPM domain, whose own
 /// device leads to the manager, which has no use for it). One device's failure is logged and
 /// the others are done.
-pub fn sync(xs: &Xenstore, xen: &dyn Xen, me: DomId, released: bool) -> xvtpm_xen::Result<()> {
+pub fn sync(xs: &Xenstore, xen: &dyn Xen, me: DomId, boot: &str, released: bool) -> xvtpm_xen::Result<()> {
     let dir = |p: &str| match xs.directory(TxId::NONE, p) {
         Err(e) if e.is_enoent() => Ok(Vec::new()),
         r => r,
@@ -100,7 +104,7 @@ pub fn sync(xs: &Xenstore, xen: &dyn Xen, me: DomId, released: bool) -> xvtpm_xe
             }
             for h in dir(&format!("{root}/{fe}"))? {
                 let Ok(handle) = h.parse::<u32>() else { continue };
-                if let Err(e) = tell(xs, xen, (be_id, fe_id, handle), released) {
+                if let Err(e) = tell(xs, xen, (be_id, fe_id, handle), boot, released) {
                     log::warn!("guest {fe_id} vtpm {handle} (served by domain {be_id}): cannot tell its life: {e}");
                 }
             }
@@ -114,6 +118,7 @@ fn tell(
     xs: &Xenstore,
     xen: &dyn Xen,
     (be_id, fe_id, handle): (DomId, DomId, u32),
+    boot: &str,
     released: bool,
 ) -> xvtpm_xen::Result<()> {
     let read = |p: &str| -> xvtpm_xen::Result<Option<String>> {
@@ -126,7 +131,8 @@ fn tell(
     if !agreed {
         return Ok(());
     }
-    let Some(life) = life_of(xs, fe_id)? else { return Ok(()) };
+    let Some(life) = xvtpm_xen::toolstack::domain_life(xs, fe_id)? else { return Ok(()) };
+    let life = in_boot(&life, boot);
     let domain = match xen.domain_info(fe_id) {
         Ok(d) => d,
         Err(e) => {
@@ -144,14 +150,16 @@ fn tell(
     Ok(())
 }
 
-/// A domain's life as a backend in dom0 reads it: `<vm>@<start_time>`.
-fn life_of(xs: &Xenstore, domid: DomId) -> xvtpm_xen::Result<Option<String>> {
-    let Some(vm) = xs.try_read(TxId::NONE, &format!("{}/vm", domain_path(domid)))? else { return Ok(None) };
-    let vm = String::from_utf8_lossy(&vm).into_owned();
-    Ok(Some(match xs.try_read(TxId::NONE, &format!("{vm}/start_time"))? {
-        Some(s) => format!("{vm}@{}", String::from_utf8_lossy(&s)),
-        None => vm,
-    }))
+/// `life` (`<vm>@<start_time>`) with the host's boot in its `vm` part (`<vm>#<boot>@...`):
+/// a vTPM domain's snapshots are on a disk, which outlives the host; a guest suspended before
+/// a host reboot and booted afresh after it (its `vm` path fixed by its domain file) would
+/// otherwise continue the saved TPM. Only a restore within the same host boot continues one,
+/// as in dom0, whose snapshots are in memory.
+fn in_boot(life: &str, boot: &str) -> String {
+    match life.split_once('@') {
+        Some((vm, start)) => format!("{vm}#{boot}@{start}"),
+        None => format!("{life}#{boot}"),
+    }
 }
 
 /// Writes `life` and the domain's flags (if Xen knows the domain) into the backend directory
@@ -161,28 +169,43 @@ fn write_notes(xs: &Xenstore, be: &str, life: &str, domain: Option<u32>, again: 
     let life_key = format!("{be}/{GUEST_LIFE_KEY}");
     let domain_key = format!("{be}/{GUEST_DOMAIN_KEY}");
     let flags = domain.map(|f| f.to_string());
+    // What to write, given the nodes' values in `tx`.
+    let stale = |tx: TxId| -> xvtpm_xen::Result<(bool, bool)> {
+        let life_stale = xs.try_read(tx, &life_key)?.as_deref() != Some(life.as_bytes());
+        let flags_stale = match &flags {
+            Some(f) => again || xs.try_read(tx, &domain_key)?.as_deref() != Some(f.as_bytes()),
+            None => false,
+        };
+        Ok((life_stale, flags_stale))
+    };
+    // Each pass looks at every device; most have nothing new: no transaction for them.
+    if stale(TxId::NONE)? == (false, false) {
+        return Ok(false);
+    }
     xs.transaction(|tx| {
         if xs.try_read(tx, &format!("{be}/frontend"))?.is_none() {
             return Ok(false);
         }
-        let mut wrote = false;
-        if xs.try_read(tx, &life_key)?.as_deref() != Some(life.as_bytes()) {
+        let (life_stale, flags_stale) = stale(tx)?;
+        if life_stale {
             xs.write(tx, &life_key, life.as_bytes())?;
-            wrote = true;
         }
-        if let Some(f) = &flags {
-            if again || xs.try_read(tx, &domain_key)?.as_deref() != Some(f.as_bytes()) {
-                xs.write(tx, &domain_key, f.as_bytes())?;
-                wrote = true;
-            }
+        if let (true, Some(f)) = (flags_stale, &flags) {
+            xs.write(tx, &domain_key, f.as_bytes())?;
         }
-        Ok(wrote)
+        Ok(life_stale || flags_stale)
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_host_boot_is_part_of_the_vm_path_that_a_restore_keeps() {
+        assert_eq!(in_boot("/vm/u@12.5", "b1"), "/vm/u#b1@12.5");
+        assert_eq!(in_boot("/vm/u", "b1"), "/vm/u#b1");
+    }
 
     #[test]
     fn only_paths_that_can_change_a_life_concern_it() {

@@ -103,6 +103,10 @@ struct Cli {
     /// keys or state. (Done in dom0 in any case.)
     #[arg(long)]
     stub_domains_only: bool,
+    /// The host's boot as told to vTPM domains (default: the kernel's
+    /// /proc/sys/kernel/random/boot_id); for tests that play a host reboot.
+    #[arg(long, value_name = "ID", hide = true)]
+    host_boot_id: Option<String>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -118,7 +122,7 @@ fn main() -> anyhow::Result<()> {
             xvtpm_vtpm::sys::caps::keep_only(&[]).context("drop capabilities")?;
         }
         let xen: Arc<dyn Xen> = xvtpm_xen::open(cli.sim.as_deref(), cli.domid).context("cannot reach Xen")?;
-        return serve_lives_only(&*xen);
+        return serve_lives_only(&*xen, cli.host_boot_id);
     }
     let cli_sandbox = (cli.no_sandbox, cli.sandbox_uid_base, cli.sandbox_uid_count, cli.sandbox_group.clone());
     let sandbox = sandboxing(&cli_sandbox, &file, cli.sim.is_some())?;
@@ -183,7 +187,7 @@ fn main() -> anyhow::Result<()> {
     let root = vtpm_backend_root(me);
     xs.watch(&root, TOKEN).with_context(|| format!("watch {root}"))?;
     log::info!("xvtpmd: domain {me} watching {root}");
-    let lives = watch_lives(&xs, me)?;
+    let lives = watch_lives(&xs, me, cli.host_boot_id)?;
     let mut sup = Supervisor::new(spec, xs.clone(), me, xs.waker());
     let served = serve(&xs, &*xen, &mut sup, &status_file, lives, stop);
     log::info!("xvtpmd: stopping every vtpm");
@@ -199,20 +203,27 @@ fn main() -> anyhow::Result<()> {
 }
 
 /// In dom0 (which alone may read every guest's life): the watches for [`lives`] and a first
-/// pass to make; elsewhere none.
-fn watch_lives(xs: &xvtpm_xen::Xenstore, me: u16) -> anyhow::Result<Option<lives::Pending>> {
+/// pass to make, for the host boot `boot` (the kernel's if not given); elsewhere none.
+fn watch_lives(xs: &xvtpm_xen::Xenstore, me: u16, boot: Option<String>) -> anyhow::Result<Option<lives::Pending>> {
     if me != 0 {
         return Ok(None);
     }
+    let boot = match boot {
+        Some(b) => b,
+        None => std::fs::read_to_string(lives::BOOT_ID)
+            .with_context(|| format!("read {}", lives::BOOT_ID))?
+            .trim()
+            .to_string(),
+    };
     for path in [lives::WATCH, lives::RELEASE] {
         xs.watch(path, LIVES_TOKEN).with_context(|| format!("watch {path}"))?;
     }
-    log::info!("xvtpmd: telling vTPMs served by other domains their guests' lives");
-    Ok(Some(lives::Pending::all()))
+    log::info!("xvtpmd: telling vTPMs served by other domains their guests' lives (host boot {boot})");
+    Ok(Some(lives::Pending::all(boot)))
 }
 
 /// `--stub-domains-only`: the guests' lives, until a stop signal.
-fn serve_lives_only(xen: &dyn Xen) -> anyhow::Result<()> {
+fn serve_lives_only(xen: &dyn Xen, boot: Option<String>) -> anyhow::Result<()> {
     let me = xen.domid();
     if me != 0 {
         anyhow::bail!("--stub-domains-only in domain {me}: only dom0 may read the guests' lives");
@@ -220,7 +231,7 @@ fn serve_lives_only(xen: &dyn Xen) -> anyhow::Result<()> {
     let xs = xen.xenstore().context("xenstore")?;
     let waker = xs.waker();
     let stop = xvtpm_vtpm::sys::signals::on_stop(move || waker.wake()).context("signal handling")?;
-    let mut pending = watch_lives(&xs, me)?.unwrap_or_default();
+    let Some(mut pending) = watch_lives(&xs, me, boot)? else { anyhow::bail!("not dom0") };
     if let Err(e) = xvtpm_cli::notify::ready("telling vTPM stub domains their guests' lives") {
         log::warn!("cannot tell systemd that xvtpmd is ready: {e}");
     }
