@@ -40,7 +40,7 @@ pub fn check<E: AsRef<str>>(prelude: &str, values: &[(E, u64)], hint: &str) {
     assert!(run.status.success(), "layout program failed");
     let printed = String::from_utf8(run.stdout).expect("utf-8 output");
     let c_values: HashMap<&str, u64> =
-        printed.lines().filter_map(|l| l.split_once('=')).map(|(k, v)| (k, v.parse().expect("number"))).collect();
+        printed.lines().filter_map(|l| l.rsplit_once('=')).map(|(k, v)| (k, v.parse().expect("number"))).collect();
     assert_eq!(c_values.len(), values.len(), "every value printed once:\n{printed}");
     for (expr, rust) in values {
         let expr = expr.as_ref();

@@ -10,6 +10,7 @@
 
 pub mod engine;
 pub mod error;
+pub mod hvm;
 // FFI to libtpms.
 #[allow(unsafe_code)]
 pub mod libtpms;

@@ -15,6 +15,7 @@ pub mod domain;
 pub mod error;
 pub mod evtchn;
 pub mod grant;
+pub mod ioreq;
 // ioctls and mmap on /dev/xen/*.
 #[allow(unsafe_code)]
 pub mod linux;

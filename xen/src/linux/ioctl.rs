@@ -244,6 +244,136 @@ pub struct PrivcmdHypercall {
 /// Makes a hypercall; returns what the hypervisor returned (negative: errno).
 pub const IOCTL_PRIVCMD_HYPERCALL: u32 = ioc(IOC_NONE, b'P', 0, size_of::<PrivcmdHypercall>());
 
+/// `struct privcmd_dm_op_buf`: one buffer of a device-model operation.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PrivcmdDmOpBuf {
+    /// The buffer's user address.
+    pub uptr: *mut libc::c_void,
+    /// Its length in bytes.
+    pub size: usize,
+}
+
+/// `struct privcmd_dm_op`: a device-model operation (`HYPERVISOR_dm_op`) on a domain, with
+/// its buffers; the kernel pins them for the call, so they may be ordinary memory.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PrivcmdDmOp {
+    /// The target domain.
+    pub dom: u16,
+    /// The number of buffers.
+    pub num: u16,
+    /// The buffers.
+    pub ubufs: *const PrivcmdDmOpBuf,
+}
+
+/// `struct privcmd_mmap_resource`: maps frames of a domain's resource (such as an ioreq
+/// server's pages) into a range earlier mapped from the privcmd device.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PrivcmdMmapResource {
+    /// The domain owning the resource.
+    pub dom: u16,
+    /// `XENMEM_resource_*`.
+    pub type_: u32,
+    /// The resource's id (the ioreq server id).
+    pub id: u32,
+    /// The first frame.
+    pub idx: u32,
+    /// The number of frames.
+    pub num: u64,
+    /// The user address of the privcmd mapping to fill.
+    pub addr: u64,
+}
+
+/// Issues a device-model operation.
+pub const IOCTL_PRIVCMD_DM_OP: u32 = ioc(IOC_NONE, b'P', 5, size_of::<PrivcmdDmOp>());
+/// Restricts the handle to one domain for good: from then on it makes device-model operations
+/// and mappings for that domain only, and no hypercall.
+pub const IOCTL_PRIVCMD_RESTRICT: u32 = ioc(IOC_NONE, b'P', 6, size_of::<u16>());
+/// Maps a resource's frames.
+pub const IOCTL_PRIVCMD_MMAP_RESOURCE: u32 = ioc(IOC_NONE, b'P', 7, size_of::<PrivcmdMmapResource>());
+
+/// `XEN_DMOP_create_ioreq_server` (a `HYPERVISOR_dm_op`, made through [`IOCTL_PRIVCMD_DM_OP`]).
+pub const XEN_DMOP_CREATE_IOREQ_SERVER: u32 = 1;
+/// `XEN_DMOP_map_io_range_to_ioreq_server`.
+pub const XEN_DMOP_MAP_IO_RANGE_TO_IOREQ_SERVER: u32 = 3;
+/// `XEN_DMOP_set_ioreq_server_state`.
+pub const XEN_DMOP_SET_IOREQ_SERVER_STATE: u32 = 5;
+/// `XEN_DMOP_destroy_ioreq_server`.
+pub const XEN_DMOP_DESTROY_IOREQ_SERVER: u32 = 6;
+/// `XEN_DMOP_IO_RANGE_MEMORY`: an MMIO range.
+pub const XEN_DMOP_IO_RANGE_MEMORY: u32 = 1;
+/// `HVM_IOREQSRV_BUFIOREQ_OFF`: every request synchronous.
+pub const HVM_IOREQSRV_BUFIOREQ_OFF: u8 = 0;
+/// `XENMEM_resource_ioreq_server`.
+pub const XENMEM_RESOURCE_IOREQ_SERVER: u32 = 0;
+/// `XENMEM_resource_ioreq_server_frame_ioreq(0)`: the synchronous requests' page.
+pub const XENMEM_RESOURCE_IOREQ_SERVER_FRAME_IOREQ: u32 = 1;
+
+/// `struct xen_dm_op` with one member of its union: the header is `op` and padding, and the
+/// union starts at 8 (it holds 64-bit members).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct XenDmOp<T> {
+    /// `XEN_DMOP_*`.
+    pub op: u32,
+    /// Padding.
+    pub pad: u32,
+    /// The operation's arguments.
+    pub u: T,
+}
+
+/// `struct xen_dm_op_create_ioreq_server`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct XenDmOpCreateIoreqServer {
+    /// `HVM_IOREQSRV_BUFIOREQ_*`.
+    pub handle_bufioreq: u8,
+    /// Padding.
+    pub pad: [u8; 3],
+    /// Out: the server's id.
+    pub id: u16,
+}
+
+/// `struct xen_dm_op_ioreq_server_range`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct XenDmOpIoreqServerRange {
+    /// The server.
+    pub id: u16,
+    /// Padding.
+    pub pad: u16,
+    /// `XEN_DMOP_IO_RANGE_*`.
+    pub type_: u32,
+    /// First address.
+    pub start: u64,
+    /// Last address (inclusive).
+    pub end: u64,
+}
+
+/// `struct xen_dm_op_set_ioreq_server_state`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct XenDmOpSetIoreqServerState {
+    /// The server.
+    pub id: u16,
+    /// 1: requests flow.
+    pub enabled: u8,
+    /// Padding.
+    pub pad: u8,
+}
+
+/// `struct xen_dm_op_destroy_ioreq_server`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct XenDmOpDestroyIoreqServer {
+    /// The server.
+    pub id: u16,
+    /// Padding.
+    pub pad: u16,
+}
+
 /// `__HYPERVISOR_domctl`.
 pub const HYPERVISOR_DOMCTL: u64 = 36;
 /// `XEN_DOMCTL_getdomaininfo`.
@@ -343,6 +473,15 @@ mod tests {
         // op and five arguments, all u64: 48.
         assert_eq!(size_of::<PrivcmdHypercall>(), 48);
         assert_eq!(IOCTL_PRIVCMD_HYPERCALL, 0x0030_5000);
+        // domid u16, num u16, padding, a pointer: 16; the buffer is a pointer and a size_t.
+        assert_eq!(size_of::<PrivcmdDmOp>(), 16);
+        assert_eq!(size_of::<PrivcmdDmOpBuf>(), 16);
+        // dom u16 (padded), type, id, idx u32, num, addr u64: 32.
+        assert_eq!(size_of::<PrivcmdMmapResource>(), 32);
+        assert_eq!(offset_of!(PrivcmdMmapResource, num), 16);
+        assert_eq!(IOCTL_PRIVCMD_DM_OP, 0x0010_5005);
+        assert_eq!(IOCTL_PRIVCMD_RESTRICT, 0x0002_5006);
+        assert_eq!(IOCTL_PRIVCMD_MMAP_RESOURCE, 0x0020_5007);
     }
 
     #[test]
@@ -440,6 +579,65 @@ mod tests {
              int main(void) {\n",
             &values,
             "install linux-libc-dev",
+        );
+    }
+
+    /// The device-model operations' layouts and numbers, and `ioreq_t` (its bit fields read
+    /// back from a C-filled slot), against Xen's public headers.
+    #[test]
+    fn matches_xens_dm_op_and_ioreq_headers() {
+        use crate::ioreq;
+        macro_rules! sz {
+            ($c:literal, $t:ty) => {
+                (concat!("sizeof(struct ", $c, ")"), size_of::<$t>() as u64)
+            };
+        }
+        let values: Vec<(&str, u64)> = vec![
+            ("XEN_DMOP_create_ioreq_server", XEN_DMOP_CREATE_IOREQ_SERVER.into()),
+            ("XEN_DMOP_map_io_range_to_ioreq_server", XEN_DMOP_MAP_IO_RANGE_TO_IOREQ_SERVER.into()),
+            ("XEN_DMOP_set_ioreq_server_state", XEN_DMOP_SET_IOREQ_SERVER_STATE.into()),
+            ("XEN_DMOP_destroy_ioreq_server", XEN_DMOP_DESTROY_IOREQ_SERVER.into()),
+            ("XEN_DMOP_IO_RANGE_MEMORY", XEN_DMOP_IO_RANGE_MEMORY.into()),
+            ("HVM_IOREQSRV_BUFIOREQ_OFF", HVM_IOREQSRV_BUFIOREQ_OFF.into()),
+            ("XENMEM_resource_ioreq_server", XENMEM_RESOURCE_IOREQ_SERVER.into()),
+            ("XENMEM_resource_ioreq_server_frame_ioreq(0)", XENMEM_RESOURCE_IOREQ_SERVER_FRAME_IOREQ.into()),
+            ("offsetof(struct xen_dm_op, u)", offset_of!(XenDmOp<XenDmOpIoreqServerRange>, u) as u64),
+            sz!("xen_dm_op_create_ioreq_server", XenDmOpCreateIoreqServer),
+            ("offsetof(struct xen_dm_op_create_ioreq_server, id)", offset_of!(XenDmOpCreateIoreqServer, id) as u64),
+            sz!("xen_dm_op_ioreq_server_range", XenDmOpIoreqServerRange),
+            ("offsetof(struct xen_dm_op_ioreq_server_range, type)", offset_of!(XenDmOpIoreqServerRange, type_) as u64),
+            ("offsetof(struct xen_dm_op_ioreq_server_range, start)", offset_of!(XenDmOpIoreqServerRange, start) as u64),
+            ("offsetof(struct xen_dm_op_ioreq_server_range, end)", offset_of!(XenDmOpIoreqServerRange, end) as u64),
+            sz!("xen_dm_op_set_ioreq_server_state", XenDmOpSetIoreqServerState),
+            ("offsetof(struct xen_dm_op_set_ioreq_server_state, enabled)", offset_of!(XenDmOpSetIoreqServerState, enabled) as u64),
+            sz!("xen_dm_op_destroy_ioreq_server", XenDmOpDestroyIoreqServer),
+            ("sizeof(ioreq_t)", ioreq::IOREQ_SIZE as u64),
+            ("offsetof(ioreq_t, vp_eport)", 24),
+            ("offsetof(ioreq_t, count)", 16),
+            ("offsetof(ioreq_t, size)", 20),
+            ("offsetof(ioreq_t, type)", 31),
+            ("STATE_IOREQ_READY", ioreq::STATE_READY.into()),
+            ("STATE_IORESP_READY", ioreq::STATE_RESP_READY.into()),
+            ("IOREQ_TYPE_COPY", ioreq::TYPE_COPY.into()),
+            (
+                "({ ioreq_t r; memset(&r, 0, sizeof r); r.state = STATE_IOREQ_READY; r.dir = IOREQ_READ; r.df = 1; ((unsigned char *)&r)[30]; })",
+                ioreq::IoRequest { read: true, df: true, ..ioreq::IoRequest::decode(0, &[0; ioreq::IOREQ_SIZE]) }
+                    .encode(0, ioreq::STATE_READY)[ioreq::OFF_FLAGS]
+                    .into(),
+            ),
+            (
+                "({ ioreq_t r; memset(&r, 0, sizeof r); r.data_is_ptr = 1; ((unsigned char *)&r)[30]; })",
+                ioreq::IoRequest { data_is_ptr: true, ..ioreq::IoRequest::decode(0, &[0; ioreq::IOREQ_SIZE]) }
+                    .encode(0, ioreq::STATE_NONE)[ioreq::OFF_FLAGS]
+                    .into(),
+            ),
+        ];
+        xvtpm_tests::clayout::check(
+            "#define __XEN_TOOLS__ 1\n#include <stddef.h>\n#include <stdint.h>\n#include <stdio.h>\n#include <string.h>\n\
+             #include <xen/xen.h>\n#include <xen/memory.h>\n#include <xen/hvm/dm_op.h>\n#include <xen/hvm/hvm_op.h>\n#include <xen/hvm/ioreq.h>\n\
+             int main(void) {\n",
+            &values,
+            "install libxen-dev",
         );
     }
 

@@ -7,6 +7,7 @@ pub mod gntdev;
 pub mod held;
 pub mod helper;
 pub mod ioctl;
+pub mod ioreq;
 pub mod privcmd;
 
 use std::fs::{File, OpenOptions};
