@@ -50,6 +50,8 @@ install -D -m 0644 $P/systemd/vtpmmgr.service "$ROOT/lib/systemd/system/vtpmmgr.
 install -D -m 0644 $P/systemd/xvtpmd.service "$ROOT/lib/systemd/system/xvtpmd.service"
 install -D -m 0644 $P/tmpfiles.conf "$ROOT/usr/lib/tmpfiles.d/xvtpm.conf"
 install -D -m 0644 $P/xvtpmd.toml "$ROOT/etc/xvtpm/xvtpmd.toml"
+install -D -m 0755 $P/xen/xvtpm-qemu-dm "$ROOT/usr/lib/xvtpm/xvtpm-qemu-dm"
+install -D -m 0755 $P/xen/xvtpm-qemu-dm-tpm1.2 "$ROOT/usr/lib/xvtpm/xvtpm-qemu-dm-tpm1.2"
 install -D -m 0644 $P/deb/copyright "$ROOT/usr/share/doc/xvtpm/copyright"
 gzip -9n < $P/deb/changelog > "$ROOT/usr/share/doc/xvtpm/changelog.gz"
 for s in postinst prerm postrm; do install -m 0755 "$P/deb/$s" "$ROOT/DEBIAN/$s"; done

@@ -1,5 +1,6 @@
 //! What the backend hands TPM commands to.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use xvtpm_xen::tpmif::{Tpmif, TpmifState};
@@ -36,19 +37,32 @@ impl std::fmt::Display for DeviceInfo {
 /// the response. Cheap (two loads) and `Send`, so an engine may poll it from another thread.
 /// A probe kept after the command returns keeps the page mapped: drop it.
 #[derive(Clone, Debug)]
-pub struct CancelProbe {
-    page: Arc<SharedPage>,
-    stop: Arc<Stop>,
+pub struct CancelProbe(Probe);
+
+#[derive(Clone, Debug)]
+enum Probe {
+    /// A tpmif connection: the page's CANCEL, or the connection stopped.
+    Page(Arc<SharedPage>, Arc<Stop>),
+    /// Another transport (an HVM guest's registers) sets a flag.
+    Flag(Arc<AtomicBool>),
 }
 
 impl CancelProbe {
     pub(crate) fn new(page: Arc<SharedPage>, stop: Arc<Stop>) -> Self {
-        CancelProbe { page, stop }
+        CancelProbe(Probe::Page(page, stop))
+    }
+
+    /// A probe for a transport without a tpmif page: cancelled while `flag` is set.
+    pub fn from_flag(flag: Arc<AtomicBool>) -> Self {
+        CancelProbe(Probe::Flag(flag))
     }
 
     /// True once the frontend wrote CANCEL or the connection was stopped.
     pub fn is_cancelled(&self) -> bool {
-        self.stop.is_set() || matches!(Tpmif::new(&self.page).state(), Ok(TpmifState::Cancel))
+        match &self.0 {
+            Probe::Page(page, stop) => stop.is_set() || matches!(Tpmif::new(page).state(), Ok(TpmifState::Cancel)),
+            Probe::Flag(f) => f.load(Ordering::SeqCst),
+        }
     }
 }
 
@@ -66,7 +80,18 @@ pub struct Request<'a> {
     pub(crate) cancel: &'a CancelProbe,
 }
 
-impl Request<'_> {
+impl<'a> Request<'a> {
+    /// A command from a transport other than tpmback (an HVM guest's registers).
+    pub fn new(
+        device: &'a DeviceInfo,
+        locality: u8,
+        command: &'a [u8],
+        max_response: usize,
+        cancel: &'a CancelProbe,
+    ) -> Self {
+        Request { device, locality, command, max_response, cancel }
+    }
+
     /// True once the frontend asked to cancel this command or the device is going away; the
     /// backend then discards the response, so a handler may stop early.
     pub fn is_cancelled(&self) -> bool {

@@ -20,7 +20,9 @@ if [ "$TPM" = tpm ] || [ "$TPM" = tpm-dom0 ]; then
     EXTRA=(-chardev "socket,id=chrtpm,path=$T/ctrl" -tpmdev emulator,id=tpm0,chardev=chrtpm -device tpm-tis,tpmdev=tpm0)
     [ "$TPM" = tpm ] && DOM0_CMD="$DOM0_CMD initcall_blacklist=init_tis,crb_acpi_driver_init"
 fi
-timeout --foreground -k 5 "$TMO" qemu-system-x86_64 -machine pc -accel tcg,thread=multi -cpu qemu64 -m 2048 -smp 2 \
+# HVM guests need SVM with nested paging (Xen then has HAP); build-xen.sh says so in IMGDIR/cpu.
+CPU=qemu64; [ -f "$IMG/cpu" ] && CPU=$(cat "$IMG/cpu")
+timeout --foreground -k 5 "$TMO" qemu-system-x86_64 -machine pc -accel tcg,thread=multi -cpu "$CPU" -m 2048 -smp 2 \
     -display none -monitor none -serial stdio -no-reboot -device isa-debug-exit,iobase=0xf4,iosize=0x04 "${EXTRA[@]}" \
     -kernel "$IMG/xen" -append "$XEN_CMD" -initrd "$IMG/vmlinux ${DOM0_CMD//,/,,},$IMG/dom0.cpio" </dev/null >"$LOG" 2>&1
 rc=$?

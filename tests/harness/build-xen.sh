@@ -9,8 +9,11 @@
 #              Xen's own hotplug scripts, our `xvtpm` tool (xen-stubdom-dom0-init.sh);
 #     service  our Debian package (OUTDIR/xvtpm.deb, built by the test) installed with dpkg,
 #              the manager and xvtpmd run as their units run them (xen-service-dom0-init.sh).
+#     hvm      as service, plus the HVM parts: Debian's QEMU for Xen (qemu-system-xen), SeaBIOS,
+#              hvmloader, and the guest's kernel as a bzImage; the machine's CPU gets SVM with
+#              nested paging (xen-hvm-dom0-init.sh).
 # Cached: rebuilt when an input (packages, scripts, binaries) changes.
-# Usage: build-xen.sh OUTDIR BINDIR [e2e|lifecycle|stubdom|service]   (BINDIR holds vtpm, vtpmmgr, xvtpm)
+# Usage: build-xen.sh OUTDIR BINDIR [e2e|lifecycle|stubdom|service|hvm]   (BINDIR holds vtpm, vtpmmgr, xvtpm)
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 OUT=${1:?usage: build-xen.sh OUTDIR BINDIR [e2e|lifecycle|stubdom|service]}
@@ -19,7 +22,7 @@ SCENARIO=${3:-e2e}
 VTPM=$BIN/vtpm
 case "$SCENARIO" in e2e|lifecycle) BINS=("$VTPM");; stubdom) BINS=("$VTPM" "$BIN/vtpmmgr" "$BIN/xvtpm" "$BIN/xvtpmd");;
     # The package the test built from BINDIR's binaries (scripts/package.sh), in OUTDIR.
-    service) BINS=("$OUT/xvtpm.deb");;
+    service|hvm) BINS=("$OUT/xvtpm.deb");;
     *) echo "unknown scenario $SCENARIO" >&2; exit 2;; esac
 mkdir -p "$OUT/debs"
 
@@ -32,6 +35,7 @@ PKGS=(xen-hypervisor-$XV-amd64 xen-utils-$XV xenstore-utils libxenstore4 libxenm
       libxenevtchn1 libxenforeignmemory1 libxengnttab1 libxentoollog1 libxentoolcore1
       libxendevicemodel1 libxenhypfs1 libyajl2 "$KPKG")
 [ "$SCENARIO" = stubdom ] && PKGS+=(xen-utils-common)   # the hotplug scripts (block)
+[ "$SCENARIO" = hvm ] && PKGS+=(qemu-system-xen qemu-system-data seabios)   # the device model and firmware
 stamp="${PKGS[*]} $(cat "$HERE"/build-xen.sh "$HERE"/xen-*.sh "$HERE"/xen-domU.cfg "$HERE"/tpmbench.c "$HERE"/syscall-inject.c "$HERE"/guest-dbus.conf "$HERE"/../../tools/stubdom/* | sha256sum | cut -c1-16) $SCENARIO $(cat "${BINS[@]}" | sha256sum | cut -c1-16) $(dpkg-query -W -f='${Version} ' tpm2-tools busybox-static tpm2-abrmd dbus-daemon)"
 if [ -f "$OUT/stamp" ] && [ "$(cat "$OUT/stamp")" = "$stamp" ]; then exit 0; fi
 
@@ -91,7 +95,20 @@ mkdir -p "$S/etc/xen" "$S/var/lib/xen" "$S/var/log/xen"
 cp "$OUT/vmlinux" "$S/boot/vmlinux-domU"
 cp "$OUT/domU.cpio.gz" "$S/boot/domU.cpio.gz"
 install -m 644 "$HERE/xen-dom0-common.sh" "$S/lib/xen-dom0-common.sh"
-if [ "$SCENARIO" = service ]; then
+if [ "$SCENARIO" = hvm ]; then
+    # HVM: Debian's device model (its keymap, linuxboot for xl's kernel=), SeaBIOS and
+    # hvmloader where libxl looks for them, and the guest's kernel as QEMU loads it.
+    Q=/usr/libexec/xen-qemu-system-i386
+    mkdir -p "$S/usr/libexec" "$S/usr/share/qemu/keymaps" "$S/usr/share/seabios" "$S/usr/lib/xen-$XV/boot"
+    cp "$R$Q" "$S$Q"; copy_libs "$R$Q" "$S"
+    cp "$R/usr/share/qemu/keymaps/en-us" "$S/usr/share/qemu/keymaps/"
+    cp "$R/usr/share/qemu/linuxboot.bin" "$R/usr/share/qemu/linuxboot_dma.bin" "$S/usr/share/qemu/"
+    cp "$R/usr/share/seabios/bios-256k.bin" "$S/usr/share/seabios/"
+    cp "$R/usr/lib/xen-$XV/boot/hvmloader" "$S/usr/lib/xen-$XV/boot/"
+    cp "$R/boot/vmlinuz-$KVER" "$S/boot/vmlinuz-domU"
+    echo "qemu64,+svm,+npt" > "$OUT/cpu"
+fi
+if [ "$SCENARIO" = service ] || [ "$SCENARIO" = hvm ]; then
     # The package, and dpkg to install it (its database empty: the libraries the package
     # depends on are files here, copied from this machine's Debian 12).
     mkdir -p "$S/root"; cp "$OUT/xvtpm.deb" "$S/root/xvtpm.deb"
@@ -106,7 +123,7 @@ if [ "$SCENARIO" = service ]; then
     printf '#!/bin/sh\ngrep -q "^$2:" /etc/$1\n' > "$S/usr/bin/getent"; chmod 755 "$S/usr/bin/getent"
     printf 'root:x:0:0:root:/root:/bin/sh\nxvtpm:x:100:101::/nonexistent:/bin/false\n' > "$S/etc/passwd"
     printf 'root:x:0:\nxvtpm:x:101:\n' > "$S/etc/group"
-    install -m 755 "$HERE/xen-service-dom0-init.sh" "$S/init"
+    install -m 755 "$HERE/xen-$SCENARIO-dom0-init.sh" "$S/init"
     # The sandbox checks make a vtpm's thread call what its filter forbids.
     gcc -O2 -static -o "$S/usr/bin/syscall-inject" "$HERE/syscall-inject.c"
 elif [ "$SCENARIO" != stubdom ]; then

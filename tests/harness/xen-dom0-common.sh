@@ -29,3 +29,23 @@ xenstored --pid-file /run/xenstored.pid || finish FAIL
 i=0; while ! xenstore-read / >/dev/null 2>&1; do i=$((i+1)); [ $i -gt 100 ] && finish FAIL; usleep 100000; done
 xen-init-dom0 || finish FAIL
 xenconsoled --pid-file=/run/xenconsoled.pid --log=guest --log-dir=/var/log/xen/console || finish FAIL
+install_service() { # the package installed with dpkg, the manager and xvtpmd started as their units do
+    # dpkg's database, empty: the libraries the package depends on are files of this image.
+    mkdir -p /var/lib/dpkg/info /var/lib/dpkg/updates /var/lib/dpkg/triggers /var/lib/dpkg/alternatives
+    : > /var/lib/dpkg/status; : > /var/lib/dpkg/available
+    mark "dpkg: $(dpkg -i --force-depends /root/xvtpm.deb 2>&1 | grep -v '^(Reading' | tr '\n' ' ' | cut -c1-400)"
+    mark "installed: $(dpkg-query -W -f='${Package} ${Version} ${Status}' xvtpm 2>&1)"
+    # What systemd would do: tmpfiles, then each unit's ExecStart.
+    awk '$1 == "d" {print $2, $3}' /usr/lib/tmpfiles.d/xvtpm.conf | while read -r d m; do mkdir -p "$d"; chmod "$m" "$d"; done
+    execstart() { sed -n 's/^ExecStart=//p' /lib/systemd/system/$1.service; }
+    [ -e /dev/tpmrm0 ] || { mark "no /dev/tpmrm0 in dom0"; ls -l /dev/tpm* | sed 's/^/  /'; finish FAIL; }
+    vtpmmgr init --store /var/lib/xvtpm/mgr.img --tpm tpmrm:/dev/tpmrm0 --pcrs 0,1,2,3,4,5,6,7 2>&1 | tail -n 2 | sed 's/^/  vtpmmgr: /'
+    MGR_CMD=$(execstart vtpmmgr); mark "vtpmmgr.service: $MGR_CMD"
+    $MGR_CMD > /var/log/vtpmmgr.log 2>&1 &
+    i=0; while [ ! -S /run/xvtpm/admin.sock ]; do i=$((i+1)); [ $i -gt 200 ] && { cat /var/log/vtpmmgr.log; finish FAIL; }; usleep 50000; done
+    D_CMD=$(execstart xvtpmd); mark "xvtpmd.service: $D_CMD"
+    start_daemon() { n0=$(grep -c watching /var/log/xvtpmd.log 2>/dev/null); $D_CMD >> /var/log/xvtpmd.log 2>&1 & DAEMON=$!
+        i=0; while [ "$(grep -c watching /var/log/xvtpmd.log)" -le "${n0:-0}" ]; do
+            i=$((i+1)); [ $i -gt 200 ] && { cat /var/log/xvtpmd.log; finish FAIL; }; usleep 50000; done; }
+    start_daemon
+}

@@ -5,7 +5,7 @@ export PATH=/bin:/usr/bin LD_LIBRARY_PATH=/lib/x86_64-linux-gnu
 mount -t proc proc /proc; mount -t sysfs sysfs /sys; mount -t devtmpfs devtmpfs /dev; mount -t tmpfs tmpfs /tmp
 say() { echo "XVTPM-DOMU: $*"; }
 PHASE=1; case "$(cat /proc/cmdline)" in *xvtpm.phase=2*) PHASE=2;; *xvtpm.phase=lifecycle*) PHASE=lifecycle;;
-    *xvtpm.phase=service*) PHASE=service;; esac
+    *xvtpm.phase=service*) PHASE=service;; *xvtpm.phase=hvm12*) PHASE=hvm12;; *xvtpm.phase=hvm*) PHASE=hvm;; esac
 say "kernel $(uname -r), phase $PHASE"
 pcr16() { tpm2_pcrread sha256:16 2>&1 | awk '/16:/ {print $2}'; }
 insmod /lib/modules/xen-tpmfront.ko &
@@ -13,6 +13,40 @@ i=0; while [ ! -e /dev/tpm0 ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done
 say "devices $(ls /dev/tpm* 2>&1 | tr '\n' ' ')"
 say "tpm_version_major=$(cat /sys/class/tpm/tpm0/tpm_version_major 2>/dev/null)"
 export TPM2TOOLS_TCTI=device:/dev/tpm0
+if [ $PHASE = hvm12 ]; then
+    # An HVM guest whose TPM (tpm_tis on the registers dom0 serves) is a 1.2: the kernel's own
+    # TPM 1.2 reads. PCR 16 extended once with a raw TPM_Extend, then read every second while
+    # dom0 kills the vtpm under this guest: the restarted one must never show PCR 16 reset.
+    say "hvm12 caps $(cat /sys/class/tpm/tpm0/caps 2>&1 | tr '\n' ';')"
+    say "hvm12 pcrcount $(grep -c PCR- /sys/class/tpm/tpm0/pcrs 2>/dev/null) enabled=$(cat /sys/class/tpm/tpm0/enabled 2>&1) active=$(cat /sys/class/tpm/tpm0/active 2>&1)"
+    exec 3<>/dev/tpm0
+    printf '\000\301\000\000\000\042\000\000\000\024\000\000\000\020\001\002\003\004\005\006\007\010\011\012\013\014\015\016\017\020\021\022\023\024' >&3
+    say "hvm12 extend $(dd bs=64 count=1 <&3 2>/dev/null | od -An -tx1 | tr -d ' \n' | cut -c1-20)"
+    exec 3<&-
+    i=0
+    while true; do
+        i=$((i+1)); say "hvm12 tick $i $(grep 'PCR-16' /sys/class/tpm/tpm0/pcrs 2>&1 | tr -d ' ' | cut -c1-40)"; sleep 1
+    done
+fi
+if [ $PHASE = hvm ]; then
+    # An HVM guest: tpm_tis found the registers dom0 serves (hvmloader's ACPI names them).
+    mount -t securityfs securityfs /sys/kernel/security 2>/dev/null
+    say "hvm driver $(basename "$(readlink /sys/class/tpm/tpm0/device/driver 2>/dev/null)") securityfs $(ls /sys/kernel/security/tpm0/ 2>&1 | tr '\n' ' ')"
+    r=$(TPM2TOOLS_TCTI=device:/dev/tpmrm0 tpm2_getrandom --hex 8 2>&1) && say "hvm tpmrm0 ok $r" || say "hvm tpmrm0 FAILED $r"
+    if tpm2_readpublic -c 0x81000001 >/dev/null 2>&1; then
+        # The next boot of this guest (a reboot: a new domain, device model and vtpm).
+        say "hvm2 persistent key ok"
+        say "hvm2 nv $(tpm2_nvread 0x1500016 -C o -s 8 2>/dev/null)"
+        say "hvm2 pcr16 $(pcr16)"
+        say DONE2
+        # Then PCR 16 extended once, and read every second while dom0 saves and restores
+        # this guest (xl save, xl restore): the restored guest's TPM must go on.
+        tpm2_pcrextend 16:sha256=0404040404040404040404040404040404040404040404040404040404040404 || say "hvm2 extend FAILED"
+        say "hvm2 extended pcr16 $(pcr16)"
+        i=0
+        while true; do i=$((i+1)); say "hvm2 tick $i pcr16 $(pcr16)"; sleep 1; done
+    fi
+fi
 if [ $PHASE = service ]; then
     # One of several guests served by xvtpmd: PCR 16 extended N times (xvtpm.n=N, so each
     # guest's value is its own), then a tick every second with PCR 16, while dom0 kills and
@@ -117,6 +151,10 @@ say "abrmd two clients: a=$(cat /tmp/a.n 2>/dev/null) b=$(cat /tmp/b.n 2>/dev/nu
 grep -i -m 3 "critical\|error" /tmp/abrmd.log | sed 's/^/XVTPM-DOMU: abrmd log: /'
 kill $ABRMD; sleep 1
 say DONE
+if [ $PHASE = hvm ]; then
+    # Rebooted by the guest itself: xl makes the domain again from the same file.
+    say "hvm rebooting"; sleep 2; reboot -f
+fi
 # Keep using the TPM while dom0 restarts the vtpm and hot-plugs a second one.
 i=0
 while [ $i -lt 150 ]; do

@@ -30,6 +30,7 @@ mod container;
 mod daemon_status;
 mod inspect;
 mod migrate;
+mod qemu_dm;
 mod stubdom;
 mod xenadmin;
 
@@ -113,6 +114,11 @@ enum Command {
         #[command(flatten)]
         opts: migrate::accept::AcceptOpts,
     },
+    /// An HVM domain's device model with a TPM: asks dom0's xvtpmd for the domain's TPM,
+    /// waits until it is served, then runs Debian's QEMU with the same arguments. Named by the
+    /// domain file, through its wrapper: `device_model_override =
+    /// "/usr/lib/xvtpm/xvtpm-qemu-dm"`.
+    QemuDm(qemu_dm::QemuDmArgs),
     /// Show a vTPM state file's format, protection and size (never its contents).
     InspectState {
         /// The file.
@@ -193,6 +199,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Measure { what } => outln!("{}", xvtpm_vtpmmgr::hex(&what.boot_hash()?)),
         Command::InspectState { file, json } => inspect::inspect_state(&file, json)?,
         Command::Migrate(a) => migrate::migrate(a)?,
+        Command::QemuDm(a) => qemu_dm::run(a)?,
         Command::MigrateRelay { plan, args } => migrate::relay::run(&plan, &args)?,
         Command::MigrateAccept { opts } => migrate::accept::run(&opts)?,
         Command::EchoBackend { xen, uuid } => {

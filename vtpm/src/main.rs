@@ -91,7 +91,8 @@ struct SandboxOpts {
     /// privcmd and xenstore stay outside, in a helper process that answers only about this
     /// guest's domain and relays only this device's xenstore requests; with --frontend the
     /// event channel handle binds to that domain only. Needs --domid.
-    #[arg(long, value_name = "UID", requires_all = ["sandbox_gid", "domid"], conflicts_with_all = ["incoming", "sim"])]
+    // (Not with `serve --incoming` either: checked where both exist.)
+    #[arg(long, value_name = "UID", requires_all = ["sandbox_gid", "domid"], conflicts_with = "sim")]
     sandbox_uid: Option<u32>,
     /// The sandbox's group id.
     #[arg(long, value_name = "GID", requires = "sandbox_uid")]
@@ -217,6 +218,36 @@ enum Command {
         #[command(flatten)]
         sandbox: SandboxOpts,
     },
+    /// Serve an HVM guest's TPM: the TPM's registers at 0xFED40000 (the FIFO interface: PTP
+    /// for a TPM 2.0, TIS 1.3 for a 1.2), emulated in this process through an ioreq server of
+    /// Xen's, beside the guest's device model. Start it after the domain is built and before
+    /// it runs (xvtpmd does, asked by the `xvtpm-qemu-dm` wrapper that the domain file names as
+    /// its device_model_override). The first start for a domain is its platform's: the TPM
+    /// starts reset, and the guest's firmware or kernel sends the start-up. A start for a
+    /// domain already served (a restart) takes over the registers and refuses the guest (the
+    /// TPM's failure response to every command) until it reboots: never reset PCRs under it.
+    ServeHvm {
+        #[command(flatten)]
+        state: StateOpts,
+        /// The guest's domain id.
+        #[arg(long, value_name = "DOMID")]
+        guest: u16,
+        /// The request directory in xenstore (xvtpmd's): the ioreq server's id and `ready`
+        /// are written there, and a restart takes over the server named there. The server is
+        /// then left registered at exit, so that the guest waits for the next vtpm.
+        #[arg(long, value_name = "PATH")]
+        request: Option<String>,
+        /// Written (empty) once the registers are served (for use without xvtpmd).
+        #[arg(long, value_name = "FILE")]
+        ready_file: Option<PathBuf>,
+        /// Where the TPM's volatile state is kept after every command (as `serve` keeps it),
+        /// so that a restart under the running guest, or its restore after `xl save`,
+        /// continues its TPM. With `none`, both are refused until the guest reboots.
+        #[arg(long, value_name = "DIR|none", default_value = xvtpm_vtpm::snapshot::DEFAULT_DIR)]
+        snapshot_dir: PathBuf,
+        #[command(flatten)]
+        sandbox: SandboxOpts,
+    },
     /// Serve the TPM over swtpm's socket protocol (data and control channels), taking swtpm's
     /// own options, e.g. `vtpm socket --tpm2 --server type=tcp,port=2321 --ctrl
     /// type=tcp,port=2322 --tpmstate dir=D --key file=K,format=binary,mode=aes-256-cbc --flags
@@ -274,6 +305,9 @@ fn main() -> anyhow::Result<()> {
                 (None, Some(f), Some(h)) => DeviceFilter::Device { frontend: f, handle: h },
                 _ => bail!("choose the device: --uuid U, or --frontend DOMID --handle N"),
             };
+            if incoming && sandbox.sandbox_uid.is_some() {
+                bail!("--incoming and --sandbox-uid: a migration's vtpm runs unsandboxed");
+            }
             let mut state = state;
             let sandbox = sandbox.prepare(&mut state, &snapshot_dir)?;
             let xen: Arc<dyn Xen> = match &sandbox {
@@ -306,6 +340,12 @@ fn main() -> anyhow::Result<()> {
                 sandbox,
             };
             serve(&state, xen, config)
+        }
+        Command::ServeHvm { state, guest, request, ready_file, snapshot_dir, sandbox } => {
+            let mut state = state;
+            let sandbox = sandbox.prepare(&mut state, &snapshot_dir)?;
+            let hvm = HvmConfig { guest, request, ready_file, snapshot_dir, sandbox };
+            serve_hvm(&state, hvm)
         }
         Command::Socket { args } => {
             let mut full = vec!["socket".to_string()];
@@ -424,8 +464,12 @@ fn serve(state: &StateOpts, xen: Arc<dyn Xen>, config: ServeConfig) -> anyhow::R
         log::info!("the TPM's volatile state is kept in {}", f.describe());
         Some(f)
     };
-    let handler_config =
-        HandlerConfig { max_locality: config.max_locality, snapshots, reset_running_guest: config.reset_running_guest };
+    let handler_config = HandlerConfig {
+        max_locality: config.max_locality,
+        snapshots,
+        reset_running_guest: config.reset_running_guest,
+        guest_starts_tpm: false,
+    };
     let handler = match engine {
         Some(engine) => {
             log::info!(
@@ -459,6 +503,199 @@ fn serve(state: &StateOpts, xen: Arc<dyn Xen>, config: ServeConfig) -> anyhow::R
     // Stopped by a signal (or the backend failed): the guest's last state is kept either way.
     handler.stop();
     served?;
+    Ok(())
+}
+
+/// What `vtpm serve-hvm` was asked for, besides the state.
+struct HvmConfig {
+    guest: u16,
+    request: Option<String>,
+    ready_file: Option<PathBuf>,
+    snapshot_dir: PathBuf,
+    sandbox: Option<Sandbox>,
+}
+
+fn serve_hvm(state: &StateOpts, hvm: HvmConfig) -> anyhow::Result<()> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use xvtpm_backend::{CancelProbe, CommandHandler, DeviceInfo, Request};
+    use xvtpm_tis::mmio::{TPM_BASE, WINDOW_LEN};
+    use xvtpm_vtpm::hvm::serve::TisServer;
+    use xvtpm_vtpm::hvm::tis::{TisDevice, MAX_BUFFER};
+    use xvtpm_xen::ioreq::IoreqServer;
+    use xvtpm_xen::linux::ioreq::{DeviceModel, LinuxIoreqServer};
+    use xvtpm_xen::xenbus::{HVM_INCOMING_KEY, HVM_SERVER_KEY, HVM_STATE_KEY};
+    use xvtpm_xen::{ShutdownReason, TxId};
+
+    let guest = hvm.guest;
+    let request = hvm.request.as_deref();
+    let xen = xvtpm_xen::linux::LinuxXen::with_domid(0);
+    let xs = xen.xenstore().context("cannot reach xenstore")?;
+    let read = |key: &str| -> anyhow::Result<Option<String>> {
+        let Some(dir) = request else { return Ok(None) };
+        let v = xs.try_read(TxId::NONE, &format!("{dir}/{key}")).with_context(|| format!("read {dir}/{key}"))?;
+        Ok(v.map(|v| String::from_utf8_lossy(&v).trim().to_string()))
+    };
+    // Served before (a restart under the running guest), or a saved guest restored: either
+    // way the guest runs on, and its TPM is not a new platform's.
+    let restart = read(HVM_STATE_KEY)?.as_deref() == Some("ready");
+    let incoming = read(HVM_INCOMING_KEY)?.as_deref() == Some("1");
+    let earlier: Option<u16> = read(HVM_SERVER_KEY)?.and_then(|v| v.parse().ok());
+    let vm = xs.try_read(TxId::NONE, &format!("/local/domain/{guest}/vm"))?;
+    let uuid = vm
+        .as_deref()
+        .and_then(|v| String::from_utf8_lossy(v).trim().strip_prefix("/vm/").map(str::to_string))
+        .and_then(|u| xvtpm_xen::xenbus::parse_uuid("vm", u.as_bytes()).ok())
+        .with_context(|| format!("domain {guest} has no vm path naming its uuid"))?;
+    let device = DeviceInfo {
+        frontend: guest,
+        handle: 0,
+        uuid,
+        life: xvtpm_xen::toolstack::domain_life(&xs, guest)?,
+        adopted: restart || incoming,
+    };
+    let dm = || DeviceModel::open(guest).context("cannot open the device model interface");
+    let window = [(TPM_BASE, TPM_BASE + u64::from(WINDOW_LEN) - 1)];
+    let server = match earlier {
+        Some(id) => match LinuxIoreqServer::adopt(dm()?, id) {
+            Ok(s) => s,
+            Err(e) => {
+                log::warn!("domain {guest}: cannot take over ioreq server {id} ({e}); making a new one");
+                LinuxIoreqServer::create(dm()?, &window)?
+            }
+        },
+        None => LinuxIoreqServer::create(dm()?, &window)
+            .with_context(|| format!("cannot serve the TPM registers of domain {guest}"))?,
+    };
+    let server = Arc::new(server);
+    if let Some(dir) = request {
+        // Kept at exit from now on: the guest waits for the next vtpm, which takes it over.
+        server.keep();
+        xs.write(TxId::NONE, &format!("{dir}/{HVM_SERVER_KEY}"), server.id().to_string().as_bytes())?;
+        xs.write(TxId::NONE, &format!("{dir}/{HVM_STATE_KEY}"), b"ready")?;
+    }
+    if let Some(f) = &hvm.ready_file {
+        std::fs::write(f, b"").with_context(|| format!("write {}", f.display()))?;
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let (st, srv) = (stop.clone(), server.clone());
+    xvtpm_vtpm::sys::signals::on_stop(move || {
+        st.store(true, Ordering::SeqCst);
+        srv.interrupt();
+    })
+    .context("install the signal handlers")?;
+    // Told of the guest's suspend (`xl save`): by xvtpmd (SIGUSR2) under it, by Xen otherwise.
+    // Installed now: the sandbox's filter forbids installing signal handlers.
+    type Told = (Arc<VtpmHandler>, DeviceInfo);
+    let told: Arc<std::sync::OnceLock<Told>> = Arc::default();
+    let t = told.clone();
+    xvtpm_vtpm::sys::signals::on_sigusr2(move || match t.get() {
+        Some((h, d)) => h.domain_shut_down(d, ShutdownReason::Suspend),
+        None => log::warn!("SIGUSR2 (the guest suspended) before the TPM was on: ignored"),
+    })
+    .context("install the SIGUSR2 handler")?;
+    if let Some(sandbox) = &hvm.sandbox {
+        // Xen's devices are open; the state is read, and the manager reached, as the
+        // sandbox's user.
+        sandbox.enter().context("cannot enter the sandbox")?;
+        log::info!("sandboxed: uid {}, gid {}", sandbox.uid, sandbox.gid);
+    }
+    let engine = power_on(state)?;
+    let version = engine.version();
+    let snapshots = if hvm.snapshot_dir.as_os_str() == "none" {
+        None
+    } else {
+        let f = SnapshotFile::for_state_dir(&hvm.snapshot_dir, &state.state_dir)?;
+        log::info!("the TPM's volatile state is kept in {}", f.describe());
+        Some(f)
+    };
+    let config = HandlerConfig {
+        max_locality: xvtpm_vtpm::tpmif::DEFAULT_MAX_LOCALITY,
+        snapshots,
+        reset_running_guest: None,
+        guest_starts_tpm: true,
+    };
+    let handler = VtpmHandler::new(Box::new(engine), config);
+    // A new platform, the running guest's TPM resumed, or the running guest refused.
+    handler.connected(&device);
+    let _ = told.set((handler.clone(), device.clone()));
+    if request.is_none() {
+        follow_domain(xen, xs, handler.clone(), device.clone(), stop.clone(), server.clone())?;
+    } else {
+        drop(xs);
+    }
+    let cancelled = Arc::new(AtomicBool::new(false));
+    let probe = CancelProbe::from_flag(cancelled.clone());
+    let (h, d, c) = (handler.clone(), device.clone(), cancelled.clone());
+    let execute = Box::new(move |locality: u8, command: &[u8]| {
+        c.store(false, Ordering::SeqCst);
+        h.handle(&Request::new(&d, locality, command, MAX_BUFFER, &probe))
+    });
+    let mut tis = TisServer::new(
+        TisDevice::new(version),
+        execute,
+        Arc::new(move || cancelled.store(true, Ordering::SeqCst)),
+        Box::new(move |loc| log::info!("domain {guest}: reset of the establishment bit from locality {loc} ignored")),
+    )
+    .context("cannot start the TPM's thread")?;
+    log::info!(
+        "vTPM ({version:?}) from {}: serving domain {guest}'s TPM registers at {TPM_BASE:#x}",
+        state.state_dir.display()
+    );
+    let served = tis.run(server.as_ref(), &stop);
+    drop(tis);
+    // The guest's last state into the snapshot, for the next vtpm.
+    handler.stop();
+    served.with_context(|| format!("serving domain {guest}"))?;
+    log::info!("stopped; state kept in {}", state.state_dir.display());
+    Ok(())
+}
+
+/// Without xvtpmd: follows the guest's domain through `@releaseDomain`, telling `handler` of
+/// its suspend and stopping the serving loop once it is gone.
+fn follow_domain(
+    xen: xvtpm_xen::linux::LinuxXen,
+    xs: xvtpm_xen::Xenstore,
+    handler: Arc<VtpmHandler>,
+    device: xvtpm_backend::DeviceInfo,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    server: Arc<xvtpm_xen::linux::ioreq::LinuxIoreqServer>,
+) -> anyhow::Result<()> {
+    use xvtpm_backend::CommandHandler;
+    use xvtpm_xen::ioreq::IoreqServer;
+    let guest = device.frontend;
+    xs.watch("@releaseDomain", "xvtpm-hvm").context("watch @releaseDomain")?;
+    std::thread::Builder::new().name("domain".into()).spawn(move || {
+        let mut told = None;
+        loop {
+            if let Err(e) = xs.next_event(None) {
+                log::warn!("xenstore: {e}");
+                std::thread::sleep(std::time::Duration::from_secs(1));
+            }
+            let info = match xen.domain_info(guest) {
+                Ok(i) => i,
+                Err(e) => {
+                    log::warn!("cannot ask about domain {guest}: {e}");
+                    continue;
+                }
+            };
+            match info {
+                Some(i) if !i.dying => {
+                    if i.shutdown != told {
+                        if let Some(reason) = i.shutdown {
+                            handler.domain_shut_down(&device, reason);
+                        }
+                        told = i.shutdown;
+                    }
+                }
+                _ => {
+                    log::info!("domain {guest} is gone");
+                    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+                    server.interrupt();
+                    return;
+                }
+            }
+        }
+    })?;
     Ok(())
 }
 

@@ -43,6 +43,10 @@ pub struct HandlerConfig {
     /// The operator accepts a reset TPM for this running guest (domain id) when its TPM
     /// cannot be resumed.
     pub reset_running_guest: Option<DomId>,
+    /// The guest starts its TPM itself (an HVM guest's firmware or kernel sends TPM_Startup,
+    /// as on hardware); otherwise a new guest's TPM is started here (a PV guest's tpmfront
+    /// never sends it).
+    pub guest_starts_tpm: bool,
 }
 
 /// Whom the TPM serves.
@@ -80,6 +84,8 @@ struct Inner {
     /// domain starts reset), or when another domain takes the TPM.
     suspended: bool,
     reset_running_guest: Option<DomId>,
+    /// No Startup sent for a new guest ([`HandlerConfig::guest_starts_tpm`]).
+    guest_starts_tpm: bool,
     /// Commands refused, and snapshots that could not be written (each logged sparingly).
     refused: u64,
     snapshot_failures: u64,
@@ -149,6 +155,7 @@ impl VtpmHandler {
                 snapshots: config.snapshots,
                 suspended: false,
                 reset_running_guest: config.reset_running_guest,
+                guest_starts_tpm: config.guest_starts_tpm,
                 refused: 0,
                 snapshot_failures: 0,
             }),
@@ -235,7 +242,9 @@ impl Inner {
             self.engine.init(true)?;
         }
         self.started = true;
-        crate::engine::startup_clear(self.engine.as_mut())?;
+        if !self.guest_starts_tpm {
+            crate::engine::startup_clear(self.engine.as_mut())?;
+        }
         self.snapshot(&instance);
         self.serving = Serving::Guest(instance);
         Ok(())

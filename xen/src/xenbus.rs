@@ -83,6 +83,31 @@ pub const GUEST_LIFE_KEY: &str = "xvtpm-guest-life";
 /// can tell a guest's suspend (`xl save`) from its reboot.
 pub const GUEST_DOMAIN_KEY: &str = "xvtpm-guest-domain";
 
+/// Where the HVM device-model wrapper asks dom0's xvtpmd for an HVM guest's TPM: one
+/// directory per guest domain, `<root>/<domid>`, holding [`HVM_UUID_KEY`], [`HVM_VERSION_KEY`] and [`HVM_INCOMING_KEY`] (the wrapper's),
+/// [`HVM_STATE_KEY`] and [`HVM_ERROR_KEY`] (xvtpmd's and the vtpm's), [`HVM_SERVER_KEY`] (the
+/// vtpm's). Under dom0's own directory: only dom0 may write there.
+pub const HVM_REQUEST_ROOT: &str = "/local/domain/0/xvtpm-hvm";
+/// The vTPM's uuid (the domain's own uuid).
+pub const HVM_UUID_KEY: &str = "uuid";
+/// The TPM version the wrapper asks for if the vTPM is made now: `1.2` or `2.0` (absent: the
+/// daemon's default). A vTPM that exists keeps the version it was made with.
+pub const HVM_VERSION_KEY: &str = "tpm-version";
+/// `1` when the device model restores a saved guest (`xl restore`, the receiving end of
+/// `xl migrate`: QEMU's `-incoming`): the guest runs on, so its TPM is not a new platform's.
+pub const HVM_INCOMING_KEY: &str = "incoming";
+/// `requested` (the wrapper), `ready` (the vtpm serves the registers), `refused` (xvtpmd).
+pub const HVM_STATE_KEY: &str = "state";
+/// Why a request was refused, for the wrapper to print into the device model's log.
+pub const HVM_ERROR_KEY: &str = "error";
+/// The id of the ioreq server serving the registers, for a restarted vtpm to take over.
+pub const HVM_SERVER_KEY: &str = "ioreq-server";
+
+/// The request directory of HVM guest `domid`.
+pub fn hvm_request_path(domid: DomId) -> String {
+    format!("{HVM_REQUEST_ROOT}/{domid}")
+}
+
 /// The frontend directory of one device: `/local/domain/<fe>/device/vtpm/<handle>`.
 pub fn vtpm_frontend_path(frontend: DomId, handle: u32) -> String {
     format!("/local/domain/{frontend}/device/vtpm/{handle}")

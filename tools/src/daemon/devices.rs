@@ -1,8 +1,15 @@
 //! The vtpm devices xenstore gives this domain: every `backend/vtpm/<frontend>/<handle>`
-//! directory, with the uuid libxl wrote; and closing one that will not be served.
+//! directory, with the uuid libxl wrote, and in dom0 every HVM guest's TPM request (the
+//! `xvtpm-qemu-dm` wrapper's); and closing one that will not be served.
 
-use xvtpm_xen::xenbus::{parse_uuid, vtpm_backend_root};
-use xvtpm_xen::{DomId, TxId, Xenstore};
+use xvtpm_xen::xenbus::{
+    hvm_request_path, parse_uuid, vtpm_backend_root, HVM_ERROR_KEY, HVM_REQUEST_ROOT, HVM_STATE_KEY, HVM_UUID_KEY,
+    HVM_VERSION_KEY,
+};
+use xvtpm_xen::{DomId, ShutdownReason, TxId, Xen, Xenstore};
+
+/// The handle of an HVM guest's TPM: its registers, not a vtpm device.
+pub const HVM_HANDLE: u32 = u32::MAX;
 
 /// One device the toolstack made for this domain.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -13,14 +20,28 @@ pub struct Device {
     pub handle: u32,
     /// The vTPM's uuid (lower case), or why it has none usable.
     pub uuid: Result<String, String>,
-    /// Its backend directory.
+    /// Its backend directory (an HVM guest's: its request directory).
     pub be_path: String,
+    /// The TPM version asked for, if the vTPM is made for it (HVM guests' wrappers ask).
+    pub tpm12: Option<bool>,
+    /// An HVM guest's domain is suspended (`xl save`, `xl migrate`): its vtpm is told, since
+    /// in its sandbox it cannot ask Xen.
+    pub suspended: bool,
 }
 
 impl Device {
     /// How the log names it.
     pub fn name(&self) -> String {
-        format!("guest {} vtpm {}", self.frontend, self.handle)
+        if self.is_hvm() {
+            format!("HVM guest {}", self.frontend)
+        } else {
+            format!("guest {} vtpm {}", self.frontend, self.handle)
+        }
+    }
+
+    /// An HVM guest's TPM registers (served by `vtpm serve-hvm`).
+    pub fn is_hvm(&self) -> bool {
+        self.handle == HVM_HANDLE
     }
 
     /// Its (frontend, handle).
@@ -49,16 +70,67 @@ pub fn list(xs: &Xenstore, me: DomId) -> xvtpm_xen::Result<Vec<Device>> {
                 None => Err("no uuid in the backend directory".to_string()),
                 Some(raw) => parse_uuid(&format!("{be_path}/uuid"), &raw).map_err(|e| e.to_string()),
             };
-            out.push(Device { frontend, handle, uuid, be_path });
+            out.push(Device { frontend, handle, uuid, be_path, tpm12: None, suspended: false });
         }
     }
     Ok(out)
 }
 
+/// Every HVM guest's TPM request (dom0 only) whose domain still runs. A request whose domain
+/// is gone (or dying) is removed: its vtpm then stops, and a reboot's next domain asks anew.
+pub fn list_hvm(xs: &Xenstore, xen: &dyn Xen) -> xvtpm_xen::Result<Vec<Device>> {
+    let doms = match xs.directory(TxId::NONE, HVM_REQUEST_ROOT) {
+        Err(e) if e.is_enoent() => return Ok(Vec::new()),
+        r => r?,
+    };
+    let mut out = Vec::new();
+    for d in doms {
+        let Ok(frontend) = d.parse::<DomId>() else { continue };
+        let be_path = hvm_request_path(frontend);
+        let mut suspended = false;
+        match xen.domain_info(frontend) {
+            Ok(Some(info)) if !info.dying => suspended = info.shutdown == Some(ShutdownReason::Suspend),
+            Ok(_) => {
+                log::info!("HVM guest {frontend} is gone; its TPM request is removed");
+                xs.try_rm(TxId::NONE, &be_path)?;
+                continue;
+            }
+            // Unknown: kept, asked again at the next event.
+            Err(e) => log::warn!("cannot ask about HVM guest {frontend}: {e}"),
+        }
+        let uuid = match xs.try_read(TxId::NONE, &format!("{be_path}/{HVM_UUID_KEY}"))? {
+            // The wrapper writes the uuid and the state at once: not yet there is not asked yet.
+            None => continue,
+            Some(raw) => parse_uuid(&format!("{be_path}/{HVM_UUID_KEY}"), &raw).map_err(|e| e.to_string()),
+        };
+        let tpm12 = match xs.try_read(TxId::NONE, &format!("{be_path}/{HVM_VERSION_KEY}"))?.as_deref() {
+            Some(b"1.2") => Some(true),
+            Some(b"2.0") => Some(false),
+            _ => None,
+        };
+        out.push(Device { frontend, handle: HVM_HANDLE, uuid, be_path, tpm12, suspended });
+    }
+    Ok(out)
+}
+
 /// Closes a device nobody will serve (Closed), with the reason where the toolstack (and the
-/// guest) can read it: `why` must not name host paths.
+/// guest) can read it: `why` must not name host paths. An HVM guest's request is answered
+/// `refused`, which its wrapper prints and fails the domain's creation with.
 pub fn refuse(xs: &Xenstore, d: &Device, why: &str) {
     let be = &d.be_path;
+    if d.is_hvm() {
+        let r = xs.transaction(|tx| {
+            if xs.try_read(tx, &format!("{be}/{HVM_STATE_KEY}"))?.is_none() {
+                return Ok(());
+            }
+            xs.write(tx, &format!("{be}/{HVM_ERROR_KEY}"), why.as_bytes())?;
+            xs.write(tx, &format!("{be}/{HVM_STATE_KEY}"), b"refused")
+        });
+        if let Err(e) = r {
+            log::warn!("{}: cannot write the refusal to {be}: {e}", d.name());
+        }
+        return;
+    }
     let r = xs.transaction(|tx| {
         if xs.try_read(tx, &format!("{be}/state"))?.is_none() {
             return Ok(());
@@ -77,6 +149,9 @@ const CLOSED: &[u8] = b"6";
 /// after the toolstack's Closing, and in a driver domain (`me` not 0) the directory removed
 /// once it is offline, as `xl devd` does.
 pub fn answer_removal(xs: &Xenstore, d: &Device, me: DomId) {
+    if d.is_hvm() {
+        return;
+    }
     let be = &d.be_path;
     let read = |k: &str| xs.try_read(TxId::NONE, &format!("{be}/{k}")).ok().flatten();
     if read("online").as_deref() != Some(b"0") {

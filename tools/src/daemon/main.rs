@@ -186,6 +186,11 @@ fn main() -> anyhow::Result<()> {
     let stop = xvtpm_vtpm::sys::signals::on_stop(move || waker.wake()).context("signal handling")?;
     let root = vtpm_backend_root(me);
     xs.watch(&root, TOKEN).with_context(|| format!("watch {root}"))?;
+    if me == 0 {
+        // HVM guests' TPMs: their wrappers' requests.
+        let hvm = xvtpm_xen::xenbus::HVM_REQUEST_ROOT;
+        xs.watch(hvm, TOKEN).with_context(|| format!("watch {hvm}"))?;
+    }
     log::info!("xvtpmd: domain {me} watching {root}");
     let lives = watch_lives(&xs, me, cli.host_boot_id)?;
     let mut sup = Supervisor::new(spec, xs.clone(), me, xs.waker());
@@ -195,6 +200,7 @@ fn main() -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&status_file);
     let _ = xs.unwatch(&root, TOKEN);
     if me == 0 {
+        let _ = xs.unwatch(xvtpm_xen::xenbus::HVM_REQUEST_ROOT, TOKEN);
         for path in [lives::WATCH, lives::RELEASE] {
             let _ = xs.unwatch(path, LIVES_TOKEN);
         }
@@ -319,7 +325,13 @@ fn serve(
         sup.restart_due();
         if rescan {
             // A failed read is never taken for "no devices": the next event rescans.
-            match devices::list(xs, me) {
+            let listed_now = devices::list(xs, me).and_then(|mut d| {
+                if me == 0 {
+                    d.extend(devices::list_hvm(xs, xen)?);
+                }
+                Ok(d)
+            });
+            match listed_now {
                 Ok(devices) => {
                     sup.reconcile(&devices);
                     listed = true;
@@ -357,6 +369,8 @@ fn serve(
                 if let Some(pending) = lives.as_mut() {
                     pending.note(&e.path, me);
                 }
+                // A domain ended: an HVM guest's TPM may go with it.
+                rescan |= e.path == lives::RELEASE && sup.serves_hvm();
             } else {
                 rescan = true;
             }

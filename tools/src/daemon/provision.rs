@@ -54,6 +54,8 @@ pub struct Spec {
 }
 
 const MADE: &str = "made";
+/// The TPM version a vTPM was made with: `1.2` or `2.0`.
+const VERSION: &str = "tpm-version";
 const CREATING: &str = "creating";
 
 impl Spec {
@@ -66,6 +68,10 @@ impl Spec {
     pub fn state_args(&self, cmd: &mut Command, uuid: &str) {
         let dir = self.vtpm_dir(uuid);
         cmd.arg("--state-dir").arg(dir.join("state"));
+        // The version it was made with (a vTPM made before this was recorded is a 2.0).
+        if fs::read_to_string(dir.join(VERSION)).is_ok_and(|v| v.trim() == "1.2") {
+            cmd.arg("--tpm1.2");
+        }
         if let Keys::Manager { socket, .. } = &self.keys {
             cmd.arg("--manager").arg(format!("unix:{}", socket.display()));
             cmd.args(["--vtpm-uuid", uuid]).arg("--token-file").arg(dir.join("token"));
@@ -100,7 +106,7 @@ impl Spec {
     }
 
     /// The vTPM is here, or made now if allowed. `Err`: for the log (host paths included).
-    pub fn prepare(&self, uuid: &str) -> Result<bool, String> {
+    pub fn prepare(&self, uuid: &str, tpm12: Option<bool>) -> Result<bool, String> {
         let dir = self.vtpm_dir(uuid);
         if dir.join(MADE).exists() {
             return Ok(false);
@@ -119,19 +125,19 @@ impl Spec {
             log::warn!("vTPM {uuid}: an earlier create was cut short; undoing it");
             self.undo(uuid, &dir)?;
         }
-        self.create(uuid, &dir).map(|()| true)
+        self.create(uuid, &dir, tpm12.unwrap_or(self.tpm12)).map(|()| true)
     }
 
     /// Creates vTPM `uuid` in `dir`: the marker, its token provisioned at the manager (keys
     /// at the manager), its state (`vtpm create`), then [`MADE`]. A failure undoes it all.
-    fn create(&self, uuid: &str, dir: &Path) -> Result<(), String> {
+    fn create(&self, uuid: &str, dir: &Path, tpm12: bool) -> Result<(), String> {
         fs::DirBuilder::new()
             .mode(0o700)
             .recursive(true)
             .create(dir.join("state"))
             .map_err(|e| format!("create {}: {e}", dir.display()))?;
         durable_file(&dir.join(CREATING), b"")?;
-        let made = self.create_inside(uuid, dir);
+        let made = self.create_inside(uuid, dir, tpm12);
         if made.is_err() {
             if let Err(e) = self.undo(uuid, dir) {
                 log::error!("vTPM {uuid}: {e}");
@@ -140,7 +146,7 @@ impl Spec {
         made
     }
 
-    fn create_inside(&self, uuid: &str, dir: &Path) -> Result<(), String> {
+    fn create_inside(&self, uuid: &str, dir: &Path, tpm12: bool) -> Result<(), String> {
         if let Keys::Manager { admin, group, .. } = &self.keys {
             let token: [u8; 32] = rand::random();
             durable_file(&dir.join("token"), &token)?;
@@ -149,12 +155,11 @@ impl Spec {
                 .map_err(|e| format!("the manager's admin socket {}: {e}", admin.display()))?;
             a.provision(Some(id), *group, Some(&token)).map_err(|e| format!("provisioning at the manager: {e}"))?;
         }
+        durable_file(&dir.join(VERSION), if tpm12 { b"1.2\n" } else { b"2.0\n" })?;
         let mut cmd = Command::new(&self.vtpm);
         cmd.arg("create");
+        // With the version just written.
         self.state_args(&mut cmd, uuid);
-        if self.tpm12 {
-            cmd.arg("--tpm1.2");
-        }
         let stderr = run_for(&mut cmd, self.create_timeout).map_err(|e| format!("{}: {e}", self.vtpm.display()))?;
         if let Some(stderr) = stderr {
             return Err(format!("vtpm create failed: {}", stderr.trim()));

@@ -16,8 +16,11 @@ pub struct Status {
     pub uuid: String,
     /// The guest's domain id.
     pub guest: DomId,
-    /// The device handle in the guest.
+    /// The device handle in the guest (0 for an HVM guest's TPM).
     pub handle: u32,
+    /// An HVM guest's TPM (its registers, served beside its device model), not a vtpm device.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub hvm: bool,
     /// `running`, `restarting` or `refused`.
     pub state: String,
     /// The vtpm's pid while it runs.

@@ -54,6 +54,8 @@ struct Entry {
     restarts: u32,
     backoff: Duration,
     last_error: Option<String>,
+    /// Its vtpm was told that its HVM guest's domain suspended (SIGUSR2), this shutdown.
+    told_suspend: bool,
 }
 
 /// The vtpm processes.
@@ -136,6 +138,9 @@ impl Supervisor {
                     } else if matches!(e.run, Run::Refused) {
                         devices::answer_removal(&self.xs, d, self.me);
                     }
+                    if d.is_hvm() {
+                        tell_suspend(e, d.suspended);
+                    }
                 }
             }
         }
@@ -160,8 +165,9 @@ impl Supervisor {
             restarts: 0,
             backoff: FIRST_BACKOFF,
             last_error: None,
+            told_suspend: false,
         };
-        match self.spec.prepare(uuid) {
+        match self.spec.prepare(uuid, e.device.tpm12) {
             Ok(created) => {
                 if created {
                     log::info!("{}: created vTPM {uuid}", e.device.name());
@@ -183,8 +189,13 @@ impl Supervisor {
 
     fn start(&mut self, uuid: &str, e: &mut Entry) {
         let mut cmd = Command::new(&self.spec.vtpm);
-        // This device only: a second device naming the same uuid is never served by it.
-        cmd.args(["serve", "--frontend", &e.device.frontend.to_string(), "--handle", &e.device.handle.to_string()]);
+        if e.device.is_hvm() {
+            // The guest's registers; its request directory says whether it was served before.
+            cmd.args(["serve-hvm", "--guest", &e.device.frontend.to_string(), "--request", &e.device.be_path]);
+        } else {
+            // This device only: a second device naming the same uuid is never served by it.
+            cmd.args(["serve", "--frontend", &e.device.frontend.to_string(), "--handle", &e.device.handle.to_string()]);
+        }
         self.spec.state_args(&mut cmd, uuid);
         if self.me != 0 {
             // A driver domain may not read its guests' lives: dom0's xvtpmd writes them into
@@ -304,6 +315,11 @@ impl Supervisor {
         }
     }
 
+    /// Whether an HVM guest's TPM is among the vtpms (its end is its domain's).
+    pub fn serves_hvm(&self) -> bool {
+        self.entries.values().any(|e| e.device.is_hvm())
+    }
+
     /// How long until the next restart is due.
     pub fn next_due(&self) -> Option<Duration> {
         let at = self.entries.values().filter_map(|e| match e.run {
@@ -391,7 +407,8 @@ impl Supervisor {
                 Status {
                     uuid: u.clone(),
                     guest: e.device.frontend,
-                    handle: e.device.handle,
+                    handle: if e.device.is_hvm() { 0 } else { e.device.handle },
+                    hvm: e.device.is_hvm(),
                     state: state.into(),
                     pid,
                     started_unix: pid.map(|_| e.started_unix),
@@ -403,6 +420,20 @@ impl Supervisor {
         out.sort_by_key(|s| (s.guest, s.handle));
         out
     }
+}
+
+/// Tells an HVM guest's vtpm (SIGUSR2) once that its guest's domain suspended: its snapshot
+/// is then marked so, and the guest's restored domain continues it.
+fn tell_suspend(e: &mut Entry, suspended: bool) {
+    if suspended && !e.told_suspend {
+        if let Run::Running { child, .. } = &e.run {
+            log::info!("{}: its domain suspended; telling its vtpm (pid {})", e.device.name(), child.id());
+            if let Err(err) = xvtpm_vtpm::sys::signals::signal(child.id(), libc::SIGUSR2) {
+                log::warn!("{}: SIGUSR2 to its vtpm: {err}", e.device.name());
+            }
+        }
+    }
+    e.told_suspend = suspended;
 }
 
 fn describe(status: std::io::Result<ExitStatus>) -> String {

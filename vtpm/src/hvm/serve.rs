@@ -112,8 +112,13 @@ impl TisServer {
     /// Serves `server`'s requests until `stop` is set (and the server interrupted) or the
     /// server fails.
     pub fn run(&mut self, server: &dyn IoreqServer, stop: &AtomicBool) -> xvtpm_xen::Result<()> {
+        let mut first = true;
         while !stop.load(Ordering::SeqCst) {
             let Some(req) = server.next(None)? else { continue };
+            if first {
+                log::info!("domain {}: first access to the TPM's registers: {req:x?}", server.domid());
+                first = false;
+            }
             let data = self.access(&req);
             server.complete(&req, data)?;
         }

@@ -112,27 +112,51 @@ extern "C" fn on_cancel_signal(_: libc::c_int) {
 /// the TPM runs stops early with a cancelled response, as swtpm's CANCEL_TPM_CMD does. The
 /// kernel's vTPM proxy forwards no cancellation, so this is how one reaches the engine.
 pub fn cancel_on_sigusr1(cancel: Canceller) -> io::Result<()> {
-    let mut reader = signal_pipe(&CANCEL_PIPE)?;
+    relay(libc::SIGUSR1, &CANCEL_PIPE, on_cancel_signal, "sigusr1-cancel", move || {
+        log::info!("SIGUSR1: cancelling the TPM command in progress");
+        cancel();
+    })
+}
+
+/// The write end of the pipe SIGUSR2's handler wakes its thread through.
+static USR2_PIPE: AtomicI32 = AtomicI32::new(-1);
+
+extern "C" fn on_usr2_signal(_: libc::c_int) {
+    wake_pipe(&USR2_PIPE);
+}
+
+/// Makes SIGUSR2 call `f` from a thread of its own: how xvtpmd tells a sandboxed HVM guest's
+/// vtpm (which may not ask Xen) that its guest's domain suspended.
+pub fn on_sigusr2(f: impl Fn() + Send + 'static) -> io::Result<()> {
+    relay(libc::SIGUSR2, &USR2_PIPE, on_usr2_signal, "sigusr2", f)
+}
+
+/// Installs `handler` (which wakes `pipe`) for `signal`, and a thread that calls `f` for each.
+fn relay(
+    signal: libc::c_int,
+    pipe: &'static AtomicI32,
+    handler: extern "C" fn(libc::c_int),
+    name: &str,
+    f: impl Fn() + Send + 'static,
+) -> io::Result<()> {
+    let mut reader = signal_pipe(pipe)?;
     // SAFETY: an all-zero sigaction is a valid value before the fields are set.
     let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
-    sa.sa_sigaction = on_cancel_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+    sa.sa_sigaction = handler as libc::sighandler_t;
     sa.sa_flags = libc::SA_RESTART;
     // SAFETY: `sa` is a valid sigaction whose handler only loads an atomic and calls write().
-    if unsafe { libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut()) } != 0 {
+    if unsafe { libc::sigaction(signal, &sa, std::ptr::null_mut()) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    std::thread::Builder::new().name("sigusr1-cancel".into()).spawn(move || {
+    std::thread::Builder::new().name(name.into()).spawn(move || {
         let mut b = [0u8; 16];
         loop {
             match reader.read(&mut b) {
                 Ok(0) => return,
-                Ok(_) => {
-                    log::info!("SIGUSR1: cancelling the TPM command in progress");
-                    cancel();
-                }
+                Ok(_) => f(),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
-                    log::error!("SIGUSR1 pipe: {e}");
+                    log::error!("signal pipe: {e}");
                     return;
                 }
             }
@@ -143,12 +167,17 @@ pub fn cancel_on_sigusr1(cancel: Canceller) -> io::Result<()> {
 
 /// Sends SIGTERM to process `pid`.
 pub fn terminate(pid: u32) -> io::Result<()> {
+    signal(pid, libc::SIGTERM)
+}
+
+/// Sends `sig` to process `pid`.
+pub fn signal(pid: u32, sig: libc::c_int) -> io::Result<()> {
     let pid = libc::pid_t::try_from(pid).map_err(|_| io::Error::from_raw_os_error(libc::ESRCH))?;
     if pid <= 0 {
         return Err(io::Error::from_raw_os_error(libc::ESRCH));
     }
     // SAFETY: kill() takes plain integers; a positive pid names one process.
-    let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
+    let rc = unsafe { libc::kill(pid, sig) };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }

@@ -149,6 +149,8 @@ pub struct LinuxIoreqServer {
     port_of: Vec<Port>,
     /// Requests found waiting when the ports were bound.
     early: Mutex<VecDeque<usize>>,
+    /// Left to Xen when dropped, for a later process to adopt.
+    keep: std::sync::atomic::AtomicBool,
 }
 
 impl LinuxIoreqServer {
@@ -158,10 +160,6 @@ impl LinuxIoreqServer {
         let mut create = XenDmOpCreateIoreqServer { handle_bufioreq: HVM_IOREQSRV_BUFIOREQ_OFF, ..Default::default() };
         dm.op("XEN_DMOP_create_ioreq_server", XEN_DMOP_CREATE_IOREQ_SERVER, &mut create)?;
         let id = create.id;
-        let destroy = |dm: &DeviceModel| {
-            let mut d = XenDmOpDestroyIoreqServer { id, pad: 0 };
-            let _ = dm.op("XEN_DMOP_destroy_ioreq_server", XEN_DMOP_DESTROY_IOREQ_SERVER, &mut d);
-        };
         let made = (|| {
             let page = IoreqPage::map(&dm, id)?;
             for &(start, end) in mmio {
@@ -170,6 +168,40 @@ impl LinuxIoreqServer {
             }
             let mut state = XenDmOpSetIoreqServerState { id, enabled: 1, pad: 0 };
             dm.op("XEN_DMOP_set_ioreq_server_state", XEN_DMOP_SET_IOREQ_SERVER_STATE, &mut state)?;
+            Ok(page)
+        })();
+        let served = match made {
+            Ok(page) => Self::serve(dm, id, page, "new"),
+            Err(e) => Err((dm, e)),
+        };
+        served.map_err(|(dm, e)| {
+            let mut d = XenDmOpDestroyIoreqServer { id, pad: 0 };
+            let _ = dm.op("XEN_DMOP_destroy_ioreq_server", XEN_DMOP_DESTROY_IOREQ_SERVER, &mut d);
+            e
+        })
+    }
+
+    /// Takes over server `id` of `dm`'s domain, which an earlier process made and left
+    /// (it ended without destroying it): a vCPU waiting on it gets its answer from us.
+    pub fn adopt(dm: DeviceModel, id: u16) -> Result<Self> {
+        let page = IoreqPage::map(&dm, id)?;
+        Self::serve(dm, id, page, "adopted").map_err(|(_, e)| e)
+    }
+
+    /// The server's id (for a later process to adopt).
+    pub fn id(&self) -> u16 {
+        self.id
+    }
+
+    /// Leaves the server registered when this is dropped: the guest's vCPUs that touch its
+    /// ranges then wait for the process that adopts it, instead of reading all ones.
+    pub fn keep(&self) {
+        self.keep.store(true, Ordering::SeqCst);
+    }
+
+    /// Binds the vCPUs' event channels of an enabled server whose page is mapped.
+    fn serve(dm: DeviceModel, id: u16, page: IoreqPage, how: &str) -> std::result::Result<Self, (DeviceModel, Error)> {
+        let bound = (|| {
             // Enabled, Xen has written each vCPU's event channel into its slot.
             let evtchn = LinuxEvtchn::open()?;
             evtchn.restrict_to(dm.domid)?;
@@ -190,34 +222,46 @@ impl LinuxIoreqServer {
                     io::ErrorKind::InvalidData.into(),
                 ));
             }
-            // A vCPU that made a request before its port was bound would wait for good.
-            let early = (0..port_of.len())
-                .filter(|&v| ioreq::slot_state(page.flags(v).load(Ordering::Acquire)) == ioreq::STATE_READY)
+            // A vCPU that made a request before its port was bound, or whose request an
+            // earlier process took and never answered, would wait for good.
+            let early: VecDeque<usize> = (0..port_of.len())
+                .filter(|&v| {
+                    let state = ioreq::slot_state(page.flags(v).load(Ordering::Acquire));
+                    state == ioreq::STATE_READY || state == ioreq::STATE_INPROCESS
+                })
                 .collect();
-            Ok((page, evtchn, vcpu_of, port_of, early))
+            Ok((evtchn, vcpu_of, port_of, early))
         })();
-        match made {
-            Ok((page, evtchn, vcpu_of, port_of, early)) => {
+        match bound {
+            Ok((evtchn, vcpu_of, port_of, early)) => {
                 log::info!(
-                    "ioreq server {id} for domain {}: {} vCPU(s), MMIO {}",
+                    "ioreq server {id} ({how}) for domain {}: {} vCPU(s), {} request(s) waiting",
                     dm.domid,
                     port_of.len(),
-                    mmio.iter().map(|(s, e)| format!("{s:#x}-{e:#x}")).collect::<Vec<_>>().join(", ")
+                    early.len()
                 );
-                Ok(LinuxIoreqServer { dm, id, page, evtchn, vcpu_of, port_of, early: Mutex::new(early) })
+                Ok(LinuxIoreqServer {
+                    dm,
+                    id,
+                    page,
+                    evtchn,
+                    vcpu_of,
+                    port_of,
+                    early: Mutex::new(early),
+                    keep: false.into(),
+                })
             }
-            Err(e) => {
-                destroy(&dm);
-                Err(e)
-            }
+            Err(e) => Err((dm, e)),
         }
     }
 
-    /// Takes `vcpu`'s request if one is ready.
-    fn take(&self, vcpu: usize) -> Option<IoRequest> {
+    /// Takes `vcpu`'s request if one is ready (or, `left` over by an earlier process, in
+    /// process).
+    fn take(&self, vcpu: usize, left: bool) -> Option<IoRequest> {
         let flags = self.page.flags(vcpu);
         let f = flags.load(Ordering::Acquire);
-        if ioreq::slot_state(f) != ioreq::STATE_READY {
+        let state = ioreq::slot_state(f);
+        if state != ioreq::STATE_READY && !(left && state == ioreq::STATE_INPROCESS) {
             return None;
         }
         let slot = self.page.slot(vcpu);
@@ -231,7 +275,7 @@ impl IoreqServer for LinuxIoreqServer {
         loop {
             let early = self.early.lock().unwrap_or_else(PoisonError::into_inner).pop_front();
             if let Some(vcpu) = early {
-                if let Some(req) = self.take(vcpu) {
+                if let Some(req) = self.take(vcpu, true) {
                     return Ok(Some(req));
                 }
                 continue;
@@ -240,7 +284,7 @@ impl IoreqServer for LinuxIoreqServer {
             let vcpu = self.vcpu_of.get(&port).copied();
             self.evtchn.unmask(port)?;
             // A notification without a ready request (spurious, or for one already taken).
-            if let Some(req) = vcpu.and_then(|v| self.take(v)) {
+            if let Some(req) = vcpu.and_then(|v| self.take(v, false)) {
                 return Ok(Some(req));
             }
         }
@@ -273,6 +317,9 @@ impl IoreqServer for LinuxIoreqServer {
 
 impl Drop for LinuxIoreqServer {
     fn drop(&mut self) {
+        if self.keep.load(Ordering::SeqCst) {
+            return;
+        }
         // Its ranges go with it; the guest's later accesses there read all ones.
         let mut d = XenDmOpDestroyIoreqServer { id: self.id, pad: 0 };
         if let Err(e) = self.dm.op("XEN_DMOP_destroy_ioreq_server", XEN_DMOP_DESTROY_IOREQ_SERVER, &mut d) {
