@@ -57,7 +57,10 @@ pub fn run(a: QemuDmArgs) -> anyhow::Result<()> {
     // A restore (or a migration's receiving end): the guest runs on.
     let incoming = a.args.iter().any(|x| x == "-incoming");
     request_tpm(&xs, domid, &uuid, a.tpm_version.as_deref(), incoming)?;
-    eprintln!("xvtpm-qemu-dm: domain {domid}: TPM (vTPM {uuid}) served after {:.1} s", started.elapsed().as_secs_f64());
+    log::info!(
+        "xvtpm-qemu-dm: domain {domid}: TPM (vTPM {uuid}) served after {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
     drop(xs);
     let err = std::process::Command::new(&a.qemu).args(&a.args).exec();
     bail!("cannot run {}: {err}", a.qemu.display())

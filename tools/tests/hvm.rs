@@ -5,9 +5,10 @@
 //! Debian's QEMU for Xen, and its stock Debian kernel finds a TPM 2.0 through tpm_tis: the
 //! registers are served by a sandboxed vtpm beside QEMU (Xen's ioreq server), its key at the
 //! manager. tpm2-tools work through /dev/tpm0 and /dev/tpmrm0; the guest reboots itself and
-//! its next domain keeps the persistent key and NV index, with PCR 16 reset. A TPM 1.2 HVM
-//! guest works too; its vtpm killed under it, the restarted one refuses it rather than hand it
-//! reset PCRs. The same run measures a PV guest's GetRandom for comparison.
+//! its next domain keeps the persistent key and NV index, with PCR 16 reset; saved and restored
+//! with xl, its TPM goes on. A TPM 1.2 HVM guest works too; its vtpm killed under it, the one
+//! xvtpmd starts again resumes its PCRs. The same run measures a PV guest's GetRandom for
+//! comparison.
 //! Scenario: tests/harness/xen-hvm-dom0-init.sh.
 
 use std::path::{Path, PathBuf};

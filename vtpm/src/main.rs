@@ -342,6 +342,11 @@ fn main() -> anyhow::Result<()> {
             serve(&state, xen, config)
         }
         Command::ServeHvm { state, guest, request, ready_file, snapshot_dir, sandbox } => {
+            if sandbox.sandbox_uid.is_some() && request.is_none() {
+                // Alone, it follows its domain through xenstore and privcmd, which a sandbox
+                // has not; under xvtpmd (--request) xvtpmd does that.
+                bail!("--sandbox-uid needs --request: a sandboxed serve-hvm is xvtpmd's");
+            }
             let mut state = state;
             let sandbox = sandbox.prepare(&mut state, &snapshot_dir)?;
             let hvm = HvmConfig { guest, request, ready_file, snapshot_dir, sandbox };
@@ -523,7 +528,7 @@ fn serve_hvm(state: &StateOpts, hvm: HvmConfig) -> anyhow::Result<()> {
     use xvtpm_vtpm::hvm::tis::{TisDevice, MAX_BUFFER};
     use xvtpm_xen::ioreq::IoreqServer;
     use xvtpm_xen::linux::ioreq::{DeviceModel, LinuxIoreqServer};
-    use xvtpm_xen::xenbus::{HVM_INCOMING_KEY, HVM_SERVER_KEY, HVM_STATE_KEY};
+    use xvtpm_xen::xenbus::{HVM_ERROR_KEY, HVM_INCOMING_KEY, HVM_SERVER_KEY, HVM_STATE_KEY};
     use xvtpm_xen::{ShutdownReason, TxId};
 
     let guest = hvm.guest;
@@ -553,34 +558,15 @@ fn serve_hvm(state: &StateOpts, hvm: HvmConfig) -> anyhow::Result<()> {
         life: xvtpm_xen::toolstack::domain_life(&xs, guest)?,
         adopted: restart || incoming,
     };
-    let dm = || DeviceModel::open(guest).context("cannot open the device model interface");
-    let window = [(TPM_BASE, TPM_BASE + u64::from(WINDOW_LEN) - 1)];
-    let server = match earlier {
-        Some(id) => match LinuxIoreqServer::adopt(dm()?, id) {
-            Ok(s) => s,
-            Err(e) => {
-                log::warn!("domain {guest}: cannot take over ioreq server {id} ({e}); making a new one");
-                LinuxIoreqServer::create(dm()?, &window)?
-            }
-        },
-        None => LinuxIoreqServer::create(dm()?, &window)
-            .with_context(|| format!("cannot serve the TPM registers of domain {guest}"))?,
-    };
-    let server = Arc::new(server);
-    if let Some(dir) = request {
-        // Kept at exit from now on: the guest waits for the next vtpm, which takes it over.
-        server.keep();
-        xs.write(TxId::NONE, &format!("{dir}/{HVM_SERVER_KEY}"), server.id().to_string().as_bytes())?;
-        xs.write(TxId::NONE, &format!("{dir}/{HVM_STATE_KEY}"), b"ready")?;
-    }
-    if let Some(f) = &hvm.ready_file {
-        std::fs::write(f, b"").with_context(|| format!("write {}", f.display()))?;
-    }
+    // Signals first: xvtpmd may tell a suspend as soon as the request says `ready`.
     let stop = Arc::new(AtomicBool::new(false));
-    let (st, srv) = (stop.clone(), server.clone());
+    let serving: Arc<std::sync::OnceLock<Arc<LinuxIoreqServer>>> = Arc::default();
+    let (st, sv) = (stop.clone(), serving.clone());
     xvtpm_vtpm::sys::signals::on_stop(move || {
         st.store(true, Ordering::SeqCst);
-        srv.interrupt();
+        if let Some(s) = sv.get() {
+            s.interrupt();
+        }
     })
     .context("install the signal handlers")?;
     // Told of the guest's suspend (`xl save`): by xvtpmd (SIGUSR2) under it, by Xen otherwise.
@@ -593,13 +579,46 @@ fn serve_hvm(state: &StateOpts, hvm: HvmConfig) -> anyhow::Result<()> {
         None => log::warn!("SIGUSR2 (the guest suspended) before the TPM was on: ignored"),
     })
     .context("install the SIGUSR2 handler")?;
+    let dm = || DeviceModel::open(guest).context("cannot open the device model interface");
+    let window = [(TPM_BASE, TPM_BASE + u64::from(WINDOW_LEN) - 1)];
+    let server = match earlier {
+        Some(id) => match LinuxIoreqServer::adopt(dm()?, id) {
+            Ok(s) => s,
+            Err(e) => {
+                // Its ranges would overlap the new server's: gone first.
+                log::warn!("domain {guest}: cannot take over ioreq server {id} ({e}); destroying it, making a new one");
+                dm()?.destroy_ioreq_server(id);
+                LinuxIoreqServer::create(dm()?, &window)?
+            }
+        },
+        None => LinuxIoreqServer::create(dm()?, &window)
+            .with_context(|| format!("cannot serve the TPM registers of domain {guest}"))?,
+    };
+    let server = Arc::new(server);
+    let _ = serving.set(server.clone());
+    if let Some(dir) = request {
+        // Kept at exit from now on: the guest waits for the next vtpm, which takes it over.
+        server.keep();
+        xs.write(TxId::NONE, &format!("{dir}/{HVM_SERVER_KEY}"), server.id().to_string().as_bytes())?;
+    }
     if let Some(sandbox) = &hvm.sandbox {
         // Xen's devices are open; the state is read, and the manager reached, as the
-        // sandbox's user.
+        // sandbox's user. The xenstore connection stays open until `ready` is written,
+        // before the guest's first byte is read.
         sandbox.enter().context("cannot enter the sandbox")?;
         log::info!("sandboxed: uid {}, gid {}", sandbox.uid, sandbox.gid);
     }
-    let engine = power_on(state)?;
+    let engine = match power_on(state) {
+        Ok(e) => e,
+        Err(e) => {
+            if let Some(dir) = request {
+                // The wrapper prints it and the domain's creation fails (dom0's own tree).
+                let _ = xs.write(TxId::NONE, &format!("{dir}/{HVM_ERROR_KEY}"), format!("{e:#}").as_bytes());
+                let _ = xs.write(TxId::NONE, &format!("{dir}/{HVM_STATE_KEY}"), b"refused");
+            }
+            return Err(e);
+        }
+    };
     let version = engine.version();
     let snapshots = if hvm.snapshot_dir.as_os_str() == "none" {
         None
@@ -615,9 +634,20 @@ fn serve_hvm(state: &StateOpts, hvm: HvmConfig) -> anyhow::Result<()> {
         guest_starts_tpm: true,
     };
     let handler = VtpmHandler::new(Box::new(engine), config);
-    // A new platform, the running guest's TPM resumed, or the running guest refused.
-    handler.connected(&device);
+    if device.adopted {
+        // The running guest: its TPM resumed from the snapshot, or the guest refused.
+        handler.connected(&device);
+    } else {
+        // A boot: whatever a snapshot says, this platform starts reset.
+        handler.new_platform(&device);
+    }
     let _ = told.set((handler.clone(), device.clone()));
+    if let Some(dir) = request {
+        xs.write(TxId::NONE, &format!("{dir}/{HVM_STATE_KEY}"), b"ready")?;
+    }
+    if let Some(f) = &hvm.ready_file {
+        std::fs::write(f, b"").with_context(|| format!("write {}", f.display()))?;
+    }
     if request.is_none() {
         follow_domain(xen, xs, handler.clone(), device.clone(), stop.clone(), server.clone())?;
     } else {

@@ -168,6 +168,23 @@ impl VtpmHandler {
         self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// `device`'s guest is known to be a new platform (an HVM guest's domain whose device
+    /// model was started for a boot, not a restore): its TPM starts reset whatever the
+    /// snapshot holds, even a suspended one of the same `vm` path (a saved guest created
+    /// afresh instead of restored, or a checkpointed one rebooted).
+    pub fn new_platform(&self, device: &DeviceInfo) {
+        log::info!("{device}: a new platform (the guest's domain boots)");
+        let instance = instance_of(device);
+        let mut inner = self.lock();
+        match inner.fresh(instance) {
+            Ok(()) => log::info!("{device}: the TPM starts reset, as at a platform reset"),
+            Err(e) => {
+                log::error!("{device}: starting the TPM failed: {e}");
+                inner.serving = Serving::Nobody;
+            }
+        }
+    }
+
     /// A planned stop: waits for the command in progress, makes sure the guest's last state
     /// is in the snapshot, and answers nothing more. The next process resumes from it.
     pub fn stop(&self) {

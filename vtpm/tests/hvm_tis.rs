@@ -259,6 +259,8 @@ fn hostile_accesses_never_panic_nor_grow_the_buffers() {
 struct Queue {
     rx: Mutex<mpsc::Receiver<IoRequest>>,
     answers: mpsc::Sender<u64>,
+    /// Accesses answered so far.
+    answered: std::sync::atomic::AtomicUsize,
 }
 
 impl IoreqServer for Queue {
@@ -267,6 +269,7 @@ impl IoreqServer for Queue {
         Ok(rx.recv_timeout(timeout.unwrap_or(Duration::from_millis(50))).ok())
     }
     fn complete(&self, _req: &IoRequest, data: u64) -> xvtpm_xen::Result<()> {
+        self.answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let _ = self.answers.send(data);
         Ok(())
     }
@@ -319,7 +322,7 @@ impl Mmio for Vcpu {
 fn a_slow_command_runs_on_its_own_thread_while_the_vcpu_polls() {
     let (tx, rx) = mpsc::channel();
     let (atx, arx) = mpsc::channel();
-    let queue = Arc::new(Queue { rx: Mutex::new(rx), answers: atx });
+    let queue = Arc::new(Queue { rx: Mutex::new(rx), answers: atx, answered: 0.into() });
     let (started_tx, started) = mpsc::channel::<()>();
     let (release_tx, release) = mpsc::channel::<()>();
     let release = Mutex::new(release);
@@ -342,8 +345,12 @@ fn a_slow_command_runs_on_its_own_thread_while_the_vcpu_polls() {
     let guest = std::thread::spawn(move || tis.transmit(0, &get_random(5)));
     // The command is executing and the vCPU keeps getting answers (it polls TPM_STS).
     started.recv_timeout(Duration::from_secs(10)).expect("the command started");
-    std::thread::sleep(Duration::from_millis(100));
+    let before = queue.answered.load(std::sync::atomic::Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(200));
+    let during = queue.answered.load(std::sync::atomic::Ordering::SeqCst);
     assert!(!guest.is_finished());
+    // Not on the serving thread: its register reads are answered while the command runs.
+    assert!(during > before, "no access answered while the command ran ({before} then {during})");
     release_tx.send(()).expect("command waiting");
     let rsp = guest.join().expect("guest thread").expect("GetRandom");
     assert_eq!(&rsp[12..], &[0, 1, 2, 3, 4]);

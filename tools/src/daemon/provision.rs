@@ -68,8 +68,13 @@ impl Spec {
     pub fn state_args(&self, cmd: &mut Command, uuid: &str) {
         let dir = self.vtpm_dir(uuid);
         cmd.arg("--state-dir").arg(dir.join("state"));
-        // The version it was made with (a vTPM made before this was recorded is a 2.0).
-        if fs::read_to_string(dir.join(VERSION)).is_ok_and(|v| v.trim() == "1.2") {
+        // The version it was made with; one made before that was recorded, the configured one
+        // (what it was made with, unless the configuration changed since).
+        let tpm12 = match fs::read_to_string(dir.join(VERSION)) {
+            Ok(v) => v.trim() == "1.2",
+            Err(_) => self.tpm12,
+        };
+        if tpm12 {
             cmd.arg("--tpm1.2");
         }
         if let Keys::Manager { socket, .. } = &self.keys {

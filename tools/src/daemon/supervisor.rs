@@ -103,14 +103,19 @@ impl Supervisor {
                     continue;
                 }
             };
-            match wanted.get(uuid) {
+            match wanted.get(uuid).copied() {
                 Some(first) if first.key() != d.key() => {
+                    // The one already served keeps its vTPM, whatever order xenstore lists them
+                    // in: a second guest naming it never takes it from a running one.
+                    let served = |x: &Device| self.entries.get(uuid).is_some_and(|e| e.device.key() == x.key());
+                    let (keep, other) = if served(d) { (d, first) } else { (first, d) };
                     let why = format!(
                         "{} names the vTPM {uuid} of {} too; two guests never share one",
-                        d.name(),
-                        first.name()
+                        other.name(),
+                        keep.name()
                     );
-                    self.refuse_device(d, &why, "another device names this vTPM");
+                    wanted.insert(uuid.clone(), keep);
+                    self.refuse_device(other, &why, "another device names this vTPM");
                 }
                 _ => {
                     wanted.insert(uuid.clone(), d);
@@ -213,6 +218,8 @@ impl Supervisor {
         let generation = self.next_generation;
         self.next_generation += 1;
         e.generation = generation;
+        // A new vtpm has been told nothing yet.
+        e.told_suspend = false;
         match cmd.spawn() {
             Ok(child) => {
                 let pid = child.id();
@@ -425,15 +432,20 @@ impl Supervisor {
 /// Tells an HVM guest's vtpm (SIGUSR2) once that its guest's domain suspended: its snapshot
 /// is then marked so, and the guest's restored domain continues it.
 fn tell_suspend(e: &mut Entry, suspended: bool) {
-    if suspended && !e.told_suspend {
-        if let Run::Running { child, .. } = &e.run {
-            log::info!("{}: its domain suspended; telling its vtpm (pid {})", e.device.name(), child.id());
-            if let Err(err) = xvtpm_vtpm::sys::signals::signal(child.id(), libc::SIGUSR2) {
-                log::warn!("{}: SIGUSR2 to its vtpm: {err}", e.device.name());
-            }
+    if !suspended {
+        e.told_suspend = false;
+        return;
+    }
+    if e.told_suspend {
+        return;
+    }
+    if let Run::Running { child, .. } = &e.run {
+        log::info!("{}: its domain suspended; telling its vtpm (pid {})", e.device.name(), child.id());
+        match xvtpm_vtpm::sys::signals::signal(child.id(), libc::SIGUSR2) {
+            Ok(()) => e.told_suspend = true,
+            Err(err) => log::warn!("{}: SIGUSR2 to its vtpm: {err}", e.device.name()),
         }
     }
-    e.told_suspend = suspended;
 }
 
 fn describe(status: std::io::Result<ExitStatus>) -> String {

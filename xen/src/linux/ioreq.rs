@@ -64,6 +64,15 @@ impl DeviceModel {
         Ok(())
     }
 
+    /// Destroys ioreq server `id` of the domain (one a dead process left), best effort: its
+    /// ranges would otherwise overlap a new server's.
+    pub fn destroy_ioreq_server(&self, id: u16) {
+        let mut d = XenDmOpDestroyIoreqServer { id, pad: 0 };
+        if let Err(e) = self.op("XEN_DMOP_destroy_ioreq_server", XEN_DMOP_DESTROY_IOREQ_SERVER, &mut d) {
+            log::warn!("{e}");
+        }
+    }
+
     fn fd(&self) -> BorrowedFd<'_> {
         self.privcmd.as_fd()
     }
@@ -110,7 +119,7 @@ impl IoreqPage {
 
     /// A copy of `vcpu`'s slot.
     fn slot(&self, vcpu: usize) -> [u8; IOREQ_SIZE] {
-        debug_assert!(vcpu < SLOTS);
+        assert!(vcpu < SLOTS, "vCPU slot {vcpu} outside the page");
         // SAFETY: slot `vcpu` lies inside the mapped page (vcpu < SLOTS); a volatile read,
         // since Xen writes the page.
         unsafe { self.ptr.as_ptr().add(vcpu * IOREQ_SIZE).cast::<[u8; IOREQ_SIZE]>().read_volatile() }
@@ -118,6 +127,7 @@ impl IoreqPage {
 
     /// `vcpu`'s state byte.
     fn flags(&self, vcpu: usize) -> &AtomicU8 {
+        assert!(vcpu < SLOTS, "vCPU slot {vcpu} outside the page");
         // SAFETY: the byte lies inside the mapped page, which lives as long as `self`; Xen
         // accesses it as a byte too, and AtomicU8 has the layout of u8.
         unsafe { AtomicU8::from_ptr(self.ptr.as_ptr().add(vcpu * IOREQ_SIZE + ioreq::OFF_FLAGS)) }
@@ -125,6 +135,7 @@ impl IoreqPage {
 
     /// Writes `vcpu`'s data field.
     fn set_data(&self, vcpu: usize, data: u64) {
+        assert!(vcpu < SLOTS, "vCPU slot {vcpu} outside the page");
         // SAFETY: bytes 8..16 of slot `vcpu` lie inside the mapped page; 8-byte aligned.
         unsafe { self.ptr.as_ptr().add(vcpu * IOREQ_SIZE + 8).cast::<u64>().write_volatile(data.to_le()) }
     }
@@ -230,6 +241,12 @@ impl LinuxIoreqServer {
                     state == ioreq::STATE_READY || state == ioreq::STATE_INPROCESS
                 })
                 .collect();
+            // An answer an earlier process wrote but did not signal: the vCPU still sleeps.
+            for (v, port) in port_of.iter().enumerate() {
+                if ioreq::slot_state(page.flags(v).load(Ordering::Acquire)) == ioreq::STATE_RESP_READY {
+                    evtchn.notify(*port)?;
+                }
+            }
             Ok((evtchn, vcpu_of, port_of, early))
         })();
         match bound {
