@@ -59,6 +59,24 @@ pub fn run(img: &Path, bin_dir: &Path, scenario: &str, tpm: Tpm, timeout_s: u32)
     console
 }
 
+/// Builds the Debian package from the binaries in `bin_dir` (`scripts/package.sh`) and puts
+/// it into `img` as `xvtpm.deb`, where `build-xen.sh`'s service and hvm scenarios take it. The
+/// same binaries give the same .deb, so the image is rebuilt only when they change.
+pub fn package_into(img: &Path, bin_dir: &Path) {
+    std::fs::create_dir_all(img).expect("image dir");
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("repo").to_path_buf();
+    let out = Command::new(repo.join("scripts/package.sh"))
+        .arg("--bin-dir")
+        .arg(bin_dir)
+        .arg("--out")
+        .arg(img.join("deb"))
+        .output()
+        .expect("package.sh");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let deb = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    std::fs::copy(&deb, img.join("xvtpm.deb")).expect("the .deb into the image dir");
+}
+
 impl Console {
     /// The reported lines.
     pub fn report(&self) -> Vec<&str> {

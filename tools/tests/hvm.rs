@@ -11,8 +11,7 @@
 //! comparison.
 //! Scenario: tests/harness/xen-hvm-dom0-init.sh.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 
 use xvtpm_tests::xen_qemu;
 
@@ -37,18 +36,7 @@ fn first_tick_line(c: &xen_qemu::Console) -> String {
 fn hvm_guests_get_a_tpm_from_one_line_of_their_domain_file() {
     let bins = xvtpm_tests::bins::vtpm_and_vtpmmgr(XVTPM);
     let img = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("xen-hvm");
-    std::fs::create_dir_all(&img).expect("image dir");
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repo");
-    let out = Command::new(repo.join("scripts/package.sh"))
-        .arg("--bin-dir")
-        .arg(&bins)
-        .arg("--out")
-        .arg(img.join("deb"))
-        .output()
-        .expect("package.sh");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let deb = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    std::fs::copy(&deb, img.join("xvtpm.deb")).expect("the .deb into the image dir");
+    xen_qemu::package_into(&img, &bins);
     let c = xen_qemu::run(&img, &bins, "hvm", xen_qemu::Tpm::ForDom0, 2400);
     let ctx = || c.ctx();
     assert!(line(&c, "xen up: ").contains("hvm hap"), "Xen has HVM with HAP: {}", ctx());

@@ -11,8 +11,7 @@
 //! ptrace, tests/harness/syscall-inject.c) is killed, logged and resumed while the others go on.
 //! Scenario: tests/harness/xen-service-dom0-init.sh.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 
 use xvtpm_tests::xen_qemu;
 
@@ -33,19 +32,7 @@ fn ready_pcr(c: &xen_qemu::Console, guest: &str) -> String {
 fn the_packaged_service_serves_guests_from_plain_domain_files() {
     let bins = xvtpm_tests::bins::vtpm_and_vtpmmgr(XVTPM);
     let img = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("xen-service");
-    std::fs::create_dir_all(&img).expect("image dir");
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repo");
-    let out = Command::new(repo.join("scripts/package.sh"))
-        .arg("--bin-dir")
-        .arg(&bins)
-        .arg("--out")
-        .arg(img.join("deb"))
-        .output()
-        .expect("package.sh");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let deb = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    // The same binaries give the same .deb, so the image is rebuilt only when they change.
-    std::fs::copy(&deb, img.join("xvtpm.deb")).expect("the .deb into the image dir");
+    xen_qemu::package_into(&img, &bins);
     let c = xen_qemu::run(&img, &bins, "service", xen_qemu::Tpm::ForDom0, 1500);
     let ctx = || c.ctx();
     assert!(line(&c, "installed: ").contains("xvtpm 0.1.0 install ok installed"), "dpkg -i; {}", ctx());

@@ -461,14 +461,7 @@ fn serve(state: &StateOpts, xen: Arc<dyn Xen>, config: ServeConfig) -> anyhow::R
         // Powered on now, so a bad state or key stops us before any guest is served.
         Some(power_on(state)?)
     };
-    let snapshots = if config.snapshot_dir.as_os_str() == "none" {
-        log::warn!("no snapshots (--snapshot-dir none): a restart under a running guest will refuse that guest");
-        None
-    } else {
-        let f = SnapshotFile::for_state_dir(&config.snapshot_dir, &state.state_dir)?;
-        log::info!("the TPM's volatile state is kept in {}", f.describe());
-        Some(f)
-    };
+    let snapshots = snapshots(&config.snapshot_dir, &state.state_dir)?;
     let handler_config = HandlerConfig {
         max_locality: config.max_locality,
         snapshots,
@@ -620,13 +613,7 @@ fn serve_hvm(state: &StateOpts, hvm: HvmConfig) -> anyhow::Result<()> {
         }
     };
     let version = engine.version();
-    let snapshots = if hvm.snapshot_dir.as_os_str() == "none" {
-        None
-    } else {
-        let f = SnapshotFile::for_state_dir(&hvm.snapshot_dir, &state.state_dir)?;
-        log::info!("the TPM's volatile state is kept in {}", f.describe());
-        Some(f)
-    };
+    let snapshots = snapshots(&hvm.snapshot_dir, &state.state_dir)?;
     let config = HandlerConfig {
         max_locality: xvtpm_vtpm::tpmif::DEFAULT_MAX_LOCALITY,
         snapshots,
@@ -727,6 +714,17 @@ fn follow_domain(
         }
     })?;
     Ok(())
+}
+
+/// The snapshot file of the vTPM in `state_dir` under `dir` (`none`: no snapshots).
+fn snapshots(dir: &Path, state_dir: &Path) -> anyhow::Result<Option<SnapshotFile>> {
+    if dir.as_os_str() == "none" {
+        log::warn!("no snapshots (--snapshot-dir none): a restart under a running guest will refuse that guest");
+        return Ok(None);
+    }
+    let f = SnapshotFile::for_state_dir(dir, state_dir)?;
+    log::info!("the TPM's volatile state is kept in {}", f.describe());
+    Ok(Some(f))
 }
 
 /// Opens the state and powers the TPM on, not started: a new guest gets Startup, a running one
