@@ -37,9 +37,29 @@ fn hvm_guests_get_a_tpm_from_one_line_of_their_domain_file() {
     let bins = xvtpm_tests::bins::vtpm_and_vtpmmgr(XVTPM);
     let img = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("xen-hvm");
     xen_qemu::package_into(&img, &bins);
+    // HVM guests under nested emulation (Xen's SVM on QEMU TCG's) sometimes triple-fault at a
+    // random point (Xen: "Triple fault - invoking HVM shutdown action", the guest's RIP in its
+    // own kernel); the guest then reboots and the scenario's order is lost. Such a run is
+    // tried once more; any other failure, or a second one, fails the test.
     let c = xen_qemu::run(&img, &bins, "hvm", xen_qemu::Tpm::ForDom0, 2400);
+    let first = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| check(&c)));
+    if let Err(e) = first {
+        if !c.text.contains(TRIPLE_FAULT) {
+            std::panic::resume_unwind(e);
+        }
+        eprintln!("RETRY: an HVM guest triple-faulted under nested emulation; the scenario runs once more");
+        let c = xen_qemu::run(&img, &bins, "hvm", xen_qemu::Tpm::ForDom0, 2400);
+        check(&c);
+    }
+}
+
+/// What Xen prints when an HVM guest's vCPU triple-faults.
+const TRIPLE_FAULT: &str = "Triple fault - invoking HVM shutdown action";
+
+/// Everything the scenario reports, checked.
+fn check(c: &xen_qemu::Console) {
     let ctx = || c.ctx();
-    assert!(line(&c, "xen up: ").contains("hvm hap"), "Xen has HVM with HAP: {}", ctx());
+    assert!(line(c, "xen up: ").contains("hvm hap"), "Xen has HVM with HAP: {}", ctx());
 
     // The HVM guest: a TPM 2.0 through tpm_tis, with the resource manager's device.
     assert!(c.guest("HVM tpm_version_major=2"), "{}", ctx());
@@ -56,23 +76,23 @@ fn hvm_guests_get_a_tpm_from_one_line_of_their_domain_file() {
     let pcr16 = c.value("HVM pcr16");
     assert!(pcr16.starts_with("0x") && pcr16.len() == 66, "{pcr16}; {}", ctx());
     // Served by xvtpmd as an HVM guest's TPM.
-    let status = line(&c, "HVMS ");
+    let status = line(c, "HVMS ");
     assert!(
         status.contains("\"uuid\":\"22222222-2222-4222-8222-222222222222\"") && status.contains("\"hvm\":true"),
         "xvtpm status shows it: {status}; {}",
         ctx()
     );
-    assert!(line(&c, "HVMQEMU ").contains("TPM (vTPM 22222222-2222-4222-8222-222222222222) served after"), "{}", ctx());
+    assert!(line(c, "HVMQEMU ").contains("TPM (vTPM 22222222-2222-4222-8222-222222222222) served after"), "{}", ctx());
     // Its vtpm in its sandbox: a uid of its own, no capabilities, the filter; it holds the
     // event channel handle and privcmd restricted to its guest, nothing else of Xen's.
-    let sb = line(&c, "HVMSANDBOX ");
+    let sb = line(c, "HVMSANDBOX ");
     let get = |k: &str| sb.split_whitespace().find_map(|w| w.strip_prefix(&format!("{k}="))).unwrap_or("").to_string();
     let uid: u32 = get("uid").parse().unwrap_or_else(|_| panic!("no uid in {sb:?}; {}", ctx()));
     assert!((0x7000_0000..0x7001_0000).contains(&uid), "{sb}");
     assert_eq!((get("capeff").as_str(), get("seccomp").as_str()), ("0000000000000000", "2"), "{sb}");
     assert_eq!(get("xendevs"), "evtchn,privcmd,", "{sb}; {}", ctx());
     // Its key is at the manager; the host keeps the state, a token and no key file.
-    let key = line(&c, "HVMKEY ");
+    let key = line(c, "HVMKEY ");
     assert!(key.contains("22222222-2222-4222-8222-222222222222"), "the manager knows it: {key}; {}", ctx());
     let files = key.split(" files ").nth(1).unwrap_or("");
     assert!(files.contains("state") && files.contains("token"), "{key}; {}", ctx());
@@ -81,7 +101,7 @@ fn hvm_guests_get_a_tpm_from_one_line_of_their_domain_file() {
     // Saved and restored with xl: the restored guest's TPM goes on.
     let extended = c.value("HVM2 hvm2 extended pcr16");
     assert!(extended.starts_with("0x") && extended.len() == 66, "{extended}; {}", ctx());
-    let restored = line(&c, "HVMRESTORED ");
+    let restored = line(c, "HVMRESTORED ");
     assert!(restored.contains("hvm2 tick"), "the guest ticks after its restore: {restored}; {}", ctx());
     assert!(
         restored.trim_end_matches('|').split('|').all(|t| !t.contains("hvm2 tick") || t.ends_with(&extended)),
@@ -93,29 +113,29 @@ fn hvm_guests_get_a_tpm_from_one_line_of_their_domain_file() {
     assert!(c.guest("HVM2 hvm2 persistent key ok"), "{}", ctx());
     assert_eq!(c.value("HVM2 hvm2 nv"), "xvtpm-nv", "{}", ctx());
     assert_eq!(c.value("HVM2 hvm2 pcr16"), format!("0x{}", "0".repeat(64)), "reset with the platform: {}", ctx());
-    assert!(line(&c, "HVMGONE ").starts_with("HVMGONE 0 left"), "its vtpm stops with the domain: {}", ctx());
+    assert!(line(c, "HVMGONE ").starts_with("HVMGONE 0 left"), "its vtpm stops with the domain: {}", ctx());
 
     // TPM 1.2.
     assert!(c.guest("HVM12 tpm_version_major=1"), "{}", ctx());
     let pcrs = c.value("HVM12 hvm12 pcrcount");
     assert_eq!(pcrs, "24 enabled=1 active=1", "the kernel's TPM 1.2 reads: {}", ctx());
     assert!(c.value("HVM12 hvm12 extend").starts_with("00c400000"), "TPM_Extend answered: {}", ctx());
-    let first_tick = first_tick_line(&c);
+    let first_tick = first_tick_line(c);
     assert!(first_tick.contains("PCR-16:") && !first_tick.ends_with(&"00".repeat(15)), "{first_tick}; {}", ctx());
     // Killed under the guest: the vtpm xvtpmd starts again resumes its TPM from the snapshot
     // (PCR 16 as it was), never reset.
-    let after = line(&c, "HVM12 after kill: ");
-    assert!(line(&c, "HVM12 killed vtpm ").len() > 20, "{}", ctx());
+    let after = line(c, "HVM12 after kill: ");
+    assert!(line(c, "HVM12 killed vtpm ").len() > 20, "{}", ctx());
     assert!(!after.contains(&"00".repeat(20)), "PCR 16 reset under the running guest: {after}; {}", ctx());
     let last = after.trim_end_matches('|').rsplit('|').next().unwrap_or("");
     let value = |t: &str| t.split_whitespace().nth(3).unwrap_or("").to_string();
     assert!(
-        !value(last).is_empty() && value(last) == value(&first_tick_line(&c)),
+        !value(last).is_empty() && value(last) == value(&first_tick_line(c)),
         "PCR 16 after the kill ({last}) as before it ({}); {}",
-        first_tick_line(&c),
+        first_tick_line(c),
         ctx()
     );
-    let restarted = line(&c, "HVM12 vtpm now ");
+    let restarted = line(c, "HVM12 vtpm now ");
     assert!(restarted.len() > "HVM12 vtpm now ".len(), "xvtpmd restarted it: {restarted}; {}", ctx());
 
     // Figures (docs/benchmarks.md): xl create to a usable TPM, GetRandom HVM against PV.
@@ -123,8 +143,8 @@ fn hvm_guests_get_a_tpm_from_one_line_of_their_domain_file() {
     assert!(hvm > 0.0 && pv > 0.0, "both benchmarks ran: {}", ctx());
     eprintln!(
         "FIGURES: {} | {} | TPM2_GetRandom median HVM {hvm:.0} us, PV {pv:.0} us, ratio {:.1}",
-        line(&c, "HVMT hvm usable after "),
-        line(&c, "HVMT pv usable after "),
+        line(c, "HVMT hvm usable after "),
+        line(c, "HVMT pv usable after "),
         hvm / pv
     );
 }
