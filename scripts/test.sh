@@ -13,7 +13,8 @@ cargo fmt --all --manifest-path fuzz/Cargo.toml -- --check
 # `vm-tests` feature; plain `cargo test --workspace` is the fast suite without them.
 VM_TESTS=xvtpm-vtpm/vm-tests,xvtpm-tis/vm-tests,xvtpm-tools/vm-tests
 echo "== cargo clippy -D warnings"
-cargo clippy --workspace --all-targets --locked --features "$VM_TESTS" -- -D warnings
+# The HVM scenario is linted too, though not run here (tools/Cargo.toml says why).
+cargo clippy --workspace --all-targets --locked --features "$VM_TESTS,xvtpm-tools/hvm-tests" -- -D warnings
 echo "== cargo test (with the VM scenarios)"
 # The scenarios need root (mounts, Xen images, mmdebstrap); so do the sandbox's tests, which
 # this makes fail rather than skip if the command ever runs as another user.

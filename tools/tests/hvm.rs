@@ -9,7 +9,8 @@
 //! with xl, its TPM goes on. A TPM 1.2 HVM guest works too; its vtpm killed under it, the one
 //! xvtpmd starts again resumes its PCRs. The same run measures a PV guest's GetRandom for
 //! comparison.
-//! Scenario: tests/harness/xen-hvm-dom0-init.sh.
+//! Scenario: tests/harness/xen-hvm-dom0-init.sh. Not in `.ci/run` (feature `hvm-tests`): run
+//! `cargo test -p xvtpm-tools --features hvm-tests --test hvm`.
 
 use std::path::PathBuf;
 
