@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use xvtpm_xen::toolstack::uuid_of_vm;
 use xvtpm_xen::xenbus::{
     hvm_request_path, HVM_ERROR_KEY, HVM_INCOMING_KEY, HVM_STATE_KEY, HVM_UUID_KEY, HVM_VERSION_KEY,
 };
@@ -39,12 +40,6 @@ pub struct QemuDmArgs {
 /// The domain id in QEMU's arguments.
 pub fn domid_of(args: &[String]) -> Option<u16> {
     args.windows(2).find(|w| w[0] == "-xen-domid").and_then(|w| w[1].parse().ok())
-}
-
-/// The uuid of a domain's `vm` path (`/vm/<uuid>`, as libxl makes it).
-pub fn uuid_of_vm(vm: &str) -> Option<String> {
-    let u = vm.trim().strip_prefix("/vm/")?;
-    xvtpm_xen::xenbus::parse_uuid("vm", u.as_bytes()).ok()
 }
 
 pub fn run(a: QemuDmArgs) -> anyhow::Result<()> {

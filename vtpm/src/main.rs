@@ -538,19 +538,12 @@ fn serve_hvm(state: &StateOpts, hvm: HvmConfig) -> anyhow::Result<()> {
     let restart = read(HVM_STATE_KEY)?.as_deref() == Some("ready");
     let incoming = read(HVM_INCOMING_KEY)?.as_deref() == Some("1");
     let earlier: Option<u16> = read(HVM_SERVER_KEY)?.and_then(|v| v.parse().ok());
-    let vm = xs.try_read(TxId::NONE, &format!("/local/domain/{guest}/vm"))?;
-    let uuid = vm
+    let life = xvtpm_xen::toolstack::domain_life(&xs, guest)?;
+    let uuid = life
         .as_deref()
-        .and_then(|v| String::from_utf8_lossy(v).trim().strip_prefix("/vm/").map(str::to_string))
-        .and_then(|u| xvtpm_xen::xenbus::parse_uuid("vm", u.as_bytes()).ok())
+        .and_then(xvtpm_xen::toolstack::uuid_of_vm)
         .with_context(|| format!("domain {guest} has no vm path naming its uuid"))?;
-    let device = DeviceInfo {
-        frontend: guest,
-        handle: 0,
-        uuid,
-        life: xvtpm_xen::toolstack::domain_life(&xs, guest)?,
-        adopted: restart || incoming,
-    };
+    let device = DeviceInfo { frontend: guest, handle: 0, uuid, life, adopted: restart || incoming };
     // Signals first: xvtpmd may tell a suspend as soon as the request says `ready`.
     let stop = Arc::new(AtomicBool::new(false));
     let serving: Arc<std::sync::OnceLock<Arc<LinuxIoreqServer>>> = Arc::default();
@@ -621,8 +614,10 @@ fn serve_hvm(state: &StateOpts, hvm: HvmConfig) -> anyhow::Result<()> {
         guest_starts_tpm: true,
     };
     let handler = VtpmHandler::new(Box::new(engine), config);
-    if device.adopted {
-        // The running guest: its TPM resumed from the snapshot, or the guest refused.
+    if device.adopted || request.is_none() {
+        // The running guest: its TPM resumed from the snapshot, or the guest refused. Alone
+        // (no request to say whether this domain was served before), the snapshot decides,
+        // as for a PV guest: its own domain's is resumed, another life starts reset.
         handler.connected(&device);
     } else {
         // A boot: whatever a snapshot says, this platform starts reset.

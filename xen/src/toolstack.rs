@@ -15,6 +15,13 @@ fn perms(owner: DomId, reader: Option<DomId>) -> Vec<Perm> {
     p
 }
 
+/// The domain uuid a `vm` path (or a life, `<vm>@<start_time>`) names: `/vm/<uuid>` as libxl
+/// makes it; `None` for any other path.
+pub fn uuid_of_vm(vm: &str) -> Option<String> {
+    let vm = vm.trim().split('@').next()?;
+    crate::xenbus::parse_uuid("vm", vm.strip_prefix("/vm/")?.as_bytes()).ok()
+}
+
 /// One life of domain `domid` as libxl records it: its `vm` path and that path's `start_time`
 /// (`<vm>@<start_time>`; the `vm` path alone if it has none). Together they differ for every
 /// domain libxl makes, even one reusing an old id. `None` where the domain has no `vm` node;

@@ -9,7 +9,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
-use std::sync::atomic::{fence, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
@@ -315,8 +315,7 @@ impl IoreqServer for LinuxIoreqServer {
         if req.read && !req.data_is_ptr {
             self.page.set_data(vcpu, data);
         }
-        // The data is visible before the state that tells Xen to read it.
-        fence(Ordering::Release);
+        // The Release store makes the data visible before the state that tells Xen to read it.
         let flags = self.page.flags(vcpu);
         let f = flags.load(Ordering::Relaxed);
         flags.store((f & 0xF0) | ioreq::STATE_RESP_READY, Ordering::Release);
