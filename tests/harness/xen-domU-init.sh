@@ -156,7 +156,7 @@ if [ $PHASE = hvm ]; then
     say "hvm rebooting"; sleep 2; reboot -f
 fi
 # Keep using the TPM while dom0 restarts the vtpm and hot-plugs a second one.
-i=0
+i=0; DM=$(dmesg | wc -l); NODEV=0
 while [ $i -lt 150 ]; do
     i=$((i+1))
     if [ -e /sys/class/tpm/tpm1 ] && [ -z "$TPM1_SEEN" ]; then
@@ -174,6 +174,16 @@ while [ $i -lt 150 ]; do
     done
     if [ -n "$ok" ]; then say "loop $i ok devs $(ls /dev/tpm* | tr '\n' ' ')pcr16 $(pcr16)"
     else say "loop $i err $(echo "$r" | tail -n 1 | cut -c1-100)"; fi
+    # What the kernel said meanwhile (a device that does not come back is explained here).
+    n=$(dmesg | wc -l)
+    if [ -z "$ok" ] && [ "$n" -gt "$DM" ]; then dmesg | tail -n $((n - DM)) | tail -n 8 | sed 's/^/XVTPM-DOMU: dmesg: /'; fi
+    DM=$n
+    case "$r" in "no /dev/tpmN") NODEV=$((NODEV+1));; esac
+    if [ $NODEV = 30 ]; then
+        # Still no device 30 s on: the kernel's blocked tasks, to see what holds xenwatch.
+        echo w > /proc/sysrq-trigger 2>/dev/null; sleep 1
+        dmesg | sed -n '/Show Blocked State/,$p' | tail -n 60 | sed 's/^/XVTPM-DOMU: blocked: /'; DM=$(dmesg | wc -l)
+    fi
     sleep 1
 done
 while true; do sleep 10; done

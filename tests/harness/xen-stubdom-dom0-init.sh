@@ -102,6 +102,24 @@ xl vtpm-detach tpmguest 0 2>&1 | sed 's/^/  xl: /'
 mark "detached in $(awk -v t0=$T0 '{print $1 - t0}' /proc/uptime) s"
 # (vtpm-attach takes its keys as separate arguments, not the vtpm= line's comma list.)
 xl vtpm-attach tpmguest backend=vtpm-tpmguest uuid=$GUUID 2>&1 | sed 's/^/  xl: /'
+# As docs/stubdom.md says: the attach is done when the guest's side is Connected (4). A guest
+# kernel still removing the old device when the new one appears writes Closed (6) into the
+# new one and never probes it; detached and attached again, it does.
+FE=/local/domain/$(xl domid tpmguest)/device/vtpm/0/state
+try=1
+while true; do
+    i=0; while [ "$(xenstore-read $FE 2>/dev/null)" != 4 ] && [ "$(xenstore-read $FE 2>/dev/null)" != 6 ] && [ $i -lt 600 ]; do
+        i=$((i+1)); usleep 100000
+    done
+    st=$(xenstore-read $FE 2>&1)
+    [ "$st" = 6 ] && [ $try -lt 3 ] || break
+    mark "REATTACH_CLOSED the guest closed the new device (state 6, attach $try); detached and attached again"
+    xl vtpm-detach tpmguest 0 2>&1 | sed 's/^/  xl: /'
+    xl vtpm-attach tpmguest backend=vtpm-tpmguest uuid=$GUUID 2>&1 | sed 's/^/  xl: /'
+    try=$((try+1))
+done
+mark "guest's side of the new device: state $st after $(awk -v t0=$T0 '{print $1 - t0}' /proc/uptime) s, attach $try"
+xl vtpm-list tpmguest 2>&1 | sed 's/^/  xl vtpm-list: /'
 i=0; while ! grep -o "XVTPM-DOMU: loop [0-9]* ok" $GCON | awk -v e=$E '$3 > e' | grep -q ok; do
     i=$((i+1)); [ $i -gt 3000 ] && break; usleep 100000
 done
@@ -110,16 +128,24 @@ mark "guest's TPM back after $(awk -v t0=$T0 '{print $1 - t0}' /proc/uptime) s: 
 mark "REATTACHED pcr16 before $P after $(pcr_of_loop "${M:-none}")"
 grep "XVTPM-DOMU: loop" $GCON | tail -n 3 | sed 's/^/  /'
 sed 's/^/  vtpm-dom: /' $CON/guest-vtpm-tpmguest.log | grep -i "resumed\|reset\|life\|refus\|snapshot" | tail -n 6
+if [ -z "$M" ]; then
+    # The guest's TPM did not come back: what the guest's kernel, xenstore and the vTPM domain say.
+    grep "XVTPM-DOMU: dmesg\|XVTPM-DOMU: blocked" $GCON | tail -n 80 | sed 's/^/  /'
+    GID=$(xl domid tpmguest)
+    xenstore-ls -f /local/domain/$GID/device/vtpm 2>&1 | sed 's/^/  xenstore: /'
+    xenstore-ls -f /local/domain/$(xl domid vtpm-tpmguest)/backend/vtpm 2>&1 | sed 's/^/  xenstore: /'
+    sed 's/^/  vtpm-dom: /' $CON/guest-vtpm-tpmguest.log | tail -n 15
+fi
 sed 's/^/  xvtpmd: /' /var/log/xvtpmd.log | tail -n 4
 xl list | sed 's/^/  xl list: /'
 # 3. xl save and xl restore of the guest: the vTPM domain hears of the suspend from dom0's
 #    xvtpmd (xvtpm-guest-domain), and the restored guest continues its TPM.
 P=$(pcr_of_loop "$(last_loop)"); T0=$(cut -d' ' -f1 /proc/uptime)
-xl save tpmguest /tmp/guest.save 2>&1 | sed 's/^/  xl: /'
+xl save tpmguest /tmp/guest.save 2>&1 | grep -v 'progress:' | sed 's/^/  xl: /'
 mark "saved after $(awk -v t0=$T0 '{print $1 - t0}' /proc/uptime) s"
 # The guest ran on while the save began: what it printed then is before the suspend.
 L=$(grep -o "XVTPM-DOMU: loop [0-9]*" $GCON | tail -n 1 | awk '{print $3}')
-xl restore /tmp/guest.save 2>&1 | sed 's/^/  xl: /'
+xl restore /tmp/guest.save 2>&1 | grep -v 'progress:' | sed 's/^/  xl: /'
 rm -f /tmp/guest.save
 ok_after() { grep -o "XVTPM-DOMU: loop [0-9]* ok.*pcr16 0x" $GCON | awk -v e=$1 '$3 > e {print $3; exit}'; }
 i=0; while [ -z "$(ok_after $L)" ]; do i=$((i+1)); [ $i -gt 3000 ] && break; usleep 100000; done

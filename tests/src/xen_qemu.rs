@@ -97,6 +97,17 @@ impl Console {
             .to_string()
     }
 
+    /// The log from the first line containing `from` to the next one containing `to`, for
+    /// assertion messages about a step in the middle of a long scenario.
+    pub fn between(&self, from: &str, to: &str) -> String {
+        let lines: Vec<&str> = self.text.lines().collect();
+        let Some(a) = lines.iter().position(|l| l.contains(from)) else {
+            return format!("(no {from:?} in the log) {}", self.ctx());
+        };
+        let b = lines[a..].iter().position(|l| l.contains(to)).map_or(lines.len(), |i| a + i + 1);
+        format!("serial log from {from:?}:\n{}", lines[a..b].join("\n"))
+    }
+
     /// The end of the log, for assertion messages.
     pub fn ctx(&self) -> String {
         let lines: Vec<&str> = self.text.lines().collect();

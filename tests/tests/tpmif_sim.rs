@@ -535,3 +535,24 @@ fn driver_domain_backend_follows_libxls_destroy_and_detach() {
     }
     assert!(be.wait_log("vtpm 3/0: device removed", 5 * SEC), "{}", be.log());
 }
+
+/// The recovery docs/stubdom.md gives when a re-attached device shows Closed: the guest's
+/// kernel, still removing the old device, wrote Closed into the new one before the backend
+/// (a new vTPM domain) ever connected. `xl vtpm-detach` must then complete, and the next
+/// `xl vtpm-attach` of the same device connect.
+#[test]
+fn device_closed_by_the_guest_before_connecting_detaches_and_attaches_again() {
+    let env = Env::new();
+    toolstack::add_domain(&env.xs, 5, "vtpm-dom").expect("driver domain");
+    toolstack::add_domain(&env.xs, 1, "guest1").expect("guest");
+    let be = BackendProcess::start(Path::new(BACKEND), env.dir(), 5, &[]).expect("backend");
+    toolstack::add_vtpm(&env.xs, 1, 5, 0, &uuid(1)).expect("vtpm");
+    let state = "/local/domain/5/backend/vtpm/1/0/state";
+    assert!(toolstack::wait_for_state(&env.xs, state, XenbusState::InitWait, 10 * SEC), "{}", be.log());
+    env.xs.write(TxId::NONE, "/local/domain/1/device/vtpm/0/state", b"6").expect("frontend Closed");
+    let (saw_closed, gone) = libxl_remove(&env.xs, 1, 5, false);
+    assert!(saw_closed, "the backend's state vanished before libxl read Closed\n{}", be.log());
+    assert!(gone.is_some_and(|t| t < 3 * SEC), "backend directory not removed in time: {gone:?}\n{}", be.log());
+    toolstack::add_vtpm(&env.xs, 1, 5, 0, &uuid(1)).expect("vtpm again");
+    env.assert_frontend_ok(1, &["echo", "--count", "5"], "OK echoed 5");
+}
