@@ -24,6 +24,9 @@ need cpio
 need lintian          # the package's check (scripts/package.sh, tools/tests/package.rs)
 need mmdebstrap       # a clean Debian root the package is installed into
 need e2fsprogs         # mkfs.ext4 and debugfs: the vTPM stub domains' disks
+need make              # SeaBIOS for HVM guests' measured boot (scripts/build-seabios.sh)
+need python3
+need dpkg-dev          # dpkg-shlibdeps (scripts/package.sh)
 if [ ${#pkgs[@]} -gt 0 ]; then
     echo "== installing ${pkgs[*]}"
     SUDO=; [ "$(id -u)" = 0 ] || SUDO=sudo

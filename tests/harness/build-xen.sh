@@ -65,7 +65,7 @@ install -m 755 "$HERE/xen-domU-init.sh" "$S/init"
 tpm2=$(readlink -f "$(command -v tpm2)")
 cp "$tpm2" "$S/usr/bin/tpm2"
 for t in getrandom pcrextend pcrread createprimary nvdefine nvwrite nvread evictcontrol readpublic flushcontext \
-         createpolicy create load unseal getcap sign verifysignature; do
+         createpolicy create load unseal getcap sign verifysignature eventlog; do
     ln -sf tpm2 "$S/usr/bin/tpm2_$t"
 done
 gcc -O2 -static -o "$S/usr/bin/tpmbench" "$HERE/tpmbench.c"

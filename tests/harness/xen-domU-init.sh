@@ -19,6 +19,8 @@ if [ $PHASE = hvm12 ]; then
     # dom0 kills the vtpm under this guest: the restarted one must never show PCR 16 reset.
     say "hvm12 caps $(cat /sys/class/tpm/tpm0/caps 2>&1 | tr '\n' ';')"
     say "hvm12 pcrcount $(grep -c PCR- /sys/class/tpm/tpm0/pcrs 2>/dev/null) enabled=$(cat /sys/class/tpm/tpm0/enabled 2>&1) active=$(cat /sys/class/tpm/tpm0/active 2>&1)"
+    mount -t securityfs securityfs /sys/kernel/security 2>/dev/null
+    say "hvm12 bios events $(wc -l </sys/kernel/security/tpm0/ascii_bios_measurements 2>&1) $(grep 'PCR-00' /sys/class/tpm/tpm0/pcrs | tr -d ' ')"
     exec 3<>/dev/tpm0
     printf '\000\301\000\000\000\042\000\000\000\024\000\000\000\020\001\002\003\004\005\006\007\010\011\012\013\014\015\016\017\020\021\022\023\024' >&3
     say "hvm12 extend $(dd bs=64 count=1 <&3 2>/dev/null | od -An -tx1 | tr -d ' \n' | cut -c1-20)"
@@ -33,6 +35,20 @@ if [ $PHASE = hvm ]; then
     mount -t securityfs securityfs /sys/kernel/security 2>/dev/null
     say "hvm driver $(basename "$(readlink /sys/class/tpm/tpm0/device/driver 2>/dev/null)") securityfs $(ls /sys/kernel/security/tpm0/ 2>&1 | tr '\n' ' ')"
     r=$(TPM2TOOLS_TCTI=device:/dev/tpmrm0 tpm2_getrandom --hex 8 2>&1) && say "hvm tpmrm0 ok $r" || say "hvm tpmrm0 FAILED $r"
+    # Measured boot: the firmware's event log (SeaBIOS, its TPM2 table from the domain file)
+    # replayed gives the PCRs the TPM holds.
+    EL=/sys/kernel/security/tpm0/binary_bios_measurements
+    if tpm2_eventlog $EL >/tmp/el.yaml 2>/tmp/el.err; then
+        say "hvm eventlog $(grep -c 'EventNum:' /tmp/el.yaml) events: $(awk '/EventType:/ {print $2}' /tmp/el.yaml | sort | uniq -c | awk '{printf "%s=%s ", $2, $1}')"
+        awk '/^pcrs:/ {p=1; next} p && /^  [a-z0-9]+:/ {b=$1} p && b == "sha256:" && /: 0x/ {gsub(/ /, ""); print toupper($0)}' /tmp/el.yaml >/tmp/el.pcrs
+        tpm2_pcrread sha256:0,1,2,3,4,5,6,7 | awk '/: 0x/ {gsub(/ /, ""); print toupper($0)}' >/tmp/tpm.pcrs
+        bad=$(grep -vxF -f /tmp/tpm.pcrs /tmp/el.pcrs | tr '\n' ' ')
+        if [ -s /tmp/el.pcrs ] && [ -z "$bad" ]; then say "hvm eventlog replay ok $(wc -l </tmp/el.pcrs) pcrs"
+        else say "hvm eventlog replay MISMATCH log: $bad tpm: $(tr '\n' ' ' </tmp/tpm.pcrs)"; fi
+        say "hvm pcr0 $(grep '^0:' /tmp/tpm.pcrs | cut -d: -f2)"
+    else
+        say "hvm eventlog FAILED $(ls -la $EL 2>&1) $(tail -n 2 /tmp/el.err | tr '\n' ' ')"
+    fi
     if tpm2_readpublic -c 0x81000001 >/dev/null 2>&1; then
         # The next boot of this guest (a reboot: a new domain, device model and vtpm).
         say "hvm2 persistent key ok"

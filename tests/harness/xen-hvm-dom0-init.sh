@@ -63,7 +63,10 @@ vga = "none"
 vnc = 0
 serial = "file:/var/log/$1.serial"
 device_model_override = "/usr/lib/xvtpm/$4"
+bios_path_override = "/usr/lib/xvtpm/seabios-xen-tpm.bin"
 EOF
+    # A TPM 2.0's event log is found through the TPM2 table (a TPM 1.2's through hvmloader's).
+    if [ "$4" = xvtpm-qemu-dm ]; then echo 'acpi_firmware = "/usr/lib/xvtpm/acpi-tpm2.bin"' >> /etc/xen/$1.cfg; fi
 }
 diag() { # name: what there is to see when a guest is stuck
     mark "DIAG $1: serial tail:"; tail -n 15 /var/log/$1.serial 2>&1 | cut -c1-200 | sed 's/^/  /'
@@ -82,7 +85,8 @@ if wait_for /var/log/hvm.serial "hvm rebooting" 900; then
     cp /var/log/hvm.serial /var/log/hvm.serial.1
     report /var/log/hvm.serial.1 HVM
     mark "HVMS $(status | tr -d ' \n')"
-    wait_for /var/log/hvm.serial "DONE2" 900 || mark "hvm's next boot did not finish"
+    # (The guest extends PCR 16 after DONE2, then ticks.)
+    wait_for /var/log/hvm.serial "hvm2 extended" 900 || mark "hvm's next boot did not finish"
     report /var/log/hvm.serial HVM2 | grep -v tick
     # Saved and restored: the restored domain's TPM continues (its vtpm, told of the suspend
     # by xvtpmd, kept it marked in its snapshot; the new one, started for QEMU's -incoming,

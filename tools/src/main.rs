@@ -119,6 +119,15 @@ enum Command {
     /// domain file, through its wrapper: `device_model_override =
     /// "/usr/lib/xvtpm/xvtpm-qemu-dm"`.
     QemuDm(qemu_dm::QemuDmArgs),
+    /// Write the ACPI TPM2 table an HVM domain file passes with `acpi_firmware=` for measured
+    /// boot (the package installs it as /usr/lib/xvtpm/acpi-tpm2.bin; docs/hvm.md).
+    HvmAcpiTable {
+        /// Where the table goes.
+        file: PathBuf,
+        /// Room for the firmware's event log, in bytes.
+        #[arg(long, default_value_t = xvtpm_vtpm::hvm::acpi::DEFAULT_LOG_LEN)]
+        log_size: u32,
+    },
     /// Show a vTPM state file's format, protection and size (never its contents).
     InspectState {
         /// The file.
@@ -200,6 +209,10 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::InspectState { file, json } => inspect::inspect_state(&file, json)?,
         Command::Migrate(a) => migrate::migrate(a)?,
         Command::QemuDm(a) => qemu_dm::run(a)?,
+        Command::HvmAcpiTable { file, log_size } => {
+            std::fs::write(&file, xvtpm_vtpm::hvm::acpi::tpm2_table(log_size))
+                .with_context(|| format!("write {}", file.display()))?;
+        }
         Command::MigrateRelay { plan, args } => migrate::relay::run(&plan, &args)?,
         Command::MigrateAccept { opts } => migrate::accept::run(&opts)?,
         Command::EchoBackend { xen, uuid } => {

@@ -7,8 +7,10 @@
 //! manager. tpm2-tools work through /dev/tpm0 and /dev/tpmrm0; the guest reboots itself and
 //! its next domain keeps the persistent key and NV index, with PCR 16 reset; saved and restored
 //! with xl, its TPM goes on. A TPM 1.2 HVM guest works too; its vtpm killed under it, the one
-//! xvtpmd starts again resumes its PCRs. The same run measures a PV guest's GetRandom for
-//! comparison.
+//! xvtpmd starts again resumes its PCRs. Both boot the SeaBIOS of `scripts/build-seabios.sh`
+//! (`bios_path_override`), which measures the boot; the TPM 2.0 guest's event log (through the
+//! TPM2 table of `acpi_firmware`) replays to its PCRs. The same run measures a PV guest's
+//! GetRandom for comparison.
 //! Scenario: tests/harness/xen-hvm-dom0-init.sh. Not in `.ci/run` (feature `hvm-tests`): run
 //! `cargo test -p xvtpm-tools --features hvm-tests --test hvm`.
 
@@ -67,6 +69,21 @@ fn check(c: &xen_qemu::Console) {
     assert!(c.value("HVM devices").contains("/dev/tpmrm0"), "{}", ctx());
     assert!(c.value("HVM hvm driver").starts_with("tpm_tis "), "Linux's own TIS driver: {}", ctx());
     assert!(c.value("HVM hvm tpmrm0").starts_with("ok "), "tpm2-tools through /dev/tpmrm0: {}", ctx());
+    // Measured boot: SeaBIOS started the TPM and measured the boot; its log (found through the
+    // TPM2 table) replays to the PCRs the TPM holds.
+    let events = c.value("HVM hvm eventlog");
+    assert!(
+        events.contains("EV_NO_ACTION=") && events.contains("EV_SEPARATOR="),
+        "the firmware's log: {events}; {}",
+        ctx()
+    );
+    assert!(c.value("HVM hvm eventlog replay").starts_with("ok "), "the log replays to the PCRs: {}", ctx());
+    let pcr0 = c.value("HVM hvm pcr0");
+    assert!(
+        pcr0.len() == 66 && !pcr0.trim_start_matches("0X").trim_matches('0').is_empty(),
+        "PCR 0: {pcr0:?}; {}",
+        ctx()
+    );
     for ok in ["getrandom ok", "pcrextend ok", "createprimary ok", "evictcontrol ok", "nv ok"] {
         assert!(c.guest(&format!("HVM {ok}")), "HVM {ok}; {}", ctx());
     }
@@ -120,6 +137,10 @@ fn check(c: &xen_qemu::Console) {
     assert!(c.guest("HVM12 tpm_version_major=1"), "{}", ctx());
     let pcrs = c.value("HVM12 hvm12 pcrcount");
     assert_eq!(pcrs, "24 enabled=1 active=1", "the kernel's TPM 1.2 reads: {}", ctx());
+    // SeaBIOS measured the boot into the TPM 1.2 too, logged where hvmloader's TCPA table says.
+    let bios = c.value("HVM12 hvm12 bios events");
+    let n: u32 = bios.split_whitespace().next().and_then(|w| w.parse().ok()).unwrap_or(0);
+    assert!(n > 0 && !bios.ends_with(&"00".repeat(20)), "the firmware's TPM 1.2 log and PCR 0: {bios}; {}", ctx());
     assert!(c.value("HVM12 hvm12 extend").starts_with("00c400000"), "TPM_Extend answered: {}", ctx());
     let first_tick = first_tick_line(c);
     assert!(first_tick.contains("PCR-16:") && !first_tick.ends_with(&"00".repeat(15)), "{first_tick}; {}", ctx());

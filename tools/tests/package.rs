@@ -64,7 +64,9 @@ fn the_package_passes_lintian_installs_into_a_clean_debian_root_and_keeps_state_
         &root,
         "xvtpm --version; vtpm --version; vtpmmgr --version; xvtpmd --version; man -w xvtpmd vtpm-serve xvtpm-status; \
          readlink /etc/systemd/system/multi-user.target.wants/xvtpmd.service; getent group xvtpm | cut -d: -f1; \
-         grep -c . /var/lib/dpkg/info/xvtpm.conffiles; ls /usr/share/bash-completion/completions/xvtpm",
+         grep -c . /var/lib/dpkg/info/xvtpm.conffiles; ls /usr/share/bash-completion/completions/xvtpm; \
+         grep -a -o '1[.][0-9.]*-debian-xvtpm-tpm' /usr/lib/xvtpm/seabios-xen-tpm.bin | head -n 1; \
+         od -An -c -N 4 /usr/lib/xvtpm/acpi-tpm2.bin | tr -d ' '",
     );
     for want in [
         "xvtpm 0.1.0",
@@ -77,6 +79,9 @@ fn the_package_passes_lintian_installs_into_a_clean_debian_root_and_keeps_state_
         "/lib/systemd/system/xvtpmd.service",
         "xvtpm",
         "/usr/share/bash-completion/completions/xvtpm",
+        // Measured boot of HVM guests: our SeaBIOS build and the TPM2 table.
+        "1.16.2-debian-xvtpm-tpm",
+        "TPM2",
     ] {
         assert!(
             seen.lines().any(|l| l.trim() == want),
