@@ -7,19 +7,19 @@
 #   scripts/package.sh --bin-dir DIR         package binaries built elsewhere (the tests
 #                                            package their debug build)
 #   ... --out DIR                            where the .deb goes [target/deb]
-#   ... --seabios FILE                       the measured-boot SeaBIOS for HVM guests
-#                                            [built by scripts/build-seabios.sh, cached in
-#                                            target/seabios]
+#   ... --seabios-dir DIR                    the measured-boot SeaBIOS for HVM guests, as
+#                                            scripts/build-seabios.sh leaves it [built by
+#                                            it, cached in target/seabios]
 # Prints the .deb's path.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-BIN= OUT=target/deb SEABIOS=
+BIN= OUT=target/deb SEABIOS=target/seabios
 while [ $# -gt 0 ]; do
     case "$1" in
         --bin-dir) BIN=$2; shift 2;;
         --out) OUT=$2; shift 2;;
-        --seabios) SEABIOS=$2; shift 2;;
-        *) echo "usage: $0 [--bin-dir DIR] [--out DIR] [--seabios FILE]" >&2; exit 2;;
+        --seabios-dir) SEABIOS=$2; shift 2;;
+        *) echo "usage: $0 [--bin-dir DIR] [--out DIR] [--seabios-dir DIR]" >&2; exit 2;;
     esac
 done
 BINS="vtpm vtpmmgr xvtpm xvtpmd"
@@ -57,8 +57,12 @@ install -D -m 0644 $P/xvtpmd.toml "$ROOT/etc/xvtpm/xvtpmd.toml"
 install -D -m 0755 $P/xen/xvtpm-qemu-dm "$ROOT/usr/lib/xvtpm/xvtpm-qemu-dm"
 install -D -m 0755 $P/xen/xvtpm-qemu-dm-tpm1.2 "$ROOT/usr/lib/xvtpm/xvtpm-qemu-dm-tpm1.2"
 # Measured boot of HVM guests (docs/hvm.md): the firmware and the TPM2 table it fills in.
-if [ -z "$SEABIOS" ]; then scripts/build-seabios.sh target/seabios >&2; SEABIOS=target/seabios/seabios-xen-tpm.bin; fi
-install -D -m 0644 "$SEABIOS" "$ROOT/usr/lib/xvtpm/seabios-xen-tpm.bin"
+# SeaBIOS (LGPL-3) with its source's name, Debian's copyright file of it and our diff.
+scripts/build-seabios.sh "$SEABIOS" >&2
+install -D -m 0644 "$SEABIOS/seabios-xen-tpm.bin" "$ROOT/usr/lib/xvtpm/seabios-xen-tpm.bin"
+for f in seabios-xen-tpm.diff seabios.copyright seabios-source.txt; do
+    install -D -m 0644 "$SEABIOS/$f" "$ROOT/usr/share/doc/xvtpm/$f"
+done
 "$BIN/xvtpm" hvm-acpi-table "$ROOT/usr/lib/xvtpm/acpi-tpm2.bin"
 chmod 0644 "$ROOT/usr/lib/xvtpm/acpi-tpm2.bin"
 install -D -m 0644 $P/deb/copyright "$ROOT/usr/share/doc/xvtpm/copyright"

@@ -78,6 +78,9 @@ printf 'root:x:0:0:root:/:/bin/sh\n' > "$S/etc/passwd"; printf 'root:x:0:\n' > "
 copy_libs "$tpm2" "$S"
 for l in libtss2-tcti-device.so.0 libtss2-tctildr.so.0; do cp -L "/usr/lib/x86_64-linux-gnu/$l" "$S/lib/x86_64-linux-gnu/"; done
 copy_libs /usr/lib/x86_64-linux-gnu/libtss2-tcti-device.so.0 "$S"
+# Xen's xenstore client: what a hostile guest may try on dom0's part of xenstore.
+cp "$R/usr/bin/xenstore" "$S/usr/bin/xenstore"; copy_libs "$R/usr/bin/xenstore" "$S"
+for t in read write; do ln -sf xenstore "$S/usr/bin/xenstore-$t"; done
 mkcpio "$S" | gzip -1 > "$OUT/domU.cpio.gz"
 
 # dom0: Xen's tools, our vtpm, the guest.

@@ -32,6 +32,8 @@ U3=33333333-3333-4333-8333-333333333333; U4=44444444-4444-4444-8444-444444444444
 # backend, which under TCG with other guests booting is not always enough.
 guest g1 1 $U1; ready g1; guest g2 2 $U2; ready g2; guest g3 3 $U3; ready g3
 mark "SVCSTATUS1 $(status)"
+# Each guest tried to write an HVM TPM request for g2's vTPM into dom0's xenstore.
+mark "SVCHVMREQ $(grep -h -o 'svc request write.*' $CON/guest-g1.log $CON/guest-g2.log $CON/guest-g3.log | cut -c1-120 | tr '\n' '|') requests: $(xenstore-ls /local/domain/0/xvtpm-hvm 2>&1 | tr '\n' ' ' | cut -c1-200) hvm vtpms: $(status | grep -o '"hvm":true' | wc -l)"
 pid_of() { status | tr '{' '\n' | grep "\"uuid\":\"$1\"" | sed -n 's/.*"pid":\([0-9]*\).*/\1/p'; }
 # What /proc says of a vtpm's sandbox, and what its state directory looks like from outside.
 field() { awk -v f="$2:" '$1 == f {print $2}' /proc/$1/status; }

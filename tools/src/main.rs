@@ -124,8 +124,10 @@ enum Command {
     HvmAcpiTable {
         /// Where the table goes.
         file: PathBuf,
-        /// Room for the firmware's event log, in bytes.
-        #[arg(long, default_value_t = xvtpm_vtpm::hvm::acpi::DEFAULT_LOG_LEN)]
+        /// Room for the firmware's event log, in bytes (SeaBIOS takes it from its own memory,
+        /// which has room for a few hundred KiB at most).
+        #[arg(long, default_value_t = xvtpm_vtpm::hvm::acpi::DEFAULT_LOG_LEN,
+              value_parser = clap::value_parser!(u32).range(4096..=262_144))]
         log_size: u32,
     },
     /// Show a vTPM state file's format, protection and size (never its contents).

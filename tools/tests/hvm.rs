@@ -84,6 +84,9 @@ fn check(c: &xen_qemu::Console) {
         "PCR 0: {pcr0:?}; {}",
         ctx()
     );
+    // The next boot measures the same firmware: the same PCR 0 and a log that replays again.
+    assert_eq!(c.value("HVM2 hvm pcr0"), pcr0, "PCR 0 at the next boot; {}", ctx());
+    assert!(c.value("HVM2 hvm eventlog replay").starts_with("ok "), "{}", ctx());
     for ok in ["getrandom ok", "pcrextend ok", "createprimary ok", "evictcontrol ok", "nv ok"] {
         assert!(c.guest(&format!("HVM {ok}")), "HVM {ok}; {}", ctx());
     }

@@ -9,6 +9,7 @@
 //! runs in its sandbox (checked from /proc: uid, groups, capabilities, filter, mounts, the Xen
 //! devices it holds, its domain helper), and one made to call what its filter forbids (with
 //! ptrace, tests/harness/syscall-inject.c) is killed, logged and resumed while the others go on.
+//! A guest cannot write an HVM TPM request into dom0's xenstore (each tries, with Xen's client).
 //! Scenario: tests/harness/xen-service-dom0-init.sh.
 
 use std::path::PathBuf;
@@ -48,6 +49,19 @@ fn the_packaged_service_serves_guests_from_plain_domain_files() {
         assert!(status1.contains(u), "status lists {u}: {status1}; {}", ctx());
     }
     assert_eq!(status1.matches("\"state\":\"running\"").count(), 3, "{status1}");
+    // Each guest, as an attacker, tried to request an HVM TPM (another guest's vTPM) by
+    // writing where the device model's wrapper writes: refused by xenstored, nothing served.
+    let req = line(&c, "SVCHVMREQ ");
+    // (Its client works: it read its domain id and wrote its own data directory.)
+    let (tries, rest) = req.trim_start_matches("SVCHVMREQ ").split_once(" requests: ").unwrap_or(("", ""));
+    let refused = tries.split('|').filter(|s| s.starts_with("svc request write refused (domain ")).collect::<Vec<_>>();
+    assert_eq!(refused.len(), 3, "{req}; {}", ctx());
+    for r in refused {
+        let dom = r.trim_start_matches("svc request write refused (domain ");
+        assert!(dom.starts_with(|ch: char| ch.is_ascii_digit()) && r.contains("own data write ok"), "{r}");
+    }
+    assert!(!tries.contains("ALLOWED") && !rest.contains("uuid =") && !rest.contains("state ="), "{req}");
+    assert!(rest.ends_with("hvm vtpms: 0"), "xvtpmd served no request: {req}");
 
     // Each vtpm in its sandbox: a uid of its own from the range (its state directory's owner,
     // mode 0700), its gid, the manager socket's group (101 in this image), no capabilities,
