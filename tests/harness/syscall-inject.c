@@ -55,11 +55,16 @@ int main(int argc, char **argv) {
         for (struct dirent *e; fds && (e = readdir(fds));) {
             snprintf(link, sizeof link, "%s/%s", dir, e->d_name);
             ssize_t n = readlink(link, to, sizeof to - 1);
-            if (n > 0 && (to[n] = 0, strcmp(to, "/dev/xen/privcmd") == 0)) privcmd = atoi(e->d_name);
+            /* (A sandboxed process's root no longer shows /dev: the link names the device
+             * relative to its file system, e.g. /xen/privcmd.) */
+            if (n > 8 && (to[n] = 0, strcmp(to + n - 8, "/privcmd") == 0)) {
+                privcmd = atoi(e->d_name);
+                printf("fd %d is %s\n", privcmd, to);
+            }
         }
         if (fds) closedir(fds);
         if (privcmd < 0) {
-            fprintf(stderr, "process %d holds no /dev/xen/privcmd\n", pid);
+            fprintf(stderr, "process %d holds no privcmd handle\n", pid);
             return 1;
         }
     }
