@@ -110,14 +110,4 @@ mod tests {
         assert_eq!(domid_of(&args[1..]), None);
         assert_eq!(domid_of(&["-xen-domid".to_string(), "x".to_string()]), None);
     }
-
-    #[test]
-    fn the_uuid_comes_from_the_vm_path() {
-        assert_eq!(
-            uuid_of_vm("/vm/5E1F0A2B-7C3D-4E5F-8A9B-0C1D2E3F4A5B").as_deref(),
-            Some("5e1f0a2b-7c3d-4e5f-8a9b-0c1d2e3f4a5b")
-        );
-        assert_eq!(uuid_of_vm("/vm/not-a-uuid"), None);
-        assert_eq!(uuid_of_vm("/local/domain/3"), None);
-    }
 }

@@ -206,3 +206,18 @@ pub fn remove_vtpm_at(
     }
     Ok(closed)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::uuid_of_vm;
+
+    #[test]
+    fn the_uuid_comes_from_the_vm_path_or_a_life() {
+        let want = Some("5e1f0a2b-7c3d-4e5f-8a9b-0c1d2e3f4a5b");
+        assert_eq!(uuid_of_vm("/vm/5E1F0A2B-7C3D-4E5F-8A9B-0C1D2E3F4A5B").as_deref(), want);
+        // serve-hvm passes the domain's life (`<vm>@<start_time>`).
+        assert_eq!(uuid_of_vm("/vm/5e1f0a2b-7c3d-4e5f-8a9b-0c1d2e3f4a5b@1796656826.13").as_deref(), want);
+        assert_eq!(uuid_of_vm("/vm/not-a-uuid"), None);
+        assert_eq!(uuid_of_vm("/local/domain/3"), None);
+    }
+}
