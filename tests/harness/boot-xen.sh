@@ -4,6 +4,7 @@
 # With `tpm`, the machine has a TPM 2.0 (QEMU's tpm-tis backed by a fresh Debian swtpm) that
 # dom0's kernel leaves alone, for the manager's stub domain; with `tpm-dom0`, dom0's kernel
 # drives it (/dev/tpmrm0, for a manager in dom0).
+# XVTPM_QEMU names another qemu-system-x86_64 for the outer machine (default: Debian 12's).
 set -uo pipefail
 IMG=${1:?usage: boot-xen.sh IMGDIR LOGFILE [TIMEOUT [tpm]]}; LOG=${2:?}; TMO=${3:-600}; TPM=${4:-}
 XEN_CMD="dom0_mem=1024M,max:1024M dom0_max_vcpus=2 console=com1 com1=115200,8n1 loglvl=warning guest_loglvl=warning"
@@ -22,7 +23,7 @@ if [ "$TPM" = tpm ] || [ "$TPM" = tpm-dom0 ]; then
 fi
 # HVM guests need SVM with nested paging (Xen then has HAP); build-xen.sh says so in IMGDIR/cpu.
 CPU=qemu64; [ -f "$IMG/cpu" ] && CPU=$(cat "$IMG/cpu")
-timeout --foreground -k 5 "$TMO" qemu-system-x86_64 -machine pc -accel tcg,thread=multi -cpu "$CPU" -m 2048 -smp 2 \
+timeout --foreground -k 5 "$TMO" "${XVTPM_QEMU:-qemu-system-x86_64}" -machine pc -accel tcg,thread=multi -cpu "$CPU" -m 2048 -smp 2 \
     -display none -monitor none -serial stdio -no-reboot -device isa-debug-exit,iobase=0xf4,iosize=0x04 "${EXTRA[@]}" \
     -kernel "$IMG/xen" -append "$XEN_CMD" -initrd "$IMG/vmlinux ${DOM0_CMD//,/,,},$IMG/dom0.cpio" </dev/null >"$LOG" 2>&1
 rc=$?
