@@ -6,7 +6,7 @@
 # Installs what it needs if missing (Debian packages through scripts/deps.sh; cargo-fuzz from
 # crates.io), builds every target with libFuzzer on the stable toolchain (cargo-fuzz's
 # `--sanitizer none`, which passes no -Z flag; debug assertions and overflow checks on), then
-# runs each target for SECONDS on a temporary copy of its seed corpus (fuzz/corpus/TARGET)
+# runs each target for SECONDS (FUZZ_JOBS at a time, default one per CPU) on a temporary copy of its seed corpus (fuzz/corpus/TARGET)
 # plus its saved crash inputs (fuzz/regressions/TARGET), so the inputs a run finds never
 # touch the work tree. Prints executions, time and speed per target; exits non-zero if any
 # target crashed, timed out or ran out of memory, leaving the input under
@@ -17,8 +17,11 @@ SECS=${1:-60}
 shift || true
 case "$SECS" in '' | *[!0-9]*) echo "usage: $0 [SECONDS] [TARGET...]" >&2; exit 2 ;; esac
 ALL_TARGETS=(tpmif_page xenstore_wire mgr_request swtpm_ctrl state_header tis_response)
-TARGETS=("$@")
-[ ${#TARGETS[@]} -gt 0 ] || TARGETS=("${ALL_TARGETS[@]}")
+TARGETS=()
+# Each target once: two runs of one target would share its corpus copy and log.
+for t in "${@:-${ALL_TARGETS[@]}}"; do
+    case " ${TARGETS[*]} " in *" $t "*) ;; *) TARGETS+=("$t") ;; esac
+done
 CARGO_FUZZ_VERSION=0.13.2
 
 cd "$(dirname "$0")/.."
@@ -51,7 +54,8 @@ built=$(date +%s)
 shm=/dev/shm
 [ -d "$shm" ] && [ -w "$shm" ] || shm=${TMPDIR:-/tmp}
 WORK=$(mktemp -d "$shm/xvtpm-fuzz.XXXXXX")
-trap 'rm -rf "$WORK"' EXIT
+# Stopped early (a signal, an error), the targets still running stop too.
+trap 'kill $(jobs -p) 2>/dev/null || true; wait; rm -rf "$WORK"' EXIT
 ulimit -c 0
 
 max_len() {
@@ -63,7 +67,9 @@ max_len() {
 
 # Each target alone on one core, as many at once as there are cores: the same SECONDS each,
 # in less wall time (the CI machine has two).
-JOBS=$(nproc 2>/dev/null || echo 1)
+JOBS=${FUZZ_JOBS:-$(nproc 2>/dev/null || echo 1)}
+case "$JOBS" in '' | *[!0-9]* | 0) echo "FUZZ_JOBS must be a positive number" >&2; exit 2 ;; esac
+[ "$JOBS" -le ${#TARGETS[@]} ] || JOBS=${#TARGETS[@]}
 for t in "${TARGETS[@]}"; do
     if [ ! -x "$BIN/$t" ]; then
         echo "unknown target $t (known: ${ALL_TARGETS[*]})" >&2
@@ -90,7 +96,11 @@ fuzz_one() {
     rc=0
     TMPDIR=$WORK/tmp/$t "$BIN/$t" \
         -max_total_time="$SECS" -max_len="$(max_len "$t")" -timeout=10 -rss_limit_mb=2048 \
-        -print_final_stats=1 -artifact_prefix="$WORK/artifacts/$t/" "${dirs[@]}" >"$log" 2>&1 || rc=$?
+        -print_final_stats=1 -artifact_prefix="$WORK/artifacts/$t/" "${dirs[@]}" >"$log" 2>&1 &
+    # The script's exit trap stops this job with TERM: the fuzzer goes with it.
+    local pid=$!
+    trap 'kill "$pid" 2>/dev/null; wait "$pid"; exit 143' TERM
+    wait "$pid" || rc=$?
     t1=$(date +%s.%N)
     stat() { sed -n "s/^stat::$1: *//p" "$log" | tail -1; }
     execs=$(stat number_of_executed_units)
@@ -113,7 +123,7 @@ fuzz_one() {
                 [ -f "$a" ] || continue
                 a=$FUZZ/artifacts/$t/$(basename "$a")
                 echo "---- input $a ($(wc -c <"$a") bytes; replay: $BIN/$t $a)"
-                od -A d -t x1 "$a" | head -16
+                od -A d -t x1 -N 256 "$a"
             done
         } >"$WORK/$t.report"
     fi
@@ -137,7 +147,6 @@ for t in "${TARGETS[@]}"; do
     line=$(cat "$WORK/$t.line" 2>/dev/null || echo "$t  did not report")
     [ -f "$WORK/$t.line" ] || : >"$WORK/$t.failed"
     [ -f "$WORK/$t.failed" ] && failed+=("$t")
-    echo "$line"
     summary+=("$line")
 done
 end=$(date +%s)
