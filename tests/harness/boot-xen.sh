@@ -4,10 +4,11 @@
 # With `tpm`, the machine has a TPM 2.0 (QEMU's tpm-tis backed by a fresh Debian swtpm) that
 # dom0's kernel leaves alone, for the manager's stub domain; with `tpm-dom0`, dom0's kernel
 # drives it (/dev/tpmrm0, for a manager in dom0).
-# XVTPM_QEMU names another qemu-system-x86_64 for the outer machine (default: Debian 12's).
+# XVTPM_QEMU names another qemu-system-x86_64 for the outer machine (default: Debian 12's);
+# XVTPM_XEN_ARGS adds to Xen's command line (later options win: guest_loglvl=all, say).
 set -uo pipefail
 IMG=${1:?usage: boot-xen.sh IMGDIR LOGFILE [TIMEOUT [tpm]]}; LOG=${2:?}; TMO=${3:-600}; TPM=${4:-}
-XEN_CMD="dom0_mem=1024M,max:1024M dom0_max_vcpus=2 console=com1 com1=115200,8n1 loglvl=warning guest_loglvl=warning"
+XEN_CMD="dom0_mem=1024M,max:1024M dom0_max_vcpus=2 console=com1 com1=115200,8n1 loglvl=warning guest_loglvl=warning ${XVTPM_XEN_ARGS:-}"
 DOM0_CMD="console=hvc0 earlyprintk=xen loglevel=4"
 EXTRA=()
 if [ "$TPM" = tpm ] || [ "$TPM" = tpm-dom0 ]; then

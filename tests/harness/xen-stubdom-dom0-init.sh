@@ -108,10 +108,10 @@ xl vtpm-attach tpmguest backend=vtpm-tpmguest uuid=$GUUID 2>&1 | sed 's/^/  xl: 
 FE=/local/domain/$(xl domid tpmguest)/device/vtpm/0/state
 try=1
 while true; do
-    i=0; while [ "$(xenstore-read $FE 2>/dev/null)" != 4 ] && [ "$(xenstore-read $FE 2>/dev/null)" != 6 ] && [ $i -lt 600 ]; do
-        i=$((i+1)); usleep 100000
+    i=0; st=$(xenstore-read $FE 2>&1)
+    while [ "$st" != 4 ] && [ "$st" != 6 ] && [ $i -lt 600 ]; do
+        i=$((i+1)); usleep 100000; st=$(xenstore-read $FE 2>&1)
     done
-    st=$(xenstore-read $FE 2>&1)
     [ "$st" = 6 ] && [ $try -lt 3 ] || break
     mark "REATTACH_CLOSED the guest closed the new device (state 6, attach $try); detached and attached again"
     xl vtpm-detach tpmguest 0 2>&1 | sed 's/^/  xl: /'
