@@ -6,11 +6,11 @@
 # Installs what it needs if missing (Debian packages through scripts/deps.sh; cargo-fuzz from
 # crates.io), builds every target with libFuzzer on the stable toolchain (cargo-fuzz's
 # `--sanitizer none`, which passes no -Z flag; debug assertions and overflow checks on), then
-# runs each target for SECONDS (FUZZ_JOBS at a time, default one per CPU) on a temporary copy of its seed corpus (fuzz/corpus/TARGET)
-# plus its saved crash inputs (fuzz/regressions/TARGET), so the inputs a run finds never
-# touch the work tree. Prints executions, time and speed per target; exits non-zero if any
-# target crashed, timed out or ran out of memory, leaving the input under
-# fuzz/artifacts/TARGET/ (ignored by git) and printing the panic.
+# runs each target for SECONDS (FUZZ_JOBS at a time, default one per CPU) on a temporary copy
+# of its seed corpus (fuzz/corpus/TARGET) plus its saved crash inputs (fuzz/regressions/TARGET),
+# so the inputs a run finds never touch the work tree. Prints executions, time and speed per
+# target; exits non-zero if any target crashed, timed out or ran out of memory, leaving the
+# input under fuzz/artifacts/TARGET/ (ignored by git) and printing the panic.
 set -euo pipefail
 
 SECS=${1:-60}
@@ -145,8 +145,8 @@ summary=()
 for t in "${TARGETS[@]}"; do
     [ -f "$WORK/$t.report" ] && cat "$WORK/$t.report"
     line=$(cat "$WORK/$t.line" 2>/dev/null || echo "$t  did not report")
-    [ -f "$WORK/$t.line" ] || : >"$WORK/$t.failed"
-    [ -f "$WORK/$t.failed" ] && failed+=("$t")
+    # A job that stopped before its summary line failed too.
+    if [ ! -f "$WORK/$t.line" ] || [ -f "$WORK/$t.failed" ]; then failed+=("$t"); fi
     summary+=("$line")
 done
 end=$(date +%s)

@@ -73,7 +73,6 @@ diag() { # name: what there is to see when a guest is stuck
     mark "DIAG xl list:"; xl list 2>&1 | sed 's/^/  /'
     mark "DIAG qemu-dm log:"; tail -n 10 /var/log/xen/qemu-dm-$1.log 2>&1 | sed 's/^/  /'
     mark "DIAG xl log:"; tail -n 10 /var/log/xen/xl-$1.log 2>&1 | sed 's/^/  /'
-    mark "DIAG xl dmesg:"; xl dmesg 2>&1 | tail -n 10 | sed 's/^/  /'
     mark "DIAG requests:"; xenstore-ls /local/domain/0/xvtpm-hvm 2>&1 | sed 's/^/  /'
     mark "DIAG xvtpmd log:"; tail -n 25 /var/log/xvtpmd.log | cut -c1-250 | sed 's/^/  /'
 }
