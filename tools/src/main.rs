@@ -28,6 +28,10 @@ mod container;
 // What xvtpmd writes for `xvtpm status`: one definition for both binaries.
 #[path = "daemon/status.rs"]
 mod daemon_status;
+// xvtpmd's state root, which `xvtpm migrate` moves HVM guests' vTPMs out of and into.
+#[path = "daemon/layout.rs"]
+#[allow(dead_code)] // Shared with xvtpmd, which uses all of it; this tool a part.
+mod daemon_layout;
 mod inspect;
 mod migrate;
 mod qemu_dm;
@@ -57,7 +61,7 @@ struct Cli {
     command: Command,
 }
 
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Clone)]
 pub(crate) struct XenOpts {
     /// Use the simulated Xen in this directory instead of /dev/xen and xenstored.
     #[arg(long, value_name = "DIR")]

@@ -3,7 +3,9 @@
 //! arguments while the new domain is paused; it asks dom0's xvtpmd for the domain's TPM (keyed
 //! by the domain's uuid), waits until the vtpm serves its registers, then becomes Debian's
 //! QEMU with the same arguments. Whatever stops the TPM stops the domain's creation, with the
-//! reason in the device model's log.
+//! reason in the device model's log. At the receiving end of `xvtpm migrate` the vTPM comes
+//! with the migration, after the device model must run: xvtpmd answers `arriving`, and QEMU
+//! starts at once (the guest stays paused until the migration has the vTPM served).
 
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -51,18 +53,22 @@ pub fn run(a: QemuDmArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     // A restore (or a migration's receiving end): the guest runs on.
     let incoming = a.args.iter().any(|x| x == "-incoming");
-    request_tpm(&xs, domid, &uuid, a.tpm_version.as_deref(), incoming)?;
-    log::info!(
-        "xvtpm-qemu-dm: domain {domid}: TPM (vTPM {uuid}) served after {:.1} s",
-        started.elapsed().as_secs_f64()
-    );
+    if request_tpm(&xs, domid, &uuid, a.tpm_version.as_deref(), incoming)? {
+        log::info!(
+            "xvtpm-qemu-dm: domain {domid}: TPM (vTPM {uuid}) served after {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+    } else {
+        log::info!("xvtpm-qemu-dm: domain {domid}: vTPM {uuid} arrives with the migration; starting the device model");
+    }
     drop(xs);
     let err = std::process::Command::new(&a.qemu).args(&a.args).exec();
     bail!("cannot run {}: {err}", a.qemu.display())
 }
 
-/// Asks xvtpmd for `domid`'s TPM and waits until it is served or refused.
-fn request_tpm(xs: &Xenstore, domid: u16, uuid: &str, version: Option<&str>, incoming: bool) -> anyhow::Result<()> {
+/// Asks xvtpmd for `domid`'s TPM and waits until it is served (`true`), arriving with a
+/// migration (`false`, only for an incoming domain) or refused (`Err`).
+fn request_tpm(xs: &Xenstore, domid: u16, uuid: &str, version: Option<&str>, incoming: bool) -> anyhow::Result<bool> {
     let dir = hvm_request_path(domid);
     // Anything left from an earlier domain with this id is not ours.
     xs.try_rm(TxId::NONE, &dir)?;
@@ -82,7 +88,8 @@ fn request_tpm(xs: &Xenstore, domid: u16, uuid: &str, version: Option<&str>, inc
     loop {
         let state = xs.try_read(TxId::NONE, &format!("{dir}/{HVM_STATE_KEY}"))?;
         match state.as_deref() {
-            Some(b"ready") => return Ok(()),
+            Some(b"ready") => return Ok(true),
+            Some(b"arriving") if incoming => return Ok(false),
             Some(b"refused") => {
                 let why = xs.try_read(TxId::NONE, &format!("{dir}/{HVM_ERROR_KEY}"))?.unwrap_or_default();
                 bail!("domain {domid}: xvtpmd refused its TPM: {}", String::from_utf8_lossy(&why));

@@ -320,3 +320,96 @@ fn with_the_manager_from_the_configuration_a_vtpm_is_provisioned_there_and_keeps
     assert_eq!(pcr16(&mut fe), measured, "PCR 16 after the restart; {}", d.log());
     fe.close().expect("close");
 }
+
+/// What the `xvtpm-qemu-dm` wrapper writes for an HVM guest: its TPM request.
+fn hvm_request(host: &SimHost, domid: u16, incoming: bool) -> String {
+    use xvtpm_xen::xenbus::{hvm_request_path, HVM_INCOMING_KEY, HVM_STATE_KEY, HVM_UUID_KEY};
+    let xs = host.xen(0).xenstore().expect("xs");
+    toolstack::add_domain(&xs, domid, "hvm").expect("domain");
+    let dir = hvm_request_path(domid);
+    xs.transaction(|tx| {
+        xs.write(tx, &format!("{dir}/{HVM_UUID_KEY}"), UUID.as_bytes())?;
+        if incoming {
+            xs.write(tx, &format!("{dir}/{HVM_INCOMING_KEY}"), b"1")?;
+        }
+        xs.write(tx, &format!("{dir}/{HVM_STATE_KEY}"), b"requested")
+    })
+    .expect("request");
+    dir
+}
+
+/// The refused domain is destroyed (by xl, as its device model failed): its request goes.
+fn gone(host: &SimHost, domid: u16, request: &str) {
+    let xs = host.xen(0).xenstore().expect("xs");
+    toolstack::remove_domain(&xs, domid).expect("domain gone");
+    xs.try_rm(TxId::NONE, request).expect("request gone");
+}
+
+/// Waits until the request's state is `want`; then its error, if any.
+fn request_state(host: &SimHost, dir: &str, want: &str, d: &Daemon) -> String {
+    let xs = host.xen(0).xenstore().expect("xs");
+    let read = |k: &str| xs.try_read(TxId::NONE, &format!("{dir}/{k}")).expect("read").unwrap_or_default();
+    let end = Instant::now() + Duration::from_secs(15);
+    while read("state") != want.as_bytes() {
+        assert!(Instant::now() < end, "{dir} never {want}:\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    String::from_utf8_lossy(&read("error")).into_owned()
+}
+
+/// An HVM guest that arrives (a restore, or a migration's receiving end) never gets a new
+/// vTPM, even with auto-create: it would hand the running guest reset PCRs. While
+/// `xvtpm migrate-accept` puts its vTPM in place (the `arriving` mark with its pid), the
+/// wrapper hears `arriving` (and starts the device model); if the accepter gives up (the
+/// directory goes) or is gone (its mark stays), the guest is refused, never served a
+/// half-arrived vTPM.
+#[test]
+fn an_arriving_hvm_guest_waits_for_its_vtpm_and_is_refused_if_its_migration_fails() {
+    let host = SimHost::temp().expect("sim");
+    let dir = host.dir().join("host");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let d = Daemon::start(&host, &dir, true);
+    toolstack::init_dom0(&host.xen(0).xenstore().expect("xs")).expect("dom0");
+    let vtpm = dir.join("vtpms").join(UUID);
+
+    let restored = hvm_request(&host, 11, true);
+    let why = request_state(&host, &restored, "refused", &d);
+    assert!(why.contains("xvtpm migrate"), "{why}");
+    assert!(!vtpm.exists(), "no vTPM is made for an arriving guest");
+    gone(&host, 11, &restored);
+
+    // An accepter at work: a process named as the tool is.
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).expect("bin");
+    std::fs::copy("/bin/sleep", bin.join("xvtpm")).expect("copy sleep");
+    let mut accepter = Command::new(bin.join("xvtpm")).arg("60").spawn().expect("accepter");
+    std::fs::create_dir_all(vtpm.join("state")).expect("state");
+    std::fs::write(vtpm.join("arriving"), accepter.id().to_string()).expect("mark");
+    let arriving = hvm_request(&host, 12, true);
+    request_state(&host, &arriving, "arriving", &d);
+    d.wait_for("the arrival logged", |l| l.contains("arrives by a migration"));
+    assert!(
+        d.status().as_array().is_some_and(|a| a.iter().any(|e| e["guest"] == 12 && e["state"] == "arriving")),
+        "{}",
+        d.status()
+    );
+    // The migration fails: the accepter removes what it set up and says so.
+    std::fs::remove_dir_all(&vtpm).expect("undo");
+    let xs = host.xen(0).xenstore().expect("xs");
+    xs.write(TxId::NONE, &format!("{arriving}/arrived"), b"1").expect("arrived");
+    let why = request_state(&host, &arriving, "refused", &d);
+    assert!(why.contains("did not complete"), "{why}");
+    gone(&host, 12, &arriving);
+
+    // An accepter that died and left its mark: refused at once, with the recovery in the log.
+    std::fs::create_dir_all(vtpm.join("state")).expect("state");
+    let _ = accepter.kill();
+    let dead = accepter.id();
+    let _ = accepter.wait();
+    std::fs::write(vtpm.join("arriving"), dead.to_string()).expect("mark");
+    let stale = hvm_request(&host, 14, true);
+    let why = request_state(&host, &stale, "refused", &d);
+    assert!(why.contains("did not complete"), "{why}");
+    d.wait_for("the recovery", |l| l.contains("cut short") && l.contains("xvtpm vtpm delete"));
+    assert!(vtpm.join("arriving").exists(), "xvtpmd leaves the operator's evidence alone");
+}

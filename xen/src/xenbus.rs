@@ -86,7 +86,7 @@ pub const GUEST_DOMAIN_KEY: &str = "xvtpm-guest-domain";
 /// Where the HVM device-model wrapper asks dom0's xvtpmd for an HVM guest's TPM: one
 /// directory per guest domain, `<root>/<domid>`, holding [`HVM_UUID_KEY`], [`HVM_VERSION_KEY`] and [`HVM_INCOMING_KEY`] (the wrapper's),
 /// [`HVM_STATE_KEY`] and [`HVM_ERROR_KEY`] (xvtpmd's and the vtpm's), [`HVM_SERVER_KEY`] (the
-/// vtpm's). Under dom0's own directory: only dom0 may write there.
+/// vtpm's), [`HVM_ARRIVED_KEY`] (`xvtpm migrate-accept`'s). Under dom0's own directory: only dom0 may write there.
 pub const HVM_REQUEST_ROOT: &str = "/local/domain/0/xvtpm-hvm";
 /// The vTPM's uuid (the domain's own uuid).
 pub const HVM_UUID_KEY: &str = "uuid";
@@ -96,8 +96,12 @@ pub const HVM_VERSION_KEY: &str = "tpm-version";
 /// `1` when the device model restores a saved guest (`xl restore`, the receiving end of
 /// `xl migrate`: QEMU's `-incoming`): the guest runs on, so its TPM is not a new platform's.
 pub const HVM_INCOMING_KEY: &str = "incoming";
-/// `requested` (the wrapper), `ready` (the vtpm serves the registers), `refused` (xvtpmd).
+/// `requested` (the wrapper), `ready` (the vtpm serves the registers), `refused` (xvtpmd),
+/// `arriving` (xvtpmd: a migration brings the vTPM; the wrapper starts the device model
+/// without it, the guest staying paused until the migration has it served).
 pub const HVM_STATE_KEY: &str = "state";
+/// Written by `xvtpm migrate-accept` once an arriving vTPM is in place: xvtpmd starts it.
+pub const HVM_ARRIVED_KEY: &str = "arrived";
 /// Why a request was refused, for the wrapper to print into the device model's log.
 pub const HVM_ERROR_KEY: &str = "error";
 /// The id of the ioreq server serving the registers, for a restarted vtpm to take over.

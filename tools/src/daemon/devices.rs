@@ -3,8 +3,8 @@
 //! `xvtpm-qemu-dm` wrapper's); and closing one that will not be served.
 
 use xvtpm_xen::xenbus::{
-    hvm_request_path, parse_uuid, vtpm_backend_root, HVM_ERROR_KEY, HVM_REQUEST_ROOT, HVM_STATE_KEY, HVM_UUID_KEY,
-    HVM_VERSION_KEY,
+    hvm_request_path, parse_uuid, vtpm_backend_root, HVM_ERROR_KEY, HVM_INCOMING_KEY, HVM_REQUEST_ROOT, HVM_STATE_KEY,
+    HVM_UUID_KEY, HVM_VERSION_KEY,
 };
 use xvtpm_xen::{DomId, ShutdownReason, TxId, Xen, Xenstore};
 
@@ -27,6 +27,9 @@ pub struct Device {
     /// An HVM guest's domain is suspended (`xl save`, `xl migrate`): its vtpm is told, since
     /// in its sandbox it cannot ask Xen.
     pub suspended: bool,
+    /// An HVM guest that arrives (`xl restore`, the receiving end of a migration): it runs
+    /// on, so no vTPM is made for it.
+    pub incoming: bool,
 }
 
 impl Device {
@@ -70,7 +73,7 @@ pub fn list(xs: &Xenstore, me: DomId) -> xvtpm_xen::Result<Vec<Device>> {
                 None => Err("no uuid in the backend directory".to_string()),
                 Some(raw) => parse_uuid(&format!("{be_path}/uuid"), &raw).map_err(|e| e.to_string()),
             };
-            out.push(Device { frontend, handle, uuid, be_path, tpm12: None, suspended: false });
+            out.push(Device { frontend, handle, uuid, be_path, tpm12: None, suspended: false, incoming: false });
         }
     }
     Ok(out)
@@ -108,7 +111,8 @@ pub fn list_hvm(xs: &Xenstore, xen: &dyn Xen) -> xvtpm_xen::Result<Vec<Device>> 
             Some(b"2.0") => Some(false),
             _ => None,
         };
-        out.push(Device { frontend, handle: HVM_HANDLE, uuid, be_path, tpm12, suspended });
+        let incoming = xs.try_read(TxId::NONE, &format!("{be_path}/{HVM_INCOMING_KEY}"))?.as_deref() == Some(b"1");
+        out.push(Device { frontend, handle: HVM_HANDLE, uuid, be_path, tpm12, suspended, incoming });
     }
     Ok(out)
 }
@@ -144,6 +148,21 @@ pub fn refuse(xs: &Xenstore, d: &Device, why: &str) {
 }
 
 const CLOSED: &[u8] = b"6";
+
+/// Tells an HVM guest's wrapper that its vTPM arrives by a migration: it starts the device
+/// model without waiting (the guest stays paused until the migration has the vTPM served).
+pub fn arriving(xs: &Xenstore, d: &Device) {
+    let be = &d.be_path;
+    let r = xs.transaction(|tx| {
+        if xs.try_read(tx, &format!("{be}/{HVM_STATE_KEY}"))?.as_deref() != Some(b"requested") {
+            return Ok(());
+        }
+        xs.write(tx, &format!("{be}/{HVM_STATE_KEY}"), b"arriving")
+    });
+    if let Err(e) = r {
+        log::warn!("{}: cannot write `arriving` to {be}: {e}", d.name());
+    }
+}
 
 /// For a refused device the toolstack takes down, what its backend would do: Closed again
 /// after the toolstack's Closing, and in a driver domain (`me` not 0) the directory removed

@@ -5,6 +5,7 @@
 
 mod config;
 mod devices;
+mod layout;
 mod lives;
 mod provision;
 mod sandbox;
@@ -146,7 +147,7 @@ fn main() -> anyhow::Result<()> {
              insecure-keyless for vTPMs whose state is integrity-checked but not encrypted"
         ),
     };
-    let state_root = cli.state_root.or(file.state_root).unwrap_or_else(|| PathBuf::from("/var/lib/xvtpm/vtpms"));
+    let state_root = cli.state_root.or(file.state_root).unwrap_or_else(|| PathBuf::from(layout::DEFAULT_STATE_ROOT));
     let snapshot_dir =
         cli.snapshot_dir.or(file.snapshot_dir).unwrap_or_else(|| PathBuf::from(xvtpm_vtpm::snapshot::DEFAULT_DIR));
     let status_file = cli.status_file.or(file.status_file).unwrap_or_else(|| PathBuf::from(status::DEFAULT_PATH));

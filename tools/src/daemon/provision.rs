@@ -2,7 +2,8 @@
 //! manager, and `made`, written last by a create that completed) and making one on first use.
 //! A create cut short (the daemon killed, the manager unreachable) leaves `creating`, so the
 //! next try knows the directory is its own to undo; a directory without either marker is not
-//! xvtpmd's and is never touched.
+//! xvtpmd's and is never touched. A vTPM that a live migration brings (`xvtpm migrate-accept`)
+//! has `arriving` (the pid of the accepting process) until it is in place, then `made`.
 
 use std::fs;
 use std::io::Write;
@@ -12,6 +13,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use xvtpm_vtpmmgr::admin::Admin;
+
+use super::layout::{ARRIVING, CREATING, MADE, STATE, TOKEN, VERSION};
 
 /// Where the vTPMs' keys are.
 #[derive(Debug, Clone)]
@@ -53,11 +56,6 @@ pub struct Spec {
     pub sandbox: Option<super::sandbox::Sandboxing>,
 }
 
-const MADE: &str = "made";
-/// The TPM version a vTPM was made with: `1.2` or `2.0`.
-const VERSION: &str = "tpm-version";
-const CREATING: &str = "creating";
-
 impl Spec {
     /// The vTPM's directory.
     pub fn vtpm_dir(&self, uuid: &str) -> PathBuf {
@@ -67,7 +65,7 @@ impl Spec {
     /// The arguments that name the vTPM's state and key, for `vtpm create` and `vtpm serve`.
     pub fn state_args(&self, cmd: &mut Command, uuid: &str) {
         let dir = self.vtpm_dir(uuid);
-        cmd.arg("--state-dir").arg(dir.join("state"));
+        cmd.arg("--state-dir").arg(dir.join(STATE));
         // The version it was made with; one made before that was recorded, the configured one
         // (what it was made with, unless the configuration changed since).
         let tpm12 = match fs::read_to_string(dir.join(VERSION)) {
@@ -79,7 +77,7 @@ impl Spec {
         }
         if let Keys::Manager { socket, .. } = &self.keys {
             cmd.arg("--manager").arg(format!("unix:{}", socket.display()));
-            cmd.args(["--vtpm-uuid", uuid]).arg("--token-file").arg(dir.join("token"));
+            cmd.args(["--vtpm-uuid", uuid]).arg("--token-file").arg(dir.join(TOKEN));
         }
         if let Some((dir, domid)) = &self.sim {
             cmd.arg("--sim").arg(dir).args(["--domid", &domid.to_string()]);
@@ -96,7 +94,7 @@ impl Spec {
             .recursive(true)
             .create(&dir)
             .map_err(|e| format!("create {}: {e}", dir.display()))?;
-        let state = self.vtpm_dir(uuid).join("state");
+        let state = self.vtpm_dir(uuid).join(STATE);
         if let Ok(old) = xvtpm_vtpm::snapshot::SnapshotFile::for_state_dir(&self.snapshot_dir, &state) {
             for path in old.paths() {
                 let Some(name) = path.file_name() else { continue };
@@ -110,14 +108,48 @@ impl Spec {
         Ok(dir)
     }
 
-    /// The vTPM is here, or made now if allowed. `Err`: for the log (host paths included).
-    pub fn prepare(&self, uuid: &str, tpm12: Option<bool>) -> Result<bool, String> {
+    /// Whether vTPM `uuid` is on its way here: `xvtpm migrate-accept` made its directory and
+    /// still runs. `Err`: an arrival cut short (for the log).
+    pub fn arriving(&self, uuid: &str) -> Result<bool, String> {
         let dir = self.vtpm_dir(uuid);
         if dir.join(MADE).exists() {
             return Ok(false);
         }
+        let Ok(pid) = fs::read_to_string(dir.join(ARRIVING)) else { return Ok(false) };
+        if accepting(pid.trim()) {
+            return Ok(true);
+        }
+        Err(format!(
+            "{} holds a vTPM whose migration here was cut short (`{ARRIVING}` names no running \
+             `xvtpm migrate-accept`): remove the directory (and the vTPM at the manager, \
+             `xvtpm vtpm delete {uuid}`, if it was imported) to let the guest come again",
+            dir.display()
+        ))
+    }
+
+    /// The vTPM is here, or made now if allowed. A guest that arrives (`incoming`: a restore
+    /// or a migration) never gets a vTPM made for it: a new TPM would hand it reset PCRs.
+    /// `Err`: for the log (host paths included).
+    pub fn prepare(&self, uuid: &str, tpm12: Option<bool>, incoming: bool) -> Result<bool, String> {
+        let dir = self.vtpm_dir(uuid);
+        if dir.join(MADE).exists() {
+            return Ok(false);
+        }
+        if dir.join(ARRIVING).exists() {
+            return Err(format!(
+                "{} is a vTPM still arriving by a migration, or one cut short; not served until it is in place",
+                dir.display()
+            ));
+        }
         if dir.exists() && !dir.join(CREATING).exists() {
             return Err(format!("{} exists but xvtpmd did not make it (no {MADE}); not touching it", dir.display()));
+        }
+        if incoming {
+            return Err(format!(
+                "the guest arrives (a restore or a migration) but this host has no vTPM for it ({} does not \
+                 exist); none is made, since a new TPM would give it reset PCRs: move its vTPM with `xvtpm migrate`",
+                dir.display()
+            ));
         }
         if !self.auto_create {
             return Err(format!(
@@ -139,7 +171,7 @@ impl Spec {
         fs::DirBuilder::new()
             .mode(0o700)
             .recursive(true)
-            .create(dir.join("state"))
+            .create(dir.join(STATE))
             .map_err(|e| format!("create {}: {e}", dir.display()))?;
         durable_file(&dir.join(CREATING), b"")?;
         let made = self.create_inside(uuid, dir, tpm12);
@@ -154,7 +186,7 @@ impl Spec {
     fn create_inside(&self, uuid: &str, dir: &Path, tpm12: bool) -> Result<(), String> {
         if let Keys::Manager { admin, group, .. } = &self.keys {
             let token: [u8; 32] = rand::random();
-            durable_file(&dir.join("token"), &token)?;
+            durable_file(&dir.join(TOKEN), &token)?;
             let id = xvtpm_proto::Uuid::parse(uuid).map_err(|e| e.to_string())?.0;
             let mut a = Admin::connect_with_timeout(admin, self.create_timeout)
                 .map_err(|e| format!("the manager's admin socket {}: {e}", admin.display()))?;
@@ -178,7 +210,7 @@ impl Spec {
     /// is the proof), then the directory. If the manager cannot be told, the directory stays
     /// (with its token) for the next try.
     fn undo(&self, uuid: &str, dir: &Path) -> Result<(), String> {
-        if let (Keys::Manager { admin, .. }, true) = (&self.keys, dir.join("token").exists()) {
+        if let (Keys::Manager { admin, .. }, true) = (&self.keys, dir.join(TOKEN).exists()) {
             let id = xvtpm_proto::Uuid::parse(uuid).map_err(|e| e.to_string())?.0;
             match Admin::connect_with_timeout(admin, self.create_timeout).and_then(|mut a| a.delete(&id)) {
                 Ok(()) | Err(xvtpm_vtpmmgr::Error::UnknownVtpm(_) | xvtpm_vtpmmgr::Error::NotFound(_)) => {}
@@ -189,6 +221,12 @@ impl Spec {
         }
         fs::remove_dir_all(dir).map_err(|e| format!("remove {}: {e}", dir.display()))
     }
+}
+
+/// Whether `pid` is a running `xvtpm` process (the one that wrote an arrival's mark).
+fn accepting(pid: &str) -> bool {
+    let Ok(pid) = pid.parse::<u32>() else { return false };
+    fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "xvtpm")
 }
 
 /// Runs `cmd` for at most `timeout` (then kills it): `None` if it succeeded, else what it
@@ -229,4 +267,82 @@ fn durable_file(path: &Path, data: &[u8]) -> Result<(), String> {
     f.write_all(data).and_then(|()| f.sync_all()).map_err(err)?;
     let parent = path.parent().unwrap_or(Path::new("."));
     fs::File::open(parent).and_then(|d| d.sync_all()).map_err(|e| format!("sync {}: {e}", parent.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const UUID: &str = "6a6b6c6d-6e6f-4071-8273-747576777879";
+
+    fn spec(name: &str) -> Spec {
+        let root = std::env::temp_dir().join(format!("xvtpmd-provision-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        fs::create_dir_all(&root).expect("root");
+        Spec {
+            // Never run: these tests stop before any create.
+            vtpm: PathBuf::from("/nonexistent/vtpm"),
+            state_root: root.join("vtpms"),
+            keys: Keys::None,
+            snapshot_dir: root.join("snapshots"),
+            auto_create: true,
+            tpm12: false,
+            create_timeout: Duration::from_secs(1),
+            sim: None,
+            sandbox: None,
+        }
+    }
+
+    #[test]
+    fn an_arriving_guest_never_gets_a_new_vtpm() {
+        let s = spec("incoming");
+        let why = s.prepare(UUID, None, true).expect_err("refused");
+        assert!(why.contains("xvtpm migrate"), "{why}");
+        assert!(!s.vtpm_dir(UUID).exists(), "nothing made");
+        assert_eq!(s.arriving(UUID), Ok(false), "no arrival under way");
+    }
+
+    #[test]
+    fn an_arrival_is_waited_for_only_while_its_accepter_runs() {
+        let s = spec("arriving");
+        let dir = s.vtpm_dir(UUID);
+        fs::create_dir_all(dir.join(STATE)).expect("state");
+        // This test's process is not named `xvtpm`: the mark names no accepter.
+        fs::write(dir.join(ARRIVING), std::process::id().to_string()).expect("mark");
+        let why = s.arriving(UUID).expect_err("cut short");
+        assert!(why.contains("cut short") && why.contains(&format!("xvtpm vtpm delete {UUID}")), "{why}");
+        // Neither a boot nor an arrival gets it, and nothing of it is touched.
+        for incoming in [false, true] {
+            let why = s.prepare(UUID, None, incoming).expect_err("not served");
+            assert!(why.contains("still arriving"), "{why}");
+        }
+        assert!(dir.join(ARRIVING).exists() && dir.join(STATE).exists());
+        // Complete: `made` is written before the mark goes, and either way it is served.
+        fs::write(dir.join(MADE), b"").expect("made");
+        assert_eq!(s.arriving(UUID), Ok(false));
+        fs::remove_file(dir.join(ARRIVING)).expect("unmark");
+        assert_eq!(s.prepare(UUID, None, true), Ok(false), "here, not created");
+    }
+
+    #[test]
+    fn a_running_accepter_is_told_by_its_name() {
+        let s = spec("accepter");
+        let bin = s.state_root.parent().expect("root").join("bin");
+        fs::create_dir_all(&bin).expect("bin");
+        fs::copy("/bin/sleep", bin.join("xvtpm")).expect("copy sleep");
+        let mut accepter = Command::new(bin.join("xvtpm")).arg("30").spawn().expect("accepter");
+        let dir = s.vtpm_dir(UUID);
+        fs::create_dir_all(dir.join(STATE)).expect("state");
+        fs::write(dir.join(ARRIVING), accepter.id().to_string()).expect("mark");
+        // comm is set at exec: wait until the child is the copy.
+        let end = Instant::now() + Duration::from_secs(5);
+        while s.arriving(UUID) != Ok(true) && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let while_running = s.arriving(UUID);
+        let _ = accepter.kill();
+        let _ = accepter.wait();
+        assert_eq!(while_running, Ok(true));
+        assert!(s.arriving(UUID).is_err(), "its accepter is gone");
+    }
 }

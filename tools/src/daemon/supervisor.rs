@@ -43,6 +43,9 @@ enum Run {
     },
     /// Closed; retried only if its device goes and comes back.
     Refused,
+    /// An HVM guest's vTPM that a migration brings: started once `xvtpm migrate-accept` has
+    /// put it in place (it says so in the guest's request directory).
+    Arriving,
 }
 
 struct Entry {
@@ -123,6 +126,7 @@ impl Supervisor {
             }
         }
         let uuids: Vec<String> = self.entries.keys().cloned().collect();
+        let mut arriving = Vec::new();
         for u in uuids {
             let moved = match wanted.get(&u) {
                 None => true,
@@ -146,12 +150,43 @@ impl Supervisor {
                     if d.is_hvm() {
                         tell_suspend(e, d.suspended);
                     }
+                    if matches!(e.run, Run::Arriving) {
+                        arriving.push(u.clone());
+                    }
                 }
             }
         }
         for d in devices.iter().filter(|d| self.refused_devices.contains(&d.key())) {
             devices::answer_removal(&self.xs, d, self.me);
         }
+        for u in arriving {
+            self.settle_arrival(&u);
+        }
+    }
+
+    /// An arriving vTPM: started once it is in place; refused if its migration here was
+    /// called off (or cut short); else still waited for.
+    fn settle_arrival(&mut self, uuid: &str) {
+        let Some(mut e) = self.entries.remove(uuid) else { return };
+        let settled = match self.spec.arriving(uuid) {
+            Ok(true) => None,
+            Ok(false) => Some(self.spec.prepare(uuid, e.device.tpm12, true).map(|_| ())),
+            Err(why) => Some(Err(why)),
+        };
+        match settled {
+            None => {}
+            Some(Ok(())) => {
+                log::info!("{}: vTPM {uuid} arrived", e.device.name());
+                self.start(uuid, &mut e);
+            }
+            Some(Err(why)) => {
+                log::error!("{}: vTPM {uuid} did not arrive: {why}", e.device.name());
+                devices::refuse(&self.xs, &e.device, &format!("vTPM {uuid}'s migration to this host did not complete"));
+                e.run = Run::Refused;
+                e.last_error = Some(why);
+            }
+        }
+        self.entries.insert(uuid.to_string(), e);
     }
 
     fn refuse_device(&mut self, d: &Device, why: &str, guest_why: &str) {
@@ -172,7 +207,33 @@ impl Supervisor {
             last_error: None,
             told_suspend: false,
         };
-        match self.spec.prepare(uuid, e.device.tpm12) {
+        if e.device.incoming {
+            match self.spec.arriving(uuid) {
+                Ok(true) => {
+                    log::info!(
+                        "{}: vTPM {uuid} arrives by a migration; it starts once it is in place",
+                        e.device.name()
+                    );
+                    devices::arriving(&self.xs, &e.device);
+                    e.run = Run::Arriving;
+                    self.entries.insert(uuid.to_string(), e);
+                    return;
+                }
+                Ok(false) => {}
+                Err(why) => {
+                    log::error!("{}: vTPM {uuid}: {why}", e.device.name());
+                    devices::refuse(
+                        &self.xs,
+                        &e.device,
+                        &format!("vTPM {uuid}'s migration to this host did not complete"),
+                    );
+                    e.last_error = Some(why);
+                    self.entries.insert(uuid.to_string(), e);
+                    return;
+                }
+            }
+        }
+        match self.spec.prepare(uuid, e.device.tpm12, e.device.incoming) {
             Ok(created) => {
                 if created {
                     log::info!("{}: created vTPM {uuid}", e.device.name());
@@ -182,9 +243,13 @@ impl Supervisor {
             Err(why) => {
                 log::error!("{}: vTPM {uuid}: {why}", e.device.name());
                 // What the guest may read too: no host paths (the log has them).
-                let guest_why = format!(
-                    "no vTPM {uuid} on this host; the administrator can let xvtpmd create it (auto-create = true, or --auto-create)"
-                );
+                let guest_why = if e.device.incoming {
+                    format!("no vTPM {uuid} on this host for an arriving guest; its vTPM moves with `xvtpm migrate`")
+                } else {
+                    format!(
+                        "no vTPM {uuid} on this host; the administrator can let xvtpmd create it (auto-create = true, or --auto-create)"
+                    )
+                };
                 devices::refuse(&self.xs, &e.device, &guest_why);
                 e.last_error = Some(why);
             }
@@ -369,7 +434,7 @@ impl Supervisor {
                 self.entries.insert(uuid.to_string(), e);
             }
             // Nothing runs: forget it.
-            Run::Waiting { .. } | Run::Refused => {}
+            Run::Waiting { .. } | Run::Refused | Run::Arriving => {}
         }
     }
 
@@ -410,6 +475,7 @@ impl Supervisor {
                     Run::Waiting { .. } => ("restarting", None),
                     Run::Stopping { child, .. } => ("stopping", Some(child.id())),
                     Run::Refused => ("refused", None),
+                    Run::Arriving => ("arriving", None),
                 };
                 Status {
                     uuid: u.clone(),

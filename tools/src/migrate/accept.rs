@@ -4,6 +4,11 @@
 //! device's backend), runs `xl migrate-receive`, and, when the source offers the vTPM, writes
 //! its state directory, snapshot and token in place and imports its key at this host's
 //! manager. If the migration then fails here, all of it is undone.
+//!
+//! An HVM guest's vTPM is xvtpmd's: it goes into xvtpmd's state root, marked arriving (so
+//! that the guest's device-model wrapper starts QEMU without it), and xvtpmd starts its vtpm
+//! once it is in place; the source hears "accepted" only when that vtpm serves the guest's
+//! registers.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -42,6 +47,14 @@ pub struct AcceptOpts {
     /// The vtpm's log goes to DIR/vtpm-<device uuid>.log.
     #[arg(long, value_name = "DIR", default_value = "/var/log/xvtpm")]
     pub log_dir: PathBuf,
+    /// xvtpmd's state root (its `state-root`), where an HVM guest's vTPM goes.
+    #[arg(long, value_name = "DIR", default_value = crate::daemon_layout::DEFAULT_STATE_ROOT)]
+    pub vtpms: PathBuf,
+    /// How long xvtpmd may take to serve an HVM guest's vTPM once it is in place.
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    pub serve_timeout: u64,
+    #[command(flatten)]
+    pub xen: crate::XenOpts,
 }
 
 /// Only `migrate-receive` and flags reach xl: the source may not run other xl commands here.
@@ -59,14 +72,19 @@ struct Incoming {
     state_dir: PathBuf,
     token: PathBuf,
     snapshots: [PathBuf; 2],
-    vtpm: Child,
+    /// A PV guest's vtpm, started here.
+    vtpm: Option<Child>,
+    /// An HVM guest's vTPM directory in xvtpmd's root (xvtpmd serves it).
+    hvm_dir: Option<PathBuf>,
     imported: Option<[u8; 16]>,
 }
 
 impl Incoming {
     fn undo(mut self, opts: &AcceptOpts) {
-        let _ = self.vtpm.kill();
-        let _ = self.vtpm.wait();
+        if let Some(v) = self.vtpm.as_mut() {
+            let _ = v.kill();
+            let _ = v.wait();
+        }
         if let Some(u) = self.imported {
             match Admin::connect(&opts.admin_socket).and_then(|mut a| a.delete(&u)) {
                 Ok(()) => log::info!("the imported vTPM is deleted again"),
@@ -77,6 +95,10 @@ impl Incoming {
             let _ = std::fs::remove_file(p);
         }
         let _ = std::fs::remove_dir_all(&self.state_dir);
+        if let Some(d) = &self.hvm_dir {
+            // xvtpmd, seeing it gone, refuses the guest's request (if it is still there).
+            let _ = std::fs::remove_dir_all(d);
+        }
     }
 }
 
@@ -105,19 +127,8 @@ pub fn run(opts: &AcceptOpts) -> anyhow::Result<()> {
     // Paths and arguments use the canonical form, never the peer's text.
     let name = device.to_string();
     let hello = Hello { device_uuid: name.clone(), vtpm_uuid: vtpm.to_string(), ..hello };
-    let state_dir = opts.state_root.join(&name);
-    let token = opts.state_root.join(format!("{name}.token"));
-    let occupied =
-        std::fs::read_dir(&state_dir).map(|d| d.flatten().any(|e| e.file_name() != ".lock")).unwrap_or(false);
-    if occupied || token.exists() {
-        return Err(refuse(&out, &format!("a vTPM for device {name} already lives here ({})", state_dir.display())));
-    }
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&opts.state_root)?;
-    std::fs::create_dir_all(&opts.log_dir)?;
-    let vtpm = start_vtpm(opts, &hello, &state_dir, &token).map_err(|e| refuse(&out, &format!("{e:#}")))?;
-    let snapshots = xvtpm_vtpm::snapshot::SnapshotFile::for_state_dir(&opts.snapshot_dir, &state_dir)?.paths().clone();
-    let mut incoming =
-        Some(Incoming { state_dir: state_dir.clone(), token: token.clone(), snapshots, vtpm, imported: None });
+    let set_up = if hello.hvm { arrive_hvm(opts, &hello) } else { arrive_pv(opts, &hello) };
+    let mut incoming = Some(set_up.map_err(|e| refuse(&out, &format!("{e:#}")))?);
 
     let mut xl = match Command::new("xl").args(&hello.xl_args).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn() {
         Ok(c) => c,
@@ -191,6 +202,107 @@ pub fn run(opts: &AcceptOpts) -> anyhow::Result<()> {
     bail!("xl migrate-receive failed ({status}); what came for the vTPM is removed")
 }
 
+/// A PV guest's vTPM: its state directory and token beside it in `--state-root`, served by a
+/// `vtpm serve --incoming` started now.
+fn arrive_pv(opts: &AcceptOpts, hello: &Hello) -> anyhow::Result<Incoming> {
+    let name = &hello.device_uuid;
+    let state_dir = opts.state_root.join(name);
+    let token = opts.state_root.join(format!("{name}.token"));
+    let occupied =
+        std::fs::read_dir(&state_dir).map(|d| d.flatten().any(|e| e.file_name() != ".lock")).unwrap_or(false);
+    if occupied || token.exists() {
+        bail!("a vTPM for device {name} already lives here ({})", state_dir.display());
+    }
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&opts.state_root)?;
+    std::fs::create_dir_all(&opts.log_dir)?;
+    let vtpm = start_vtpm(opts, hello, &state_dir, &token)?;
+    let snapshots = xvtpm_vtpm::snapshot::SnapshotFile::for_state_dir(&opts.snapshot_dir, &state_dir)?.paths().clone();
+    Ok(Incoming { state_dir, token, snapshots, vtpm: Some(vtpm), hvm_dir: None, imported: None })
+}
+
+/// An HVM guest's vTPM: its directory in xvtpmd's root, marked arriving (with this process's
+/// pid, so that xvtpmd can tell an arrival cut short), for xvtpmd to serve once it is complete.
+fn arrive_hvm(opts: &AcceptOpts, hello: &Hello) -> anyhow::Result<Incoming> {
+    use crate::daemon_layout::{ARRIVING, STATE, TOKEN};
+    let name = &hello.device_uuid;
+    if hello.vtpm_uuid != *name {
+        bail!("an HVM guest's vTPM is named by its domain's uuid, not {}", hello.vtpm_uuid);
+    }
+    let dir = opts.vtpms.join(name);
+    if dir.exists() {
+        bail!("a vTPM {name} already lives here ({})", dir.display());
+    }
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&opts.vtpms)?;
+    std::fs::DirBuilder::new().mode(0o700).create(&dir).with_context(|| format!("create {}", dir.display()))?;
+    let state_dir = dir.join(STATE);
+    let made = std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&state_dir)
+        .map_err(anyhow::Error::from)
+        .and_then(|()| write_private(&dir.join(ARRIVING), std::process::id().to_string().as_bytes()));
+    if let Err(e) = made {
+        let _ = std::fs::remove_dir_all(&dir);
+        return Err(e.context(format!("prepare {}", dir.display())));
+    }
+    let snapshot_dir = opts.snapshot_dir.join(name);
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&snapshot_dir)?;
+    let snapshots = xvtpm_vtpm::snapshot::SnapshotFile::for_state_dir(&snapshot_dir, &state_dir)?.paths().clone();
+    Ok(Incoming { state_dir, token: dir.join(TOKEN), snapshots, vtpm: None, hvm_dir: Some(dir), imported: None })
+}
+
+fn write_private(path: &Path, data: &[u8]) -> anyhow::Result<()> {
+    xvtpm_vtpm::state::write_file(path, data, xvtpm_vtpm::state::PRIVATE)
+        .with_context(|| format!("write {}", path.display()))
+}
+
+/// Tells xvtpmd that an HVM guest's vTPM is in place (its request directory, found by the
+/// uuid), and waits until its vtpm serves the guest's registers.
+fn serve_hvm(opts: &AcceptOpts, uuid: &str) -> anyhow::Result<()> {
+    use xvtpm_xen::xenbus::{HVM_ARRIVED_KEY, HVM_ERROR_KEY, HVM_REQUEST_ROOT, HVM_STATE_KEY, HVM_UUID_KEY};
+    use xvtpm_xen::TxId;
+    let xs = opts.xen.open()?.xenstore()?;
+    let end = Instant::now() + Duration::from_secs(opts.serve_timeout);
+    let read = |p: &str| xs.try_read(TxId::NONE, p).map(|v| v.map(|v| String::from_utf8_lossy(&v).trim().to_string()));
+    let mut told: Option<String> = None;
+    loop {
+        if told.is_none() {
+            let doms = match xs.directory(TxId::NONE, HVM_REQUEST_ROOT) {
+                Err(e) if e.is_enoent() => Vec::new(),
+                r => r?,
+            };
+            for d in doms {
+                let dir = format!("{HVM_REQUEST_ROOT}/{d}");
+                if read(&format!("{dir}/{HVM_UUID_KEY}"))?.as_deref() == Some(uuid)
+                    && read(&format!("{dir}/{HVM_STATE_KEY}"))?.as_deref() == Some("arriving")
+                {
+                    xs.write(TxId::NONE, &format!("{dir}/{HVM_ARRIVED_KEY}"), b"1")?;
+                    told = Some(dir);
+                    break;
+                }
+            }
+        }
+        if let Some(dir) = &told {
+            match read(&format!("{dir}/{HVM_STATE_KEY}"))?.as_deref() {
+                Some("ready") => return Ok(()),
+                Some("refused") => {
+                    let why = read(&format!("{dir}/{HVM_ERROR_KEY}"))?.unwrap_or_default();
+                    bail!("xvtpmd refused the arrived vTPM: {why}");
+                }
+                None => bail!("the guest's TPM request went away"),
+                _ => {}
+            }
+        }
+        if Instant::now() > end {
+            bail!(
+                "xvtpmd did not serve the vTPM within {} s ({}); see its log",
+                opts.serve_timeout,
+                if told.is_some() { "told it arrived" } else { "no guest's request was waiting for it" }
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Starts `vtpm serve --incoming` for the device, in its own process group (it outlives this
 /// process: it is the guest's vtpm here from now on), and waits until it serves the device.
 fn start_vtpm(opts: &AcceptOpts, hello: &Hello, state_dir: &Path, token: &Path) -> anyhow::Result<Child> {
@@ -257,6 +369,16 @@ fn install(opts: &AcceptOpts, hello: &Hello, incoming: &mut Incoming, offer: &[u
     incoming.imported = Some(uuid);
     if uuid != want {
         bail!("the bundle holds vTPM {}, not {}", xvtpm_proto::Uuid(uuid), hello.vtpm_uuid);
+    }
+    if let Some(dir) = &incoming.hvm_dir {
+        use crate::daemon_layout::{ARRIVING, MADE, VERSION};
+        write(&dir.join(VERSION), if hello.tpm12 { b"1.2\n" } else { b"2.0\n" })?;
+        // Complete from here on: `made` first, then the mark goes.
+        write(&dir.join(MADE), b"")?;
+        std::fs::remove_file(dir.join(ARRIVING)).with_context(|| format!("remove {}", dir.join(ARRIVING).display()))?;
+        serve_hvm(opts, &hello.vtpm_uuid)?;
+        log::info!("vTPM {} taken: xvtpmd serves it to the guest", hello.vtpm_uuid);
+        return Ok(());
     }
     log::info!("vTPM {} taken: state, snapshot and key are here", hello.vtpm_uuid);
     Ok(())

@@ -2,7 +2,9 @@
 //! our relay as its transport (`relay`), which hands the vTPM to `xvtpm migrate-accept` at
 //! the destination (`accept`) between the guest's suspend and its resume there (`wire`: the
 //! channel). libxl has no hook for a vtpm device's state, so the wrapper is needed: plain `xl
-//! migrate` would start the guest at the destination without its vTPM.
+//! migrate` would start the guest at the destination without its vTPM. A PV guest's vTPM is
+//! named on the command line; an HVM guest's is found in xvtpmd's state root (it is keyed by
+//! the domain's uuid).
 
 pub mod accept;
 pub mod relay;
@@ -35,19 +37,22 @@ pub struct MigrateArgs {
     /// (`xvtpm vtpm trust-source`).
     #[arg(long, value_name = "KEY|FILE")]
     pub to: String,
-    /// The vTPM's uuid at the manager (`vtpm serve --vtpm-uuid`).
-    #[arg(long)]
-    pub vtpm_uuid: String,
-    /// Its state directory here (`vtpm serve --state-dir`).
+    /// A PV guest's vTPM: its uuid at the manager (`vtpm serve --vtpm-uuid`).
+    #[arg(long, requires_all = ["state_dir", "token_file"])]
+    pub vtpm_uuid: Option<String>,
+    /// A PV guest's vTPM: its state directory here (`vtpm serve --state-dir`).
     #[arg(long, value_name = "DIR")]
-    pub state_dir: PathBuf,
-    /// Its token file here (`vtpm serve --token-file`).
+    pub state_dir: Option<PathBuf>,
+    /// A PV guest's vTPM: its token file here (`vtpm serve --token-file`).
     #[arg(long, value_name = "FILE")]
-    pub token_file: PathBuf,
+    pub token_file: Option<PathBuf>,
+    /// xvtpmd's state root here (its `state-root`), where an HVM guest's vTPM is.
+    #[arg(long, value_name = "DIR", default_value = crate::daemon_layout::DEFAULT_STATE_ROOT)]
+    pub vtpms: PathBuf,
     /// The vtpm's snapshot directory here (`vtpm serve --snapshot-dir`).
     #[arg(long, value_name = "DIR", default_value = xvtpm_vtpm::snapshot::DEFAULT_DIR)]
     pub snapshot_dir: PathBuf,
-    /// A TPM 1.2.
+    /// A PV guest's vTPM is a TPM 1.2 (an HVM guest's says so itself).
     #[arg(long = "tpm1.2")]
     pub tpm12: bool,
     /// The transport to the destination: a shell command whose stdin and stdout reach `xvtpm
@@ -61,8 +66,18 @@ pub struct MigrateArgs {
     pub xen: XenOpts,
 }
 
-/// The vtpm device uuid of domain `name`'s first vtpm device.
-fn device_uuid(xen: &XenOpts, name: &str) -> anyhow::Result<String> {
+/// The guest's vTPM, as xenstore names it.
+enum GuestTpm {
+    /// A PV guest's first vtpm device: its uuid.
+    Pv(String),
+    /// An HVM guest's TPM (xvtpmd's): the vTPM's uuid, the domain's.
+    Hvm(String),
+}
+
+/// Domain `name`'s vTPM: its HVM TPM request (dom0's xvtpmd serves it), or its first vtpm
+/// device.
+fn guest_tpm(xen: &XenOpts, name: &str) -> anyhow::Result<GuestTpm> {
+    use xvtpm_xen::xenbus::{hvm_request_path, HVM_UUID_KEY};
     let xs = xen.open()?.xenstore()?;
     let tx = xvtpm_xen::TxId::NONE;
     for d in xs.directory(tx, "/local/domain")? {
@@ -70,20 +85,80 @@ fn device_uuid(xen: &XenOpts, name: &str) -> anyhow::Result<String> {
         if xs.try_read(tx, &format!("/local/domain/{id}/name"))?.as_deref() != Some(name.as_bytes()) {
             continue;
         }
+        let req = format!("{}/{HVM_UUID_KEY}", hvm_request_path(id));
+        if let Some(raw) = xs.try_read(tx, &req)? {
+            return Ok(GuestTpm::Hvm(xvtpm_xen::xenbus::parse_uuid(&req, &raw)?));
+        }
         let devices = xs.directory(tx, &format!("/local/domain/0/backend/vtpm/{id}")).unwrap_or_default();
-        let Some(h) = devices.first() else { bail!("domain {name} ({id}) has no vtpm device served from dom0") };
+        let Some(h) = devices.first() else {
+            bail!("domain {name} ({id}) has neither a vtpm device served from dom0 nor an HVM guest's TPM")
+        };
         let uuid = xs.try_read(tx, &format!("/local/domain/0/backend/vtpm/{id}/{h}/uuid"))?;
-        return Ok(String::from_utf8_lossy(&uuid.context("the device has no uuid")?).into_owned());
+        return Ok(GuestTpm::Pv(String::from_utf8_lossy(&uuid.context("the device has no uuid")?).into_owned()));
     }
     bail!("no domain named {name}")
 }
 
+/// What moves: the vTPM's uuids, where it is here, its TPM version.
+struct Source {
+    device_uuid: String,
+    vtpm_uuid: String,
+    state_dir: PathBuf,
+    token_file: PathBuf,
+    snapshot_dir: PathBuf,
+    tpm12: bool,
+    /// An HVM guest's vTPM directory in xvtpmd's root (removed here once it moved).
+    hvm_dir: Option<PathBuf>,
+}
+
+fn source(a: &MigrateArgs) -> anyhow::Result<Source> {
+    use crate::daemon_layout::{STATE, TOKEN, VERSION};
+    match guest_tpm(&a.xen, &a.domain)? {
+        GuestTpm::Hvm(uuid) => {
+            if a.vtpm_uuid.is_some() {
+                bail!(
+                    "{} is an HVM guest: its vTPM is xvtpmd's ({}/{uuid}); leave out --vtpm-uuid, --state-dir and --token-file",
+                    a.domain,
+                    a.vtpms.display()
+                );
+            }
+            let dir = a.vtpms.join(&uuid);
+            let tpm12 = std::fs::read_to_string(dir.join(VERSION)).is_ok_and(|v| v.trim() == "1.2");
+            Ok(Source {
+                device_uuid: uuid.clone(),
+                vtpm_uuid: uuid.clone(),
+                state_dir: dir.join(STATE),
+                token_file: dir.join(TOKEN),
+                snapshot_dir: a.snapshot_dir.join(&uuid),
+                tpm12,
+                hvm_dir: Some(dir),
+            })
+        }
+        GuestTpm::Pv(device_uuid) => {
+            let (Some(vtpm_uuid), Some(state_dir), Some(token_file)) = (&a.vtpm_uuid, &a.state_dir, &a.token_file)
+            else {
+                bail!("{} is a PV guest: name its vTPM with --vtpm-uuid, --state-dir and --token-file", a.domain);
+            };
+            Ok(Source {
+                device_uuid,
+                vtpm_uuid: vtpm_uuid.clone(),
+                state_dir: state_dir.clone(),
+                token_file: token_file.clone(),
+                snapshot_dir: a.snapshot_dir.clone(),
+                tpm12: a.tpm12,
+                hvm_dir: None,
+            })
+        }
+    }
+}
+
 /// Runs `xvtpm migrate`.
 pub fn migrate(a: MigrateArgs) -> anyhow::Result<()> {
-    let device_uuid = device_uuid(&a.xen, &a.domain)?;
+    let src = source(&a)?;
+    let device_uuid = src.device_uuid.clone();
     let to = xvtpm_vtpmmgr::hex(&crate::admin::migration_key_arg(&a.to)?);
-    let state_dir = std::fs::canonicalize(&a.state_dir).with_context(|| format!("{}", a.state_dir.display()))?;
-    let snapshots = xvtpm_vtpm::snapshot::SnapshotFile::for_state_dir(&a.snapshot_dir, &state_dir)?.paths().clone();
+    let state_dir = std::fs::canonicalize(&src.state_dir).with_context(|| format!("{}", src.state_dir.display()))?;
+    let snapshots = xvtpm_vtpm::snapshot::SnapshotFile::for_state_dir(&src.snapshot_dir, &state_dir)?.paths().clone();
     let run = PathBuf::from("/run/xvtpm");
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&run)?;
     let base = run.join(format!("migrate-{}", std::process::id()));
@@ -92,10 +167,11 @@ pub fn migrate(a: MigrateArgs) -> anyhow::Result<()> {
         admin_socket: a.admin_socket.clone(),
         to,
         device_uuid: device_uuid.clone(),
-        vtpm_uuid: a.vtpm_uuid.clone(),
-        tpm12: a.tpm12,
+        vtpm_uuid: src.vtpm_uuid.clone(),
+        tpm12: src.tpm12,
+        hvm: src.hvm_dir.is_some(),
         state_dir,
-        token_file: a.token_file.clone(),
+        token_file: src.token_file.clone(),
         snapshots: snapshots.clone(),
         status: base.with_extension("status"),
     };
@@ -110,7 +186,7 @@ pub fn migrate(a: MigrateArgs) -> anyhow::Result<()> {
     let progress = std::fs::read_to_string(&plan.status).unwrap_or_default();
     let _ = std::fs::remove_file(&plan_file);
     let _ = std::fs::remove_file(&plan.status);
-    let uuid = crate::admin::uuid_arg(&a.vtpm_uuid)?;
+    let uuid = crate::admin::uuid_arg(&src.vtpm_uuid)?;
     match status {
         Ok(s) if s.success() => {
             // The guest and its vTPM run at the destination: this manager lets the vTPM go.
@@ -118,7 +194,16 @@ pub fn migrate(a: MigrateArgs) -> anyhow::Result<()> {
             for p in &snapshots {
                 let _ = std::fs::remove_file(p);
             }
-            outln!("{} moved to {} with its vTPM {}; stop its vtpm here", a.domain, a.host, a.vtpm_uuid);
+            if let Some(dir) = &src.hvm_dir {
+                // Its key is gone: what is left here is of no use (xvtpmd stops its vtpm when
+                // the guest's domain goes).
+                if let Err(e) = std::fs::remove_dir_all(dir) {
+                    log::warn!("cannot remove {}: {e}", dir.display());
+                }
+                outln!("{} moved to {} with its vTPM {}", a.domain, a.host, src.vtpm_uuid);
+            } else {
+                outln!("{} moved to {} with its vTPM {}; stop its vtpm here", a.domain, a.host, src.vtpm_uuid);
+            }
             Ok(())
         }
         _ if progress == "go" => bail!(

@@ -36,6 +36,9 @@ pub struct Plan {
     pub vtpm_uuid: String,
     /// A TPM 1.2.
     pub tpm12: bool,
+    /// An HVM guest's vTPM (xvtpmd's, named by the domain's uuid).
+    #[serde(default)]
+    pub hvm: bool,
     /// The vTPM's state directory, token file and snapshot slots here.
     pub state_dir: PathBuf,
     /// The token file.
@@ -77,6 +80,7 @@ pub fn run(plan_file: &std::path::Path, args: &[String]) -> anyhow::Result<()> {
         vtpm_uuid: plan.vtpm_uuid.clone(),
         tpm12: plan.tpm12,
         xl_args,
+        hvm: plan.hvm,
     };
     wire::send(&mut *lock(&to_dst), Kind::Hello, &serde_json::to_vec(&hello)?)?;
 

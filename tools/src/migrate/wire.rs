@@ -69,6 +69,10 @@ pub struct Hello {
     pub tpm12: bool,
     /// What xl runs at the destination: `migrate-receive` and its flags.
     pub xl_args: Vec<String>,
+    /// An HVM guest: its vTPM is xvtpmd's, named by the domain's uuid (both uuids above), and
+    /// xvtpmd serves it at the destination once it is in place.
+    #[serde(default)]
+    pub hvm: bool,
 }
 
 /// Writes one frame.
@@ -149,6 +153,16 @@ mod tests {
         assert!(recv(&mut &buf[..6]).is_err(), "cut inside the payload");
         assert!(recv(&mut &[9u8, 0, 0, 0, 0][..]).is_err(), "unknown kind");
         assert!(recv(&mut &[2u8, 0xff, 0xff, 0xff, 0xff][..]).is_err(), "too large");
+    }
+
+    #[test]
+    fn a_hello_of_a_pv_guest_from_before_hvm_guests_still_parses() {
+        let old = br#"{"protocol":"xvtpm-migrate 1","device_uuid":"d","vtpm_uuid":"v","tpm12":false,"xl_args":["migrate-receive"]}"#;
+        let h: Hello = serde_json::from_slice(old).expect("parse");
+        assert!(!h.hvm, "a PV guest's");
+        let hvm = Hello { hvm: true, ..h };
+        let back: Hello = serde_json::from_slice(&serde_json::to_vec(&hvm).expect("json")).expect("parse");
+        assert_eq!(back, hvm);
     }
 
     #[test]
