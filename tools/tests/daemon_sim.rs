@@ -378,13 +378,10 @@ fn an_arriving_hvm_guest_waits_for_its_vtpm_and_is_refused_if_its_migration_fail
     assert!(!vtpm.exists(), "no vTPM is made for an arriving guest");
     gone(&host, 11, &restored);
 
-    // An accepter at work: a process named as the tool is.
-    let bin = dir.join("bin");
-    std::fs::create_dir_all(&bin).expect("bin");
-    std::fs::copy("/bin/sleep", bin.join("xvtpm")).expect("copy sleep");
-    let mut accepter = Command::new(bin.join("xvtpm")).arg("60").spawn().expect("accepter");
+    // An accepter at work: it holds its mark's lock.
     std::fs::create_dir_all(vtpm.join("state")).expect("state");
-    std::fs::write(vtpm.join("arriving"), accepter.id().to_string()).expect("mark");
+    let accepter = std::fs::File::create(vtpm.join("arriving")).expect("mark");
+    accepter.try_lock().expect("lock");
     let arriving = hvm_request(&host, 12, true);
     request_state(&host, &arriving, "arriving", &d);
     d.wait_for("the arrival logged", |l| l.contains("arrives by a migration"));
@@ -395,18 +392,38 @@ fn an_arriving_hvm_guest_waits_for_its_vtpm_and_is_refused_if_its_migration_fail
     );
     // The migration fails: the accepter removes what it set up and says so.
     std::fs::remove_dir_all(&vtpm).expect("undo");
+    drop(accepter);
     let xs = host.xen(0).xenstore().expect("xs");
     xs.write(TxId::NONE, &format!("{arriving}/arrived"), b"1").expect("arrived");
     let why = request_state(&host, &arriving, "refused", &d);
     assert!(why.contains("did not complete"), "{why}");
     gone(&host, 12, &arriving);
 
+    // It completes: `made`, the mark gone, `arrived` (the rescan): xvtpmd starts its vtpm.
+    std::fs::create_dir_all(vtpm.join("state")).expect("state");
+    let accepter = std::fs::File::create(vtpm.join("arriving")).expect("mark");
+    accepter.try_lock().expect("lock");
+    let arriving = hvm_request(&host, 15, true);
+    request_state(&host, &arriving, "arriving", &d);
+    std::fs::write(vtpm.join("tpm-version"), b"2.0\n").expect("version");
+    std::fs::write(vtpm.join("made"), b"").expect("made");
+    std::fs::remove_file(vtpm.join("arriving")).expect("unmark");
+    drop(accepter);
+    xs.write(TxId::NONE, &format!("{arriving}/arrived"), b"1").expect("arrived");
+    d.wait_for("the vtpm started", |l| {
+        l.contains(&format!("HVM guest 15: vTPM {UUID} arrived")) && l.contains(&format!("vtpm for {UUID} started"))
+    });
+    gone(&host, 15, &arriving);
+    let end = Instant::now() + Duration::from_secs(15);
+    while d.status().as_array().is_some_and(|a| a.iter().any(|e| e["guest"] == 15)) {
+        assert!(Instant::now() < end, "guest 15's vTPM is still listed: {}", d.status());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::fs::remove_dir_all(&vtpm).expect("clear");
+
     // An accepter that died and left its mark: refused at once, with the recovery in the log.
     std::fs::create_dir_all(vtpm.join("state")).expect("state");
-    let _ = accepter.kill();
-    let dead = accepter.id();
-    let _ = accepter.wait();
-    std::fs::write(vtpm.join("arriving"), dead.to_string()).expect("mark");
+    std::fs::write(vtpm.join("arriving"), b"4242").expect("mark");
     let stale = hvm_request(&host, 14, true);
     let why = request_state(&host, &stale, "refused", &d);
     assert!(why.contains("did not complete"), "{why}");

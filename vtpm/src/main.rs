@@ -534,10 +534,12 @@ fn serve_hvm(state: &StateOpts, hvm: HvmConfig) -> anyhow::Result<()> {
         Ok(v.map(|v| String::from_utf8_lossy(&v).trim().to_string()))
     };
     // Served before (a restart under the running guest), or a saved guest restored: either
-    // way the guest runs on, and its TPM is not a new platform's.
-    let restart = read(HVM_STATE_KEY)?.as_deref() == Some("ready");
-    let incoming = read(HVM_INCOMING_KEY)?.as_deref() == Some("1");
+    // way the guest runs on, and its TPM is not a new platform's. An earlier vtpm's ioreq
+    // server counts too: a restart that failed (say, its manager refused a vTPM frozen by a
+    // migration that was then called off) must not make the next one take it for a boot.
     let earlier: Option<u16> = read(HVM_SERVER_KEY)?.and_then(|v| v.parse().ok());
+    let restart = read(HVM_STATE_KEY)?.as_deref() == Some("ready") || earlier.is_some();
+    let incoming = read(HVM_INCOMING_KEY)?.as_deref() == Some("1");
     let life = xvtpm_xen::toolstack::domain_life(&xs, guest)?;
     let uuid = life
         .as_deref()
@@ -598,9 +600,12 @@ fn serve_hvm(state: &StateOpts, hvm: HvmConfig) -> anyhow::Result<()> {
         Ok(e) => e,
         Err(e) => {
             if let Some(dir) = request {
-                // The wrapper prints it and the domain's creation fails (dom0's own tree).
+                // The wrapper prints it and the domain's creation fails (dom0's own tree). A
+                // guest served before stays `ready`: the next vtpm resumes it, never boots it.
                 let _ = xs.write(TxId::NONE, &format!("{dir}/{HVM_ERROR_KEY}"), format!("{e:#}").as_bytes());
-                let _ = xs.write(TxId::NONE, &format!("{dir}/{HVM_STATE_KEY}"), b"refused");
+                if !restart {
+                    let _ = xs.write(TxId::NONE, &format!("{dir}/{HVM_STATE_KEY}"), b"refused");
+                }
             }
             return Err(e);
         }
@@ -625,7 +630,16 @@ fn serve_hvm(state: &StateOpts, hvm: HvmConfig) -> anyhow::Result<()> {
     }
     let _ = told.set((handler.clone(), device.clone()));
     if let Some(dir) = request {
-        xs.write(TxId::NONE, &format!("{dir}/{HVM_STATE_KEY}"), b"ready")?;
+        // Served, but refused (its TPM could not be resumed): said beside `ready`, so that a
+        // migration does not count a refusing TPM as arrived.
+        let refusal = handler.refusal();
+        xs.transaction(|tx| {
+            match &refusal {
+                Some(why) => xs.write(tx, &format!("{dir}/{HVM_ERROR_KEY}"), why.as_bytes())?,
+                None => xs.try_rm(tx, &format!("{dir}/{HVM_ERROR_KEY}"))?,
+            }
+            xs.write(tx, &format!("{dir}/{HVM_STATE_KEY}"), b"ready")
+        })?;
     }
     if let Some(f) = &hvm.ready_file {
         std::fs::write(f, b"").with_context(|| format!("write {}", f.display()))?;

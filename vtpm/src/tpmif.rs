@@ -168,6 +168,14 @@ impl VtpmHandler {
         self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// Why the guest it serves is refused (its TPM could not be resumed), if it is.
+    pub fn refusal(&self) -> Option<String> {
+        match &self.lock().serving {
+            Serving::Refusing(_, why) => Some(why.clone()),
+            _ => None,
+        }
+    }
+
     /// `device`'s guest is known to be a new platform (an HVM guest's domain whose device
     /// model was started for a boot, not a restore): its TPM starts reset whatever the
     /// snapshot holds, even a suspended one of the same `vm` path (a saved guest created

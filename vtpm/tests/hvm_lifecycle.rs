@@ -95,6 +95,7 @@ fn an_hvm_guests_tpm_follows_its_boots_restores_and_restarts() {
     let h = handler(&dir, false);
     let restored = domain(6, 200, true);
     h.connected(&restored);
+    assert_eq!(h.refusal(), None, "resumed: what a migration's destination waits for");
     assert_eq!(pcr16(&h, &restored), Ok(saved.clone()), "the restored guest's TPM goes on");
     h.stop();
     drop(h);
@@ -103,6 +104,7 @@ fn an_hvm_guests_tpm_follows_its_boots_restores_and_restarts() {
     let h = handler(&dir, false);
     let again = domain(7, 300, true);
     h.connected(&again);
+    assert!(h.refusal().is_some(), "the refusal is told (serve-hvm writes it beside `ready`)");
     assert_eq!(pcr16(&h, &again), Err(TPM_RC_FAILURE), "a second restore is refused, never reset");
     drop(h);
 

@@ -124,10 +124,15 @@ pub fn refuse(xs: &Xenstore, d: &Device, why: &str) {
     let be = &d.be_path;
     if d.is_hvm() {
         let r = xs.transaction(|tx| {
-            if xs.try_read(tx, &format!("{be}/{HVM_STATE_KEY}"))?.is_none() {
+            let state = xs.try_read(tx, &format!("{be}/{HVM_STATE_KEY}"))?;
+            if state.is_none() {
                 return Ok(());
             }
             xs.write(tx, &format!("{be}/{HVM_ERROR_KEY}"), why.as_bytes())?;
+            // A guest served before stays `ready`: its next vtpm resumes it, never boots it.
+            if state.as_deref() == Some(b"ready") {
+                return Ok(());
+            }
             xs.write(tx, &format!("{be}/{HVM_STATE_KEY}"), b"refused")
         });
         if let Err(e) = r {

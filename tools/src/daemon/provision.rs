@@ -109,22 +109,26 @@ impl Spec {
     }
 
     /// Whether vTPM `uuid` is on its way here: `xvtpm migrate-accept` made its directory and
-    /// still runs. `Err`: an arrival cut short (for the log).
+    /// still holds the lock of its mark (a lock, unlike a pid, cannot outlive its process).
+    /// `Err`: an arrival cut short (for the log).
     pub fn arriving(&self, uuid: &str) -> Result<bool, String> {
         let dir = self.vtpm_dir(uuid);
         if dir.join(MADE).exists() {
             return Ok(false);
         }
-        let Ok(pid) = fs::read_to_string(dir.join(ARRIVING)) else { return Ok(false) };
-        if accepting(pid.trim()) {
-            return Ok(true);
+        let Ok(mark) = fs::File::open(dir.join(ARRIVING)) else { return Ok(false) };
+        match mark.try_lock_shared() {
+            Err(fs::TryLockError::WouldBlock) => Ok(true),
+            Err(fs::TryLockError::Error(e)) => {
+                Err(format!("cannot test the lock of {}: {e}", dir.join(ARRIVING).display()))
+            }
+            Ok(()) => Err(format!(
+                "{} holds a vTPM whose migration here was cut short (no `xvtpm migrate-accept` holds its \
+                 `{ARRIVING}` mark): remove the directory (and the vTPM at the manager, `xvtpm vtpm delete \
+                 {uuid}`, if it was imported) to let the guest come again",
+                dir.display()
+            )),
         }
-        Err(format!(
-            "{} holds a vTPM whose migration here was cut short (`{ARRIVING}` names no running \
-             `xvtpm migrate-accept`): remove the directory (and the vTPM at the manager, \
-             `xvtpm vtpm delete {uuid}`, if it was imported) to let the guest come again",
-            dir.display()
-        ))
     }
 
     /// The vTPM is here, or made now if allowed. A guest that arrives (`incoming`: a restore
@@ -223,12 +227,6 @@ impl Spec {
     }
 }
 
-/// Whether `pid` is a running `xvtpm` process (the one that wrote an arrival's mark).
-fn accepting(pid: &str) -> bool {
-    let Ok(pid) = pid.parse::<u32>() else { return false };
-    fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "xvtpm")
-}
-
 /// Runs `cmd` for at most `timeout` (then kills it): `None` if it succeeded, else what it
 /// wrote to stderr.
 fn run_for(cmd: &mut Command, timeout: Duration) -> Result<Option<String>, String> {
@@ -307,8 +305,8 @@ mod tests {
         let s = spec("arriving");
         let dir = s.vtpm_dir(UUID);
         fs::create_dir_all(dir.join(STATE)).expect("state");
-        // This test's process is not named `xvtpm`: the mark names no accepter.
-        fs::write(dir.join(ARRIVING), std::process::id().to_string()).expect("mark");
+        // Nobody holds the mark's lock: its accepter is gone.
+        fs::write(dir.join(ARRIVING), b"4242").expect("mark");
         let why = s.arriving(UUID).expect_err("cut short");
         assert!(why.contains("cut short") && why.contains(&format!("xvtpm vtpm delete {UUID}")), "{why}");
         // Neither a boot nor an arrival gets it, and nothing of it is touched.
@@ -325,24 +323,14 @@ mod tests {
     }
 
     #[test]
-    fn a_running_accepter_is_told_by_its_name() {
+    fn an_accepter_is_running_while_it_holds_its_marks_lock() {
         let s = spec("accepter");
-        let bin = s.state_root.parent().expect("root").join("bin");
-        fs::create_dir_all(&bin).expect("bin");
-        fs::copy("/bin/sleep", bin.join("xvtpm")).expect("copy sleep");
-        let mut accepter = Command::new(bin.join("xvtpm")).arg("30").spawn().expect("accepter");
         let dir = s.vtpm_dir(UUID);
         fs::create_dir_all(dir.join(STATE)).expect("state");
-        fs::write(dir.join(ARRIVING), accepter.id().to_string()).expect("mark");
-        // comm is set at exec: wait until the child is the copy.
-        let end = Instant::now() + Duration::from_secs(5);
-        while s.arriving(UUID) != Ok(true) && Instant::now() < end {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let while_running = s.arriving(UUID);
-        let _ = accepter.kill();
-        let _ = accepter.wait();
-        assert_eq!(while_running, Ok(true));
+        let mark = fs::File::create(dir.join(ARRIVING)).expect("mark");
+        mark.try_lock().expect("the accepter's lock");
+        assert_eq!(s.arriving(UUID), Ok(true));
+        drop(mark);
         assert!(s.arriving(UUID).is_err(), "its accepter is gone");
     }
 }

@@ -376,8 +376,8 @@ impl Supervisor {
                 let how = describe(child.wait());
                 log::info!("{}: vtpm for {uuid} stopped ({how})", e.device.name());
                 if again {
-                    self.start(&uuid, &mut e);
-                    self.entries.insert(uuid, e);
+                    // As a new device: an arriving guest's vTPM is checked as at any first start.
+                    self.add(&uuid, e.device);
                 }
             }
             other => {

@@ -76,6 +76,8 @@ struct Incoming {
     vtpm: Option<Child>,
     /// An HVM guest's vTPM directory in xvtpmd's root (xvtpmd serves it).
     hvm_dir: Option<PathBuf>,
+    /// Its `arriving` mark, locked while this process runs.
+    _mark: Option<std::fs::File>,
     imported: Option<[u8; 16]>,
 }
 
@@ -85,6 +87,9 @@ impl Incoming {
             let _ = v.kill();
             let _ = v.wait();
         }
+        // First out of xvtpmd's sight, at once (a rename), and out of the way of a vtpm still
+        // writing into it; then the key; then the files.
+        let hidden = self.hvm_dir.as_ref().and_then(|d| tombstone(d));
         if let Some(u) = self.imported {
             match Admin::connect(&opts.admin_socket).and_then(|mut a| a.delete(&u)) {
                 Ok(()) => log::info!("the imported vTPM is deleted again"),
@@ -95,9 +100,24 @@ impl Incoming {
             let _ = std::fs::remove_file(p);
         }
         let _ = std::fs::remove_dir_all(&self.state_dir);
-        if let Some(d) = &self.hvm_dir {
-            // xvtpmd, seeing it gone, refuses the guest's request (if it is still there).
+        if let Some(d) = hidden {
             let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}
+
+/// Renames `dir` to a hidden name beside it (removed next): a directory that vanishes at
+/// once, so that nothing takes it for a vTPM while it is removed. `None` if it is not there.
+pub fn tombstone(dir: &Path) -> Option<PathBuf> {
+    let name = dir.file_name()?.to_string_lossy();
+    let hidden = dir.with_file_name(format!(".{name}.removed-{}", std::process::id()));
+    match std::fs::rename(dir, &hidden) {
+        Ok(()) => Some(hidden),
+        Err(e) => {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                log::error!("cannot move {} out of the way: {e}", dir.display());
+            }
+            None
         }
     }
 }
@@ -155,6 +175,10 @@ pub fn run(opts: &AcceptOpts) -> anyhow::Result<()> {
         }
         let _ = wire::send(&mut *lock(&up), Kind::XlEnd, &[]);
     });
+    // The guest may run here only with its vTPM: a "go" before the vTPM is taken ends xl's
+    // stream (xl then fails, and all is undone), and only one offer is taken.
+    let mut go = wire::Watch::new(wire::PERMISSION_TO_GO);
+    let mut taken = false;
     loop {
         let frame = match wire::recv(&mut input) {
             Ok(f) => f,
@@ -165,6 +189,9 @@ pub fn run(opts: &AcceptOpts) -> anyhow::Result<()> {
         };
         match frame {
             Some((Kind::Xl, b)) => {
+                if !taken && go.feed(&b).is_some() && xl_in.take().is_some() {
+                    log::error!("the source let the guest go before its vTPM was here; the migration is stopped");
+                }
                 if let Some(w) = xl_in.as_mut() {
                     if w.write_all(&b).is_err() {
                         xl_in = None;
@@ -174,13 +201,24 @@ pub fn run(opts: &AcceptOpts) -> anyhow::Result<()> {
             Some((Kind::XlEnd, _)) => xl_in = None,
             Some((Kind::Offer, b)) => {
                 let answer = match incoming.as_mut() {
+                    Some(_) if taken => Err(anyhow::anyhow!("the vTPM was taken already; a second offer is refused")),
                     Some(i) => install(opts, &hello, i, &b),
                     None => Err(anyhow::anyhow!("nothing is set up for the vTPM")),
                 };
                 match answer {
-                    Ok(()) => wire::send(&mut *lock(&out), Kind::Accepted, &[])?,
+                    Ok(()) => {
+                        taken = true;
+                        wire::send(&mut *lock(&out), Kind::Accepted, &[])?;
+                    }
                     Err(e) => {
                         log::error!("the vTPM could not be taken: {e:#}");
+                        // Undone before the source hears it: it takes the vTPM back, and no
+                        // second copy may stay here.
+                        if !taken {
+                            if let Some(i) = incoming.take() {
+                                i.undo(opts);
+                            }
+                        }
                         wire::send(&mut *lock(&out), Kind::Refused, format!("{e:#}").as_bytes())?;
                     }
                 }
@@ -217,11 +255,12 @@ fn arrive_pv(opts: &AcceptOpts, hello: &Hello) -> anyhow::Result<Incoming> {
     std::fs::create_dir_all(&opts.log_dir)?;
     let vtpm = start_vtpm(opts, hello, &state_dir, &token)?;
     let snapshots = xvtpm_vtpm::snapshot::SnapshotFile::for_state_dir(&opts.snapshot_dir, &state_dir)?.paths().clone();
-    Ok(Incoming { state_dir, token, snapshots, vtpm: Some(vtpm), hvm_dir: None, imported: None })
+    Ok(Incoming { state_dir, token, snapshots, vtpm: Some(vtpm), hvm_dir: None, _mark: None, imported: None })
 }
 
-/// An HVM guest's vTPM: its directory in xvtpmd's root, marked arriving (with this process's
-/// pid, so that xvtpmd can tell an arrival cut short), for xvtpmd to serve once it is complete.
+/// An HVM guest's vTPM: its directory in xvtpmd's root, marked arriving (the mark locked
+/// while this process runs, so that xvtpmd tells an arrival cut short), for xvtpmd to serve
+/// once it is complete.
 fn arrive_hvm(opts: &AcceptOpts, hello: &Hello) -> anyhow::Result<Incoming> {
     use crate::daemon_layout::{ARRIVING, STATE, TOKEN};
     let name = &hello.device_uuid;
@@ -230,35 +269,53 @@ fn arrive_hvm(opts: &AcceptOpts, hello: &Hello) -> anyhow::Result<Incoming> {
     }
     let dir = opts.vtpms.join(name);
     if dir.exists() {
-        bail!("a vTPM {name} already lives here ({})", dir.display());
+        bail!(
+            "a vTPM {name} already lives here ({}): if it is a copy left by a migration that failed, \
+             `xvtpm vtpm delete {name}` and remove the directory",
+            dir.display()
+        );
     }
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&opts.vtpms)?;
     std::fs::DirBuilder::new().mode(0o700).create(&dir).with_context(|| format!("create {}", dir.display()))?;
     let state_dir = dir.join(STATE);
-    let made = std::fs::DirBuilder::new()
-        .mode(0o700)
-        .create(&state_dir)
-        .map_err(anyhow::Error::from)
-        .and_then(|()| write_private(&dir.join(ARRIVING), std::process::id().to_string().as_bytes()));
-    if let Err(e) = made {
-        let _ = std::fs::remove_dir_all(&dir);
-        return Err(e.context(format!("prepare {}", dir.display())));
-    }
+    let mark = (|| -> anyhow::Result<std::fs::File> {
+        std::fs::DirBuilder::new().mode(0o700).create(&state_dir)?;
+        // Locked before it carries its name: xvtpmd never sees it unlocked while we run.
+        let part = dir.join(format!(".{ARRIVING}"));
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&part)?;
+        f.try_lock()?;
+        f.write_all(std::process::id().to_string().as_bytes())?;
+        std::fs::rename(&part, dir.join(ARRIVING))?;
+        Ok(f)
+    })();
+    let mark = match mark {
+        Ok(f) => f,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e.context(format!("prepare {}", dir.display())));
+        }
+    };
     let snapshot_dir = opts.snapshot_dir.join(name);
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&snapshot_dir)?;
     let snapshots = xvtpm_vtpm::snapshot::SnapshotFile::for_state_dir(&snapshot_dir, &state_dir)?.paths().clone();
-    Ok(Incoming { state_dir, token: dir.join(TOKEN), snapshots, vtpm: None, hvm_dir: Some(dir), imported: None })
+    Ok(Incoming {
+        state_dir,
+        token: dir.join(TOKEN),
+        snapshots,
+        vtpm: None,
+        hvm_dir: Some(dir),
+        _mark: Some(mark),
+        imported: None,
+    })
 }
 
-fn write_private(path: &Path, data: &[u8]) -> anyhow::Result<()> {
-    xvtpm_vtpm::state::write_file(path, data, xvtpm_vtpm::state::PRIVATE)
-        .with_context(|| format!("write {}", path.display()))
-}
-
-/// Tells xvtpmd that an HVM guest's vTPM is in place (its request directory, found by the
-/// uuid), and waits until its vtpm serves the guest's registers.
+/// Tells xvtpmd that an HVM guest's vTPM is in place (in the arriving guest's request
+/// directory, found by the uuid), and waits until its vtpm serves the guest's registers with
+/// the TPM resumed (a vtpm that serves but refuses the guest has not taken it).
 fn serve_hvm(opts: &AcceptOpts, uuid: &str) -> anyhow::Result<()> {
-    use xvtpm_xen::xenbus::{HVM_ARRIVED_KEY, HVM_ERROR_KEY, HVM_REQUEST_ROOT, HVM_STATE_KEY, HVM_UUID_KEY};
+    use xvtpm_xen::xenbus::{
+        HVM_ARRIVED_KEY, HVM_ERROR_KEY, HVM_INCOMING_KEY, HVM_REQUEST_ROOT, HVM_STATE_KEY, HVM_UUID_KEY,
+    };
     use xvtpm_xen::TxId;
     let xs = opts.xen.open()?.xenstore()?;
     let end = Instant::now() + Duration::from_secs(opts.serve_timeout);
@@ -273,8 +330,9 @@ fn serve_hvm(opts: &AcceptOpts, uuid: &str) -> anyhow::Result<()> {
             for d in doms {
                 let dir = format!("{HVM_REQUEST_ROOT}/{d}");
                 if read(&format!("{dir}/{HVM_UUID_KEY}"))?.as_deref() == Some(uuid)
-                    && read(&format!("{dir}/{HVM_STATE_KEY}"))?.as_deref() == Some("arriving")
+                    && read(&format!("{dir}/{HVM_INCOMING_KEY}"))?.as_deref() == Some("1")
                 {
+                    // A rescan of xvtpmd's: it starts the vtpm now that the vTPM is complete.
                     xs.write(TxId::NONE, &format!("{dir}/{HVM_ARRIVED_KEY}"), b"1")?;
                     told = Some(dir);
                     break;
@@ -283,7 +341,10 @@ fn serve_hvm(opts: &AcceptOpts, uuid: &str) -> anyhow::Result<()> {
         }
         if let Some(dir) = &told {
             match read(&format!("{dir}/{HVM_STATE_KEY}"))?.as_deref() {
-                Some("ready") => return Ok(()),
+                Some("ready") => match read(&format!("{dir}/{HVM_ERROR_KEY}"))? {
+                    None => return Ok(()),
+                    Some(why) => bail!("the arrived vTPM refuses the guest: {why}"),
+                },
                 Some("refused") => {
                     let why = read(&format!("{dir}/{HVM_ERROR_KEY}"))?.unwrap_or_default();
                     bail!("xvtpmd refused the arrived vTPM: {why}");
@@ -296,7 +357,7 @@ fn serve_hvm(opts: &AcceptOpts, uuid: &str) -> anyhow::Result<()> {
             bail!(
                 "xvtpmd did not serve the vTPM within {} s ({}); see its log",
                 opts.serve_timeout,
-                if told.is_some() { "told it arrived" } else { "no guest's request was waiting for it" }
+                if told.is_some() { "told it arrived" } else { "no arriving guest asked for it" }
             );
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -347,6 +408,7 @@ fn install(opts: &AcceptOpts, hello: &Hello, incoming: &mut Incoming, offer: &[u
     let files: BTreeMap<String, Vec<u8>> =
         xvtpm_vtpm::state::managed::decode(offer).context("a malformed offer from the source")?;
     let write = |path: &Path, data: &[u8]| xvtpm_vtpm::state::write_file(path, data, xvtpm_vtpm::state::PRIVATE);
+    let mut offered = [false; 2];
     for (name, data) in &files {
         if let Some(file) = name.strip_prefix("state/") {
             if file.is_empty() || file.contains('/') || file == "." || file == ".." {
@@ -360,9 +422,27 @@ fn install(opts: &AcceptOpts, hello: &Hello, incoming: &mut Incoming, offer: &[u
                 _ => bail!("a snapshot slot named {slot:?}"),
             };
             write(&incoming.snapshots[i], data)?;
+            offered[i] = true;
+        }
+    }
+    // A slot the source did not send is not this vTPM's now (it would compete with the sent one).
+    for (slot, sent) in incoming.snapshots.iter().zip(offered) {
+        if !sent {
+            if let Err(e) = std::fs::remove_file(slot) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    bail!("cannot clear snapshot slot {}: {e}", slot.display());
+                }
+            }
         }
     }
     write(&incoming.token, files.get("token").context("the offer has no token")?)?;
+    // After "go" this is the only copy: the names as durable as the bytes.
+    let mut dirs = vec![incoming.state_dir.clone()];
+    dirs.extend(incoming.snapshots[0].parent().map(Path::to_path_buf));
+    dirs.extend(incoming.token.parent().map(Path::to_path_buf));
+    for d in &dirs {
+        sync_dir(d)?;
+    }
     let bundle = files.get("bundle").context("the offer has no key bundle")?;
     let uuid = Admin::connect(&opts.admin_socket)?.import(bundle, 0)?;
     let want = xvtpm_proto::Uuid::parse(&hello.vtpm_uuid)?.0;
@@ -376,12 +456,19 @@ fn install(opts: &AcceptOpts, hello: &Hello, incoming: &mut Incoming, offer: &[u
         // Complete from here on: `made` first, then the mark goes.
         write(&dir.join(MADE), b"")?;
         std::fs::remove_file(dir.join(ARRIVING)).with_context(|| format!("remove {}", dir.join(ARRIVING).display()))?;
+        sync_dir(dir)?;
+        sync_dir(&opts.vtpms)?;
         serve_hvm(opts, &hello.vtpm_uuid)?;
         log::info!("vTPM {} taken: xvtpmd serves it to the guest", hello.vtpm_uuid);
         return Ok(());
     }
     log::info!("vTPM {} taken: state, snapshot and key are here", hello.vtpm_uuid);
     Ok(())
+}
+
+/// Makes the names in `dir` durable.
+fn sync_dir(dir: &Path) -> anyhow::Result<()> {
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("sync {}", dir.display()))
 }
 
 #[cfg(test)]

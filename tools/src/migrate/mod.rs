@@ -49,6 +49,9 @@ pub struct MigrateArgs {
     /// xvtpmd's state root here (its `state-root`), where an HVM guest's vTPM is.
     #[arg(long, value_name = "DIR", default_value = crate::daemon_layout::DEFAULT_STATE_ROOT)]
     pub vtpms: PathBuf,
+    /// xvtpmd's status file here: an HVM guest's vTPM is removed once xvtpmd no longer serves it.
+    #[arg(long, value_name = "FILE", default_value = crate::daemon_status::DEFAULT_PATH)]
+    pub status_file: PathBuf,
     /// The vtpm's snapshot directory here (`vtpm serve --snapshot-dir`).
     #[arg(long, value_name = "DIR", default_value = xvtpm_vtpm::snapshot::DEFAULT_DIR)]
     pub snapshot_dir: PathBuf,
@@ -123,7 +126,16 @@ fn source(a: &MigrateArgs) -> anyhow::Result<Source> {
                 );
             }
             let dir = a.vtpms.join(&uuid);
-            let tpm12 = std::fs::read_to_string(dir.join(VERSION)).is_ok_and(|v| v.trim() == "1.2");
+            let version = dir.join(VERSION);
+            let tpm12 = match std::fs::read_to_string(&version).as_deref().map(str::trim) {
+                Ok("1.2") => true,
+                Ok("2.0") => false,
+                _ => bail!(
+                    "{} does not say the vTPM's TPM version (xvtpmd serves a vTPM without it as its `tpm-version` \
+                     setting says): write 1.2 or 2.0 into it",
+                    version.display()
+                ),
+            };
             Ok(Source {
                 device_uuid: uuid.clone(),
                 vtpm_uuid: uuid.clone(),
@@ -149,6 +161,22 @@ fn source(a: &MigrateArgs) -> anyhow::Result<Source> {
                 hvm_dir: None,
             })
         }
+    }
+}
+
+/// Waits (up to 30 s) until xvtpmd's status no longer lists vTPM `uuid`: its vtpm has
+/// stopped. `false` if it still does.
+fn xvtpmd_let_go(status: &std::path::Path, uuid: &str) -> bool {
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let listed = crate::daemon_status::read(status).map(|all| all.iter().any(|s| s.uuid == uuid)).unwrap_or(false);
+        if !listed {
+            return true;
+        }
+        if std::time::Instant::now() > end {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }
 
@@ -191,17 +219,24 @@ pub fn migrate(a: MigrateArgs) -> anyhow::Result<()> {
         Ok(s) if s.success() => {
             // The guest and its vTPM run at the destination: this manager lets the vTPM go.
             Admin::connect(&a.admin_socket)?.delete(&uuid)?;
-            for p in &snapshots {
-                let _ = std::fs::remove_file(p);
-            }
             if let Some(dir) = &src.hvm_dir {
-                // Its key is gone: what is left here is of no use (xvtpmd stops its vtpm when
-                // the guest's domain goes).
-                if let Err(e) = std::fs::remove_dir_all(dir) {
-                    log::warn!("cannot remove {}: {e}", dir.display());
+                // Its key is gone: what is left here is of no use. xvtpmd stops its vtpm when
+                // the guest's domain goes, which writes a last snapshot: removed after that.
+                if !xvtpmd_let_go(&a.status_file, &src.vtpm_uuid) {
+                    log::warn!("xvtpmd still lists vTPM {}; removing its files anyway", src.vtpm_uuid);
+                }
+                for d in [dir, &src.snapshot_dir] {
+                    if let Some(hidden) = accept::tombstone(d) {
+                        if let Err(e) = std::fs::remove_dir_all(&hidden) {
+                            log::warn!("cannot remove {}: {e}", hidden.display());
+                        }
+                    }
                 }
                 outln!("{} moved to {} with its vTPM {}", a.domain, a.host, src.vtpm_uuid);
             } else {
+                for p in &snapshots {
+                    let _ = std::fs::remove_file(p);
+                }
                 outln!("{} moved to {} with its vTPM {}; stop its vtpm here", a.domain, a.host, src.vtpm_uuid);
             }
             Ok(())
