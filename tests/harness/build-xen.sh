@@ -12,8 +12,10 @@
 #     hvm      as service, plus the HVM parts: Debian's QEMU for Xen (qemu-system-xen), SeaBIOS,
 #              hvmloader, and the guest's kernel as a bzImage; the machine's CPU gets SVM with
 #              nested paging (xen-hvm-dom0-init.sh).
+#     migrate  as hvm, for two hosts on one network (the e1000 driver): an HVM guest moved
+#              with `xvtpm migrate` (xen-migrate-dom0-init.sh).
 # Cached: rebuilt when an input (packages, scripts, binaries) changes.
-# Usage: build-xen.sh OUTDIR BINDIR [e2e|lifecycle|stubdom|service|hvm]   (BINDIR holds vtpm, vtpmmgr, xvtpm)
+# Usage: build-xen.sh OUTDIR BINDIR [e2e|lifecycle|stubdom|service|hvm|migrate]   (BINDIR holds vtpm, vtpmmgr, xvtpm)
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 OUT=${1:?usage: build-xen.sh OUTDIR BINDIR [e2e|lifecycle|stubdom|service]}
@@ -22,7 +24,7 @@ SCENARIO=${3:-e2e}
 VTPM=$BIN/vtpm
 case "$SCENARIO" in e2e|lifecycle) BINS=("$VTPM");; stubdom) BINS=("$VTPM" "$BIN/vtpmmgr" "$BIN/xvtpm" "$BIN/xvtpmd");;
     # The package the test built from BINDIR's binaries (scripts/package.sh), in OUTDIR.
-    service|hvm) BINS=("$OUT/xvtpm.deb");;
+    service|hvm|migrate) BINS=("$OUT/xvtpm.deb");;
     *) echo "unknown scenario $SCENARIO" >&2; exit 2;; esac
 mkdir -p "$OUT/debs"
 
@@ -35,7 +37,8 @@ PKGS=(xen-hypervisor-$XV-amd64 xen-utils-$XV xenstore-utils libxenstore4 libxenm
       libxenevtchn1 libxenforeignmemory1 libxengnttab1 libxentoollog1 libxentoolcore1
       libxendevicemodel1 libxenhypfs1 libyajl2 "$KPKG")
 [ "$SCENARIO" = stubdom ] && PKGS+=(xen-utils-common)   # the hotplug scripts (block)
-[ "$SCENARIO" = hvm ] && PKGS+=(qemu-system-xen qemu-system-data seabios)   # the device model and firmware
+HVM=; case "$SCENARIO" in hvm|migrate) HVM=1;; esac
+[ -n "$HVM" ] && PKGS+=(qemu-system-xen qemu-system-data seabios)   # the device model and firmware
 stamp="${PKGS[*]} $(cat "$HERE"/build-xen.sh "$HERE"/xen-*.sh "$HERE"/xen-domU.cfg "$HERE"/tpmbench.c "$HERE"/syscall-inject.c "$HERE"/guest-dbus.conf "$HERE"/../../tools/stubdom/* | sha256sum | cut -c1-16) $SCENARIO $(cat "${BINS[@]}" | sha256sum | cut -c1-16) $(dpkg-query -W -f='${Version} ' tpm2-tools busybox-static tpm2-abrmd dbus-daemon)"
 if [ -f "$OUT/stamp" ] && [ "$(cat "$OUT/stamp")" = "$stamp" ]; then exit 0; fi
 
@@ -98,7 +101,7 @@ mkdir -p "$S/etc/xen" "$S/var/lib/xen" "$S/var/log/xen"
 cp "$OUT/vmlinux" "$S/boot/vmlinux-domU"
 cp "$OUT/domU.cpio.gz" "$S/boot/domU.cpio.gz"
 install -m 644 "$HERE/xen-dom0-common.sh" "$S/lib/xen-dom0-common.sh"
-if [ "$SCENARIO" = hvm ]; then
+if [ -n "$HVM" ]; then
     # HVM: Debian's device model (its keymap, linuxboot for xl's kernel=), SeaBIOS and
     # hvmloader where libxl looks for them, and the guest's kernel as QEMU loads it.
     Q=/usr/libexec/xen-qemu-system-i386
@@ -111,7 +114,8 @@ if [ "$SCENARIO" = hvm ]; then
     cp "$R/boot/vmlinuz-$KVER" "$S/boot/vmlinuz-domU"
     echo "qemu64,+svm,+npt" > "$OUT/cpu"
 fi
-if [ "$SCENARIO" = service ] || [ "$SCENARIO" = hvm ]; then
+[ "$SCENARIO" = migrate ] && cp "$(modpath e1000)" "$S/lib/modules/"
+if [ "$SCENARIO" = service ] || [ -n "$HVM" ]; then
     # The package, and dpkg to install it (its database empty: the libraries the package
     # depends on are files here, copied from this machine's Debian 12).
     mkdir -p "$S/root"; cp "$OUT/xvtpm.deb" "$S/root/xvtpm.deb"

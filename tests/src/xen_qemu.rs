@@ -59,6 +59,53 @@ pub fn run(img: &Path, bin_dir: &Path, scenario: &str, tpm: Tpm, timeout_s: u32)
     console
 }
 
+/// Builds `scenario`'s images into `img` and boots two machines from them, `src` and `dst`
+/// (dom0's `xvtpm.role=`), each with its own TPM for dom0 and an e1000 on one QEMU socket
+/// network between them; returns their consoles once both ended.
+pub fn run_pair(img: &Path, bin_dir: &Path, scenario: &str, timeout_s: u32) -> (Console, Console) {
+    let built = Command::new("bash")
+        .arg(harness().join("build-xen.sh"))
+        .arg(img)
+        .arg(bin_dir)
+        .arg(scenario)
+        .status()
+        .expect("build-xen.sh");
+    assert!(built.success(), "building the Xen images failed");
+    // A free port on loopback for the link (src listens, dst connects).
+    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
+    let boot = |role: &str, net: String, mac: &str| {
+        let log = img.join(format!("boot-{role}.log"));
+        let child = Command::new("bash")
+            .arg(harness().join("boot-xen.sh"))
+            .arg(img)
+            .arg(&log)
+            .arg(timeout_s.to_string())
+            .arg("tpm-dom0")
+            .env("XVTPM_NET", net)
+            .env("XVTPM_MAC", mac)
+            .env("XVTPM_DOM0_ARGS", format!("xvtpm.role={role}"))
+            .spawn()
+            .expect("boot-xen.sh");
+        (child, log)
+    };
+    let (mut src, src_log) = boot("src", format!("listen=127.0.0.1:{port}"), "52:54:00:12:34:01");
+    // QEMU's connecting end needs the listener up.
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let (mut dst, dst_log) = boot("dst", format!("connect=127.0.0.1:{port}"), "52:54:00:12:34:02");
+    let consoles: Vec<Console> = [(&mut src, &src_log), (&mut dst, &dst_log)]
+        .into_iter()
+        .map(|(child, log)| {
+            let passed = child.wait().expect("boot-xen.sh").success();
+            let text = String::from_utf8_lossy(&std::fs::read(log).unwrap_or_default()).replace('\r', "");
+            Console { text, passed }
+        })
+        .collect();
+    let mut it = consoles.into_iter();
+    let (a, b) = (it.next().expect("src"), it.next().expect("dst"));
+    eprintln!("== src ==\n{}\n== dst ==\n{}", a.report().join("\n"), b.report().join("\n"));
+    (a, b)
+}
+
 /// Builds the Debian package from the binaries in `bin_dir` (`scripts/package.sh`) and puts
 /// it into `img` as `xvtpm.deb`, where `build-xen.sh`'s service and hvm scenarios take it. The
 /// same binaries give the same .deb, so the image is rebuilt only when they change.
