@@ -119,7 +119,8 @@ if [ $PHASE = lifecycle ]; then
         u=$(tpm2_unseal -c "$S" -p pcr:sha256:16 2>/dev/null); tpm2_flushcontext -s 2>/dev/null
         say "tick $i pcr16 ${p:-none} sign $s unseal ${u:-failed} devs $(ls /dev/tpm* 2>/dev/null | tr '\n' ' ')"
         [ "$s" = ok ] || dmesg | grep -i 'tpm' | grep -v 'command line' | tail -n 3 | sed 's/^/XVTPM-DOMU: dmesg: /'
-        sleep 0.2
+        # A guest being migrated ticks slower: fewer exits under the nested emulation's flaw.
+        case "$(cat /proc/cmdline)" in *xvtpm.tick=slow*) sleep 3;; *) sleep 0.2;; esac
     done
 fi
 if [ $PHASE = 2 ]; then

@@ -45,15 +45,20 @@ if [ "$ROLE" = dst ]; then
     echo ready >/tmp/ready; nc -l -p 7003 </tmp/ready >/dev/null 2>&1 &
     nc -l -p 7004 >/tmp/expect 2>/dev/null
     mark "MIGEXPECT $(cat /tmp/expect)"
-    # The guest arrives: its device model writes the serial file here from then on.
-    if wait_for /var/log/mig.serial "tick" 900; then
+    nc -l -p 7005 >/tmp/src.done 2>/dev/null &
+    # The guest arrives (its device model writes the serial file here from then on), or src
+    # says its move failed.
+    end=$(( $(cut -d. -f1 /proc/uptime) + 900 ))
+    while ! grep -q tick /var/log/mig.serial 2>/dev/null && ! grep -q failed /tmp/src.done 2>/dev/null \
+        && [ "$(cut -d. -f1 /proc/uptime)" -lt $end ]; do sleep 1; done
+    if grep -q tick /var/log/mig.serial 2>/dev/null; then
         sleep 20
         report /var/log/mig.serial DST | tail -n 6
         mark "MIGDST xl $(xl list 2>&1 | awk 'NR > 1 {printf "%s:%s ", $1, $5}')"
         mark "MIGDST status $(xvtpm status --json 2>&1 | tr -d ' \n')"
         mark "MIGDST manager $(xvtpm vtpm list 2>&1 | grep -c $UH) files $(ls /var/lib/xvtpm/vtpms/$UH 2>&1 | tr '\n' ' ')"
     else
-        mark "MIGDST no guest arrived"; diag
+        mark "MIGDST no guest arrived ($(cat /tmp/src.done 2>/dev/null))"; diag
     fi
     mark "MIGACCEPT $(tr '\n' '|' </var/log/accept.log | cut -c1-1500)"
     mark "MIGDSTD $(grep -i "HVM guest" /var/log/xvtpmd.log | tail -n 6 | tr '\n' '|' | cut -c1-1200)"
@@ -70,8 +75,8 @@ type = "hvm"
 uuid = "$UH"
 kernel = "/boot/vmlinuz-domU"
 ramdisk = "/boot/domU.cpio.gz"
-cmdline = "console=ttyS0 loglevel=4 xvtpm.phase=lifecycle"
-memory = 256
+cmdline = "console=ttyS0 loglevel=4 xvtpm.phase=lifecycle xvtpm.tick=slow"
+memory = 192
 vcpus = 1
 vga = "none"
 vnc = 0
@@ -89,6 +94,8 @@ fetch $DST 7003 /tmp/ready 120 || { mark "dst not ready"; finish FAIL; }
 T0=$(cut -d' ' -f1 /proc/uptime)
 RUST_LOG=info xvtpm migrate mig $DST --to /tmp/dst.key --via "nc $DST 7000" >/tmp/migrate.out 2>&1
 rc=$?
+if [ $rc = 0 ]; then echo moved >/tmp/done; else echo failed >/tmp/done; fi
+send $DST 7005 /tmp/done 30 || mark "dst took no result"
 mark "MIGT xvtpm migrate exit $rc after $(awk -v t0="$T0" '{printf "%.1f", $1 - t0}' /proc/uptime) s: $(tr '\n' '|' </tmp/migrate.out | cut -c1-1500)"
 report /var/log/mig.serial SRC | tail -n 2
 # What is left here: no domain, no vtpm, no vTPM at the manager, no files.
