@@ -37,15 +37,17 @@ ip link set eth0 up && ip addr add $ME/24 dev eth0 || { mark "no network: $(ip l
 xvtpm vtpm migration-key > /tmp/my.key
 
 if [ "$ROLE" = dst ]; then
-    nc -l -p 7001 </tmp/my.key >/dev/null 2>&1 &
-    nc -l -p 7002 >/tmp/src.key 2>/dev/null
+    # Every wait bounded: a src that failed early costs minutes here, not the QEMU timeout.
+    timeout 600 nc -l -p 7001 </tmp/my.key >/dev/null 2>&1 &
+    timeout 600 nc -l -p 7002 >/tmp/src.key 2>/dev/null || { mark "no key from src"; finish FAIL; }
     mark "MIGKEY src key $(wc -c </tmp/src.key) bytes: $(xvtpm vtpm trust-source "$(cat /tmp/src.key)" 2>&1)"
     # One migration: busybox's nc runs the accepting end on the connection.
     RUST_LOG=info nc -l -p 7000 -e xvtpm migrate-accept 2>/var/log/accept.log &
-    echo ready >/tmp/ready; nc -l -p 7003 </tmp/ready >/dev/null 2>&1 &
-    nc -l -p 7004 >/tmp/expect 2>/dev/null
+    i=0; until netstat -ltn 2>/dev/null | grep -q ':7000 '; do i=$((i+1)); [ $i -gt 50 ] && { mark "nc on 7000 did not listen"; finish FAIL; }; usleep 100000; done
+    echo ready >/tmp/ready; timeout 1200 nc -l -p 7003 </tmp/ready >/dev/null 2>&1 &
+    timeout 1200 nc -l -p 7004 >/tmp/expect 2>/dev/null || { mark "no expectation from src"; finish FAIL; }
     mark "MIGEXPECT $(cat /tmp/expect)"
-    nc -l -p 7005 >/tmp/src.done 2>/dev/null &
+    timeout 1500 nc -l -p 7005 >/tmp/src.done 2>/dev/null &
     # The guest arrives (its device model writes the serial file here from then on), or src
     # says its move failed.
     end=$(( $(cut -d. -f1 /proc/uptime) + 900 ))
@@ -92,7 +94,7 @@ grep -a "lc ready" /var/log/mig.serial | sed 's/.*lc ready pcr16 \([^ ]*\).*/\1/
 send $DST 7004 /tmp/expect 60 || { mark "dst took no expectation"; finish FAIL; }
 fetch $DST 7003 /tmp/ready 120 || { mark "dst not ready"; finish FAIL; }
 T0=$(cut -d' ' -f1 /proc/uptime)
-RUST_LOG=info xvtpm migrate mig $DST --to /tmp/dst.key --via "nc $DST 7000" >/tmp/migrate.out 2>&1
+RUST_LOG=info timeout 1200 xvtpm migrate mig $DST --to /tmp/dst.key --via "nc $DST 7000" >/tmp/migrate.out 2>&1
 rc=$?
 if [ $rc = 0 ]; then echo moved >/tmp/done; else echo failed >/tmp/done; fi
 send $DST 7005 /tmp/done 30 || mark "dst took no result"
@@ -100,6 +102,7 @@ mark "MIGT xvtpm migrate exit $rc after $(awk -v t0="$T0" '{printf "%.1f", $1 - 
 report /var/log/mig.serial SRC | tail -n 2
 # What is left here: no domain, no vtpm, no vTPM at the manager, no files.
 sleep 5
-mark "MIGSRC xl $(xl list 2>&1 | awk 'NR > 1 {printf "%s:%s ", $1, $5}')vtpms $(ps | grep -c '[v]tpm serve') manager $(xvtpm vtpm list 2>&1 | grep -c $UH) dir $(ls -d /var/lib/xvtpm/vtpms/$UH 2>&1 | grep -c 'No such')"
+gone() { ls -d "$1" 2>&1 | grep -c 'No such'; }
+mark "MIGSRC xl $(xl list 2>&1 | awk 'NR > 1 {printf "%s:%s ", $1, $5}')vtpms $(ps | grep -c '[v]tpm serve') manager $(xvtpm vtpm list 2>&1 | grep -c $UH) dir $(gone /var/lib/xvtpm/vtpms/$UH) snapshots $(gone /run/xvtpm/snapshots/$UH)"
 [ $rc = 0 ] || diag
 finish PASS

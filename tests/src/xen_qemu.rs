@@ -2,6 +2,7 @@
 //! (`tests/harness/build-xen.sh`), boots it (`boot-xen.sh`) and reads what dom0 and the guests
 //! reported on the serial console (lines containing `XVTPM-`).
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -61,7 +62,8 @@ pub fn run(img: &Path, bin_dir: &Path, scenario: &str, tpm: Tpm, timeout_s: u32)
 
 /// Builds `scenario`'s images into `img` and boots two machines from them, `src` and `dst`
 /// (dom0's `xvtpm.role=`), each with its own TPM for dom0 and an e1000 on one QEMU socket
-/// network between them; returns their consoles once both ended.
+/// network between them (UDP on loopback: neither has to start first); returns their
+/// consoles once both ended.
 pub fn run_pair(img: &Path, bin_dir: &Path, scenario: &str, timeout_s: u32) -> (Console, Console) {
     let built = Command::new("bash")
         .arg(harness().join("build-xen.sh"))
@@ -71,8 +73,8 @@ pub fn run_pair(img: &Path, bin_dir: &Path, scenario: &str, timeout_s: u32) -> (
         .status()
         .expect("build-xen.sh");
     assert!(built.success(), "building the Xen images failed");
-    // A free port on loopback for the link (src listens, dst connects).
-    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
+    let port = || std::net::UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()).expect("a free port").port();
+    let (a, b) = (port(), port());
     let boot = |role: &str, net: String, mac: &str| {
         let log = img.join(format!("boot-{role}.log"));
         let child = Command::new("bash")
@@ -84,26 +86,33 @@ pub fn run_pair(img: &Path, bin_dir: &Path, scenario: &str, timeout_s: u32) -> (
             .env("XVTPM_NET", net)
             .env("XVTPM_MAC", mac)
             .env("XVTPM_DOM0_ARGS", format!("xvtpm.role={role}"))
+            .process_group(0)
             .spawn()
             .expect("boot-xen.sh");
-        (child, log)
+        (Group(child), log)
     };
-    let (mut src, src_log) = boot("src", format!("listen=127.0.0.1:{port}"), "52:54:00:12:34:01");
-    // QEMU's connecting end needs the listener up.
-    std::thread::sleep(std::time::Duration::from_secs(2));
-    let (mut dst, dst_log) = boot("dst", format!("connect=127.0.0.1:{port}"), "52:54:00:12:34:02");
-    let consoles: Vec<Console> = [(&mut src, &src_log), (&mut dst, &dst_log)]
-        .into_iter()
-        .map(|(child, log)| {
-            let passed = child.wait().expect("boot-xen.sh").success();
-            let text = String::from_utf8_lossy(&std::fs::read(log).unwrap_or_default()).replace('\r', "");
-            Console { text, passed }
-        })
-        .collect();
-    let mut it = consoles.into_iter();
-    let (a, b) = (it.next().expect("src"), it.next().expect("dst"));
-    eprintln!("== src ==\n{}\n== dst ==\n{}", a.report().join("\n"), b.report().join("\n"));
-    (a, b)
+    let (mut src, src_log) = boot("src", format!("udp=127.0.0.1:{b},localaddr=127.0.0.1:{a}"), "52:54:00:12:34:01");
+    let (mut dst, dst_log) = boot("dst", format!("udp=127.0.0.1:{a},localaddr=127.0.0.1:{b}"), "52:54:00:12:34:02");
+    let console = |g: &mut Group, log: &Path| {
+        let passed = g.0.wait().expect("boot-xen.sh").success();
+        let text = String::from_utf8_lossy(&std::fs::read(log).unwrap_or_default()).replace('\r', "");
+        Console { text, passed }
+    };
+    let (s, d) = (console(&mut src, &src_log), console(&mut dst, &dst_log));
+    eprintln!("== src ==\n{}\n== dst ==\n{}", s.report().join("\n"), d.report().join("\n"));
+    (s, d)
+}
+
+/// A boot in its own process group: killed whole (bash, QEMU, swtpm) if the test ends early.
+struct Group(std::process::Child);
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = Command::new("kill").args(["-s", "KILL", "--"]).arg(format!("-{}", self.0.id())).status();
+            let _ = self.0.wait();
+        }
+    }
 }
 
 /// Builds the Debian package from the binaries in `bin_dir` (`scripts/package.sh`) and puts

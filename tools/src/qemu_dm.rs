@@ -88,6 +88,12 @@ fn request_tpm(xs: &Xenstore, domid: u16, uuid: &str, version: Option<&str>, inc
     loop {
         let state = xs.try_read(TxId::NONE, &format!("{dir}/{HVM_STATE_KEY}"))?;
         match state.as_deref() {
+            // A booting domain's TPM that serves but refuses it: as refused (a restored one
+            // runs on refused rather than lose its domain; its reason is in the vtpm's log).
+            Some(b"ready") if !incoming && xs.try_read(TxId::NONE, &format!("{dir}/{HVM_ERROR_KEY}"))?.is_some() => {
+                let why = xs.try_read(TxId::NONE, &format!("{dir}/{HVM_ERROR_KEY}"))?.unwrap_or_default();
+                bail!("domain {domid}: its TPM refuses it: {}", String::from_utf8_lossy(&why));
+            }
             Some(b"ready") => return Ok(true),
             Some(b"arriving") if incoming => return Ok(false),
             Some(b"refused") => {

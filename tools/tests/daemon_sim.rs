@@ -323,6 +323,11 @@ fn with_the_manager_from_the_configuration_a_vtpm_is_provisioned_there_and_keeps
 
 /// What the `xvtpm-qemu-dm` wrapper writes for an HVM guest: its TPM request.
 fn hvm_request(host: &SimHost, domid: u16, incoming: bool) -> String {
+    hvm_request_in(host, domid, incoming, "requested")
+}
+
+/// A TPM request already in `state` (one served before says `ready`).
+fn hvm_request_in(host: &SimHost, domid: u16, incoming: bool, state: &str) -> String {
     use xvtpm_xen::xenbus::{hvm_request_path, HVM_INCOMING_KEY, HVM_STATE_KEY, HVM_UUID_KEY};
     let xs = host.xen(0).xenstore().expect("xs");
     toolstack::add_domain(&xs, domid, "hvm").expect("domain");
@@ -332,7 +337,7 @@ fn hvm_request(host: &SimHost, domid: u16, incoming: bool) -> String {
         if incoming {
             xs.write(tx, &format!("{dir}/{HVM_INCOMING_KEY}"), b"1")?;
         }
-        xs.write(tx, &format!("{dir}/{HVM_STATE_KEY}"), b"requested")
+        xs.write(tx, &format!("{dir}/{HVM_STATE_KEY}"), state.as_bytes())
     })
     .expect("request");
     dir
@@ -359,7 +364,7 @@ fn request_state(host: &SimHost, dir: &str, want: &str, d: &Daemon) -> String {
 
 /// An HVM guest that arrives (a restore, or a migration's receiving end) never gets a new
 /// vTPM, even with auto-create: it would hand the running guest reset PCRs. While
-/// `xvtpm migrate-accept` puts its vTPM in place (the `arriving` mark with its pid), the
+/// `xvtpm migrate-accept` puts its vTPM in place (the `arriving` mark it holds locked), the
 /// wrapper hears `arriving` (and starts the device model); if the accepter gives up (the
 /// directory goes) or is gone (its mark stays), the guest is refused, never served a
 /// half-arrived vTPM.
@@ -429,4 +434,25 @@ fn an_arriving_hvm_guest_waits_for_its_vtpm_and_is_refused_if_its_migration_fail
     assert!(why.contains("did not complete"), "{why}");
     d.wait_for("the recovery", |l| l.contains("cut short") && l.contains("xvtpm vtpm delete"));
     assert!(vtpm.join("arriving").exists(), "xvtpmd leaves the operator's evidence alone");
+}
+
+/// An HVM guest served before (its request says `ready`) whose vTPM xvtpmd then cannot serve
+/// (here: gone from the host) keeps `ready`, the reason beside it: the next vtpm resumes the
+/// running guest, never takes it for a boot (a reset TPM).
+#[test]
+fn a_served_hvm_guest_stays_ready_when_its_vtpm_is_refused() {
+    let host = SimHost::temp().expect("sim");
+    let dir = host.dir().join("host");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let d = Daemon::start(&host, &dir, false);
+    toolstack::init_dom0(&host.xen(0).xenstore().expect("xs")).expect("dom0");
+    let req = hvm_request_in(&host, 16, false, "ready");
+    let xs = host.xen(0).xenstore().expect("xs");
+    d.wait_for("the refusal", |l| l.contains("HVM guest 16: vTPM") && l.contains("no vTPM here"));
+    let end = Instant::now() + Duration::from_secs(15);
+    while xs.try_read(TxId::NONE, &format!("{req}/error")).expect("read").is_none() {
+        assert!(Instant::now() < end, "no reason written:\n{}", d.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(xs.read(TxId::NONE, &format!("{req}/state")).expect("state"), b"ready", "{}", d.log());
 }

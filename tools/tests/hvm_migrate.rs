@@ -95,6 +95,10 @@ fn check(src: &xen_qemu::Console, dst: &xen_qemu::Console) {
     // Nothing of it is left at the source.
     let left = line(src, "MIGSRC ");
     assert!(!left.contains("mig:"), "no domain at src: {left}; {}", ctx());
-    assert!(left.ends_with("vtpms 0 manager 0 dir 1"), "no vtpm, key nor directory at src: {left}; {}", ctx());
+    assert!(
+        left.ends_with("vtpms 0 manager 0 dir 1 snapshots 1"),
+        "no vtpm, key, directory nor snapshot at src: {left}; {}",
+        ctx()
+    );
     eprintln!("FIGURES: {moved}");
 }

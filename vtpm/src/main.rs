@@ -534,12 +534,12 @@ fn serve_hvm(state: &StateOpts, hvm: HvmConfig) -> anyhow::Result<()> {
         Ok(v.map(|v| String::from_utf8_lossy(&v).trim().to_string()))
     };
     // Served before (a restart under the running guest), or a saved guest restored: either
-    // way the guest runs on, and its TPM is not a new platform's. An earlier vtpm's ioreq
-    // server counts too: a restart that failed (say, its manager refused a vTPM frozen by a
-    // migration that was then called off) must not make the next one take it for a boot.
-    let earlier: Option<u16> = read(HVM_SERVER_KEY)?.and_then(|v| v.parse().ok());
-    let restart = read(HVM_STATE_KEY)?.as_deref() == Some("ready") || earlier.is_some();
+    // way the guest runs on, and its TPM is not a new platform's. `ready` stays once written
+    // (a failed restart writes only `error`), so a vtpm restarted after one that failed (say,
+    // its manager refused a vTPM frozen by a migration then called off) never boots the guest.
+    let restart = read(HVM_STATE_KEY)?.as_deref() == Some("ready");
     let incoming = read(HVM_INCOMING_KEY)?.as_deref() == Some("1");
+    let earlier: Option<u16> = read(HVM_SERVER_KEY)?.and_then(|v| v.parse().ok());
     let life = xvtpm_xen::toolstack::domain_life(&xs, guest)?;
     let uuid = life
         .as_deref()

@@ -16,6 +16,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -109,15 +110,16 @@ impl Incoming {
 /// Renames `dir` to a hidden name beside it (removed next): a directory that vanishes at
 /// once, so that nothing takes it for a vTPM while it is removed. `None` if it is not there.
 pub fn tombstone(dir: &Path) -> Option<PathBuf> {
-    let name = dir.file_name()?.to_string_lossy();
-    let hidden = dir.with_file_name(format!(".{name}.removed-{}", std::process::id()));
+    let name = dir.file_name()?.to_string_lossy().into_owned();
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let hidden = dir.with_file_name(format!(".{name}.removed-{}-{nanos}", std::process::id()));
     match std::fs::rename(dir, &hidden) {
         Ok(()) => Some(hidden),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(e) => {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                log::error!("cannot move {} out of the way: {e}", dir.display());
-            }
-            None
+            // Removed in place then: gone is what matters.
+            log::warn!("cannot move {} out of the way ({e}); removing it where it is", dir.display());
+            Some(dir.to_path_buf())
         }
     }
 }
@@ -161,14 +163,22 @@ pub fn run(opts: &AcceptOpts) -> anyhow::Result<()> {
     };
     let mut xl_in = xl.stdin.take();
     let mut xl_out = xl.stdout.take().context("xl stdout")?;
+    // The source's stream carries the guest's memory, which may hold any bytes: "go" is
+    // looked for only after this xl said "ready" (its own output is protocol, not memory).
+    let receiver_ready = Arc::new(AtomicBool::new(false));
     let up = out.clone();
+    let said_ready = receiver_ready.clone();
     let pump = std::thread::spawn(move || {
         let mut buf = vec![0u8; 64 << 10];
+        let mut ready = wire::Watch::new(wire::RECEIVER_READY);
         loop {
             let n = match xl_out.read(&mut buf) {
                 Ok(0) | Err(_) => break,
                 Ok(n) => n,
             };
+            if ready.feed(&buf[..n]).is_some() {
+                said_ready.store(true, Ordering::SeqCst);
+            }
             if wire::send(&mut *lock(&up), Kind::Xl, &buf[..n]).is_err() {
                 return;
             }
@@ -176,9 +186,10 @@ pub fn run(opts: &AcceptOpts) -> anyhow::Result<()> {
         let _ = wire::send(&mut *lock(&up), Kind::XlEnd, &[]);
     });
     // The guest may run here only with its vTPM: a "go" before the vTPM is taken ends xl's
-    // stream (xl then fails, and all is undone), and only one offer is taken.
+    // stream (xl then fails, and all is undone), and only one offer is taken. Once "go" has
+    // reached xl, the guest may run here: nothing is undone after that.
     let mut go = wire::Watch::new(wire::PERMISSION_TO_GO);
-    let mut taken = false;
+    let (mut taken, mut went) = (false, false);
     loop {
         let frame = match wire::recv(&mut input) {
             Ok(f) => f,
@@ -189,8 +200,12 @@ pub fn run(opts: &AcceptOpts) -> anyhow::Result<()> {
         };
         match frame {
             Some((Kind::Xl, b)) => {
-                if !taken && go.feed(&b).is_some() && xl_in.take().is_some() {
-                    log::error!("the source let the guest go before its vTPM was here; the migration is stopped");
+                if receiver_ready.load(Ordering::SeqCst) && !went && go.feed(&b).is_some() {
+                    if taken {
+                        went = true;
+                    } else if xl_in.take().is_some() {
+                        log::error!("the source let the guest go before its vTPM was here; the migration is stopped");
+                    }
                 }
                 if let Some(w) = xl_in.as_mut() {
                     if w.write_all(&b).is_err() {
@@ -233,6 +248,15 @@ pub fn run(opts: &AcceptOpts) -> anyhow::Result<()> {
     if status.success() {
         log::info!("the guest runs here; its vTPM {} is served by the vtpm started for it", hello.device_uuid);
         return Ok(());
+    }
+    if went {
+        // xl unpauses the guest before it reports: it may run here with this vTPM, whose
+        // copy at the source is frozen. Kept; the operator looks first.
+        bail!(
+            "xl migrate-receive failed ({status}) after the guest was cleared to run here: its vTPM {} is kept; \
+             check the guest here (xl list) before anything else",
+            hello.vtpm_uuid
+        );
     }
     if let Some(i) = incoming.take() {
         i.undo(opts);

@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -84,9 +85,13 @@ pub fn run(plan_file: &std::path::Path, args: &[String]) -> anyhow::Result<()> {
     };
     wire::send(&mut *lock(&to_dst), Kind::Hello, &serde_json::to_vec(&hello)?)?;
 
-    // xl -> destination, watching for "go".
+    // xl -> destination, watching for "go" once the vTPM is handed over (before that, xl's
+    // stream is the guest's memory, which may hold any bytes; xl says "go" only after the
+    // "ready" this relay forwards once the vTPM is there).
     let up = to_dst.clone();
     let plan_up = plan.clone();
+    let handed = Arc::new(AtomicBool::new(false));
+    let handed_up = handed.clone();
     std::thread::spawn(move || {
         let mut stdin = std::io::stdin().lock();
         let mut go = Watch::new(wire::PERMISSION_TO_GO);
@@ -96,7 +101,7 @@ pub fn run(plan_file: &std::path::Path, args: &[String]) -> anyhow::Result<()> {
                 Ok(0) | Err(_) => break,
                 Ok(n) => n,
             };
-            if go.feed(&buf[..n]).is_some() {
+            if handed_up.load(Ordering::SeqCst) && go.feed(&buf[..n]).is_some() {
                 note(&plan_up, "go");
             }
             if wire::send(&mut *lock(&up), Kind::Xl, &buf[..n]).is_err() {
@@ -130,6 +135,7 @@ pub fn run(plan_file: &std::path::Path, args: &[String]) -> anyhow::Result<()> {
                     bail!("migration called off: {e:#}");
                 }
                 handed_over = true;
+                handed.store(true, Ordering::SeqCst);
                 note(&plan, "accepted");
                 log::info!(
                     "the vTPM is at the destination ({} ms between its \"ready\" and ours)",
