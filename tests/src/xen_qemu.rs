@@ -33,14 +33,7 @@ pub enum Tpm {
 /// Builds `scenario`'s images into `img` (cached) from the binaries in `bin_dir`, boots them
 /// with `tpm` and returns the console.
 pub fn run(img: &Path, bin_dir: &Path, scenario: &str, tpm: Tpm, timeout_s: u32) -> Console {
-    let built = Command::new("bash")
-        .arg(harness().join("build-xen.sh"))
-        .arg(img)
-        .arg(bin_dir)
-        .arg(scenario)
-        .status()
-        .expect("build-xen.sh");
-    assert!(built.success(), "building the Xen images failed");
+    build(img, bin_dir, scenario);
     let log = img.join("boot.log");
     let mut boot = Command::new("bash");
     boot.arg(harness().join("boot-xen.sh")).arg(img).arg(&log).arg(timeout_s.to_string());
@@ -65,14 +58,7 @@ pub fn run(img: &Path, bin_dir: &Path, scenario: &str, tpm: Tpm, timeout_s: u32)
 /// network between them (UDP on loopback: neither has to start first); returns their
 /// consoles once both ended.
 pub fn run_pair(img: &Path, bin_dir: &Path, scenario: &str, timeout_s: u32) -> (Console, Console) {
-    let built = Command::new("bash")
-        .arg(harness().join("build-xen.sh"))
-        .arg(img)
-        .arg(bin_dir)
-        .arg(scenario)
-        .status()
-        .expect("build-xen.sh");
-    assert!(built.success(), "building the Xen images failed");
+    build(img, bin_dir, scenario);
     let port = || std::net::UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()).expect("a free port").port();
     let (a, b) = (port(), port());
     let boot = |role: &str, net: String, mac: &str| {
@@ -101,6 +87,18 @@ pub fn run_pair(img: &Path, bin_dir: &Path, scenario: &str, timeout_s: u32) -> (
     let (s, d) = (console(&mut src, &src_log), console(&mut dst, &dst_log));
     eprintln!("== src ==\n{}\n== dst ==\n{}", s.report().join("\n"), d.report().join("\n"));
     (s, d)
+}
+
+/// Builds (or finds cached) `scenario`'s images in `img`.
+fn build(img: &Path, bin_dir: &Path, scenario: &str) {
+    let built = Command::new("bash")
+        .arg(harness().join("build-xen.sh"))
+        .arg(img)
+        .arg(bin_dir)
+        .arg(scenario)
+        .status()
+        .expect("build-xen.sh");
+    assert!(built.success(), "building the Xen images failed");
 }
 
 /// A boot in its own process group: killed whole (bash, QEMU, swtpm) if the test ends early.

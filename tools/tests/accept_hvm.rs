@@ -9,12 +9,13 @@
 
 mod common;
 
+use common::{site, stdout, xvtpm, Site};
+
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, ChildStdout, Command, Output, Stdio};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use xvtpm_tests::swtpm::SwtpmProcess;
 use xvtpm_xen::sim::{toolstack, SimHost};
 use xvtpm_xen::{TxId, Xen};
 
@@ -24,28 +25,6 @@ const GUEST: u16 = 21;
 /// What xl's receiving end says once the domain is built, and what the source's xl answers.
 const READY: &[u8] = b"domain received, ready to unpause";
 const GO: &[u8] = b"domain is yours, you are cleared to unpause";
-
-/// A manager with its sockets in `dir`.
-struct Site {
-    _tpm: SwtpmProcess,
-    admin: PathBuf,
-    vtpms: PathBuf,
-}
-
-fn site(dir: &Path) -> Site {
-    std::fs::create_dir_all(dir).expect("dir");
-    let (p, vtpms, admin) = common::manager(dir);
-    Site { _tpm: p, admin, vtpms }
-}
-
-fn xvtpm(s: &Site, args: &[&str]) -> Output {
-    Command::new(XVTPM).args(args).arg("--admin-socket").arg(&s.admin).output().expect("xvtpm")
-}
-
-fn stdout(o: &Output) -> String {
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    String::from_utf8_lossy(&o.stdout).trim().to_string()
-}
 
 /// The stand-in for `xl migrate-receive`: the stream up to a line `STREAM-END`, then "ready";
 /// exits 0 once it reads "go", 1 if its input ends first.

@@ -8,12 +8,13 @@
 
 mod common;
 
+use common::{site, stdout, xvtpm, Site};
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use xvtpm_frontend::{Frontend, FrontendConfig};
-use xvtpm_tests::swtpm::SwtpmProcess;
 use xvtpm_tests::tpm2::change_owner_auth;
 use xvtpm_xen::sim::{toolstack, SimHost};
 use xvtpm_xen::{ShutdownReason, Xen};
@@ -21,28 +22,6 @@ use xvtpm_xen::{ShutdownReason, Xen};
 const XVTPM: &str = env!("CARGO_BIN_EXE_xvtpm");
 const VTPM_UUID: &str = "3c4d5e6f-7081-4293-a4b5-c6d7e8f90a1b";
 const GUEST_UUID: &str = "4d5e6f70-8192-43a4-b5c6-d7e8f90a1b2c";
-
-/// A manager with its admin and vTPM sockets in `dir`.
-struct Site {
-    _tpm: SwtpmProcess,
-    admin: PathBuf,
-    vtpms: PathBuf,
-}
-
-fn site(dir: &Path) -> Site {
-    std::fs::create_dir_all(dir).expect("dir");
-    let (p, vtpms, admin) = common::manager(dir);
-    Site { _tpm: p, admin, vtpms }
-}
-
-fn xvtpm(s: &Site, args: &[&str]) -> Output {
-    Command::new(XVTPM).args(args).arg("--admin-socket").arg(&s.admin).output().expect("xvtpm")
-}
-
-fn stdout(o: &Output) -> String {
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    String::from_utf8_lossy(&o.stdout).trim().to_string()
-}
 
 fn fails(o: &Output, why: &str) {
     let err = String::from_utf8_lossy(&o.stderr);

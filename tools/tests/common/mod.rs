@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
 use std::sync::{Arc, Mutex};
 
 use xvtpm_tests::swtpm::SwtpmProcess;
@@ -26,4 +27,28 @@ pub fn manager(dir: &Path) -> (SwtpmProcess, PathBuf, PathBuf) {
     server::serve_unix(m.clone(), &vtpm_sock, false, 16).expect("vTPM socket");
     server::serve_unix(m, &admin_sock, true, 16).expect("admin socket");
     (p, vtpm_sock, admin_sock)
+}
+
+/// A manager with its admin and vTPM sockets in `dir` (its swtpm lives as long as it).
+pub struct Site {
+    pub _tpm: SwtpmProcess,
+    pub admin: PathBuf,
+    pub vtpms: PathBuf,
+}
+
+pub fn site(dir: &Path) -> Site {
+    std::fs::create_dir_all(dir).expect("dir");
+    let (p, vtpms, admin) = manager(dir);
+    Site { _tpm: p, admin, vtpms }
+}
+
+/// `xvtpm ARGS` against `s`'s manager.
+pub fn xvtpm(s: &Site, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_xvtpm")).args(args).arg("--admin-socket").arg(&s.admin).output().expect("xvtpm")
+}
+
+/// What a command that must succeed printed.
+pub fn stdout(o: &Output) -> String {
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
 }
