@@ -90,11 +90,13 @@ fn request_tpm(xs: &Xenstore, domid: u16, uuid: &str, version: Option<&str>, inc
         match state.as_deref() {
             // A booting domain's TPM that serves but refuses it: as refused (a restored one
             // runs on refused rather than lose its domain; its reason is in the vtpm's log).
-            Some(b"ready") if !incoming && xs.try_read(TxId::NONE, &format!("{dir}/{HVM_ERROR_KEY}"))?.is_some() => {
-                let why = xs.try_read(TxId::NONE, &format!("{dir}/{HVM_ERROR_KEY}"))?.unwrap_or_default();
-                bail!("domain {domid}: its TPM refuses it: {}", String::from_utf8_lossy(&why));
-            }
-            Some(b"ready") => return Ok(true),
+            Some(b"ready") => match incoming {
+                true => return Ok(true),
+                false => match xs.try_read(TxId::NONE, &format!("{dir}/{HVM_ERROR_KEY}"))? {
+                    Some(why) => bail!("domain {domid}: its TPM refuses it: {}", String::from_utf8_lossy(&why)),
+                    None => return Ok(true),
+                },
+            },
             Some(b"arriving") if incoming => return Ok(false),
             Some(b"refused") => {
                 let why = xs.try_read(TxId::NONE, &format!("{dir}/{HVM_ERROR_KEY}"))?.unwrap_or_default();
